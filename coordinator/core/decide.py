@@ -1,0 +1,621 @@
+"""decide(world, input) -> events: every decision the coordinator takes.
+
+Operator requests are validated and either raise a `CoreError` (and decide nothing) or return the
+events that record the decision. `Advance` looks at one open migration and returns its next step:
+commands to issue (as `CommandIssued` intents, sent only once durable), or a change of course
+(rollback, post-copy recovery, fencing), or its end. The shell appends what is returned, folds it,
+and asks again until nothing more is decided.
+
+The safety rules live here and nowhere else:
+- the destination's `cont` is issued only after the source stopped, the source lease was released,
+  the destination lease was acquired with a higher generation and destination networking is on;
+- once that `cont` is issued (the point of no return) the source is never resumed and
+  `migrate_cancel` is never sent: failures after it drive forward or fence;
+- before it, every failure falls back to the source.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from google.protobuf.message import Message
+
+from coordinator.core import inputs as I
+from coordinator.core.errors import (
+    AlreadyExists,
+    HostUnavailable,
+    IllegalTransition,
+    InvalidRequest,
+    NotFound,
+)
+from coordinator.core.events import NewEvent
+from coordinator.core.state import (
+    Command,
+    CommandState,
+    Kind,
+    MigrationState,
+    Phase,
+    VmState,
+    VmStatus,
+    World,
+)
+from coordinator.core.validate import (
+    check_migration_id,
+    check_name,
+    check_spec,
+    effective_policy,
+)
+from whimbrel.v1 import common_pb2, events_pb2
+
+ISSUED, SUCCEEDED, FAILED = CommandState.ISSUED, CommandState.SUCCEEDED, CommandState.FAILED
+
+# Source migration statuses in which the source has stopped for a pre-copy switchover.
+PRECOPY_SWITCH_STATUSES = frozenset({"pre-switchover", "device", "completed"})
+# Source statuses in which migrate_cancel is meaningful (and safe, before the point of no return).
+CANCELLABLE_STATUSES = frozenset({"setup", "active", "pre-switchover", "device", "postcopy-active"})
+# How often a command that must eventually succeed is retried before giving up on it.
+MAX_COMMAND_RETRIES = 3
+
+
+def migration_stream(migration_id: str) -> str:
+    return f"migration/{migration_id}"
+
+
+def vm_stream(name: str) -> str:
+    return f"vm/{name}"
+
+
+def decide(world: World, request: I.Input) -> list[NewEvent]:
+    """The events that record the decision on `request` (empty: nothing to do)."""
+    handler = _DECIDERS[type(request)]
+    return handler(world, request)
+
+
+# --- VMs --------------------------------------------------------------------------------------
+
+
+def _define_vm(world: World, req: I.DefineVm) -> list[NewEvent]:
+    check_spec(req.spec)
+    if req.spec.name in world.vms:
+        raise AlreadyExists("VM", req.spec.name)
+    spec = common_pb2.VmSpec()
+    spec.CopyFrom(req.spec)
+    spec.machine = spec.machine or "pc"
+    return [NewEvent(vm_stream(spec.name), events_pb2.VmDefined(spec=spec), req.now_us)]
+
+
+def _vm(world: World, name: str) -> VmState:
+    check_name("VM", name)
+    vm = world.vms.get(name)
+    if vm is None:
+        raise NotFound("VM", name)
+    return vm
+
+
+def _connected_host(world: World, host_id: str) -> None:
+    check_name("host", host_id)
+    host = world.hosts.get(host_id)
+    if host is None:
+        raise NotFound("host", host_id)
+    if not host.connected:
+        raise HostUnavailable(host_id)
+
+
+def _vm_command(vm: VmState, host: str, kind: int, args: events_pb2.CommandArgs) -> Message:
+    command_id = f"vm/{vm.name}/{vm.lease_generation}/{len(vm.commands) + 1}-{_short(kind)}"
+    return events_pb2.CommandIssued(
+        command_id=command_id, attempt=0, host_id=host, vm=vm.name, kind=_kind(kind), args=args
+    )
+
+
+def _start_vm(world: World, req: I.StartVm) -> list[NewEvent]:
+    vm = _vm(world, req.name)
+    _connected_host(world, req.host)
+    if vm.status not in (VmStatus.STOPPED, VmStatus.LOST):
+        raise IllegalTransition(
+            f"VM {vm.name}", "start", vm.status.name.lower(), ["stopped", "lost"]
+        )
+    if vm.runstates:
+        # Invariant 1: a QEMU for this VM still exists; starting another would run it twice.
+        raise IllegalTransition(
+            f"VM {vm.name}", "start", f"present on {', '.join(sorted(vm.runstates))}", ["absent"]
+        )
+    args = events_pb2.CommandArgs(spec=vm.spec, lease_generation=vm.lease_generation + 1)
+    issued = _vm_command(vm, req.host, Kind.START_VM, args)
+    return [NewEvent(vm_stream(vm.name), issued, req.now_us)]
+
+
+def _stop_vm(world: World, req: I.StopVm) -> list[NewEvent]:
+    vm = _vm(world, req.name)
+    if vm.status not in (VmStatus.RUNNING, VmStatus.PAUSED):
+        raise IllegalTransition(
+            f"VM {vm.name}", "stop", vm.status.name.lower(), ["running", "paused"]
+        )
+    _connected_host(world, vm.host)
+    args = events_pb2.CommandArgs(force=req.force, lease_generation=vm.lease_generation)
+    return [
+        NewEvent(
+            vm_stream(vm.name), events_pb2.VmStopRequested(vm=vm.name, force=req.force), req.now_us
+        ),
+        NewEvent(vm_stream(vm.name), _vm_command(vm, vm.host, Kind.STOP_VM, args), req.now_us),
+    ]
+
+
+# --- migration requests -----------------------------------------------------------------------
+
+
+def _start_migration(world: World, req: I.StartMigration) -> list[NewEvent]:
+    check_migration_id(req.migration_id)
+    check_name("host", req.destination)
+    vm = _vm(world, req.vm)
+    if req.migration_id in world.migrations:
+        raise AlreadyExists("migration", req.migration_id)
+    if req.mode not in common_pb2.MigrationMode.values():
+        raise InvalidRequest(f"unknown migration mode {req.mode}")
+    mode = req.mode or common_pb2.MIGRATION_MODE_PRECOPY
+    policy = effective_policy(req.policy)
+    if req.destination not in world.hosts:
+        raise NotFound("host", req.destination)
+    if vm.migration_id:
+        raise IllegalTransition(
+            f"VM {vm.name}", "migrate", f"migrating ({vm.migration_id})", ["running", "paused"]
+        )
+    if vm.status not in (VmStatus.RUNNING, VmStatus.PAUSED):
+        raise IllegalTransition(
+            f"VM {vm.name}", "migrate", vm.status.name.lower(), ["running", "paused"]
+        )
+    if req.destination == vm.host:
+        raise InvalidRequest(
+            f"VM {vm.name} already runs on {vm.host}: source and destination are the same"
+        )
+    _connected_host(world, vm.host)
+    _connected_host(world, req.destination)
+    requested = events_pb2.MigrationRequested(
+        migration_id=req.migration_id,
+        vm=vm.name,
+        source=vm.host,
+        destination=req.destination,
+        mode=common_pb2.MigrationMode.ValueType(mode),
+        policy=policy,
+        source_was_running=vm.status == VmStatus.RUNNING,
+        source_lease_generation=vm.lease_generation,
+    )
+    return [NewEvent(migration_stream(req.migration_id), requested, req.now_us)]
+
+
+def _migration(world: World, migration_id: str) -> MigrationState:
+    check_migration_id(migration_id)
+    m = world.migrations.get(migration_id)
+    if m is None:
+        raise NotFound("migration", migration_id)
+    return m
+
+
+def _abort(world: World, req: I.AbortMigration) -> list[NewEvent]:
+    m = _migration(world, req.migration_id)
+    subject = f"migration {m.migration_id}"
+    if m.phase.terminal or m.phase in (Phase.ROLLING_BACK, Phase.FENCING):
+        raise IllegalTransition(subject, "abort", m.phase.label, _ABORTABLE)
+    if m.point_of_no_return_passed:
+        raise IllegalTransition(
+            subject, "abort", f"{m.phase.label}, past the point of no return", _ABORTABLE
+        )
+    if m.phase == Phase.POSTCOPY_PAUSED or "postcopy-paused" in (m.src.status, m.dst.status):
+        # QEMU 7.2: migrate_cancel on a paused post-copy source leaves it stuck in "cancelling".
+        raise IllegalTransition(subject, "abort", "post-copy paused (recovering)", _ABORTABLE)
+    reason = f"aborted by operator: {req.reason}" if req.reason else "aborted by operator"
+    return _emit(
+        m, req.now_us, events_pb2.RollbackDecided(migration_id=m.migration_id, reason=reason)
+    )
+
+
+_ABORTABLE = ("preparing", "transferring", "switchover", "handoff (before the destination runs)")
+
+
+def _switch_to_postcopy(world: World, req: I.SwitchToPostcopy) -> list[NewEvent]:
+    m = _migration(world, req.migration_id)
+    subject = f"migration {m.migration_id}"
+    allowed = ("preparing", "transferring")
+    if not m.postcopy_allowed:
+        raise IllegalTransition(
+            subject, "switch to post-copy", "in mode precopy", ["mode auto", "mode postcopy"]
+        )
+    if m.postcopy_requested:
+        raise IllegalTransition(
+            subject, "switch to post-copy", "already switching to post-copy", allowed
+        )
+    if (
+        m.phase not in (Phase.PREPARING, Phase.TRANSFERRING)
+        or m.src.status in PRECOPY_SWITCH_STATUSES
+    ):
+        raise IllegalTransition(subject, "switch to post-copy", m.phase.label, allowed)
+    requested = events_pb2.PostcopyRequested(
+        migration_id=m.migration_id, by="operator", reason="requested by operator"
+    )
+    return _emit(m, req.now_us, requested)
+
+
+# --- advancing a migration --------------------------------------------------------------------
+
+
+def _emit(m: MigrationState, now_us: int, *payloads: Message) -> list[NewEvent]:
+    stream = migration_stream(m.migration_id)
+    return [NewEvent(stream, p, now_us) for p in payloads]
+
+
+class _Issuer:
+    """Builds CommandIssued intents with ids unique within the migration."""
+
+    def __init__(self, world: World, m: MigrationState) -> None:
+        self.world = world
+        self.m = m
+        self.count = len(m.commands)
+
+    def __call__(self, kind: int, host: str, **args: Any) -> events_pb2.CommandIssued:
+        self.count += 1
+        m = self.m
+        return events_pb2.CommandIssued(
+            command_id=f"{m.migration_id}/{m.attempt}/{self.count}-{_short(kind)}",
+            migration_id=m.migration_id,
+            attempt=m.attempt,
+            host_id=host,
+            vm=m.vm,
+            kind=_kind(kind),
+            args=events_pb2.CommandArgs(**args),
+        )
+
+
+def _kind(kind: int) -> events_pb2.CommandKind.ValueType:
+    return events_pb2.CommandKind.ValueType(kind)
+
+
+def _short(kind: int) -> str:
+    return Kind(kind).label
+
+
+def _advance(world: World, req: I.Advance) -> list[NewEvent]:
+    m = world.migrations.get(req.migration_id)
+    if m is None or m.phase.terminal:
+        return []
+    step = _STEPS.get(m.phase, _forward)
+    return _emit(m, req.now_us, *step(world, m, _Issuer(world, m)))
+
+
+Step = Callable[[World, MigrationState, _Issuer], list[Message]]
+
+
+def _finished(m: MigrationState, phase: Phase, reason: str) -> list[Message]:
+    return [
+        events_pb2.MigrationFinished(
+            migration_id=m.migration_id,
+            phase=common_pb2.MigrationPhase.ValueType(phase),
+            reason=reason,
+        )
+    ]
+
+
+def _rollback(m: MigrationState, reason: str) -> list[Message]:
+    return [events_pb2.RollbackDecided(migration_id=m.migration_id, reason=reason)]
+
+
+def _fence(m: MigrationState, hosts: list[str], reason: str) -> list[Message]:
+    return [
+        events_pb2.FencingDecided(migration_id=m.migration_id, vm=m.vm, hosts=hosts, reason=reason)
+    ]
+
+
+def _failed_forward_command(m: MigrationState) -> Command | None:
+    for command in m.commands.values():
+        if command.attempt == m.attempt and command.state == FAILED:
+            return command
+    return None
+
+
+def _problem(world: World, m: MigrationState) -> list[Message]:
+    """A change of course forced by what was observed, or nothing."""
+    src, dst = m.src, m.dst
+    if not src.alive and "completed" not in (src.status, dst.status):
+        if m.postcopy_started or m.point_of_no_return_passed:
+            return _fence(
+                m,
+                [m.destination],
+                "source QEMU exited during post-copy: "
+                "the destination lacks pages only the source had",
+            )
+        return _fence(m, [m.destination], "source QEMU exited before the migration completed")
+    # The destination exists from the moment it answered the prepare command.
+    if m.incoming_uri and not dst.alive:
+        if m.point_of_no_return_passed:
+            return _fence(
+                m,
+                [m.source],
+                "destination QEMU exited after it was resumed: the source must never run again",
+            )
+        if m.postcopy_started:
+            return _fence(
+                m,
+                [m.source],
+                "destination QEMU exited during post-copy: QEMU cannot resume a source once "
+                "post-copy started",
+            )
+        return _rollback(m, "destination QEMU exited")
+    if m.postcopy_started and "postcopy-paused" in (src.status, dst.status):
+        return _recover_or_fence(m)
+    failed = _failed_forward_command(m)
+    if failed is None:
+        return []
+    if failed.kind in (Kind.ANNOUNCE, Kind.SET_MIGRATION_PARAMETERS):
+        return []  # advisory: the migration goes on without them
+    if failed.kind == Kind.START_POSTCOPY and src.status in PRECOPY_SWITCH_STATUSES:
+        return []  # pre-copy reached its switchover first; it simply finishes as pre-copy
+    if failed.kind in (Kind.RESUME_VM, Kind.DESTROY_VM) and m.point_of_no_return_passed:
+        return []  # retried by the forward step, never a reason to go back
+    if m.point_of_no_return_passed:
+        return _fence(
+            m,
+            [m.source, m.destination],
+            f"{failed.kind_name} failed after the point of no return: {failed.error}",
+        )
+    if m.postcopy_started and src.status == "postcopy-paused":
+        return _fence(
+            m,
+            [m.source, m.destination],
+            f"{failed.kind_name} failed while post-copy was paused: {failed.error}",
+        )
+    return _rollback(m, f"{failed.kind_name} on {failed.host} failed: {failed.error}")
+
+
+def _recover_or_fence(m: MigrationState) -> list[Message]:
+    if m.recovery_attempts >= m.policy.max_recovery_attempts:
+        return _fence(
+            m, [m.source, m.destination], f"post-copy recovery failed {m.recovery_attempts} times"
+        )
+    return [
+        events_pb2.PostcopyRecoveryDecided(
+            migration_id=m.migration_id,
+            recovery_attempt=m.recovery_attempts + 1,
+            attempt=m.attempt + 1,
+        )
+    ]
+
+
+def _not_converging(m: MigrationState) -> str:
+    """Why mode AUTO should switch to post-copy now, or "" (judged on passes and bytes)."""
+    p, progress = m.policy, m.progress
+    if p.auto_postcopy_max_passes and progress.pass_ >= p.auto_postcopy_max_passes:
+        return f"pass {progress.pass_} reached the limit of {p.auto_postcopy_max_passes}"
+    if progress.sampled_pass < max(p.auto_postcopy_min_passes, 2):
+        return ""
+    before, now = progress.previous_remaining_bytes, progress.remaining_bytes
+    if before and now * 100 > before * (100 - p.min_shrink_percent):
+        return (
+            f"pass {progress.sampled_pass}: {now} bytes remain, down from {before} "
+            f"(less than {p.min_shrink_percent}%)"
+        )
+    return ""
+
+
+def _forward(world: World, m: MigrationState, issue: _Issuer) -> list[Message]:
+    problem = _problem(world, m)
+    if problem:
+        return problem
+    src, dst = m.src, m.dst
+    vm = world.vms[m.vm]
+    prepare = m.cmd(Kind.PREPARE_INCOMING, dst.host)
+    if prepare is None:
+        return [issue(Kind.PREPARE_INCOMING, dst.host, spec=vm.spec, postcopy=m.postcopy_allowed)]
+    if prepare.state != SUCCEEDED:
+        return []
+    start = m.cmd(Kind.START_MIGRATION, src.host)
+    if start is None:
+        return [
+            issue(
+                Kind.START_MIGRATION,
+                src.host,
+                uri=m.incoming_uri,
+                postcopy=m.postcopy_allowed,
+                parameters=m.policy.parameters,
+            )
+        ]
+    out: list[Message] = []
+    switching = m.postcopy_started or src.status in PRECOPY_SWITCH_STATUSES
+    if not switching and not m.postcopy_requested:
+        why = ""
+        if m.mode == common_pb2.MIGRATION_MODE_POSTCOPY:
+            why = "mode postcopy"
+        elif m.mode == common_pb2.MIGRATION_MODE_AUTO and src.status == "active":
+            why = _not_converging(m)
+        if why:
+            return [
+                events_pb2.PostcopyRequested(migration_id=m.migration_id, by="policy", reason=why)
+            ]
+    if (
+        m.postcopy_requested
+        and not switching
+        and start.state == SUCCEEDED
+        and src.status == "active"
+        and m.cmd(Kind.START_POSTCOPY, src.host) is None
+    ):
+        out.append(issue(Kind.START_POSTCOPY, src.host))
+    if not switching:
+        return out
+    # The source has stopped: its lease goes first, then (pre-copy) the switchover completes.
+    if m.cmd(Kind.RELEASE_LEASE, src.host) is None and not m.src_lease_released:
+        return [issue(Kind.RELEASE_LEASE, src.host, lease_generation=m.source_lease_generation)]
+    if not m.src_lease_released:
+        return []
+    if not m.postcopy_started and "completed" not in (src.status, dst.status):
+        if src.status == "pre-switchover" and m.cmd(Kind.CONTINUE_SWITCHOVER, src.host) is None:
+            return [issue(Kind.CONTINUE_SWITCHOVER, src.host)]
+        return []
+    # Handoff: the destination takes the lease and networking, in parallel.
+    if m.cmd(Kind.ACQUIRE_LEASE, dst.host) is None and not m.dst_lease_generation:
+        out.append(issue(Kind.ACQUIRE_LEASE, dst.host, lease_generation=vm.lease_generation + 1))
+    if m.cmd(Kind.ENABLE_NETWORK, dst.host) is None and not m.dst_network_enabled:
+        out.append(issue(Kind.ENABLE_NETWORK, dst.host))
+    if out:
+        return out
+    ready = (
+        m.src_lease_released
+        and m.dst_lease_generation > m.source_lease_generation
+        and m.dst_network_enabled
+        and src.runstate != "running"
+    )
+    if not ready:
+        return []
+    # Point of no return: from the moment this intent is durable the source never runs again.
+    cont = m.cmd(Kind.RESUME_VM, dst.host)
+    if cont is None or (cont.state == FAILED and not m.dst_resumed):
+        if cont is not None and _retries(m, Kind.RESUME_VM, dst.host) >= MAX_COMMAND_RETRIES:
+            return _fence(
+                m,
+                [m.source, m.destination],
+                f"cont on the destination failed {MAX_COMMAND_RETRIES} times: {cont.error}",
+            )
+        return [issue(Kind.RESUME_VM, dst.host, reason="handoff complete")]
+    if not m.dst_resumed:
+        return []
+    if m.cmd(Kind.ANNOUNCE, dst.host) is None:
+        out.append(issue(Kind.ANNOUNCE, dst.host))
+    completed = "completed" in (src.status, dst.status)
+    destroy = m.cmd(Kind.DESTROY_VM, src.host)
+    if completed and src.alive and (destroy is None or destroy.state == FAILED):
+        if destroy is not None and _retries(m, Kind.DESTROY_VM, src.host) >= MAX_COMMAND_RETRIES:
+            return _finished(
+                m,
+                Phase.COMPLETED,
+                f"completed, but the source QEMU could not be destroyed: {destroy.error}",
+            )
+        out.append(issue(Kind.DESTROY_VM, src.host, force=True, reason="migration completed"))
+    if out:
+        return out
+    announce = m.cmd(Kind.ANNOUNCE, dst.host)
+    if completed and not src.alive and announce is not None and announce.state != ISSUED:
+        return _finished(m, Phase.COMPLETED, "completed")
+    return []
+
+
+def _retries(m: MigrationState, kind: int, host: str) -> int:
+    return sum(
+        1 for c in m.commands.values() if c.kind == kind and c.host == host and c.state == FAILED
+    )
+
+
+def _rolling_back(world: World, m: MigrationState, issue: _Issuer) -> list[Message]:
+    src, dst = m.src, m.dst
+    out: list[Message] = []
+    # Stop the transfer (never after the point of no return; rollback is never decided then).
+    started = m.cmd(Kind.START_MIGRATION, src.host, current=False) is not None
+    if (
+        started
+        and src.alive
+        and src.status in CANCELLABLE_STATUSES
+        and not m.point_of_no_return_passed
+        and m.cmd(Kind.CANCEL_MIGRATION, src.host) is None
+    ):
+        out.append(issue(Kind.CANCEL_MIGRATION, src.host, reason="rollback"))
+    # The destination must be gone before the source may run again.
+    prepared = m.cmd(Kind.PREPARE_INCOMING, dst.host, current=False) is not None
+    destroy = m.cmd(Kind.DESTROY_VM, dst.host)
+    if prepared and dst.alive and (destroy is None or destroy.state == FAILED):
+        out.append(issue(Kind.DESTROY_VM, dst.host, force=True, reason="rollback"))
+    if out:
+        return out
+    cancel = m.cmd(Kind.CANCEL_MIGRATION, src.host)
+    if cancel is not None and cancel.state == ISSUED:
+        return []
+    if dst.alive and prepared:
+        return []
+    if not src.alive:
+        return [
+            events_pb2.VmLost(
+                vm=m.vm, reason="source QEMU exited during rollback", migration_id=m.migration_id
+            ),
+            *_finished(m, Phase.FENCED, "source QEMU exited during rollback"),
+        ]
+    vm = world.vms[m.vm]
+    released = (
+        m.src_lease_released or m.cmd(Kind.RELEASE_LEASE, src.host, current=False) is not None
+    )
+    if released and not m.src_lease_reacquired:
+        acquire = m.cmd(Kind.ACQUIRE_LEASE, src.host)
+        if acquire is None or acquire.state == FAILED:
+            return [
+                issue(
+                    Kind.ACQUIRE_LEASE,
+                    src.host,
+                    lease_generation=vm.lease_generation + 1,
+                    reason="rollback",
+                )
+            ]
+        return []
+    if src.status in ("cancelling", "postcopy-paused"):
+        return []  # wait for QEMU to settle the cancel before touching the CPUs
+    if m.source_was_running and src.runstate != "running":
+        resume = m.cmd(Kind.RESUME_VM, src.host)
+        if resume is None or resume.state == FAILED:
+            return [issue(Kind.RESUME_VM, src.host, reason="rollback")]
+        if resume.state == ISSUED:
+            return []
+    return _finished(m, Phase.ROLLED_BACK, m.reason)
+
+
+def _recovering(world: World, m: MigrationState, issue: _Issuer) -> list[Message]:
+    src, dst = m.src, m.dst
+    if not (src.alive and dst.alive):
+        lost = m.source if not src.alive else m.destination
+        survivor = m.destination if not src.alive else m.source
+        return _fence(m, [survivor], f"{lost} QEMU exited while post-copy was paused")
+    hosts = world.hosts
+    if not all(h in hosts and hosts[h].connected for h in (src.host, dst.host)):
+        return []  # recovery needs both hosts to answer
+    recover = m.cmd(Kind.RECOVER_INCOMING, dst.host)
+    if recover is None:
+        return [issue(Kind.RECOVER_INCOMING, dst.host)]
+    if recover.state == FAILED:
+        return _recover_or_fence(m)
+    if recover.state != SUCCEEDED or recover.result is None:
+        return []
+    resume = m.cmd(Kind.RESUME_MIGRATION, src.host)
+    if resume is None:
+        return [issue(Kind.RESUME_MIGRATION, src.host, uri=recover.result.uri)]
+    if resume.state == FAILED:
+        return _recover_or_fence(m)
+    return []
+
+
+def _fencing(world: World, m: MigrationState, issue: _Issuer) -> list[Message]:
+    out: list[Message] = []
+    waiting = False
+    for host in m.fencing_hosts:
+        side = m.side(host)
+        if side is None or not side.alive:
+            continue
+        destroy = m.cmd(Kind.DESTROY_VM, host)
+        if destroy is None or destroy.state == FAILED:
+            out.append(issue(Kind.DESTROY_VM, host, force=True, reason=f"fence: {m.reason}"))
+        waiting = True
+    if out or waiting:
+        return out
+    return [
+        events_pb2.VmLost(vm=m.vm, reason=m.reason, migration_id=m.migration_id),
+        *_finished(m, Phase.FENCED, m.reason),
+    ]
+
+
+_STEPS: dict[Phase, Step] = {
+    Phase.ROLLING_BACK: _rolling_back,
+    Phase.POSTCOPY_PAUSED: _recovering,
+    Phase.FENCING: _fencing,
+}
+
+_DECIDERS: dict[type, Callable[[World, Any], list[NewEvent]]] = {
+    I.DefineVm: _define_vm,
+    I.StartVm: _start_vm,
+    I.StopVm: _stop_vm,
+    I.StartMigration: _start_migration,
+    I.AbortMigration: _abort,
+    I.SwitchToPostcopy: _switch_to_postcopy,
+    I.Advance: _advance,
+}

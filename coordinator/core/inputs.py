@@ -1,0 +1,64 @@
+"""Inputs to `decide`: imperative requests from operators and the shell's "take the next step".
+
+Every input carries `now_us`, the coordinator's clock reading, because the core reads no clock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from whimbrel.v1 import common_pb2, events_pb2
+
+
+@dataclass(frozen=True, slots=True)
+class DefineVm:
+    spec: common_pb2.VmSpec
+    now_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class StartVm:
+    name: str
+    host: str
+    now_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class StopVm:
+    name: str
+    force: bool
+    now_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class StartMigration:
+    migration_id: str
+    vm: str
+    destination: str
+    mode: int
+    policy: events_pb2.MigrationPolicy
+    now_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class AbortMigration:
+    migration_id: str
+    reason: str
+    now_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class SwitchToPostcopy:
+    migration_id: str
+    now_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class Advance:
+    """Take the next steps of one open migration from everything known about it."""
+
+    migration_id: str
+    now_us: int
+
+
+Input = DefineVm | StartVm | StopVm | StartMigration | AbortMigration | SwitchToPostcopy | Advance

@@ -1,0 +1,252 @@
+"""Derived state: hosts, VMs and migrations as the log says they are.
+
+Entities are mutable slots classes because replaying a million events cannot afford to copy a
+record per event; only `evolve` writes them, and `decide` only reads them. `World.copy()` gives an
+independent snapshot when one is needed (e.g. "state at seq N").
+"""
+
+from __future__ import annotations
+
+import copy
+import enum
+from dataclasses import dataclass, field
+
+from whimbrel.v1 import common_pb2, events_pb2
+
+
+class Kind(enum.IntEnum):
+    """Command kinds; values equal `whimbrel.v1.CommandKind`."""
+
+    START_VM = events_pb2.COMMAND_KIND_START_VM
+    STOP_VM = events_pb2.COMMAND_KIND_STOP_VM
+    PREPARE_INCOMING = events_pb2.COMMAND_KIND_PREPARE_INCOMING
+    START_MIGRATION = events_pb2.COMMAND_KIND_START_MIGRATION
+    START_POSTCOPY = events_pb2.COMMAND_KIND_START_POSTCOPY
+    RELEASE_LEASE = events_pb2.COMMAND_KIND_RELEASE_LEASE
+    ACQUIRE_LEASE = events_pb2.COMMAND_KIND_ACQUIRE_LEASE
+    CONTINUE_SWITCHOVER = events_pb2.COMMAND_KIND_CONTINUE_SWITCHOVER
+    ENABLE_NETWORK = events_pb2.COMMAND_KIND_ENABLE_NETWORK
+    RESUME_VM = events_pb2.COMMAND_KIND_RESUME_VM
+    ANNOUNCE = events_pb2.COMMAND_KIND_ANNOUNCE
+    DESTROY_VM = events_pb2.COMMAND_KIND_DESTROY_VM
+    CANCEL_MIGRATION = events_pb2.COMMAND_KIND_CANCEL_MIGRATION
+    RECOVER_INCOMING = events_pb2.COMMAND_KIND_RECOVER_INCOMING
+    RESUME_MIGRATION = events_pb2.COMMAND_KIND_RESUME_MIGRATION
+    SET_MIGRATION_PARAMETERS = events_pb2.COMMAND_KIND_SET_MIGRATION_PARAMETERS
+
+    @property
+    def label(self) -> str:
+        return self.name.lower().replace("_", "-")
+
+
+class Phase(enum.IntEnum):
+    """Migration phases; values equal `whimbrel.v1.MigrationPhase`."""
+
+    PREPARING = common_pb2.MIGRATION_PHASE_PREPARING
+    TRANSFERRING = common_pb2.MIGRATION_PHASE_TRANSFERRING
+    SWITCHOVER = common_pb2.MIGRATION_PHASE_SWITCHOVER
+    HANDOFF = common_pb2.MIGRATION_PHASE_HANDOFF
+    FINISHING = common_pb2.MIGRATION_PHASE_FINISHING
+    POSTCOPY_PAUSED = common_pb2.MIGRATION_PHASE_POSTCOPY_PAUSED
+    ROLLING_BACK = common_pb2.MIGRATION_PHASE_ROLLING_BACK
+    COMPLETED = common_pb2.MIGRATION_PHASE_COMPLETED
+    ROLLED_BACK = common_pb2.MIGRATION_PHASE_ROLLED_BACK
+    FENCED = common_pb2.MIGRATION_PHASE_FENCED
+    FENCING = common_pb2.MIGRATION_PHASE_FENCING
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_PHASES
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+TERMINAL_PHASES = frozenset({Phase.COMPLETED, Phase.ROLLED_BACK, Phase.FENCED})
+
+
+class VmStatus(enum.IntEnum):
+    """VM statuses; values equal `whimbrel.v1.VmStatus`."""
+
+    STOPPED = 1
+    STARTING = 2
+    RUNNING = 3
+    PAUSED = 4
+    MIGRATING = 5
+    LOST = 6
+    STOPPING = 7
+
+
+class CommandState(enum.Enum):
+    ISSUED = "issued"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+@dataclass(slots=True)
+class Command:
+    """One issued command and what became of it."""
+
+    command_id: str
+    kind: int
+    host: str
+    vm: str
+    attempt: int
+    migration_id: str = ""
+    state: CommandState = CommandState.ISSUED
+    result: events_pb2.CommandResult | None = None
+    error: str = ""
+
+    @property
+    def kind_name(self) -> str:
+        return Kind(self.kind).label
+
+
+@dataclass(slots=True)
+class HostState:
+    host_id: str
+    generation: int = 0
+    connected: bool = False
+    migration_address: str = ""
+    highest_epoch_seen: int = 0
+    changed_at_us: int = 0
+
+
+@dataclass(slots=True)
+class VmState:
+    spec: common_pb2.VmSpec
+    status: VmStatus = VmStatus.STOPPED
+    # The host holding the authoritative copy.
+    host: str = ""
+    lease_holder: str = ""
+    # Highest lease generation issued or observed: a new holder always gets more.
+    lease_generation: int = 0
+    migration_id: str = ""
+    lost_reason: str = ""
+    # host -> QEMU runstate last observed there ("running", "paused", "inmigrate", ...); a host
+    # is absent once its QEMU for this VM exited.
+    runstates: dict[str, str] = field(default_factory=dict)
+    # Commands outside migrations (start, stop), by id.
+    commands: dict[str, Command] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def running_hosts(self) -> list[str]:
+        return sorted(h for h, rs in self.runstates.items() if rs == "running")
+
+
+@dataclass(slots=True)
+class Side:
+    """What is known of one end's QEMU during a migration."""
+
+    host: str
+    # QEMU migration status ("active", "pre-switchover", "postcopy-active", "completed", ...).
+    status: str = ""
+    runstate: str = ""
+    alive: bool = False
+    stopped_at_us: int = 0
+    resumed_at_us: int = 0
+
+
+@dataclass(slots=True)
+class Progress:
+    pass_: int = 0
+    total_bytes: int = 0
+    transferred_bytes: int = 0
+    remaining_bytes: int = 0
+    mbps: float = 0.0
+    dirty_pages_rate: int = 0
+    # The pass of the latest stats sample, and the remaining bytes of the sample before it.
+    sampled_pass: int = 0
+    previous_remaining_bytes: int = 0
+
+
+@dataclass(slots=True)
+class MigrationState:
+    migration_id: str
+    vm: str
+    src: Side
+    dst: Side
+    mode: int
+    policy: events_pb2.MigrationPolicy
+    source_was_running: bool
+    source_lease_generation: int
+    requested_at_us: int
+    phase: Phase = Phase.PREPARING
+    attempt: int = 1
+    reason: str = ""
+    finished_at_us: int = 0
+    last_seq: int = 0
+    commands: dict[str, Command] = field(default_factory=dict)
+    # (kind, host) -> the latest command of that kind on that host, any attempt.
+    latest: dict[tuple[int, str], Command] = field(default_factory=dict)
+    incoming_uri: str = ""
+    postcopy_requested: bool = False
+    postcopy_started: bool = False
+    src_lease_released: bool = False
+    src_lease_reacquired: bool = False
+    dst_lease_generation: int = 0
+    dst_network_enabled: bool = False
+    # The cont intent for the destination is logged: the point of no return.
+    cont_issued: bool = False
+    dst_resumed: bool = False
+    fencing_hosts: tuple[str, ...] = ()
+    recovery_attempts: int = 0
+    progress: Progress = field(default_factory=Progress)
+
+    @property
+    def source(self) -> str:
+        return self.src.host
+
+    @property
+    def destination(self) -> str:
+        return self.dst.host
+
+    @property
+    def point_of_no_return_passed(self) -> bool:
+        return self.cont_issued
+
+    @property
+    def postcopy_allowed(self) -> bool:
+        return self.mode != common_pb2.MIGRATION_MODE_PRECOPY
+
+    @property
+    def pause_us(self) -> int:
+        """Guest-visible pause: destination RESUME minus source STOP, by QEMU's clocks."""
+        if self.src.stopped_at_us and self.dst.resumed_at_us:
+            return self.dst.resumed_at_us - self.src.stopped_at_us
+        return 0
+
+    def cmd(self, kind: int, host: str, *, current: bool = True) -> Command | None:
+        """The latest command of `kind` on `host` (of the current attempt unless told otherwise)."""
+        command = self.latest.get((kind, host))
+        if command is None or (current and command.attempt != self.attempt):
+            return None
+        return command
+
+    def side(self, host: str) -> Side | None:
+        if host == self.src.host:
+            return self.src
+        if host == self.dst.host:
+            return self.dst
+        return None
+
+
+@dataclass(slots=True)
+class World:
+    """Everything the log says, folded."""
+
+    epoch: int = 0
+    last_seq: int = 0
+    hosts: dict[str, HostState] = field(default_factory=dict)
+    vms: dict[str, VmState] = field(default_factory=dict)
+    migrations: dict[str, MigrationState] = field(default_factory=dict)
+    open_migrations: set[str] = field(default_factory=set)
+    # command id -> migration id ("" for VM commands), to route results.
+    command_owner: dict[str, str] = field(default_factory=dict)
+
+    def copy(self) -> World:
+        return copy.deepcopy(self)

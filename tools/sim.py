@@ -1,0 +1,262 @@
+"""A pure model of hosts and QEMU, and an in-memory driver of the core.
+
+`SimHosts.answer(command)` returns the observations a real hostd and QEMU 7.2 produce for a
+command (orders and statuses follow ../shared/qmp-transcripts). `Driver` keeps an in-memory log,
+folds it with `evolve`, asks `decide` for next steps and lets the hosts answer: the whole
+coordinator loop with no I/O. Unit tests, the property tests and the replay benchmark's log
+generator use it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from google.protobuf.message import Message
+
+from coordinator.core import Event, NewEvent, World, decide, evolve
+from coordinator.core import inputs as I
+from coordinator.core.state import Kind
+from whimbrel.v1 import common_pb2, events_pb2
+
+E = events_pb2
+
+
+@dataclass(slots=True)
+class Observation:
+    host: str
+    payload: Message
+
+
+def qmp(host: str, vm: str, name: str, **data: object) -> Observation:
+    return Observation(host, E.QmpEventReceived(vm=vm, event=name, data_json=json.dumps(data)))
+
+
+def migration(host: str, vm: str, status: str) -> Observation:
+    return qmp(host, vm, "MIGRATION", status=status)
+
+
+@dataclass
+class SimHosts:
+    """Answers commands the way hostd + QEMU would, with no failures unless told."""
+
+    # Passes pre-copy needs before it fits the downtime limit (0: never converges).
+    converge_after_passes: int = 2
+    fail_kinds: set[int] = field(default_factory=set)
+    leases: dict[str, tuple[str, int]] = field(default_factory=dict)
+
+    def answer(self, cmd: E.CommandIssued) -> list[Observation]:
+        h, vm, kind = cmd.host_id, cmd.vm, Kind(cmd.kind)
+        if kind in self.fail_kinds:
+            return [self._failed(cmd, f"simulated failure of {kind.label}")]
+        out: list[Observation] = []
+        if kind == Kind.START_VM:
+            out += self._acquire(h, vm, cmd.args.lease_generation)
+            out.append(qmp(h, vm, "RESUME"))
+        elif kind == Kind.STOP_VM:
+            out += [qmp(h, vm, "SHUTDOWN", guest=False), self._exited(h, vm, 0)]
+            out += self._release(h, vm)
+        elif kind == Kind.PREPARE_INCOMING:
+            out.append(Observation(h, E.NetworkChanged(vm=vm, state=E.NETWORK_STATE_PREPARED)))
+            out.append(migration(h, vm, "setup"))
+            return out + [self._ok(cmd, uri="tcp:127.0.0.1:49152", pid=1000)]
+        elif kind == Kind.START_MIGRATION:
+            out += [
+                migration(h, vm, "setup"),
+                self._ok(cmd),
+                qmp(h, vm, "MIGRATION_PASS", **{"pass": 1}),
+            ]
+            out += [migration(h, vm, "active")]
+            return out
+        elif kind == Kind.START_POSTCOPY:
+            out += [migration(h, vm, "postcopy-active"), qmp(h, vm, "STOP")]
+        elif kind == Kind.RELEASE_LEASE:
+            out += self._release(h, vm)
+        elif kind == Kind.ACQUIRE_LEASE:
+            holder = self.leases.get(vm)
+            if holder is not None and holder[0] and holder[0] != h:
+                return [self._failed(cmd, f"lease held by {holder[0]}")]
+            out += self._acquire(h, vm, cmd.args.lease_generation)
+        elif kind == Kind.CONTINUE_SWITCHOVER:
+            out += [migration(h, vm, "device"), migration(h, vm, "completed")]
+        elif kind == Kind.ENABLE_NETWORK:
+            out.append(Observation(h, E.NetworkChanged(vm=vm, state=E.NETWORK_STATE_ENABLED)))
+        elif kind == Kind.RESUME_VM:
+            out.append(qmp(h, vm, "RESUME"))
+        elif kind == Kind.DESTROY_VM:
+            out.append(self._exited(h, vm, -1, signal=9))
+            if self.leases.get(vm, ("", 0))[0] == h:
+                out += self._release(h, vm)
+        elif kind == Kind.CANCEL_MIGRATION:
+            out += [migration(h, vm, "cancelling"), migration(h, vm, "cancelled")]
+        elif kind == Kind.RECOVER_INCOMING:
+            return [migration(h, vm, "setup"), self._ok(cmd, uri="tcp:127.0.0.1:49153")]
+        elif kind == Kind.RESUME_MIGRATION:
+            out += [migration(h, vm, "postcopy-recover"), migration(h, vm, "postcopy-active")]
+        return [*out, self._ok(cmd)]
+
+    def _acquire(self, host: str, vm: str, generation: int) -> list[Observation]:
+        self.leases[vm] = (host, generation)
+        return [Observation(host, E.LeaseAcquired(vm=vm, holder=host, generation=generation))]
+
+    def _release(self, host: str, vm: str) -> list[Observation]:
+        _, generation = self.leases.get(vm, ("", 0))
+        self.leases[vm] = ("", generation)
+        return [Observation(host, E.LeaseReleased(vm=vm, holder=host, generation=generation))]
+
+    @staticmethod
+    def _exited(host: str, vm: str, code: int, signal: int = 0) -> Observation:
+        return Observation(host, E.QemuExited(vm=vm, pid=1000, exit_code=code, signal=signal))
+
+    @staticmethod
+    def _ok(cmd: E.CommandIssued, **result: object) -> Observation:
+        return Observation(
+            cmd.host_id,
+            E.CommandSucceeded(
+                command_id=cmd.command_id,
+                attempt=cmd.attempt,
+                kind=cmd.kind,
+                vm=cmd.vm,
+                result=E.CommandResult(**result),  # type: ignore[arg-type]
+            ),
+        )
+
+    @staticmethod
+    def _failed(cmd: E.CommandIssued, error: str) -> Observation:
+        return Observation(
+            cmd.host_id,
+            E.CommandFailed(
+                command_id=cmd.command_id,
+                attempt=cmd.attempt,
+                kind=cmd.kind,
+                vm=cmd.vm,
+                error=error,
+            ),
+        )
+
+
+@dataclass
+class Driver:
+    """An in-memory coordinator: log, fold, decide, and (optionally) simulated hosts."""
+
+    world: World = field(default_factory=World)
+    log: list[Event] = field(default_factory=list)
+    now_us: int = 1_700_000_000_000_000
+    host_seq: dict[str, int] = field(default_factory=dict)
+    epoch: int = 1
+
+    def append(self, events: Iterable[NewEvent]) -> list[Event]:
+        stored = []
+        for new in events:
+            self.now_us += 1000
+            event = Event(
+                seq=len(self.log) + 1,
+                stream=new.stream,
+                type=new.type,
+                epoch=self.epoch,
+                time_us=new.time_us or self.now_us,
+                payload=new.payload,
+                origin_host=new.origin_host,
+                origin_generation=new.origin_generation,
+                origin_seq=new.origin_seq,
+            )
+            self.log.append(event)
+            evolve(self.world, event)
+            stored.append(event)
+        return stored
+
+    def observe(self, *observations: Observation) -> list[Event]:
+        stored = []
+        for obs in observations:
+            seq = self.host_seq[obs.host] = self.host_seq.get(obs.host, 0) + 1
+            self.now_us += 1000
+            stored += self.append(
+                [NewEvent(f"host/{obs.host}", obs.payload, self.now_us, obs.host, 1, seq)]
+            )
+        return stored
+
+    def request(self, request: I.Input) -> list[Event]:
+        return self.append(decide(self.world, request))
+
+    def connect(self, *hosts: str) -> None:
+        for host in hosts:
+            self.observe(
+                Observation(
+                    host, E.HostConnected(host_id=host, generation=1, migration_address="127.0.0.1")
+                )
+            )
+
+    def advance(self, migration_id: str) -> list[Event]:
+        """Decide until nothing more is decided; returns what was appended."""
+        appended: list[Event] = []
+        while True:
+            step = self.append(decide(self.world, I.Advance(migration_id, self.now_us)))
+            if not step:
+                return appended
+            appended += step
+
+    def run(self, migration_id: str, hosts: SimHosts, max_rounds: int = 200) -> list[Event]:
+        """Advance and let the hosts answer every new command until nothing changes."""
+        appended: list[Event] = []
+        answered: set[str] = set()
+        for _ in range(max_rounds):
+            decided = self.advance(migration_id)
+            appended += decided
+            commands = [
+                e.payload
+                for e in self.log
+                if isinstance(e.payload, E.CommandIssued)
+                and e.payload.migration_id == migration_id
+                and e.payload.command_id not in answered
+            ]
+            if not commands:
+                return appended
+            for cmd in commands:
+                answered.add(cmd.command_id)
+                appended += self.observe(*hosts.answer(cmd))
+                appended += self._progress(migration_id, cmd, hosts)
+        raise AssertionError(f"migration {migration_id} did not settle in {max_rounds} rounds")
+
+    def _progress(self, migration_id: str, cmd: E.CommandIssued, hosts: SimHosts) -> list[Event]:
+        """QEMU's own progress after START_MIGRATION: passes until pre-copy converges."""
+        if Kind(cmd.kind) != Kind.START_MIGRATION or Kind.START_MIGRATION in hosts.fail_kinds:
+            return []
+        m = self.world.migrations[migration_id]
+        src, dst, vm = m.source, m.destination, m.vm
+        out = self.observe(migration(dst, vm, "active"))
+        remaining = 128 << 20
+        for n in range(2, 12):
+            out += self.observe(qmp(src, vm, "MIGRATION_PASS", **{"pass": n}))
+            converged = hosts.converge_after_passes and n > hosts.converge_after_passes
+            remaining = remaining // 4 if hosts.converge_after_passes else remaining
+            out += self.observe(
+                Observation(
+                    src,
+                    E.MigrationStatsSampled(
+                        vm=vm,
+                        status="active",
+                        total_bytes=134217728,
+                        transferred_bytes=n << 27,
+                        remaining_bytes=remaining,
+                        mbps=800.0,
+                        **{"pass": n},
+                    ),
+                )
+            )
+            out += self.advance(migration_id)
+            if m.postcopy_requested or m.phase.terminal:
+                return out
+            if converged:
+                out += self.observe(qmp(src, vm, "STOP"), migration(src, vm, "pre-switchover"))
+                return out
+        return out
+
+
+def running_vm(driver: Driver, name: str = "vm-1", host: str = "host-a") -> None:
+    """Define `name` and start it on `host`, answering as a host would."""
+    spec = common_pb2.VmSpec(name=name, memory_mib=128, vcpus=1)
+    driver.request(I.DefineVm(spec, driver.now_us))
+    (start,) = driver.request(I.StartVm(name, host, driver.now_us))
+    assert isinstance(start.payload, E.CommandIssued)
+    driver.observe(*SimHosts().answer(start.payload))
