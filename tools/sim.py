@@ -37,6 +37,10 @@ def migration(host: str, vm: str, status: str) -> Observation:
     return qmp(host, vm, "MIGRATION", status=status)
 
 
+# Commands hostd can execute with no QEMU process for the VM.
+_WITHOUT_QEMU = frozenset({Kind.RELEASE_LEASE, Kind.ACQUIRE_LEASE, Kind.ENABLE_NETWORK})
+
+
 @dataclass
 class SimHosts:
     """Answers commands the way hostd + QEMU would, with no failures unless told."""
@@ -45,22 +49,38 @@ class SimHosts:
     converge_after_passes: int = 2
     fail_kinds: set[int] = field(default_factory=set)
     leases: dict[str, tuple[str, int]] = field(default_factory=dict)
+    # VM -> the host of its incoming (destination) QEMU, which reports statuses too.
+    incoming: dict[str, str] = field(default_factory=dict)
+    # (vm, host) whose QEMU was killed: commands needing it fail, as hostd's would.
+    dead: set[tuple[str, str]] = field(default_factory=set)
+
+    def kill(self, vm: str, host: str) -> Observation:
+        self.dead.add((vm, host))
+        return self._exited(host, vm, -1, signal=9)
 
     def answer(self, cmd: E.CommandIssued) -> list[Observation]:
         h, vm, kind = cmd.host_id, cmd.vm, Kind(cmd.kind)
         if kind in self.fail_kinds:
             return [self._failed(cmd, f"simulated failure of {kind.label}")]
+        if kind in (Kind.START_VM, Kind.PREPARE_INCOMING):
+            self.dead.discard((vm, h))
+        elif (vm, h) in self.dead and kind not in _WITHOUT_QEMU:
+            if kind == Kind.DESTROY_VM:
+                return [self._ok(cmd)]
+            return [self._failed(cmd, "QEMU is not running")]
         out: list[Observation] = []
         if kind == Kind.START_VM:
             out += self._acquire(h, vm, cmd.args.lease_generation)
             out.append(qmp(h, vm, "RESUME"))
         elif kind == Kind.STOP_VM:
+            self.dead.add((vm, h))
             out += [qmp(h, vm, "SHUTDOWN", guest=False), self._exited(h, vm, 0)]
             out += self._release(h, vm)
         elif kind == Kind.PREPARE_INCOMING:
+            self.incoming[vm] = h
             out.append(Observation(h, E.NetworkChanged(vm=vm, state=E.NETWORK_STATE_PREPARED)))
             out.append(migration(h, vm, "setup"))
-            return out + [self._ok(cmd, uri="tcp:127.0.0.1:49152", pid=1000)]
+            return [*out, self._ok(cmd, uri="tcp:127.0.0.1:49152", pid=1000)]
         elif kind == Kind.START_MIGRATION:
             out += [
                 migration(h, vm, "setup"),
@@ -71,6 +91,7 @@ class SimHosts:
             return out
         elif kind == Kind.START_POSTCOPY:
             out += [migration(h, vm, "postcopy-active"), qmp(h, vm, "STOP")]
+            out += self._on_destination(vm, "postcopy-active")
         elif kind == Kind.RELEASE_LEASE:
             out += self._release(h, vm)
         elif kind == Kind.ACQUIRE_LEASE:
@@ -80,21 +101,29 @@ class SimHosts:
             out += self._acquire(h, vm, cmd.args.lease_generation)
         elif kind == Kind.CONTINUE_SWITCHOVER:
             out += [migration(h, vm, "device"), migration(h, vm, "completed")]
+            out += self._on_destination(vm, "completed")
         elif kind == Kind.ENABLE_NETWORK:
             out.append(Observation(h, E.NetworkChanged(vm=vm, state=E.NETWORK_STATE_ENABLED)))
         elif kind == Kind.RESUME_VM:
             out.append(qmp(h, vm, "RESUME"))
         elif kind == Kind.DESTROY_VM:
+            self.dead.add((vm, h))
             out.append(self._exited(h, vm, -1, signal=9))
             if self.leases.get(vm, ("", 0))[0] == h:
                 out += self._release(h, vm)
         elif kind == Kind.CANCEL_MIGRATION:
             out += [migration(h, vm, "cancelling"), migration(h, vm, "cancelled")]
+            out += self._on_destination(vm, "failed")
         elif kind == Kind.RECOVER_INCOMING:
             return [migration(h, vm, "setup"), self._ok(cmd, uri="tcp:127.0.0.1:49153")]
         elif kind == Kind.RESUME_MIGRATION:
             out += [migration(h, vm, "postcopy-recover"), migration(h, vm, "postcopy-active")]
+            out += self._on_destination(vm, "postcopy-recover", "postcopy-active")
         return [*out, self._ok(cmd)]
+
+    def _on_destination(self, vm: str, *statuses: str) -> list[Observation]:
+        host = self.incoming.get(vm)
+        return [migration(host, vm, status) for status in statuses] if host else []
 
     def _acquire(self, host: str, vm: str, generation: int) -> list[Observation]:
         self.leases[vm] = (host, generation)
@@ -145,6 +174,7 @@ class Driver:
     now_us: int = 1_700_000_000_000_000
     host_seq: dict[str, int] = field(default_factory=dict)
     epoch: int = 1
+    answered: set[str] = field(default_factory=set)
 
     def append(self, events: Iterable[NewEvent]) -> list[Event]:
         stored = []
@@ -199,7 +229,7 @@ class Driver:
     def run(self, migration_id: str, hosts: SimHosts, max_rounds: int = 200) -> list[Event]:
         """Advance and let the hosts answer every new command until nothing changes."""
         appended: list[Event] = []
-        answered: set[str] = set()
+        answered = self.answered
         for _ in range(max_rounds):
             decided = self.advance(migration_id)
             appended += decided

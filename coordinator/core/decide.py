@@ -506,23 +506,23 @@ def _rolling_back(world: World, m: MigrationState, issue: _Issuer) -> list[Messa
     src, dst = m.src, m.dst
     out: list[Message] = []
     # Stop the transfer (never after the point of no return; rollback is never decided then).
-    started = m.cmd(Kind.START_MIGRATION, src.host, current=False) is not None
+    started = m.cmd(Kind.START_MIGRATION, src.host) is not None
     if (
         started
         and src.alive
         and src.status in CANCELLABLE_STATUSES
         and not m.point_of_no_return_passed
-        and m.cmd(Kind.CANCEL_MIGRATION, src.host) is None
+        and m.cmd(Kind.CANCEL_MIGRATION, src.host, this_attempt=True) is None
     ):
         out.append(issue(Kind.CANCEL_MIGRATION, src.host, reason="rollback"))
     # The destination must be gone before the source may run again.
-    prepared = m.cmd(Kind.PREPARE_INCOMING, dst.host, current=False) is not None
-    destroy = m.cmd(Kind.DESTROY_VM, dst.host)
+    prepared = m.cmd(Kind.PREPARE_INCOMING, dst.host) is not None
+    destroy = m.cmd(Kind.DESTROY_VM, dst.host, this_attempt=True)
     if prepared and dst.alive and (destroy is None or destroy.state == FAILED):
         out.append(issue(Kind.DESTROY_VM, dst.host, force=True, reason="rollback"))
     if out:
         return out
-    cancel = m.cmd(Kind.CANCEL_MIGRATION, src.host)
+    cancel = m.cmd(Kind.CANCEL_MIGRATION, src.host, this_attempt=True)
     if cancel is not None and cancel.state == ISSUED:
         return []
     if dst.alive and prepared:
@@ -535,11 +535,9 @@ def _rolling_back(world: World, m: MigrationState, issue: _Issuer) -> list[Messa
             *_finished(m, Phase.FENCED, "source QEMU exited during rollback"),
         ]
     vm = world.vms[m.vm]
-    released = (
-        m.src_lease_released or m.cmd(Kind.RELEASE_LEASE, src.host, current=False) is not None
-    )
+    released = m.src_lease_released or m.cmd(Kind.RELEASE_LEASE, src.host) is not None
     if released and not m.src_lease_reacquired:
-        acquire = m.cmd(Kind.ACQUIRE_LEASE, src.host)
+        acquire = m.cmd(Kind.ACQUIRE_LEASE, src.host, this_attempt=True)
         if acquire is None or acquire.state == FAILED:
             return [
                 issue(
@@ -553,7 +551,7 @@ def _rolling_back(world: World, m: MigrationState, issue: _Issuer) -> list[Messa
     if src.status in ("cancelling", "postcopy-paused"):
         return []  # wait for QEMU to settle the cancel before touching the CPUs
     if m.source_was_running and src.runstate != "running":
-        resume = m.cmd(Kind.RESUME_VM, src.host)
+        resume = m.cmd(Kind.RESUME_VM, src.host, this_attempt=True)
         if resume is None or resume.state == FAILED:
             return [issue(Kind.RESUME_VM, src.host, reason="rollback")]
         if resume.state == ISSUED:
@@ -570,14 +568,14 @@ def _recovering(world: World, m: MigrationState, issue: _Issuer) -> list[Message
     hosts = world.hosts
     if not all(h in hosts and hosts[h].connected for h in (src.host, dst.host)):
         return []  # recovery needs both hosts to answer
-    recover = m.cmd(Kind.RECOVER_INCOMING, dst.host)
+    recover = m.cmd(Kind.RECOVER_INCOMING, dst.host, this_attempt=True)
     if recover is None:
         return [issue(Kind.RECOVER_INCOMING, dst.host)]
     if recover.state == FAILED:
         return _recover_or_fence(m)
     if recover.state != SUCCEEDED or recover.result is None:
         return []
-    resume = m.cmd(Kind.RESUME_MIGRATION, src.host)
+    resume = m.cmd(Kind.RESUME_MIGRATION, src.host, this_attempt=True)
     if resume is None:
         return [issue(Kind.RESUME_MIGRATION, src.host, uri=recover.result.uri)]
     if resume.state == FAILED:
@@ -592,7 +590,7 @@ def _fencing(world: World, m: MigrationState, issue: _Issuer) -> list[Message]:
         side = m.side(host)
         if side is None or not side.alive:
             continue
-        destroy = m.cmd(Kind.DESTROY_VM, host)
+        destroy = m.cmd(Kind.DESTROY_VM, host, this_attempt=True)
         if destroy is None or destroy.state == FAILED:
             out.append(issue(Kind.DESTROY_VM, host, force=True, reason=f"fence: {m.reason}"))
         waiting = True

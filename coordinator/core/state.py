@@ -220,10 +220,10 @@ class MigrationState:
             return self.dst.resumed_at_us - self.src.stopped_at_us
         return 0
 
-    def cmd(self, kind: int, host: str, *, current: bool = True) -> Command | None:
-        """The latest command of `kind` on `host` (of the current attempt unless told otherwise)."""
+    def cmd(self, kind: int, host: str, *, this_attempt: bool = False) -> Command | None:
+        """The latest command of `kind` on `host`, optionally only if of the current attempt."""
         command = self.latest.get((kind, host))
-        if command is None or (current and command.attempt != self.attempt):
+        if command is None or (this_attempt and command.attempt != self.attempt):
             return None
         return command
 

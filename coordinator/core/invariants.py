@@ -1,0 +1,172 @@
+"""Safety invariants 1-4 of DESIGN.md, checked over a sequence of stored events.
+
+The checker derives what it needs on its own, from observations and intents, without trusting
+`MigrationState`: it is the independent witness that tests and the audit tool consult.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from coordinator.core.events import Event
+from coordinator.core.state import Kind
+from whimbrel.v1 import events_pb2 as E
+
+
+@dataclass(frozen=True, slots=True)
+class Violation:
+    seq: int
+    invariant: int
+    message: str
+
+
+@dataclass(slots=True)
+class _Migration:
+    vm: str
+    source: str
+    destination: str
+    source_generation: int
+    source_stopped: bool = False
+    source_lease_released: bool = False
+    destination_generation: int = 0
+    destination_network: bool = False
+    cont_issued: bool = False
+
+
+@dataclass
+class InvariantChecker:
+    violations: list[Violation] = field(default_factory=list)
+    running: dict[str, set[str]] = field(default_factory=dict)
+    lease_holder: dict[str, str] = field(default_factory=dict)
+    # Highest generation seen acquired (observed), and highest handed out in commands (issued).
+    observed_generation: dict[str, int] = field(default_factory=dict)
+    issued_generation: dict[str, int] = field(default_factory=dict)
+    migrations: dict[str, _Migration] = field(default_factory=dict)
+    open_by_vm: dict[str, str] = field(default_factory=dict)
+
+    def check(self, events: list[Event]) -> list[Violation]:
+        for event in events:
+            self.feed(event)
+        return self.violations
+
+    def _flag(self, event: Event, invariant: int, message: str) -> None:
+        self.violations.append(Violation(event.seq, invariant, message))
+
+    def feed(self, ev: Event) -> None:
+        p = ev.payload
+        if isinstance(p, E.MigrationRequested):
+            self.migrations[p.migration_id] = _Migration(
+                p.vm, p.source, p.destination, p.source_lease_generation
+            )
+            self.open_by_vm[p.vm] = p.migration_id
+        elif isinstance(p, E.MigrationFinished):
+            m = self.migrations.get(p.migration_id)
+            if m is not None and self.open_by_vm.get(m.vm) == p.migration_id:
+                del self.open_by_vm[m.vm]
+        elif isinstance(p, E.QmpEventReceived):
+            self._qmp(ev, p)
+        elif isinstance(p, E.QemuExited):
+            self.running.setdefault(p.vm, set()).discard(ev.origin_host)
+            m = self._open(p.vm)
+            if m is not None and ev.origin_host == m.source:
+                m.source_stopped = True
+        elif isinstance(p, E.VmObserved):
+            obs = p.observation
+            hosts = self.running.setdefault(obs.vm, set())
+            if obs.process_alive and obs.runstate == "running":
+                self._runs(ev, obs.vm, ev.origin_host)
+            else:
+                hosts.discard(ev.origin_host)
+        elif isinstance(p, E.LeaseAcquired):
+            holder = self.lease_holder.get(p.vm, "")
+            if holder and holder != p.holder:
+                self._flag(ev, 4, f"{p.holder} acquired the lease of {p.vm} held by {holder}")
+            if p.generation <= self.observed_generation.get(p.vm, 0):
+                self._flag(ev, 4, f"lease generation of {p.vm} did not grow: {p.generation}")
+            self.lease_holder[p.vm] = p.holder
+            self.observed_generation[p.vm] = p.generation
+            m = self._open(p.vm)
+            if m is not None and p.holder == m.destination:
+                m.destination_generation = p.generation
+        elif isinstance(p, E.LeaseReleased):
+            if self.lease_holder.get(p.vm) == p.holder:
+                self.lease_holder[p.vm] = ""
+            m = self._open(p.vm)
+            if m is not None and p.holder == m.source:
+                m.source_lease_released = True
+        elif isinstance(p, E.NetworkChanged):
+            m = self._open(p.vm)
+            if m is not None and ev.origin_host == m.destination:
+                m.destination_network = p.state == E.NETWORK_STATE_ENABLED
+        elif isinstance(p, E.CommandIssued):
+            self._command(ev, p)
+
+    def _open(self, vm: str) -> _Migration | None:
+        mid = self.open_by_vm.get(vm)
+        return self.migrations.get(mid) if mid else None
+
+    def _runs(self, ev: Event, vm: str, host: str) -> None:
+        hosts = self.running.setdefault(vm, set())
+        others = hosts - {host}
+        if others:
+            self._flag(ev, 1, f"{vm} runs on {host} while it runs on {', '.join(sorted(others))}")
+        hosts.add(host)
+
+    def _qmp(self, ev: Event, p: E.QmpEventReceived) -> None:
+        m = self._open(p.vm)
+        if p.event == "RESUME":
+            self._runs(ev, p.vm, ev.origin_host)
+        elif p.event in ("STOP", "SHUTDOWN"):
+            self.running.setdefault(p.vm, set()).discard(ev.origin_host)
+            if m is not None and ev.origin_host == m.source and p.event == "STOP":
+                m.source_stopped = True
+        elif p.event == "MIGRATION" and m is not None and ev.origin_host == m.source:
+            status = json.loads(p.data_json).get("status")
+            if status in ("pre-switchover", "postcopy-active", "completed"):
+                m.source_stopped = True
+
+    def _command(self, ev: Event, p: E.CommandIssued) -> None:
+        kind, host, vm = Kind(p.kind), p.host_id, p.vm
+        generation = p.args.lease_generation
+        if kind in (Kind.ACQUIRE_LEASE, Kind.START_VM):
+            floor = max(self.issued_generation.get(vm, 0), self.observed_generation.get(vm, 0))
+            if generation <= floor:
+                message = f"{kind.label} on {host} with generation {generation} not above {floor}"
+                self._flag(ev, 4, message)
+            holder = self.lease_holder.get(vm, "")
+            if holder and holder != host:
+                self._flag(ev, 4, f"{kind.label} for {vm} on {host} while {holder} holds the lease")
+            self.issued_generation[vm] = generation
+        if kind in (Kind.RESUME_VM, Kind.START_VM):
+            others = self.running.get(vm, set()) - {host}
+            if others:
+                self._flag(
+                    ev,
+                    1,
+                    f"{kind.label} of {vm} on {host} while it runs on {', '.join(sorted(others))}",
+                )
+        m = self.migrations.get(p.migration_id) if p.migration_id else None
+        if m is None:
+            return
+        if kind == Kind.RESUME_VM and host == m.destination:
+            missing = [
+                what
+                for what, ok in (
+                    ("source stopped", m.source_stopped),
+                    ("source lease released", m.source_lease_released),
+                    (
+                        "destination lease with a higher generation",
+                        m.destination_generation > m.source_generation,
+                    ),
+                    ("destination networking enabled", m.destination_network),
+                )
+                if not ok
+            ]
+            if missing:
+                self._flag(ev, 2, f"cont on destination {host} before: {', '.join(missing)}")
+            m.cont_issued = True
+        elif m.cont_issued and kind == Kind.RESUME_VM and host == m.source:
+            self._flag(ev, 3, f"source {host} resumed after the destination's cont")
+        elif m.cont_issued and kind == Kind.CANCEL_MIGRATION:
+            self._flag(ev, 3, "migrate_cancel after the destination's cont")

@@ -1,0 +1,134 @@
+"""Property: whatever hosts do (fail, reorder, drop, repeat, die, pause), the decisions keep
+invariants 1-4 of DESIGN.md, as judged by the independent InvariantChecker."""
+
+from __future__ import annotations
+
+import contextlib
+
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from coordinator.core import CoreError
+from coordinator.core import inputs as I
+from coordinator.core.invariants import InvariantChecker
+from coordinator.core.state import Kind
+from tests.unit.helpers import fresh
+from tools.sim import Observation, migration, qmp
+from whimbrel.v1 import common_pb2 as C
+from whimbrel.v1 import events_pb2 as E
+
+PROGRESS = ["answer"] * 8 + ["answer_any", "converge", "converge", "complete", "complete"]
+FAULTS = [
+    "fail",
+    "drop",
+    "duplicate",
+    "kill_source",
+    "kill_destination",
+    "pause",
+    "abort",
+    "postcopy",
+    "disconnect",
+    "reconnect",
+]
+MODES = [C.MIGRATION_MODE_PRECOPY, C.MIGRATION_MODE_POSTCOPY, C.MIGRATION_MODE_AUTO]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_random_host_behaviour_never_breaks_invariants_1_to_4(data: st.DataObject) -> None:
+    """Random host answers and faults never lead the core to an unsafe decision."""
+    driver, hosts = fresh()
+    mode = data.draw(st.sampled_from(MODES))
+    # Per example, how often faults happen: never, now and then, or often.
+    actions = PROGRESS + FAULTS * data.draw(st.sampled_from([0, 1, 4]))
+    driver.request(
+        I.StartMigration("m-1", "vm-1", "host-b", mode, E.MigrationPolicy(), driver.now_us)
+    )
+    m = driver.world.migrations["m-1"]
+    pending: list[E.CommandIssued] = []
+    answered: list[E.CommandIssued] = []
+    for _ in range(data.draw(st.integers(5, 80))):
+        pending += [
+            e.payload for e in driver.advance("m-1") if isinstance(e.payload, E.CommandIssued)
+        ]
+        action = data.draw(st.sampled_from(actions))
+        if action in ("answer", "answer_any", "fail", "drop") and pending:
+            index = data.draw(st.integers(0, len(pending) - 1)) if action == "answer_any" else 0
+            cmd = pending.pop(index)
+            if action == "fail":
+                driver.observe(
+                    Observation(
+                        cmd.host_id,
+                        E.CommandFailed(
+                            command_id=cmd.command_id,
+                            attempt=cmd.attempt,
+                            kind=cmd.kind,
+                            vm=cmd.vm,
+                            error="injected",
+                        ),
+                    )
+                )
+            elif action != "drop":
+                driver.observe(*hosts.answer(cmd))
+                answered.append(cmd)
+                if Kind(cmd.kind) == Kind.START_MIGRATION:
+                    driver.observe(migration("host-b", "vm-1", "active"))
+        elif action == "duplicate" and answered:
+            # hostd answers a repeated command id with the stored result, never re-executing it.
+            driver.observe(hosts.answer(answered[-1])[-1])
+        elif action == "kill_source":
+            driver.observe(hosts.kill("vm-1", "host-a"))
+        elif action == "kill_destination" and m.incoming_uri:
+            driver.observe(hosts.kill("vm-1", "host-b"))
+        elif action == "converge" and m.src.status == "active" and not m.postcopy_started:
+            driver.observe(
+                qmp("host-a", "vm-1", "STOP"), migration("host-a", "vm-1", "pre-switchover")
+            )
+        elif action == "pause" and m.postcopy_started and m.src.alive and m.dst.alive:
+            driver.observe(
+                migration("host-a", "vm-1", "postcopy-paused"),
+                migration("host-b", "vm-1", "postcopy-paused"),
+            )
+        elif action == "complete" and m.postcopy_started and m.src.status == "postcopy-active":
+            driver.observe(
+                migration("host-a", "vm-1", "completed"), migration("host-b", "vm-1", "completed")
+            )
+        elif action in ("abort", "postcopy"):
+            request = (
+                I.AbortMigration("m-1", "test", driver.now_us)
+                if action == "abort"
+                else I.SwitchToPostcopy("m-1", driver.now_us)
+            )
+            with contextlib.suppress(CoreError):
+                driver.request(request)
+        elif action == "disconnect":
+            host = data.draw(st.sampled_from(["host-a", "host-b"]))
+            driver.observe(Observation(host, E.HostDisconnected(host_id=host, generation=1)))
+        elif action == "reconnect":
+            driver.connect(data.draw(st.sampled_from(["host-a", "host-b"])))
+    event(f"ended {m.phase.label}{', past the point of no return' if m.cont_issued else ''}")
+    violations = InvariantChecker().check(driver.log)
+    assert violations == [], "\n".join(
+        f"{e.seq} {e.origin_host} {e.type} {e.payload}".replace("\n", " ") for e in driver.log
+    )
+
+
+def test_checker_flags_an_early_cont() -> None:
+    """The checker is a real witness: an early cont is reported as invariants 1 and 2."""
+    driver, _hosts = fresh()
+    driver.request(I.StartMigration("m-1", "vm-1", "host-b", 1, E.MigrationPolicy(), driver.now_us))
+    early = E.CommandIssued(
+        command_id="x",
+        migration_id="m-1",
+        attempt=1,
+        host_id="host-b",
+        vm="vm-1",
+        kind=Kind.RESUME_VM,
+    )
+    from coordinator.core import NewEvent
+
+    driver.append([NewEvent("migration/m-1", early, driver.now_us)])
+    violations = InvariantChecker().check(driver.log)
+    by_invariant = {v.invariant: v.message for v in violations}
+    assert set(by_invariant) == {1, 2}
+    assert "source stopped" in by_invariant[2] and "runs on host-a" in by_invariant[1]

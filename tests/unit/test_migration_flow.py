@@ -1,0 +1,366 @@
+"""The migration state machine: whole decision sequences for each path, and each refusal."""
+
+from __future__ import annotations
+
+import pytest
+
+from coordinator.core import IllegalTransition, Phase, decide
+from coordinator.core import inputs as I
+from coordinator.core.state import Kind, VmStatus
+from tests.unit.helpers import answer, decisions, fresh
+from tools.sim import Observation, migration, qmp
+from whimbrel.v1 import common_pb2 as C
+from whimbrel.v1 import events_pb2 as E
+
+PRECOPY, POSTCOPY, AUTO = (
+    C.MIGRATION_MODE_PRECOPY,
+    C.MIGRATION_MODE_POSTCOPY,
+    C.MIGRATION_MODE_AUTO,
+)
+
+
+def start(driver, mode=PRECOPY, policy=None):
+    return driver.request(
+        I.StartMigration(
+            "m-1", "vm-1", "host-b", mode, policy or E.MigrationPolicy(), driver.now_us
+        )
+    )
+
+
+def test_precopy_completes_with_handoff_in_order():
+    """Pre-copy issues prepare, migrate, lease release, switchover, handoff, cont, cleanup."""
+    driver, hosts = fresh()
+    events = start(driver) + driver.run("m-1", hosts)
+    assert decisions(events) == [
+        "MigrationRequested",
+        "prepare-incoming@host-b",
+        "start-migration@host-a",
+        "release-lease@host-a",
+        "continue-switchover@host-a",
+        "acquire-lease@host-b",
+        "enable-network@host-b",
+        "resume-vm@host-b",
+        "announce@host-b",
+        "destroy-vm@host-a",
+        "MigrationFinished",
+    ]
+    m = driver.world.migrations["m-1"]
+    assert m.phase == Phase.COMPLETED
+    vm = driver.world.vms["vm-1"]
+    assert (vm.host, vm.status, vm.lease_holder, vm.lease_generation) == (
+        "host-b",
+        VmStatus.RUNNING,
+        "host-b",
+        2,
+    )
+    assert m.pause_us > 0
+
+
+def test_postcopy_mode_switches_after_migrate_and_waits_for_completion():
+    """Mode postcopy requests post-copy, hands off while pages flow, cleans up on completion."""
+    driver, hosts = fresh()
+    events = start(driver, POSTCOPY) + driver.run("m-1", hosts)
+    assert decisions(events) == [
+        "MigrationRequested",
+        "prepare-incoming@host-b",
+        "start-migration@host-a",
+        "PostcopyRequested",
+        "start-postcopy@host-a",
+        "release-lease@host-a",
+        "acquire-lease@host-b",
+        "enable-network@host-b",
+        "resume-vm@host-b",
+        "announce@host-b",
+    ]
+    m = driver.world.migrations["m-1"]
+    assert m.phase == Phase.FINISHING and m.point_of_no_return_passed
+    # Pages still flow; completion on the source lets the coordinator finish.
+    driver.observe(
+        migration("host-a", "vm-1", "completed"), migration("host-b", "vm-1", "completed")
+    )
+    events = driver.run("m-1", hosts)
+    assert decisions(events) == ["destroy-vm@host-a", "MigrationFinished"]
+    assert m.phase == Phase.COMPLETED
+
+
+def test_auto_mode_switches_to_postcopy_when_precopy_does_not_converge():
+    """Mode auto asks for post-copy once remaining bytes stop shrinking, judged per pass."""
+    driver, hosts = fresh()
+    hosts.converge_after_passes = 0
+    events = start(driver, AUTO) + driver.run("m-1", hosts)
+    requested = [e.payload for e in events if e.type == "PostcopyRequested"]
+    assert len(requested) == 1 and requested[0].by == "policy"
+    assert "remain" in requested[0].reason
+    assert "start-postcopy@host-a" in decisions(events)
+    assert driver.world.migrations["m-1"].phase == Phase.FINISHING
+
+
+def test_auto_mode_stays_precopy_when_it_converges():
+    """Mode auto never asks for post-copy while each pass shrinks what remains."""
+    driver, hosts = fresh()
+    events = start(driver, AUTO) + driver.run("m-1", hosts)
+    assert "PostcopyRequested" not in decisions(events)
+    assert driver.world.migrations["m-1"].phase == Phase.COMPLETED
+
+
+def test_cont_waits_for_every_handoff_fact():
+    """The destination's cont is decided only after lease and network both moved."""
+    driver, hosts = fresh()
+    hosts.converge_after_passes = 0
+    start(driver, POSTCOPY)
+    # Run until the handoff commands are issued, withholding their answers.
+    pending = []
+    for _ in range(20):
+        step = driver.advance("m-1")
+        issued = [e for e in step if e.type == "CommandIssued"]
+        handoff = [
+            e for e in issued if Kind(e.payload.kind) in (Kind.ACQUIRE_LEASE, Kind.ENABLE_NETWORK)
+        ]
+        answer(driver, hosts, [e for e in issued if e not in handoff])
+        pending += handoff
+        if len(pending) == 2:
+            break
+    assert decisions(pending) == ["acquire-lease@host-b", "enable-network@host-b"]
+    answer(driver, hosts, pending[:1])  # lease acquired, network not yet
+    assert decisions(driver.advance("m-1")) == []
+    answer(driver, hosts, pending[1:])
+    assert decisions(driver.advance("m-1")) == ["resume-vm@host-b"]
+
+
+def test_abort_during_precopy_rolls_back_and_source_keeps_running():
+    """Abort while transferring cancels, kills the destination and finishes rolled back."""
+    driver, hosts = fresh()
+    hosts.converge_after_passes = 0
+    start(driver)
+    events = driver.advance("m-1")
+    events += answer(driver, hosts, events)  # prepare
+    events += driver.advance("m-1")
+    events += answer(driver, hosts, events[-1:])  # migrate
+    aborted = driver.request(I.AbortMigration("m-1", "operator test", driver.now_us))
+    events = aborted + driver.run("m-1", hosts)
+    assert decisions(events) == [
+        "RollbackDecided",
+        "cancel-migration@host-a",
+        "destroy-vm@host-b",
+        "MigrationFinished",
+    ]
+    m = driver.world.migrations["m-1"]
+    assert m.phase == Phase.ROLLED_BACK and "operator test" in m.reason
+    vm = driver.world.vms["vm-1"]
+    assert (vm.host, vm.status, vm.lease_holder) == ("host-a", VmStatus.RUNNING, "host-a")
+
+
+def test_abort_in_switchover_reacquires_lease_and_resumes_source():
+    """Abort after the source stopped and released its lease restores lease and CPUs."""
+    driver, hosts = fresh()
+    start(driver)
+    hosts.fail_kinds = {Kind.CONTINUE_SWITCHOVER}
+    hosts.fail_kinds.discard(Kind.CONTINUE_SWITCHOVER)
+    events = []
+    for _ in range(30):
+        step = driver.advance("m-1")
+        if any(
+            e.type == "CommandIssued" and Kind(e.payload.kind) == Kind.CONTINUE_SWITCHOVER
+            for e in step
+        ):
+            break
+        events += step
+        events += answer(driver, hosts, step)
+        if not step:
+            driver._progress(
+                "m-1",
+                next(
+                    e.payload
+                    for e in events
+                    if e.type == "CommandIssued" and Kind(e.payload.kind) == Kind.START_MIGRATION
+                ),
+                hosts,
+            )
+    m = driver.world.migrations["m-1"]
+    assert m.src_lease_released and m.phase == Phase.SWITCHOVER
+    aborted = driver.request(I.AbortMigration("m-1", "", driver.now_us))
+    events = aborted + driver.run("m-1", hosts)
+    assert decisions(events) == [
+        "RollbackDecided",
+        "cancel-migration@host-a",
+        "destroy-vm@host-b",
+        "acquire-lease@host-a",
+        "resume-vm@host-a",
+        "MigrationFinished",
+    ]
+    acquire = next(
+        e.payload
+        for e in events
+        if e.type == "CommandIssued" and Kind(e.payload.kind) == Kind.ACQUIRE_LEASE
+    )
+    assert acquire.args.lease_generation == 2  # generations only grow
+    assert driver.world.vms["vm-1"].status == VmStatus.RUNNING
+
+
+def test_abort_after_point_of_no_return_is_refused_and_decides_nothing():
+    """Once the destination's cont is issued, abort raises and appends nothing."""
+    driver, hosts = fresh()
+    start(driver, POSTCOPY)
+    driver.run("m-1", hosts)
+    before = len(driver.log)
+    with pytest.raises(IllegalTransition) as err:
+        decide(driver.world, I.AbortMigration("m-1", "", driver.now_us))
+    assert "point of no return" in str(err.value)
+    assert err.value.found.startswith("finishing") and err.value.allowed
+    assert len(driver.log) == before
+
+
+def test_switch_to_postcopy_refusals():
+    """Switching is refused in mode precopy and when already requested."""
+    driver, _hosts = fresh()
+    start(driver, PRECOPY)
+    with pytest.raises(IllegalTransition, match="mode precopy"):
+        decide(driver.world, I.SwitchToPostcopy("m-1", driver.now_us))
+    driver2, _ = fresh()
+    start(driver2, AUTO)
+    (ev,) = driver2.request(I.SwitchToPostcopy("m-1", driver2.now_us))
+    assert ev.payload.by == "operator"
+    with pytest.raises(IllegalTransition, match="already"):
+        decide(driver2.world, I.SwitchToPostcopy("m-1", driver2.now_us))
+
+
+def test_failed_handoff_command_before_cont_rolls_back():
+    """A destination that cannot enable networking makes the migration fall back."""
+    driver, hosts = fresh()
+    hosts.fail_kinds = {Kind.ENABLE_NETWORK}
+    events = start(driver) + driver.run("m-1", hosts)
+    d = decisions(events)
+    assert "resume-vm@host-b" not in d
+    assert d[d.index("RollbackDecided") :] == [
+        "RollbackDecided",
+        "destroy-vm@host-b",
+        "acquire-lease@host-a",
+        "resume-vm@host-a",
+        "MigrationFinished",
+    ]
+    assert driver.world.migrations["m-1"].phase == Phase.ROLLED_BACK
+
+
+def test_destination_death_during_postcopy_before_cont_fences_source():
+    """QEMU cannot resume a post-copy source, so a dead destination loses the VM."""
+    driver, hosts = fresh()
+    hosts.fail_kinds = {Kind.ACQUIRE_LEASE, Kind.ENABLE_NETWORK}
+    start(driver, POSTCOPY)
+    # Run until the handoff fails; instead, kill the destination before answers matter.
+    hosts.fail_kinds = set()
+    for _ in range(10):
+        step = driver.advance("m-1")
+        if any(
+            Kind(e.payload.kind) == Kind.RELEASE_LEASE for e in step if e.type == "CommandIssued"
+        ):
+            break
+        answer(driver, hosts, step)
+    driver.observe(Observation("host-b", E.QemuExited(vm="vm-1", pid=1, exit_code=1)))
+    events = driver.run("m-1", hosts)
+    d = decisions(events)
+    assert d[:2] == ["FencingDecided", "destroy-vm@host-a"]
+    assert d[-2:] == ["VmLost", "MigrationFinished"]
+    assert "resume-vm@host-a" not in d
+    assert driver.world.migrations["m-1"].phase == Phase.FENCED
+    assert driver.world.vms["vm-1"].status == VmStatus.LOST
+
+
+def test_source_death_after_cont_in_postcopy_fences_destination():
+    """After the point of no return a dead source leaves the destination without pages."""
+    driver, hosts = fresh()
+    start(driver, POSTCOPY)
+    driver.run("m-1", hosts)
+    driver.observe(Observation("host-a", E.QemuExited(vm="vm-1", pid=1, exit_code=-1, signal=9)))
+    events = driver.run("m-1", hosts)
+    assert decisions(events) == [
+        "FencingDecided",
+        "destroy-vm@host-b",
+        "VmLost",
+        "MigrationFinished",
+    ]
+    assert "post-copy" in driver.world.vms["vm-1"].lost_reason
+
+
+def test_paused_postcopy_recovers_then_completes():
+    """postcopy-paused after cont: migrate-recover on the destination, resume on the source."""
+    driver, hosts = fresh()
+    start(driver, POSTCOPY)
+    driver.run("m-1", hosts)
+    driver.observe(
+        migration("host-a", "vm-1", "postcopy-paused"),
+        migration("host-b", "vm-1", "postcopy-paused"),
+    )
+    events = driver.run("m-1", hosts)
+    assert decisions(events) == [
+        "PostcopyRecoveryDecided",
+        "recover-incoming@host-b",
+        "resume-migration@host-a",
+    ]
+    resume = next(
+        e.payload
+        for e in events
+        if e.type == "CommandIssued" and Kind(e.payload.kind) == Kind.RESUME_MIGRATION
+    )
+    assert resume.args.uri == "tcp:127.0.0.1:49153"
+    m = driver.world.migrations["m-1"]
+    assert m.phase == Phase.FINISHING and m.attempt == 2
+    driver.observe(migration("host-a", "vm-1", "completed"))
+    assert decisions(driver.run("m-1", hosts)) == ["destroy-vm@host-a", "MigrationFinished"]
+
+
+def test_recovery_that_keeps_failing_is_fenced():
+    """Bounded recovery: after max attempts both sides are killed and the VM recorded lost."""
+    driver, hosts = fresh()
+    start(driver, POSTCOPY, E.MigrationPolicy(max_recovery_attempts=2))
+    driver.run("m-1", hosts)
+    driver.observe(
+        migration("host-a", "vm-1", "postcopy-paused"),
+        migration("host-b", "vm-1", "postcopy-paused"),
+    )
+    hosts.fail_kinds = {Kind.RECOVER_INCOMING}
+    d = decisions(driver.run("m-1", hosts))
+    assert d == [
+        "PostcopyRecoveryDecided",
+        "recover-incoming@host-b",
+        "PostcopyRecoveryDecided",
+        "recover-incoming@host-b",
+        "FencingDecided",
+        "destroy-vm@host-a",
+        "destroy-vm@host-b",
+        "VmLost",
+        "MigrationFinished",
+    ]
+
+
+def test_late_result_of_superseded_attempt_is_ignored():
+    """A result from before a rollback does not move the migration forward again."""
+    driver, hosts = fresh()
+    start(driver)
+    (prepare,) = driver.advance("m-1")
+    driver.request(I.AbortMigration("m-1", "", driver.now_us))
+    driver.observe(*hosts.answer(prepare.payload))
+    m = driver.world.migrations["m-1"]
+    assert m.incoming_uri == "" and m.phase == Phase.ROLLING_BACK
+
+
+def test_recovery_waits_for_both_hosts():
+    """A paused post-copy is recovered only once both hosts answer."""
+    driver, hosts = fresh()
+    start(driver, POSTCOPY)
+    driver.run("m-1", hosts)
+    driver.observe(
+        Observation("host-a", E.HostDisconnected(host_id="host-a", generation=1)),
+        migration("host-b", "vm-1", "postcopy-paused"),
+    )
+    assert decisions(driver.advance("m-1")) == ["PostcopyRecoveryDecided"]
+    assert decisions(driver.advance("m-1")) == []
+    driver.connect("host-a")
+    assert decisions(driver.advance("m-1")) == ["recover-incoming@host-b"]
+
+
+def test_destination_stop_event_before_completion_does_not_count_as_resume():
+    """Only the destination's RESUME (or cont result) marks it resumed."""
+    driver, _hosts = fresh()
+    start(driver)
+    driver.observe(qmp("host-b", "vm-1", "STOP"))
+    assert not driver.world.migrations["m-1"].dst_resumed
