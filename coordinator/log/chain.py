@@ -1,0 +1,96 @@
+"""The hash chain: canonical bytes of a stored event, its hash, and verification.
+
+hash(n) = SHA-256(hash(n-1) || canonical(n)), hash(0) = 32 zero bytes, where canonical(n) is
+  seq, epoch (u64 BE), time_us (i64 BE), then stream, type, origin_host (each u32 BE length +
+  UTF-8), origin_generation, origin_seq (u64 BE), then the payload (u32 BE length + bytes).
+docs/log-format.md says the same for auditors who re-implement it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from coordinator.log.records import StoredEvent
+
+ZERO_HASH = bytes(32)
+_HEAD = struct.Struct(">QQq")
+_ORIGIN = struct.Struct(">QQ")
+_LEN = struct.Struct(">I")
+
+
+def canonical(
+    seq: int,
+    epoch: int,
+    time_us: int,
+    stream: str,
+    type_: str,
+    origin_host: str,
+    origin_generation: int,
+    origin_seq: int,
+    payload: bytes,
+) -> bytes:
+    s, t, o = stream.encode(), type_.encode(), origin_host.encode()
+    return b"".join(
+        (
+            _HEAD.pack(seq, epoch, time_us),
+            _LEN.pack(len(s)), s,
+            _LEN.pack(len(t)), t,
+            _LEN.pack(len(o)), o,
+            _ORIGIN.pack(origin_generation, origin_seq),
+            _LEN.pack(len(payload)), payload,
+        )
+    )  # fmt: skip
+
+
+def chain_hash(prev_hash: bytes, canonical_bytes: bytes) -> bytes:
+    return hashlib.sha256(prev_hash + canonical_bytes).digest()
+
+
+def event_hash(prev_hash: bytes, e: StoredEvent) -> bytes:
+    return chain_hash(
+        prev_hash,
+        canonical(
+            e.seq, e.epoch, e.time_us, e.stream, e.type, e.origin_host, e.origin_generation,
+            e.origin_seq, e.payload,
+        ),
+    )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyResult:
+    ok: bool
+    events_checked: int
+    head_seq: int
+    head_hash: bytes
+    first_bad_seq: int = 0
+    problem: str = ""
+
+
+def verify_chain(
+    events: Iterable[StoredEvent], expect_seq: int = 0, expect_hash: bytes = b""
+) -> VerifyResult:
+    """Check seq continuity, prev_hash links and every hash; optionally an anchored head."""
+    prev_seq, prev_hash, checked, anchor_seen = 0, ZERO_HASH, 0, not expect_seq
+
+    def bad(seq: int, problem: str) -> VerifyResult:
+        return VerifyResult(False, checked, prev_seq, prev_hash, seq, problem)
+
+    for e in events:
+        if e.seq != prev_seq + 1:
+            return bad(prev_seq + 1, f"seq gap: expected {prev_seq + 1}, found {e.seq}")
+        if e.prev_hash != prev_hash:
+            return bad(e.seq, "prev_hash does not match the previous event's hash")
+        digest = event_hash(prev_hash, e)
+        if digest != e.hash:
+            return bad(e.seq, "hash does not match the event's contents")
+        if e.seq == expect_seq:
+            if digest != expect_hash:
+                return bad(e.seq, "the log does not extend the anchored head")
+            anchor_seen = True
+        prev_seq, prev_hash, checked = e.seq, digest, checked + 1
+    if not anchor_seen:
+        return bad(expect_seq, f"the anchored head seq {expect_seq} is missing (log truncated)")
+    return VerifyResult(True, checked, prev_seq, prev_hash)

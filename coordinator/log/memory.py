@@ -1,0 +1,103 @@
+"""An in-memory EventStore for the simulator and fast tests; same contract as SQLite.
+
+Several stores may share one `MemoryDatabase`, which plays the role of the file: that is how the
+contract tests check epoch fencing between two coordinators.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from coordinator.log.chain import ZERO_HASH, canonical, chain_hash
+from coordinator.log.records import AppendResult, PendingEvent, StaleEpoch, StoredEvent
+
+
+@dataclass
+class MemoryDatabase:
+    events: list[StoredEvent] = field(default_factory=list)
+    epoch: int = 0
+    high_water: dict[tuple[str, int], int] = field(default_factory=dict)
+    lock: threading.Condition = field(default_factory=threading.Condition)
+
+
+class MemoryEventStore:
+    def __init__(self, database: MemoryDatabase | None = None) -> None:
+        self.database = database or MemoryDatabase()
+        self._epoch = 0
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def begin_epoch(self, first: Callable[[int], PendingEvent]) -> int:
+        db = self.database
+        with db.lock:
+            db.epoch += 1
+            self._epoch = db.epoch
+            self._store([first(db.epoch)])
+        return self._epoch
+
+    def submit(self, events: Sequence[PendingEvent]) -> Future[AppendResult]:
+        future: Future[AppendResult] = Future()
+        try:
+            future.set_result(self.append(events))
+        except Exception as err:
+            future.set_exception(err)
+        return future
+
+    def append(self, events: Sequence[PendingEvent]) -> AppendResult:
+        db = self.database
+        with db.lock:
+            if db.epoch != self._epoch:
+                raise StaleEpoch(self._epoch, db.epoch)
+            return self._store(events)
+
+    def _store(self, events: Sequence[PendingEvent]) -> AppendResult:
+        db = self.database
+        result: AppendResult = []
+        for e in events:
+            if e.origin_host:
+                key = (e.origin_host, e.origin_generation)
+                if e.origin_seq <= db.high_water.get(key, 0):
+                    result.append(None)
+                    continue
+                db.high_water[key] = e.origin_seq
+            seq = len(db.events) + 1
+            prev = db.events[-1].hash if db.events else ZERO_HASH
+            body = canonical(seq, self._epoch, e.time_us, e.stream, e.type, e.origin_host,
+                             e.origin_generation, e.origin_seq, e.payload)  # fmt: skip
+            stored = StoredEvent(seq, e.stream, e.type, self._epoch, e.time_us, e.payload,
+                                 e.origin_host, e.origin_generation, e.origin_seq, prev,
+                                 chain_hash(prev, body))  # fmt: skip
+            db.events.append(stored)
+            result.append(stored)
+        db.lock.notify_all()
+        return result
+
+    def read(
+        self, from_seq: int = 1, stream: str | None = None, limit: int = 0
+    ) -> Iterator[StoredEvent]:
+        with self.database.lock:
+            events = list(self.database.events[max(from_seq, 1) - 1 :])
+        if stream:
+            events = [e for e in events if e.stream == stream]
+        yield from events[:limit] if limit else events
+
+    def head(self) -> tuple[int, bytes]:
+        with self.database.lock:
+            events = self.database.events
+            return (events[-1].seq, events[-1].hash) if events else (0, ZERO_HASH)
+
+    def host_high_water(self, host: str, generation: int) -> int:
+        with self.database.lock:
+            return self.database.high_water.get((host, generation), 0)
+
+    def wait_past(self, seq: int, timeout: float) -> bool:
+        with self.database.lock:
+            return self.database.lock.wait_for(lambda: len(self.database.events) > seq, timeout)
+
+    def close(self) -> None:
+        pass

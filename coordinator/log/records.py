@@ -1,0 +1,106 @@
+"""Stored records, the store port and the store's errors."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class StoreError(Exception):
+    """Root of the log's errors."""
+
+
+class StaleEpoch(StoreError):
+    """A newer coordinator epoch owns the log; appends under an older one are refused."""
+
+    def __init__(self, mine: int, current: int) -> None:
+        super().__init__(f"epoch {mine} is stale: the log belongs to epoch {current}")
+        self.mine = mine
+        self.current = current
+
+
+class CorruptLog(StoreError):
+    """The log is not a gap-free hash chain."""
+
+    def __init__(self, seq: int, problem: str) -> None:
+        super().__init__(f"log corrupt at seq {seq}: {problem}")
+        self.seq = seq
+        self.problem = problem
+
+
+class StoreFailure(StoreError):
+    """The database failed; nothing of the batch was stored."""
+
+
+@dataclass(frozen=True, slots=True)
+class PendingEvent:
+    """An event to append: canonical payload bytes and the plain columns people query."""
+
+    stream: str
+    type: str
+    time_us: int
+    payload: bytes
+    origin_host: str = ""
+    origin_generation: int = 0
+    origin_seq: int = 0
+    migration_id: str = ""
+    vm: str = ""
+    host: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    seq: int
+    stream: str
+    type: str
+    epoch: int
+    time_us: int
+    payload: bytes
+    origin_host: str
+    origin_generation: int
+    origin_seq: int
+    prev_hash: bytes
+    hash: bytes
+
+
+# Result of an append per pending event: the stored event, or None for a dropped duplicate.
+AppendResult = list[StoredEvent | None]
+
+
+class EventStore(Protocol):
+    """What the coordinator needs of a log."""
+
+    @property
+    def epoch(self) -> int: ...
+
+    def begin_epoch(self, first: Callable[[int], PendingEvent]) -> int:
+        """Take the log with a new epoch, appending `first(epoch)` in the same transaction."""
+        ...
+
+    def submit(self, events: Sequence[PendingEvent]) -> Future[AppendResult]:
+        """Queue events for the next group commit; the future resolves once committed."""
+        ...
+
+    def append(self, events: Sequence[PendingEvent]) -> AppendResult:
+        """Append and wait until committed."""
+        ...
+
+    def read(
+        self, from_seq: int = 1, stream: str | None = None, limit: int = 0
+    ) -> Iterator[StoredEvent]: ...
+
+    def head(self) -> tuple[int, bytes]:
+        """The last seq and its hash ((0, zero hash) when empty)."""
+        ...
+
+    def host_high_water(self, host: str, generation: int) -> int:
+        """The highest origin seq stored for (host, generation), 0 if none."""
+        ...
+
+    def wait_past(self, seq: int, timeout: float) -> bool:
+        """Block until the log holds an event after `seq`, or the timeout passes."""
+        ...
+
+    def close(self) -> None: ...

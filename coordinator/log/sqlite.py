@@ -1,0 +1,319 @@
+"""The SQLite event log, through sqlite-utils.
+
+One writer thread owns the write connection. Appenders queue batches; the writer takes everything
+queued (group commit), and in one IMMEDIATE transaction checks that its epoch is still the
+current one, drops host events it already holds, assigns gap-free seqs, links the hash chain,
+inserts, and commits with WAL + synchronous=FULL. Only then are the appenders' futures resolved:
+an acknowledged event is durable. Append-only is enforced by triggers.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from coordinator.log.chain import ZERO_HASH, canonical, chain_hash
+from coordinator.log.records import (
+    AppendResult,
+    PendingEvent,
+    StaleEpoch,
+    StoredEvent,
+    StoreError,
+    StoreFailure,
+)
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+# Upper bound on events per transaction, so one commit never holds the writer for long.
+MAX_BATCH_EVENTS = 2000
+COLUMNS = (
+    "seq, stream, type, epoch, time_us, origin_host, origin_generation, origin_seq, "
+    "migration_id, vm, host, payload, prev_hash, hash"
+)
+READ_COLUMNS = (
+    "seq, stream, type, epoch, time_us, payload, origin_host, origin_generation, origin_seq, "
+    "prev_hash, hash"
+)
+INSERT = f"INSERT INTO events ({COLUMNS}) VALUES ({', '.join('?' * 14)})"
+
+_TRIGGERS = """
+CREATE TRIGGER IF NOT EXISTS events_append_only_update BEFORE UPDATE ON events
+BEGIN SELECT RAISE(ABORT, 'events are append-only: UPDATE is not allowed'); END;
+CREATE TRIGGER IF NOT EXISTS events_append_only_delete BEFORE DELETE ON events
+BEGIN SELECT RAISE(ABORT, 'events are append-only: DELETE is not allowed'); END;
+"""
+
+
+def connect(path: str | Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    return conn
+
+
+def create_schema(db: sqlite_utils.Database) -> None:
+    """Create the tables, indexes and triggers (idempotent)."""
+    if "meta" not in db.table_names():
+        db.table("meta").create({"key": str, "value": int}, pk="key")
+    if "events" not in db.table_names():
+        db.table("events").create(
+            {
+                "seq": int, "stream": str, "type": str, "epoch": int, "time_us": int,
+                "origin_host": str, "origin_generation": int, "origin_seq": int,
+                "migration_id": str, "vm": str, "host": str,
+                "payload": bytes, "prev_hash": bytes, "hash": bytes,
+            },
+            pk="seq",
+            not_null={"stream", "type", "epoch", "time_us", "payload", "prev_hash", "hash"},
+        )  # fmt: skip
+        events = db.table("events")
+        for columns in (["type"], ["migration_id"], ["vm"], ["host"], ["time_us"], ["stream"]):
+            events.create_index(columns)
+        # Host events are unique per (host, generation, seq): retries can never store twice.
+        db.execute(
+            "CREATE UNIQUE INDEX events_origin ON events (origin_host, origin_generation, "
+            "origin_seq) WHERE origin_host != ''"
+        )
+    db.conn.executescript(_TRIGGERS)
+    db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
+               [SCHEMA_VERSION])  # fmt: skip
+    db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('epoch', 0)")
+
+
+class _Batch:
+    __slots__ = ("events", "future")
+
+    def __init__(self, events: Sequence[PendingEvent]) -> None:
+        self.events = events
+        self.future: Future[AppendResult] = Future()
+
+
+class SqliteEventStore:
+    """EventStore on one SQLite file."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._conn = connect(self.path)
+        self.db = sqlite_utils.Database(self._conn)
+        with self._conn:
+            create_schema(self.db)
+        version = self._meta("schema_version")
+        if version != SCHEMA_VERSION:
+            raise StoreFailure(f"{self.path}: schema version {version}, expected {SCHEMA_VERSION}")
+        self._epoch = 0
+        row = self._conn.execute(
+            "SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1"
+        ).fetchone()
+        self._head_seq: int = row[0] if row else 0
+        self._head_hash: bytes = row[1] if row else ZERO_HASH
+        self._high_water: dict[tuple[str, int], int] = {}
+        self._queue: queue.SimpleQueue[_Batch | None] = queue.SimpleQueue()
+        self._committed = threading.Condition()
+        self._fenced: StoreError | None = None
+        self.batches_committed = 0
+        self.events_committed = 0
+        self._writer = threading.Thread(target=self._write_loop, name="whimbrel-log-writer",
+                                        daemon=True)  # fmt: skip
+        self._writer.start()
+
+    # --- public -------------------------------------------------------------------------------
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def begin_epoch(self, first: Callable[[int], PendingEvent]) -> int:
+        """Bump the epoch and append `first(epoch)` atomically, before anything else."""
+        future: Future[int] = Future()
+        self._queue.put(_EpochBatch(first, future))  # type: ignore[arg-type]
+        return future.result()
+
+    def submit(self, events: Sequence[PendingEvent]) -> Future[AppendResult]:
+        batch = _Batch(events)
+        if self._fenced is not None:
+            batch.future.set_exception(self._fenced)
+        elif not events:
+            batch.future.set_result([])
+        else:
+            self._queue.put(batch)
+        return batch.future
+
+    def append(self, events: Sequence[PendingEvent]) -> AppendResult:
+        return self.submit(events).result()
+
+    def read(
+        self, from_seq: int = 1, stream: str | None = None, limit: int = 0
+    ) -> Iterator[StoredEvent]:
+        for row in self.read_rows(from_seq, stream, limit):
+            yield StoredEvent(*row)
+
+    def read_rows(
+        self, from_seq: int = 1, stream: str | None = None, limit: int = 0, columns: str = ""
+    ) -> Iterator[tuple[Any, ...]]:
+        """Raw rows (READ_COLUMNS order unless `columns` is given), fetched in chunks."""
+        conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+        try:
+            sql = f"SELECT {columns or READ_COLUMNS} FROM events WHERE seq >= ?"
+            args: list[Any] = [from_seq]
+            if stream:
+                sql += " AND stream = ?"
+                args.append(stream)
+            sql += " ORDER BY seq"
+            if limit:
+                sql += " LIMIT ?"
+                args.append(limit)
+            cursor = conn.execute(sql, args)
+            while rows := cursor.fetchmany(4096):
+                yield from rows
+        finally:
+            conn.close()
+
+    def head(self) -> tuple[int, bytes]:
+        return self._head_seq, self._head_hash
+
+    def host_high_water(self, host: str, generation: int) -> int:
+        row = self._conn.execute(
+            "SELECT MAX(origin_seq) FROM events WHERE origin_host = ? AND origin_generation = ?",
+            [host, generation],
+        ).fetchone()
+        return int(row[0] or 0)
+
+    def wait_past(self, seq: int, timeout: float) -> bool:
+        with self._committed:
+            return bool(self._committed.wait_for(lambda: self._head_seq > seq, timeout))
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._writer.join()
+        self._conn.close()
+
+    # --- writer thread ------------------------------------------------------------------------
+
+    def _meta(self, key: str) -> int:
+        row = self._conn.execute("SELECT value FROM meta WHERE key = ?", [key]).fetchone()
+        return int(row[0]) if row else 0
+
+    def _write_loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if isinstance(item, _EpochBatch):
+                self._write_epoch(item)
+                continue
+            batches = [item]
+            count = len(item.events)
+            while count < MAX_BATCH_EVENTS:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None or isinstance(more, _EpochBatch):
+                    self._queue.put(more)  # handled after this group
+                    break
+                batches.append(more)
+                count += len(more.events)
+            self._write_group(batches)
+
+    def _write_group(self, batches: list[_Batch], new_epoch: _EpochBatch | None = None) -> None:
+        if self._fenced is not None and new_epoch is None:
+            for batch in batches:
+                batch.future.set_exception(self._fenced)
+            return
+        seq, prev, epoch = self._head_seq, self._head_hash, self._epoch
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+            current = self._meta("epoch")
+            if new_epoch is not None:
+                # The new epoch and its first event commit together, before anything else.
+                epoch = current + 1
+                self._conn.execute("UPDATE meta SET value = ? WHERE key = 'epoch'", [epoch])
+                batches = [_Batch([new_epoch.first(epoch)])]
+            elif current != epoch:
+                raise StaleEpoch(epoch, current)
+            rows: list[tuple[Any, ...]] = []
+            results: list[AppendResult] = []
+            high_water = dict(self._high_water)
+            for batch in batches:
+                result: AppendResult = []
+                for e in batch.events:
+                    if e.origin_host:
+                        key = (e.origin_host, e.origin_generation)
+                        mark = high_water.get(key)
+                        if mark is None:
+                            mark = self.host_high_water(*key)
+                        if e.origin_seq <= mark:
+                            result.append(None)
+                            high_water[key] = mark
+                            continue
+                        high_water[key] = e.origin_seq
+                    seq += 1
+                    body = canonical(seq, epoch, e.time_us, e.stream, e.type, e.origin_host,
+                                     e.origin_generation, e.origin_seq, e.payload)  # fmt: skip
+                    digest = chain_hash(prev, body)
+                    rows.append((seq, e.stream, e.type, epoch, e.time_us, e.origin_host,
+                                 e.origin_generation, e.origin_seq, e.migration_id or None,
+                                 e.vm or None, e.host or None, e.payload, prev,
+                                 digest))  # fmt: skip
+                    result.append(StoredEvent(seq, e.stream, e.type, epoch, e.time_us,
+                                              e.payload, e.origin_host, e.origin_generation,
+                                              e.origin_seq, prev, digest))  # fmt: skip
+                    prev = digest
+                results.append(result)
+            self._conn.executemany(INSERT, rows)
+            self._conn.execute("COMMIT")
+        except StaleEpoch as err:
+            self._rollback()
+            self._fenced = err
+            log.error("log fenced: %s", err)
+            for batch in batches:
+                batch.future.set_exception(err)
+            return
+        except sqlite3.Error as err:
+            self._rollback()
+            failure = StoreFailure(f"append failed: {err}")
+            log.error("%s", failure)
+            log.debug("append failure", exc_info=True)
+            for batch in batches:
+                batch.future.set_exception(failure)
+            if new_epoch is not None:
+                new_epoch.future.set_exception(failure)
+            return
+        with self._committed:
+            self._epoch, self._fenced = epoch, None
+            self._head_seq, self._head_hash = seq, prev
+            self._high_water = high_water
+            self.batches_committed += 1
+            self.events_committed += len(rows)
+            self._committed.notify_all()
+        for batch, result in zip(batches, results, strict=True):
+            batch.future.set_result(result)
+
+    def _write_epoch(self, item: _EpochBatch) -> None:
+        self._high_water.clear()
+        self._write_group([], new_epoch=item)
+        if not item.future.done():
+            item.future.set_result(self._epoch)
+
+    def _rollback(self) -> None:
+        try:
+            self._conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            log.debug("rollback failed", exc_info=True)
+
+
+class _EpochBatch:
+    __slots__ = ("first", "future")
+
+    def __init__(self, first: Callable[[int], PendingEvent], future: Future[int]) -> None:
+        self.first = first
+        self.future = future

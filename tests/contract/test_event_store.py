@@ -1,0 +1,179 @@
+"""One contract every EventStore honours: the SQLite log and the in-memory one."""
+
+from __future__ import annotations
+
+import itertools
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from coordinator.log import (
+    MemoryDatabase,
+    MemoryEventStore,
+    PendingEvent,
+    SqliteEventStore,
+    StaleEpoch,
+    verify_chain,
+)
+
+
+def started(epoch: int) -> PendingEvent:
+    return PendingEvent("coordinator", "CoordinatorStarted", 1, f"epoch {epoch}".encode())
+
+
+def event(n: int, host: str = "", generation: int = 0, seq: int = 0) -> PendingEvent:
+    return PendingEvent(f"vm/v{n % 3}", "QmpEventReceived", 1000 + n, f"payload {n}".encode(),
+                        host, generation, seq)  # fmt: skip
+
+
+class Backend:
+    """Opens stores that share one underlying database."""
+
+    def __init__(self, kind: str, tmp: Path) -> None:
+        self.kind, self.tmp = kind, tmp
+        self.memory = MemoryDatabase()
+        self.opened: list[object] = []
+
+    def open(self):  # type: ignore[no-untyped-def]
+        store = (SqliteEventStore(self.tmp / "log.db") if self.kind == "sqlite"
+                 else MemoryEventStore(self.memory))  # fmt: skip
+        self.opened.append(store)
+        return store
+
+
+@pytest.fixture(params=["sqlite", "memory"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    b = Backend(request.param, tmp_path)
+    yield b
+    for store in b.opened:
+        store.close()  # type: ignore[attr-defined]
+
+
+def test_epoch_event_comes_first_and_seqs_are_gap_free(backend: Backend) -> None:
+    """The epoch's first event is seq 1; appends get consecutive seqs in submission order."""
+    store = backend.open()
+    assert store.begin_epoch(started) == 1
+    stored = store.append([event(i) for i in range(5)])
+    assert [e.seq for e in stored] == [2, 3, 4, 5, 6]
+    assert [e.type for e in store.read()][:1] == ["CoordinatorStarted"]
+    assert all(e.epoch == 1 for e in store.read())
+
+
+def test_hash_chain_verifies_and_links(backend: Backend) -> None:
+    """Every event links to the previous hash and the whole chain verifies."""
+    store = backend.open()
+    store.begin_epoch(started)
+    store.append([event(i) for i in range(10)])
+    events = list(store.read())
+    assert all(b.prev_hash == a.hash for a, b in itertools.pairwise(events))
+    result = verify_chain(events)
+    assert result.ok and result.events_checked == 11 and result.head_hash == store.head()[1]
+
+
+def test_host_events_are_deduplicated_by_host_generation_seq(backend: Backend) -> None:
+    """A re-sent host event (same host, generation, seq) is dropped, within and across batches."""
+    store = backend.open()
+    store.begin_epoch(started)
+    first = store.append([event(1, "h", 1, 1), event(2, "h", 1, 2), event(2, "h", 1, 2)])
+    assert [e.seq if e else None for e in first] == [2, 3, None]
+    again = store.append([event(1, "h", 1, 1), event(3, "h", 1, 3), event(4, "h", 2, 1)])
+    assert [e.seq if e else None for e in again] == [None, 4, 5]
+    assert store.host_high_water("h", 1) == 3 and store.host_high_water("h", 2) == 1
+
+
+def test_stale_epoch_cannot_append_and_leaves_nothing(backend: Backend) -> None:
+    """A second coordinator's epoch fences the first: its appends fail and store nothing."""
+    old = backend.open()
+    old.begin_epoch(started)
+    old.append([event(1)])
+    new = backend.open()
+    assert new.begin_epoch(started) == 2
+    with pytest.raises(StaleEpoch) as err:
+        old.append([event(2)])
+    assert (err.value.mine, err.value.current) == (1, 2)
+    assert [e.type for e in new.read()] == [
+        "CoordinatorStarted",
+        "QmpEventReceived",
+        "CoordinatorStarted",
+    ]
+    assert verify_chain(new.read()).ok
+
+
+def test_concurrent_appenders_all_acknowledged_once(backend: Backend) -> None:
+    """Twenty threads appending at once: every event stored once, seqs gap-free, chain intact."""
+    store = backend.open()
+    store.begin_epoch(started)
+    acked: list[int] = []
+    lock = threading.Lock()
+
+    def writer(w: int) -> None:
+        for i in range(25):
+            (e,) = store.append([event(w * 100 + i)])
+            with lock:
+                acked.append(e.seq)
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(acked) == list(range(2, 502))
+    assert verify_chain(store.read()).ok
+
+
+def test_read_from_seq_stream_and_limit(backend: Backend) -> None:
+    """Reads start at a seq, filter by stream and stop at a limit."""
+    store = backend.open()
+    store.begin_epoch(started)
+    store.append([event(i) for i in range(9)])
+    assert [e.seq for e in store.read(from_seq=8)] == [8, 9, 10]
+    assert [e.seq for e in store.read(stream="vm/v0")] == [2, 5, 8]
+    assert [e.seq for e in store.read(from_seq=3, limit=2)] == [3, 4]
+
+
+def test_wait_past_wakes_on_commit(backend: Backend) -> None:
+    """A follower blocked at the head wakes when a later event commits."""
+    store = backend.open()
+    store.begin_epoch(started)
+    assert not store.wait_past(1, 0.01)
+    woke: list[bool] = []
+    t = threading.Thread(target=lambda: woke.append(store.wait_past(1, 10)))
+    t.start()
+    store.append([event(1)])
+    t.join()
+    assert woke == [True]
+
+
+def test_sqlite_log_survives_reopen_and_refuses_update_delete(tmp_path: Path) -> None:
+    """Committed events are on disk; the database itself refuses UPDATE and DELETE."""
+    store = SqliteEventStore(tmp_path / "log.db")
+    store.begin_epoch(started)
+    store.append([event(1)])
+    store.close()
+    reopened = SqliteEventStore(tmp_path / "log.db")
+    assert reopened.head()[0] == 2 and reopened.begin_epoch(started) == 2
+    reopened.close()
+    conn = sqlite3.connect(tmp_path / "log.db")
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        conn.execute("UPDATE events SET payload = x'00' WHERE seq = 1")
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        conn.execute("DELETE FROM events WHERE seq = 1")
+    conn.close()
+
+
+def test_verify_names_first_tampered_seq(tmp_path: Path) -> None:
+    """Editing a payload behind the triggers' back is caught at that seq."""
+    store = SqliteEventStore(tmp_path / "log.db")
+    store.begin_epoch(started)
+    store.append([event(i) for i in range(5)])
+    store.close()
+    conn = sqlite3.connect(tmp_path / "log.db")
+    conn.execute("DROP TRIGGER events_append_only_update")
+    conn.execute("UPDATE events SET payload = x'00' WHERE seq = 4")
+    conn.commit()
+    conn.close()
+    result = verify_chain(SqliteEventStore(tmp_path / "log.db").read())
+    assert not result.ok and result.first_bad_seq == 4 and "hash" in result.problem
