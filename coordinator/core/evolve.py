@@ -285,7 +285,7 @@ _FORWARD_PHASE_OF_KIND = {
 @_on(events_pb2.CommandIssued)
 def _command_issued(world: World, ev: Event, p: events_pb2.CommandIssued) -> None:
     kind = Kind(p.kind)
-    command = Command(p.command_id, kind, p.host_id, p.vm, p.attempt, p.migration_id)
+    command = Command(p.command_id, kind, p.host_id, p.vm, p.attempt, p.migration_id, args=p.args)
     world.command_owner[p.command_id] = p.migration_id
     vm = world.vms.get(p.vm)
     if vm is not None and p.args.lease_generation:

@@ -97,6 +97,8 @@ class Command:
     state: CommandState = CommandState.ISSUED
     result: events_pb2.CommandResult | None = None
     error: str = ""
+    # The arguments as issued, so an unanswered command can be re-sent after any restart.
+    args: events_pb2.CommandArgs | None = None
 
     @property
     def kind_name(self) -> str:

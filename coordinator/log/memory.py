@@ -59,7 +59,7 @@ class MemoryEventStore:
         db = self.database
         result: AppendResult = []
         for e in events:
-            if e.origin_host:
+            if e.origin_seq:  # unnumbered (seq 0) host facts, like hello snapshots, never repeat
                 key = (e.origin_host, e.origin_generation)
                 if e.origin_seq <= db.high_water.get(key, 0):
                     result.append(None)

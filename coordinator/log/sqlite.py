@@ -81,7 +81,7 @@ def create_schema(db: sqlite_utils.Database) -> None:
         # Host events are unique per (host, generation, seq): retries can never store twice.
         db.execute(
             "CREATE UNIQUE INDEX events_origin ON events (origin_host, origin_generation, "
-            "origin_seq) WHERE origin_host != ''"
+            "origin_seq) WHERE origin_seq > 0"
         )
     db.conn.executescript(_TRIGGERS)
     db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
@@ -246,7 +246,7 @@ class SqliteEventStore:
             for batch in batches:
                 result: AppendResult = []
                 for e in batch.events:
-                    if e.origin_host:
+                    if e.origin_seq:  # seq 0: unnumbered host facts (hello snapshots)
                         key = (e.origin_host, e.origin_generation)
                         mark = high_water.get(key)
                         if mark is None:

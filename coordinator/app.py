@@ -1,0 +1,302 @@
+"""The coordinator application: the loop that joins the log, the core and the hosts.
+
+Every change goes the same way, under one lock so each decision sees the state it was made on:
+decide -> append (group commit, durable) -> evolve -> send the commands just made durable. Host
+observations are appended, folded, and then every migration they touch is advanced until the core
+decides nothing more. A command is sent only after its CommandIssued event committed (outbox);
+commands still unanswered are sent again when their host reconnects (hostd answers a repeated
+command id with its stored result).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+from google.protobuf.message import Message
+
+from coordinator import codec
+from coordinator.core import Event, IllegalTransition, NewEvent, World, decide, evolve
+from coordinator.core import inputs as I
+from coordinator.core.state import Command, CommandState
+from coordinator.log import EventStore, PendingEvent, StoredEvent
+from whimbrel.v1 import events_pb2, host_pb2
+
+log = logging.getLogger(__name__)
+VERSION = "0.1.0"
+
+
+def wall_clock_us() -> int:
+    return time.time_ns() // 1000
+
+
+@dataclass
+class HostSession:
+    """One open hostd stream."""
+
+    host_id: str
+    generation: int
+    outbox: asyncio.Queue[host_pb2.CoordinatorMessage | None] = field(default_factory=asyncio.Queue)
+
+    def send(self, message: host_pb2.CoordinatorMessage) -> None:
+        self.outbox.put_nowait(message)
+
+    def close(self) -> None:
+        self.outbox.put_nowait(None)
+
+
+def replay(store: EventStore) -> World:
+    """Fold the whole log into a fresh world (fast path for SQLite's raw rows)."""
+    world = World()
+    read_rows = getattr(store, "read_rows", None)
+    if read_rows is not None:
+        events: Iterable[Event] = codec.decode_rows(read_rows(columns=codec.REPLAY_COLUMNS))
+    else:
+        events = (codec.from_stored(s) for s in store.read())
+    for event in events:
+        evolve(world, event)
+    return world
+
+
+class Coordinator:
+    def __init__(self, store: EventStore, clock: Callable[[], int] = wall_clock_us) -> None:
+        self.store = store
+        self.clock = clock
+        self.world = World()
+        self.sessions: dict[str, HostSession] = {}
+        self._lock = asyncio.Lock()
+        self._changed = asyncio.Event()
+        # Set when the log was taken over by a newer coordinator: this one must stop.
+        self.fenced = asyncio.Event()
+
+    # --- start --------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Replay the log and take it over with a new epoch (before serving anything)."""
+        self.world = await asyncio.to_thread(replay, self.store)
+
+        def first(epoch: int) -> PendingEvent:
+            payload = events_pb2.CoordinatorStarted(epoch=epoch, version=VERSION, pid=os.getpid())
+            return codec.to_pending(NewEvent("coordinator", payload, self.clock()))
+
+        epoch = await asyncio.to_thread(self.store.begin_epoch, first)
+        # Fold the epoch event so the world knows its epoch.
+        seq, _ = self.store.head()
+        (stored,) = list(self.store.read(from_seq=seq))
+        evolve(self.world, codec.from_stored(stored))
+        # Streams that were open before the restart are gone now.
+        for host in self.world.hosts.values():
+            if host.connected:
+                await self._append_locked_free(
+                    [
+                        self._host_event(
+                            host.host_id,
+                            events_pb2.HostDisconnected(
+                                host_id=host.host_id,
+                                generation=host.generation,
+                                reason="coordinator restarted",
+                            ),
+                        )
+                    ]  # fmt: skip
+                )
+        log.info("coordinator epoch %d serving a log of %d events", epoch, seq)
+
+    # --- appending ----------------------------------------------------------------------------
+
+    async def _append(self, new_events: Sequence[NewEvent]) -> list[Event]:
+        """Append durably, fold, then send newly issued commands. Caller holds the lock."""
+        if not new_events:
+            return []
+        pending = [codec.to_pending(e) for e in new_events]
+        try:
+            results = await asyncio.wrap_future(self.store.submit(pending))
+        except Exception:
+            if getattr(self.store, "_fenced", None) is not None:
+                self.fenced.set()
+            raise
+        stored_events: list[Event] = []
+        for new, stored in zip(new_events, results, strict=True):
+            if stored is None:
+                continue  # a duplicate host event, already in the log
+            event = _event(stored, new.payload)
+            evolve(self.world, event)
+            stored_events.append(event)
+        for event in stored_events:
+            if isinstance(event.payload, events_pb2.CommandIssued):
+                self._dispatch(event.payload)
+        self._changed.set()
+        self._changed = asyncio.Event()
+        return stored_events
+
+    async def _append_locked_free(self, new_events: Sequence[NewEvent]) -> list[Event]:
+        async with self._lock:
+            return await self._append(new_events)
+
+    def _host_event(self, host_id: str, payload: Message) -> NewEvent:
+        return NewEvent(f"host/{host_id}", payload, self.clock())
+
+    # --- requests -----------------------------------------------------------------------------
+
+    async def request(self, request: I.Input) -> list[Event]:
+        """Decide on an operator request (raising CoreError when refused), then advance."""
+        async with self._lock:
+            stored = await self._append(decide(self.world, request))
+            await self._advance_touched(stored)
+            return stored
+
+    async def advance(self, migration_ids: Iterable[str]) -> None:
+        async with self._lock:
+            await self._advance(migration_ids)
+
+    async def _advance(self, migration_ids: Iterable[str]) -> None:
+        for migration_id in sorted(set(migration_ids)):
+            while True:
+                decided = decide(self.world, I.Advance(migration_id, self.clock()))
+                if not decided:
+                    break
+                await self._append(decided)
+
+    async def _advance_touched(self, events: Iterable[Event]) -> None:
+        touched = set()
+        for event in events:
+            payload = event.payload
+            migration_id = getattr(payload, "migration_id", "")
+            if migration_id:
+                touched.add(migration_id)
+            vm_name = getattr(payload, "vm", "") or getattr(
+                getattr(payload, "observation", None), "vm", ""
+            )
+            vm = self.world.vms.get(vm_name) if vm_name else None
+            if vm is not None and vm.migration_id:
+                touched.add(vm.migration_id)
+        await self._advance(touched & self.world.open_migrations)
+
+    # --- hosts --------------------------------------------------------------------------------
+
+    async def host_connected(self, hello: host_pb2.Hello) -> tuple[HostSession, int]:
+        """Register a hostd stream; returns the session and the last stored host seq."""
+        from coordinator.core.validate import check_name
+
+        check_name("host", hello.host_id)
+        async with self._lock:
+            current = self.world.hosts.get(hello.host_id)
+            if current is not None and hello.generation < current.generation:
+                raise IllegalTransition(
+                    f"host {hello.host_id}", "connect", f"generation {current.generation}",
+                    [f"generation >= {current.generation}"],
+                )  # fmt: skip
+            old = self.sessions.pop(hello.host_id, None)
+            if old is not None:
+                old.close()
+            session = HostSession(hello.host_id, hello.generation)
+            self.sessions[hello.host_id] = session
+            connected = events_pb2.HostConnected(
+                host_id=hello.host_id, generation=hello.generation,
+                highest_epoch_seen=hello.highest_epoch_seen, last_acked_seq=hello.last_acked_seq,
+                migration_address=hello.migration_address, version=hello.version,
+            )  # fmt: skip
+            now = self.clock()
+            new = [
+                NewEvent(f"host/{hello.host_id}", connected, now, hello.host_id, hello.generation)
+            ]
+            for observation in hello.vms:
+                snapshot = events_pb2.VmObserved(observation=observation, reason="hello")
+                new.append(NewEvent(self._stream_for(observation.vm), snapshot, now,
+                                    hello.host_id, hello.generation))  # fmt: skip
+            stored = await self._append(new)
+            last = self.store.host_high_water(hello.host_id, hello.generation)
+            session.send(host_pb2.CoordinatorMessage(
+                welcome=host_pb2.Welcome(epoch=self.world.epoch, last_stored_seq=last)))  # fmt: skip
+            for command in self._outstanding(hello.host_id):
+                self._send(session, command)
+            await self._advance_touched(stored)
+            await self._advance(self.world.open_migrations)
+            return session, last
+
+    async def host_events(self, session: HostSession, events: Sequence[host_pb2.HostEvent]) -> None:
+        """Append a host's observations, acknowledge them, and advance what they touch."""
+        if self.sessions.get(session.host_id) is not session:
+            raise IllegalTransition(
+                f"host {session.host_id} stream",
+                "report",
+                "replaced by a newer stream",
+                ["current"],
+            )
+        new = []
+        for host_event in events:
+            kind = host_event.payload.WhichOneof("kind")
+            if kind is None:
+                continue
+            payload = getattr(host_event.payload, kind)
+            new.append(NewEvent(self._stream_for(getattr(payload, "vm", "")), payload,
+                                host_event.time_us or self.clock(), session.host_id,
+                                session.generation, host_event.seq))  # fmt: skip
+        async with self._lock:
+            stored = await self._append(new)
+            if events:
+                session.send(host_pb2.CoordinatorMessage(
+                    ack=host_pb2.Ack(generation=session.generation, seq=events[-1].seq)))  # fmt: skip
+            await self._advance_touched(stored)
+
+    async def host_disconnected(self, session: HostSession, reason: str) -> None:
+        async with self._lock:
+            if self.sessions.get(session.host_id) is not session:
+                return
+            del self.sessions[session.host_id]
+            payload = events_pb2.HostDisconnected(
+                host_id=session.host_id, generation=session.generation, reason=reason
+            )
+            await self._append([self._host_event(session.host_id, payload)])
+            await self._advance(self.world.open_migrations)
+
+    def _stream_for(self, vm_name: str) -> str:
+        vm = self.world.vms.get(vm_name)
+        if vm is not None and vm.migration_id:
+            return f"migration/{vm.migration_id}"
+        return f"vm/{vm_name}" if vm_name else "coordinator"
+
+    def _outstanding(self, host_id: str) -> list[Command]:
+        """Commands for `host_id` that were issued and never answered (the outbox)."""
+        commands: list[Command] = []
+        for migration_id in self.world.open_migrations:
+            m = self.world.migrations[migration_id]
+            commands += [c for c in m.commands.values() if c.host == host_id]
+        for vm in self.world.vms.values():
+            commands += [c for c in vm.commands.values() if c.host == host_id]
+        return [c for c in commands if c.state == CommandState.ISSUED]
+
+    def _dispatch(self, issued: events_pb2.CommandIssued) -> None:
+        session = self.sessions.get(issued.host_id)
+        if session is None:
+            return  # stays in the outbox until the host connects
+        owner = self.world.migrations.get(issued.migration_id) if issued.migration_id else None
+        vm = self.world.vms.get(issued.vm)
+        commands = owner.commands if owner is not None else (vm.commands if vm else {})
+        command = commands.get(issued.command_id)
+        if command is not None:
+            self._send(session, command)
+
+    def _send(self, session: HostSession, command: Command) -> None:
+        session.send(host_pb2.CoordinatorMessage(command=host_pb2.Command(
+            command_id=command.command_id, migration_id=command.migration_id,
+            attempt=command.attempt, epoch=self.world.epoch, vm=command.vm,
+            kind=events_pb2.CommandKind.ValueType(command.kind), args=command.args,
+        )))  # fmt: skip
+
+    # --- watching -----------------------------------------------------------------------------
+
+    async def wait_for_change(self, timeout: float | None = None) -> None:
+        changed = self._changed
+        try:
+            await asyncio.wait_for(changed.wait(), timeout)
+        except TimeoutError:
+            pass
+
+
+def _event(stored: StoredEvent, payload: Message) -> Event:
+    return Event(stored.seq, stored.stream, stored.type, stored.epoch, stored.time_us, payload,
+                 stored.origin_host, stored.origin_generation, stored.origin_seq)  # fmt: skip

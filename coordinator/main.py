@@ -1,0 +1,129 @@
+"""whimbrel-coordinator: serve the whimbrel.v1 services over one event log.
+
+    whimbrel-coordinator --db PATH [--listen HOST:PORT]
+
+On start it replays the log and appends a new epoch before serving. SIGTERM and SIGINT stop it
+gracefully (exit 0). If a newer coordinator takes over the same log, this one stops itself
+(exit 3): its epoch is stale and it may neither append nor command hosts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from coordinator import servicers
+from coordinator.app import Coordinator
+from coordinator.log import SqliteEventStore, StoreError
+from whimbrel.v1 import (
+    eventlog_pb2,
+    eventlog_pb2_grpc,
+    host_pb2,
+    host_pb2_grpc,
+    migration_pb2,
+    migration_pb2_grpc,
+    vm_pb2,
+    vm_pb2_grpc,
+)
+
+log = logging.getLogger("whimbrel.coordinator")
+EXIT_FENCED = 3
+SERVICE_NAMES = [
+    migration_pb2.DESCRIPTOR.services_by_name["MigrationService"].full_name,
+    vm_pb2.DESCRIPTOR.services_by_name["VmService"].full_name,
+    host_pb2.DESCRIPTOR.services_by_name["HostService"].full_name,
+    eventlog_pb2.DESCRIPTOR.services_by_name["EventLogService"].full_name,
+]
+
+
+def build_server(
+    app: Coordinator, listen: str
+) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:  # noqa: E501
+    server = grpc.aio.server()
+    migration_pb2_grpc.add_MigrationServiceServicer_to_server(
+        servicers.MigrationServicer(app), server
+    )  # noqa: E501
+    vm_pb2_grpc.add_VmServiceServicer_to_server(servicers.VmServicer(app), server)
+    host_pb2_grpc.add_HostServiceServicer_to_server(servicers.HostServicer(app), server)
+    eventlog_pb2_grpc.add_EventLogServiceServicer_to_server(servicers.EventLogServicer(app), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
+    port = server.add_insecure_port(listen)
+    if port == 0:
+        raise OSError(f"cannot listen on {listen}")
+    return server, port, health_servicer
+
+
+async def serve(db: str, listen: str, ready: asyncio.Future[int] | None = None) -> int:
+    store = SqliteEventStore(db)
+    app = Coordinator(store)
+    try:
+        await app.start()
+    except StoreError as err:
+        log.error("cannot start: %s", err)
+        store.close()
+        return 2
+    server, port, health_servicer = build_server(app, listen)
+    await server.start()
+    for name in ["", *SERVICE_NAMES]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("listening on %s (port %d), log %s", listen, port, db)
+    print(f"whimbrel-coordinator listening on port {port}", flush=True)
+    if ready is not None:
+        ready.set_result(port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    stopped = asyncio.create_task(stop.wait(), name="signal-wait")
+    fenced = asyncio.create_task(app.fenced.wait(), name="fence-wait")
+    await asyncio.wait([stopped, fenced], return_when=asyncio.FIRST_COMPLETED)
+    code = 0
+    if fenced.done():
+        log.error("a newer coordinator owns the log: stopping (epoch %d is stale)", app.world.epoch)
+        code = EXIT_FENCED
+    else:
+        log.info("stopping on signal")
+    for name in ["", *SERVICE_NAMES]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await server.stop(grace=5)
+    for task in (stopped, fenced):
+        task.cancel()
+    await asyncio.to_thread(store.close)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="whimbrel-coordinator", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--db", required=True, help="path of the SQLite event log")
+    parser.add_argument(
+        "--listen", default="127.0.0.1:7700", help="gRPC address (default %(default)s)"
+    )  # noqa: E501
+    parser.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return asyncio.run(serve(args.db, args.listen))
+    except OSError as err:
+        log.error("%s", err)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,278 @@
+"""gRPC servicers: convert in, call the application, convert out, map errors to status codes.
+
+This module alone chooses status codes:
+    InvalidRequest -> INVALID_ARGUMENT     NotFound -> NOT_FOUND
+    AlreadyExists -> ALREADY_EXISTS        IllegalTransition -> FAILED_PRECONDITION
+    HostUnavailable -> UNAVAILABLE         StaleEpoch / StoreFailure -> UNAVAILABLE
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from coordinator import convert
+from coordinator.app import Coordinator
+from coordinator.core import (
+    AlreadyExists,
+    CoreError,
+    HostUnavailable,
+    IllegalTransition,
+    InvalidRequest,
+    NotFound,
+)
+from coordinator.core import inputs as I
+from coordinator.core.validate import check_migration_id, check_name
+from coordinator.log import StoredEvent, StoreError, verify_chain
+from whimbrel.v1 import (
+    eventlog_pb2,
+    eventlog_pb2_grpc,
+    events_pb2,
+    host_pb2,
+    host_pb2_grpc,
+    migration_pb2,
+    migration_pb2_grpc,
+    vm_pb2,
+    vm_pb2_grpc,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_STATUS: list[tuple[type[Exception], grpc.StatusCode]] = [
+    (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
+    (IllegalTransition, grpc.StatusCode.FAILED_PRECONDITION),
+    (HostUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (StoreError, grpc.StatusCode.UNAVAILABLE),
+]
+
+
+def status_for(err: Exception) -> grpc.StatusCode:
+    for kind, code in _STATUS:
+        if isinstance(err, kind):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def mapped(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """Turn core and store errors into gRPC statuses with their message."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> T:
+        try:
+            return await fn(self, request, context)
+        except (CoreError, StoreError) as err:
+            await context.abort(status_for(err), str(err))
+            raise  # unreachable: abort raises
+
+    return wrapper
+
+
+class MigrationServicer(migration_pb2_grpc.MigrationServiceServicer):
+    def __init__(self, app: Coordinator) -> None:
+        self.app = app
+
+    def _get(self, migration_id: str) -> migration_pb2.Migration:
+        check_migration_id(migration_id)
+        m = self.app.world.migrations.get(migration_id)
+        if m is None:
+            raise NotFound("migration", migration_id)
+        return convert.migration_to_proto(m)
+
+    @mapped
+    async def StartMigration(
+        self, request: migration_pb2.StartMigrationRequest, context: Any
+    ) -> migration_pb2.Migration:  # noqa: E501
+        migration_id = request.migration_id or f"m-{uuid.uuid4().hex[:12]}"
+        await self.app.request(I.StartMigration(
+            migration_id, request.vm, request.destination, request.mode, request.policy,
+            self.app.clock()))  # fmt: skip
+        return self._get(migration_id)
+
+    @mapped
+    async def GetMigration(
+        self, request: migration_pb2.GetMigrationRequest, context: Any
+    ) -> migration_pb2.Migration:  # noqa: E501
+        return self._get(request.migration_id)
+
+    @mapped
+    async def ListMigrations(
+        self, request: migration_pb2.ListMigrationsRequest, context: Any
+    ) -> migration_pb2.ListMigrationsResponse:  # noqa: E501
+        world = self.app.world
+        ms = [m for m in world.migrations.values()
+              if (not request.vm or m.vm == request.vm)
+              and (not request.open_only or not m.phase.terminal)]  # fmt: skip
+        ms.sort(key=lambda m: m.requested_at_us, reverse=True)
+        return migration_pb2.ListMigrationsResponse(
+            migrations=[convert.migration_to_proto(m) for m in ms]
+        )
+
+    async def WatchMigration(
+        self, request: migration_pb2.WatchMigrationRequest, context: Any
+    ) -> AsyncIterator[migration_pb2.Migration]:  # noqa: E501
+        try:
+            current = self._get(request.migration_id)
+        except CoreError as err:
+            await context.abort(status_for(err), str(err))
+        last = None
+        while True:
+            current = self._get(request.migration_id)
+            if current != last:
+                yield current
+                last = current
+            if current.phase in _TERMINAL:
+                return
+            await self.app.wait_for_change(timeout=5)
+
+    @mapped
+    async def AbortMigration(
+        self, request: migration_pb2.AbortMigrationRequest, context: Any
+    ) -> migration_pb2.Migration:  # noqa: E501
+        await self.app.request(
+            I.AbortMigration(request.migration_id, request.reason, self.app.clock())
+        )
+        return self._get(request.migration_id)
+
+    @mapped
+    async def SwitchToPostcopy(
+        self, request: migration_pb2.SwitchToPostcopyRequest, context: Any
+    ) -> migration_pb2.Migration:  # noqa: E501
+        await self.app.request(I.SwitchToPostcopy(request.migration_id, self.app.clock()))
+        return self._get(request.migration_id)
+
+
+_TERMINAL = {8, 9, 10}
+
+
+class VmServicer(vm_pb2_grpc.VmServiceServicer):
+    def __init__(self, app: Coordinator) -> None:
+        self.app = app
+
+    def _get(self, name: str) -> vm_pb2.Vm:
+        check_name("VM", name)
+        vm = self.app.world.vms.get(name)
+        if vm is None:
+            raise NotFound("VM", name)
+        return convert.vm_to_proto(vm)
+
+    @mapped
+    async def DefineVm(self, request: vm_pb2.DefineVmRequest, context: Any) -> vm_pb2.Vm:
+        await self.app.request(I.DefineVm(request.spec, self.app.clock()))
+        return self._get(request.spec.name)
+
+    @mapped
+    async def StartVm(self, request: vm_pb2.StartVmRequest, context: Any) -> vm_pb2.Vm:
+        await self.app.request(I.StartVm(request.name, request.host, self.app.clock()))
+        return self._get(request.name)
+
+    @mapped
+    async def StopVm(self, request: vm_pb2.StopVmRequest, context: Any) -> vm_pb2.Vm:
+        await self.app.request(I.StopVm(request.name, request.force, self.app.clock()))
+        return self._get(request.name)
+
+    @mapped
+    async def GetVm(self, request: vm_pb2.GetVmRequest, context: Any) -> vm_pb2.Vm:
+        return self._get(request.name)
+
+    @mapped
+    async def ListVms(self, request: vm_pb2.ListVmsRequest, context: Any) -> vm_pb2.ListVmsResponse:
+        vms = sorted(self.app.world.vms.values(), key=lambda vm: vm.name)
+        return vm_pb2.ListVmsResponse(vms=[convert.vm_to_proto(vm) for vm in vms])
+
+
+class HostServicer(host_pb2_grpc.HostServiceServicer):
+    def __init__(self, app: Coordinator) -> None:
+        self.app = app
+
+    async def Connect(
+        self, request_iterator: AsyncIterator[host_pb2.HostMessage], context: Any
+    ) -> AsyncIterator[host_pb2.CoordinatorMessage]:  # noqa: E501
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("kind") != "hello":
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "the first message must be a Hello"
+            )
+            return
+        try:
+            session, _ = await self.app.host_connected(first.hello)
+        except (CoreError, StoreError) as err:
+            await context.abort(status_for(err), str(err))
+            return
+
+        async def read_events() -> None:
+            async for message in request_iterator:
+                if message.WhichOneof("kind") == "event":
+                    await self.app.host_events(session, [message.event])
+            session.close()
+
+        reader = asyncio.create_task(read_events(), name=f"hostd-reader-{session.host_id}")
+        reason = "stream closed"
+        try:
+            while (message := await session.outbox.get()) is not None:
+                yield message
+            if reader.done() and reader.exception() is not None:
+                reason = f"stream failed: {reader.exception()}"
+        finally:
+            reader.cancel()
+            await self.app.host_disconnected(session, reason)
+
+    @mapped
+    async def ListHosts(
+        self, request: host_pb2.ListHostsRequest, context: Any
+    ) -> host_pb2.ListHostsResponse:  # noqa: E501
+        world = self.app.world
+        hosts = [
+            convert.host_to_proto(world, h)
+            for h in sorted(world.hosts.values(), key=lambda h: h.host_id)
+        ]  # noqa: E501
+        return host_pb2.ListHostsResponse(hosts=hosts)
+
+
+class EventLogServicer(eventlog_pb2_grpc.EventLogServiceServicer):
+    def __init__(self, app: Coordinator) -> None:
+        self.app = app
+
+    def _read_batch(self, from_seq: int) -> list[StoredEvent]:
+        return list(self.app.store.read(from_seq=from_seq, limit=1000))
+
+    async def ReadEvents(
+        self, request: eventlog_pb2.ReadEventsRequest, context: Any
+    ) -> AsyncIterator[events_pb2.Event]:  # noqa: E501
+        next_seq, sent = max(request.from_seq, 1), 0
+        while True:
+            batch = await asyncio.to_thread(self._read_batch, next_seq)
+            for stored in batch:
+                next_seq = stored.seq + 1
+                if request.stream and stored.stream != request.stream:
+                    continue
+                yield convert.event_to_proto(stored)
+                sent += 1
+                if request.limit and sent >= request.limit:
+                    return
+            if not batch:
+                if not request.follow:
+                    return
+                await self.app.wait_for_change(timeout=1)
+
+    @mapped
+    async def VerifyLog(
+        self, request: eventlog_pb2.VerifyLogRequest, context: Any
+    ) -> eventlog_pb2.VerifyLogResponse:  # noqa: E501
+        expect = bytes.fromhex(request.expect_head_hash) if request.expect_head_hash else b""
+        result = await asyncio.to_thread(
+            verify_chain, self.app.store.read(), request.expect_seq, expect
+        )
+        return eventlog_pb2.VerifyLogResponse(
+            ok=result.ok, events_checked=result.events_checked, head_seq=result.head_seq,
+            head_hash=result.head_hash.hex(), first_bad_seq=result.first_bad_seq,
+            problem=result.problem,
+        )  # fmt: skip
