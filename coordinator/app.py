@@ -11,6 +11,7 @@ command id with its stored result).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -101,7 +102,7 @@ class Coordinator:
                                 reason="coordinator restarted",
                             ),
                         )
-                    ]  # fmt: skip
+                    ]
                 )
         log.info("coordinator epoch %d serving a log of %d events", epoch, seq)
 
@@ -209,8 +210,8 @@ class Coordinator:
                                     hello.host_id, hello.generation))  # fmt: skip
             stored = await self._append(new)
             last = self.store.host_high_water(hello.host_id, hello.generation)
-            session.send(host_pb2.CoordinatorMessage(
-                welcome=host_pb2.Welcome(epoch=self.world.epoch, last_stored_seq=last)))  # fmt: skip
+            welcome = host_pb2.Welcome(epoch=self.world.epoch, last_stored_seq=last)
+            session.send(host_pb2.CoordinatorMessage(welcome=welcome))
             for command in self._outstanding(hello.host_id):
                 self._send(session, command)
             await self._advance_touched(stored)
@@ -238,8 +239,8 @@ class Coordinator:
         async with self._lock:
             stored = await self._append(new)
             if events:
-                session.send(host_pb2.CoordinatorMessage(
-                    ack=host_pb2.Ack(generation=session.generation, seq=events[-1].seq)))  # fmt: skip
+                ack = host_pb2.Ack(generation=session.generation, seq=events[-1].seq)
+                session.send(host_pb2.CoordinatorMessage(ack=ack))
             await self._advance_touched(stored)
 
     async def host_disconnected(self, session: HostSession, reason: str) -> None:
@@ -289,12 +290,11 @@ class Coordinator:
 
     # --- watching -----------------------------------------------------------------------------
 
-    async def wait_for_change(self, timeout: float | None = None) -> None:
+    async def wait_for_change(self, max_wait: float | None = None) -> None:
+        """Return after the next committed change, or after `max_wait` seconds."""
         changed = self._changed
-        try:
-            await asyncio.wait_for(changed.wait(), timeout)
-        except TimeoutError:
-            pass
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(changed.wait(), max_wait)
 
 
 def _event(stored: StoredEvent, payload: Message) -> Event:

@@ -41,7 +41,7 @@ def _progress(m: MigrationState) -> migration_pb2.MigrationProgress:
         dirty_pages_rate=p.dirty_pages_rate,
         source_status=m.src.status,
     )
-    setattr(progress, "pass", p.pass_)  # noqa: B010 - "pass" is a Python keyword
+    setattr(progress, "pass", p.pass_)
     return progress
 
 

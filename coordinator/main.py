@@ -45,11 +45,11 @@ SERVICE_NAMES = [
 
 def build_server(
     app: Coordinator, listen: str
-) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:  # noqa: E501
+) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     server = grpc.aio.server()
     migration_pb2_grpc.add_MigrationServiceServicer_to_server(
         servicers.MigrationServicer(app), server
-    )  # noqa: E501
+    )
     vm_pb2_grpc.add_VmServiceServicer_to_server(servicers.VmServicer(app), server)
     host_pb2_grpc.add_HostServiceServicer_to_server(servicers.HostServicer(app), server)
     eventlog_pb2_grpc.add_EventLogServiceServicer_to_server(servicers.EventLogServicer(app), server)
@@ -64,6 +64,21 @@ def build_server(
     return server, port, health_servicer
 
 
+async def start_server(
+    app: Coordinator, listen: str
+) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+    """Build, start and mark every service SERVING."""
+    server, port, health_servicer = build_server(app, listen)
+    await server.start()
+    await set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
+    return server, port, health_servicer
+
+
+async def set_health(servicer: health.aio.HealthServicer, status: int) -> None:
+    for name in ["", *SERVICE_NAMES]:
+        await servicer.set(name, status)
+
+
 async def serve(db: str, listen: str, ready: asyncio.Future[int] | None = None) -> int:
     store = SqliteEventStore(db)
     app = Coordinator(store)
@@ -73,10 +88,7 @@ async def serve(db: str, listen: str, ready: asyncio.Future[int] | None = None) 
         log.error("cannot start: %s", err)
         store.close()
         return 2
-    server, port, health_servicer = build_server(app, listen)
-    await server.start()
-    for name in ["", *SERVICE_NAMES]:
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    server, port, health_servicer = await start_server(app, listen)
     log.info("listening on %s (port %d), log %s", listen, port, db)
     print(f"whimbrel-coordinator listening on port {port}", flush=True)
     if ready is not None:
@@ -94,8 +106,7 @@ async def serve(db: str, listen: str, ready: asyncio.Future[int] | None = None) 
         code = EXIT_FENCED
     else:
         log.info("stopping on signal")
-    for name in ["", *SERVICE_NAMES]:
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.stop(grace=5)
     for task in (stopped, fenced):
         task.cancel()
@@ -110,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--db", required=True, help="path of the SQLite event log")
     parser.add_argument(
         "--listen", default="127.0.0.1:7700", help="gRPC address (default %(default)s)"
-    )  # noqa: E501
+    )
     parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )

@@ -90,7 +90,7 @@ class MigrationServicer(migration_pb2_grpc.MigrationServiceServicer):
     @mapped
     async def StartMigration(
         self, request: migration_pb2.StartMigrationRequest, context: Any
-    ) -> migration_pb2.Migration:  # noqa: E501
+    ) -> migration_pb2.Migration:
         migration_id = request.migration_id or f"m-{uuid.uuid4().hex[:12]}"
         await self.app.request(I.StartMigration(
             migration_id, request.vm, request.destination, request.mode, request.policy,
@@ -100,13 +100,13 @@ class MigrationServicer(migration_pb2_grpc.MigrationServiceServicer):
     @mapped
     async def GetMigration(
         self, request: migration_pb2.GetMigrationRequest, context: Any
-    ) -> migration_pb2.Migration:  # noqa: E501
+    ) -> migration_pb2.Migration:
         return self._get(request.migration_id)
 
     @mapped
     async def ListMigrations(
         self, request: migration_pb2.ListMigrationsRequest, context: Any
-    ) -> migration_pb2.ListMigrationsResponse:  # noqa: E501
+    ) -> migration_pb2.ListMigrationsResponse:
         world = self.app.world
         ms = [m for m in world.migrations.values()
               if (not request.vm or m.vm == request.vm)
@@ -118,7 +118,7 @@ class MigrationServicer(migration_pb2_grpc.MigrationServiceServicer):
 
     async def WatchMigration(
         self, request: migration_pb2.WatchMigrationRequest, context: Any
-    ) -> AsyncIterator[migration_pb2.Migration]:  # noqa: E501
+    ) -> AsyncIterator[migration_pb2.Migration]:
         try:
             current = self._get(request.migration_id)
         except CoreError as err:
@@ -131,12 +131,12 @@ class MigrationServicer(migration_pb2_grpc.MigrationServiceServicer):
                 last = current
             if current.phase in _TERMINAL:
                 return
-            await self.app.wait_for_change(timeout=5)
+            await self.app.wait_for_change(max_wait=5)
 
     @mapped
     async def AbortMigration(
         self, request: migration_pb2.AbortMigrationRequest, context: Any
-    ) -> migration_pb2.Migration:  # noqa: E501
+    ) -> migration_pb2.Migration:
         await self.app.request(
             I.AbortMigration(request.migration_id, request.reason, self.app.clock())
         )
@@ -145,7 +145,7 @@ class MigrationServicer(migration_pb2_grpc.MigrationServiceServicer):
     @mapped
     async def SwitchToPostcopy(
         self, request: migration_pb2.SwitchToPostcopyRequest, context: Any
-    ) -> migration_pb2.Migration:  # noqa: E501
+    ) -> migration_pb2.Migration:
         await self.app.request(I.SwitchToPostcopy(request.migration_id, self.app.clock()))
         return self._get(request.migration_id)
 
@@ -195,7 +195,7 @@ class HostServicer(host_pb2_grpc.HostServiceServicer):
 
     async def Connect(
         self, request_iterator: AsyncIterator[host_pb2.HostMessage], context: Any
-    ) -> AsyncIterator[host_pb2.CoordinatorMessage]:  # noqa: E501
+    ) -> AsyncIterator[host_pb2.CoordinatorMessage]:
         first = await anext(aiter(request_iterator), None)
         if first is None or first.WhichOneof("kind") != "hello":
             await context.abort(
@@ -228,12 +228,12 @@ class HostServicer(host_pb2_grpc.HostServiceServicer):
     @mapped
     async def ListHosts(
         self, request: host_pb2.ListHostsRequest, context: Any
-    ) -> host_pb2.ListHostsResponse:  # noqa: E501
+    ) -> host_pb2.ListHostsResponse:
         world = self.app.world
         hosts = [
             convert.host_to_proto(world, h)
             for h in sorted(world.hosts.values(), key=lambda h: h.host_id)
-        ]  # noqa: E501
+        ]
         return host_pb2.ListHostsResponse(hosts=hosts)
 
 
@@ -246,7 +246,7 @@ class EventLogServicer(eventlog_pb2_grpc.EventLogServiceServicer):
 
     async def ReadEvents(
         self, request: eventlog_pb2.ReadEventsRequest, context: Any
-    ) -> AsyncIterator[events_pb2.Event]:  # noqa: E501
+    ) -> AsyncIterator[events_pb2.Event]:
         next_seq, sent = max(request.from_seq, 1), 0
         while True:
             batch = await asyncio.to_thread(self._read_batch, next_seq)
@@ -261,12 +261,12 @@ class EventLogServicer(eventlog_pb2_grpc.EventLogServiceServicer):
             if not batch:
                 if not request.follow:
                     return
-                await self.app.wait_for_change(timeout=1)
+                await self.app.wait_for_change(max_wait=1)
 
     @mapped
     async def VerifyLog(
         self, request: eventlog_pb2.VerifyLogRequest, context: Any
-    ) -> eventlog_pb2.VerifyLogResponse:  # noqa: E501
+    ) -> eventlog_pb2.VerifyLogResponse:
         expect = bytes.fromhex(request.expect_head_hash) if request.expect_head_hash else b""
         result = await asyncio.to_thread(
             verify_chain, self.app.store.read(), request.expect_seq, expect

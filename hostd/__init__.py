@@ -1,0 +1,1 @@
+"""whimbrel-hostd: everything local to one host (QEMU processes, QMP, leases, networking)."""

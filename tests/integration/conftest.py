@@ -1,0 +1,155 @@
+"""Real coordinators on port 0 over real SQLite files, and hostd-like stream clients."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from coordinator.app import Coordinator
+from coordinator.log import SqliteEventStore
+from coordinator.main import start_server
+from tools.sim import SimHosts
+from whimbrel.v1 import common_pb2, events_pb2, host_pb2, host_pb2_grpc
+
+
+@dataclass
+class Running:
+    app: Coordinator
+    channel: grpc.aio.Channel
+    address: str
+
+
+@pytest.fixture
+async def coordinator(tmp_path: Path) -> AsyncIterator[Running]:
+    store = SqliteEventStore(tmp_path / "whimbrel.db")
+    app = Coordinator(store)
+    await app.start()
+    server, port, _ = await start_server(app, "127.0.0.1:0")
+    address = f"127.0.0.1:{port}"
+    channel = grpc.aio.insecure_channel(address)
+    yield Running(app, channel, address)
+    await channel.close()
+    await server.stop(grace=None)
+    await asyncio.to_thread(store.close)
+
+
+@dataclass
+class SimHostd:
+    """A host stream client that answers commands with the simulated host model."""
+
+    host_id: str
+    channel: grpc.aio.Channel
+    hosts: SimHosts
+    generation: int = 1
+    seq: int = 0
+    welcome: host_pb2.Welcome | None = None
+    commands: list[host_pb2.Command] = field(default_factory=list)
+    acked: int = 0
+    answer: bool = True
+    _up: asyncio.Queue[host_pb2.HostMessage | None] = field(default_factory=asyncio.Queue)
+    _task: asyncio.Task[None] | None = None
+    connected: asyncio.Event = field(default_factory=asyncio.Event)
+    error: grpc.aio.AioRpcError | None = None
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def start(self) -> None:
+        stub = host_pb2_grpc.HostServiceStub(self.channel)
+        self._up.put_nowait(
+            host_pb2.HostMessage(
+                hello=host_pb2.Hello(
+                    host_id=self.host_id, generation=self.generation, migration_address="127.0.0.1"
+                )
+            )
+        )
+
+        async def up() -> AsyncIterator[host_pb2.HostMessage]:
+            while (message := await self._up.get()) is not None:
+                yield message
+
+        self._call = stub.Connect(up())
+        self._task = asyncio.create_task(self._down())
+        await asyncio.wait_for(self.connected.wait(), 10)
+        if self.error is not None:
+            raise self.error
+
+    async def _down(self) -> None:
+        try:
+            await self._read()
+        except grpc.aio.AioRpcError as err:
+            self.error = err
+            self.connected.set()
+
+    async def wait_for_change(self, max_wait: float | None = None) -> None:
+        changed = self._changed
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(changed.wait(), max_wait)
+
+    async def _read(self) -> None:
+        async for message in self._call:
+            self._changed.set()
+            self._changed = asyncio.Event()
+            kind = message.WhichOneof("kind")
+            if kind == "welcome":
+                self.welcome = message.welcome
+                self.connected.set()
+            elif kind == "ack":
+                self.acked = message.ack.seq
+            elif kind == "command":
+                self.commands.append(message.command)
+                if self.answer:
+                    self.execute(message.command)
+
+    def execute(self, command: host_pb2.Command) -> None:
+        issued = events_pb2.CommandIssued(
+            command_id=command.command_id,
+            migration_id=command.migration_id,
+            attempt=command.attempt,
+            host_id=self.host_id,
+            vm=command.vm,
+            kind=command.kind,
+            args=command.args,
+        )
+        for observation in self.hosts.answer(issued):
+            self.report(observation.payload)
+
+    def report(self, payload: object) -> None:
+        self.seq += 1
+        wrapped = events_pb2.EventPayload()
+        field_name = type(payload).DESCRIPTOR.name  # type: ignore[attr-defined]
+        from coordinator.core.events import PAYLOAD_FIELDS
+
+        getattr(wrapped, PAYLOAD_FIELDS[field_name]).CopyFrom(payload)
+        self._up.put_nowait(
+            host_pb2.HostMessage(event=host_pb2.HostEvent(seq=self.seq, payload=wrapped))
+        )
+
+    async def stop(self) -> None:
+        self._up.put_nowait(None)
+        if self._task is not None:
+            with contextlib.suppress(grpc.aio.AioRpcError, TimeoutError):
+                await asyncio.wait_for(self._task, 5)
+
+
+@pytest.fixture
+def sim_hosts() -> SimHosts:
+    return SimHosts()
+
+
+SPEC = common_pb2.VmSpec(name="vm-1", memory_mib=128, vcpus=1)
+
+
+async def wait_until(predicate: Callable[[], bool], *sources: Any, limit: float = 10.0) -> None:
+    """Wait, woken by each source's change notification, until `predicate()` holds."""
+    async with asyncio.timeout(limit):
+        while not predicate():
+            waits = [asyncio.ensure_future(src.wait_for_change(1.0)) for src in sources]
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for w in waits:
+                w.cancel()
