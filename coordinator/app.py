@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import time
@@ -23,8 +24,9 @@ from google.protobuf.message import Message
 from coordinator import codec
 from coordinator.core import Event, IllegalTransition, NewEvent, World, decide, evolve
 from coordinator.core import inputs as I
+from coordinator.core.evolve import Fact, fold
 from coordinator.core.state import Command, CommandState
-from coordinator.log import EventStore, PendingEvent, StoredEvent
+from coordinator.log import EventStore, PendingEvent, StaleEpoch
 from whimbrel.v1 import events_pb2, host_pb2
 
 log = logging.getLogger(__name__)
@@ -50,16 +52,26 @@ class HostSession:
         self.outbox.put_nowait(None)
 
 
-def replay(store: EventStore) -> World:
+def replay(store: EventStore, world: World | None = None) -> World:
     """Fold the whole log into a fresh world (fast path for SQLite's raw rows)."""
-    world = World()
+    world = world or World()
     read_rows = getattr(store, "read_rows", None)
     if read_rows is not None:
-        events: Iterable[Event] = codec.decode_rows(read_rows(columns=codec.REPLAY_COLUMNS))
+        facts: Iterable[Fact] = codec.decode_for_replay(read_rows(columns=codec.REPLAY_COLUMNS))
     else:
-        events = (codec.from_stored(s) for s in store.read())
-    for event in events:
-        evolve(world, event)
+        facts = (
+            (e.seq, e.type, e.time_us, e.origin_host, e.payload)
+            for e in map(codec.from_stored, store.read())
+        )
+    # Replay allocates millions of objects that all live on; the cyclic collector would walk
+    # them over and over while they are being built. Nothing here makes garbage cycles.
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        fold(world, facts)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
     return world
 
 
@@ -114,16 +126,16 @@ class Coordinator:
             return []
         pending = [codec.to_pending(e) for e in new_events]
         try:
-            results = await asyncio.wrap_future(self.store.submit(pending))
-        except Exception:
-            if getattr(self.store, "_fenced", None) is not None:
-                self.fenced.set()
+            epoch, marks = await self.store.append_marks(pending)
+        except StaleEpoch:
+            self.fenced.set()
             raise
         stored_events: list[Event] = []
-        for new, stored in zip(new_events, results, strict=True):
-            if stored is None:
+        for new, mark in zip(new_events, marks, strict=True):
+            if mark is None:
                 continue  # a duplicate host event, already in the log
-            event = _event(stored, new.payload)
+            event = Event(mark[0], new.stream, new.type, epoch, new.time_us, new.payload,
+                          new.origin_host, new.origin_generation, new.origin_seq)  # fmt: skip
             evolve(self.world, event)
             stored_events.append(event)
         for event in stored_events:
@@ -295,8 +307,3 @@ class Coordinator:
         changed = self._changed
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(changed.wait(), max_wait)
-
-
-def _event(stored: StoredEvent, payload: Message) -> Event:
-    return Event(stored.seq, stored.stream, stored.type, stored.epoch, stored.time_us, payload,
-                 stored.origin_host, stored.origin_generation, stored.origin_seq)  # fmt: skip

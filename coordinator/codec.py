@@ -11,6 +11,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from coordinator.core import Event, NewEvent, payload_class
+from coordinator.core.evolve import Fact
 from coordinator.log import PendingEvent, StoredEvent
 
 
@@ -34,6 +35,15 @@ def _tags(payload: Any) -> tuple[str, str, str]:
 
 def to_pending(new: NewEvent) -> PendingEvent:
     migration_id, vm, host = _tags(new.payload)
+    # Every event of a stream carries the stream's name in its tag column: stream reads use
+    # those indexes (the log has no index on stream itself).
+    prefix, _, name = new.stream.partition("/")
+    if prefix == "migration":
+        migration_id = name
+    elif prefix == "vm":
+        vm = name
+    elif prefix == "host" and not (new.origin_host or host):
+        host = name
     return PendingEvent(
         stream=new.stream,
         type=new.type,
@@ -62,24 +72,22 @@ def from_stored(stored: StoredEvent) -> Event:
     )
 
 
-REPLAY_COLUMNS = (
-    "seq, stream, type, epoch, time_us, payload, origin_host, origin_generation, origin_seq"
-)
+# What folding needs of each row; the rest of the envelope is only for readers of the log.
+REPLAY_COLUMNS = "seq, type, time_us, payload, origin_host"
 
 
-def decode_rows(rows: Iterable[tuple[Any, ...]]) -> Iterator[Event]:
-    """Events from raw rows in REPLAY_COLUMNS order; checks seq continuity as it goes."""
+def decode_for_replay(rows: Iterable[tuple[Any, ...]]) -> Iterator[Fact]:
+    """Facts for `fold` from rows in REPLAY_COLUMNS order; checks seq continuity as it goes."""
     from coordinator.core.events import PAYLOAD_CLASSES
     from coordinator.log import CorruptLog
 
     decoders = {name: cls.FromString for name, cls in PAYLOAD_CLASSES.items()}
     expected = None
-    for seq, stream, type_, epoch, time_us, payload, host, generation, origin_seq in rows:
+    for seq, type_, time_us, payload, host in rows:
         if expected is not None and seq != expected:
             raise CorruptLog(expected, f"seq gap: found {seq}")
         expected = seq + 1
         decode = decoders.get(type_)
         if decode is None:
             raise CorruptLog(seq, f"unknown event type {type_!r}")
-        yield Event(seq, stream, type_, epoch, time_us, decode(payload), host, generation,
-                    origin_seq)  # fmt: skip
+        yield seq, type_, time_us, host, decode(payload)

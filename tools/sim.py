@@ -66,7 +66,9 @@ class SimHosts:
             self.dead.discard((vm, h))
         elif (vm, h) in self.dead and kind not in _WITHOUT_QEMU:
             if kind == Kind.DESTROY_VM:
-                return [self._ok(cmd)]
+                # hostd releases what the host holds for the VM even when QEMU is already gone.
+                held = self.leases.get(vm, ("", 0))[0] == h
+                return [*(self._release(h, vm) if held else []), self._ok(cmd)]
             return [self._failed(cmd, "QEMU is not running")]
         out: list[Observation] = []
         if kind == Kind.START_VM:

@@ -535,6 +535,23 @@ def _rolling_back(world: World, m: MigrationState, issue: _Issuer) -> list[Messa
             *_finished(m, Phase.FENCED, "source QEMU exited during rollback"),
         ]
     vm = world.vms[m.vm]
+    if vm.lease_holder == dst.host:
+        # Invariant 4: the destination took the lease (its QEMU may be gone, the lease file is
+        # not); it must give it up before the source may take it back.
+        release = m.cmd(Kind.RELEASE_LEASE, dst.host, this_attempt=True)
+        if release is None or (
+            release.state == FAILED
+            and _retries(m, Kind.RELEASE_LEASE, dst.host) < MAX_COMMAND_RETRIES
+        ):
+            return [
+                issue(
+                    Kind.RELEASE_LEASE,
+                    dst.host,
+                    lease_generation=vm.lease_generation,
+                    reason="rollback",
+                )
+            ]
+        return []  # waiting for the release (a host that never answers is handled by recovery)
     released = m.src_lease_released or m.cmd(Kind.RELEASE_LEASE, src.host) is not None
     if released and not m.src_lease_reacquired:
         acquire = m.cmd(Kind.ACQUIRE_LEASE, src.host, this_attempt=True)

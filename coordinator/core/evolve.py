@@ -7,8 +7,9 @@ the unexpected, and `decide` judges it.
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from coordinator.core.events import Event
@@ -23,10 +24,13 @@ from coordinator.core.state import (
     VmState,
     VmStatus,
     World,
+    command_owner,
 )
 from whimbrel.v1 import events_pb2
 
-Handler = Callable[[World, Event, Any], None]
+# handler(world, payload, seq, time_us, origin host): the envelope fields evolve needs, passed
+# bare so replay does not build an envelope object per event.
+Handler = Callable[[World, Any, int, int, str], None]
 _HANDLERS: dict[str, Handler] = {}
 
 # QEMU migration statuses meaning the source's CPUs were stopped for the switch.
@@ -37,8 +41,24 @@ def evolve(world: World, event: Event) -> World:
     """Fold `event` into `world` and return it (the world passed in is updated)."""
     handler = _HANDLERS.get(event.type)
     if handler is not None:
-        handler(world, event, event.payload)
+        handler(world, event.payload, event.seq, event.time_us, event.origin_host)
     world.last_seq = event.seq
+    return world
+
+
+Fact = tuple[int, str, int, str, Any]
+
+
+def fold(world: World, facts: Iterable[Fact]) -> World:
+    """Fold many events given as (seq, type, time_us, origin host, payload): replay's `evolve`."""
+    handlers = _HANDLERS
+    last = world.last_seq
+    for seq, type_, time_us, host, payload in facts:
+        handler = handlers.get(type_)
+        if handler is not None:
+            handler(world, payload, seq, time_us, host)
+        last = seq
+    world.last_seq = last
     return world
 
 
@@ -61,12 +81,16 @@ def _open_migration(world: World, vm_name: str) -> MigrationState | None:
 
 
 @_on(events_pb2.CoordinatorStarted)
-def _coordinator_started(world: World, ev: Event, p: events_pb2.CoordinatorStarted) -> None:
+def _coordinator_started(
+    world: World, p: events_pb2.CoordinatorStarted, seq: int, time_us: int, origin: str
+) -> None:
     world.epoch = p.epoch
 
 
 @_on(events_pb2.HostConnected)
-def _host_connected(world: World, ev: Event, p: events_pb2.HostConnected) -> None:
+def _host_connected(
+    world: World, p: events_pb2.HostConnected, seq: int, time_us: int, origin: str
+) -> None:
     host = world.hosts.get(p.host_id)
     if host is None:
         host = world.hosts[p.host_id] = HostState(p.host_id)
@@ -74,23 +98,25 @@ def _host_connected(world: World, ev: Event, p: events_pb2.HostConnected) -> Non
     host.connected = True
     host.migration_address = p.migration_address
     host.highest_epoch_seen = max(host.highest_epoch_seen, p.highest_epoch_seen)
-    host.changed_at_us = ev.time_us
+    host.changed_at_us = time_us
 
 
 @_on(events_pb2.HostDisconnected)
-def _host_disconnected(world: World, ev: Event, p: events_pb2.HostDisconnected) -> None:
+def _host_disconnected(
+    world: World, p: events_pb2.HostDisconnected, seq: int, time_us: int, origin: str
+) -> None:
     host = world.hosts.get(p.host_id)
     # A stale stream ending says nothing about the newer one.
     if host is not None and host.generation == p.generation:
         host.connected = False
-        host.changed_at_us = ev.time_us
+        host.changed_at_us = time_us
 
 
 # --- VMs --------------------------------------------------------------------------------------
 
 
 @_on(events_pb2.VmDefined)
-def _vm_defined(world: World, ev: Event, p: events_pb2.VmDefined) -> None:
+def _vm_defined(world: World, p: events_pb2.VmDefined, seq: int, time_us: int, origin: str) -> None:
     vm = world.vms.get(p.spec.name)
     if vm is None:
         world.vms[p.spec.name] = VmState(spec=p.spec)
@@ -99,14 +125,16 @@ def _vm_defined(world: World, ev: Event, p: events_pb2.VmDefined) -> None:
 
 
 @_on(events_pb2.VmStopRequested)
-def _vm_stop_requested(world: World, ev: Event, p: events_pb2.VmStopRequested) -> None:
+def _vm_stop_requested(
+    world: World, p: events_pb2.VmStopRequested, seq: int, time_us: int, origin: str
+) -> None:
     vm = world.vms.get(p.vm)
     if vm is not None:
         vm.status = VmStatus.STOPPING
 
 
 @_on(events_pb2.VmLost)
-def _vm_lost(world: World, ev: Event, p: events_pb2.VmLost) -> None:
+def _vm_lost(world: World, p: events_pb2.VmLost, seq: int, time_us: int, origin: str) -> None:
     vm = world.vms.get(p.vm)
     if vm is not None:
         vm.status = VmStatus.LOST
@@ -130,12 +158,14 @@ def _settle_vm_status(vm: VmState) -> None:
 
 
 @_on(events_pb2.VmObserved)
-def _vm_observed(world: World, ev: Event, p: events_pb2.VmObserved) -> None:
+def _vm_observed(
+    world: World, p: events_pb2.VmObserved, seq: int, time_us: int, origin: str
+) -> None:
     obs = p.observation
     vm = world.vms.get(obs.vm)
     if vm is None:
         return
-    host = ev.origin_host
+    host = origin
     if obs.process_alive:
         vm.runstates[host] = obs.runstate
     else:
@@ -168,11 +198,13 @@ def _set_migration_status(m: MigrationState, side: Side, status: str) -> None:
 
 
 @_on(events_pb2.QmpEventReceived)
-def _qmp_event(world: World, ev: Event, p: events_pb2.QmpEventReceived) -> None:
+def _qmp_event(
+    world: World, p: events_pb2.QmpEventReceived, seq: int, time_us: int, origin: str
+) -> None:
     vm = world.vms.get(p.vm)
     if vm is None:
         return
-    host = ev.origin_host
+    host = origin
     m = _open_migration(world, p.vm)
     side = m.side(host) if m is not None else None
     name = p.event
@@ -181,25 +213,38 @@ def _qmp_event(world: World, ev: Event, p: events_pb2.QmpEventReceived) -> None:
         if side is not None:
             side.runstate = "paused"
             if m is not None and side is m.src and not side.stopped_at_us:
-                side.stopped_at_us = ev.time_us
+                side.stopped_at_us = time_us
     elif name == "RESUME":
         vm.runstates[host] = "running"
         if side is not None:
             side.runstate = "running"
             if m is not None and side is m.dst:
-                side.resumed_at_us = side.resumed_at_us or ev.time_us
+                side.resumed_at_us = side.resumed_at_us or time_us
                 m.dst_resumed = True
     elif name == "MIGRATION" and m is not None and side is not None:
-        _set_migration_status(m, side, str(json.loads(p.data_json).get("status", "")))
+        _set_migration_status(m, side, str(_data(p.data_json).get("status", "")))
     elif name == "MIGRATION_PASS" and m is not None and side is m.src:
-        m.progress.pass_ = max(m.progress.pass_, int(json.loads(p.data_json).get("pass", 0)))
+        m.progress.pass_ = max(m.progress.pass_, int(_data(p.data_json).get("pass", 0)))
     _settle_vm_status(vm)
 
 
+@functools.lru_cache(maxsize=4096)
+def _parsed(data_json: str) -> dict[str, Any]:
+    data = json.loads(data_json)
+    return data if isinstance(data, dict) else {}
+
+
+def _data(data_json: str) -> dict[str, Any]:
+    """A QMP event's data; the few distinct strings (statuses, pass numbers) parse once."""
+    return _parsed(data_json)
+
+
 @_on(events_pb2.MigrationStatsSampled)
-def _stats(world: World, ev: Event, p: events_pb2.MigrationStatsSampled) -> None:
+def _stats(
+    world: World, p: events_pb2.MigrationStatsSampled, seq: int, time_us: int, origin: str
+) -> None:
     m = _open_migration(world, p.vm)
-    if m is None or ev.origin_host != m.source:
+    if m is None or origin != m.source:
         return
     progress = m.progress
     sample_pass = getattr(p, "pass")  # "pass" is a Python keyword
@@ -216,11 +261,13 @@ def _stats(world: World, ev: Event, p: events_pb2.MigrationStatsSampled) -> None
 
 
 @_on(events_pb2.QemuExited)
-def _qemu_exited(world: World, ev: Event, p: events_pb2.QemuExited) -> None:
+def _qemu_exited(
+    world: World, p: events_pb2.QemuExited, seq: int, time_us: int, origin: str
+) -> None:
     vm = world.vms.get(p.vm)
     if vm is None:
         return
-    host = ev.origin_host
+    host = origin
     vm.runstates.pop(host, None)
     m = _open_migration(world, p.vm)
     side = m.side(host) if m is not None else None
@@ -234,7 +281,9 @@ def _qemu_exited(world: World, ev: Event, p: events_pb2.QemuExited) -> None:
 
 
 @_on(events_pb2.LeaseAcquired)
-def _lease_acquired(world: World, ev: Event, p: events_pb2.LeaseAcquired) -> None:
+def _lease_acquired(
+    world: World, p: events_pb2.LeaseAcquired, seq: int, time_us: int, origin: str
+) -> None:
     vm = world.vms.get(p.vm)
     if vm is None:
         return
@@ -250,7 +299,9 @@ def _lease_acquired(world: World, ev: Event, p: events_pb2.LeaseAcquired) -> Non
 
 
 @_on(events_pb2.LeaseReleased)
-def _lease_released(world: World, ev: Event, p: events_pb2.LeaseReleased) -> None:
+def _lease_released(
+    world: World, p: events_pb2.LeaseReleased, seq: int, time_us: int, origin: str
+) -> None:
     vm = world.vms.get(p.vm)
     if vm is None:
         return
@@ -263,15 +314,18 @@ def _lease_released(world: World, ev: Event, p: events_pb2.LeaseReleased) -> Non
 
 
 @_on(events_pb2.NetworkChanged)
-def _network_changed(world: World, ev: Event, p: events_pb2.NetworkChanged) -> None:
+def _network_changed(
+    world: World, p: events_pb2.NetworkChanged, seq: int, time_us: int, origin: str
+) -> None:
     m = _open_migration(world, p.vm)
-    if m is not None and ev.origin_host == m.destination:
+    if m is not None and origin == m.destination:
         m.dst_network_enabled = p.state == events_pb2.NETWORK_STATE_ENABLED
 
 
 # --- commands ---------------------------------------------------------------------------------
 
-_FORWARD_PHASE_OF_KIND = {
+_KINDS = {kind.value: kind for kind in Kind}
+_FORWARD_PHASE_OF_KIND: dict[int, Phase] = {
     Kind.PREPARE_INCOMING: Phase.PREPARING,
     Kind.START_MIGRATION: Phase.TRANSFERRING,
     Kind.RELEASE_LEASE: Phase.SWITCHOVER,
@@ -282,76 +336,95 @@ _FORWARD_PHASE_OF_KIND = {
 }
 
 
+# Plain ints for the hot handlers below (enum member lookups cost more than int compares).
+_START_VM, _PREPARE, _RESUME, _DESTROY = (
+    int(Kind.START_VM),
+    int(Kind.PREPARE_INCOMING),
+    int(Kind.RESUME_VM),
+    int(Kind.DESTROY_VM),
+)
+_ISSUED, _SUCCEEDED = CommandState.ISSUED, CommandState.SUCCEEDED
+_DETOURS = frozenset({Phase.ROLLING_BACK, Phase.FENCING, Phase.POSTCOPY_PAUSED})
+
+
 @_on(events_pb2.CommandIssued)
-def _command_issued(world: World, ev: Event, p: events_pb2.CommandIssued) -> None:
-    kind = Kind(p.kind)
-    command = Command(p.command_id, kind, p.host_id, p.vm, p.attempt, p.migration_id, args=p.args)
-    world.command_owner[p.command_id] = p.migration_id
+def _command_issued(
+    world: World, p: events_pb2.CommandIssued, seq: int, time_us: int, origin: str
+) -> None:
+    kind, host, command_id = p.kind, p.host_id, p.command_id
+    command = Command(p)
     vm = world.vms.get(p.vm)
-    if vm is not None and p.args.lease_generation:
-        vm.lease_generation = max(vm.lease_generation, p.args.lease_generation)
-    m = world.migrations.get(p.migration_id) if p.migration_id else None
+    generation = p.args.lease_generation
+    if vm is not None and generation > vm.lease_generation:
+        vm.lease_generation = generation
+    migration_id = p.migration_id
+    m = world.migrations.get(migration_id) if migration_id else None
     if m is None:
         if vm is not None:
-            vm.commands[p.command_id] = command
-            if kind == Kind.START_VM:
+            vm.commands[command_id] = command
+            if kind == _START_VM:
                 vm.status = VmStatus.STARTING
-                vm.host = p.host_id
+                vm.host = host
                 vm.lost_reason = ""
         return
-    m.commands[p.command_id] = command
-    m.latest[(kind, p.host_id)] = command
-    m.last_seq = ev.seq
-    if p.host_id == m.destination and kind == Kind.RESUME_VM:
+    m.commands[command_id] = command
+    m.latest[(kind, host)] = command
+    m.last_seq = seq
+    if kind == _RESUME and host == m.dst.host:
         m.cont_issued = True
-    if m.phase in (Phase.ROLLING_BACK, Phase.FENCING, Phase.POSTCOPY_PAUSED):
+    if m.phase in _DETOURS:
         return
     forward = _FORWARD_PHASE_OF_KIND.get(kind)
     if forward is not None and forward > m.phase:
         m.phase = forward
 
 
-def _command_done(world: World, ev: Event, command_id: str, attempt: int) -> Command | None:
-    migration_id = world.command_owner.get(command_id)
-    if migration_id is None:
-        return None
+def _command_done(world: World, seq: int, command_id: str) -> Command | None:
+    migration_id, vm_name = command_owner(command_id)
     if migration_id:
-        m = world.migrations[migration_id]
-        m.last_seq = ev.seq
+        m = world.migrations.get(migration_id)
+        if m is None:
+            return None
+        m.last_seq = seq
         return m.commands.get(command_id)
-    for vm in world.vms.values():
-        if command_id in vm.commands:
-            return vm.commands[command_id]
-    return None
+    vm = world.vms.get(vm_name)
+    return vm.commands.get(command_id) if vm is not None else None
 
 
 @_on(events_pb2.CommandSucceeded)
-def _command_succeeded(world: World, ev: Event, p: events_pb2.CommandSucceeded) -> None:
-    command = _command_done(world, ev, p.command_id, p.attempt)
-    if command is None or command.state != CommandState.ISSUED:
+def _command_succeeded(
+    world: World, p: events_pb2.CommandSucceeded, seq: int, time_us: int, origin: str
+) -> None:
+    command = _command_done(world, seq, p.command_id)
+    if command is None or command.state is not _ISSUED:
         return
-    command.state = CommandState.SUCCEEDED
-    command.result = p.result
-    vm = world.vms.get(command.vm)
-    m = world.migrations.get(command.migration_id) if command.migration_id else None
-    if m is None:
+    command.state = _SUCCEEDED
+    result = command.result = p.result
+    issued = command.issued
+    migration_id = issued.migration_id
+    if not migration_id:
+        vm = world.vms.get(issued.vm)
         if vm is not None:
             _vm_command_succeeded(vm, command)
         return
-    if command.attempt != m.attempt:
+    m = world.migrations.get(migration_id)
+    if m is None or issued.attempt != m.attempt:
         return  # a late answer to a superseded attempt changes nothing
-    side = m.side(command.host)
-    if command.kind == Kind.PREPARE_INCOMING:
-        m.incoming_uri = p.result.uri
+    kind, host = issued.kind, issued.host_id
+    if kind == _PREPARE:
+        m.incoming_uri = result.uri
         m.dst.alive = True
         m.dst.runstate = "inmigrate"
-    elif command.kind == Kind.RESUME_VM and side is m.dst:
+    elif kind == _RESUME and host == m.dst.host:
         m.dst_resumed = True
-    elif command.kind == Kind.DESTROY_VM and side is not None:
-        side.alive = False
-        side.runstate = ""
-        if vm is not None:
-            vm.runstates.pop(command.host, None)
+    elif kind == _DESTROY:
+        side = m.side(host)
+        if side is not None:
+            side.alive = False
+            side.runstate = ""
+            vm = world.vms.get(issued.vm)
+            if vm is not None:
+                vm.runstates.pop(host, None)
 
 
 def _vm_command_succeeded(vm: VmState, command: Command) -> None:
@@ -367,8 +440,10 @@ def _vm_command_succeeded(vm: VmState, command: Command) -> None:
 
 
 @_on(events_pb2.CommandFailed)
-def _command_failed(world: World, ev: Event, p: events_pb2.CommandFailed) -> None:
-    command = _command_done(world, ev, p.command_id, p.attempt)
+def _command_failed(
+    world: World, p: events_pb2.CommandFailed, seq: int, time_us: int, origin: str
+) -> None:
+    command = _command_done(world, seq, p.command_id)
     if command is None or command.state != CommandState.ISSUED:
         return
     command.state = CommandState.FAILED
@@ -390,7 +465,9 @@ def _command_failed(world: World, ev: Event, p: events_pb2.CommandFailed) -> Non
 
 
 @_on(events_pb2.MigrationRequested)
-def _migration_requested(world: World, ev: Event, p: events_pb2.MigrationRequested) -> None:
+def _migration_requested(
+    world: World, p: events_pb2.MigrationRequested, seq: int, time_us: int, origin: str
+) -> None:
     vm = world.vms[p.vm]
     src_runstate = vm.runstates.get(p.source, "running" if p.source_was_running else "paused")
     m = MigrationState(
@@ -402,8 +479,8 @@ def _migration_requested(world: World, ev: Event, p: events_pb2.MigrationRequest
         policy=p.policy,
         source_was_running=p.source_was_running,
         source_lease_generation=p.source_lease_generation,
-        requested_at_us=ev.time_us,
-        last_seq=ev.seq,
+        requested_at_us=time_us,
+        last_seq=seq,
     )
     world.migrations[p.migration_id] = m
     world.open_migrations.add(p.migration_id)
@@ -411,23 +488,27 @@ def _migration_requested(world: World, ev: Event, p: events_pb2.MigrationRequest
     vm.status = VmStatus.MIGRATING
 
 
-def _migration(world: World, ev: Event, migration_id: str) -> MigrationState | None:
+def _migration(world: World, seq: int, migration_id: str) -> MigrationState | None:
     m = world.migrations.get(migration_id)
     if m is not None:
-        m.last_seq = ev.seq
+        m.last_seq = seq
     return m
 
 
 @_on(events_pb2.PostcopyRequested)
-def _postcopy_requested(world: World, ev: Event, p: events_pb2.PostcopyRequested) -> None:
-    m = _migration(world, ev, p.migration_id)
+def _postcopy_requested(
+    world: World, p: events_pb2.PostcopyRequested, seq: int, time_us: int, origin: str
+) -> None:
+    m = _migration(world, seq, p.migration_id)
     if m is not None:
         m.postcopy_requested = True
 
 
 @_on(events_pb2.RollbackDecided)
-def _rollback_decided(world: World, ev: Event, p: events_pb2.RollbackDecided) -> None:
-    m = _migration(world, ev, p.migration_id)
+def _rollback_decided(
+    world: World, p: events_pb2.RollbackDecided, seq: int, time_us: int, origin: str
+) -> None:
+    m = _migration(world, seq, p.migration_id)
     if m is not None:
         m.phase = Phase.ROLLING_BACK
         m.attempt += 1
@@ -435,8 +516,10 @@ def _rollback_decided(world: World, ev: Event, p: events_pb2.RollbackDecided) ->
 
 
 @_on(events_pb2.PostcopyRecoveryDecided)
-def _recovery_decided(world: World, ev: Event, p: events_pb2.PostcopyRecoveryDecided) -> None:
-    m = _migration(world, ev, p.migration_id)
+def _recovery_decided(
+    world: World, p: events_pb2.PostcopyRecoveryDecided, seq: int, time_us: int, origin: str
+) -> None:
+    m = _migration(world, seq, p.migration_id)
     if m is not None:
         m.phase = Phase.POSTCOPY_PAUSED
         m.recovery_attempts = p.recovery_attempt
@@ -444,8 +527,10 @@ def _recovery_decided(world: World, ev: Event, p: events_pb2.PostcopyRecoveryDec
 
 
 @_on(events_pb2.FencingDecided)
-def _fencing_decided(world: World, ev: Event, p: events_pb2.FencingDecided) -> None:
-    m = _migration(world, ev, p.migration_id)
+def _fencing_decided(
+    world: World, p: events_pb2.FencingDecided, seq: int, time_us: int, origin: str
+) -> None:
+    m = _migration(world, seq, p.migration_id)
     if m is not None:
         m.phase = Phase.FENCING
         m.attempt += 1
@@ -454,13 +539,15 @@ def _fencing_decided(world: World, ev: Event, p: events_pb2.FencingDecided) -> N
 
 
 @_on(events_pb2.MigrationFinished)
-def _migration_finished(world: World, ev: Event, p: events_pb2.MigrationFinished) -> None:
-    m = _migration(world, ev, p.migration_id)
+def _migration_finished(
+    world: World, p: events_pb2.MigrationFinished, seq: int, time_us: int, origin: str
+) -> None:
+    m = _migration(world, seq, p.migration_id)
     if m is None:
         return
     m.phase = Phase(p.phase)
     m.reason = p.reason
-    m.finished_at_us = ev.time_us
+    m.finished_at_us = time_us
     world.open_migrations.discard(p.migration_id)
     vm = world.vms.get(m.vm)
     if vm is None or vm.migration_id != m.migration_id:

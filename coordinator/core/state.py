@@ -84,25 +84,73 @@ class CommandState(enum.Enum):
     FAILED = "failed"
 
 
-@dataclass(slots=True)
 class Command:
-    """One issued command and what became of it."""
+    """One issued command (its CommandIssued message) and what became of it.
 
-    command_id: str
-    kind: int
-    host: str
-    vm: str
-    attempt: int
-    migration_id: str = ""
-    state: CommandState = CommandState.ISSUED
-    result: events_pb2.CommandResult | None = None
-    error: str = ""
-    # The arguments as issued, so an unanswered command can be re-sent after any restart.
-    args: events_pb2.CommandArgs | None = None
+    A thin record around the message: replay creates one per command, so it stays small.
+    """
+
+    __slots__ = ("error", "issued", "result", "state")
+
+    def __init__(self, issued: events_pb2.CommandIssued) -> None:
+        self.issued = issued
+        self.state = CommandState.ISSUED
+        self.result: events_pb2.CommandResult | None = None
+        self.error = ""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Command) and (
+            self.issued,
+            self.state,
+            self.result,
+            self.error,
+        ) == (other.issued, other.state, other.result, other.error)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Command({self.command_id!r}, {self.kind_name}@{self.host}, {self.state.value})"
+
+    @property
+    def command_id(self) -> str:
+        return self.issued.command_id
+
+    @property
+    def kind(self) -> int:
+        return self.issued.kind
+
+    @property
+    def host(self) -> str:
+        return self.issued.host_id
+
+    @property
+    def vm(self) -> str:
+        return self.issued.vm
+
+    @property
+    def attempt(self) -> int:
+        return self.issued.attempt
+
+    @property
+    def migration_id(self) -> str:
+        return self.issued.migration_id
+
+    @property
+    def args(self) -> events_pb2.CommandArgs:
+        return self.issued.args
 
     @property
     def kind_name(self) -> str:
         return Kind(self.kind).label
+
+
+def command_owner(command_id: str) -> tuple[str, str]:
+    """(migration id, "") or ("", VM name) from a command id; ids encode their owner:
+    "<migration>/<attempt>/<n>-<kind>" or "vm/<name>/<generation>/<n>-<kind>"."""
+    head, _, rest = command_id.partition("/")
+    if head == "vm":
+        return "", rest.partition("/")[0]
+    return head, ""
 
 
 @dataclass(slots=True)
@@ -247,8 +295,6 @@ class World:
     vms: dict[str, VmState] = field(default_factory=dict)
     migrations: dict[str, MigrationState] = field(default_factory=dict)
     open_migrations: set[str] = field(default_factory=set)
-    # command id -> migration id ("" for VM commands), to route results.
-    command_owner: dict[str, str] = field(default_factory=dict)
 
     def copy(self) -> World:
         return copy.deepcopy(self)

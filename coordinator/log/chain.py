@@ -13,7 +13,7 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from coordinator.log.records import StoredEvent
+from coordinator.log.records import PendingEvent, StoredEvent
 
 ZERO_HASH = bytes(32)
 _HEAD = struct.Struct(">QQq")
@@ -43,6 +43,20 @@ def canonical(
             _LEN.pack(len(payload)), payload,
         )
     )  # fmt: skip
+
+
+_SEQ_EPOCH = struct.Struct(">QQ")
+
+
+def body_bytes(e: PendingEvent) -> bytes:
+    """The canonical bytes after seq and epoch (known before the writer assigns those)."""
+    return canonical(0, 0, e.time_us, e.stream, e.type, e.origin_host, e.origin_generation,
+                     e.origin_seq, e.payload)[_SEQ_EPOCH.size :]  # fmt: skip
+
+
+def link(prev_hash: bytes, seq: int, epoch: int, body: bytes) -> bytes:
+    """The chain hash of an event given its precomputed body (same as chain_hash(canonical))."""
+    return hashlib.sha256(prev_hash + _SEQ_EPOCH.pack(seq, epoch) + body).digest()
 
 
 def chain_hash(prev_hash: bytes, canonical_bytes: bytes) -> bytes:

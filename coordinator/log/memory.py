@@ -11,8 +11,8 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from coordinator.log.chain import ZERO_HASH, canonical, chain_hash
-from coordinator.log.records import AppendResult, PendingEvent, StaleEpoch, StoredEvent
+from coordinator.log.chain import ZERO_HASH, link
+from coordinator.log.records import AppendResult, Mark, PendingEvent, StaleEpoch, StoredEvent
 
 
 @dataclass
@@ -55,6 +55,13 @@ class MemoryEventStore:
                 raise StaleEpoch(self._epoch, db.epoch)
             return self._store(events)
 
+    async def append_async(self, events: Sequence[PendingEvent]) -> AppendResult:
+        return self.append(events)
+
+    async def append_marks(self, events: Sequence[PendingEvent]) -> tuple[int, list[Mark]]:
+        stored = self.append(events)
+        return self._epoch, [None if e is None else (e.seq, e.prev_hash, e.hash) for e in stored]
+
     def _store(self, events: Sequence[PendingEvent]) -> AppendResult:
         db = self.database
         result: AppendResult = []
@@ -67,11 +74,9 @@ class MemoryEventStore:
                 db.high_water[key] = e.origin_seq
             seq = len(db.events) + 1
             prev = db.events[-1].hash if db.events else ZERO_HASH
-            body = canonical(seq, self._epoch, e.time_us, e.stream, e.type, e.origin_host,
-                             e.origin_generation, e.origin_seq, e.payload)  # fmt: skip
             stored = StoredEvent(seq, e.stream, e.type, self._epoch, e.time_us, e.payload,
                                  e.origin_host, e.origin_generation, e.origin_seq, prev,
-                                 chain_hash(prev, body))  # fmt: skip
+                                 link(prev, seq, self._epoch, e.body))  # fmt: skip
             db.events.append(stored)
             result.append(stored)
         db.lock.notify_all()

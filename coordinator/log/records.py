@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 
@@ -36,7 +36,11 @@ class StoreFailure(StoreError):
 
 @dataclass(frozen=True, slots=True)
 class PendingEvent:
-    """An event to append: canonical payload bytes and the plain columns people query."""
+    """An event to append: canonical payload bytes and the plain columns people query.
+
+    `body` (the canonical bytes after seq and epoch) and `tags` are computed on creation, in the
+    submitter's thread, so the log's single writer only links seq, epoch and hash.
+    """
 
     stream: str
     type: str
@@ -48,6 +52,27 @@ class PendingEvent:
     migration_id: str = ""
     vm: str = ""
     host: str = ""
+    body: bytes = field(init=False, repr=False, compare=False)
+    tags: tuple[str | None, str | None, str | None] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        from coordinator.log.chain import body_bytes
+
+        object.__setattr__(self, "body", body_bytes(self))
+        object.__setattr__(self, "tags", _tags_with_stream(self))
+
+
+def _tags_with_stream(e: PendingEvent) -> tuple[str | None, str | None, str | None]:
+    """The tag columns, with the stream's own name filled in (stream reads rely on it)."""
+    migration_id, vm, host = e.migration_id, e.vm, e.host
+    prefix, _, name = e.stream.partition("/")
+    if prefix == "migration":
+        migration_id = migration_id or name
+    elif prefix == "vm":
+        vm = vm or name
+    elif prefix == "host":
+        host = host or name
+    return migration_id or None, vm or None, host or None
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +92,19 @@ class StoredEvent:
 
 # Result of an append per pending event: the stored event, or None for a dropped duplicate.
 AppendResult = list[StoredEvent | None]
+# What the writer decides per pending event: (seq, prev_hash, hash), or None for a duplicate.
+Mark = tuple[int, bytes, bytes] | None
+
+
+def materialize(events: Sequence[PendingEvent], marks: list[Mark], epoch: int) -> AppendResult:
+    """StoredEvents from what was submitted and what the writer assigned."""
+    return [
+        None if mark is None else StoredEvent(
+            mark[0], e.stream, e.type, epoch, e.time_us, e.payload, e.origin_host,
+            e.origin_generation, e.origin_seq, mark[1], mark[2],
+        )
+        for e, mark in zip(events, marks, strict=True)
+    ]  # fmt: skip
 
 
 class EventStore(Protocol):
@@ -85,6 +123,14 @@ class EventStore(Protocol):
 
     def append(self, events: Sequence[PendingEvent]) -> AppendResult:
         """Append and wait until committed."""
+        ...
+
+    async def append_async(self, events: Sequence[PendingEvent]) -> AppendResult:
+        """Append from asyncio; returns once committed."""
+        ...
+
+    async def append_marks(self, events: Sequence[PendingEvent]) -> tuple[int, list[Mark]]:
+        """Append from asyncio; returns (epoch, (seq, prev_hash, hash) or None per event)."""
         ...
 
     def read(

@@ -9,6 +9,7 @@ an acknowledged event is durable. Append-only is enforced by triggers.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import sqlite3
@@ -20,14 +21,16 @@ from typing import Any
 
 import sqlite_utils
 
-from coordinator.log.chain import ZERO_HASH, canonical, chain_hash
+from coordinator.log.chain import ZERO_HASH, link
 from coordinator.log.records import (
     AppendResult,
+    Mark,
     PendingEvent,
     StaleEpoch,
     StoredEvent,
     StoreError,
     StoreFailure,
+    materialize,
 )
 
 log = logging.getLogger(__name__)
@@ -44,6 +47,9 @@ READ_COLUMNS = (
     "prev_hash, hash"
 )
 INSERT = f"INSERT INTO events ({COLUMNS}) VALUES ({', '.join('?' * 14)})"
+
+# Stream prefix -> the indexed column that holds the stream's name for every event in it.
+_STREAM_TAGS = {"migration": "migration_id", "vm": "vm", "host": "host"}
 
 _TRIGGERS = """
 CREATE TRIGGER IF NOT EXISTS events_append_only_update BEFORE UPDATE ON events
@@ -76,7 +82,9 @@ def create_schema(db: sqlite_utils.Database) -> None:
             not_null={"stream", "type", "epoch", "time_us", "payload", "prev_hash", "hash"},
         )  # fmt: skip
         events = db.table("events")
-        for columns in (["type"], ["migration_id"], ["vm"], ["host"], ["time_us"], ["stream"]):
+        # No index on stream: it would cost a quarter of the append rate, and stream reads use
+        # the tag columns instead (see read_rows).
+        for columns in (["type"], ["migration_id"], ["vm"], ["host"], ["time_us"]):
             events.create_index(columns)
         # Host events are unique per (host, generation, seq): retries can never store twice.
         db.execute(
@@ -90,11 +98,30 @@ def create_schema(db: sqlite_utils.Database) -> None:
 
 
 class _Batch:
-    __slots__ = ("events", "future")
+    """Events submitted together, and how to tell their submitter the outcome.
 
-    def __init__(self, events: Sequence[PendingEvent]) -> None:
+    Threads wait on a concurrent Future; asyncio callers get an asyncio future that the writer
+    settles from the loop's thread, all of one commit in a single call_soon_threadsafe, which
+    keeps the cost per acknowledged event small.
+    """
+
+    __slots__ = ("events", "future", "loop", "marks_only", "waiter")
+
+    def __init__(
+        self,
+        events: Sequence[PendingEvent],
+        loop: asyncio.AbstractEventLoop | None = None,
+        marks_only: bool = False,
+    ) -> None:
         self.events = events
-        self.future: Future[AppendResult] = Future()
+        self.loop = loop
+        self.marks_only = marks_only
+        self.waiter: asyncio.Future[Any] | None = None
+        self.future: Future[AppendResult] | None = None
+        if loop is None:
+            self.future = Future()
+        else:
+            self.waiter = loop.create_future()
 
 
 class SqliteEventStore:
@@ -139,6 +166,7 @@ class SqliteEventStore:
 
     def submit(self, events: Sequence[PendingEvent]) -> Future[AppendResult]:
         batch = _Batch(events)
+        assert batch.future is not None
         if self._fenced is not None:
             batch.future.set_exception(self._fenced)
         elif not events:
@@ -146,6 +174,31 @@ class SqliteEventStore:
         else:
             self._queue.put(batch)
         return batch.future
+
+    async def append_async(self, events: Sequence[PendingEvent]) -> AppendResult:
+        """Append from asyncio and wait until committed."""
+        if self._fenced is not None:
+            raise self._fenced
+        if not events:
+            return []
+        batch = _Batch(events, asyncio.get_running_loop())
+        assert batch.waiter is not None
+        self._queue.put(batch)
+        result: AppendResult = await batch.waiter
+        return result
+
+    async def append_marks(self, events: Sequence[PendingEvent]) -> tuple[int, list[Mark]]:
+        """Like append_async, but answers (epoch, marks) and builds no StoredEvents: for a
+        caller that keeps its own copy of what it appended, as the coordinator does."""
+        if self._fenced is not None:
+            raise self._fenced
+        if not events:
+            return self._epoch, []
+        batch = _Batch(events, asyncio.get_running_loop(), marks_only=True)
+        assert batch.waiter is not None
+        self._queue.put(batch)
+        result: tuple[int, list[Mark]] = await batch.waiter
+        return result
 
     def append(self, events: Sequence[PendingEvent]) -> AppendResult:
         return self.submit(events).result()
@@ -167,6 +220,11 @@ class SqliteEventStore:
             if stream:
                 sql += " AND stream = ?"
                 args.append(stream)
+                prefix, _, name = stream.partition("/")
+                tag = _STREAM_TAGS.get(prefix)
+                if tag and name:
+                    sql += f" AND {tag} = ?"
+                    args.append(name)
             sql += " ORDER BY seq"
             if limit:
                 sql += " LIMIT ?"
@@ -226,8 +284,7 @@ class SqliteEventStore:
 
     def _write_group(self, batches: list[_Batch], new_epoch: _EpochBatch | None = None) -> None:
         if self._fenced is not None and new_epoch is None:
-            for batch in batches:
-                batch.future.set_exception(self._fenced)
+            _settle(batches, self._fenced, epoch=0)
             return
         seq, prev, epoch = self._head_seq, self._head_hash, self._epoch
         try:
@@ -241,50 +298,45 @@ class SqliteEventStore:
             elif current != epoch:
                 raise StaleEpoch(epoch, current)
             rows: list[tuple[Any, ...]] = []
-            results: list[AppendResult] = []
+            results: list[list[Mark]] = []
             high_water = dict(self._high_water)
+            # Hot loop: only what needs the chain's order happens here; body and tags were
+            # computed by the submitter, StoredEvents are built by whoever waits.
             for batch in batches:
-                result: AppendResult = []
+                marks: list[Mark] = []
                 for e in batch.events:
                     if e.origin_seq:  # seq 0: unnumbered host facts (hello snapshots)
                         key = (e.origin_host, e.origin_generation)
-                        mark = high_water.get(key)
-                        if mark is None:
-                            mark = self.host_high_water(*key)
-                        if e.origin_seq <= mark:
-                            result.append(None)
-                            high_water[key] = mark
+                        known = high_water.get(key)
+                        if known is None:
+                            known = self.host_high_water(*key)
+                        if e.origin_seq <= known:
+                            marks.append(None)
+                            high_water[key] = known
                             continue
                         high_water[key] = e.origin_seq
                     seq += 1
-                    body = canonical(seq, epoch, e.time_us, e.stream, e.type, e.origin_host,
-                                     e.origin_generation, e.origin_seq, e.payload)  # fmt: skip
-                    digest = chain_hash(prev, body)
+                    digest = link(prev, seq, epoch, e.body)
                     rows.append((seq, e.stream, e.type, epoch, e.time_us, e.origin_host,
-                                 e.origin_generation, e.origin_seq, e.migration_id or None,
-                                 e.vm or None, e.host or None, e.payload, prev,
+                                 e.origin_generation, e.origin_seq, *e.tags, e.payload, prev,
                                  digest))  # fmt: skip
-                    result.append(StoredEvent(seq, e.stream, e.type, epoch, e.time_us,
-                                              e.payload, e.origin_host, e.origin_generation,
-                                              e.origin_seq, prev, digest))  # fmt: skip
+                    marks.append((seq, prev, digest))
                     prev = digest
-                results.append(result)
+                results.append(marks)
             self._conn.executemany(INSERT, rows)
             self._conn.execute("COMMIT")
         except StaleEpoch as err:
             self._rollback()
             self._fenced = err
             log.error("log fenced: %s", err)
-            for batch in batches:
-                batch.future.set_exception(err)
+            _settle(batches, err, epoch)
             return
         except sqlite3.Error as err:
             self._rollback()
             failure = StoreFailure(f"append failed: {err}")
             log.error("%s", failure)
             log.debug("append failure", exc_info=True)
-            for batch in batches:
-                batch.future.set_exception(failure)
+            _settle(batches, failure, epoch)
             if new_epoch is not None:
                 new_epoch.future.set_exception(failure)
             return
@@ -295,8 +347,7 @@ class SqliteEventStore:
             self.batches_committed += 1
             self.events_committed += len(rows)
             self._committed.notify_all()
-        for batch, result in zip(batches, results, strict=True):
-            batch.future.set_result(result)
+        _settle(batches, results, epoch)
 
     def _write_epoch(self, item: _EpochBatch) -> None:
         self._high_water.clear()
@@ -309,6 +360,39 @@ class SqliteEventStore:
             self._conn.execute("ROLLBACK")
         except sqlite3.Error:
             log.debug("rollback failed", exc_info=True)
+
+
+def _settle(batches: list[_Batch], outcome: list[list[Mark]] | StoreError, epoch: int) -> None:
+    """Resolve every batch of one commit; asyncio waiters with one wake-up per event loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Batch, Any]]] = {}
+    for i, batch in enumerate(batches):
+        value: Any = outcome if isinstance(outcome, StoreError) else outcome[i]
+        if batch.future is not None:
+            if isinstance(value, StoreError):
+                batch.future.set_exception(value)
+            else:
+                batch.future.set_result(materialize(batch.events, value, epoch))
+        elif batch.loop is not None:
+            by_loop.setdefault(batch.loop, []).append((batch, value))
+    for loop, waiting in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_resolve, waiting, epoch)
+        except RuntimeError:
+            log.debug("event loop closed before its appends were acknowledged")
+
+
+def _resolve(waiting: list[tuple[_Batch, Any]], epoch: int) -> None:
+    """In the waiter's event loop: build the stored events and wake the appenders."""
+    for batch, value in waiting:
+        waiter = batch.waiter
+        if waiter is None or waiter.done():
+            continue
+        if isinstance(value, StoreError):
+            waiter.set_exception(value)
+        elif batch.marks_only:
+            waiter.set_result((epoch, value))
+        else:
+            waiter.set_result(materialize(batch.events, value, epoch))
 
 
 class _EpochBatch:

@@ -41,6 +41,7 @@ def answer(driver: Driver, hosts: SimHosts, events: Iterable[Event]) -> list[Eve
     out: list[Event] = []
     for e in list(events):
         if isinstance(e.payload, E.CommandIssued):
+            driver.answered.add(e.payload.command_id)
             out += driver.observe(*hosts.answer(e.payload))
     return out
 

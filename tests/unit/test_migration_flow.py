@@ -364,3 +364,39 @@ def test_destination_stop_event_before_completion_does_not_count_as_resume():
     start(driver)
     driver.observe(qmp("host-b", "vm-1", "STOP"))
     assert not driver.world.migrations["m-1"].dst_resumed
+
+
+def test_rollback_after_destination_took_lease_releases_it_before_source_retakes_it():
+    """Destination dies holding the lease: rollback releases it there before the source retakes."""
+    driver, hosts = fresh()
+    start(driver)
+    for _ in range(30):
+        step = driver.advance("m-1")
+        answer(
+            driver,
+            hosts,
+            [e for e in step if Kind(e.payload.kind) != Kind.ENABLE_NETWORK]
+            if step and step[0].type == "CommandIssued"
+            else step,
+        )
+        if driver.world.vms["vm-1"].lease_holder == "host-b":
+            break
+        if not step:
+            start_cmd = next(
+                e.payload
+                for e in driver.log
+                if e.type == "CommandIssued" and Kind(e.payload.kind) == Kind.START_MIGRATION
+            )
+            driver._progress("m-1", start_cmd, hosts)
+    assert driver.world.vms["vm-1"].lease_holder == "host-b"
+    driver.observe(hosts.kill("vm-1", "host-b"))
+    d = decisions(driver.run("m-1", hosts))
+    assert d == [
+        "RollbackDecided",
+        "release-lease@host-b",
+        "acquire-lease@host-a",
+        "resume-vm@host-a",
+        "MigrationFinished",
+    ]
+    vm = driver.world.vms["vm-1"]
+    assert (vm.lease_holder, vm.lease_generation, vm.host) == ("host-a", 3, "host-a")

@@ -1,0 +1,32 @@
+"""Entry point: python -m tools.bench [NAME-or-prefix ...]."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+
+from tools.bench import log_bench
+
+Result = dict[str, object]
+BENCHES: dict[str, Callable[[], Result]] = {
+    "log.append.1_writer": lambda: log_bench.append_bench(1),
+    "log.append.10_writers": lambda: log_bench.append_bench(10),
+    "log.append.100_writers": lambda: log_bench.append_bench(100),
+    "log.replay.1m": lambda: log_bench.replay_bench(1_000_000),
+}
+
+
+def main(argv: list[str]) -> int:
+    wanted = [n for n in BENCHES if not argv or any(n == a or n.startswith(a) for a in argv)]
+    if not wanted:
+        print(f"no benchmark matches {argv}; known: {', '.join(BENCHES)}", file=sys.stderr)
+        return 2
+    for name in wanted:
+        result = BENCHES[name]()
+        print(json.dumps({"bench": name, **result}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
