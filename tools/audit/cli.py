@@ -1,0 +1,92 @@
+"""whimbrel-audit: verify and explain a Whimbrel event log, offline.
+
+whimbrel-audit verify DB [--expect-head SEQ:HASH]   exit 0 clean, 1 violations, 2 unreadable
+whimbrel-audit head DB                              print SEQ:HASH of the chain head
+whimbrel-audit export DB --format jsonl             every event as one JSON object per line
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from google.protobuf import json_format
+
+from coordinator import codec
+from tools.audit.checks import Unreadable, open_log, stored_events, verify
+
+EXIT_CLEAN, EXIT_VIOLATIONS, EXIT_UNREADABLE = 0, 1, 2
+
+
+def cmd_verify(ns: argparse.Namespace) -> int:
+    expect_seq, expect_hash = 0, b""
+    if ns.expect_head:
+        seq, _, digest = ns.expect_head.partition(":")
+        expect_seq, expect_hash = int(seq), bytes.fromhex(digest)
+    report = verify(Path(ns.db), expect_seq, expect_hash)
+    if ns.json:
+        findings = [{"seq": f.seq, "problem": f.what} for f in report.findings]
+        print(json.dumps({"ok": report.ok, "events": report.events, "head_seq": report.head_seq,
+                          "head_hash": report.head_hash.hex(), "findings": findings}))  # fmt: skip
+    elif report.ok:
+        print(f"ok: {report.events} events, head {report.head_seq}:{report.head_hash.hex()}")
+    else:
+        first = report.findings[0]
+        print(f"VIOLATION at seq {first.seq}: {first.what}")
+        for finding in report.findings[1:]:
+            print(f"  also at seq {finding.seq}: {finding.what}")
+    return EXIT_CLEAN if report.ok else EXIT_VIOLATIONS
+
+
+def cmd_head(ns: argparse.Namespace) -> int:
+    conn = open_log(Path(ns.db))
+    row = conn.execute("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1").fetchone()
+    print(f"{row[0]}:{row[1].hex()}" if row else "0:" + "00" * 32)
+    return EXIT_CLEAN
+
+
+def cmd_export(ns: argparse.Namespace) -> int:
+    conn = open_log(Path(ns.db))
+    for stored in stored_events(conn):
+        event = codec.from_stored(stored)
+        print(json.dumps({
+            "seq": stored.seq, "stream": stored.stream, "type": stored.type,
+            "epoch": stored.epoch, "time_us": stored.time_us,
+            "origin": {"host": stored.origin_host, "generation": stored.origin_generation,
+                       "seq": stored.origin_seq} if stored.origin_host else None,
+            "payload": json_format.MessageToDict(event.payload, preserving_proto_field_name=True),
+            "prev_hash": stored.prev_hash.hex(), "hash": stored.hash.hex(),
+        }))  # fmt: skip
+    return EXIT_CLEAN
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="whimbrel-audit", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    v = sub.add_parser("verify", help="verify chain, order, epochs and safety invariants")
+    v.add_argument("db")
+    v.add_argument("--expect-head", help="SEQ:HASH printed earlier by `head`")
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(run=cmd_verify)
+    h = sub.add_parser("head", help="print the chain head to anchor it elsewhere")
+    h.add_argument("db")
+    h.set_defaults(run=cmd_head)
+    x = sub.add_parser("export", help="export every event")
+    x.add_argument("db")
+    x.add_argument("--format", choices=["jsonl"], default="jsonl")
+    x.set_defaults(run=cmd_export)
+    ns = parser.parse_args(argv)
+    try:
+        return int(ns.run(ns))
+    except Unreadable as err:
+        print(f"whimbrel-audit: unreadable: {err}", file=sys.stderr)
+        return EXIT_UNREADABLE
+    except ValueError as err:
+        print(f"whimbrel-audit: {err}", file=sys.stderr)
+        return EXIT_UNREADABLE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,340 @@
+"""whimbrelctl: the operator's command line for a Whimbrel coordinator.
+
+    whimbrelctl [--coordinator HOST:PORT] [--json] COMMAND ...
+
+Exit codes: 0 success, 1 the coordinator refused (the gRPC status is printed), 2 usage error,
+3 coordinator unreachable, 4 a waited-for migration ended other than completed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from whimbrel.v1 import (
+    common_pb2,
+    eventlog_pb2,
+    eventlog_pb2_grpc,
+    events_pb2,
+    host_pb2,
+    host_pb2_grpc,
+    migration_pb2,
+    migration_pb2_grpc,
+    vm_pb2,
+    vm_pb2_grpc,
+)
+
+EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_NOT_COMPLETED = 1, 2, 3, 4
+MODES = {
+    "precopy": common_pb2.MIGRATION_MODE_PRECOPY,
+    "postcopy": common_pb2.MIGRATION_MODE_POSTCOPY,
+    "auto": common_pb2.MIGRATION_MODE_AUTO,
+}
+TERMINAL = {
+    common_pb2.MIGRATION_PHASE_COMPLETED,
+    common_pb2.MIGRATION_PHASE_ROLLED_BACK,
+    common_pb2.MIGRATION_PHASE_FENCED,
+}
+
+
+def _phase(value: int) -> str:
+    return common_pb2.MigrationPhase.Name(value).removeprefix("MIGRATION_PHASE_").lower()  # type: ignore[arg-type]
+
+
+def _status(value: int) -> str:
+    return vm_pb2.VmStatus.Name(value).removeprefix("VM_STATUS_").lower()  # type: ignore[arg-type]
+
+
+def _mode(value: int) -> str:
+    return common_pb2.MigrationMode.Name(value).removeprefix("MIGRATION_MODE_").lower()  # type: ignore[arg-type]
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+class Ctl:
+    def __init__(self, address: str, as_json: bool) -> None:
+        self.channel = grpc.insecure_channel(address)
+        self.as_json = as_json
+        self.migrations = migration_pb2_grpc.MigrationServiceStub(self.channel)
+        self.vms = vm_pb2_grpc.VmServiceStub(self.channel)
+        self.hosts = host_pb2_grpc.HostServiceStub(self.channel)
+        self.log = eventlog_pb2_grpc.EventLogServiceStub(self.channel)
+
+    def emit(self, message: Message, text: Callable[[Any], str]) -> None:
+        if self.as_json:
+            print(json_format.MessageToJson(message, preserving_proto_field_name=True, indent=None))
+        else:
+            print(text(message))
+
+    # --- hosts and VMs ---
+
+    def hosts_list(self, ns: argparse.Namespace) -> int:
+        reply = self.hosts.ListHosts(host_pb2.ListHostsRequest())
+
+        def table(r: host_pb2.ListHostsResponse) -> str:
+            lines = [f"{'HOST':<16} {'GEN':>4} {'STATE':<13} {'MIGRATION ADDR':<16} VMS"]
+            for h in r.hosts:
+                state = "connected" if h.connected else "disconnected"
+                lines.append(f"{h.host_id:<16} {h.generation:>4} {state:<13} "
+                             f"{h.migration_address:<16} {','.join(h.vms)}")  # fmt: skip
+            return "\n".join(lines)
+
+        self.emit(reply, table)
+        return 0
+
+    def vm_define(self, ns: argparse.Namespace) -> int:
+        spec = common_pb2.VmSpec(
+            name=ns.name, memory_mib=ns.memory, vcpus=ns.vcpus, machine=ns.machine
+        )
+        for disk in ns.disk or []:
+            spec.disks.append(common_pb2.Disk(path=disk, format=ns.disk_format))
+        for nic in ns.nic or []:
+            mac, _, bridge = nic.partition(",")
+            spec.nics.append(common_pb2.Nic(mac=mac, bridge=bridge))
+        if ns.memory_file:
+            spec.memory_backing.kind = "file"
+            spec.memory_backing.path = ns.memory_file
+        self.emit(self.vms.DefineVm(vm_pb2.DefineVmRequest(spec=spec)), self._vm_line)
+        return 0
+
+    def _vm_line(self, vm: vm_pb2.Vm) -> str:
+        extra = f" migration={vm.migration_id}" if vm.migration_id else ""
+        extra += f" lost: {vm.lost_reason}" if vm.lost_reason else ""
+        return (f"{vm.spec.name:<16} {_status(vm.status):<10} host={vm.host or '-'} "
+                f"lease={vm.lease_holder or '-'}@{vm.lease_generation}{extra}")  # fmt: skip
+
+    def vm_start(self, ns: argparse.Namespace) -> int:
+        self.emit(
+            self.vms.StartVm(vm_pb2.StartVmRequest(name=ns.name, host=ns.host)), self._vm_line
+        )
+        return 0
+
+    def vm_stop(self, ns: argparse.Namespace) -> int:
+        self.emit(
+            self.vms.StopVm(vm_pb2.StopVmRequest(name=ns.name, force=ns.force)), self._vm_line
+        )
+        return 0
+
+    def vm_get(self, ns: argparse.Namespace) -> int:
+        self.emit(self.vms.GetVm(vm_pb2.GetVmRequest(name=ns.name)), self._vm_line)
+        return 0
+
+    def vm_list(self, ns: argparse.Namespace) -> int:
+        reply = self.vms.ListVms(vm_pb2.ListVmsRequest())
+        self.emit(reply, lambda r: "\n".join(self._vm_line(vm) for vm in r.vms) or "no VMs")
+        return 0
+
+    # --- migrations ---
+
+    def _migration_line(self, m: migration_pb2.Migration) -> str:
+        p = m.progress
+        pct = f"{100 * p.transferred_bytes / p.total_bytes:5.1f}%" if p.total_bytes else "    -"
+        line = (f"{m.migration_id} {m.vm} {m.source}->{m.destination} {_mode(m.mode)} "
+                f"{_phase(m.phase)} pass={getattr(p, 'pass')} sent={_bytes(p.transferred_bytes)} "
+                f"remaining={_bytes(p.remaining_bytes)} {p.mbps:.0f} Mbit/s {pct}")  # fmt: skip
+        if m.postcopy:
+            line += " postcopy"
+        if m.pause_us:
+            line += f" pause={m.pause_us / 1000:.1f}ms"
+        if m.reason:
+            line += f" ({m.reason})"
+        return line
+
+    def migrate(self, ns: argparse.Namespace) -> int:
+        policy = events_pb2.MigrationPolicy()
+        if ns.bandwidth:
+            policy.parameters.max_bandwidth = ns.bandwidth
+        if ns.downtime_ms:
+            policy.parameters.downtime_limit_ms = ns.downtime_ms
+        if ns.postcopy_bandwidth:
+            policy.parameters.max_postcopy_bandwidth = ns.postcopy_bandwidth
+        m = self.migrations.StartMigration(migration_pb2.StartMigrationRequest(
+            vm=ns.vm, destination=ns.to, mode=MODES[ns.mode], policy=policy,
+            migration_id=ns.id or ""))  # fmt: skip
+        if not ns.wait:
+            self.emit(m, self._migration_line)
+            return 0
+        return self._watch(m.migration_id)
+
+    def _watch(self, migration_id: str) -> int:
+        last: migration_pb2.Migration | None = None
+        for last in self._stream(migration_id):
+            self.emit(last, self._migration_line)
+        if last is None or last.phase != common_pb2.MIGRATION_PHASE_COMPLETED:
+            return EXIT_NOT_COMPLETED
+        return 0
+
+    def _stream(self, migration_id: str) -> Iterator[migration_pb2.Migration]:
+        yield from self.migrations.WatchMigration(
+            migration_pb2.WatchMigrationRequest(migration_id=migration_id)
+        )
+
+    def migration_get(self, ns: argparse.Namespace) -> int:
+        request = migration_pb2.GetMigrationRequest(migration_id=ns.id)
+        self.emit(self.migrations.GetMigration(request), self._migration_line)
+        return 0
+
+    def migration_list(self, ns: argparse.Namespace) -> int:
+        reply = self.migrations.ListMigrations(
+            migration_pb2.ListMigrationsRequest(vm=ns.vm or "", open_only=ns.open)
+        )
+        self.emit(
+            reply,
+            lambda r: "\n".join(self._migration_line(m) for m in r.migrations) or "no migrations",
+        )
+        return 0
+
+    def migration_watch(self, ns: argparse.Namespace) -> int:
+        return self._watch(ns.id)
+
+    def migration_abort(self, ns: argparse.Namespace) -> int:
+        request = migration_pb2.AbortMigrationRequest(migration_id=ns.id, reason=ns.reason or "")
+        self.emit(self.migrations.AbortMigration(request), self._migration_line)
+        return 0
+
+    def migration_postcopy(self, ns: argparse.Namespace) -> int:
+        request = migration_pb2.SwitchToPostcopyRequest(migration_id=ns.id)
+        self.emit(self.migrations.SwitchToPostcopy(request), self._migration_line)
+        return 0
+
+    # --- log ---
+
+    def events(self, ns: argparse.Namespace) -> int:
+        request = eventlog_pb2.ReadEventsRequest(
+            from_seq=ns.since, follow=ns.follow, stream=ns.stream or "", limit=ns.limit
+        )
+        for event in self.log.ReadEvents(request):
+            self.emit(event, lambda e: f"{e.seq:>8} {e.stream:<24} {e.type:<24} "
+                      f"{e.origin.host_id or 'coordinator'} "
+                      f"{json_format.MessageToJson(e.payload, indent=None)}")  # fmt: skip
+        return 0
+
+    def verify(self, ns: argparse.Namespace) -> int:
+        reply = self.log.VerifyLog(eventlog_pb2.VerifyLogRequest())
+        self.emit(reply, lambda r: f"ok: {r.events_checked} events, head {r.head_seq} {r.head_hash}"
+                  if r.ok else f"VIOLATION at seq {r.first_bad_seq}: {r.problem}")  # fmt: skip
+        return 0 if reply.ok else EXIT_REFUSED
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="whimbrelctl", description="Operate a Whimbrel coordinator."
+    )
+    parser.add_argument(
+        "--coordinator", default="127.0.0.1:7700", help="HOST:PORT (default %(default)s)"
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="machine-readable output (one JSON object per line)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("hosts", help="list hosts").set_defaults(run=Ctl.hosts_list)
+
+    vm = sub.add_parser("vm", help="define, start, stop and list VMs").add_subparsers(
+        dest="vm_command", required=True
+    )
+    define = vm.add_parser("define", help="define a VM")
+    define.add_argument("name")
+    define.add_argument("--memory", type=int, default=128, help="MiB (default %(default)s)")
+    define.add_argument("--vcpus", type=int, default=1)
+    define.add_argument("--machine", default="pc")
+    define.add_argument(
+        "--disk", action="append", help="absolute path on shared storage (repeatable)"
+    )
+    define.add_argument("--disk-format", default="raw", choices=["raw", "qcow2"])
+    define.add_argument("--nic", action="append", help="MAC[,BRIDGE] (repeatable)")
+    define.add_argument("--memory-file", help="back RAM with this file (private mapping)")
+    define.set_defaults(run=Ctl.vm_define)
+    start = vm.add_parser("start", help="start a VM on a host")
+    start.add_argument("name")
+    start.add_argument("--host", required=True)
+    start.set_defaults(run=Ctl.vm_start)
+    stop = vm.add_parser("stop", help="stop a VM")
+    stop.add_argument("name")
+    stop.add_argument("--force", action="store_true")
+    stop.set_defaults(run=Ctl.vm_stop)
+    get = vm.add_parser("get", help="show a VM")
+    get.add_argument("name")
+    get.set_defaults(run=Ctl.vm_get)
+    vm.add_parser("list", help="list VMs").set_defaults(run=Ctl.vm_list)
+
+    migrate = sub.add_parser("migrate", help="migrate a running VM")
+    migrate.add_argument("vm")
+    migrate.add_argument("--to", required=True, help="destination host")
+    migrate.add_argument("--mode", choices=sorted(MODES), default="precopy")
+    migrate.add_argument("--wait", action="store_true", help="show live progress until it ends")
+    migrate.add_argument("--id", help="migration id (generated when omitted)")
+    migrate.add_argument("--bandwidth", type=int, help="max bandwidth, bytes/s")
+    migrate.add_argument("--downtime-ms", type=int, help="downtime limit, ms")
+    migrate.add_argument("--postcopy-bandwidth", type=int, help="max post-copy bandwidth, bytes/s")
+    migrate.set_defaults(run=Ctl.migrate)
+
+    mig = sub.add_parser("migration", help="inspect and steer migrations").add_subparsers(
+        dest="migration_command", required=True
+    )
+    simple = (
+        ("get", Ctl.migration_get, "show one"),
+        ("watch", Ctl.migration_watch, "follow one live"),
+        ("postcopy", Ctl.migration_postcopy, "switch to post-copy"),
+    )
+    for name, fn, help_ in simple:
+        p = mig.add_parser(name, help=help_)
+        p.add_argument("id")
+        p.set_defaults(run=fn)
+    abort = mig.add_parser("abort", help="abort (only before the point of no return)")
+    abort.add_argument("id")
+    abort.add_argument("--reason")
+    abort.set_defaults(run=Ctl.migration_abort)
+    lst = mig.add_parser("list", help="list migrations")
+    lst.add_argument("--vm")
+    lst.add_argument("--open", action="store_true", help="only non-terminal ones")
+    lst.set_defaults(run=Ctl.migration_list)
+
+    events = sub.add_parser("events", help="read the event log")
+    events.add_argument("--since", type=int, default=1)
+    events.add_argument("--follow", action="store_true")
+    events.add_argument("--stream")
+    events.add_argument("--limit", type=int, default=0)
+    events.set_defaults(run=Ctl.events)
+    sub.add_parser("verify", help="verify the live log's hash chain").set_defaults(run=Ctl.verify)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    ctl = Ctl(ns.coordinator, ns.json)
+    try:
+        return int(ns.run(ctl, ns))
+    except grpc.RpcError as err:
+        code = err.code()
+        details = err.details()
+        if code == grpc.StatusCode.UNAVAILABLE and "connect" in (details or "").lower():
+            print(
+                f"whimbrelctl: cannot reach the coordinator at {ns.coordinator}: {details}",
+                file=sys.stderr,
+            )
+            return EXIT_UNREACHABLE
+        if ns.json:
+            print(json.dumps({"error": {"code": code.name, "message": details}}))
+        print(f"whimbrelctl: {code.name}: {details}", file=sys.stderr)
+        return EXIT_REFUSED
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        ctl.channel.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
