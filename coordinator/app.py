@@ -134,8 +134,17 @@ class Coordinator:
         for new, mark in zip(new_events, marks, strict=True):
             if mark is None:
                 continue  # a duplicate host event, already in the log
-            event = Event(mark[0], new.stream, new.type, epoch, new.time_us, new.payload,
-                          new.origin_host, new.origin_generation, new.origin_seq)  # fmt: skip
+            event = Event(
+                mark[0],
+                new.stream,
+                new.type,
+                epoch,
+                new.time_us,
+                new.payload,
+                new.origin_host,
+                new.origin_generation,
+                new.origin_seq,
+            )
             evolve(self.world, event)
             stored_events.append(event)
         for event in stored_events:
@@ -199,27 +208,39 @@ class Coordinator:
             current = self.world.hosts.get(hello.host_id)
             if current is not None and hello.generation < current.generation:
                 raise IllegalTransition(
-                    f"host {hello.host_id}", "connect", f"generation {current.generation}",
+                    f"host {hello.host_id}",
+                    "connect",
+                    f"generation {current.generation}",
                     [f"generation >= {current.generation}"],
-                )  # fmt: skip
+                )
             old = self.sessions.pop(hello.host_id, None)
             if old is not None:
                 old.close()
             session = HostSession(hello.host_id, hello.generation)
             self.sessions[hello.host_id] = session
             connected = events_pb2.HostConnected(
-                host_id=hello.host_id, generation=hello.generation,
-                highest_epoch_seen=hello.highest_epoch_seen, last_acked_seq=hello.last_acked_seq,
-                migration_address=hello.migration_address, version=hello.version,
-            )  # fmt: skip
+                host_id=hello.host_id,
+                generation=hello.generation,
+                highest_epoch_seen=hello.highest_epoch_seen,
+                last_acked_seq=hello.last_acked_seq,
+                migration_address=hello.migration_address,
+                version=hello.version,
+            )
             now = self.clock()
             new = [
                 NewEvent(f"host/{hello.host_id}", connected, now, hello.host_id, hello.generation)
             ]
             for observation in hello.vms:
                 snapshot = events_pb2.VmObserved(observation=observation, reason="hello")
-                new.append(NewEvent(self._stream_for(observation.vm), snapshot, now,
-                                    hello.host_id, hello.generation))  # fmt: skip
+                new.append(
+                    NewEvent(
+                        self._stream_for(observation.vm),
+                        snapshot,
+                        now,
+                        hello.host_id,
+                        hello.generation,
+                    )
+                )
             stored = await self._append(new)
             last = self.store.host_high_water(hello.host_id, hello.generation)
             welcome = host_pb2.Welcome(epoch=self.world.epoch, last_stored_seq=last)
@@ -245,13 +266,24 @@ class Coordinator:
             if kind is None:
                 continue
             payload = getattr(host_event.payload, kind)
-            new.append(NewEvent(self._stream_for(getattr(payload, "vm", "")), payload,
-                                host_event.time_us or self.clock(), session.host_id,
-                                session.generation, host_event.seq))  # fmt: skip
+            # Re-sent events of an earlier generation keep their own (generation, seq).
+            generation = min(host_event.generation or session.generation, session.generation)
+            new.append(
+                NewEvent(
+                    self._stream_for(getattr(payload, "vm", "")),
+                    payload,
+                    host_event.time_us or self.clock(),
+                    session.host_id,
+                    generation,
+                    host_event.seq,
+                )
+            )
         async with self._lock:
             stored = await self._append(new)
             if events:
-                ack = host_pb2.Ack(generation=session.generation, seq=events[-1].seq)
+                last = events[-1]
+                generation = min(last.generation or session.generation, session.generation)
+                ack = host_pb2.Ack(generation=generation, seq=last.seq)
                 session.send(host_pb2.CoordinatorMessage(ack=ack))
             await self._advance_touched(stored)
 
@@ -294,11 +326,19 @@ class Coordinator:
             self._send(session, command)
 
     def _send(self, session: HostSession, command: Command) -> None:
-        session.send(host_pb2.CoordinatorMessage(command=host_pb2.Command(
-            command_id=command.command_id, migration_id=command.migration_id,
-            attempt=command.attempt, epoch=self.world.epoch, vm=command.vm,
-            kind=events_pb2.CommandKind.ValueType(command.kind), args=command.args,
-        )))  # fmt: skip
+        session.send(
+            host_pb2.CoordinatorMessage(
+                command=host_pb2.Command(
+                    command_id=command.command_id,
+                    migration_id=command.migration_id,
+                    attempt=command.attempt,
+                    epoch=self.world.epoch,
+                    vm=command.vm,
+                    kind=events_pb2.CommandKind.ValueType(command.kind),
+                    args=command.args,
+                )
+            )
+        )
 
     # --- watching -----------------------------------------------------------------------------
 

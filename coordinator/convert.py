@@ -28,7 +28,7 @@ def migration_to_proto(m: MigrationState) -> migration_pb2.Migration:
         pause_us=m.pause_us,
         last_seq=m.last_seq,
         policy=m.policy,
-    )  # fmt: skip
+    )
 
 
 def _progress(m: MigrationState) -> migration_pb2.MigrationProgress:

@@ -92,9 +92,16 @@ class MigrationServicer(migration_pb2_grpc.MigrationServiceServicer):
         self, request: migration_pb2.StartMigrationRequest, context: Any
     ) -> migration_pb2.Migration:
         migration_id = request.migration_id or f"m-{uuid.uuid4().hex[:12]}"
-        await self.app.request(I.StartMigration(
-            migration_id, request.vm, request.destination, request.mode, request.policy,
-            self.app.clock()))  # fmt: skip
+        await self.app.request(
+            I.StartMigration(
+                migration_id,
+                request.vm,
+                request.destination,
+                request.mode,
+                request.policy,
+                self.app.clock(),
+            )
+        )
         return self._get(migration_id)
 
     @mapped
@@ -108,9 +115,12 @@ class MigrationServicer(migration_pb2_grpc.MigrationServiceServicer):
         self, request: migration_pb2.ListMigrationsRequest, context: Any
     ) -> migration_pb2.ListMigrationsResponse:
         world = self.app.world
-        ms = [m for m in world.migrations.values()
-              if (not request.vm or m.vm == request.vm)
-              and (not request.open_only or not m.phase.terminal)]  # fmt: skip
+        ms = [
+            m
+            for m in world.migrations.values()
+            if (not request.vm or m.vm == request.vm)
+            and (not request.open_only or not m.phase.terminal)
+        ]
         ms.sort(key=lambda m: m.requested_at_us, reverse=True)
         return migration_pb2.ListMigrationsResponse(
             migrations=[convert.migration_to_proto(m) for m in ms]
@@ -272,7 +282,10 @@ class EventLogServicer(eventlog_pb2_grpc.EventLogServiceServicer):
             verify_chain, self.app.store.read(), request.expect_seq, expect
         )
         return eventlog_pb2.VerifyLogResponse(
-            ok=result.ok, events_checked=result.events_checked, head_seq=result.head_seq,
-            head_hash=result.head_hash.hex(), first_bad_seq=result.first_bad_seq,
+            ok=result.ok,
+            events_checked=result.events_checked,
+            head_seq=result.head_seq,
+            head_hash=result.head_hash.hex(),
+            first_bad_seq=result.first_bad_seq,
             problem=result.problem,
-        )  # fmt: skip
+        )

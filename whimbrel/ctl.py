@@ -88,8 +88,10 @@ class Ctl:
             lines = [f"{'HOST':<16} {'GEN':>4} {'STATE':<13} {'MIGRATION ADDR':<16} VMS"]
             for h in r.hosts:
                 state = "connected" if h.connected else "disconnected"
-                lines.append(f"{h.host_id:<16} {h.generation:>4} {state:<13} "
-                             f"{h.migration_address:<16} {','.join(h.vms)}")  # fmt: skip
+                lines.append(
+                    f"{h.host_id:<16} {h.generation:>4} {state:<13} "
+                    f"{h.migration_address:<16} {','.join(h.vms)}"
+                )
             return "\n".join(lines)
 
         self.emit(reply, table)
@@ -113,8 +115,10 @@ class Ctl:
     def _vm_line(self, vm: vm_pb2.Vm) -> str:
         extra = f" migration={vm.migration_id}" if vm.migration_id else ""
         extra += f" lost: {vm.lost_reason}" if vm.lost_reason else ""
-        return (f"{vm.spec.name:<16} {_status(vm.status):<10} host={vm.host or '-'} "
-                f"lease={vm.lease_holder or '-'}@{vm.lease_generation}{extra}")  # fmt: skip
+        return (
+            f"{vm.spec.name:<16} {_status(vm.status):<10} host={vm.host or '-'} "
+            f"lease={vm.lease_holder or '-'}@{vm.lease_generation}{extra}"
+        )
 
     def vm_start(self, ns: argparse.Namespace) -> int:
         self.emit(
@@ -142,9 +146,11 @@ class Ctl:
     def _migration_line(self, m: migration_pb2.Migration) -> str:
         p = m.progress
         pct = f"{100 * p.transferred_bytes / p.total_bytes:5.1f}%" if p.total_bytes else "    -"
-        line = (f"{m.migration_id} {m.vm} {m.source}->{m.destination} {_mode(m.mode)} "
-                f"{_phase(m.phase)} pass={getattr(p, 'pass')} sent={_bytes(p.transferred_bytes)} "
-                f"remaining={_bytes(p.remaining_bytes)} {p.mbps:.0f} Mbit/s {pct}")  # fmt: skip
+        line = (
+            f"{m.migration_id} {m.vm} {m.source}->{m.destination} {_mode(m.mode)} "
+            f"{_phase(m.phase)} pass={getattr(p, 'pass')} sent={_bytes(p.transferred_bytes)} "
+            f"remaining={_bytes(p.remaining_bytes)} {p.mbps:.0f} Mbit/s {pct}"
+        )
         if m.postcopy:
             line += " postcopy"
         if m.pause_us:
@@ -161,9 +167,15 @@ class Ctl:
             policy.parameters.downtime_limit_ms = ns.downtime_ms
         if ns.postcopy_bandwidth:
             policy.parameters.max_postcopy_bandwidth = ns.postcopy_bandwidth
-        m = self.migrations.StartMigration(migration_pb2.StartMigrationRequest(
-            vm=ns.vm, destination=ns.to, mode=MODES[ns.mode], policy=policy,
-            migration_id=ns.id or ""))  # fmt: skip
+        m = self.migrations.StartMigration(
+            migration_pb2.StartMigrationRequest(
+                vm=ns.vm,
+                destination=ns.to,
+                mode=MODES[ns.mode],
+                policy=policy,
+                migration_id=ns.id or "",
+            )
+        )
         if not ns.wait:
             self.emit(m, self._migration_line)
             return 0
@@ -217,15 +229,26 @@ class Ctl:
             from_seq=ns.since, follow=ns.follow, stream=ns.stream or "", limit=ns.limit
         )
         for event in self.log.ReadEvents(request):
-            self.emit(event, lambda e: f"{e.seq:>8} {e.stream:<24} {e.type:<24} "
-                      f"{e.origin.host_id or 'coordinator'} "
-                      f"{json_format.MessageToJson(e.payload, indent=None)}")  # fmt: skip
+            self.emit(
+                event,
+                lambda e: (
+                    f"{e.seq:>8} {e.stream:<24} {e.type:<24} "
+                    f"{e.origin.host_id or 'coordinator'} "
+                    f"{json_format.MessageToJson(e.payload, indent=None)}"
+                ),
+            )
         return 0
 
     def verify(self, ns: argparse.Namespace) -> int:
         reply = self.log.VerifyLog(eventlog_pb2.VerifyLogRequest())
-        self.emit(reply, lambda r: f"ok: {r.events_checked} events, head {r.head_seq} {r.head_hash}"
-                  if r.ok else f"VIOLATION at seq {r.first_bad_seq}: {r.problem}")  # fmt: skip
+        self.emit(
+            reply,
+            lambda r: (
+                f"ok: {r.events_checked} events, head {r.head_seq} {r.head_hash}"
+                if r.ok
+                else f"VIOLATION at seq {r.first_bad_seq}: {r.problem}"
+            ),
+        )
         return 0 if reply.ok else EXIT_REFUSED
 
 

@@ -36,13 +36,17 @@ def canonical(
     return b"".join(
         (
             _HEAD.pack(seq, epoch, time_us),
-            _LEN.pack(len(s)), s,
-            _LEN.pack(len(t)), t,
-            _LEN.pack(len(o)), o,
+            _LEN.pack(len(s)),
+            s,
+            _LEN.pack(len(t)),
+            t,
+            _LEN.pack(len(o)),
+            o,
             _ORIGIN.pack(origin_generation, origin_seq),
-            _LEN.pack(len(payload)), payload,
+            _LEN.pack(len(payload)),
+            payload,
         )
-    )  # fmt: skip
+    )
 
 
 _SEQ_EPOCH = struct.Struct(">QQ")
@@ -50,8 +54,17 @@ _SEQ_EPOCH = struct.Struct(">QQ")
 
 def body_bytes(e: PendingEvent) -> bytes:
     """The canonical bytes after seq and epoch (known before the writer assigns those)."""
-    return canonical(0, 0, e.time_us, e.stream, e.type, e.origin_host, e.origin_generation,
-                     e.origin_seq, e.payload)[_SEQ_EPOCH.size :]  # fmt: skip
+    return canonical(
+        0,
+        0,
+        e.time_us,
+        e.stream,
+        e.type,
+        e.origin_host,
+        e.origin_generation,
+        e.origin_seq,
+        e.payload,
+    )[_SEQ_EPOCH.size :]
 
 
 def link(prev_hash: bytes, seq: int, epoch: int, body: bytes) -> bytes:
@@ -67,10 +80,17 @@ def event_hash(prev_hash: bytes, e: StoredEvent) -> bytes:
     return chain_hash(
         prev_hash,
         canonical(
-            e.seq, e.epoch, e.time_us, e.stream, e.type, e.origin_host, e.origin_generation,
-            e.origin_seq, e.payload,
+            e.seq,
+            e.epoch,
+            e.time_us,
+            e.stream,
+            e.type,
+            e.origin_host,
+            e.origin_generation,
+            e.origin_seq,
+            e.payload,
         ),
-    )  # fmt: skip
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -74,9 +74,19 @@ class MemoryEventStore:
                 db.high_water[key] = e.origin_seq
             seq = len(db.events) + 1
             prev = db.events[-1].hash if db.events else ZERO_HASH
-            stored = StoredEvent(seq, e.stream, e.type, self._epoch, e.time_us, e.payload,
-                                 e.origin_host, e.origin_generation, e.origin_seq, prev,
-                                 link(prev, seq, self._epoch, e.body))  # fmt: skip
+            stored = StoredEvent(
+                seq,
+                e.stream,
+                e.type,
+                self._epoch,
+                e.time_us,
+                e.payload,
+                e.origin_host,
+                e.origin_generation,
+                e.origin_seq,
+                prev,
+                link(prev, seq, self._epoch, e.body),
+            )
             db.events.append(stored)
             result.append(stored)
         db.lock.notify_all()

@@ -99,12 +99,23 @@ Mark = tuple[int, bytes, bytes] | None
 def materialize(events: Sequence[PendingEvent], marks: list[Mark], epoch: int) -> AppendResult:
     """StoredEvents from what was submitted and what the writer assigned."""
     return [
-        None if mark is None else StoredEvent(
-            mark[0], e.stream, e.type, epoch, e.time_us, e.payload, e.origin_host,
-            e.origin_generation, e.origin_seq, mark[1], mark[2],
+        None
+        if mark is None
+        else StoredEvent(
+            mark[0],
+            e.stream,
+            e.type,
+            epoch,
+            e.time_us,
+            e.payload,
+            e.origin_host,
+            e.origin_generation,
+            e.origin_seq,
+            mark[1],
+            mark[2],
         )
         for e, mark in zip(events, marks, strict=True)
-    ]  # fmt: skip
+    ]
 
 
 class EventStore(Protocol):

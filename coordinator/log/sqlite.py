@@ -73,14 +73,24 @@ def create_schema(db: sqlite_utils.Database) -> None:
     if "events" not in db.table_names():
         db.table("events").create(
             {
-                "seq": int, "stream": str, "type": str, "epoch": int, "time_us": int,
-                "origin_host": str, "origin_generation": int, "origin_seq": int,
-                "migration_id": str, "vm": str, "host": str,
-                "payload": bytes, "prev_hash": bytes, "hash": bytes,
+                "seq": int,
+                "stream": str,
+                "type": str,
+                "epoch": int,
+                "time_us": int,
+                "origin_host": str,
+                "origin_generation": int,
+                "origin_seq": int,
+                "migration_id": str,
+                "vm": str,
+                "host": str,
+                "payload": bytes,
+                "prev_hash": bytes,
+                "hash": bytes,
             },
             pk="seq",
             not_null={"stream", "type", "epoch", "time_us", "payload", "prev_hash", "hash"},
-        )  # fmt: skip
+        )
         events = db.table("events")
         # No index on stream: it would cost a quarter of the append rate, and stream reads use
         # the tag columns instead (see read_rows).
@@ -92,8 +102,9 @@ def create_schema(db: sqlite_utils.Database) -> None:
             "origin_seq) WHERE origin_seq > 0"
         )
     db.conn.executescript(_TRIGGERS)
-    db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
-               [SCHEMA_VERSION])  # fmt: skip
+    db.execute(
+        "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", [SCHEMA_VERSION]
+    )
     db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('epoch', 0)")
 
 
@@ -148,8 +159,9 @@ class SqliteEventStore:
         self._fenced: StoreError | None = None
         self.batches_committed = 0
         self.events_committed = 0
-        self._writer = threading.Thread(target=self._write_loop, name="whimbrel-log-writer",
-                                        daemon=True)  # fmt: skip
+        self._writer = threading.Thread(
+            target=self._write_loop, name="whimbrel-log-writer", daemon=True
+        )
         self._writer.start()
 
     # --- public -------------------------------------------------------------------------------
@@ -317,9 +329,22 @@ class SqliteEventStore:
                         high_water[key] = e.origin_seq
                     seq += 1
                     digest = link(prev, seq, epoch, e.body)
-                    rows.append((seq, e.stream, e.type, epoch, e.time_us, e.origin_host,
-                                 e.origin_generation, e.origin_seq, *e.tags, e.payload, prev,
-                                 digest))  # fmt: skip
+                    rows.append(
+                        (
+                            seq,
+                            e.stream,
+                            e.type,
+                            epoch,
+                            e.time_us,
+                            e.origin_host,
+                            e.origin_generation,
+                            e.origin_seq,
+                            *e.tags,
+                            e.payload,
+                            prev,
+                            digest,
+                        )
+                    )
                     marks.append((seq, prev, digest))
                     prev = digest
                 results.append(marks)

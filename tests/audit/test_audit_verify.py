@@ -30,10 +30,15 @@ def log_file(tmp_path: Path) -> Path:
     driver.run("m-1", hosts)
     path = tmp_path / "log.db"
     store = SqliteEventStore(path)
-    store.begin_epoch(lambda epoch: codec.to_pending(
-        NewEvent("coordinator", events_pb2.CoordinatorStarted(epoch=epoch), 1)))  # fmt: skip
-    copies = [NewEvent(e.stream, e.payload, e.time_us, e.origin_host, e.origin_generation,
-                       e.origin_seq) for e in driver.log]  # fmt: skip
+    store.begin_epoch(
+        lambda epoch: codec.to_pending(
+            NewEvent("coordinator", events_pb2.CoordinatorStarted(epoch=epoch), 1)
+        )
+    )
+    copies = [
+        NewEvent(e.stream, e.payload, e.time_us, e.origin_host, e.origin_generation, e.origin_seq)
+        for e in driver.log
+    ]
     store.append([codec.to_pending(new) for new in copies])
     store.close()
     return path
@@ -66,12 +71,30 @@ def forge(path: Path, *, epoch: int | None = None, origin_seq: int | None = None
     seq = head_seq + 1
     epoch = head_epoch if epoch is None else epoch
     origin_seq = last_origin_seq + 1 if origin_seq is None else origin_seq
-    digest = chain_hash(head_hash, canonical(seq, epoch, time_us, stream, type_, host, generation,
-                                             origin_seq, payload))  # fmt: skip
+    digest = chain_hash(
+        head_hash,
+        canonical(seq, epoch, time_us, stream, type_, host, generation, origin_seq, payload),
+    )
     conn.execute("DROP INDEX events_origin")
-    conn.execute(f"INSERT INTO events ({COLUMNS}) VALUES ({', '.join('?' * 14)})",
-                 (seq, stream, type_, epoch, time_us, host, generation, origin_seq, None, None,
-                  host, payload, head_hash, digest))  # fmt: skip
+    conn.execute(
+        f"INSERT INTO events ({COLUMNS}) VALUES ({', '.join('?' * 14)})",
+        (
+            seq,
+            stream,
+            type_,
+            epoch,
+            time_us,
+            host,
+            generation,
+            origin_seq,
+            None,
+            None,
+            host,
+            payload,
+            head_hash,
+            digest,
+        ),
+    )
     conn.commit()
     conn.close()
     return seq

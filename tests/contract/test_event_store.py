@@ -25,8 +25,9 @@ def started(epoch: int) -> PendingEvent:
 
 
 def event(n: int, host: str = "", generation: int = 0, seq: int = 0) -> PendingEvent:
-    return PendingEvent(f"vm/v{n % 3}", "QmpEventReceived", 1000 + n, f"payload {n}".encode(),
-                        host, generation, seq)  # fmt: skip
+    return PendingEvent(
+        f"vm/v{n % 3}", "QmpEventReceived", 1000 + n, f"payload {n}".encode(), host, generation, seq
+    )
 
 
 class Backend:
@@ -38,8 +39,11 @@ class Backend:
         self.opened: list[object] = []
 
     def open(self):  # type: ignore[no-untyped-def]
-        store = (SqliteEventStore(self.tmp / "log.db") if self.kind == "sqlite"
-                 else MemoryEventStore(self.memory))  # fmt: skip
+        store = (
+            SqliteEventStore(self.tmp / "log.db")
+            if self.kind == "sqlite"
+            else MemoryEventStore(self.memory)
+        )
         self.opened.append(store)
         return store
 

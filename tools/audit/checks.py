@@ -98,8 +98,12 @@ def verify(path: Path, expect_seq: int = 0, expect_hash: bytes = b"") -> Report:
             mark = (e.origin_generation, e.origin_seq)
             last = host_order.get(e.origin_host)
             if last is not None and mark <= last:
-                findings.append(Finding(e.seq, f"host {e.origin_host} (generation, seq) {mark} "
-                                               f"does not follow {last}"))  # fmt: skip
+                findings.append(
+                    Finding(
+                        e.seq,
+                        f"host {e.origin_host} (generation, seq) {mark} does not follow {last}",
+                    )
+                )
             host_order[e.origin_host] = mark
         try:
             event = codec.from_stored(e)

@@ -28,8 +28,17 @@ def cmd_verify(ns: argparse.Namespace) -> int:
     report = verify(Path(ns.db), expect_seq, expect_hash)
     if ns.json:
         findings = [{"seq": f.seq, "problem": f.what} for f in report.findings]
-        print(json.dumps({"ok": report.ok, "events": report.events, "head_seq": report.head_seq,
-                          "head_hash": report.head_hash.hex(), "findings": findings}))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "ok": report.ok,
+                    "events": report.events,
+                    "head_seq": report.head_seq,
+                    "head_hash": report.head_hash.hex(),
+                    "findings": findings,
+                }
+            )
+        )
     elif report.ok:
         print(f"ok: {report.events} events, head {report.head_seq}:{report.head_hash.hex()}")
     else:
@@ -51,14 +60,29 @@ def cmd_export(ns: argparse.Namespace) -> int:
     conn = open_log(Path(ns.db))
     for stored in stored_events(conn):
         event = codec.from_stored(stored)
-        print(json.dumps({
-            "seq": stored.seq, "stream": stored.stream, "type": stored.type,
-            "epoch": stored.epoch, "time_us": stored.time_us,
-            "origin": {"host": stored.origin_host, "generation": stored.origin_generation,
-                       "seq": stored.origin_seq} if stored.origin_host else None,
-            "payload": json_format.MessageToDict(event.payload, preserving_proto_field_name=True),
-            "prev_hash": stored.prev_hash.hex(), "hash": stored.hash.hex(),
-        }))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "seq": stored.seq,
+                    "stream": stored.stream,
+                    "type": stored.type,
+                    "epoch": stored.epoch,
+                    "time_us": stored.time_us,
+                    "origin": {
+                        "host": stored.origin_host,
+                        "generation": stored.origin_generation,
+                        "seq": stored.origin_seq,
+                    }
+                    if stored.origin_host
+                    else None,
+                    "payload": json_format.MessageToDict(
+                        event.payload, preserving_proto_field_name=True
+                    ),
+                    "prev_hash": stored.prev_hash.hex(),
+                    "hash": stored.hash.hex(),
+                }
+            )
+        )
     return EXIT_CLEAN
 
 

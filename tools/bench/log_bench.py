@@ -37,8 +37,9 @@ EVENTS_PER_WRITER = {1: 1500, 10: 800, 100: 600}
 
 
 def _sample_event(n: int) -> PendingEvent:
-    payload = events_pb2.QmpEventReceived(vm=f"vm-{n % 50}", event="MIGRATION_PASS",
-                                          data_json=f'{{"pass": {n % 9}}}')  # fmt: skip
+    payload = events_pb2.QmpEventReceived(
+        vm=f"vm-{n % 50}", event="MIGRATION_PASS", data_json=f'{{"pass": {n % 9}}}'
+    )
     new = NewEvent(f"vm/vm-{n % 50}", payload, 1_700_000_000_000_000 + n, "host-a", 1, 0)
     return codec.to_pending(new)
 
@@ -54,8 +55,9 @@ def append_bench(writers: int) -> dict[str, object]:
     with tempfile.TemporaryDirectory(dir=_bench_dir()) as tmp:
         store = SqliteEventStore(Path(tmp) / "bench.db")
         store.begin_epoch(_started)
-        events = [[_sample_event(w * per_writer + i) for i in range(per_writer)]
-                  for w in range(writers)]  # fmt: skip
+        events = [
+            [_sample_event(w * per_writer + i) for i in range(per_writer)] for w in range(writers)
+        ]
         batches_before, events_before = store.batches_committed, store.events_committed
 
         async def write(mine: list[PendingEvent]) -> None:
@@ -76,10 +78,12 @@ def append_bench(writers: int) -> dict[str, object]:
         baseline = _raw_append(
             Path(tmp) / "raw.db", [e for mine in events for e in mine], batch_size
         )
-    print(f"  {writers} writers: {total} events in {batches} transactions "
-          f"(avg batch {total / batches:.1f}); store {total / elapsed:,.0f}/s, "
-          f"raw sqlite3 {baseline:,.0f}/s, overhead x{baseline / (total / elapsed):.2f}",
-          file=sys.stderr)  # fmt: skip
+    print(
+        f"  {writers} writers: {total} events in {batches} transactions "
+        f"(avg batch {total / batches:.1f}); store {total / elapsed:,.0f}/s, "
+        f"raw sqlite3 {baseline:,.0f}/s, overhead x{baseline / (total / elapsed):.2f}",
+        file=sys.stderr,
+    )
     return {"value": round(total / elapsed), "unit": "events/s", "baseline": round(baseline)}
 
 
@@ -88,10 +92,24 @@ def _raw_append(path: Path, events: list[PendingEvent], batch_size: int) -> floa
     conn = connect(path)
     create_schema(sqlite_utils.Database(conn))
     rows = [
-        (i + 1, e.stream, e.type, 1, e.time_us, e.origin_host, e.origin_generation, i + 1,
-         e.migration_id or None, e.vm or None, e.host or None, e.payload, ZERO_HASH, ZERO_HASH)
+        (
+            i + 1,
+            e.stream,
+            e.type,
+            1,
+            e.time_us,
+            e.origin_host,
+            e.origin_generation,
+            i + 1,
+            e.migration_id or None,
+            e.vm or None,
+            e.host or None,
+            e.payload,
+            ZERO_HASH,
+            ZERO_HASH,
+        )
         for i, e in enumerate(events)
-    ]  # fmt: skip
+    ]
     start = time.perf_counter()
     for i in range(0, len(rows), batch_size):
         conn.execute("BEGIN IMMEDIATE")
@@ -121,18 +139,33 @@ def _template() -> list[tuple[str, str, int, str, int, int, bytes]]:
     for mode, source, dest, converge in ((1, "host-a", "host-b", 2), (3, "host-b", "host-a", 0)):
         hosts.converge_after_passes = converge
         mid = f"{TEMPLATE_MIGRATION}-{mode}"
-        driver.request(I.StartMigration(mid, TEMPLATE_VM, dest, mode, events_pb2.MigrationPolicy(),
-                                        driver.now_us))  # fmt: skip
+        driver.request(
+            I.StartMigration(
+                mid, TEMPLATE_VM, dest, mode, events_pb2.MigrationPolicy(), driver.now_us
+            )
+        )
         driver.run(mid, hosts)
         m = driver.world.migrations[mid]
         if not m.phase.terminal:
             driver.observe(*[o for h in (source, dest) for o in [_completed(h)]])
             driver.run(mid, hosts)
     for e in driver.log[start:]:
-        pending = codec.to_pending(NewEvent(e.stream, e.payload, e.time_us, e.origin_host,
-                                            e.origin_generation, e.origin_seq))  # fmt: skip
-        rows.append((pending.stream, pending.type, pending.time_us, pending.origin_host,
-                     pending.origin_generation, pending.origin_seq, pending.payload))  # fmt: skip
+        pending = codec.to_pending(
+            NewEvent(
+                e.stream, e.payload, e.time_us, e.origin_host, e.origin_generation, e.origin_seq
+            )
+        )
+        rows.append(
+            (
+                pending.stream,
+                pending.type,
+                pending.time_us,
+                pending.origin_host,
+                pending.origin_generation,
+                pending.origin_seq,
+                pending.payload,
+            )
+        )
     return rows
 
 
@@ -159,8 +192,24 @@ def build_log(path: Path, count: int) -> int:
         digest = chain_hash(
             prev, canonical(seq, 1, time_us, stream, type_, host, gen, oseq, payload)
         )
-        rows.append((seq, stream, type_, 1, time_us, host, gen, oseq, None, None, host or None,
-                     payload, prev, digest))  # fmt: skip
+        rows.append(
+            (
+                seq,
+                stream,
+                type_,
+                1,
+                time_us,
+                host,
+                gen,
+                oseq,
+                None,
+                None,
+                host or None,
+                payload,
+                prev,
+                digest,
+            )
+        )
         prev = digest
 
     for host in ("host-a", "host-b"):
@@ -176,10 +225,15 @@ def build_log(path: Path, count: int) -> int:
                 origin_seq = host_seq[(host, gen)] = host_seq.get((host, gen), 0) + 1
             add(
                 stream.replace(old_vm, vm).replace(old_mid, mid),
-                type_, time_us + copy, host, gen, origin_seq,
-                payload.replace(old_vm.encode(), vm.encode())
-                .replace(old_mid.encode(), mid.encode()),
-            )  # fmt: skip
+                type_,
+                time_us + copy,
+                host,
+                gen,
+                origin_seq,
+                payload.replace(old_vm.encode(), vm.encode()).replace(
+                    old_mid.encode(), mid.encode()
+                ),
+            )
         if len(rows) >= 50_000:
             conn.execute("BEGIN")
             conn.executemany(INSERT, rows)
@@ -198,8 +252,10 @@ def replay_bench(count: int) -> dict[str, object]:
         path = Path(tmp) / "replay.db"
         built = time.perf_counter()
         total = build_log(path, count)
-        print(f"  built a log of {total:,} events in {time.perf_counter() - built:.1f}s",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"  built a log of {total:,} events in {time.perf_counter() - built:.1f}s",
+            file=sys.stderr,
+        )
         raw = sqlite3.connect(path)
         start = time.perf_counter()
         cursor = raw.execute(f"SELECT {codec.REPLAY_COLUMNS} FROM events ORDER BY seq")
@@ -216,8 +272,11 @@ def replay_bench(count: int) -> dict[str, object]:
     migrations = len(world.migrations)
     assert world.last_seq == total and not world.open_migrations, "replay did not fold everything"
     assert migrations == 2 * len(world.vms), "each replicated VM migrates twice"
-    print(f"  replayed {total:,} events ({migrations:,} migrations) in {elapsed:.2f}s: "
-          f"{total / elapsed:,.0f}/s; raw read {raw_rate:,.0f}/s", file=sys.stderr)  # fmt: skip
+    print(
+        f"  replayed {total:,} events ({migrations:,} migrations) in {elapsed:.2f}s: "
+        f"{total / elapsed:,.0f}/s; raw read {raw_rate:,.0f}/s",
+        file=sys.stderr,
+    )
     return {"value": round(total / elapsed), "unit": "events/s", "baseline": round(raw_rate)}
 
 

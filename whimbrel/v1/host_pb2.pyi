@@ -77,10 +77,16 @@ class HostEvent(_message.Message):
     SEQ_FIELD_NUMBER: _builtins.int
     TIME_US_FIELD_NUMBER: _builtins.int
     PAYLOAD_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     """Per-(host, generation) sequence number, from 1, gap-free."""
     time_us: _builtins.int
     """When it happened (QEMU's timestamp for QMP events), microseconds since the Unix epoch."""
+    generation: _builtins.int
+    """The hostd generation the event was recorded under, when older than the stream's: events
+    not acknowledged before a hostd restart are re-sent with their own (generation, seq), so
+    the log's dedupe still recognises them. 0 means the stream's generation.
+    """
     @_builtins.property
     def payload(self) -> _events_pb2.EventPayload:
         """What happened."""
@@ -91,10 +97,11 @@ class HostEvent(_message.Message):
         seq: _builtins.int = ...,
         time_us: _builtins.int = ...,
         payload: _events_pb2.EventPayload | None = ...,
+        generation: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["payload", b"payload", "seq", b"seq", "time_us", b"time_us"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "payload", b"payload", "seq", b"seq", "time_us", b"time_us"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,328 @@
+"""The hostd agent: the stream to the coordinator, and commands executed at most once.
+
+On every (re)connect hostd says hello with its generation, the highest epoch it has stored,
+and a live snapshot of each VM; after the welcome it re-sends every observation the coordinator
+has not acknowledged. A command from an epoch older than the highest seen is refused without
+acting; a newer epoch is stored durably before the command acts. A command id runs at most once:
+a repeat gets the stored result, and one interrupted by a hostd restart is reported failed,
+never re-run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Coroutine
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf.message import Message
+
+from coordinator.core.events import PAYLOAD_FIELDS
+from hostd import qemu
+from hostd.drivers.lease import FileLeaseDriver
+from hostd.drivers.network import NetworkDriver
+from hostd.errors import HostdError, QmpError
+from hostd.executor import Executor
+from hostd.store import HostStore
+from hostd.vm import VmRuntime
+from whimbrel.v1 import events_pb2, host_pb2, host_pb2_grpc
+
+log = logging.getLogger("whimbrel.hostd")
+VERSION = "0.1.0"
+BACKOFF_FIRST, BACKOFF_MAX = 0.1, 5.0
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+def wrap(payload: Message) -> events_pb2.EventPayload:
+    wrapped = events_pb2.EventPayload()
+    getattr(wrapped, PAYLOAD_FIELDS[payload.DESCRIPTOR.name]).CopyFrom(payload)
+    return wrapped
+
+
+class Agent:
+    def __init__(
+        self,
+        host_id: str,
+        coordinator: str,
+        state_dir: Path,
+        lockspace: Path,
+        migration_address: str,
+        network: NetworkDriver,
+    ) -> None:
+        self.host_id = host_id
+        self.coordinator = coordinator
+        self.state_dir = state_dir
+        self.migration_address = migration_address
+        self.store = HostStore(state_dir / "hostd.db")
+        self.executor = Executor(
+            host_id, state_dir, migration_address, FileLeaseDriver(lockspace), network, self.emit
+        )
+        self.pending: list[host_pb2.HostEvent] = self.store.unacknowledged()
+        self._new_event = asyncio.Event()
+        self._inflight: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.connected = asyncio.Event()
+        self.stopping = asyncio.Event()
+
+    @property
+    def generation(self) -> int:
+        return self.store.generation
+
+    # --- observations -------------------------------------------------------------------------
+
+    async def emit(self, payload: Message, time_us: int) -> None:
+        """Durably record an observation; it is sent now and re-sent until acknowledged."""
+        self._record(wrap(payload), time_us)
+
+    def _record(self, wrapped: events_pb2.EventPayload, time_us: int) -> None:
+        self.pending.append(self.store.record(wrapped, time_us or now_us()))
+        self._new_event.set()
+
+    def _acknowledged(self, ack: host_pb2.Ack) -> None:
+        self.store.acknowledge(ack.generation, ack.seq)
+        self.pending = [
+            e
+            for e in self.pending
+            if (e.generation, e.seq) > (ack.generation, ack.seq) or e.generation != ack.generation
+        ]
+
+    # --- VMs found on disk --------------------------------------------------------------------
+
+    async def reattach(self) -> None:
+        """Find the QEMU processes of an earlier hostd and watch them again."""
+        vms_dir = self.state_dir / "vms"
+        for root in sorted(vms_dir.iterdir()) if vms_dir.exists() else []:
+            if not (root / "spec.pb").exists():
+                continue
+            runtime = VmRuntime.load(root, self.emit)
+            pid = qemu.read_pid(runtime.paths)
+            if pid is None:
+                continue
+            if qemu.alive(pid):
+                try:
+                    await runtime.attach(pid)
+                    self.executor.vms[runtime.name] = runtime
+                    log.info("re-attached to QEMU %d of %s", pid, runtime.name)
+                    continue
+                except HostdError as err:
+                    log.error(
+                        "QEMU %d of %s runs but QMP is unreachable: %s", pid, runtime.name, err
+                    )
+                    continue
+            runtime.paths.pidfile.unlink(missing_ok=True)
+            await self.emit(
+                events_pb2.QemuExited(
+                    vm=runtime.name,
+                    pid=pid,
+                    exit_code=-1,
+                    reason="found gone after a hostd restart",
+                ),
+                0,
+            )
+
+    async def hello(self) -> host_pb2.Hello:
+        snapshots = [await runtime.snapshot() for runtime in list(self.executor.vms.values())]
+        last_acked = (
+            max((e.seq for e in self.pending if e.generation == self.generation), default=0) - 1
+        )
+        return host_pb2.Hello(
+            host_id=self.host_id,
+            generation=self.generation,
+            highest_epoch_seen=self.store.highest_epoch,
+            last_acked_seq=max(last_acked, 0),
+            vms=snapshots,
+            migration_address=self.migration_address,
+            version=VERSION,
+        )
+
+    # --- the coordinator stream ---------------------------------------------------------------
+
+    async def run(self) -> None:
+        await self.reattach()
+        delay = BACKOFF_FIRST
+        while not self.stopping.is_set():
+            try:
+                async with grpc.aio.insecure_channel(self.coordinator) as channel:
+                    await self._session(channel)
+                delay = BACKOFF_FIRST
+            except grpc.aio.AioRpcError as err:
+                log.warning(
+                    "coordinator %s: %s: %s", self.coordinator, err.code().name, err.details()
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("coordinator session failed")
+            finally:
+                self.connected.clear()
+            if self.stopping.is_set():
+                break
+            # Exponential backoff with jitter, so hosts do not reconnect in lockstep.
+            wait = delay * random.uniform(0.5, 1.5)
+            log.info("reconnecting to %s in %.2fs", self.coordinator, wait)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), wait)
+            delay = min(delay * 2, BACKOFF_MAX)
+
+    async def _session(self, channel: grpc.aio.Channel) -> None:
+        stub = host_pb2_grpc.HostServiceStub(channel)
+        up: asyncio.Queue[host_pb2.HostMessage | None] = asyncio.Queue()
+        up.put_nowait(host_pb2.HostMessage(hello=await self.hello()))
+
+        async def messages() -> AsyncIterator[host_pb2.HostMessage]:
+            while (message := await up.get()) is not None:
+                yield message
+
+        call = stub.Connect(messages())
+        sender: asyncio.Task[None] | None = None
+        try:
+            async for message in call:
+                kind = message.WhichOneof("kind")
+                if kind == "welcome":
+                    if message.welcome.epoch < self.store.highest_epoch:
+                        log.error(
+                            "coordinator epoch %d is older than %d seen: a stale coordinator",
+                            message.welcome.epoch,
+                            self.store.highest_epoch,
+                        )
+                        return
+                    self.store.raise_epoch(message.welcome.epoch)
+                    log.info(
+                        "connected to %s: epoch %d, generation %d",
+                        self.coordinator,
+                        message.welcome.epoch,
+                        self.generation,
+                    )
+                    sender = asyncio.create_task(
+                        self._send(up, message.welcome.last_stored_seq), name="hostd-sender"
+                    )
+                    self.connected.set()
+                elif kind == "ack":
+                    self._acknowledged(message.ack)
+                elif kind == "command":
+                    self._spawn(self._handle(message.command))
+        finally:
+            up.put_nowait(None)
+            if sender is not None:
+                sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                if sender is not None:
+                    await sender
+
+    async def _send(self, up: asyncio.Queue[host_pb2.HostMessage | None], last_stored: int) -> None:
+        """Send what the log lacks: older generations unacknowledged, ours after `last_stored`."""
+        cursor = (self.generation, last_stored)
+        for event in list(self.pending):
+            if event.generation < self.generation:
+                up.put_nowait(host_pb2.HostMessage(event=event))
+        while True:
+            self._new_event.clear()
+            for event in list(self.pending):
+                if event.generation == self.generation and (event.generation, event.seq) > cursor:
+                    up.put_nowait(host_pb2.HostMessage(event=event))
+                    cursor = (event.generation, event.seq)
+            await self._new_event.wait()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- commands -----------------------------------------------------------------------------
+
+    async def _handle(self, c: host_pb2.Command) -> None:
+        llog = log.getChild(c.vm)
+        if c.epoch < self.store.highest_epoch:
+            llog.warning(
+                "refusing %s: epoch %d is older than %d",
+                c.command_id,
+                c.epoch,
+                self.store.highest_epoch,
+            )
+            await self.emit(
+                events_pb2.CommandFailed(
+                    command_id=c.command_id,
+                    attempt=c.attempt,
+                    kind=c.kind,
+                    vm=c.vm,
+                    rejected=True,
+                    error=f"stale epoch {c.epoch}: this host has seen {self.store.highest_epoch}",
+                ),
+                0,
+            )
+            return
+        self.store.raise_epoch(c.epoch)
+        if c.command_id in self._inflight:
+            return  # a repeat of a command still running here; its result will come
+        prior = self.store.command(c.command_id)
+        if prior is not None:
+            if prior.result is not None:
+                self._record(prior.result, 0)
+            else:
+                await self.emit(
+                    events_pb2.CommandFailed(
+                        command_id=c.command_id,
+                        attempt=c.attempt,
+                        kind=c.kind,
+                        vm=c.vm,
+                        error="interrupted by a hostd restart; not executed again",
+                    ),
+                    0,
+                )
+            return
+        self.store.command_started(c.command_id)
+        self._inflight.add(c.command_id)
+        started = time.monotonic()
+        try:
+            result = await self.executor.run(c)
+            outcome = wrap(
+                events_pb2.CommandSucceeded(
+                    command_id=c.command_id, attempt=c.attempt, kind=c.kind, vm=c.vm, result=result
+                )
+            )
+            llog.info("%s done in %.1f ms", c.command_id, (time.monotonic() - started) * 1000)
+        except HostdError as err:
+            error_class = err.error_class if isinstance(err, QmpError) else ""
+            outcome = wrap(
+                events_pb2.CommandFailed(
+                    command_id=c.command_id,
+                    attempt=c.attempt,
+                    kind=c.kind,
+                    vm=c.vm,
+                    error=str(err),
+                    qmp_error_class=error_class,
+                )
+            )
+            llog.error("%s failed: %s", c.command_id, err)
+            llog.debug("%s failure", c.command_id, exc_info=True)
+        except Exception as err:
+            outcome = wrap(
+                events_pb2.CommandFailed(
+                    command_id=c.command_id,
+                    attempt=c.attempt,
+                    kind=c.kind,
+                    vm=c.vm,
+                    error=f"internal error: {err!r}",
+                )
+            )
+            llog.exception("%s crashed", c.command_id)
+        finally:
+            self._inflight.discard(c.command_id)
+        self.store.command_done(c.command_id, outcome)
+        self._record(outcome, 0)
+
+    async def close(self) -> None:
+        self.stopping.set()
+        for task in list(self._tasks):
+            task.cancel()
+        for runtime in list(self.executor.vms.values()):
+            await runtime.close()
+        self.store.close()

@@ -1,0 +1,1 @@
+"""Resource drivers: storage leases and networking, behind small interfaces."""

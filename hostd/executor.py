@@ -1,0 +1,251 @@
+"""Executing coordinator commands on this host, one handler per command kind.
+
+Each handler acts, reports the observations its actions cause (lease, network, exits) and
+returns the command's result. Errors propagate as HostdError and become CommandFailed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hostd import qemu
+from hostd.drivers.lease import LeaseDriver
+from hostd.drivers.network import NetworkDriver
+from hostd.errors import CommandRejected, HostdError, LeaseError
+from hostd.vm import Emit, VmRuntime
+from whimbrel.v1 import events_pb2, host_pb2
+
+log = logging.getLogger(__name__)
+K = events_pb2
+Handler = Callable[["Executor", host_pb2.Command], Awaitable[events_pb2.CommandResult]]
+ANNOUNCE = {"initial": 50, "max": 550, "rounds": 5, "step": 100}
+
+
+def free_port(address: str) -> int:
+    """A TCP port free on `address` now (QEMU binds it right after)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((address, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Executor:
+    host_id: str
+    state_dir: Path
+    migration_address: str
+    lease: LeaseDriver
+    network: NetworkDriver
+    emit: Emit
+    vms: dict[str, VmRuntime] = field(default_factory=dict)
+
+    async def run(self, command: host_pb2.Command) -> events_pb2.CommandResult:
+        handler = _HANDLERS.get(command.kind)
+        if handler is None:
+            raise CommandRejected(f"unknown command kind {command.kind}", vm=command.vm)
+        return await handler(self, command)
+
+    def _vm(self, name: str) -> VmRuntime:
+        runtime = self.vms.get(name)
+        if runtime is None or runtime.exited.is_set():
+            raise HostdError(f"no QEMU for {name} on {self.host_id}", vm=name)
+        return runtime
+
+    async def _network(self, phase: str, runtime: VmRuntime, state: int) -> None:
+        await self.network.apply(phase, runtime.spec)
+        network_state = events_pb2.NetworkState.ValueType(state)
+        await self.emit(events_pb2.NetworkChanged(vm=runtime.name, state=network_state), 0)
+
+    async def _launch(self, command: host_pb2.Command, role: str) -> VmRuntime:
+        spec = command.args.spec
+        existing = self.vms.get(spec.name)
+        if existing is not None and not existing.exited.is_set():
+            raise HostdError(f"a QEMU for {spec.name} already runs here", vm=spec.name)
+        runtime = VmRuntime(spec, self.state_dir / "vms" / spec.name, self.emit, role)
+        runtime.save()
+        incoming = role == "destination"
+        pid = await qemu.launch(
+            qemu.command_line(spec, runtime.paths, self.host_id, incoming=incoming),
+            runtime.paths,
+            spec.name,
+        )
+        self.vms[spec.name] = runtime
+        try:
+            await runtime.attach(pid)
+        except BaseException:
+            await runtime.kill("could not attach QMP after launch")
+            raise
+        return runtime
+
+    # --- VM lifecycle ---
+
+    async def start_vm(self, c: host_pb2.Command) -> events_pb2.CommandResult:
+        vm = c.args.spec.name
+        lease = await self.lease.acquire(vm, self.host_id, c.args.lease_generation)
+        await self.emit(K.LeaseAcquired(vm=vm, holder=self.host_id, generation=lease.generation), 0)
+        try:
+            runtime = await self._launch(c, role="")
+            await self._network("prepare", runtime, K.NETWORK_STATE_PREPARED)
+            await self._network("enable", runtime, K.NETWORK_STATE_ENABLED)
+        except BaseException:
+            await self._release_lease(vm)
+            raise
+        return K.CommandResult(pid=runtime.pid, lease_generation=lease.generation)
+
+    async def stop_vm(self, c: host_pb2.Command) -> events_pb2.CommandResult:
+        runtime = self._vm(c.vm)
+        if c.args.force:
+            await runtime.kill(f"stopped by command {c.command_id}")
+        else:
+            await runtime.quit(f"stopped by command {c.command_id}")
+        await self._teardown(runtime)
+        return K.CommandResult()
+
+    async def destroy_vm(self, c: host_pb2.Command) -> events_pb2.CommandResult:
+        runtime = self.vms.get(c.vm)
+        if runtime is not None:
+            await runtime.kill(f"killed by command {c.command_id} ({c.args.reason})")
+            await self._teardown(runtime)
+        else:
+            # No QEMU here (already gone): still give up what the host holds for the VM.
+            await self._release_lease(c.vm)
+        return K.CommandResult()
+
+    async def _teardown(self, runtime: VmRuntime) -> None:
+        with contextlib.suppress(HostdError):
+            await self._network("release", runtime, K.NETWORK_STATE_RELEASED)
+        await self._release_lease(runtime.name)
+        self.vms.pop(runtime.name, None)
+
+    async def _release_lease(self, vm: str) -> None:
+        released = await self.lease.release(vm, self.host_id)
+        if released is not None:
+            await self.emit(
+                K.LeaseReleased(vm=vm, holder=self.host_id, generation=released.generation), 0
+            )
+
+    # --- migration ---
+
+    async def prepare_incoming(self, c: host_pb2.Command) -> events_pb2.CommandResult:
+        runtime = await self._launch(c, role="destination")
+        try:
+            capabilities = [{"capability": "events", "state": True}]
+            if c.args.postcopy:
+                capabilities.append({"capability": "postcopy-ram", "state": True})
+            await runtime.execute("migrate-set-capabilities", {"capabilities": capabilities})
+            await self._network("prepare", runtime, K.NETWORK_STATE_PREPARED)
+            uri = f"tcp:{self.migration_address}:{free_port(self.migration_address)}"
+            await runtime.execute("migrate-incoming", {"uri": uri})
+        except BaseException:
+            await runtime.kill("prepare failed")
+            self.vms.pop(runtime.name, None)
+            raise
+        return K.CommandResult(uri=uri, pid=runtime.pid)
+
+    async def start_migration(self, c: host_pb2.Command) -> events_pb2.CommandResult:
+        runtime = self._vm(c.vm)
+        runtime.role = "source"
+        runtime.save()
+        capabilities = [
+            {"capability": "events", "state": True},
+            # The source stops in pre-switchover so its lease moves before the switch completes.
+            {"capability": "pause-before-switchover", "state": True},
+        ]
+        if c.args.postcopy:
+            capabilities.append({"capability": "postcopy-ram", "state": True})
+        await runtime.execute("migrate-set-capabilities", {"capabilities": capabilities})
+        await self._set_parameters(runtime, c.args.parameters)
+        await runtime.execute("migrate", {"uri": c.args.uri})
+        return K.CommandResult()
+
+    async def _set_parameters(self, runtime: VmRuntime, p: events_pb2.MigrationParameters) -> None:
+        parameters: dict[str, int] = {}
+        if p.max_bandwidth:
+            parameters["max-bandwidth"] = p.max_bandwidth
+        if p.downtime_limit_ms:
+            parameters["downtime-limit"] = p.downtime_limit_ms
+        if p.max_postcopy_bandwidth:
+            parameters["max-postcopy-bandwidth"] = p.max_postcopy_bandwidth
+        if parameters:
+            await runtime.execute("migrate-set-parameters", parameters)
+
+    async def set_parameters(self, c: host_pb2.Command) -> events_pb2.CommandResult:
+        await self._set_parameters(self._vm(c.vm), c.args.parameters)
+        return K.CommandResult()
+
+    async def start_postcopy(self, c: host_pb2.Command) -> events_pb2.CommandResult:
+        await self._vm(c.vm).execute("migrate-start-postcopy")
+        return K.CommandResult()
+
+    async def continue_switchover(self, c: host_pb2.Command) -> events_pb2.CommandResult:
+        await self._vm(c.vm).execute("migrate-continue", {"state": "pre-switchover"})
+        return K.CommandResult()
+
+    async def cancel_migration(self, c: host_pb2.Command) -> events_pb2.CommandResult:
+        await self._vm(c.vm).execute("migrate_cancel")
+        return K.CommandResult()
+
+    async def recover_incoming(self, c: host_pb2.Command) -> events_pb2.CommandResult:
+        uri = f"tcp:{self.migration_address}:{free_port(self.migration_address)}"
+        await self._vm(c.vm).execute("migrate-recover", {"uri": uri})
+        return K.CommandResult(uri=uri)
+
+    async def resume_migration(self, c: host_pb2.Command) -> events_pb2.CommandResult:
+        await self._vm(c.vm).execute("migrate", {"uri": c.args.uri, "resume": True})
+        return K.CommandResult()
+
+    # --- handoff ---
+
+    async def release_lease(self, c: host_pb2.Command) -> events_pb2.CommandResult:
+        await self._release_lease(c.vm)
+        return K.CommandResult()
+
+    async def acquire_lease(self, c: host_pb2.Command) -> events_pb2.CommandResult:
+        generation = c.args.lease_generation
+        try:
+            lease = await self.lease.acquire(c.vm, self.host_id, generation)
+        except LeaseError:
+            current = self.lease.read(c.vm)
+            if current.holder != self.host_id or current.generation != generation:
+                raise
+            lease = current  # a repeat of the acquire that already took effect
+        await self.emit(
+            K.LeaseAcquired(vm=c.vm, holder=self.host_id, generation=lease.generation), 0
+        )
+        return K.CommandResult(lease_generation=lease.generation)
+
+    async def enable_network(self, c: host_pb2.Command) -> events_pb2.CommandResult:
+        await self._network("enable", self._vm(c.vm), K.NETWORK_STATE_ENABLED)
+        return K.CommandResult()
+
+    async def resume_vm(self, c: host_pb2.Command) -> events_pb2.CommandResult:
+        await self._vm(c.vm).execute("cont")
+        return K.CommandResult()
+
+    async def announce(self, c: host_pb2.Command) -> events_pb2.CommandResult:
+        await self._vm(c.vm).execute("announce-self", ANNOUNCE)
+        return K.CommandResult()
+
+
+_HANDLERS: dict[int, Handler] = {
+    K.COMMAND_KIND_START_VM: Executor.start_vm,
+    K.COMMAND_KIND_STOP_VM: Executor.stop_vm,
+    K.COMMAND_KIND_PREPARE_INCOMING: Executor.prepare_incoming,
+    K.COMMAND_KIND_START_MIGRATION: Executor.start_migration,
+    K.COMMAND_KIND_START_POSTCOPY: Executor.start_postcopy,
+    K.COMMAND_KIND_RELEASE_LEASE: Executor.release_lease,
+    K.COMMAND_KIND_ACQUIRE_LEASE: Executor.acquire_lease,
+    K.COMMAND_KIND_CONTINUE_SWITCHOVER: Executor.continue_switchover,
+    K.COMMAND_KIND_ENABLE_NETWORK: Executor.enable_network,
+    K.COMMAND_KIND_RESUME_VM: Executor.resume_vm,
+    K.COMMAND_KIND_ANNOUNCE: Executor.announce,
+    K.COMMAND_KIND_DESTROY_VM: Executor.destroy_vm,
+    K.COMMAND_KIND_CANCEL_MIGRATION: Executor.cancel_migration,
+    K.COMMAND_KIND_RECOVER_INCOMING: Executor.recover_incoming,
+    K.COMMAND_KIND_RESUME_MIGRATION: Executor.resume_migration,
+    K.COMMAND_KIND_SET_MIGRATION_PARAMETERS: Executor.set_parameters,
+}

@@ -1,0 +1,84 @@
+"""whimbrel-hostd: run one host's VMs for a Whimbrel coordinator.
+
+    whimbrel-hostd --host-id ID --coordinator HOST:PORT --state-dir DIR --lockspace DIR
+                   [--migration-address IP] [--network none|hook|bridge] [--network-hook PATH]
+
+QEMU processes outlive hostd; a restarted hostd re-attaches to them. SIGTERM stops hostd
+(exit 0) and leaves the VMs running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from hostd.agent import Agent
+from hostd.drivers.network import (
+    BridgeNetworkDriver,
+    HookNetworkDriver,
+    NetworkDriver,
+    NullNetworkDriver,
+)
+
+
+def network_driver(ns: argparse.Namespace) -> NetworkDriver:
+    if ns.network == "hook":
+        if not ns.network_hook:
+            raise SystemExit("--network hook needs --network-hook PATH")
+        return HookNetworkDriver(Path(ns.network_hook), ns.host_id)
+    if ns.network == "bridge":
+        return BridgeNetworkDriver(ns.host_id, ns.netns or "")
+    return NullNetworkDriver()
+
+
+async def serve(ns: argparse.Namespace) -> int:
+    agent = Agent(
+        ns.host_id,
+        ns.coordinator,
+        Path(ns.state_dir),
+        Path(ns.lockspace),
+        ns.migration_address,
+        network_driver(ns),
+    )
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, agent.stopping.set)
+    runner = asyncio.create_task(agent.run(), name="hostd-agent")
+    await agent.stopping.wait()
+    runner.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await runner
+    await agent.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="whimbrel-hostd", description=__doc__.split("\n")[0])
+    parser.add_argument("--host-id", required=True)
+    parser.add_argument("--coordinator", default="127.0.0.1:7700")
+    parser.add_argument("--state-dir", required=True)
+    parser.add_argument("--lockspace", required=True, help="directory on storage shared by hosts")
+    parser.add_argument(
+        "--migration-address",
+        default="127.0.0.1",
+        help="IP this host accepts incoming migrations on",
+    )
+    parser.add_argument("--network", choices=["none", "hook", "bridge"], default="none")
+    parser.add_argument("--network-hook", help="executable run with the phase (hook driver)")
+    parser.add_argument("--netns", help="network namespace of the bridge (bridge driver)")
+    parser.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
+    ns = parser.parse_args(argv)
+    log_format = f"%(asctime)s %(levelname)s hostd[{ns.host_id}] %(name)s: %(message)s"
+    logging.basicConfig(level=ns.log_level, format=log_format)
+    return asyncio.run(serve(ns))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""Launching and killing QEMU processes.
+
+QEMU runs daemonized (-daemonize, -pidfile) so it outlives hostd; a restarted hostd finds it by
+its pidfile and QMP socket under the VM's directory in the state dir.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+from hostd.errors import LaunchFailed
+from whimbrel.v1 import common_pb2
+
+QEMU = os.environ.get("WHIMBREL_QEMU", "qemu-system-x86_64")
+
+
+@dataclass(frozen=True)
+class VmPaths:
+    root: Path
+
+    @property
+    def qmp(self) -> Path:
+        return self.root / "qmp.sock"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.root / "qemu.pid"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "qemu.log"
+
+
+def tap_name(host_id: str, vm: str, index: int) -> str:
+    """A tap device name unique per host, VM and NIC, within Linux's 15 characters."""
+    digest = hashlib.sha1(f"{host_id}/{vm}/{index}".encode()).hexdigest()[:10]
+    return f"wb{digest}{index}"[:15]
+
+
+def command_line(
+    spec: common_pb2.VmSpec, paths: VmPaths, host_id: str, *, incoming: bool
+) -> list[str]:
+    """The QEMU command line for a VM: a fresh start, or a migration destination."""
+    machine = spec.machine or "pc"
+    args = [
+        QEMU,
+        "-name",
+        spec.name,
+        "-machine",
+        f"{machine},accel=tcg",
+        "-m",
+        f"{spec.memory_mib}M",
+        "-smp",
+        str(spec.vcpus),
+        "-nodefaults",
+        "-display",
+        "none",
+        "-serial",
+        "none",
+        "-monitor",
+        "none",
+        "-qmp",
+        f"unix:{paths.qmp},server=on,wait=off",
+        "-daemonize",
+        "-pidfile",
+        str(paths.pidfile),
+        "-D",
+        str(paths.log),
+    ]
+    # The RAM backend id is the same on both sides so the migration stream matches; a
+    # destination always uses anonymous memory, whatever backs the source.
+    size = f"{spec.memory_mib}M"
+    backing = spec.memory_backing
+    if backing.kind == "file" and not incoming:
+        args += [
+            "-object",
+            f"memory-backend-file,id=mem,size={size},mem-path={backing.path},share=off",
+        ]
+    else:
+        args += ["-object", f"memory-backend-ram,id=mem,size={size}"]
+    args += ["-machine", "memory-backend=mem"]
+    for disk in spec.disks:
+        interface = disk.interface or "ide"
+        args += ["-drive", f"file={disk.path},format={disk.format or 'raw'},if={interface}"]
+    for index, nic in enumerate(spec.nics):
+        tap = tap_name(host_id, spec.name, index)
+        args += [
+            "-netdev",
+            f"tap,id=net{index},ifname={tap},script=no,downscript=no",
+            "-device",
+            f"{nic.model or 'virtio-net-pci'},netdev=net{index},mac={nic.mac}",
+        ]
+    if incoming:
+        # -S: the destination stays paused after the migration until the coordinator's cont.
+        args += ["-incoming", "defer", "-S"]
+    return args
+
+
+async def launch(args: list[str], paths: VmPaths, vm: str) -> int:
+    """Start QEMU daemonized; returns its pid once the pidfile exists."""
+    paths.root.mkdir(parents=True, exist_ok=True)
+    for stale in (paths.pidfile, paths.qmp):
+        with contextlib.suppress(FileNotFoundError):
+            stale.unlink()
+    proc = await asyncio.create_subprocess_exec(
+        *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        start_new_session=True,
+    )
+    output, _ = await proc.communicate()
+    if proc.returncode != 0:
+        text = output.decode(errors="replace").strip()
+        raise LaunchFailed(f"QEMU exited with {proc.returncode}: {text}", vm=vm)
+    pid = read_pid(paths)
+    if pid is None:
+        raise LaunchFailed("QEMU started but wrote no pidfile", vm=vm)
+    return pid
+
+
+def read_pid(paths: VmPaths) -> int | None:
+    try:
+        return int(paths.pidfile.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie is dead for our purposes.
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
+
+
+async def wait_exit(pid: int, limit: float | None = None) -> bool:
+    """Wait until process `pid` has exited (pidfd: woken by the kernel, no polling)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    loop = asyncio.get_running_loop()
+    gone = loop.create_future()
+
+    def readable() -> None:
+        if not gone.done():
+            gone.set_result(None)
+
+    loop.add_reader(fd, readable)
+    try:
+        if not alive(pid):
+            return True
+        await asyncio.wait_for(gone, limit)
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+
+
+async def kill(pid: int, limit: float = 10.0) -> bool:
+    """SIGKILL and wait until gone (quit can hang on a paused post-copy destination)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    return await wait_exit(pid, limit)

@@ -1,0 +1,96 @@
+"""The QMP adapter: the only module that imports qemu.qmp.
+
+One `QmpSession` per VM: commands go through `execute`, and every QMP event is handed to the
+single consumer given at connect time (the VM runtime forwards them to the coordinator). QMP
+failures are re-raised as hostd errors `from` the original.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from qemu.qmp import EventListener, ExecuteError, QMPClient
+from qemu.qmp.error import QMPError
+
+from hostd.errors import QmpError, QmpUnavailable
+
+log = logging.getLogger(__name__)
+
+# (event name, data, QEMU timestamp in microseconds since the Unix epoch)
+EventSink = Callable[[str, dict[str, Any], int], Awaitable[None]]
+
+
+class QmpSession:
+    def __init__(self, vm: str, socket_path: str) -> None:
+        self.vm = vm
+        self.socket_path = socket_path
+        self._client = QMPClient(vm)
+        self._listener: EventListener | None = None
+        self._pump: asyncio.Task[None] | None = None
+        self.closed = asyncio.Event()
+
+    async def connect(self, sink: EventSink, attempts: int = 50, interval: float = 0.05) -> None:
+        """Connect (retrying while QEMU creates its socket) and start forwarding events."""
+        last: Exception | None = None
+        for _ in range(attempts):
+            try:
+                await self._client.connect(self.socket_path)
+                break
+            except (QMPError, OSError) as err:
+                last = err
+                self._client = QMPClient(self.vm)
+                await asyncio.sleep(interval)
+        else:
+            raise QmpUnavailable(
+                f"QMP at {self.socket_path} unreachable: {last}", vm=self.vm
+            ) from last
+        self._listener = EventListener()
+        self._client.register_listener(self._listener)
+        self._pump = asyncio.create_task(self._forward(sink), name=f"qmp-events-{self.vm}")
+
+    async def _forward(self, sink: EventSink) -> None:
+        assert self._listener is not None
+        try:
+            async for event in self._listener:
+                message: dict[str, Any] = dict(event)
+                ts = message.get("timestamp", {})
+                time_us = int(ts.get("seconds", 0)) * 1_000_000 + int(ts.get("microseconds", 0))
+                await sink(str(message["event"]), dict(message.get("data", {})), time_us)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.getChild(self.vm).exception("event forwarding failed")
+
+    async def execute(self, command: str, arguments: Mapping[str, object] | None = None) -> Any:
+        try:
+            return await self._client.execute(command, arguments)
+        except ExecuteError as err:
+            raise QmpError(
+                str(err),
+                vm=self.vm,
+                command=command,
+                error_class=err.error_class,
+                reply=dict(err.received),
+            ) from err
+        except (QMPError, OSError, EOFError) as err:
+            raise QmpUnavailable(f"{command}: QMP connection lost: {err}", vm=self.vm) from err
+
+    async def wait_closed(self) -> None:
+        """Return once QEMU closed the connection (it exited, or was killed)."""
+        with contextlib.suppress(Exception):
+            await self._client.runstate_changed()
+        while self._client.runstate.name not in ("IDLE", "DISCONNECTING"):
+            await self._client.runstate_changed()
+
+    async def close(self) -> None:
+        if self._pump is not None:
+            self._pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._pump
+        with contextlib.suppress(Exception):
+            await self._client.disconnect()
+        self.closed.set()

@@ -1,0 +1,159 @@
+"""One VM's QEMU on this host: its QMP session, its events, its exit.
+
+Every QMP event goes up with QEMU's timestamp; after each MIGRATION_PASS the source samples
+query-migrate; every connect takes a query-status + query-migrate snapshot (QMP events are lost
+while nobody listens); the process's exit is watched through a pidfd and reported once, with the
+reason hostd knows (e.g. it killed it itself).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from google.protobuf.message import Message
+
+from hostd import qemu
+from hostd.errors import HostdError, QmpUnavailable
+from hostd.qmp import QmpSession
+from whimbrel.v1 import common_pb2, events_pb2
+
+Emit = Callable[[Message, int], Awaitable[None]]
+log = logging.getLogger(__name__)
+
+
+class VmRuntime:
+    def __init__(self, spec: common_pb2.VmSpec, root: Path, emit: Emit, role: str = "") -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.paths = qemu.VmPaths(root)
+        self.emit = emit
+        self.role = role
+        self.pid = 0
+        self.qmp: QmpSession | None = None
+        self.exit_reason = ""
+        self.killed_by_us = False
+        self.exited = asyncio.Event()
+        self._watch: asyncio.Task[None] | None = None
+        self._samplers: set[asyncio.Task[None]] = set()
+        self.log = log.getChild(self.name)
+
+    def save(self) -> None:
+        """Keep the spec and role beside the QEMU files, for a restarted hostd."""
+        self.paths.root.mkdir(parents=True, exist_ok=True)
+        (self.paths.root / "spec.pb").write_bytes(self.spec.SerializeToString())
+        (self.paths.root / "role").write_text(self.role)
+
+    @classmethod
+    def load(cls, root: Path, emit: Emit) -> VmRuntime:
+        spec = common_pb2.VmSpec.FromString((root / "spec.pb").read_bytes())
+        role_file = root / "role"
+        role = role_file.read_text() if role_file.exists() else ""
+        return cls(spec, root, emit, role)
+
+    async def attach(self, pid: int) -> None:
+        """Connect QMP to a running QEMU, report a snapshot, and watch for its exit."""
+        self.pid = pid
+        self.qmp = QmpSession(self.name, str(self.paths.qmp))
+        await self.qmp.connect(self._on_event)
+        self._watch = asyncio.create_task(self._watch_exit(), name=f"exit-watch-{self.name}")
+        observation = await self.snapshot()
+        await self.emit(events_pb2.VmObserved(observation=observation, reason="qmp-connect"), 0)
+
+    async def snapshot(self) -> common_pb2.VmObservation:
+        alive = bool(self.pid) and qemu.alive(self.pid)
+        observation = common_pb2.VmObservation(
+            vm=self.name,
+            process_alive=alive,
+            pid=self.pid if alive else 0,
+            migration_role=self.role,
+        )
+        if alive and self.qmp is not None:
+            try:
+                status = await self.qmp.execute("query-status")
+                migrate = await self.qmp.execute("query-migrate")
+                observation.runstate = str(status.get("status", ""))
+                observation.migration_status = str(migrate.get("status", ""))
+                observation.qmp_reachable = True
+            except HostdError as err:
+                self.log.warning("snapshot incomplete: %s", err)
+        return observation
+
+    async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        if self.qmp is None:
+            raise QmpUnavailable(f"{command}: no QMP session", vm=self.name)
+        return await self.qmp.execute(command, arguments)
+
+    async def _on_event(self, name: str, data: dict[str, Any], time_us: int) -> None:
+        payload = events_pb2.QmpEventReceived(
+            vm=self.name, event=name, data_json=json.dumps(data, sort_keys=True)
+        )
+        await self.emit(payload, time_us)
+        if name == "MIGRATION_PASS" and self.role == "source":
+            # Sampled beside the event stream, so the next events are not held up by it.
+            task = asyncio.create_task(self._sample(int(data.get("pass", 0))))
+            self._samplers.add(task)
+            task.add_done_callback(self._samplers.discard)
+
+    async def _sample(self, pass_: int) -> None:
+        try:
+            info = await self.execute("query-migrate")
+        except HostdError:
+            return
+        ram = info.get("ram", {})
+        stats = events_pb2.MigrationStatsSampled(
+            vm=self.name,
+            status=str(info.get("status", "")),
+            total_bytes=int(ram.get("total", 0)),
+            transferred_bytes=int(ram.get("transferred", 0)),
+            remaining_bytes=int(ram.get("remaining", 0)),
+            dirty_pages_rate=int(ram.get("dirty-pages-rate", 0)),
+            mbps=float(ram.get("mbps", 0.0)),
+            expected_downtime_ms=int(info.get("expected-downtime", 0)),
+        )
+        setattr(stats, "pass", pass_)
+        await self.emit(stats, 0)
+
+    async def _watch_exit(self) -> None:
+        await qemu.wait_exit(self.pid)
+        reason = self.exit_reason or "QEMU process ended"
+        self.log.info("QEMU %d exited: %s", self.pid, reason)
+        if self.qmp is not None:
+            await self.qmp.close()
+        signal = 9 if self.killed_by_us else 0
+        exited = events_pb2.QemuExited(
+            vm=self.name, pid=self.pid, exit_code=-1, signal=signal, reason=reason
+        )
+        await self.emit(exited, 0)
+        self.exited.set()
+
+    async def kill(self, reason: str) -> None:
+        """SIGKILL and wait until the exit has been reported."""
+        if not self.pid or self.exited.is_set():
+            return
+        self.exit_reason, self.killed_by_us = reason, True
+        if not await qemu.kill(self.pid):
+            raise HostdError(f"QEMU {self.pid} did not die after SIGKILL", vm=self.name)
+        await self.exited.wait()
+
+    async def quit(self, reason: str, limit: float = 10.0) -> None:
+        """Ask QEMU to quit; kill it if it does not within `limit` seconds."""
+        self.exit_reason = reason
+        with contextlib.suppress(HostdError):
+            await self.execute("quit")
+        try:
+            await asyncio.wait_for(self.exited.wait(), limit)
+        except TimeoutError:
+            await self.kill(f"{reason} (quit timed out)")
+
+    async def close(self) -> None:
+        """Stop watching without touching QEMU (hostd shutting down)."""
+        if self._watch is not None:
+            self._watch.cancel()
+        if self.qmp is not None:
+            await self.qmp.close()
