@@ -105,7 +105,7 @@ def command_line(
 async def launch(args: list[str], paths: VmPaths, vm: str) -> int:
     """Start QEMU daemonized; returns its pid once the pidfile exists."""
     paths.root.mkdir(parents=True, exist_ok=True)
-    for stale in (paths.pidfile, paths.qmp):
+    for stale in (paths.pidfile, paths.qmp, paths.log):
         with contextlib.suppress(FileNotFoundError):
             stale.unlink()
     proc = await asyncio.create_subprocess_exec(
@@ -117,7 +117,10 @@ async def launch(args: list[str], paths: VmPaths, vm: str) -> int:
     )
     output, _ = await proc.communicate()
     if proc.returncode != 0:
+        # With -D, QEMU reports its errors in the log file rather than on stderr.
         text = output.decode(errors="replace").strip()
+        with contextlib.suppress(FileNotFoundError):
+            text = (text + "\n" + paths.log.read_text(errors="replace")).strip()
         raise LaunchFailed(f"QEMU exited with {proc.returncode}: {text}", vm=vm)
     pid = read_pid(paths)
     if pid is None:

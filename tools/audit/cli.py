@@ -8,6 +8,7 @@ whimbrel-audit export DB --format jsonl             every event as one JSON obje
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 from google.protobuf import json_format
 
 from coordinator import codec
+from tools.audit import timeline
 from tools.audit.checks import Unreadable, open_log, stored_events, verify
 
 EXIT_CLEAN, EXIT_VIOLATIONS, EXIT_UNREADABLE = 0, 1, 2
@@ -53,6 +55,20 @@ def cmd_head(ns: argparse.Namespace) -> int:
     conn = open_log(Path(ns.db))
     row = conn.execute("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1").fetchone()
     print(f"{row[0]}:{row[1].hex()}" if row else "0:" + "00" * 32)
+    return EXIT_CLEAN
+
+
+def cmd_timeline(ns: argparse.Namespace) -> int:
+    conn = open_log(Path(ns.db))
+    events = [codec.from_stored(s) for s in stored_events(conn)]
+    t = timeline.build(events, ns.migration)
+    if not t.entries:
+        print(f"whimbrel-audit: no migration {ns.migration!r} in {ns.db}", file=sys.stderr)
+        return EXIT_VIOLATIONS
+    if ns.json:
+        print(json.dumps(dataclasses.asdict(t)))
+    else:
+        print(timeline.render(t))
     return EXIT_CLEAN
 
 
@@ -97,6 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     h = sub.add_parser("head", help="print the chain head to anchor it elsewhere")
     h.add_argument("db")
     h.set_defaults(run=cmd_head)
+    t = sub.add_parser("timeline", help="a migration's phases, commands, pause and outcome")
+    t.add_argument("db")
+    t.add_argument("--migration", required=True)
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(run=cmd_timeline)
     x = sub.add_parser("export", help="export every event")
     x.add_argument("db")
     x.add_argument("--format", choices=["jsonl"], default="jsonl")
