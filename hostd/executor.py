@@ -133,7 +133,11 @@ class Executor:
     async def prepare_incoming(self, c: host_pb2.Command) -> events_pb2.CommandResult:
         runtime = await self._launch(c, role="destination")
         try:
-            capabilities = [{"capability": "events", "state": True}]
+            capabilities = [
+                {"capability": "events", "state": True},
+                # Block devices stay inactive until cont, after the source released its lease.
+                {"capability": "late-block-activate", "state": True},
+            ]
             if c.args.postcopy:
                 capabilities.append({"capability": "postcopy-ram", "state": True})
             await runtime.execute("migrate-set-capabilities", {"capabilities": capabilities})
@@ -150,11 +154,10 @@ class Executor:
         runtime = self._vm(c.vm)
         runtime.role = "source"
         runtime.save()
-        capabilities = [
-            {"capability": "events", "state": True},
+        capabilities = [{"capability": "events", "state": True}]
+        if c.args.pause_before_switchover:
             # The source stops in pre-switchover so its lease moves before the switch completes.
-            {"capability": "pause-before-switchover", "state": True},
-        ]
+            capabilities.append({"capability": "pause-before-switchover", "state": True})
         if c.args.postcopy:
             capabilities.append({"capability": "postcopy-ram", "state": True})
         await runtime.execute("migrate-set-capabilities", {"capabilities": capabilities})

@@ -3,7 +3,8 @@
 - the generation, bumped on every start;
 - the highest coordinator epoch seen, stored before any command of that epoch is acted on;
 - the outbox: every observation, numbered per (generation, seq), kept until the coordinator
-  acknowledges it as durable, re-sent after any reconnect or restart;
+  acknowledges it as durable, re-sent after any reconnect or restart (it survives a hostd
+  crash; see the synchronous setting for power cuts);
 - executed commands: "started" is durable before a command acts and its result after, so a
   command id is executed at most once and repeats are answered with the stored result.
 """
@@ -37,7 +38,10 @@ class HostStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(str(path), isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        # NORMAL: a commit reaches the OS before sqlite returns, so it survives a hostd crash
+        # (kill -9) but not a power cut, which would take this host's QEMU processes with it.
+        # Leases are fsynced by their own driver, and the epoch below is synced explicitly.
+        self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
         with self._tx():
             generation = self._meta("generation") + 1
@@ -62,8 +66,13 @@ class HostStore:
     def raise_epoch(self, epoch: int) -> None:
         """Durably record a higher coordinator epoch (before acting on anything under it)."""
         if epoch > self.highest_epoch:
-            with self._tx():
-                self._set_meta("highest_epoch", epoch)
+            # Fencing depends on this surviving anything, power cuts included.
+            self._db.execute("PRAGMA synchronous=FULL")
+            try:
+                with self._tx():
+                    self._set_meta("highest_epoch", epoch)
+            finally:
+                self._db.execute("PRAGMA synchronous=NORMAL")
             self.highest_epoch = epoch
 
     def record(self, payload: events_pb2.EventPayload, time_us: int) -> host_pb2.HostEvent:

@@ -416,6 +416,10 @@ def _forward(world: World, m: MigrationState, issue: _Issuer) -> list[Message]:
                 uri=m.incoming_uri,
                 postcopy=m.postcopy_allowed,
                 parameters=m.policy.parameters,
+                # Mode postcopy always switches while the destination is paused (-S), so the
+                # source lease can move at postcopy-active; the pre-switchover stop would only
+                # add a round trip to the guest's pause.
+                pause_before_switchover=m.mode != common_pb2.MIGRATION_MODE_POSTCOPY,
             )
         ]
     out: list[Message] = []
@@ -441,8 +445,13 @@ def _forward(world: World, m: MigrationState, issue: _Issuer) -> list[Message]:
     if not switching:
         return out
     # The source has stopped: its lease goes first, then (pre-copy) the switchover completes.
+    # Destination networking is enabled meanwhile: with the source stopped no traffic can
+    # reach two copies, and the destination stays paused until cont.
     if m.cmd(Kind.RELEASE_LEASE, src.host) is None and not m.src_lease_released:
-        return [issue(Kind.RELEASE_LEASE, src.host, lease_generation=m.source_lease_generation)]
+        out.append(issue(Kind.RELEASE_LEASE, src.host, lease_generation=m.source_lease_generation))
+        if m.cmd(Kind.ENABLE_NETWORK, dst.host) is None and not m.dst_network_enabled:
+            out.append(issue(Kind.ENABLE_NETWORK, dst.host))
+        return out
     if not m.src_lease_released:
         return []
     if not m.postcopy_started and "completed" not in (src.status, dst.status):

@@ -331,7 +331,8 @@ _FORWARD_PHASE_OF_KIND: dict[int, Phase] = {
     Kind.RELEASE_LEASE: Phase.SWITCHOVER,
     Kind.CONTINUE_SWITCHOVER: Phase.SWITCHOVER,
     Kind.ACQUIRE_LEASE: Phase.HANDOFF,
-    Kind.ENABLE_NETWORK: Phase.HANDOFF,
+    # Networking is enabled as soon as the source stops, beside the lease release.
+    Kind.ENABLE_NETWORK: Phase.SWITCHOVER,
     Kind.RESUME_VM: Phase.FINISHING,
 }
 

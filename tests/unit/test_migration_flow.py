@@ -36,9 +36,9 @@ def test_precopy_completes_with_handoff_in_order():
         "prepare-incoming@host-b",
         "start-migration@host-a",
         "release-lease@host-a",
+        "enable-network@host-b",
         "continue-switchover@host-a",
         "acquire-lease@host-b",
-        "enable-network@host-b",
         "resume-vm@host-b",
         "announce@host-b",
         "destroy-vm@host-a",
@@ -67,8 +67,8 @@ def test_postcopy_mode_switches_after_migrate_and_waits_for_completion():
         "PostcopyRequested",
         "start-postcopy@host-a",
         "release-lease@host-a",
-        "acquire-lease@host-b",
         "enable-network@host-b",
+        "acquire-lease@host-b",
         "resume-vm@host-b",
         "announce@host-b",
     ]
@@ -120,10 +120,10 @@ def test_cont_waits_for_every_handoff_fact():
         pending += handoff
         if len(pending) == 2:
             break
-    assert decisions(pending) == ["acquire-lease@host-b", "enable-network@host-b"]
-    answer(driver, hosts, pending[:1])  # lease acquired, network not yet
+    assert decisions(pending) == ["enable-network@host-b", "acquire-lease@host-b"]
+    answer(driver, hosts, pending[1:])  # lease acquired, network not yet
     assert decisions(driver.advance("m-1")) == []
-    answer(driver, hosts, pending[1:])
+    answer(driver, hosts, pending[:1])
     assert decisions(driver.advance("m-1")) == ["resume-vm@host-b"]
 
 
@@ -231,8 +231,11 @@ def test_failed_handoff_command_before_cont_rolls_back():
     events = start(driver) + driver.run("m-1", hosts)
     d = decisions(events)
     assert "resume-vm@host-b" not in d
+    # Networking is enabled while the source waits in pre-switchover: the failure there
+    # cancels the migration, then the source gets its lease and CPUs back.
     assert d[d.index("RollbackDecided") :] == [
         "RollbackDecided",
+        "cancel-migration@host-a",
         "destroy-vm@host-b",
         "acquire-lease@host-a",
         "resume-vm@host-a",

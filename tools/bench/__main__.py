@@ -6,14 +6,17 @@ import json
 import sys
 from collections.abc import Callable
 
-from tools.bench import log_bench
+from tools.bench import log_bench, switchover
 
 Result = dict[str, object]
-BENCHES: dict[str, Callable[[], Result]] = {
+# A benchmark returns one result, or several (e.g. p50 and p99 of one run).
+BENCHES: dict[str, Callable[[], Result | list[Result]]] = {
     "log.append.1_writer": lambda: log_bench.append_bench(1),
     "log.append.10_writers": lambda: log_bench.append_bench(10),
     "log.append.100_writers": lambda: log_bench.append_bench(100),
     "log.replay.1m": lambda: log_bench.replay_bench(1_000_000),
+    "switchover.pause.postcopy": lambda: switchover.bench("postcopy"),
+    "switchover.pause.precopy": lambda: switchover.bench("precopy"),
 }
 
 
@@ -24,7 +27,8 @@ def main(argv: list[str]) -> int:
         return 2
     for name in wanted:
         result = BENCHES[name]()
-        print(json.dumps({"bench": name, **result}), flush=True)
+        for one in result if isinstance(result, list) else [{"bench": name, **result}]:
+            print(json.dumps(one), flush=True)
     return 0
 
 

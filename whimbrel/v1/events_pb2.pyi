@@ -863,6 +863,7 @@ class CommandArgs(_message.Message):
     PARAMETERS_FIELD_NUMBER: _builtins.int
     FORCE_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    PAUSE_BEFORE_SWITCHOVER_FIELD_NUMBER: _builtins.int
     uri: _builtins.str
     """START_MIGRATION, RESUME_MIGRATION: where the destination listens."""
     lease_generation: _builtins.int
@@ -873,6 +874,10 @@ class CommandArgs(_message.Message):
     """STOP_VM: kill rather than quit."""
     reason: _builtins.str
     """Why, for people reading the log (e.g. "rollback", "fence: source gone")."""
+    pause_before_switchover: _builtins.bool
+    """START_MIGRATION: set pause-before-switchover, so the source stops in "pre-switchover" and
+    its lease is released before the switchover completes (pre-copy and auto modes).
+    """
     @_builtins.property
     def spec(self) -> _common_pb2.VmSpec:
         """START_VM, PREPARE_INCOMING: the VM to launch."""
@@ -891,10 +896,11 @@ class CommandArgs(_message.Message):
         parameters: Global___MigrationParameters | None = ...,
         force: _builtins.bool = ...,
         reason: _builtins.str = ...,
+        pause_before_switchover: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["force", b"force", "lease_generation", b"lease_generation", "parameters", b"parameters", "postcopy", b"postcopy", "reason", b"reason", "spec", b"spec", "uri", b"uri"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["force", b"force", "lease_generation", b"lease_generation", "parameters", b"parameters", "pause_before_switchover", b"pause_before_switchover", "postcopy", b"postcopy", "reason", b"reason", "spec", b"spec", "uri", b"uri"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

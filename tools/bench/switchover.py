@@ -1,0 +1,213 @@
+"""Guest-visible pause of a switchover: destination RESUME minus source STOP, by QEMU's clocks.
+
+Whimbrel: a coordinator and two hostd processes migrate one VM back and forth N times.
+Baseline, in the same run: a script drives two QEMUs over QMP directly, with no coordinator,
+doing the same handoff with the same drivers: on the source's stop it releases the source lease
+(the same file lease driver) and enables destination networking (the same hook), acquires the
+destination lease with a higher generation, then sends `cont` to the destination. Both sides
+use the same QEMU command lines (hostd's), the same guest and the same capabilities.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from hostd import qemu
+from hostd.drivers.lease import FileLeaseDriver
+from hostd.drivers.network import HookNetworkDriver
+from hostd.executor import free_port
+from hostd.qmp import QmpSession
+from tools.cluster import HOOK, Cluster
+from tools.guest import boot_disk
+from whimbrel.v1 import common_pb2, migration_pb2
+
+RUNS = 20
+MEMORY_MIB = 64
+# Post-copy runs throttle pre-copy so the switch to post-copy always happens during pass 1;
+# unthrottled, a small guest can finish in pre-copy before migrate-start-postcopy takes effect.
+POSTCOPY_PRECOPY_BANDWIDTH = 100_000
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * p / 100
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def whimbrel_pauses(mode: int, runs: int, root: Path) -> list[float]:
+    root.mkdir(parents=True, exist_ok=True)
+    cluster = Cluster(root)
+    try:
+        cluster.start_coordinator()
+        cluster.start_hostd("host-a")
+        cluster.start_hostd("host-b")
+        cluster.wait_hosts("host-a", "host-b")
+        cluster.define_and_start("vm-1", "host-a", memory_mib=MEMORY_MIB)
+        pauses = []
+        hosts = ["host-a", "host-b"]
+        for i in range(runs):
+            dest = hosts[(i + 1) % 2]
+            cluster.migrations.StartMigration(
+                migration_pb2.StartMigrationRequest(
+                    vm="vm-1", destination=dest, mode=mode, migration_id=f"m-{i}"
+                )
+            )
+            final = cluster.watch(f"m-{i}")
+            if final.phase != common_pb2.MIGRATION_PHASE_COMPLETED:
+                raise RuntimeError(f"migration m-{i} ended {final.phase}: {final.reason}")
+            pauses.append(final.pause_us / 1000)
+            print(f"  whimbrel {i}: {pauses[-1]:.1f} ms", file=sys.stderr, flush=True)
+        return pauses
+    finally:
+        cluster.teardown()
+
+
+class DirectHandoff:
+    """The baseline: one migration driven over QMP by this script alone."""
+
+    def __init__(self, root: Path, spec: common_pb2.VmSpec, postcopy: bool) -> None:
+        self.root, self.spec, self.postcopy = root, spec, postcopy
+        self.lease = FileLeaseDriver(root / "locks")
+        hook = root / "hook.sh"
+        hook.write_text(HOOK.format(log=root / "hook.log"))
+        hook.chmod(0o755)
+        self.network = HookNetworkDriver(hook, "baseline")
+        self.events: dict[str, asyncio.Queue[tuple[str, dict[str, Any], int]]] = {}
+
+    async def _start(self, name: str, incoming: bool, generation: int) -> tuple[int, QmpSession]:
+        paths = qemu.VmPaths(self.root / name)
+        pid = await qemu.launch(
+            qemu.command_line(self.spec, paths, name, incoming=incoming), paths, self.spec.name
+        )
+        queue: asyncio.Queue[tuple[str, dict[str, Any], int]] = asyncio.Queue()
+        self.events[name] = queue
+
+        async def sink(event: str, data: dict[str, Any], time_us: int) -> None:
+            queue.put_nowait((event, data, time_us))
+
+        session = QmpSession(name, str(paths.qmp))
+        await session.connect(sink)
+        if not incoming:
+            await self.lease.acquire(self.spec.name, name, generation)
+        return pid, session
+
+    async def _until(self, name: str, test) -> int:  # type: ignore[no-untyped-def]
+        while True:
+            event, data, time_us = await self.events[name].get()
+            if test(event, data):
+                return time_us
+
+    async def _stopped_and(self, status: str) -> int:
+        """Wait for the source's STOP and MIGRATION `status`, in whichever order QEMU sends
+        them (postcopy-active comes before STOP); returns STOP's time."""
+        stop_us, seen = 0, False
+        while not (stop_us and seen):
+            event, data, time_us = await self.events["src"].get()
+            if event == "STOP":
+                stop_us = time_us
+            elif data.get("status") == status:
+                seen = True
+        return stop_us
+
+    async def run(self, generation: int) -> float:
+        src_pid, src = await self._start("src", False, generation)
+        dst_pid, dst = await self._start("dst", True, generation)
+        try:
+            caps = [{"capability": "events", "state": True}]
+            if self.postcopy:
+                caps.append({"capability": "postcopy-ram", "state": True})
+            await dst.execute(
+                "migrate-set-capabilities",
+                {"capabilities": [*caps, {"capability": "late-block-activate", "state": True}]},
+            )
+            await self.network.apply("prepare", self.spec)
+            uri = f"tcp:127.0.0.1:{free_port('127.0.0.1')}"
+            await dst.execute("migrate-incoming", {"uri": uri})
+            src_caps = (
+                caps
+                if self.postcopy
+                else [*caps, {"capability": "pause-before-switchover", "state": True}]
+            )
+            await src.execute("migrate-set-capabilities", {"capabilities": src_caps})
+            if self.postcopy:
+                await src.execute(
+                    "migrate-set-parameters", {"max-bandwidth": POSTCOPY_PRECOPY_BANDWIDTH}
+                )
+            await src.execute("migrate", {"uri": uri})
+            vm = self.spec.name
+            if self.postcopy:
+                await src.execute("migrate-start-postcopy")
+                stop_us = await self._stopped_and("postcopy-active")
+                await asyncio.gather(
+                    self.lease.release(vm, "src"), self.network.apply("enable", self.spec)
+                )
+            else:
+                stop_us = await self._stopped_and("pre-switchover")
+                await asyncio.gather(
+                    self.lease.release(vm, "src"), self.network.apply("enable", self.spec)
+                )
+                await src.execute("migrate-continue", {"state": "pre-switchover"})
+                await self._until("dst", lambda e, d: d.get("status") == "completed")
+            await self.lease.acquire(vm, "dst", generation + 1)
+            await dst.execute("cont")
+            resume_us = await self._until("dst", lambda e, d: e == "RESUME")
+            if self.postcopy:
+                await self._until("dst", lambda e, d: d.get("status") == "completed")
+            await self.lease.release(vm, "dst")
+            return (resume_us - stop_us) / 1000
+        finally:
+            for session in (src, dst):
+                await session.close()
+            for pid in (src_pid, dst_pid):
+                await qemu.kill(pid)
+
+
+# No single baseline migration may take longer than this; a hang becomes an error.
+GUARD_S = 60
+
+
+async def direct_pauses(postcopy: bool, runs: int, root: Path) -> list[float]:
+    disk = boot_disk(root / "disk.img")
+    spec = common_pb2.VmSpec(
+        name="vm-1",
+        memory_mib=MEMORY_MIB,
+        vcpus=1,
+        machine="pc",
+        disks=[common_pb2.Disk(path=str(disk), format="raw")],
+    )
+    handoff = DirectHandoff(root, spec, postcopy)
+    pauses = []
+    for i in range(runs):
+        try:
+            pauses.append(await asyncio.wait_for(handoff.run(generation=2 * i + 1), GUARD_S))
+        except TimeoutError:
+            raise RuntimeError(f"direct handoff {i} did not finish in {GUARD_S}s") from None
+        print(f"  direct {i}: {pauses[-1]:.1f} ms", file=sys.stderr, flush=True)
+    return pauses
+
+
+def bench(mode: str, runs: int = RUNS) -> list[dict[str, object]]:
+    postcopy = mode == "postcopy"
+    pb_mode = common_pb2.MIGRATION_MODE_POSTCOPY if postcopy else common_pb2.MIGRATION_MODE_PRECOPY
+    with tempfile.TemporaryDirectory() as tmp:
+        ours = whimbrel_pauses(pb_mode, runs, Path(tmp) / "whimbrel")
+        (Path(tmp) / "direct").mkdir()
+        base = asyncio.run(direct_pauses(postcopy, runs, Path(tmp) / "direct"))
+    print(f"  {mode}: whimbrel pauses ms {sorted(round(p, 1) for p in ours)}", file=sys.stderr)
+    print(f"  {mode}: direct   pauses ms {sorted(round(p, 1) for p in base)}", file=sys.stderr)
+    out = []
+    for p in (50, 99):
+        out.append(
+            {
+                "bench": f"switchover.pause.{mode}.p{p}_ms",
+                "value": round(percentile(ours, p), 2),
+                "unit": "ms",
+                "baseline": round(percentile(base, p), 2),
+            }
+        )
+    return out

@@ -1,0 +1,213 @@
+"""Real processes on loopback for tests and benchmarks: a coordinator, hostd processes, real
+QEMU, real SQLite files; clients that wait on the log's follow stream rather than polling."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import grpc
+
+from coordinator import codec
+from coordinator.core import Event
+from coordinator.log import SqliteEventStore
+from tools.guest import boot_disk
+from whimbrel.v1 import (
+    common_pb2,
+    eventlog_pb2,
+    eventlog_pb2_grpc,
+    events_pb2,
+    migration_pb2,
+    migration_pb2_grpc,
+    vm_pb2,
+    vm_pb2_grpc,
+)
+
+BIN = Path(sys.executable).parent
+HOOK = """#!/bin/sh
+# Network hook for tests: records each phase with the host and a timestamp.
+echo "$1 $2 $WHIMBREL_HOST $(date +%s%N)" >> "{log}"
+"""
+
+
+@dataclass
+class Process:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+    files: list[IO[bytes]] = field(default_factory=list)
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        try:
+            if self.popen.poll() is None:
+                self.popen.send_signal(sig)
+                try:
+                    return self.popen.wait(10)
+                except subprocess.TimeoutExpired:
+                    self.popen.kill()
+            return self.popen.wait(10)
+        finally:
+            for f in self.files:
+                f.close()
+            if self.popen.stdout is not None:
+                self.popen.stdout.close()
+
+
+def spawn(name: str, args: list[str], log: Path, *, pipe_stdout: bool = False) -> Process:
+    out = open(log, "ab")  # noqa: SIM115 - owned by the Process, closed in stop()
+    stdout = subprocess.PIPE if pipe_stdout else out
+    popen = subprocess.Popen(args, stdout=stdout, stderr=out if pipe_stdout else subprocess.STDOUT)
+    return Process(name, popen, log, [out])
+
+
+@dataclass
+class Cluster:
+    root: Path
+    address: str = ""
+    processes: dict[str, Process] = field(default_factory=dict)
+    channel: grpc.Channel | None = None
+
+    @property
+    def db(self) -> Path:
+        return self.root / "whimbrel.db"
+
+    @property
+    def shared(self) -> Path:
+        return self.root / "shared"
+
+    @property
+    def hook_log(self) -> Path:
+        return self.root / "network-hook.log"
+
+    def start_coordinator(self) -> None:
+        log = self.root / "coordinator.log"
+        args = [str(BIN / "whimbrel-coordinator"), "--db", str(self.db), "--listen", "127.0.0.1:0"]
+        process = spawn("coordinator", args, log, pipe_stdout=True)
+        self.processes["coordinator"] = process
+        assert process.popen.stdout is not None
+        line = process.popen.stdout.readline().decode()
+        if "listening on port" not in line:
+            raise RuntimeError(f"coordinator did not start: {line!r}; see {log}")
+        self.address = f"127.0.0.1:{line.split()[-1]}"
+        self.channel = grpc.insecure_channel(self.address)
+
+    def start_hostd(self, host_id: str) -> None:
+        hook = self.root / "hook.sh"
+        if not hook.exists():
+            hook.write_text(HOOK.format(log=self.hook_log))
+            hook.chmod(0o755)
+        args = [
+            str(BIN / "whimbrel-hostd"), "--host-id", host_id, "--coordinator", self.address,
+            "--state-dir", str(self.root / host_id), "--lockspace", str(self.shared / "locks"),
+            "--network", "hook", "--network-hook", str(hook),
+        ]  # fmt: skip
+        self.processes[host_id] = spawn(host_id, args, self.root / f"{host_id}.log")
+
+    # --- clients ---
+
+    @property
+    def vms(self) -> vm_pb2_grpc.VmServiceStub:
+        return vm_pb2_grpc.VmServiceStub(self.channel)
+
+    @property
+    def migrations(self) -> migration_pb2_grpc.MigrationServiceStub:
+        return migration_pb2_grpc.MigrationServiceStub(self.channel)
+
+    def wait_event(self, predicate, timeout: float = 30.0, from_seq: int = 1) -> Event:  # type: ignore[no-untyped-def]
+        """Follow the log until an event matches (woken by commits, no polling)."""
+        stub = eventlog_pb2_grpc.EventLogServiceStub(self.channel)
+        call = stub.ReadEvents(
+            eventlog_pb2.ReadEventsRequest(from_seq=from_seq, follow=True), timeout=timeout
+        )
+        try:
+            for proto in call:
+                field_name = proto.payload.WhichOneof("kind")
+                event = Event(
+                    proto.seq,
+                    proto.stream,
+                    proto.type,
+                    proto.epoch,
+                    proto.time_us,
+                    getattr(proto.payload, field_name),
+                    proto.origin.host_id,
+                    proto.origin.generation,
+                    proto.origin.seq,
+                )
+                if predicate(event):
+                    return event
+        finally:
+            call.cancel()
+        raise AssertionError("event stream ended")
+
+    def wait_hosts(self, *hosts: str) -> None:
+        waiting = set(hosts)
+        self.wait_event(
+            lambda e: (
+                isinstance(e.payload, events_pb2.HostConnected)
+                and not waiting.discard(e.payload.host_id)
+                and not waiting
+            )
+        )
+
+    def head(self) -> int:
+        stub = eventlog_pb2_grpc.EventLogServiceStub(self.channel)
+        return stub.VerifyLog(eventlog_pb2.VerifyLogRequest()).head_seq
+
+    def define_and_start(
+        self, name: str, host: str, memory_mib: int = 64, ram_file: Path | None = None
+    ) -> None:
+        disk = boot_disk(self.shared / f"{name}.img")
+        spec = common_pb2.VmSpec(
+            name=name,
+            memory_mib=memory_mib,
+            vcpus=1,
+            disks=[common_pb2.Disk(path=str(disk), format="raw")],
+        )
+        if ram_file is not None:
+            spec.memory_backing.kind = "file"
+            spec.memory_backing.path = str(ram_file)
+        self.vms.DefineVm(vm_pb2.DefineVmRequest(spec=spec))
+        head = self.head()
+        self.vms.StartVm(vm_pb2.StartVmRequest(name=name, host=host))
+        self.wait_event(
+            lambda e: isinstance(e.payload, events_pb2.CommandSucceeded) and e.payload.vm == name,
+            from_seq=head,
+        )
+
+    def watch(self, migration_id: str, timeout: float = 120.0) -> migration_pb2.Migration:
+        updates = list(
+            self.migrations.WatchMigration(
+                migration_pb2.WatchMigrationRequest(migration_id=migration_id), timeout=timeout
+            )
+        )
+        assert updates, "WatchMigration returned nothing"
+        return updates[-1]
+
+    def events(self) -> list[Event]:
+        store = SqliteEventStore(self.db)
+        try:
+            return [codec.from_stored(s) for s in store.read()]
+        finally:
+            store.close()
+
+    def qemu_pids(self) -> list[int]:
+        pids = []
+        for pidfile in self.root.glob("*/vms/*/qemu.pid"):
+            with contextlib.suppress(ValueError, FileNotFoundError):
+                pids.append(int(pidfile.read_text()))
+        return pids
+
+    def teardown(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+        for process in reversed(list(self.processes.values())):
+            process.stop()
+        for pid in self.qemu_pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
