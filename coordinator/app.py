@@ -26,7 +26,7 @@ from coordinator.core import Event, IllegalTransition, NewEvent, World, decide, 
 from coordinator.core import inputs as I
 from coordinator.core.evolve import Fact, fold
 from coordinator.core.state import Command, CommandState
-from coordinator.log import EventStore, PendingEvent, StaleEpoch
+from coordinator.log import EventStore, PendingEvent, StaleEpoch, StoreError, StoreFailure
 from whimbrel.v1 import events_pb2, host_pb2
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,8 @@ class HostSession:
     host_id: str
     generation: int
     outbox: asyncio.Queue[host_pb2.CoordinatorMessage | None] = field(default_factory=asyncio.Queue)
+    # generation -> highest host seq in the log (or staged), to drop re-sent events early.
+    stored: dict[int, int] = field(default_factory=dict)
 
     def send(self, message: host_pb2.CoordinatorMessage) -> None:
         self.outbox.put_nowait(message)
@@ -76,6 +78,13 @@ def replay(store: EventStore, world: World | None = None) -> World:
 
 
 class Coordinator:
+    """One message (a request, a host's event, a connect) is handled as one unit, under a lock:
+    its observations are folded, every decision they lead to is taken and folded too, and all of
+    it is committed in one transaction. Only then are commands sent and host events
+    acknowledged. Folding ahead of the commit is safe because nothing leaves the process before
+    the commit; if the commit fails, the world is ahead of the log and the coordinator stops
+    (a restart replays the log)."""
+
     def __init__(self, store: EventStore, clock: Callable[[], int] = wall_clock_us) -> None:
         self.store = store
         self.clock = clock
@@ -83,8 +92,10 @@ class Coordinator:
         self.sessions: dict[str, HostSession] = {}
         self._lock = asyncio.Lock()
         self._changed = asyncio.Event()
-        # Set when the log was taken over by a newer coordinator: this one must stop.
+        self._staged: list[tuple[NewEvent, Event]] = []
+        # Set when this coordinator must stop: a newer one owns the log, or the log failed.
         self.fenced = asyncio.Event()
+        self.stop_reason = ""
 
     # --- start --------------------------------------------------------------------------------
 
@@ -97,66 +108,62 @@ class Coordinator:
             return codec.to_pending(NewEvent("coordinator", payload, self.clock()))
 
         epoch = await asyncio.to_thread(self.store.begin_epoch, first)
-        # Fold the epoch event so the world knows its epoch.
         seq, _ = self.store.head()
         (stored,) = list(self.store.read(from_seq=seq))
         evolve(self.world, codec.from_stored(stored))
-        # Streams that were open before the restart are gone now.
-        for host in self.world.hosts.values():
-            if host.connected:
-                await self._append_locked_free(
-                    [
-                        self._host_event(
-                            host.host_id,
-                            events_pb2.HostDisconnected(
-                                host_id=host.host_id,
-                                generation=host.generation,
-                                reason="coordinator restarted",
-                            ),
-                        )
-                    ]
-                )
+        async with self._lock:
+            # Streams that were open before the restart are gone now.
+            for host in self.world.hosts.values():
+                if host.connected:
+                    gone = events_pb2.HostDisconnected(
+                        host_id=host.host_id, generation=host.generation,
+                        reason="coordinator restarted",
+                    )  # fmt: skip
+                    self._stage([self._host_event(host.host_id, gone)])
+            await self._flush()
         log.info("coordinator epoch %d serving a log of %d events", epoch, seq)
 
-    # --- appending ----------------------------------------------------------------------------
+    # --- staging and committing ---------------------------------------------------------------
 
-    async def _append(self, new_events: Sequence[NewEvent]) -> list[Event]:
-        """Append durably, fold, then send newly issued commands. Caller holds the lock."""
-        if not new_events:
-            return []
-        pending = [codec.to_pending(e) for e in new_events]
-        try:
-            epoch, marks = await self.store.append_marks(pending)
-        except StaleEpoch:
-            self.fenced.set()
-            raise
-        stored_events: list[Event] = []
-        for new, mark in zip(new_events, marks, strict=True):
-            if mark is None:
-                continue  # a duplicate host event, already in the log
-            event = Event(
-                mark[0],
-                new.stream,
-                new.type,
-                epoch,
-                new.time_us,
-                new.payload,
-                new.origin_host,
-                new.origin_generation,
-                new.origin_seq,
-            )
+    def _stage(self, new_events: Sequence[NewEvent]) -> list[Event]:
+        """Fold events into the world ahead of their commit. Caller holds the lock."""
+        head = self.store.head()[0] + len(self._staged)
+        epoch = self.store.epoch
+        staged = []
+        for i, new in enumerate(new_events, start=1):
+            event = Event(head + i, new.stream, new.type, epoch, new.time_us, new.payload,
+                          new.origin_host, new.origin_generation, new.origin_seq)  # fmt: skip
             evolve(self.world, event)
-            stored_events.append(event)
-        for event in stored_events:
+            self._staged.append((new, event))
+            staged.append(event)
+        return staged
+
+    async def _flush(self) -> list[Event]:
+        """Commit everything staged in one transaction, then send its commands."""
+        staged, self._staged = self._staged, []
+        if not staged:
+            return []
+        try:
+            _, marks = await self.store.append_marks([codec.to_pending(new) for new, _ in staged])
+            if [m[0] if m else None for m in marks] != [event.seq for _, event in staged]:
+                raise StoreFailure("the log assigned other seqs than were folded")
+        except StaleEpoch as err:
+            self._stop(f"a newer coordinator owns the log: {err}")
+            raise
+        except StoreError as err:
+            self._stop(f"the log failed, the world is ahead of it: {err}")
+            raise
+        for _, event in staged:
             if isinstance(event.payload, events_pb2.CommandIssued):
                 self._dispatch(event.payload)
         self._changed.set()
         self._changed = asyncio.Event()
-        return stored_events
+        return [event for _, event in staged]
 
-    async def _append_locked_free(self, new_events: Sequence[NewEvent]) -> list[Event]:
-        async with self._lock:
-            return await self._append(new_events)
+    def _stop(self, reason: str) -> None:
+        log.error("stopping: %s", reason)
+        self.stop_reason = reason
+        self.fenced.set()
 
     def _host_event(self, host_id: str, payload: Message) -> NewEvent:
         return NewEvent(f"host/{host_id}", payload, self.clock())
@@ -166,36 +173,37 @@ class Coordinator:
     async def request(self, request: I.Input) -> list[Event]:
         """Decide on an operator request (raising CoreError when refused), then advance."""
         async with self._lock:
-            stored = await self._append(decide(self.world, request))
-            await self._advance_touched(stored)
-            return stored
+            staged = self._stage(decide(self.world, request))
+            self._advance_touched(staged)
+            await self._flush()
+            return staged
 
     async def advance(self, migration_ids: Iterable[str]) -> None:
         async with self._lock:
-            await self._advance(migration_ids)
+            self._advance(migration_ids)
+            await self._flush()
 
-    async def _advance(self, migration_ids: Iterable[str]) -> None:
+    def _advance(self, migration_ids: Iterable[str]) -> None:
         for migration_id in sorted(set(migration_ids)):
             while True:
                 decided = decide(self.world, I.Advance(migration_id, self.clock()))
                 if not decided:
                     break
-                await self._append(decided)
+                self._stage(decided)
 
-    async def _advance_touched(self, events: Iterable[Event]) -> None:
+    def _advance_touched(self, events: Iterable[Event]) -> None:
         touched = set()
         for event in events:
             payload = event.payload
             migration_id = getattr(payload, "migration_id", "")
             if migration_id:
                 touched.add(migration_id)
-            vm_name = getattr(payload, "vm", "") or getattr(
-                getattr(payload, "observation", None), "vm", ""
-            )
+            observation = getattr(payload, "observation", None)
+            vm_name = getattr(payload, "vm", "") or getattr(observation, "vm", "")
             vm = self.world.vms.get(vm_name) if vm_name else None
             if vm is not None and vm.migration_id:
                 touched.add(vm.migration_id)
-        await self._advance(touched & self.world.open_migrations)
+        self._advance(touched & self.world.open_migrations)
 
     # --- hosts --------------------------------------------------------------------------------
 
@@ -208,84 +216,74 @@ class Coordinator:
             current = self.world.hosts.get(hello.host_id)
             if current is not None and hello.generation < current.generation:
                 raise IllegalTransition(
-                    f"host {hello.host_id}",
-                    "connect",
-                    f"generation {current.generation}",
+                    f"host {hello.host_id}", "connect", f"generation {current.generation}",
                     [f"generation >= {current.generation}"],
-                )
+                )  # fmt: skip
             old = self.sessions.pop(hello.host_id, None)
             if old is not None:
                 old.close()
             session = HostSession(hello.host_id, hello.generation)
+            last = self.store.host_high_water(hello.host_id, hello.generation)
+            session.stored[hello.generation] = last
             self.sessions[hello.host_id] = session
             connected = events_pb2.HostConnected(
-                host_id=hello.host_id,
-                generation=hello.generation,
-                highest_epoch_seen=hello.highest_epoch_seen,
-                last_acked_seq=hello.last_acked_seq,
-                migration_address=hello.migration_address,
-                version=hello.version,
-            )
+                host_id=hello.host_id, generation=hello.generation,
+                highest_epoch_seen=hello.highest_epoch_seen, last_acked_seq=hello.last_acked_seq,
+                migration_address=hello.migration_address, version=hello.version,
+            )  # fmt: skip
             now = self.clock()
             new = [
                 NewEvent(f"host/{hello.host_id}", connected, now, hello.host_id, hello.generation)
             ]
             for observation in hello.vms:
                 snapshot = events_pb2.VmObserved(observation=observation, reason="hello")
-                new.append(
-                    NewEvent(
-                        self._stream_for(observation.vm),
-                        snapshot,
-                        now,
-                        hello.host_id,
-                        hello.generation,
-                    )
-                )
-            stored = await self._append(new)
-            last = self.store.host_high_water(hello.host_id, hello.generation)
+                new.append(NewEvent(self._stream_for(observation.vm), snapshot, now,
+                                    hello.host_id, hello.generation))  # fmt: skip
+            staged = self._stage(new)
+            self._advance_touched(staged)
+            self._advance(self.world.open_migrations)
+            await self._flush()
             welcome = host_pb2.Welcome(epoch=self.world.epoch, last_stored_seq=last)
             session.send(host_pb2.CoordinatorMessage(welcome=welcome))
             for command in self._outstanding(hello.host_id):
                 self._send(session, command)
-            await self._advance_touched(stored)
-            await self._advance(self.world.open_migrations)
             return session, last
 
     async def host_events(self, session: HostSession, events: Sequence[host_pb2.HostEvent]) -> None:
-        """Append a host's observations, acknowledge them, and advance what they touch."""
-        if self.sessions.get(session.host_id) is not session:
-            raise IllegalTransition(
-                f"host {session.host_id} stream",
-                "report",
-                "replaced by a newer stream",
-                ["current"],
-            )
-        new = []
-        for host_event in events:
-            kind = host_event.payload.WhichOneof("kind")
-            if kind is None:
-                continue
-            payload = getattr(host_event.payload, kind)
-            # Re-sent events of an earlier generation keep their own (generation, seq).
-            generation = min(host_event.generation or session.generation, session.generation)
-            new.append(
-                NewEvent(
-                    self._stream_for(getattr(payload, "vm", "")),
-                    payload,
-                    host_event.time_us or self.clock(),
-                    session.host_id,
-                    generation,
-                    host_event.seq,
-                )
-            )
+        """Fold a host's observations and what they lead to, commit, acknowledge."""
         async with self._lock:
-            stored = await self._append(new)
+            if self.sessions.get(session.host_id) is not session:
+                raise IllegalTransition(
+                    f"host {session.host_id} stream", "report", "replaced by a newer stream",
+                    ["current"],
+                )  # fmt: skip
+            new = []
+            for host_event in events:
+                # Re-sent events of an earlier generation keep their own (generation, seq).
+                generation = min(host_event.generation or session.generation, session.generation)
+                if generation not in session.stored:
+                    session.stored[generation] = self.store.host_high_water(
+                        session.host_id, generation
+                    )
+                # Already in the log (a re-send after a reconnect): drop before folding.
+                if host_event.seq <= session.stored[generation]:
+                    continue
+                session.stored[generation] = host_event.seq
+                kind = host_event.payload.WhichOneof("kind")
+                if kind is None:
+                    continue
+                payload = getattr(host_event.payload, kind)
+                new.append(NewEvent(self._stream_for(getattr(payload, "vm", "")), payload,
+                                    host_event.time_us or self.clock(), session.host_id,
+                                    generation, host_event.seq))  # fmt: skip
+            staged = self._stage(new)
+            self._advance_touched(staged)
+            await self._flush()
             if events:
                 last = events[-1]
                 generation = min(last.generation or session.generation, session.generation)
                 ack = host_pb2.Ack(generation=generation, seq=last.seq)
                 session.send(host_pb2.CoordinatorMessage(ack=ack))
-            await self._advance_touched(stored)
 
     async def host_disconnected(self, session: HostSession, reason: str) -> None:
         async with self._lock:
@@ -295,8 +293,9 @@ class Coordinator:
             payload = events_pb2.HostDisconnected(
                 host_id=session.host_id, generation=session.generation, reason=reason
             )
-            await self._append([self._host_event(session.host_id, payload)])
-            await self._advance(self.world.open_migrations)
+            self._stage([self._host_event(session.host_id, payload)])
+            self._advance(self.world.open_migrations)
+            await self._flush()
 
     def _stream_for(self, vm_name: str) -> str:
         vm = self.world.vms.get(vm_name)

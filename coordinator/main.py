@@ -102,7 +102,7 @@ async def serve(db: str, listen: str, ready: asyncio.Future[int] | None = None) 
     await asyncio.wait([stopped, fenced], return_when=asyncio.FIRST_COMPLETED)
     code = 0
     if fenced.done():
-        log.error("a newer coordinator owns the log: stopping (epoch %d is stale)", app.world.epoch)
+        log.error("stopping (epoch %d): %s", app.world.epoch, app.stop_reason)
         code = EXIT_FENCED
     else:
         log.info("stopping on signal")

@@ -218,21 +218,43 @@ class HostServicer(host_pb2_grpc.HostServiceServicer):
             await context.abort(status_for(err), str(err))
             return
 
+        received: asyncio.Queue[host_pb2.HostEvent | None] = asyncio.Queue()
+
         async def read_events() -> None:
             async for message in request_iterator:
                 if message.WhichOneof("kind") == "event":
-                    await self.app.host_events(session, [message.event])
+                    received.put_nowait(message.event)
+            received.put_nowait(None)
+
+        async def process_events() -> None:
+            # Everything that arrived while the previous batch was being committed goes into
+            # the next transaction together; None marks the end of the stream.
+            ended = False
+            while not ended:
+                item = await received.get()
+                batch = []
+                while item is not None:
+                    batch.append(item)
+                    if received.empty():
+                        break
+                    item = received.get_nowait()
+                ended = item is None
+                if batch:
+                    await self.app.host_events(session, batch)
             session.close()
 
         reader = asyncio.create_task(read_events(), name=f"hostd-reader-{session.host_id}")
+        processor = asyncio.create_task(process_events(), name=f"hostd-events-{session.host_id}")
         reason = "stream closed"
         try:
             while (message := await session.outbox.get()) is not None:
                 yield message
-            if reader.done() and reader.exception() is not None:
-                reason = f"stream failed: {reader.exception()}"
+            for task in (reader, processor):
+                if task.done() and not task.cancelled() and task.exception() is not None:
+                    reason = f"stream failed: {task.exception()}"
         finally:
             reader.cancel()
+            processor.cancel()
             await self.app.host_disconnected(session, reason)
 
     @mapped

@@ -41,6 +41,7 @@ class VmRuntime:
         self.exited = asyncio.Event()
         self._watch: asyncio.Task[None] | None = None
         self._samplers: set[asyncio.Task[None]] = set()
+        self.migration_status = ""
         self.log = log.getChild(self.name)
 
     def save(self) -> None:
@@ -94,7 +95,11 @@ class VmRuntime:
             vm=self.name, event=name, data_json=json.dumps(data, sort_keys=True)
         )
         await self.emit(payload, time_us)
-        if name == "MIGRATION_PASS" and self.role == "source":
+        if name == "MIGRATION":
+            self.migration_status = str(data.get("status", ""))
+        # Progress samples serve the pre-copy policy; during the switch they would only
+        # compete with the handoff for QMP and CPU.
+        if name == "MIGRATION_PASS" and self.role == "source" and self.migration_status == "active":
             # Sampled beside the event stream, so the next events are not held up by it.
             task = asyncio.create_task(self._sample(int(data.get("pass", 0))))
             self._samplers.add(task)

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -112,33 +113,34 @@ class Cluster:
     # --- clients ---
 
     @property
+    def grpc(self) -> grpc.Channel:
+        assert self.channel is not None, "start the coordinator first"
+        return self.channel
+
+    @property
     def vms(self) -> vm_pb2_grpc.VmServiceStub:
-        return vm_pb2_grpc.VmServiceStub(self.channel)
+        return vm_pb2_grpc.VmServiceStub(self.grpc)
 
     @property
     def migrations(self) -> migration_pb2_grpc.MigrationServiceStub:
-        return migration_pb2_grpc.MigrationServiceStub(self.channel)
+        return migration_pb2_grpc.MigrationServiceStub(self.grpc)
 
-    def wait_event(self, predicate, timeout: float = 30.0, from_seq: int = 1) -> Event:  # type: ignore[no-untyped-def]
+    def wait_event(
+        self, predicate: Callable[[Event], bool], timeout: float = 30.0, from_seq: int = 1
+    ) -> Event:
         """Follow the log until an event matches (woken by commits, no polling)."""
-        stub = eventlog_pb2_grpc.EventLogServiceStub(self.channel)
-        call = stub.ReadEvents(
-            eventlog_pb2.ReadEventsRequest(from_seq=from_seq, follow=True), timeout=timeout
-        )
+        stub = eventlog_pb2_grpc.EventLogServiceStub(self.grpc)
+        request = eventlog_pb2.ReadEventsRequest(from_seq=from_seq, follow=True)
+        call = stub.ReadEvents(request, timeout=timeout)
         try:
             for proto in call:
                 field_name = proto.payload.WhichOneof("kind")
+                assert field_name is not None, f"event {proto.seq} has no payload"
                 event = Event(
-                    proto.seq,
-                    proto.stream,
-                    proto.type,
-                    proto.epoch,
-                    proto.time_us,
-                    getattr(proto.payload, field_name),
-                    proto.origin.host_id,
-                    proto.origin.generation,
-                    proto.origin.seq,
-                )
+                    proto.seq, proto.stream, proto.type, proto.epoch, proto.time_us,
+                    getattr(proto.payload, field_name), proto.origin.host_id,
+                    proto.origin.generation, proto.origin.seq,
+                )  # fmt: skip
                 if predicate(event):
                     return event
         finally:
@@ -147,16 +149,16 @@ class Cluster:
 
     def wait_hosts(self, *hosts: str) -> None:
         waiting = set(hosts)
-        self.wait_event(
-            lambda e: (
-                isinstance(e.payload, events_pb2.HostConnected)
-                and not waiting.discard(e.payload.host_id)
-                and not waiting
-            )
-        )
+
+        def all_connected(e: Event) -> bool:
+            if isinstance(e.payload, events_pb2.HostConnected):
+                waiting.discard(e.payload.host_id)
+            return not waiting
+
+        self.wait_event(all_connected)
 
     def head(self) -> int:
-        stub = eventlog_pb2_grpc.EventLogServiceStub(self.channel)
+        stub = eventlog_pb2_grpc.EventLogServiceStub(self.grpc)
         return stub.VerifyLog(eventlog_pb2.VerifyLogRequest()).head_seq
 
     def define_and_start(

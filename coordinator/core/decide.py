@@ -438,7 +438,9 @@ def _forward(world: World, m: MigrationState, issue: _Issuer) -> list[Message]:
         m.postcopy_requested
         and not switching
         and start.state == SUCCEEDED
-        and src.status == "active"
+        # QEMU accepts migrate-start-postcopy once migrate returned; waiting for the "active"
+        # event would let a small guest finish pre-copy first.
+        and src.status in ("", "setup", "active")
         and m.cmd(Kind.START_POSTCOPY, src.host) is None
     ):
         out.append(issue(Kind.START_POSTCOPY, src.host))

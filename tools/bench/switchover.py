@@ -22,11 +22,13 @@ from hostd.drivers.network import HookNetworkDriver
 from hostd.executor import free_port
 from hostd.qmp import QmpSession
 from tools.cluster import HOOK, Cluster
-from tools.guest import boot_disk
+from tools.guest import boot_disk, random_ram
 from whimbrel.v1 import common_pb2, migration_pb2
 
 RUNS = 20
 MEMORY_MIB = 64
+# Random RAM (every page real data) keeps post-copy engaged: a mostly-zero guest can finish
+# pre-copy before migrate-start-postcopy takes effect.
 # Post-copy runs throttle pre-copy so the switch to post-copy always happens during pass 1;
 # unthrottled, a small guest can finish in pre-copy before migrate-start-postcopy takes effect.
 POSTCOPY_PRECOPY_BANDWIDTH = 100_000
@@ -39,7 +41,7 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
-def whimbrel_pauses(mode: int, runs: int, root: Path) -> list[float]:
+def whimbrel_pauses(mode: int, runs: int, root: Path, ram: Path | None = None) -> list[float]:
     root.mkdir(parents=True, exist_ok=True)
     cluster = Cluster(root)
     try:
@@ -47,14 +49,17 @@ def whimbrel_pauses(mode: int, runs: int, root: Path) -> list[float]:
         cluster.start_hostd("host-a")
         cluster.start_hostd("host-b")
         cluster.wait_hosts("host-a", "host-b")
-        cluster.define_and_start("vm-1", "host-a", memory_mib=MEMORY_MIB)
+        cluster.define_and_start("vm-1", "host-a", memory_mib=MEMORY_MIB, ram_file=ram)
         pauses = []
         hosts = ["host-a", "host-b"]
         for i in range(runs):
             dest = hosts[(i + 1) % 2]
             cluster.migrations.StartMigration(
                 migration_pb2.StartMigrationRequest(
-                    vm="vm-1", destination=dest, mode=mode, migration_id=f"m-{i}"
+                    vm="vm-1",
+                    destination=dest,
+                    mode=common_pb2.MigrationMode.ValueType(mode),
+                    migration_id=f"m-{i}",
                 )
             )
             final = cluster.watch(f"m-{i}")
@@ -78,6 +83,7 @@ class DirectHandoff:
         hook.chmod(0o755)
         self.network = HookNetworkDriver(hook, "baseline")
         self.events: dict[str, asyncio.Queue[tuple[str, dict[str, Any], int]]] = {}
+        self.seen: dict[str, list[tuple[str, dict[str, Any], int]]] = {}
 
     async def _start(self, name: str, incoming: bool, generation: int) -> tuple[int, QmpSession]:
         paths = qemu.VmPaths(self.root / name)
@@ -86,6 +92,7 @@ class DirectHandoff:
         )
         queue: asyncio.Queue[tuple[str, dict[str, Any], int]] = asyncio.Queue()
         self.events[name] = queue
+        self.seen[name] = []
 
         async def sink(event: str, data: dict[str, Any], time_us: int) -> None:
             queue.put_nowait((event, data, time_us))
@@ -97,22 +104,23 @@ class DirectHandoff:
         return pid, session
 
     async def _until(self, name: str, test) -> int:  # type: ignore[no-untyped-def]
+        """The time of the first event of `name` passing `test`, already seen or still to
+        come (QEMU's order varies: a small guest can complete post-copy before RESUME)."""
+        seen = self.seen.setdefault(name, [])
+        index = 0
         while True:
-            event, data, time_us = await self.events[name].get()
-            if test(event, data):
-                return time_us
+            while index < len(seen):
+                event, data, time_us = seen[index]
+                index += 1
+                if test(event, data):
+                    return time_us
+            seen.append(await self.events[name].get())
 
     async def _stopped_and(self, status: str) -> int:
         """Wait for the source's STOP and MIGRATION `status`, in whichever order QEMU sends
         them (postcopy-active comes before STOP); returns STOP's time."""
-        stop_us, seen = 0, False
-        while not (stop_us and seen):
-            event, data, time_us = await self.events["src"].get()
-            if event == "STOP":
-                stop_us = time_us
-            elif data.get("status") == status:
-                seen = True
-        return stop_us
+        await self._until("src", lambda e, d: d.get("status") == status)
+        return await self._until("src", lambda e, d: e == "STOP")
 
     async def run(self, generation: int) -> float:
         src_pid, src = await self._start("src", False, generation)
@@ -171,7 +179,9 @@ class DirectHandoff:
 GUARD_S = 60
 
 
-async def direct_pauses(postcopy: bool, runs: int, root: Path) -> list[float]:
+async def direct_pauses(
+    postcopy: bool, runs: int, root: Path, ram: Path | None = None
+) -> list[float]:
     disk = boot_disk(root / "disk.img")
     spec = common_pb2.VmSpec(
         name="vm-1",
@@ -180,6 +190,9 @@ async def direct_pauses(postcopy: bool, runs: int, root: Path) -> list[float]:
         machine="pc",
         disks=[common_pb2.Disk(path=str(disk), format="raw")],
     )
+    if ram is not None:
+        spec.memory_backing.kind = "file"
+        spec.memory_backing.path = str(ram)
     handoff = DirectHandoff(root, spec, postcopy)
     pauses = []
     for i in range(runs):
@@ -195,9 +208,10 @@ def bench(mode: str, runs: int = RUNS) -> list[dict[str, object]]:
     postcopy = mode == "postcopy"
     pb_mode = common_pb2.MIGRATION_MODE_POSTCOPY if postcopy else common_pb2.MIGRATION_MODE_PRECOPY
     with tempfile.TemporaryDirectory() as tmp:
-        ours = whimbrel_pauses(pb_mode, runs, Path(tmp) / "whimbrel")
+        ram = random_ram(Path(tmp) / "ram.bin", MEMORY_MIB) if postcopy else None
+        ours = whimbrel_pauses(pb_mode, runs, Path(tmp) / "whimbrel", ram)
         (Path(tmp) / "direct").mkdir()
-        base = asyncio.run(direct_pauses(postcopy, runs, Path(tmp) / "direct"))
+        base = asyncio.run(direct_pauses(postcopy, runs, Path(tmp) / "direct", ram))
     print(f"  {mode}: whimbrel pauses ms {sorted(round(p, 1) for p in ours)}", file=sys.stderr)
     print(f"  {mode}: direct   pauses ms {sorted(round(p, 1) for p in base)}", file=sys.stderr)
     out = []
