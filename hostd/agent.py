@@ -47,6 +47,15 @@ def wrap(payload: Message) -> events_pb2.EventPayload:
     return wrapped
 
 
+def failed(c: host_pb2.Command, error: str, **fields: Any) -> events_pb2.EventPayload:
+    """The CommandFailed answer to `c`."""
+    return wrap(
+        events_pb2.CommandFailed(
+            command_id=c.command_id, attempt=c.attempt, kind=c.kind, vm=c.vm, error=error, **fields
+        )
+    )
+
+
 class Agent:
     def __init__(
         self,
@@ -241,78 +250,36 @@ class Agent:
     async def _handle(self, c: host_pb2.Command) -> None:
         llog = log.getChild(c.vm)
         if c.epoch < self.store.highest_epoch:
-            llog.warning(
-                "refusing %s: epoch %d is older than %d",
-                c.command_id,
-                c.epoch,
-                self.store.highest_epoch,
-            )
-            await self.emit(
-                events_pb2.CommandFailed(
-                    command_id=c.command_id,
-                    attempt=c.attempt,
-                    kind=c.kind,
-                    vm=c.vm,
-                    rejected=True,
-                    error=f"stale epoch {c.epoch}: this host has seen {self.store.highest_epoch}",
-                ),
-                0,
-            )
+            llog.warning("refusing %s: epoch %d is older than %d", c.command_id, c.epoch,
+                         self.store.highest_epoch)  # fmt: skip
+            error = f"stale epoch {c.epoch}: this host has seen {self.store.highest_epoch}"
+            self._record(failed(c, error, rejected=True), 0)
             return
         self.store.raise_epoch(c.epoch)
         if c.command_id in self._inflight:
             return  # a repeat of a command still running here; its result will come
         prior = self.store.command(c.command_id)
         if prior is not None:
-            if prior.result is not None:
-                self._record(prior.result, 0)
-            else:
-                await self.emit(
-                    events_pb2.CommandFailed(
-                        command_id=c.command_id,
-                        attempt=c.attempt,
-                        kind=c.kind,
-                        vm=c.vm,
-                        error="interrupted by a hostd restart; not executed again",
-                    ),
-                    0,
-                )
+            interrupted = failed(c, "interrupted by a hostd restart; not executed again")
+            self._record(prior.result or interrupted, 0)
             return
         self.store.command_started(c.command_id)
         self._inflight.add(c.command_id)
         started = time.monotonic()
         try:
             result = await self.executor.run(c)
-            outcome = wrap(
-                events_pb2.CommandSucceeded(
-                    command_id=c.command_id, attempt=c.attempt, kind=c.kind, vm=c.vm, result=result
-                )
+            succeeded = events_pb2.CommandSucceeded(
+                command_id=c.command_id, attempt=c.attempt, kind=c.kind, vm=c.vm, result=result
             )
+            outcome = wrap(succeeded)
             llog.info("%s done in %.1f ms", c.command_id, (time.monotonic() - started) * 1000)
         except HostdError as err:
             error_class = err.error_class if isinstance(err, QmpError) else ""
-            outcome = wrap(
-                events_pb2.CommandFailed(
-                    command_id=c.command_id,
-                    attempt=c.attempt,
-                    kind=c.kind,
-                    vm=c.vm,
-                    error=str(err),
-                    qmp_error_class=error_class,
-                )
-            )
+            outcome = failed(c, str(err), qmp_error_class=error_class)
             llog.error("%s failed: %s", c.command_id, err)
             llog.debug("%s failure", c.command_id, exc_info=True)
         except Exception as err:
-            outcome = wrap(
-                events_pb2.CommandFailed(
-                    command_id=c.command_id,
-                    attempt=c.attempt,
-                    kind=c.kind,
-                    vm=c.vm,
-                    error=f"internal error: {err!r}",
-                )
-            )
+            outcome = failed(c, f"internal error: {err!r}")
             llog.exception("%s crashed", c.command_id)
         finally:
             self._inflight.discard(c.command_id)

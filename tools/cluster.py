@@ -110,6 +110,15 @@ class Cluster:
         ]  # fmt: skip
         self.processes[host_id] = spawn(host_id, args, self.root / f"{host_id}.log")
 
+    def start(self, *hosts: str) -> Cluster:
+        """Start the coordinator and hostd for `hosts`, and wait until all are connected."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.start_coordinator()
+        for host in hosts:
+            self.start_hostd(host)
+        self.wait_hosts(*hosts)
+        return self
+
     # --- clients ---
 
     @property

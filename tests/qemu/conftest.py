@@ -34,10 +34,6 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
     """A coordinator and hosts host-a, host-b, all connected."""
     c = Cluster(tmp_path)
     try:
-        c.start_coordinator()
-        c.start_hostd("host-a")
-        c.start_hostd("host-b")
-        c.wait_hosts("host-a", "host-b")
-        yield c
+        yield c.start("host-a", "host-b")
     finally:
         c.teardown()

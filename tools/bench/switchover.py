@@ -42,13 +42,9 @@ def percentile(values: list[float], p: float) -> float:
 
 
 def whimbrel_pauses(mode: int, runs: int, root: Path, ram: Path | None = None) -> list[float]:
-    root.mkdir(parents=True, exist_ok=True)
     cluster = Cluster(root)
     try:
-        cluster.start_coordinator()
-        cluster.start_hostd("host-a")
-        cluster.start_hostd("host-b")
-        cluster.wait_hosts("host-a", "host-b")
+        cluster.start("host-a", "host-b")
         cluster.define_and_start("vm-1", "host-a", memory_mib=MEMORY_MIB, ram_file=ram)
         pauses = []
         hosts = ["host-a", "host-b"]
