@@ -58,7 +58,10 @@ def build_server(
     reflection.enable_server_reflection(
         [*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
-    port = server.add_insecure_port(listen)
+    try:
+        port = server.add_insecure_port(listen)
+    except RuntimeError as err:  # grpc reports a failed bind this way
+        raise OSError(f"cannot listen on {listen}: {err}") from err
     if port == 0:
         raise OSError(f"cannot listen on {listen}")
     return server, port, health_servicer
@@ -83,12 +86,15 @@ async def serve(db: str, listen: str, ready: asyncio.Future[int] | None = None) 
     store = SqliteEventStore(db)
     app = Coordinator(store)
     try:
+        # Bind before taking the log: a start refused for its address leaves no trace in it.
+        server, port, health_servicer = build_server(app, listen)
         await app.start()
-    except StoreError as err:
+    except (StoreError, OSError) as err:
         log.error("cannot start: %s", err)
-        store.close()
+        await asyncio.to_thread(store.close)
         return 2
-    server, port, health_servicer = await start_server(app, listen)
+    await server.start()
+    await set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
     log.info("listening on %s (port %d), log %s", listen, port, db)
     print(f"whimbrel-coordinator listening on port {port}", flush=True)
     if ready is not None:
@@ -131,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return asyncio.run(serve(args.db, args.listen))
-    except OSError as err:
+    except OSError as err:  # e.g. the database path is unusable
         log.error("%s", err)
         return 2
 
