@@ -60,10 +60,8 @@ def build_server(
     )
     try:
         port = server.add_insecure_port(listen)
-    except RuntimeError as err:  # grpc reports a failed bind this way
-        raise OSError(f"cannot listen on {listen}: {err}") from err
-    if port == 0:
-        raise OSError(f"cannot listen on {listen}")
+    except RuntimeError:  # grpc reports a failed bind this way (or with port 0)
+        port = 0
     return server, port, health_servicer
 
 
@@ -72,6 +70,8 @@ async def start_server(
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """Build, start and mark every service SERVING."""
     server, port, health_servicer = build_server(app, listen)
+    if not port:
+        raise OSError(f"cannot listen on {listen}")
     await server.start()
     await set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
     return server, port, health_servicer
@@ -85,12 +85,17 @@ async def set_health(servicer: health.aio.HealthServicer, status: int) -> None:
 async def serve(db: str, listen: str, ready: asyncio.Future[int] | None = None) -> int:
     store = SqliteEventStore(db)
     app = Coordinator(store)
-    try:
-        # Bind before taking the log: a start refused for its address leaves no trace in it.
-        server, port, health_servicer = build_server(app, listen)
-        await app.start()
-    except (StoreError, OSError) as err:
-        log.error("cannot start: %s", err)
+    # Bind before taking the log: a start refused for its address leaves no trace in it.
+    server, port, health_servicer = build_server(app, listen)
+    problem = "" if port else f"cannot listen on {listen}"
+    if not problem:
+        try:
+            await app.start()
+        except StoreError as err:
+            problem = str(err)
+    if problem:
+        log.error("cannot start: %s", problem)
+        await server.stop(None)
         await asyncio.to_thread(store.close)
         return 2
     await server.start()
@@ -120,13 +125,23 @@ async def serve(db: str, listen: str, ready: asyncio.Future[int] | None = None) 
     return code
 
 
+def listen_address(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"{value!r} is not HOST:PORT with a port in 0..65535")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="whimbrel-coordinator", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--db", required=True, help="path of the SQLite event log")
     parser.add_argument(
-        "--listen", default="127.0.0.1:7700", help="gRPC address (default %(default)s)"
+        "--listen",
+        default="127.0.0.1:7700",
+        type=listen_address,
+        help="gRPC address HOST:PORT (default %(default)s; port 0 picks a free one)",
     )
     parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]

@@ -4,6 +4,7 @@ start, exit 0 on SIGTERM, and exit 2 with nothing logged when it cannot listen."
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 from pathlib import Path
 
@@ -54,12 +55,20 @@ def test_coordinator_serves_health_and_reflection_and_exits_0_on_sigterm(tmp_pat
 
 
 def test_unusable_listen_address_exits_2_and_logs_nothing(tmp_path: Path) -> None:
-    """A --listen address that cannot be bound is reported, exits 2, and takes no epoch."""
+    """A port already taken on loopback is reported, exits 2, and takes no epoch; a port out
+    of range is a usage error."""
     db = tmp_path / "w.db"
-    args = [str(BIN / "whimbrel-coordinator"), "--db", str(db), "--listen", "127.0.0.1:99999"]
-    result = subprocess.run(args, capture_output=True, timeout=30, check=False)
-    assert result.returncode == 2
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        args = [str(BIN / "whimbrel-coordinator"), "--db", str(db), "--listen", address]
+        result = subprocess.run(args, capture_output=True, timeout=30, check=False)
+    assert result.returncode == 2, result.stderr
     assert b"cannot listen" in result.stderr
     store = SqliteEventStore(db)
     assert list(store.read()) == []
     store.close()
+    args[-1] = "127.0.0.1:99999"
+    result = subprocess.run(args, capture_output=True, timeout=30, check=False)
+    assert result.returncode == 2 and b"port in 0..65535" in result.stderr
