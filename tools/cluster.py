@@ -86,9 +86,9 @@ class Cluster:
     def hook_log(self) -> Path:
         return self.root / "network-hook.log"
 
-    def start_coordinator(self) -> None:
+    def start_coordinator(self, listen: str = "127.0.0.1:0") -> None:
         log = self.root / "coordinator.log"
-        args = [str(BIN / "whimbrel-coordinator"), "--db", str(self.db), "--listen", "127.0.0.1:0"]
+        args = [str(BIN / "whimbrel-coordinator"), "--db", str(self.db), "--listen", listen]
         process = spawn("coordinator", args, log, pipe_stdout=True)
         self.processes["coordinator"] = process
         assert process.popen.stdout is not None
@@ -96,6 +96,8 @@ class Cluster:
         if "listening on port" not in line:
             raise RuntimeError(f"coordinator did not start: {line!r}; see {log}")
         self.address = f"127.0.0.1:{line.split()[-1]}"
+        if self.channel is not None:
+            self.channel.close()
         self.channel = grpc.insecure_channel(self.address)
 
     def start_hostd(self, host_id: str) -> None:

@@ -183,8 +183,13 @@ class Ctl:
 
     def _watch(self, migration_id: str) -> int:
         last: migration_pb2.Migration | None = None
+        shown = ""
         for last in self._stream(migration_id):
-            self.emit(last, self._migration_line)
+            line = self._migration_line(last)
+            # Text mode shows what changed; JSON mode passes every update on.
+            if self.as_json or line != shown:
+                self.emit(last, self._migration_line)
+                shown = line
         if last is None or last.phase != common_pb2.MIGRATION_PHASE_COMPLETED:
             return EXIT_NOT_COMPLETED
         return 0

@@ -1,0 +1,76 @@
+"""hostd's command rules, on real files: at most once per command id, stale epochs refused
+without acting, a command interrupted by a restart reported, never re-run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hostd.agent import Agent
+from hostd.drivers.network import NullNetworkDriver
+from whimbrel.v1 import events_pb2, host_pb2
+
+
+def agent(tmp_path: Path) -> Agent:
+    return Agent("host-a", "127.0.0.1:1", tmp_path / "state", tmp_path / "locks", "127.0.0.1",
+                 NullNetworkDriver())  # fmt: skip
+
+
+def acquire(command_id: str, generation: int, epoch: int) -> host_pb2.Command:
+    return host_pb2.Command(
+        command_id=command_id, epoch=epoch, vm="vm-1", kind=events_pb2.COMMAND_KIND_ACQUIRE_LEASE,
+        args=events_pb2.CommandArgs(lease_generation=generation),
+    )  # fmt: skip
+
+
+def kinds(a: Agent) -> list[str]:
+    return [str(e.payload.WhichOneof("kind")) for e in a.pending]
+
+
+async def test_command_runs_once_and_repeats_get_the_stored_result(tmp_path: Path) -> None:
+    """A repeated command id is answered with the first result; the lease is taken once."""
+    a = agent(tmp_path)
+    await a._handle(acquire("c-1", 1, epoch=1))
+    await a._handle(acquire("c-1", 1, epoch=1))
+    assert kinds(a) == ["lease_acquired", "command_succeeded", "command_succeeded"]
+    first, again = a.pending[1].payload.command_succeeded, a.pending[2].payload.command_succeeded
+    assert first == again and first.result.lease_generation == 1
+    await a.close()
+
+
+async def test_stale_epoch_is_refused_without_acting(tmp_path: Path) -> None:
+    """After epoch 3 was seen (and stored), an epoch-2 command is rejected and changes nothing."""
+    a = agent(tmp_path)
+    await a._handle(acquire("c-1", 1, epoch=3))
+    await a._handle(acquire("c-2", 2, epoch=2))
+    refused = a.pending[-1].payload.command_failed
+    assert refused.rejected and "stale epoch 2" in refused.error
+    assert a.executor.lease.read("vm-1").generation == 1
+    await a.close()
+    restarted = agent(tmp_path)  # the epoch survived the restart
+    assert restarted.store.highest_epoch == 3 and restarted.generation == 2
+    await restarted.close()
+
+
+async def test_command_interrupted_by_restart_is_reported_not_rerun(tmp_path: Path) -> None:
+    """A command marked started but never finished (hostd died) fails on its repeat."""
+    a = agent(tmp_path)
+    a.store.command_started("c-1")
+    await a.close()
+    restarted = agent(tmp_path)
+    await restarted._handle(acquire("c-1", 1, epoch=1))
+    failure = restarted.pending[-1].payload.command_failed
+    assert "interrupted by a hostd restart" in failure.error
+    assert restarted.executor.lease.read("vm-1").holder == ""
+    await restarted.close()
+
+
+async def test_unacknowledged_events_survive_a_restart(tmp_path: Path) -> None:
+    """The outbox keeps events until acknowledged, across hostd restarts, with their origin."""
+    a = agent(tmp_path)
+    await a._handle(acquire("c-1", 1, epoch=1))
+    a._acknowledged(host_pb2.Ack(generation=1, seq=1))
+    await a.close()
+    restarted = agent(tmp_path)
+    assert [(e.generation, e.seq) for e in restarted.pending] == [(1, 2)]
+    assert restarted.pending[0].payload.WhichOneof("kind") == "command_succeeded"
+    await restarted.close()

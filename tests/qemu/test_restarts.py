@@ -1,0 +1,84 @@
+"""Restarts with real processes: QEMU outlives hostd, and nothing a host saw is lost while the
+coordinator is down."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from tests.qemu.conftest import Cluster
+from tools.audit.cli import main as audit
+from whimbrel.v1 import common_pb2, events_pb2, migration_pb2, vm_pb2
+
+pytestmark = pytest.mark.qemu
+
+
+def qemu_pid(cluster: Cluster, host: str, vm: str) -> int:
+    return int((cluster.root / host / "vms" / vm / "qemu.pid").read_text())
+
+
+def test_restarted_hostd_reattaches_to_its_running_qemu(cluster: Cluster) -> None:
+    """kill -9 hostd: its QEMU keeps running; the new hostd (generation 2) re-attaches over QMP
+    and the VM then migrates normally."""
+    cluster.define_and_start("vm-1", "host-a")
+    pid = qemu_pid(cluster, "host-a", "vm-1")
+    head = cluster.head()
+    cluster.processes["host-a"].stop(signal.SIGKILL)
+    cluster.wait_event(
+        lambda e: (
+            isinstance(e.payload, events_pb2.HostDisconnected) and e.payload.host_id == "host-a"
+        ),
+        from_seq=head,
+    )
+    os.kill(pid, 0)  # QEMU outlived hostd
+    cluster.start_hostd("host-a")
+    cluster.wait_event(
+        lambda e: (
+            isinstance(e.payload, events_pb2.HostConnected)
+            and e.payload.host_id == "host-a"
+            and e.payload.generation == 2
+        ),
+        from_seq=head,
+    )
+    cluster.wait_event(
+        lambda e: (
+            isinstance(e.payload, events_pb2.VmObserved)
+            and e.origin_host == "host-a"
+            and e.origin_generation == 2
+            and e.payload.observation.runstate == "running"
+        ),
+        from_seq=head,
+    )
+    vm = cluster.vms.GetVm(vm_pb2.GetVmRequest(name="vm-1"))
+    assert (vm.host, vm.status) == ("host-a", vm_pb2.VM_STATUS_RUNNING)
+    cluster.migrations.StartMigration(migration_pb2.StartMigrationRequest(
+        vm="vm-1", destination="host-b", mode=common_pb2.MIGRATION_MODE_PRECOPY,
+        migration_id="m-1"))  # fmt: skip
+    assert cluster.watch("m-1").phase == common_pb2.MIGRATION_PHASE_COMPLETED
+    assert audit(["verify", str(cluster.db)]) == 0
+
+
+def test_observation_during_coordinator_outage_arrives_once(cluster: Cluster) -> None:
+    """QEMU dies while the coordinator is down: hostd keeps the event in its outbox and
+    delivers it, exactly once, to the restarted coordinator."""
+    cluster.define_and_start("vm-1", "host-a")
+    address = cluster.address
+    assert cluster.processes["coordinator"].stop() == 0
+    os.kill(qemu_pid(cluster, "host-a", "vm-1"), signal.SIGKILL)
+    cluster.start_coordinator(listen=address)
+    cluster.wait_event(
+        lambda e: isinstance(e.payload, events_pb2.QemuExited) and e.payload.vm == "vm-1"
+    )
+    vm = cluster.vms.GetVm(vm_pb2.GetVmRequest(name="vm-1"))
+    assert vm.status == vm_pb2.VM_STATUS_STOPPED
+    exits = [e for e in cluster.events() if isinstance(e.payload, events_pb2.QemuExited)]
+    assert len(exits) == 1 and exits[0].origin_host == "host-a"
+    epochs = [
+        e.payload.epoch
+        for e in cluster.events()
+        if isinstance(e.payload, events_pb2.CoordinatorStarted)
+    ]
+    assert epochs == [1, 2]
+    assert audit(["verify", str(cluster.db)]) == 0
