@@ -52,23 +52,14 @@ def canonical(
 _SEQ_EPOCH = struct.Struct(">QQ")
 
 
-def body_bytes(e: PendingEvent) -> bytes:
+def body_bytes(e: PendingEvent | StoredEvent) -> bytes:
     """The canonical bytes after seq and epoch (known before the writer assigns those)."""
-    return canonical(
-        0,
-        0,
-        e.time_us,
-        e.stream,
-        e.type,
-        e.origin_host,
-        e.origin_generation,
-        e.origin_seq,
-        e.payload,
-    )[_SEQ_EPOCH.size :]
+    return canonical(0, 0, e.time_us, e.stream, e.type, e.origin_host, e.origin_generation,
+                     e.origin_seq, e.payload)[_SEQ_EPOCH.size :]  # fmt: skip
 
 
 def link(prev_hash: bytes, seq: int, epoch: int, body: bytes) -> bytes:
-    """The chain hash of an event given its precomputed body (same as chain_hash(canonical))."""
+    """The chain hash of an event given its body: SHA-256(prev || seq || epoch || body)."""
     return hashlib.sha256(prev_hash + _SEQ_EPOCH.pack(seq, epoch) + body).digest()
 
 
@@ -77,20 +68,7 @@ def chain_hash(prev_hash: bytes, canonical_bytes: bytes) -> bytes:
 
 
 def event_hash(prev_hash: bytes, e: StoredEvent) -> bytes:
-    return chain_hash(
-        prev_hash,
-        canonical(
-            e.seq,
-            e.epoch,
-            e.time_us,
-            e.stream,
-            e.type,
-            e.origin_host,
-            e.origin_generation,
-            e.origin_seq,
-            e.payload,
-        ),
-    )
+    return link(prev_hash, e.seq, e.epoch, body_bytes(e))
 
 
 @dataclass(frozen=True, slots=True)

@@ -181,3 +181,17 @@ def test_verify_names_first_tampered_seq(tmp_path: Path) -> None:
     conn.close()
     result = verify_chain(SqliteEventStore(tmp_path / "log.db").read())
     assert not result.ok and result.first_bad_seq == 4 and "hash" in result.problem
+
+
+async def test_asyncio_appends_are_acknowledged_after_commit(backend: Backend) -> None:
+    """append_async and append_marks (the coordinator's path) give seqs, hashes and drops
+    that agree with what is stored."""
+    store = backend.open()
+    store.begin_epoch(started)
+    stored = await store.append_async([event(1), event(2, "h", 1, 1)])
+    epoch, marks = await store.append_marks([event(3, "h", 1, 1), event(4, "h", 1, 2)])
+    assert [e.seq for e in stored if e] == [2, 3]
+    assert epoch == 1 and marks[0] is None and marks[1] is not None and marks[1][0] == 4
+    on_disk = list(store.read())
+    assert (on_disk[-1].seq, on_disk[-1].prev_hash, on_disk[-1].hash) == marks[1]
+    assert verify_chain(on_disk).ok
