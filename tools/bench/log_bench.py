@@ -31,7 +31,7 @@ from coordinator.log import PendingEvent, SqliteEventStore
 from coordinator.log.chain import ZERO_HASH, canonical, chain_hash
 from coordinator.log.sqlite import INSERT, connect, create_schema
 from tools.sim import Driver, SimHosts, running_vm
-from whimbrel.v1 import common_pb2, events_pb2
+from whimbrel.v1 import events_pb2
 
 EVENTS_PER_WRITER = {1: 1500, 10: 800, 100: 600}
 
@@ -282,6 +282,3 @@ def replay_bench(count: int) -> dict[str, object]:
 
 def _bench_dir() -> str | None:
     return os.environ.get("WHIMBREL_BENCH_DIR")
-
-
-_ = common_pb2
