@@ -27,6 +27,7 @@ from coordinator.core import inputs as I
 from coordinator.core.evolve import Fact, fold
 from coordinator.core.state import Command, CommandState
 from coordinator.log import EventStore, PendingEvent, StaleEpoch, StoreError, StoreFailure
+from whimbrel import failpoints
 from whimbrel.v1 import events_pb2, host_pb2
 
 log = logging.getLogger(__name__)
@@ -153,12 +154,25 @@ class Coordinator:
         except StoreError as err:
             self._stop(f"the log failed, the world is ahead of it: {err}")
             raise
+        failpoints.hit("coordinator.after-commit")
+        if any(self._is_destination_cont(event) for _, event in staged):
+            failpoints.hit("coordinator.after-cont-intent")
         for _, event in staged:
             if isinstance(event.payload, events_pb2.CommandIssued):
                 self._dispatch(event.payload)
         self._changed.set()
         self._changed = asyncio.Event()
         return [event for _, event in staged]
+
+    def _is_destination_cont(self, event: Event) -> bool:
+        p = event.payload
+        if (
+            not isinstance(p, events_pb2.CommandIssued)
+            or p.kind != events_pb2.COMMAND_KIND_RESUME_VM
+        ):
+            return False
+        m = self.world.migrations.get(p.migration_id)
+        return m is not None and p.host_id == m.destination
 
     def _stop(self, reason: str) -> None:
         log.error("stopping: %s", reason)

@@ -30,6 +30,7 @@ from hostd.errors import HostdError, QmpError
 from hostd.executor import Executor
 from hostd.store import HostStore
 from hostd.vm import VmRuntime
+from whimbrel import failpoints
 from whimbrel.v1 import events_pb2, host_pb2, host_pb2_grpc
 
 log = logging.getLogger("whimbrel.hostd")
@@ -264,10 +265,12 @@ class Agent:
             self._record(prior.result or interrupted, 0)
             return
         self.store.command_started(c.command_id)
+        failpoints.hit("hostd.before-execute")
         self._inflight.add(c.command_id)
         started = time.monotonic()
         try:
             result = await self.executor.run(c)
+            failpoints.hit("hostd.after-execute")
             succeeded = events_pb2.CommandSucceeded(
                 command_id=c.command_id, attempt=c.attempt, kind=c.kind, vm=c.vm, result=result
             )

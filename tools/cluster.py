@@ -60,10 +60,22 @@ class Process:
                 self.popen.stdout.close()
 
 
-def spawn(name: str, args: list[str], log: Path, *, pipe_stdout: bool = False) -> Process:
+def spawn(
+    name: str,
+    args: list[str],
+    log: Path,
+    *,
+    pipe_stdout: bool = False,
+    env: dict[str, str] | None = None,
+) -> Process:
     out = open(log, "ab")  # noqa: SIM115 - owned by the Process, closed in stop()
     stdout = subprocess.PIPE if pipe_stdout else out
-    popen = subprocess.Popen(args, stdout=stdout, stderr=out if pipe_stdout else subprocess.STDOUT)
+    popen = subprocess.Popen(
+        args,
+        stdout=stdout,
+        stderr=out if pipe_stdout else subprocess.STDOUT,
+        env=dict(os.environ, **(env or {})),
+    )
     return Process(name, popen, log, [out])
 
 
@@ -86,10 +98,11 @@ class Cluster:
     def hook_log(self) -> Path:
         return self.root / "network-hook.log"
 
-    def start_coordinator(self, listen: str = "127.0.0.1:0") -> None:
+    def start_coordinator(self, listen: str = "127.0.0.1:0", failpoints: str = "") -> None:
         log = self.root / "coordinator.log"
         args = [str(BIN / "whimbrel-coordinator"), "--db", str(self.db), "--listen", listen]
-        process = spawn("coordinator", args, log, pipe_stdout=True)
+        env = {"WHIMBREL_FAILPOINTS": failpoints} if failpoints else None
+        process = spawn("coordinator", args, log, pipe_stdout=True, env=env)
         self.processes["coordinator"] = process
         assert process.popen.stdout is not None
         line = process.popen.stdout.readline().decode()
@@ -158,7 +171,7 @@ class Cluster:
             call.cancel()
         raise AssertionError("event stream ended")
 
-    def wait_hosts(self, *hosts: str) -> None:
+    def wait_hosts(self, *hosts: str, from_seq: int = 1) -> None:
         waiting = set(hosts)
 
         def all_connected(e: Event) -> bool:
@@ -166,7 +179,7 @@ class Cluster:
                 waiting.discard(e.payload.host_id)
             return not waiting
 
-        self.wait_event(all_connected)
+        self.wait_event(all_connected, from_seq=from_seq)
 
     def head(self) -> int:
         stub = eventlog_pb2_grpc.EventLogServiceStub(self.grpc)

@@ -88,3 +88,36 @@ def test_coordinator_killed_after_destination_resumed_in_postcopy(
     final = cluster.watch("m-1")
     assert final.phase == common_pb2.MIGRATION_PHASE_COMPLETED and final.postcopy
     assert_runs_once_on(cluster, "host-b")
+
+
+def test_coordinator_dies_after_cont_intent_committed_before_sending_it(cluster: Cluster) -> None:
+    """The worst moment: the destination's cont is decided and durable, not yet sent. The
+    restarted coordinator re-sends it from the log; the migration completes, the source never
+    resumes."""
+    cluster.define_and_start("vm-1", "host-a")
+    address, before_restart = cluster.address, cluster.head()
+    cluster.processes["coordinator"].stop()
+    cluster.start_coordinator(listen=address, failpoints="coordinator.after-cont-intent")
+    cluster.wait_hosts("host-a", "host-b", from_seq=before_restart + 1)
+    policy = events_pb2.MigrationPolicy(parameters=events_pb2.MigrationParameters(
+        max_bandwidth=100_000))  # fmt: skip
+    cluster.migrations.StartMigration(migration_pb2.StartMigrationRequest(
+        vm="vm-1", destination="host-b", mode=common_pb2.MIGRATION_MODE_POSTCOPY, policy=policy,
+        migration_id="m-1"))  # fmt: skip
+    assert cluster.processes["coordinator"].popen.wait(60) == 97  # died at the failpoint
+    cont = [
+        e
+        for e in cluster.events()
+        if isinstance(e.payload, events_pb2.CommandIssued)
+        and e.payload.kind == events_pb2.COMMAND_KIND_RESUME_VM
+    ]
+    assert [e.payload.host_id for e in cont] == ["host-b"]  # durable before anything was sent
+    cluster.processes["coordinator"].stop()
+    cluster.start_coordinator(listen=address)
+    final = cluster.watch("m-1")
+    assert final.phase == common_pb2.MIGRATION_PHASE_COMPLETED and final.point_of_no_return_passed
+    events = cluster.events()
+    assert InvariantChecker().check(events) == []
+    assert audit(["verify", str(cluster.db)]) == 0
+    vm = cluster.vms.GetVm(vm_pb2.GetVmRequest(name="vm-1"))
+    assert (vm.host, vm.status) == ("host-b", vm_pb2.VM_STATUS_RUNNING)
