@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 
@@ -175,3 +176,26 @@ def test_unreadable_file_exits_2(tmp_path, capsys):
     junk = tmp_path / "junk.db"
     junk.write_bytes(b"not a database at all" * 100)
     assert main(["verify", str(junk)]) == 2
+
+
+def test_state_at_seq_and_time_shows_history(log_file, capsys):
+    """`state --at` / `--at-time` show the VM migrating mid-way and its lease moved later."""
+    from coordinator.log import SqliteEventStore
+
+    store = SqliteEventStore(log_file)
+    events = list(store.read())
+    store.close()
+    requested = next(e for e in events if e.type == "MigrationRequested")
+    code, out = run(capsys, "state", str(log_file), "--at", str(requested.seq), "--json")
+    mid = json.loads(out)
+    assert code == 0 and mid["vms"]["vm-1"]["status"] == "migrating"
+    assert mid["migrations"]["m-1"]["phase"] == "preparing"
+    latest = str(max(e.time_us for e in events))
+    code, out = run(capsys, "state", str(log_file), "--at-time", latest, "--json")
+    end = json.loads(out)
+    # The fixture's post-copy is past its point of no return, pages still flowing.
+    assert end["vms"]["vm-1"]["lease_holder"] == "host-b"
+    assert end["migrations"]["m-1"]["phase"] == "finishing"
+    assert end["migrations"]["m-1"]["point_of_no_return_passed"]
+    code, out = run(capsys, "state", str(log_file), "--at", str(requested.seq - 1))
+    assert "vm-1" in out and "migrating" not in out

@@ -2,6 +2,8 @@
 
 whimbrel-audit verify DB [--expect-head SEQ:HASH]   exit 0 clean, 1 violations, 2 unreadable
 whimbrel-audit head DB                              print SEQ:HASH of the chain head
+whimbrel-audit timeline DB --migration ID [--json]  a migration's story, pause and outcome
+whimbrel-audit state DB --at SEQ | --at-time T      derived state at that point of history
 whimbrel-audit export DB --format jsonl             every event as one JSON object per line
 """
 
@@ -16,7 +18,7 @@ from pathlib import Path
 from google.protobuf import json_format
 
 from coordinator import codec
-from tools.audit import timeline
+from tools.audit import state, timeline
 from tools.audit.checks import Unreadable, open_log, stored_events, verify
 
 EXIT_CLEAN, EXIT_VIOLATIONS, EXIT_UNREADABLE = 0, 1, 2
@@ -72,6 +74,16 @@ def cmd_timeline(ns: argparse.Namespace) -> int:
     return EXIT_CLEAN
 
 
+def cmd_state(ns: argparse.Namespace) -> int:
+    conn = open_log(Path(ns.db))
+    events = (codec.from_stored(s) for s in stored_events(conn))
+    world = state.at(events, seq=ns.at or 0,
+                     time_us=state.parse_time(ns.at_time) if ns.at_time else 0)  # fmt: skip
+    described = state.describe(world)
+    print(json.dumps(described) if ns.json else state.render(described))
+    return EXIT_CLEAN
+
+
 def cmd_export(ns: argparse.Namespace) -> int:
     conn = open_log(Path(ns.db))
     for stored in stored_events(conn):
@@ -118,6 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--migration", required=True)
     t.add_argument("--json", action="store_true")
     t.set_defaults(run=cmd_timeline)
+    s = sub.add_parser("state", help="derived state at a point of history")
+    s.add_argument("db")
+    when = s.add_mutually_exclusive_group(required=True)
+    when.add_argument("--at", type=int, help="after this seq")
+    when.add_argument("--at-time", help="at this time (ISO 8601, or microseconds since 1970)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(run=cmd_state)
     x = sub.add_parser("export", help="export every event")
     x.add_argument("db")
     x.add_argument("--format", choices=["jsonl"], default="jsonl")
