@@ -9,11 +9,13 @@ import subprocess
 from pathlib import Path
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from coordinator.log import SqliteEventStore
 from tools.cluster import BIN, Process, spawn
+from whimbrel.v1 import common_pb2, vm_pb2, vm_pb2_grpc
 
 SERVICES = {
     "whimbrel.v1.MigrationService",
@@ -72,3 +74,29 @@ def test_unusable_listen_address_exits_2_and_logs_nothing(tmp_path: Path) -> Non
     args[-1] = "127.0.0.1:99999"
     result = subprocess.run(args, capture_output=True, timeout=30, check=False)
     assert result.returncode == 2 and b"port in 0..65535" in result.stderr
+
+
+def test_second_coordinator_on_the_same_log_fences_the_first(tmp_path: Path) -> None:
+    """A newer coordinator takes a higher epoch; the older one's next write is refused
+    (UNAVAILABLE, nothing appended) and it stops itself with exit 3."""
+    db = tmp_path / "whimbrel.db"
+    first, first_address = start(tmp_path, db)
+    second, second_address = start(tmp_path, db)
+    try:
+        spec = common_pb2.VmSpec(name="vm-1", memory_mib=64, vcpus=1)
+        with grpc.insecure_channel(first_address) as channel:
+            with pytest.raises(grpc.RpcError) as err:
+                vm_pb2_grpc.VmServiceStub(channel).DefineVm(vm_pb2.DefineVmRequest(spec=spec))
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "epoch 1 is stale" in err.value.details()
+        assert first.popen.wait(10) == 3
+        with grpc.insecure_channel(second_address) as channel:
+            vm = vm_pb2_grpc.VmServiceStub(channel).DefineVm(vm_pb2.DefineVmRequest(spec=spec))
+            assert vm.spec.name == "vm-1"
+    finally:
+        first.stop()
+        assert second.stop() == 0
+    store = SqliteEventStore(db)
+    epochs = [(e.type, e.epoch) for e in store.read()]
+    store.close()
+    assert epochs == [("CoordinatorStarted", 1), ("CoordinatorStarted", 2), ("VmDefined", 2)]
