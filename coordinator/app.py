@@ -192,11 +192,6 @@ class Coordinator:
             await self._flush()
             return staged
 
-    async def advance(self, migration_ids: Iterable[str]) -> None:
-        async with self._lock:
-            self._advance(migration_ids)
-            await self._flush()
-
     def _advance(self, migration_ids: Iterable[str]) -> None:
         for migration_id in sorted(set(migration_ids)):
             while True:

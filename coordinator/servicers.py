@@ -26,6 +26,7 @@ from coordinator.core import (
     IllegalTransition,
     InvalidRequest,
     NotFound,
+    Phase,
 )
 from coordinator.core import inputs as I
 from coordinator.core.validate import check_migration_id, check_name
@@ -139,7 +140,7 @@ class MigrationServicer(migration_pb2_grpc.MigrationServiceServicer):
             if current != last:
                 yield current
                 last = current
-            if current.phase in _TERMINAL:
+            if Phase(current.phase).terminal:
                 return
             await self.app.wait_for_change(max_wait=5)
 
@@ -158,9 +159,6 @@ class MigrationServicer(migration_pb2_grpc.MigrationServiceServicer):
     ) -> migration_pb2.Migration:
         await self.app.request(I.SwitchToPostcopy(request.migration_id, self.app.clock()))
         return self._get(request.migration_id)
-
-
-_TERMINAL = {8, 9, 10}
 
 
 class VmServicer(vm_pb2_grpc.VmServiceServicer):
@@ -273,19 +271,17 @@ class EventLogServicer(eventlog_pb2_grpc.EventLogServiceServicer):
     def __init__(self, app: Coordinator) -> None:
         self.app = app
 
-    def _read_batch(self, from_seq: int) -> list[StoredEvent]:
-        return list(self.app.store.read(from_seq=from_seq, limit=1000))
+    def _read_batch(self, from_seq: int, stream: str) -> list[StoredEvent]:
+        return list(self.app.store.read(from_seq=from_seq, stream=stream or None, limit=1000))
 
     async def ReadEvents(
         self, request: eventlog_pb2.ReadEventsRequest, context: Any
     ) -> AsyncIterator[events_pb2.Event]:
         next_seq, sent = max(request.from_seq, 1), 0
         while True:
-            batch = await asyncio.to_thread(self._read_batch, next_seq)
+            batch = await asyncio.to_thread(self._read_batch, next_seq, request.stream)
             for stored in batch:
                 next_seq = stored.seq + 1
-                if request.stream and stored.stream != request.stream:
-                    continue
                 yield convert.event_to_proto(stored)
                 sent += 1
                 if request.limit and sent >= request.limit:

@@ -247,8 +247,7 @@ def _emit(m: MigrationState, now_us: int, *payloads: Message) -> list[NewEvent]:
 class _Issuer:
     """Builds CommandIssued intents with ids unique within the migration."""
 
-    def __init__(self, world: World, m: MigrationState) -> None:
-        self.world = world
+    def __init__(self, m: MigrationState) -> None:
         self.m = m
         self.count = len(m.commands)
 
@@ -279,7 +278,7 @@ def _advance(world: World, req: I.Advance) -> list[NewEvent]:
     if m is None or m.phase.terminal:
         return []
     step = _STEPS.get(m.phase, _forward)
-    return _emit(m, req.now_us, *step(world, m, _Issuer(world, m)))
+    return _emit(m, req.now_us, *step(world, m, _Issuer(m)))
 
 
 Step = Callable[[World, MigrationState, _Issuer], list[Message]]
