@@ -278,7 +278,23 @@ def _advance(world: World, req: I.Advance) -> list[NewEvent]:
     if m is None or m.phase.terminal:
         return []
     step = _STEPS.get(m.phase, _forward)
-    return _emit(m, req.now_us, *step(world, m, _Issuer(m)))
+    decided = step(world, m, _Issuer(m))
+    if any(isinstance(d, events_pb2.MigrationFinished) for d in decided) and _owed_answers(
+        world, m
+    ):
+        return []  # invariant 6: finish only once every reachable host has answered
+    return _emit(m, req.now_us, *decided)
+
+
+def _owed_answers(world: World, m: MigrationState) -> bool:
+    """Commands of `m` still unanswered by a host whose stream is open. A host that is gone
+    cannot answer, and the terminal decision supersedes its commands; a connected one will
+    (hostd answers every command id, a repeat with the stored result)."""
+    hosts = world.hosts
+    return any(
+        c.state == ISSUED and c.host in hosts and hosts[c.host].connected
+        for c in m.commands.values()
+    )
 
 
 Step = Callable[[World, MigrationState, _Issuer], list[Message]]

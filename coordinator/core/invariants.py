@@ -1,4 +1,10 @@
-"""Safety invariants 1-4 of DESIGN.md, checked over a sequence of stored events.
+"""Safety invariants of DESIGN.md, checked over a sequence of stored events.
+
+Invariants 1-4 (one running copy, the handoff order, no source after cont, leases) and 6
+(commands answered or superseded) are judged event by event; 8 (every migration terminal) and the
+rest of 6 only make sense once the log is quiescent, so `finish(quiescent=True)` judges them.
+Invariants 5 and 7 are properties of the stored envelopes (epochs, chain, seqs, host order):
+the audit tool checks those, because they are not visible in decoded events.
 
 The checker derives what it needs on its own, from observations and intents, without trusting
 `MigrationState`: it is the independent witness that tests and the audit tool consult.
@@ -32,6 +38,15 @@ class _Migration:
     destination_generation: int = 0
     destination_network: bool = False
     cont_issued: bool = False
+    requested_seq: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    seq: int
+    host: str
+    kind: int
+    owner: str  # migration id, or "vm/<name>"
 
 
 @dataclass
@@ -44,10 +59,40 @@ class InvariantChecker:
     issued_generation: dict[str, int] = field(default_factory=dict)
     migrations: dict[str, _Migration] = field(default_factory=dict)
     open_by_vm: dict[str, str] = field(default_factory=dict)
+    # Invariant 6: commands without a result yet, and the hosts whose stream is open.
+    unanswered: dict[str, _Pending] = field(default_factory=dict)
+    connected_hosts: set[str] = field(default_factory=set)
+    finished: set[str] = field(default_factory=set)
 
     def check(self, events: list[Event]) -> list[Violation]:
         for event in events:
             self.feed(event)
+        return self.violations
+
+    def check_quiescent(self, events: list[Event]) -> list[Violation]:
+        """`check`, then judge the log as finished: nothing may still be in flight."""
+        self.check(events)
+        return self.finish(quiescent=True)
+
+    def finish(self, *, quiescent: bool) -> list[Violation]:
+        """End-of-log judgement. A quiescent log (nothing in flight: the system was stopped or
+        settled) must have every migration terminal (8) and every command answered or
+        superseded (6)."""
+        if quiescent:
+            for migration_id, m in self.migrations.items():
+                if migration_id not in self.finished:
+                    self.violations.append(
+                        Violation(m.requested_seq, 8, f"migration {migration_id} never finished")
+                    )
+            for command_id, pending in self.unanswered.items():
+                self.violations.append(
+                    Violation(
+                        pending.seq,
+                        6,
+                        f"command {command_id} on {pending.host} never answered nor superseded",
+                    )
+                )
+        self.violations.sort(key=lambda v: v.seq)
         return self.violations
 
     def _flag(self, event: Event, invariant: int, message: str) -> None:
@@ -57,13 +102,21 @@ class InvariantChecker:
         p = ev.payload
         if isinstance(p, E.MigrationRequested):
             self.migrations[p.migration_id] = _Migration(
-                p.vm, p.source, p.destination, p.source_lease_generation
+                p.vm, p.source, p.destination, p.source_lease_generation, requested_seq=ev.seq
             )
             self.open_by_vm[p.vm] = p.migration_id
         elif isinstance(p, E.MigrationFinished):
             m = self.migrations.get(p.migration_id)
             if m is not None and self.open_by_vm.get(m.vm) == p.migration_id:
                 del self.open_by_vm[m.vm]
+            self.finished.add(p.migration_id)
+            self._finished_with_unanswered(ev, p.migration_id)
+        elif isinstance(p, (E.CommandSucceeded, E.CommandFailed)):
+            self.unanswered.pop(p.command_id, None)
+        elif isinstance(p, E.HostConnected):
+            self.connected_hosts.add(p.host_id)
+        elif isinstance(p, E.HostDisconnected):
+            self.connected_hosts.discard(p.host_id)
         elif isinstance(p, E.QmpEventReceived):
             self._qmp(ev, p)
         elif isinstance(p, E.QemuExited):
@@ -102,6 +155,21 @@ class InvariantChecker:
         elif isinstance(p, E.CommandIssued):
             self._command(ev, p)
 
+    def _finished_with_unanswered(self, ev: Event, migration_id: str) -> None:
+        """A migration's end supersedes the commands it still waited for on hosts that were
+        gone (the decision could not wait for them); a command on a connected host that was
+        never answered means the coordinator stopped listening to it (invariant 6)."""
+        for command_id, pending in list(self.unanswered.items()):
+            if pending.owner != migration_id:
+                continue
+            del self.unanswered[command_id]
+            if pending.host in self.connected_hosts:
+                message = (
+                    f"migration {migration_id} finished while command {command_id} on "
+                    f"connected host {pending.host} was unanswered"
+                )
+                self._flag(ev, 6, message)
+
     def _open(self, vm: str) -> _Migration | None:
         mid = self.open_by_vm.get(vm)
         return self.migrations.get(mid) if mid else None
@@ -128,6 +196,12 @@ class InvariantChecker:
 
     def _command(self, ev: Event, p: E.CommandIssued) -> None:
         kind, host, vm = Kind(p.kind), p.host_id, p.vm
+        owner = p.migration_id or f"vm/{vm}"
+        # A new command of the same kind for the same owner and host supersedes an unanswered one.
+        for command_id, pending in list(self.unanswered.items()):
+            if (pending.owner, pending.host, pending.kind) == (owner, host, p.kind):
+                del self.unanswered[command_id]
+        self.unanswered[p.command_id] = _Pending(ev.seq, host, p.kind, owner)
         generation = p.args.lease_generation
         if kind in (Kind.ACQUIRE_LEASE, Kind.START_VM):
             floor = max(self.issued_generation.get(vm, 0), self.observed_generation.get(vm, 0))

@@ -150,7 +150,7 @@ def test_event_spliced_under_old_epoch_is_found(log_file, capsys):
     """A re-chained event appended under an older epoch than the log's is reported."""
     seq = forge(log_file, epoch=0)  # the log's events carry epoch 1
     code, out = run(capsys, "verify", str(log_file))
-    assert code == 1 and f"at seq {seq}: epoch went back" in out
+    assert code == 1 and f"at seq {seq}: invariant 5: epoch went back" in out
 
 
 def test_truncation_is_found_against_an_anchored_head(log_file, capsys):
@@ -199,3 +199,54 @@ def test_state_at_seq_and_time_shows_history(log_file, capsys):
     assert end["migrations"]["m-1"]["point_of_no_return_passed"]
     code, out = run(capsys, "state", str(log_file), "--at", str(requested.seq - 1))
     assert "vm-1" in out and "migrating" not in out
+
+
+def test_final_reports_a_migration_left_in_flight(log_file, capsys):
+    """The fixture's migration never finished: in flight normally, invariant 8 with --final."""
+    code, out = run(capsys, "verify", str(log_file))
+    assert code == 0 and "in flight: m-1" in out
+    code, out = run(capsys, "verify", str(log_file), "--final", "--json")
+    report = json.loads(out)
+    assert code == 1
+    problems = [f["problem"] for f in report["findings"]]
+    assert any(p.startswith("invariant 8: migration m-1 never finished") for p in problems)
+
+
+def _issued(
+    seq: int, command_id: str, host: str, kind: int = events_pb2.COMMAND_KIND_ANNOUNCE
+) -> object:
+    from coordinator.core.events import Event
+
+    payload = events_pb2.CommandIssued(
+        command_id=command_id, migration_id="m-1", host_id=host, vm="vm-1", kind=kind, attempt=1
+    )
+    return Event(seq, "migration/m-1", "CommandIssued", 1, seq, payload)
+
+
+def test_invariant_6_commands_answered_or_superseded() -> None:
+    """A migration that ends while a connected host still owes an answer breaks invariant 6;
+    a retry or the host's disconnection supersedes the unanswered command."""
+    from coordinator.core.events import Event
+    from coordinator.core.invariants import InvariantChecker
+
+    def ev(seq: int, payload: object) -> Event:
+        return Event(seq, "migration/m-1", type(payload).__name__, 1, seq, payload)
+
+    requested = events_pb2.MigrationRequested(
+        migration_id="m-1", vm="vm-1", source="host-a", destination="host-b"
+    )
+    connected = [ev(1, events_pb2.HostConnected(host_id="host-a", generation=1)),
+                 ev(2, events_pb2.HostConnected(host_id="host-b", generation=1))]  # fmt: skip
+    finished = ev(9, events_pb2.MigrationFinished(migration_id="m-1"))
+    unanswered = [*connected, ev(3, requested), _issued(4, "m-1/1/1-x", "host-b"), finished]
+    violations = InvariantChecker().check(unanswered)  # type: ignore[arg-type]
+    assert [(v.seq, v.invariant) for v in violations] == [(9, 6)]
+    retried = [*unanswered[:4], _issued(5, "m-1/1/2-x", "host-b"),
+               ev(6, events_pb2.CommandSucceeded(command_id="m-1/1/2-x")), finished]  # fmt: skip
+    assert InvariantChecker().check(retried) == []  # type: ignore[arg-type]
+    host_gone = [*unanswered[:4], ev(5, events_pb2.HostDisconnected(host_id="host-b")), finished]
+    assert InvariantChecker().check(host_gone) == []  # type: ignore[arg-type]
+    in_flight = unanswered[:4]
+    assert InvariantChecker().check(in_flight) == []  # type: ignore[arg-type]
+    final = InvariantChecker().check_quiescent(in_flight)  # type: ignore[arg-type]
+    assert sorted((v.seq, v.invariant) for v in final) == [(3, 8), (4, 6)]

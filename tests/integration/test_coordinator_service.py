@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
+import json
+import sqlite3
+from contextlib import redirect_stdout
+from typing import Any
 
 import grpc
 import pytest
@@ -11,6 +17,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from coordinator.core.invariants import InvariantChecker
 from tests.integration.conftest import SPEC, SimHostd, wait_until
+from tools.audit.cli import main as audit_main
 from whimbrel.v1 import (
     common_pb2,
     eventlog_pb2,
@@ -157,9 +164,42 @@ async def test_postcopy_migration_through_grpc_and_host_streams(coordinator, sim
     from coordinator import codec
 
     events = [codec.from_stored(s) for s in coordinator.app.store.read()]
-    assert InvariantChecker().check(events) == []
+    assert InvariantChecker().check_quiescent(events) == []
+    # The auditor's view through the live coordinator agrees: clean, nothing left in flight.
+    audit = ["verify", "--against", coordinator.address, "--final", "--json"]
+    code, report = await asyncio.to_thread(_audit_json, audit)
+    assert code == 0 and report["ok"] and report["in_flight"] == []
+    assert report["head_seq"] == coordinator.app.store.head()[0]
     for h in hosts:
         await h.stop()
+
+
+def _audit_json(argv: list[str]) -> tuple[int, dict[str, Any]]:
+    out = io.StringIO()
+    with redirect_stdout(out):
+        code = audit_main(argv)
+    return code, json.loads(out.getvalue())
+
+
+async def test_audit_against_a_live_coordinator_finds_tampering(coordinator, sim_hosts):
+    """`verify --against` reads the live log over gRPC and names a row edited on disk."""
+    await _running_vm(coordinator, sim_hosts)
+    code, report = await asyncio.to_thread(
+        _audit_json, ["verify", "--against", coordinator.address, "--json"]
+    )
+    assert code == 0 and report["ok"]
+    db = coordinator.app.store.path
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.execute("DROP TRIGGER events_append_only_update")
+        conn.execute("UPDATE events SET time_us = time_us + 1 WHERE seq = 3")
+        conn.commit()
+    code, report = await asyncio.to_thread(
+        _audit_json, ["verify", "--against", coordinator.address, "--json"]
+    )
+    assert code == 1 and report["findings"][0]["seq"] == 3
+    assert "hash does not match" in report["findings"][0]["problem"]
+    # A coordinator that is not there is unreadable (exit 2), not "clean".
+    assert await asyncio.to_thread(audit_main, ["verify", "--against", "127.0.0.1:1"]) == 2
 
 
 async def test_abort_after_point_of_no_return_is_failed_precondition(coordinator, sim_hosts):

@@ -57,7 +57,7 @@ def test_restarted_hostd_reattaches_to_its_running_qemu(cluster: Cluster) -> Non
         vm="vm-1", destination="host-b", mode=common_pb2.MIGRATION_MODE_PRECOPY,
         migration_id="m-1"))  # fmt: skip
     assert cluster.watch("m-1").phase == common_pb2.MIGRATION_PHASE_COMPLETED
-    assert audit(["verify", str(cluster.db)]) == 0
+    assert audit(["verify", str(cluster.db), "--final"]) == 0
 
 
 def test_observation_during_coordinator_outage_arrives_once(cluster: Cluster) -> None:
@@ -81,4 +81,4 @@ def test_observation_during_coordinator_outage_arrives_once(cluster: Cluster) ->
         if isinstance(e.payload, events_pb2.CoordinatorStarted)
     ]
     assert epochs == [1, 2]
-    assert audit(["verify", str(cluster.db)]) == 0
+    assert audit(["verify", str(cluster.db), "--final"]) == 0

@@ -1,10 +1,11 @@
-"""Offline checks of a log file: structure (chain, seqs, triggers, epochs, host order) and
-the safety invariants the independent checker can judge."""
+"""Checks of a log: structure (chain, seqs, triggers, epochs, host order: invariants 5 and 7)
+and the safety invariants the independent checker judges (1-4, 6, 8), on a file or on the
+events a live coordinator serves."""
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,8 @@ class Report:
     head_seq: int
     head_hash: bytes
     findings: list[Finding]
+    # Migrations not finished at the end of the log (in flight, unless the log is final).
+    in_flight: list[str]
 
     @property
     def ok(self) -> bool:
@@ -62,28 +65,44 @@ def stored_events(conn: sqlite3.Connection) -> Iterator[StoredEvent]:
         raise Unreadable(str(err)) from err
 
 
-def verify(path: Path, expect_seq: int = 0, expect_hash: bytes = b"") -> Report:
+def verify(
+    path: Path, expect_seq: int = 0, expect_hash: bytes = b"", *, final: bool = False
+) -> Report:
+    """Verify a log file; `final` says nothing may be in flight (invariants 6 and 8)."""
     conn = open_log(path)
-    findings: list[Finding] = []
     triggers = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='trigger'")}
+    return verify_events(stored_events(conn), triggers, expect_seq, expect_hash, final=final)
+
+
+def verify_events(
+    events: Iterable[StoredEvent],
+    triggers: set[str] | None,
+    expect_seq: int = 0,
+    expect_hash: bytes = b"",
+    *,
+    final: bool = False,
+) -> Report:
+    """Verify stored events in seq order. `triggers` is None when they cannot be seen (a log
+    read over gRPC)."""
+    findings: list[Finding] = []
     for needed in ("events_append_only_update", "events_append_only_delete"):
-        if needed not in triggers:
+        if triggers is not None and needed not in triggers:
             findings.append(Finding(0, f"append-only trigger {needed} is missing"))
     prev_seq, prev_hash, epoch, count = 0, ZERO_HASH, 0, 0
     host_order: dict[str, tuple[int, int]] = {}
     checker = InvariantChecker()
     anchored = not expect_seq
     chain_ok = True
-    for e in stored_events(conn):
+    for e in events:
         count += 1
         if chain_ok:
             problem = ""
             if e.seq != prev_seq + 1:
-                problem = f"seq gap: expected {prev_seq + 1}, found {e.seq}"
+                problem = f"invariant 7: seq gap: expected {prev_seq + 1}, found {e.seq}"
             elif e.prev_hash != prev_hash:
-                problem = "prev_hash does not match the previous event's hash"
+                problem = "invariant 7: prev_hash does not match the previous event's hash"
             elif event_hash(prev_hash, e) != e.hash:
-                problem = "hash does not match the event's contents"
+                problem = "invariant 7: hash does not match the event's contents"
             if problem:
                 findings.append(Finding(e.seq if "gap" not in problem else prev_seq + 1, problem))
                 chain_ok = False
@@ -92,7 +111,9 @@ def verify(path: Path, expect_seq: int = 0, expect_hash: bytes = b"") -> Report:
             if e.hash != expect_hash:
                 findings.append(Finding(e.seq, "the log does not extend the anchored head"))
         if e.epoch < epoch:
-            findings.append(Finding(e.seq, f"epoch went back from {epoch} to {e.epoch}"))
+            findings.append(
+                Finding(e.seq, f"invariant 5: epoch went back from {epoch} to {e.epoch}")
+            )
         epoch = max(epoch, e.epoch)
         if e.origin_host and e.origin_seq:
             mark = (e.origin_generation, e.origin_seq)
@@ -101,7 +122,8 @@ def verify(path: Path, expect_seq: int = 0, expect_hash: bytes = b"") -> Report:
                 findings.append(
                     Finding(
                         e.seq,
-                        f"host {e.origin_host} (generation, seq) {mark} does not follow {last}",
+                        f"invariant 7: host {e.origin_host} (generation, seq) {mark} does not "
+                        f"follow {last}",
                     )
                 )
             host_order[e.origin_host] = mark
@@ -114,8 +136,10 @@ def verify(path: Path, expect_seq: int = 0, expect_hash: bytes = b"") -> Report:
         prev_seq, prev_hash = e.seq, e.hash
     if not anchored:
         findings.append(Finding(expect_seq, "the anchored head is missing (log truncated)"))
+    in_flight = sorted(set(checker.migrations) - checker.finished)
     findings += [
-        Finding(v.seq, f"invariant {v.invariant}: {v.message}") for v in checker.violations
+        Finding(v.seq, f"invariant {v.invariant}: {v.message}")
+        for v in checker.finish(quiescent=final)
     ]
     findings.sort(key=lambda f: f.seq)
-    return Report(count, prev_seq, prev_hash, findings)
+    return Report(count, prev_seq, prev_hash, findings, in_flight)

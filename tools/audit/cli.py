@@ -1,6 +1,8 @@
 """whimbrel-audit: verify and explain a Whimbrel event log, offline.
 
-whimbrel-audit verify DB [--expect-head SEQ:HASH]   exit 0 clean, 1 violations, 2 unreadable
+whimbrel-audit verify DB [--expect-head SEQ:HASH] [--final]
+                                                    exit 0 clean, 1 violations, 2 unreadable
+whimbrel-audit verify --against HOST:PORT           the same, through a live coordinator
 whimbrel-audit head DB                              print SEQ:HASH of the chain head
 whimbrel-audit timeline DB --migration ID [--json]  a migration's story, pause and outcome
 whimbrel-audit state DB --at SEQ | --at-time T      derived state at that point of history
@@ -19,7 +21,8 @@ from google.protobuf import json_format
 
 from coordinator import codec
 from tools.audit import state, timeline
-from tools.audit.checks import Unreadable, open_log, stored_events, verify
+from tools.audit.checks import Unreadable, open_log, stored_events, verify, verify_events
+from tools.audit.remote import remote_events
 
 EXIT_CLEAN, EXIT_VIOLATIONS, EXIT_UNREADABLE = 0, 1, 2
 
@@ -29,7 +32,13 @@ def cmd_verify(ns: argparse.Namespace) -> int:
     if ns.expect_head:
         seq, _, digest = ns.expect_head.partition(":")
         expect_seq, expect_hash = int(seq), bytes.fromhex(digest)
-    report = verify(Path(ns.db), expect_seq, expect_hash)
+    if ns.against:
+        events = remote_events(ns.against)
+        report = verify_events(events, None, expect_seq, expect_hash, final=ns.final)
+    elif ns.db:
+        report = verify(Path(ns.db), expect_seq, expect_hash, final=ns.final)
+    else:
+        raise ValueError("verify needs a DB path or --against HOST:PORT")
     if ns.json:
         findings = [{"seq": f.seq, "problem": f.what} for f in report.findings]
         print(
@@ -40,11 +49,14 @@ def cmd_verify(ns: argparse.Namespace) -> int:
                     "head_seq": report.head_seq,
                     "head_hash": report.head_hash.hex(),
                     "findings": findings,
+                    "in_flight": report.in_flight,
                 }
             )
         )
     elif report.ok:
         print(f"ok: {report.events} events, head {report.head_seq}:{report.head_hash.hex()}")
+        if report.in_flight:
+            print(f"in flight: {', '.join(report.in_flight)}")
     else:
         first = report.findings[0]
         print(f"VIOLATION at seq {first.seq}: {first.what}")
@@ -118,8 +130,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="whimbrel-audit", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     v = sub.add_parser("verify", help="verify chain, order, epochs and safety invariants")
-    v.add_argument("db")
+    v.add_argument("db", nargs="?")
+    v.add_argument("--against", metavar="HOST:PORT", help="read the log of a live coordinator")
     v.add_argument("--expect-head", help="SEQ:HASH printed earlier by `head`")
+    v.add_argument(
+        "--final",
+        action="store_true",
+        help="the system is settled: a migration not finished (8) or a command neither "
+        "answered nor superseded (6) is a violation",
+    )
     v.add_argument("--json", action="store_true")
     v.set_defaults(run=cmd_verify)
     h = sub.add_parser("head", help="print the chain head to anchor it elsewhere")
