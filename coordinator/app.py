@@ -27,6 +27,7 @@ from coordinator.core import inputs as I
 from coordinator.core.evolve import Fact, fold
 from coordinator.core.state import Command, CommandState
 from coordinator.log import EventStore, PendingEvent, StaleEpoch, StoreError, StoreFailure
+from coordinator.telemetry import Telemetry
 from whimbrel import failpoints
 from whimbrel.v1 import events_pb2, host_pb2
 
@@ -86,9 +87,15 @@ class Coordinator:
     the commit; if the commit fails, the world is ahead of the log and the coordinator stops
     (a restart replays the log)."""
 
-    def __init__(self, store: EventStore, clock: Callable[[], int] = wall_clock_us) -> None:
+    def __init__(
+        self,
+        store: EventStore,
+        clock: Callable[[], int] = wall_clock_us,
+        telemetry: Telemetry | None = None,
+    ) -> None:
         self.store = store
         self.clock = clock
+        self.telemetry = telemetry or Telemetry()
         self.world = World()
         self.sessions: dict[str, HostSession] = {}
         self._lock = asyncio.Lock()
@@ -102,7 +109,9 @@ class Coordinator:
 
     async def start(self) -> None:
         """Replay the log and take it over with a new epoch (before serving anything)."""
+        started = time.monotonic()
         self.world = await asyncio.to_thread(replay, self.store)
+        self.telemetry.seed(self.world)
 
         def first(epoch: int) -> PendingEvent:
             payload = events_pb2.CoordinatorStarted(epoch=epoch, version=VERSION, pid=os.getpid())
@@ -122,6 +131,7 @@ class Coordinator:
                     )  # fmt: skip
                     self._stage([self._host_event(host.host_id, gone)])
             await self._flush()
+        self.telemetry.recovered(time.monotonic() - started)
         log.info("coordinator epoch %d serving a log of %d events", epoch, seq)
 
     # --- staging and committing ---------------------------------------------------------------
@@ -135,6 +145,7 @@ class Coordinator:
             event = Event(head + i, new.stream, new.type, epoch, new.time_us, new.payload,
                           new.origin_host, new.origin_generation, new.origin_seq)  # fmt: skip
             evolve(self.world, event)
+            self.telemetry.staged(self.world, event)
             self._staged.append((new, event))
             staged.append(event)
         return staged
@@ -144,6 +155,7 @@ class Coordinator:
         staged, self._staged = self._staged, []
         if not staged:
             return []
+        started = time.monotonic()
         try:
             _, marks = await self.store.append_marks([codec.to_pending(new) for new, _ in staged])
             if [m[0] if m else None for m in marks] != [event.seq for _, event in staged]:
@@ -154,6 +166,7 @@ class Coordinator:
         except StoreError as err:
             self._stop(f"the log failed, the world is ahead of it: {err}")
             raise
+        self.telemetry.committed(len(staged), time.monotonic() - started)
         failpoints.hit("coordinator.after-commit")
         if any(self._is_destination_cont(event) for _, event in staged):
             failpoints.hit("coordinator.after-cont-intent")
@@ -344,6 +357,7 @@ class Coordinator:
                     vm=command.vm,
                     kind=events_pb2.CommandKind.ValueType(command.kind),
                     args=command.args,
+                    trace_context=self.telemetry.command_context(command),
                 )
             )
         )

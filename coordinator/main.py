@@ -1,6 +1,7 @@
 """whimbrel-coordinator: serve the whimbrel.v1 services over one event log.
 
-    whimbrel-coordinator --db PATH [--listen HOST:PORT]
+    whimbrel-coordinator --db PATH [--listen HOST:PORT] [--metrics-listen HOST:PORT]
+                         [--otlp-endpoint URL]
 
 On start it replays the log and appends a new epoch before serving. SIGTERM and SIGINT stop it
 gracefully (exit 0). If a newer coordinator takes over the same log, this one stops itself
@@ -22,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from coordinator import servicers
 from coordinator.app import Coordinator
 from coordinator.log import SqliteEventStore, StoreError
+from coordinator.telemetry.setup import MetricsServer, coordinator_telemetry
 from whimbrel.v1 import (
     eventlog_pb2,
     eventlog_pb2_grpc,
@@ -82,12 +84,26 @@ async def set_health(servicer: health.aio.HealthServicer, status: int) -> None:
         await servicer.set(name, status)
 
 
-async def serve(db: str, listen: str, ready: asyncio.Future[int] | None = None) -> int:
+async def serve(
+    db: str,
+    listen: str,
+    ready: asyncio.Future[int] | None = None,
+    metrics_listen: str | None = None,
+    otlp_endpoint: str | None = None,
+) -> int:
     store = SqliteEventStore(db)
     app = Coordinator(store)
     # Bind before taking the log: a start refused for its address leaves no trace in it.
     server, port, health_servicer = build_server(app, listen)
     problem = "" if port else f"cannot listen on {listen}"
+    metrics_server: MetricsServer | None = None
+    if not problem:
+        try:
+            app.telemetry, metrics_server = coordinator_telemetry(
+                otlp_endpoint, metrics_listen, lambda: app.world
+            )
+        except OSError as err:
+            problem = f"cannot serve metrics on {metrics_listen}: {err}"
     if not problem:
         try:
             await app.start()
@@ -96,12 +112,17 @@ async def serve(db: str, listen: str, ready: asyncio.Future[int] | None = None) 
     if problem:
         log.error("cannot start: %s", problem)
         await server.stop(None)
+        if metrics_server is not None:
+            metrics_server.close()
         await asyncio.to_thread(store.close)
         return 2
     await server.start()
     await set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
     log.info("listening on %s (port %d), log %s", listen, port, db)
-    print(f"whimbrel-coordinator listening on port {port}", flush=True)
+    if metrics_server is not None:
+        log.info("metrics on http://%s/metrics", metrics_listen)
+    metrics_note = f", metrics on port {metrics_server.port}" if metrics_server else ""
+    print(f"whimbrel-coordinator listening on port {port}{metrics_note}", flush=True)
     if ready is not None:
         ready.set_result(port)
     stop = asyncio.Event()
@@ -121,6 +142,9 @@ async def serve(db: str, listen: str, ready: asyncio.Future[int] | None = None) 
     await server.stop(grace=5)
     for task in (stopped, fenced):
         task.cancel()
+    app.telemetry.shutdown()  # exports the spans still batched
+    if metrics_server is not None:
+        metrics_server.close()
     await asyncio.to_thread(store.close)
     return code
 
@@ -144,6 +168,16 @@ def main(argv: list[str] | None = None) -> int:
         help="gRPC address HOST:PORT (default %(default)s; port 0 picks a free one)",
     )
     parser.add_argument(
+        "--metrics-listen",
+        type=listen_address,
+        help="serve Prometheus metrics at http://HOST:PORT/metrics",
+    )
+    parser.add_argument(
+        "--otlp-endpoint",
+        help="OTLP/gRPC collector for traces, e.g. http://127.0.0.1:4317 (default: "
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT; none when unset)",
+    )
+    parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
     args = parser.parse_args(argv)
@@ -151,7 +185,14 @@ def main(argv: list[str] | None = None) -> int:
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        return asyncio.run(serve(args.db, args.listen))
+        return asyncio.run(
+            serve(
+                args.db,
+                args.listen,
+                metrics_listen=args.metrics_listen,
+                otlp_endpoint=args.otlp_endpoint,
+            )
+        )
     except OSError as err:  # e.g. the database path is unusable
         log.error("%s", err)
         return 2

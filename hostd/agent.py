@@ -23,7 +23,7 @@ import grpc
 from google.protobuf.message import Message
 
 from coordinator.core.events import PAYLOAD_FIELDS
-from hostd import qemu
+from hostd import qemu, tracing
 from hostd.drivers.lease import FileLeaseDriver
 from hostd.drivers.network import NetworkDriver
 from hostd.errors import HostdError, QmpError
@@ -268,24 +268,35 @@ class Agent:
         failpoints.hit("hostd.before-execute")
         self._inflight.add(c.command_id)
         started = time.monotonic()
-        try:
-            result = await self.executor.run(c)
-            failpoints.hit("hostd.after-execute")
-            succeeded = events_pb2.CommandSucceeded(
-                command_id=c.command_id, attempt=c.attempt, kind=c.kind, vm=c.vm, result=result
-            )
-            outcome = wrap(succeeded)
-            llog.info("%s done in %.1f ms", c.command_id, (time.monotonic() - started) * 1000)
-        except HostdError as err:
-            error_class = err.error_class if isinstance(err, QmpError) else ""
-            outcome = failed(c, str(err), qmp_error_class=error_class)
-            llog.error("%s failed: %s", c.command_id, err)
-            llog.debug("%s failure", c.command_id, exc_info=True)
-        except Exception as err:
-            outcome = failed(c, f"internal error: {err!r}")
-            llog.exception("%s crashed", c.command_id)
-        finally:
-            self._inflight.discard(c.command_id)
+        kind = (
+            events_pb2.CommandKind.Name(c.kind)
+            .removeprefix("COMMAND_KIND_")
+            .lower()
+            .replace("_", "-")
+        )
+        attributes = {"whimbrel.command.id": c.command_id, "whimbrel.command.kind": kind,
+                      "whimbrel.host": self.host_id, "whimbrel.vm": c.vm}  # fmt: skip
+        with tracing.command_span(f"hostd {kind}", c.trace_context, attributes) as span:
+            try:
+                result = await self.executor.run(c)
+                failpoints.hit("hostd.after-execute")
+                succeeded = events_pb2.CommandSucceeded(
+                    command_id=c.command_id, attempt=c.attempt, kind=c.kind, vm=c.vm, result=result
+                )
+                outcome = wrap(succeeded)
+                llog.info("%s done in %.1f ms", c.command_id, (time.monotonic() - started) * 1000)
+            except HostdError as err:
+                error_class = err.error_class if isinstance(err, QmpError) else ""
+                outcome = failed(c, str(err), qmp_error_class=error_class)
+                tracing.failed(span, err)
+                llog.error("%s failed: %s", c.command_id, err)
+                llog.debug("%s failure", c.command_id, exc_info=True)
+            except Exception as err:
+                outcome = failed(c, f"internal error: {err!r}")
+                tracing.failed(span, err)
+                llog.exception("%s crashed", c.command_id)
+            finally:
+                self._inflight.discard(c.command_id)
         self.store.command_done(c.command_id, outcome)
         self._record(outcome, 0)
 

@@ -2,6 +2,7 @@
 
     whimbrel-hostd --host-id ID --coordinator HOST:PORT --state-dir DIR --lockspace DIR
                    [--migration-address IP] [--network none|hook|bridge] [--network-hook PATH]
+                   [--otlp-endpoint URL]
 
 QEMU processes outlive hostd; a restarted hostd re-attaches to them. SIGTERM stops hostd
 (exit 0) and leaves the VMs running.
@@ -17,6 +18,7 @@ import signal
 import sys
 from pathlib import Path
 
+from hostd import tracing
 from hostd.agent import Agent
 from hostd.drivers.network import (
     BridgeNetworkDriver,
@@ -24,6 +26,7 @@ from hostd.drivers.network import (
     NetworkDriver,
     NullNetworkDriver,
 )
+from whimbrel.otel import otlp_endpoint
 
 
 def network_driver(ns: argparse.Namespace) -> NetworkDriver:
@@ -37,6 +40,16 @@ def network_driver(ns: argparse.Namespace) -> NetworkDriver:
 
 
 async def serve(ns: argparse.Namespace) -> int:
+    endpoint = otlp_endpoint(ns.otlp_endpoint)
+    provider = tracing.setup(endpoint, ns.host_id) if endpoint else None
+    try:
+        return await _serve(ns)
+    finally:
+        if provider is not None:
+            provider.shutdown()  # type: ignore[attr-defined]  # exports what is batched
+
+
+async def _serve(ns: argparse.Namespace) -> int:
     agent = Agent(
         ns.host_id,
         ns.coordinator,
@@ -71,6 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--network", choices=["none", "hook", "bridge"], default="none")
     parser.add_argument("--network-hook", help="executable run with the phase (hook driver)")
     parser.add_argument("--netns", help="network namespace of the bridge (bridge driver)")
+    parser.add_argument(
+        "--otlp-endpoint",
+        help="OTLP/gRPC collector for traces (default: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or "
+        "OTEL_EXPORTER_OTLP_ENDPOINT; none when unset)",
+    )
     parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )

@@ -16,6 +16,7 @@ from typing import Any
 from qemu.qmp import EventListener, ExecuteError, QMPClient
 from qemu.qmp.error import QMPError
 
+from hostd import tracing
 from hostd.errors import QmpError, QmpUnavailable
 
 log = logging.getLogger(__name__)
@@ -66,18 +67,23 @@ class QmpSession:
             log.getChild(self.vm).exception("event forwarding failed")
 
     async def execute(self, command: str, arguments: Mapping[str, object] | None = None) -> Any:
-        try:
-            return await self._client.execute(command, arguments)
-        except ExecuteError as err:
-            raise QmpError(
-                str(err),
-                vm=self.vm,
-                command=command,
-                error_class=err.error_class,
-                reply=dict(err.received),
-            ) from err
-        except (QMPError, OSError, EOFError) as err:
-            raise QmpUnavailable(f"{command}: QMP connection lost: {err}", vm=self.vm) from err
+        with tracing.qmp_span(self.vm, command) as span:
+            try:
+                return await self._client.execute(command, arguments)
+            except ExecuteError as err:
+                error = QmpError(
+                    str(err),
+                    vm=self.vm,
+                    command=command,
+                    error_class=err.error_class,
+                    reply=dict(err.received),
+                )
+                tracing.failed(span, error)
+                raise error from err
+            except (QMPError, OSError, EOFError) as err:
+                lost = QmpUnavailable(f"{command}: QMP connection lost: {err}", vm=self.vm)
+                tracing.failed(span, lost)
+                raise lost from err
 
     async def wait_closed(self) -> None:
         """Return once QEMU closed the connection (it exited, or was killed)."""

@@ -41,6 +41,7 @@ class VmRuntime:
         self.exited = asyncio.Event()
         self._watch: asyncio.Task[None] | None = None
         self._samplers: set[asyncio.Task[None]] = set()
+        self._last_pass = 0
         self.migration_status = ""
         self.log = log.getChild(self.name)
 
@@ -99,11 +100,20 @@ class VmRuntime:
             self.migration_status = str(data.get("status", ""))
         # Progress samples serve the pre-copy policy; during the switch they would only
         # compete with the handoff for QMP and CPU.
-        if name == "MIGRATION_PASS" and self.role == "source" and self.migration_status == "active":
-            # Sampled beside the event stream, so the next events are not held up by it.
-            task = asyncio.create_task(self._sample(int(data.get("pass", 0))))
-            self._samplers.add(task)
-            task.add_done_callback(self._samplers.discard)
+        if self.role != "source":
+            return
+        if name == "MIGRATION_PASS" and self.migration_status == "active":
+            self._last_pass = int(data.get("pass", 0))
+            self._sample_soon(self._last_pass)
+        elif name == "MIGRATION" and self.migration_status == "completed":
+            # The final totals (bytes transferred), once the switch is long over.
+            self._sample_soon(self._last_pass)
+
+    def _sample_soon(self, pass_: int) -> None:
+        # Sampled beside the event stream, so the next events are not held up by it.
+        task = asyncio.create_task(self._sample(pass_))
+        self._samplers.add(task)
+        task.add_done_callback(self._samplers.discard)
 
     async def _sample(self, pass_: int) -> None:
         try:

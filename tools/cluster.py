@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -85,6 +86,12 @@ class Cluster:
     address: str = ""
     processes: dict[str, Process] = field(default_factory=dict)
     channel: grpc.Channel | None = None
+    # Extra environment for every process started (e.g. OTEL_* settings).
+    env: dict[str, str] = field(default_factory=dict)
+    # Extra coordinator flags (e.g. --metrics-listen).
+    coordinator_args: list[str] = field(default_factory=list)
+    # Port of the coordinator's Prometheus endpoint, when it serves one.
+    metrics_port: int = 0
 
     @property
     def db(self) -> Path:
@@ -100,15 +107,19 @@ class Cluster:
 
     def start_coordinator(self, listen: str = "127.0.0.1:0", failpoints: str = "") -> None:
         log = self.root / "coordinator.log"
-        args = [str(BIN / "whimbrel-coordinator"), "--db", str(self.db), "--listen", listen]
-        env = {"WHIMBREL_FAILPOINTS": failpoints} if failpoints else None
+        args = [str(BIN / "whimbrel-coordinator"), "--db", str(self.db), "--listen", listen,
+                *self.coordinator_args]  # fmt: skip
+        env = dict(self.env, WHIMBREL_FAILPOINTS=failpoints) if failpoints else self.env
         process = spawn("coordinator", args, log, pipe_stdout=True, env=env)
         self.processes["coordinator"] = process
         assert process.popen.stdout is not None
         line = process.popen.stdout.readline().decode()
-        if "listening on port" not in line:
+        listening = re.search(r"listening on port (\d+)", line)
+        if listening is None:
             raise RuntimeError(f"coordinator did not start: {line!r}; see {log}")
-        self.address = f"127.0.0.1:{line.split()[-1]}"
+        self.address = f"127.0.0.1:{listening[1]}"
+        metrics = re.search(r"metrics on port (\d+)", line)
+        self.metrics_port = int(metrics[1]) if metrics else 0
         if self.channel is not None:
             self.channel.close()
         self.channel = grpc.insecure_channel(self.address)
@@ -123,7 +134,7 @@ class Cluster:
             "--state-dir", str(self.root / host_id), "--lockspace", str(self.shared / "locks"),
             "--network", "hook", "--network-hook", str(hook),
         ]  # fmt: skip
-        self.processes[host_id] = spawn(host_id, args, self.root / f"{host_id}.log")
+        self.processes[host_id] = spawn(host_id, args, self.root / f"{host_id}.log", env=self.env)
 
     def start(self, *hosts: str) -> Cluster:
         """Start the coordinator and hostd for `hosts`, and wait until all are connected."""

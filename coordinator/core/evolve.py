@@ -70,6 +70,12 @@ def _on(type_: type[Any]) -> Callable[[Handler], Handler]:
     return register
 
 
+def _enter(m: MigrationState, phase: Phase, time_us: int) -> None:
+    if m.phase != phase:
+        m.phase = phase
+        m.phase_since_us = time_us
+
+
 def _open_migration(world: World, vm_name: str) -> MigrationState | None:
     vm = world.vms.get(vm_name)
     if vm is None or not vm.migration_id:
@@ -176,11 +182,11 @@ def _vm_observed(
         side.alive = obs.process_alive
         if obs.process_alive and obs.qmp_reachable:
             side.runstate = obs.runstate
-            _set_migration_status(m, side, obs.migration_status)
+            _set_migration_status(m, side, obs.migration_status, time_us)
     _settle_vm_status(vm)
 
 
-def _set_migration_status(m: MigrationState, side: Side, status: str) -> None:
+def _set_migration_status(m: MigrationState, side: Side, status: str, time_us: int) -> None:
     # QEMU quirk (7.2): migrate-recover emits "MIGRATION setup" on the destination while
     # query-migrate still says postcopy-paused; the paused state is the truth until resumed.
     if status == "setup" and side.status == "postcopy-paused":
@@ -194,7 +200,7 @@ def _set_migration_status(m: MigrationState, side: Side, status: str) -> None:
         and status in ("postcopy-active", "completed")
     ):
         # Recovery worked: the migration goes on where it was.
-        m.phase = Phase.FINISHING if m.cont_issued else Phase.HANDOFF
+        _enter(m, Phase.FINISHING if m.cont_issued else Phase.HANDOFF, time_us)
 
 
 @_on(events_pb2.QmpEventReceived)
@@ -222,7 +228,7 @@ def _qmp_event(
                 side.resumed_at_us = side.resumed_at_us or time_us
                 m.dst_resumed = True
     elif name == "MIGRATION" and m is not None and side is not None:
-        _set_migration_status(m, side, str(_data(p.data_json).get("status", "")))
+        _set_migration_status(m, side, str(_data(p.data_json).get("status", "")), time_us)
     elif name == "MIGRATION_PASS" and m is not None and side is m.src:
         m.progress.pass_ = max(m.progress.pass_, int(_data(p.data_json).get("pass", 0)))
     _settle_vm_status(vm)
@@ -353,7 +359,7 @@ def _command_issued(
     world: World, p: events_pb2.CommandIssued, seq: int, time_us: int, origin: str
 ) -> None:
     kind, host, command_id = p.kind, p.host_id, p.command_id
-    command = Command(p)
+    command = Command(p, time_us)
     vm = world.vms.get(p.vm)
     generation = p.args.lease_generation
     if vm is not None and generation > vm.lease_generation:
@@ -377,7 +383,7 @@ def _command_issued(
         return
     forward = _FORWARD_PHASE_OF_KIND.get(kind)
     if forward is not None and forward > m.phase:
-        m.phase = forward
+        _enter(m, forward, time_us)
 
 
 def _command_done(world: World, seq: int, command_id: str) -> Command | None:
@@ -481,6 +487,7 @@ def _migration_requested(
         source_was_running=p.source_was_running,
         source_lease_generation=p.source_lease_generation,
         requested_at_us=time_us,
+        phase_since_us=time_us,
         last_seq=seq,
     )
     world.migrations[p.migration_id] = m
@@ -511,7 +518,7 @@ def _rollback_decided(
 ) -> None:
     m = _migration(world, seq, p.migration_id)
     if m is not None:
-        m.phase = Phase.ROLLING_BACK
+        _enter(m, Phase.ROLLING_BACK, time_us)
         m.attempt += 1
         m.reason = p.reason
 
@@ -522,7 +529,7 @@ def _recovery_decided(
 ) -> None:
     m = _migration(world, seq, p.migration_id)
     if m is not None:
-        m.phase = Phase.POSTCOPY_PAUSED
+        _enter(m, Phase.POSTCOPY_PAUSED, time_us)
         m.recovery_attempts = p.recovery_attempt
         m.attempt = p.attempt
 
@@ -533,7 +540,7 @@ def _fencing_decided(
 ) -> None:
     m = _migration(world, seq, p.migration_id)
     if m is not None:
-        m.phase = Phase.FENCING
+        _enter(m, Phase.FENCING, time_us)
         m.attempt += 1
         m.fencing_hosts = tuple(p.hosts)
         m.reason = p.reason
@@ -546,7 +553,7 @@ def _migration_finished(
     m = _migration(world, seq, p.migration_id)
     if m is None:
         return
-    m.phase = Phase(p.phase)
+    _enter(m, Phase(p.phase), time_us)
     m.reason = p.reason
     m.finished_at_us = time_us
     world.open_migrations.discard(p.migration_id)

@@ -90,10 +90,11 @@ class Command:
     A thin record around the message: replay creates one per command, so it stays small.
     """
 
-    __slots__ = ("error", "issued", "result", "state")
+    __slots__ = ("error", "issued", "issued_at_us", "result", "state")
 
-    def __init__(self, issued: events_pb2.CommandIssued) -> None:
+    def __init__(self, issued: events_pb2.CommandIssued, issued_at_us: int = 0) -> None:
         self.issued = issued
+        self.issued_at_us = issued_at_us
         self.state = CommandState.ISSUED
         self.result: events_pb2.CommandResult | None = None
         self.error = ""
@@ -226,6 +227,8 @@ class MigrationState:
     source_lease_generation: int
     requested_at_us: int
     phase: Phase = Phase.PREPARING
+    # When the current phase was entered (the time of the event that entered it).
+    phase_since_us: int = 0
     attempt: int = 1
     reason: str = ""
     finished_at_us: int = 0

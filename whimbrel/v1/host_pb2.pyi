@@ -197,6 +197,26 @@ class Command(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class TraceContextEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     COMMAND_ID_FIELD_NUMBER: _builtins.int
     MIGRATION_ID_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
@@ -204,6 +224,7 @@ class Command(_message.Message):
     VM_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
     ARGS_FIELD_NUMBER: _builtins.int
+    TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
     command_id: _builtins.str
     """Unique id (see CommandIssued)."""
     migration_id: _builtins.str
@@ -220,6 +241,13 @@ class Command(_message.Message):
     def args(self) -> _events_pb2.CommandArgs:
         """Arguments."""
 
+    @_builtins.property
+    def trace_context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """W3C trace context ("traceparent", "tracestate") of the coordinator's span for this command,
+        so hostd's spans join the migration's trace. Commands share one long-lived stream, whose
+        gRPC metadata is per stream; the same carrier therefore travels in each command.
+        """
+
     def __init__(
         self,
         *,
@@ -230,10 +258,11 @@ class Command(_message.Message):
         vm: _builtins.str = ...,
         kind: _events_pb2.CommandKind.ValueType = ...,
         args: _events_pb2.CommandArgs | None = ...,
+        trace_context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["args", b"args"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "attempt", b"attempt", "command_id", b"command_id", "epoch", b"epoch", "kind", b"kind", "migration_id", b"migration_id", "vm", b"vm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "attempt", b"attempt", "command_id", b"command_id", "epoch", b"epoch", "kind", b"kind", "migration_id", b"migration_id", "trace_context", b"trace_context", "vm", b"vm"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,66 @@
+"""The coordinator's one handle on telemetry: traces and metrics, each optional.
+
+`Coordinator` calls `staged` right after folding each event (the state of that instant is
+visible only then), `committed` once the batch is durable (only then do spans leave), and
+`command_context` when it sends a command.
+"""
+
+from __future__ import annotations
+
+from coordinator.core import Event
+from coordinator.core.state import Command, World, command_owner
+from coordinator.telemetry.metrics import CoordinatorMetrics
+from coordinator.telemetry.tracing import MigrationTracer
+
+
+def migration_of(world: World, payload: object) -> str:
+    """The migration an event concerns, if any."""
+    migration_id = getattr(payload, "migration_id", "")
+    if migration_id:
+        return str(migration_id)
+    command_id = getattr(payload, "command_id", "")
+    if command_id:
+        return command_owner(str(command_id))[0]
+    observation = getattr(payload, "observation", None)
+    vm_name = getattr(payload, "vm", "") or getattr(observation, "vm", "")
+    vm = world.vms.get(vm_name) if vm_name else None
+    return vm.migration_id if vm is not None else ""
+
+
+class Telemetry:
+    def __init__(
+        self, tracer: MigrationTracer | None = None, metrics: CoordinatorMetrics | None = None
+    ) -> None:
+        self.tracer = tracer
+        self.metrics = metrics
+
+    def seed(self, world: World) -> None:
+        for part in (self.tracer, self.metrics):
+            if part is not None:
+                part.seed(world)
+
+    def staged(self, world: World, event: Event) -> None:
+        if self.tracer is None and self.metrics is None:
+            return
+        migration_id = migration_of(world, event.payload)
+        if self.tracer is not None:
+            self.tracer.staged(world, event, migration_id)
+        if self.metrics is not None:
+            self.metrics.staged(world, event, migration_id)
+
+    def committed(self, events: int, seconds: float) -> None:
+        if self.tracer is not None:
+            self.tracer.flush()
+        if self.metrics is not None:
+            self.metrics.committed(events, seconds)
+
+    def recovered(self, seconds: float) -> None:
+        if self.metrics is not None:
+            self.metrics.recovery.set(seconds)
+
+    def command_context(self, command: Command) -> dict[str, str]:
+        return self.tracer.command_context(command) if self.tracer is not None else {}
+
+    def shutdown(self) -> None:
+        if self.tracer is not None:
+            self.tracer.shutdown()
