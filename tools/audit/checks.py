@@ -65,6 +65,15 @@ def stored_events(conn: sqlite3.Connection) -> Iterator[StoredEvent]:
         raise Unreadable(str(err)) from err
 
 
+def _hash(prev_hash: bytes, e: StoredEvent) -> bytes | None:
+    """The event's chain hash, or None when the row is malformed (a column of the wrong type,
+    as an edit through plain SQL easily leaves it): such a row cannot match its hash."""
+    try:
+        return event_hash(prev_hash, e)
+    except (TypeError, ValueError, OverflowError, AttributeError):
+        return None
+
+
 def verify(
     path: Path, expect_seq: int = 0, expect_hash: bytes = b"", *, final: bool = False
 ) -> Report:
@@ -101,7 +110,7 @@ def verify_events(
                 problem = f"invariant 7: seq gap: expected {prev_seq + 1}, found {e.seq}"
             elif e.prev_hash != prev_hash:
                 problem = "invariant 7: prev_hash does not match the previous event's hash"
-            elif event_hash(prev_hash, e) != e.hash:
+            elif _hash(prev_hash, e) != e.hash:
                 problem = "invariant 7: hash does not match the event's contents"
             if problem:
                 findings.append(Finding(e.seq if "gap" not in problem else prev_seq + 1, problem))
