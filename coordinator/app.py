@@ -16,7 +16,7 @@ import gc
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from google.protobuf.message import Message
@@ -28,6 +28,7 @@ from coordinator.core.evolve import Fact, fold
 from coordinator.core.state import Command, CommandState
 from coordinator.log import EventStore, PendingEvent, StaleEpoch, StoreError, StoreFailure
 from coordinator.telemetry import Telemetry
+from coordinator.telemetry.hub import migration_of
 from whimbrel import failpoints
 from whimbrel.v1 import events_pb2, host_pb2
 
@@ -92,15 +93,24 @@ class Coordinator:
         store: EventStore,
         clock: Callable[[], int] = wall_clock_us,
         telemetry: Telemetry | None = None,
+        host_wait: float = 30.0,
     ) -> None:
         self.store = store
         self.clock = clock
         self.telemetry = telemetry or Telemetry()
+        # Recovery after a restart: how long to wait for the hosts of open migrations.
+        self.host_wait = host_wait
+        self.recovered = asyncio.Event()
+        self._recovery_started = time.monotonic()
+        self._deadline: asyncio.TimerHandle | None = None
+        self._background: set[asyncio.Task[None]] = set()
         self.world = World()
         self.sessions: dict[str, HostSession] = {}
         self._lock = asyncio.Lock()
         self._changed = asyncio.Event()
         self._staged: list[tuple[NewEvent, Event]] = []
+        # Phases entered by staged events (for the coordinator.entered-PHASE failpoints).
+        self._entered: list[str] = []
         # Set when this coordinator must stop: a newer one owns the log, or the log failed.
         self.fenced = asyncio.Event()
         self.stop_reason = ""
@@ -130,9 +140,68 @@ class Coordinator:
                         reason="coordinator restarted",
                     )  # fmt: skip
                     self._stage([self._host_event(host.host_id, gone)])
+            self._begin_recovery()
             await self._flush()
-        self.telemetry.recovered(time.monotonic() - started)
+        self._recovery_started = started
+        if not self.world.awaited_hosts:
+            self._recovery_over()
+        else:
+            loop = asyncio.get_running_loop()
+            self._deadline = loop.call_later(self.host_wait, self._recovery_deadline)
         log.info("coordinator epoch %d serving a log of %d events", epoch, seq)
+
+    # --- recovery -----------------------------------------------------------------------------
+
+    def _begin_recovery(self) -> None:
+        """Record what recovery waits for: every host of an open migration. Caller holds the
+        lock. Nothing is decided for a migration until its hosts said hello (their snapshots
+        are the truth the log may have missed) or the bound expired."""
+        open_migrations = sorted(self.world.open_migrations)
+        if not open_migrations:
+            return
+        migrations = [self.world.migrations[mid] for mid in open_migrations]
+        hosts = {m.source for m in migrations} | {m.destination for m in migrations}
+        started = events_pb2.RecoveryStarted(
+            open_migrations=open_migrations, awaited_hosts=sorted(hosts)
+        )
+        self._stage([NewEvent("coordinator", started, self.clock())])
+        log.info("recovery: %d open migrations, awaiting hosts %s (up to %.0f s)",
+                 len(open_migrations), ", ".join(sorted(hosts)), self.host_wait)  # fmt: skip
+
+    def _finish_recovery(self, missing: Sequence[str]) -> None:
+        """Caller holds the lock: close recovery and decide every open migration."""
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        finished = events_pb2.RecoveryFinished(
+            migrations_reconciled=len(self.world.open_migrations), missing_hosts=sorted(missing)
+        )
+        self._stage([NewEvent("coordinator", finished, self.clock())])
+        if missing:
+            log.warning(
+                "recovery: hosts %s did not return within %.0f s; their migrations follow "
+                "the recovery table", ", ".join(missing), self.host_wait,
+            )  # fmt: skip
+        self._advance(self.world.open_migrations)
+        self._reconcile_vms(self.world.vms)
+        self._recovery_over()
+
+    def _recovery_over(self) -> None:
+        self.telemetry.recovered(time.monotonic() - self._recovery_started)
+        self.recovered.set()
+
+    def _recovery_deadline(self) -> None:
+        self._deadline = None
+        task = asyncio.get_running_loop().create_task(self._expire_recovery())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _expire_recovery(self) -> None:
+        async with self._lock:
+            if self.recovered.is_set():
+                return
+            self._finish_recovery(sorted(self.world.awaited_hosts))
+            await self._flush()
 
     # --- staging and committing ---------------------------------------------------------------
 
@@ -144,7 +213,12 @@ class Coordinator:
         for i, new in enumerate(new_events, start=1):
             event = Event(head + i, new.stream, new.type, epoch, new.time_us, new.payload,
                           new.origin_host, new.origin_generation, new.origin_seq)  # fmt: skip
+            concerned = self.world.migrations.get(migration_of(self.world, new.payload))
+            phase_before = concerned.phase if concerned is not None else None
             evolve(self.world, event)
+            concerned = self.world.migrations.get(migration_of(self.world, new.payload))
+            if concerned is not None and concerned.phase != phase_before:
+                self._entered.append(concerned.phase.label)
             self.telemetry.staged(self.world, event)
             self._staged.append((new, event))
             staged.append(event)
@@ -168,6 +242,9 @@ class Coordinator:
             raise
         self.telemetry.committed(len(staged), time.monotonic() - started)
         failpoints.hit("coordinator.after-commit")
+        entered, self._entered = self._entered, []
+        for phase in entered:
+            failpoints.hit(f"coordinator.entered-{phase}")
         if any(self._is_destination_cont(event) for _, event in staged):
             failpoints.hit("coordinator.after-cont-intent")
         for _, event in staged:
@@ -214,7 +291,8 @@ class Coordinator:
                 self._stage(decided)
 
     def _advance_touched(self, events: Iterable[Event]) -> None:
-        touched = set()
+        touched: set[str] = set()
+        vm_names: set[str] = set()
         for event in events:
             payload = event.payload
             migration_id = getattr(payload, "migration_id", "")
@@ -223,9 +301,19 @@ class Coordinator:
             observation = getattr(payload, "observation", None)
             vm_name = getattr(payload, "vm", "") or getattr(observation, "vm", "")
             vm = self.world.vms.get(vm_name) if vm_name else None
-            if vm is not None and vm.migration_id:
-                touched.add(vm.migration_id)
+            if vm is not None:
+                vm_names.add(vm_name)
+                if vm.migration_id:
+                    touched.add(vm.migration_id)
         self._advance(touched & self.world.open_migrations)
+        vm_names |= {self.world.migrations[m].vm for m in touched if m in self.world.migrations}
+        self._reconcile_vms(vm_names)
+
+    def _reconcile_vms(self, names: Iterable[str]) -> None:
+        """VMs outside migrations: stray copies destroyed, the lost-VM policy applied."""
+        for name in sorted(set(names)):
+            while decided := decide(self.world, I.ReconcileVm(name, self.clock())):
+                self._stage(decided)
 
     # --- hosts --------------------------------------------------------------------------------
 
@@ -262,6 +350,8 @@ class Coordinator:
                 new.append(NewEvent(self._stream_for(observation.vm), snapshot, now,
                                     hello.host_id, hello.generation))  # fmt: skip
             staged = self._stage(new)
+            if not self.recovered.is_set() and not self.world.awaited_hosts:
+                self._finish_recovery([])
             self._advance_touched(staged)
             self._advance(self.world.open_migrations)
             await self._flush()
@@ -362,7 +452,14 @@ class Coordinator:
             )
         )
 
-    # --- watching -----------------------------------------------------------------------------
+    # --- reading and watching -----------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def reading(self) -> AsyncIterator[World]:
+        """The world as committed. Staged events are folded before their commit completes, so
+        a read outside the lock could see a state that is not durable yet."""
+        async with self._lock:
+            yield self.world
 
     async def wait_for_change(self, max_wait: float | None = None) -> None:
         """Return after the next committed change, or after `max_wait` seconds."""

@@ -90,9 +90,10 @@ async def serve(
     ready: asyncio.Future[int] | None = None,
     metrics_listen: str | None = None,
     otlp_endpoint: str | None = None,
+    host_wait: float = 30.0,
 ) -> int:
     store = SqliteEventStore(db)
-    app = Coordinator(store)
+    app = Coordinator(store, host_wait=host_wait)
     # Bind before taking the log: a start refused for its address leaves no trace in it.
     server, port, health_servicer = build_server(app, listen)
     problem = "" if port else f"cannot listen on {listen}"
@@ -168,6 +169,14 @@ def main(argv: list[str] | None = None) -> int:
         help="gRPC address HOST:PORT (default %(default)s; port 0 picks a free one)",
     )
     parser.add_argument(
+        "--host-wait",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="after a restart, how long to wait for the hosts of open migrations before the "
+        "recovery table treats them as missing (default %(default)s)",
+    )
+    parser.add_argument(
         "--metrics-listen",
         type=listen_address,
         help="serve Prometheus metrics at http://HOST:PORT/metrics",
@@ -191,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.listen,
                 metrics_listen=args.metrics_listen,
                 otlp_endpoint=args.otlp_endpoint,
+                host_wait=args.host_wait,
             )
         )
     except OSError as err:  # e.g. the database path is unusable

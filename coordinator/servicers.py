@@ -81,12 +81,13 @@ class MigrationServicer(migration_pb2_grpc.MigrationServiceServicer):
     def __init__(self, app: Coordinator) -> None:
         self.app = app
 
-    def _get(self, migration_id: str) -> migration_pb2.Migration:
+    async def _get(self, migration_id: str) -> migration_pb2.Migration:
         check_migration_id(migration_id)
-        m = self.app.world.migrations.get(migration_id)
-        if m is None:
-            raise NotFound("migration", migration_id)
-        return convert.migration_to_proto(m)
+        async with self.app.reading() as world:
+            m = world.migrations.get(migration_id)
+            if m is None:
+                raise NotFound("migration", migration_id)
+            return convert.migration_to_proto(m)
 
     @mapped
     async def StartMigration(
@@ -103,40 +104,40 @@ class MigrationServicer(migration_pb2_grpc.MigrationServiceServicer):
                 self.app.clock(),
             )
         )
-        return self._get(migration_id)
+        return await self._get(migration_id)
 
     @mapped
     async def GetMigration(
         self, request: migration_pb2.GetMigrationRequest, context: Any
     ) -> migration_pb2.Migration:
-        return self._get(request.migration_id)
+        return await self._get(request.migration_id)
 
     @mapped
     async def ListMigrations(
         self, request: migration_pb2.ListMigrationsRequest, context: Any
     ) -> migration_pb2.ListMigrationsResponse:
-        world = self.app.world
-        ms = [
-            m
-            for m in world.migrations.values()
-            if (not request.vm or m.vm == request.vm)
-            and (not request.open_only or not m.phase.terminal)
-        ]
-        ms.sort(key=lambda m: m.requested_at_us, reverse=True)
-        return migration_pb2.ListMigrationsResponse(
-            migrations=[convert.migration_to_proto(m) for m in ms]
-        )
+        async with self.app.reading() as world:
+            ms = [
+                m
+                for m in world.migrations.values()
+                if (not request.vm or m.vm == request.vm)
+                and (not request.open_only or not m.phase.terminal)
+            ]
+            ms.sort(key=lambda m: m.requested_at_us, reverse=True)
+            return migration_pb2.ListMigrationsResponse(
+                migrations=[convert.migration_to_proto(m) for m in ms]
+            )
 
     async def WatchMigration(
         self, request: migration_pb2.WatchMigrationRequest, context: Any
     ) -> AsyncIterator[migration_pb2.Migration]:
         try:
-            current = self._get(request.migration_id)
+            current = await self._get(request.migration_id)
         except CoreError as err:
             await context.abort(status_for(err), str(err))
         last = None
         while True:
-            current = self._get(request.migration_id)
+            current = await self._get(request.migration_id)
             if current != last:
                 yield current
                 last = current
@@ -151,50 +152,52 @@ class MigrationServicer(migration_pb2_grpc.MigrationServiceServicer):
         await self.app.request(
             I.AbortMigration(request.migration_id, request.reason, self.app.clock())
         )
-        return self._get(request.migration_id)
+        return await self._get(request.migration_id)
 
     @mapped
     async def SwitchToPostcopy(
         self, request: migration_pb2.SwitchToPostcopyRequest, context: Any
     ) -> migration_pb2.Migration:
         await self.app.request(I.SwitchToPostcopy(request.migration_id, self.app.clock()))
-        return self._get(request.migration_id)
+        return await self._get(request.migration_id)
 
 
 class VmServicer(vm_pb2_grpc.VmServiceServicer):
     def __init__(self, app: Coordinator) -> None:
         self.app = app
 
-    def _get(self, name: str) -> vm_pb2.Vm:
+    async def _get(self, name: str) -> vm_pb2.Vm:
         check_name("VM", name)
-        vm = self.app.world.vms.get(name)
-        if vm is None:
-            raise NotFound("VM", name)
-        return convert.vm_to_proto(vm)
+        async with self.app.reading() as world:
+            vm = world.vms.get(name)
+            if vm is None:
+                raise NotFound("VM", name)
+            return convert.vm_to_proto(vm)
 
     @mapped
     async def DefineVm(self, request: vm_pb2.DefineVmRequest, context: Any) -> vm_pb2.Vm:
         await self.app.request(I.DefineVm(request.spec, self.app.clock()))
-        return self._get(request.spec.name)
+        return await self._get(request.spec.name)
 
     @mapped
     async def StartVm(self, request: vm_pb2.StartVmRequest, context: Any) -> vm_pb2.Vm:
         await self.app.request(I.StartVm(request.name, request.host, self.app.clock()))
-        return self._get(request.name)
+        return await self._get(request.name)
 
     @mapped
     async def StopVm(self, request: vm_pb2.StopVmRequest, context: Any) -> vm_pb2.Vm:
         await self.app.request(I.StopVm(request.name, request.force, self.app.clock()))
-        return self._get(request.name)
+        return await self._get(request.name)
 
     @mapped
     async def GetVm(self, request: vm_pb2.GetVmRequest, context: Any) -> vm_pb2.Vm:
-        return self._get(request.name)
+        return await self._get(request.name)
 
     @mapped
     async def ListVms(self, request: vm_pb2.ListVmsRequest, context: Any) -> vm_pb2.ListVmsResponse:
-        vms = sorted(self.app.world.vms.values(), key=lambda vm: vm.name)
-        return vm_pb2.ListVmsResponse(vms=[convert.vm_to_proto(vm) for vm in vms])
+        async with self.app.reading() as world:
+            vms = sorted(world.vms.values(), key=lambda vm: vm.name)
+            return vm_pb2.ListVmsResponse(vms=[convert.vm_to_proto(vm) for vm in vms])
 
 
 class HostServicer(host_pb2_grpc.HostServiceServicer):
@@ -259,12 +262,12 @@ class HostServicer(host_pb2_grpc.HostServiceServicer):
     async def ListHosts(
         self, request: host_pb2.ListHostsRequest, context: Any
     ) -> host_pb2.ListHostsResponse:
-        world = self.app.world
-        hosts = [
-            convert.host_to_proto(world, h)
-            for h in sorted(world.hosts.values(), key=lambda h: h.host_id)
-        ]
-        return host_pb2.ListHostsResponse(hosts=hosts)
+        async with self.app.reading() as world:
+            hosts = [
+                convert.host_to_proto(world, h)
+                for h in sorted(world.hosts.values(), key=lambda h: h.host_id)
+            ]
+            return host_pb2.ListHostsResponse(hosts=hosts)
 
 
 class EventLogServicer(eventlog_pb2_grpc.EventLogServiceServicer):

@@ -66,6 +66,8 @@ class Agent:
         lockspace: Path,
         migration_address: str,
         network: NetworkDriver,
+        migration_port: int = 0,
+        migration_advertise: str = "",
     ) -> None:
         self.host_id = host_id
         self.coordinator = coordinator
@@ -73,8 +75,9 @@ class Agent:
         self.migration_address = migration_address
         self.store = HostStore(state_dir / "hostd.db")
         self.executor = Executor(
-            host_id, state_dir, migration_address, FileLeaseDriver(lockspace), network, self.emit
-        )
+            host_id, state_dir, migration_address, FileLeaseDriver(lockspace), network, self.emit,
+            migration_port=migration_port, migration_advertise=migration_advertise,
+        )  # fmt: skip
         self.pending: list[host_pb2.HostEvent] = self.store.unacknowledged()
         self._new_event = asyncio.Event()
         self._inflight: set[str] = set()
@@ -114,9 +117,7 @@ class Agent:
                 continue
             runtime = VmRuntime.load(root, self.emit)
             pid = qemu.read_pid(runtime.paths)
-            if pid is None:
-                continue
-            if qemu.alive(pid):
+            if pid is not None and qemu.alive(pid):
                 try:
                     await runtime.attach(pid)
                     self.executor.vms[runtime.name] = runtime
@@ -127,11 +128,15 @@ class Agent:
                         "QEMU %d of %s runs but QMP is unreachable: %s", pid, runtime.name, err
                     )
                     continue
+            # Gone while no hostd watched (QEMU removes its pidfile when it exits by itself,
+            # e.g. a destination whose incoming migration failed). Report it once, and forget
+            # the VM here (its qemu.log stays for forensics).
             runtime.paths.pidfile.unlink(missing_ok=True)
+            (root / "spec.pb").unlink()
             await self.emit(
                 events_pb2.QemuExited(
                     vm=runtime.name,
-                    pid=pid,
+                    pid=pid or 0,
                     exit_code=-1,
                     reason="found gone after a hostd restart",
                 ),
@@ -265,21 +270,19 @@ class Agent:
             self._record(prior.result or interrupted, 0)
             return
         self.store.command_started(c.command_id)
+        kind = events_pb2.CommandKind.Name(c.kind).removeprefix("COMMAND_KIND_").lower()
+        kind = kind.replace("_", "-")
         failpoints.hit("hostd.before-execute")
+        failpoints.hit(f"hostd.before-execute.{kind}")
         self._inflight.add(c.command_id)
         started = time.monotonic()
-        kind = (
-            events_pb2.CommandKind.Name(c.kind)
-            .removeprefix("COMMAND_KIND_")
-            .lower()
-            .replace("_", "-")
-        )
         attributes = {"whimbrel.command.id": c.command_id, "whimbrel.command.kind": kind,
                       "whimbrel.host": self.host_id, "whimbrel.vm": c.vm}  # fmt: skip
         with tracing.command_span(f"hostd {kind}", c.trace_context, attributes) as span:
             try:
                 result = await self.executor.run(c)
                 failpoints.hit("hostd.after-execute")
+                failpoints.hit(f"hostd.after-execute.{kind}")
                 succeeded = events_pb2.CommandSucceeded(
                     command_id=c.command_id, attempt=c.attempt, kind=c.kind, vm=c.vm, result=result
                 )

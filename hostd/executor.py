@@ -42,6 +42,21 @@ class Executor:
     network: NetworkDriver
     emit: Emit
     vms: dict[str, VmRuntime] = field(default_factory=dict)
+    # A fixed incoming port (0: a free one per migration), and the HOST[:PORT] sources are told
+    # to connect to when it differs from where QEMU listens (NAT, a relay).
+    migration_port: int = 0
+    migration_advertise: str = ""
+
+    def _incoming(self) -> tuple[str, str]:
+        """(URI the destination QEMU listens on, URI the source connects to)."""
+        port = self.migration_port or free_port(self.migration_address)
+        listen = f"tcp:{self.migration_address}:{port}"
+        if not self.migration_advertise:
+            return listen, listen
+        host, sep, advertised_port = self.migration_advertise.rpartition(":")
+        if not sep:
+            host, advertised_port = self.migration_advertise, str(port)
+        return listen, f"tcp:{host}:{advertised_port}"
 
     async def run(self, command: host_pb2.Command) -> events_pb2.CommandResult:
         handler = _HANDLERS.get(command.kind)
@@ -142,8 +157,8 @@ class Executor:
                 capabilities.append({"capability": "postcopy-ram", "state": True})
             await runtime.execute("migrate-set-capabilities", {"capabilities": capabilities})
             await self._network("prepare", runtime, K.NETWORK_STATE_PREPARED)
-            uri = f"tcp:{self.migration_address}:{free_port(self.migration_address)}"
-            await runtime.execute("migrate-incoming", {"uri": uri})
+            listen, uri = self._incoming()
+            await runtime.execute("migrate-incoming", {"uri": listen})
         except BaseException:
             await runtime.kill("prepare failed")
             self.vms.pop(runtime.name, None)
@@ -193,8 +208,8 @@ class Executor:
         return K.CommandResult()
 
     async def recover_incoming(self, c: host_pb2.Command) -> events_pb2.CommandResult:
-        uri = f"tcp:{self.migration_address}:{free_port(self.migration_address)}"
-        await self._vm(c.vm).execute("migrate-recover", {"uri": uri})
+        listen, uri = self._incoming()
+        await self._vm(c.vm).execute("migrate-recover", {"uri": listen})
         return K.CommandResult(uri=uri)
 
     async def resume_migration(self, c: host_pb2.Command) -> events_pb2.CommandResult:

@@ -1,7 +1,9 @@
 """whimbrel-hostd: run one host's VMs for a Whimbrel coordinator.
 
     whimbrel-hostd --host-id ID --coordinator HOST:PORT --state-dir DIR --lockspace DIR
-                   [--migration-address IP] [--network none|hook|bridge] [--network-hook PATH]
+                   [--migration-address IP] [--migration-port PORT]
+                   [--migration-advertise HOST[:PORT]] [--network none|hook|bridge]
+                   [--network-hook PATH]
                    [--otlp-endpoint URL]
 
 QEMU processes outlive hostd; a restarted hostd re-attaches to them. SIGTERM stops hostd
@@ -57,6 +59,8 @@ async def _serve(ns: argparse.Namespace) -> int:
         Path(ns.lockspace),
         ns.migration_address,
         network_driver(ns),
+        migration_port=ns.migration_port,
+        migration_advertise=ns.migration_advertise or "",
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -80,6 +84,19 @@ def main(argv: list[str] | None = None) -> int:
         "--migration-address",
         default="127.0.0.1",
         help="IP this host accepts incoming migrations on",
+    )
+    parser.add_argument(
+        "--migration-port",
+        type=int,
+        default=0,
+        help="fixed port incoming migrations listen on (default: a free port each time; a "
+        "fixed port serves one incoming migration at a time)",
+    )
+    parser.add_argument(
+        "--migration-advertise",
+        metavar="HOST[:PORT]",
+        help="address sources are told to connect to, when it differs from where QEMU "
+        "listens (NAT, a relay)",
     )
     parser.add_argument("--network", choices=["none", "hook", "bridge"], default="none")
     parser.add_argument("--network-hook", help="executable run with the phase (hook driver)")

@@ -92,6 +92,8 @@ class Cluster:
     coordinator_args: list[str] = field(default_factory=list)
     # Port of the coordinator's Prometheus endpoint, when it serves one.
     metrics_port: int = 0
+    # Extra hostd flags, per host (kept across restarts of that hostd).
+    hostd_args: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def db(self) -> Path:
@@ -124,7 +126,7 @@ class Cluster:
             self.channel.close()
         self.channel = grpc.insecure_channel(self.address)
 
-    def start_hostd(self, host_id: str) -> None:
+    def start_hostd(self, host_id: str, failpoints: str = "") -> None:
         hook = self.root / "hook.sh"
         if not hook.exists():
             hook.write_text(HOOK.format(log=self.hook_log))
@@ -134,7 +136,13 @@ class Cluster:
             "--state-dir", str(self.root / host_id), "--lockspace", str(self.shared / "locks"),
             "--network", "hook", "--network-hook", str(hook),
         ]  # fmt: skip
-        self.processes[host_id] = spawn(host_id, args, self.root / f"{host_id}.log", env=self.env)
+        env = dict(self.env, WHIMBREL_FAILPOINTS=failpoints) if failpoints else self.env
+        self.processes[host_id] = spawn(
+            host_id,
+            [*args, *self.hostd_args.get(host_id, [])],
+            self.root / f"{host_id}.log",
+            env=env,
+        )
 
     def start(self, *hosts: str) -> Cluster:
         """Start the coordinator and hostd for `hosts`, and wait until all are connected."""
@@ -197,7 +205,12 @@ class Cluster:
         return stub.VerifyLog(eventlog_pb2.VerifyLogRequest()).head_seq
 
     def define_and_start(
-        self, name: str, host: str, memory_mib: int = 64, ram_file: Path | None = None
+        self,
+        name: str,
+        host: str,
+        memory_mib: int = 64,
+        ram_file: Path | None = None,
+        on_lost: int = 0,
     ) -> None:
         disk = boot_disk(self.shared / f"{name}.img")
         spec = common_pb2.VmSpec(
@@ -205,6 +218,7 @@ class Cluster:
             memory_mib=memory_mib,
             vcpus=1,
             disks=[common_pb2.Disk(path=str(disk), format="raw")],
+            on_lost=common_pb2.LostVmAction.ValueType(on_lost),
         )
         if ram_file is not None:
             spec.memory_backing.kind = "file"

@@ -5,8 +5,12 @@ process exits at once with code 97, like a kill -9 at that instant (no cleanup, 
 
     coordinator.after-cont-intent   the destination's cont intent is committed, not yet sent
     coordinator.after-commit        any transaction committed, its commands not yet sent
-    hostd.before-execute            a command is recorded as started, nothing done yet
-    hostd.after-execute             a command acted, its result not yet recorded
+    coordinator.entered-PHASE       a migration entered PHASE (preparing, transferring,
+                                    switchover, handoff, finishing, ...), committed, its
+                                    commands not yet sent
+    hostd.before-execute[.KIND]     a command (of KIND, e.g. acquire-lease) is recorded as
+                                    started, nothing done yet
+    hostd.after-execute[.KIND]      a command acted, its result not yet recorded
 """
 
 from __future__ import annotations

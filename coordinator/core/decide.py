@@ -22,6 +22,7 @@ from typing import Any
 from google.protobuf.message import Message
 
 from coordinator.core import inputs as I
+from coordinator.core import recovery
 from coordinator.core.errors import (
     AlreadyExists,
     HostUnavailable,
@@ -140,6 +141,60 @@ def _stop_vm(world: World, req: I.StopVm) -> list[NewEvent]:
         ),
         NewEvent(vm_stream(vm.name), _vm_command(vm, vm.host, Kind.STOP_VM, args), req.now_us),
     ]
+
+
+def _reconcile_vm(world: World, req: I.ReconcileVm) -> list[NewEvent]:
+    """Outside migrations: destroy copies of the VM on hosts that are not its home (a source
+    left behind by a host that missed recovery, a destination of a rolled-back or fenced
+    migration), then apply the lost-VM policy."""
+    vm = world.vms.get(req.name)
+    if vm is None or vm.migration_id:
+        return []
+    in_flight = {(c.kind, c.host) for c in vm.commands.values()}
+    out: list[Message] = []
+    for host in sorted(vm.runstates):
+        if host == vm.host or not _is_connected(world, host):
+            continue
+        if (Kind.DESTROY_VM, host) not in in_flight:
+            args = events_pb2.CommandArgs(force=True, reason="stray copy: not the VM's home host")
+            out.append(_vm_command(vm, host, Kind.DESTROY_VM, args))
+    if out:
+        return [NewEvent(vm_stream(vm.name), p, req.now_us) for p in out]
+    if (
+        vm.status == VmStatus.LOST
+        and vm.spec.on_lost == common_pb2.LOST_VM_ACTION_COLD_START
+        and not vm.runstates
+        and not in_flight
+    ):
+        host = _cold_start_host(world, vm)
+        if host:
+            args = events_pb2.CommandArgs(
+                spec=vm.spec,
+                lease_generation=vm.lease_generation + 1,
+                reason=f"cold start after loss: {vm.lost_reason}",
+            )
+            issued = _vm_command(vm, host, Kind.START_VM, args)
+            return [NewEvent(vm_stream(vm.name), issued, req.now_us)]
+    return []
+
+
+def _is_connected(world: World, host_id: str) -> bool:
+    host = world.hosts.get(host_id)
+    return host is not None and host.connected
+
+
+def _cold_start_host(world: World, vm: VmState) -> str:
+    """The lease holder (the last host allowed to run the VM), else the last migration's
+    destination when nobody holds the lease; "" while that host is not connected."""
+    host = vm.lease_holder
+    if not host:
+        last = max(
+            (m for m in world.migrations.values() if m.vm == vm.name),
+            key=lambda m: m.requested_at_us,
+            default=None,
+        )
+        host = last.destination if last is not None else ""
+    return host if host and _is_connected(world, host) else ""
 
 
 # --- migration requests -----------------------------------------------------------------------
@@ -277,6 +332,15 @@ def _advance(world: World, req: I.Advance) -> list[NewEvent]:
     m = world.migrations.get(req.migration_id)
     if m is None or m.phase.terminal:
         return []
+    if recovery.awaiting_hello(world, m):
+        return []  # recovery: a host of this migration has not said hello yet
+    rule = recovery.rule_for(world, m) if m.phase not in _STEPS else None
+    if rule is not None and rule.action == recovery.Action.WAIT:
+        return []
+    if rule is not None and rule.action == recovery.Action.ROLLBACK:
+        who = recovery.missing(world, m)
+        reason = f"{who.value if who else ''} host did not return after a restart ({rule.why})"
+        return _emit(m, req.now_us, *_rollback(m, reason))
     step = _STEPS.get(m.phase, _forward)
     decided = step(world, m, _Issuer(m))
     if any(isinstance(d, events_pb2.MigrationFinished) for d in decided) and _owed_answers(
@@ -464,21 +528,21 @@ def _forward(world: World, m: MigrationState, issue: _Issuer) -> list[Message]:
     # The source has stopped: its lease goes first, then (pre-copy) the switchover completes.
     # Destination networking is enabled meanwhile: with the source stopped no traffic can
     # reach two copies, and the destination stays paused until cont.
-    if m.cmd(Kind.RELEASE_LEASE, src.host) is None and not m.src_lease_released:
+    if _to_issue(m, Kind.RELEASE_LEASE, src.host) and not m.src_lease_released:
         out.append(issue(Kind.RELEASE_LEASE, src.host, lease_generation=m.source_lease_generation))
-        if m.cmd(Kind.ENABLE_NETWORK, dst.host) is None and not m.dst_network_enabled:
+        if _to_issue(m, Kind.ENABLE_NETWORK, dst.host) and not m.dst_network_enabled:
             out.append(issue(Kind.ENABLE_NETWORK, dst.host))
         return out
     if not m.src_lease_released:
         return []
     if not m.postcopy_started and "completed" not in (src.status, dst.status):
-        if src.status == "pre-switchover" and m.cmd(Kind.CONTINUE_SWITCHOVER, src.host) is None:
+        if src.status == "pre-switchover" and _to_issue(m, Kind.CONTINUE_SWITCHOVER, src.host):
             return [issue(Kind.CONTINUE_SWITCHOVER, src.host)]
         return []
     # Handoff: the destination takes the lease and networking, in parallel.
-    if m.cmd(Kind.ACQUIRE_LEASE, dst.host) is None and not m.dst_lease_generation:
+    if _to_issue(m, Kind.ACQUIRE_LEASE, dst.host) and not m.dst_lease_generation:
         out.append(issue(Kind.ACQUIRE_LEASE, dst.host, lease_generation=vm.lease_generation + 1))
-    if m.cmd(Kind.ENABLE_NETWORK, dst.host) is None and not m.dst_network_enabled:
+    if _to_issue(m, Kind.ENABLE_NETWORK, dst.host) and not m.dst_network_enabled:
         out.append(issue(Kind.ENABLE_NETWORK, dst.host))
     if out:
         return out
@@ -506,7 +570,10 @@ def _forward(world: World, m: MigrationState, issue: _Issuer) -> list[Message]:
         out.append(issue(Kind.ANNOUNCE, dst.host))
     completed = "completed" in (src.status, dst.status)
     destroy = m.cmd(Kind.DESTROY_VM, src.host)
-    if completed and src.alive and (destroy is None or destroy.state == FAILED):
+    # A source host that missed the recovery bound cannot destroy its QEMU now; it is destroyed
+    # as a stray copy when the host returns (recovery table: "complete").
+    source_there = src.alive and src.host not in world.missing_hosts
+    if completed and source_there and (destroy is None or destroy.state == FAILED):
         if destroy is not None and _retries(m, Kind.DESTROY_VM, src.host) >= MAX_COMMAND_RETRIES:
             return _finished(
                 m,
@@ -517,50 +584,38 @@ def _forward(world: World, m: MigrationState, issue: _Issuer) -> list[Message]:
     if out:
         return out
     announce = m.cmd(Kind.ANNOUNCE, dst.host)
-    if completed and not src.alive and announce is not None and announce.state != ISSUED:
+    if completed and not source_there and announce is not None and announce.state != ISSUED:
+        if src.alive:
+            why = "completed; the source host is missing, its QEMU is destroyed when it returns"
+            return _finished(m, Phase.COMPLETED, why)
         return _finished(m, Phase.COMPLETED, "completed")
     return []
 
 
-def _retries(m: MigrationState, kind: int, host: str) -> int:
+def _to_issue(m: MigrationState, kind: int, host: str) -> bool:
+    """No live command of `kind` on `host`: never issued, or failed under an earlier attempt
+    (a post-copy recovery started a new attempt and left that failure behind). A failure in the
+    current attempt is `_problem`'s to judge."""
+    command = m.cmd(kind, host)
+    return command is None or (command.state == FAILED and command.attempt != m.attempt)
+
+
+def _retries(m: MigrationState, kind: int, host: str, *, this_attempt: bool = False) -> int:
     return sum(
-        1 for c in m.commands.values() if c.kind == kind and c.host == host and c.state == FAILED
+        1
+        for c in m.commands.values()
+        if c.kind == kind
+        and c.host == host
+        and c.state == FAILED
+        and (not this_attempt or c.attempt == m.attempt)
     )
 
 
 def _rolling_back(world: World, m: MigrationState, issue: _Issuer) -> list[Message]:
     src, dst = m.src, m.dst
-    out: list[Message] = []
-    # Stop the transfer (never after the point of no return; rollback is never decided then).
-    started = m.cmd(Kind.START_MIGRATION, src.host) is not None
-    if (
-        started
-        and src.alive
-        and src.status in CANCELLABLE_STATUSES
-        and not m.point_of_no_return_passed
-        and m.cmd(Kind.CANCEL_MIGRATION, src.host, this_attempt=True) is None
-    ):
-        out.append(issue(Kind.CANCEL_MIGRATION, src.host, reason="rollback"))
-    # The destination must be gone before the source may run again.
-    prepared = m.cmd(Kind.PREPARE_INCOMING, dst.host) is not None
-    destroy = m.cmd(Kind.DESTROY_VM, dst.host, this_attempt=True)
-    if prepared and dst.alive and (destroy is None or destroy.state == FAILED):
-        out.append(issue(Kind.DESTROY_VM, dst.host, force=True, reason="rollback"))
-    if out:
-        return out
-    cancel = m.cmd(Kind.CANCEL_MIGRATION, src.host, this_attempt=True)
-    if cancel is not None and cancel.state == ISSUED:
-        return []
-    if dst.alive and prepared:
-        return []
-    if not src.alive:
-        return [
-            events_pb2.VmLost(
-                vm=m.vm, reason="source QEMU exited during rollback", migration_id=m.migration_id
-            ),
-            *_finished(m, Phase.FENCED, "source QEMU exited during rollback"),
-        ]
     vm = world.vms[m.vm]
+    # 1. The lease goes back to the source first: QEMU resumes a source on its own when its
+    # migration is cancelled or fails, and a VM must only run where the lease is.
     if vm.lease_holder == dst.host:
         # Invariant 4: the destination took the lease (its QEMU may be gone, the lease file is
         # not); it must give it up before the source may take it back.
@@ -578,10 +633,20 @@ def _rolling_back(world: World, m: MigrationState, issue: _Issuer) -> list[Messa
                 )
             ]
         return []  # waiting for the release (a host that never answers is handled by recovery)
-    released = m.src_lease_released or m.cmd(Kind.RELEASE_LEASE, src.host) is not None
-    if released and not m.src_lease_reacquired:
+    # (A dead source needs no lease: the VM is lost once the destination is gone, below.)
+    released = src.alive and (
+        m.src_lease_released or m.cmd(Kind.RELEASE_LEASE, src.host) is not None
+    )
+    # Without its lease back the source must not run: the rollback then ends with it paused.
+    lease_lost = (
+        released
+        and not m.src_lease_reacquired
+        and (_retries(m, Kind.ACQUIRE_LEASE, src.host, this_attempt=True) >= MAX_COMMAND_RETRIES)
+    )
+    if released and not m.src_lease_reacquired and not lease_lost:
         acquire = m.cmd(Kind.ACQUIRE_LEASE, src.host, this_attempt=True)
-        if acquire is None or acquire.state == FAILED:
+        # Taken again if a late release (sent before the rollback) gave it up after.
+        if acquire is None or acquire.state != ISSUED:
             return [
                 issue(
                     Kind.ACQUIRE_LEASE,
@@ -591,10 +656,58 @@ def _rolling_back(world: World, m: MigrationState, issue: _Issuer) -> list[Messa
                 )
             ]
         return []
-    if src.status in ("cancelling", "postcopy-paused"):
+    # 2. Stop the transfer (never after the point of no return; rollback is never decided
+    # then) and destroy the destination.
+    out: list[Message] = []
+    started = m.cmd(Kind.START_MIGRATION, src.host) is not None
+    if (
+        started
+        and src.alive
+        and src.status in CANCELLABLE_STATUSES
+        and not m.point_of_no_return_passed
+        and m.cmd(Kind.CANCEL_MIGRATION, src.host, this_attempt=True) is None
+    ):
+        out.append(issue(Kind.CANCEL_MIGRATION, src.host, reason="rollback"))
+    prepared = m.cmd(Kind.PREPARE_INCOMING, dst.host) is not None
+    destroy = m.cmd(Kind.DESTROY_VM, dst.host, this_attempt=True)
+    if prepared and dst.alive and (destroy is None or destroy.state == FAILED):
+        out.append(issue(Kind.DESTROY_VM, dst.host, force=True, reason="rollback"))
+    if out:
+        return out
+    cancel = m.cmd(Kind.CANCEL_MIGRATION, src.host, this_attempt=True)
+    if cancel is not None and cancel.state == ISSUED:
+        return []
+    if dst.alive and prepared and dst.host not in world.missing_hosts:
+        return []  # (a missing destination never ran and never will; destroyed on its return)
+    if not src.alive:
+        return [
+            events_pb2.VmLost(
+                vm=m.vm, reason="source QEMU exited during rollback", migration_id=m.migration_id
+            ),
+            *_finished(m, Phase.FENCED, "source QEMU exited during rollback"),
+        ]
+    # 3. The source runs again (QEMU may already have resumed it when the migration stopped).
+    if src.status == "postcopy-paused" and not (dst.alive and prepared):
+        # QEMU 7.2 can neither cancel nor resume a paused post-copy source whose destination
+        # is gone: part of the guest's state went with it.
+        return _fence(m, [m.source], "post-copy paused and the destination is gone: the "
+                                     "source can neither finish nor be resumed")  # fmt: skip
+    if src.status == "cancelling":
         return []  # wait for QEMU to settle the cancel before touching the CPUs
+    if lease_lost:
+        acquire = m.cmd(Kind.ACQUIRE_LEASE, src.host)
+        why = acquire.error if acquire is not None else ""
+        why = f"{m.reason}; the source could not take its lease back ({why}) and stays paused"
+        return _finished(m, Phase.ROLLED_BACK, why)
     if m.source_was_running and src.runstate != "running":
         resume = m.cmd(Kind.RESUME_VM, src.host, this_attempt=True)
+        if (
+            resume is not None
+            and resume.state == FAILED
+            and (_retries(m, Kind.RESUME_VM, src.host, this_attempt=True) >= MAX_COMMAND_RETRIES)
+        ):
+            why = f"{m.reason}; the source could not be resumed ({resume.error}), stays paused"
+            return _finished(m, Phase.ROLLED_BACK, why)
         if resume is None or resume.state == FAILED:
             return [issue(Kind.RESUME_VM, src.host, reason="rollback")]
         if resume.state == ISSUED:
@@ -659,4 +772,5 @@ _DECIDERS: dict[type, Callable[[World, Any], list[NewEvent]]] = {
     I.AbortMigration: _abort,
     I.SwitchToPostcopy: _switch_to_postcopy,
     I.Advance: _advance,
+    I.ReconcileVm: _reconcile_vm,
 }

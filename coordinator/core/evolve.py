@@ -102,6 +102,8 @@ def _host_connected(
         host = world.hosts[p.host_id] = HostState(p.host_id)
     host.generation = p.generation
     host.connected = True
+    world.awaited_hosts.discard(p.host_id)
+    world.missing_hosts.discard(p.host_id)
     host.migration_address = p.migration_address
     host.highest_epoch_seen = max(host.highest_epoch_seen, p.highest_epoch_seen)
     host.changed_at_us = time_us
@@ -116,6 +118,26 @@ def _host_disconnected(
     if host is not None and host.generation == p.generation:
         host.connected = False
         host.changed_at_us = time_us
+
+
+@_on(events_pb2.RecoveryStarted)
+def _recovery_started(
+    world: World, p: events_pb2.RecoveryStarted, seq: int, time_us: int, origin: str
+) -> None:
+    world.awaited_hosts = {h for h in p.awaited_hosts if not _connected(world, h)}
+
+
+@_on(events_pb2.RecoveryFinished)
+def _recovery_finished(
+    world: World, p: events_pb2.RecoveryFinished, seq: int, time_us: int, origin: str
+) -> None:
+    world.awaited_hosts = set()
+    world.missing_hosts = {h for h in p.missing_hosts if not _connected(world, h)}
+
+
+def _connected(world: World, host_id: str) -> bool:
+    host = world.hosts.get(host_id)
+    return host is not None and host.connected
 
 
 # --- VMs --------------------------------------------------------------------------------------
@@ -300,7 +322,9 @@ def _lease_acquired(
         return
     if p.holder == m.destination and m.phase != Phase.ROLLING_BACK:
         m.dst_lease_generation = p.generation
-    elif p.holder == m.source and m.src_lease_released:
+    elif p.holder == m.source:
+        # The source already held the lease when the migration began: taking it during the
+        # migration is the rollback taking it back (also after a release that never ran).
         m.src_lease_reacquired = True
 
 
@@ -443,6 +467,8 @@ def _vm_command_succeeded(vm: VmState, command: Command) -> None:
         vm.status = VmStatus.STOPPED
         vm.runstates.pop(command.host, None)
         vm.host = ""
+    elif command.kind == Kind.DESTROY_VM:
+        vm.runstates.pop(command.host, None)
     del vm.commands[command.command_id]
 
 

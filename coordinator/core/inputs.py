@@ -61,4 +61,22 @@ class Advance:
     now_us: int
 
 
-Input = DefineVm | StartVm | StopVm | StartMigration | AbortMigration | SwitchToPostcopy | Advance
+@dataclass(frozen=True, slots=True)
+class ReconcileVm:
+    """Take the next step for a VM outside migrations: destroy stray copies, apply the lost-VM
+    policy."""
+
+    name: str
+    now_us: int
+
+
+Input = (
+    DefineVm
+    | StartVm
+    | StopVm
+    | StartMigration
+    | AbortMigration
+    | SwitchToPostcopy
+    | Advance
+    | ReconcileVm
+)

@@ -185,6 +185,11 @@ class InvariantChecker:
         m = self._open(p.vm)
         if p.event == "RESUME":
             self._runs(ev, p.vm, ev.origin_host)
+            holder = self.lease_holder.get(p.vm, "")
+            if p.vm in self.lease_holder and holder != ev.origin_host:
+                # What the lease is for: the VM's disks are only written where it is held.
+                self._flag(ev, 4, f"{p.vm} resumed on {ev.origin_host} while the lease is "
+                                  f"{'held by ' + holder if holder else 'released'}")  # fmt: skip
         elif p.event in ("STOP", "SHUTDOWN"):
             self.running.setdefault(p.vm, set()).discard(ev.origin_host)
             if m is not None and ev.origin_host == m.source and p.event == "STOP":

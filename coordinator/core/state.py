@@ -298,6 +298,11 @@ class World:
     vms: dict[str, VmState] = field(default_factory=dict)
     migrations: dict[str, MigrationState] = field(default_factory=dict)
     open_migrations: set[str] = field(default_factory=set)
+    # Recovery after a restart: hosts whose hello is awaited (no migration of theirs is decided
+    # until it arrives or the bound expires), then hosts that missed the bound (their
+    # migrations follow the recovery table until they return).
+    awaited_hosts: set[str] = field(default_factory=set)
+    missing_hosts: set[str] = field(default_factory=set)
 
     def copy(self) -> World:
         return copy.deepcopy(self)

@@ -111,7 +111,8 @@ class CoordinatorMetrics:
         self.append_latency.record(seconds)
 
     def _hosts_connected(self, options: CallbackOptions) -> Iterable[Observation]:
-        hosts = self._world().hosts.values()
+        # Called on the scrape thread: copy before iterating (the loop may be changing it).
+        hosts = list(self._world().hosts.values())
         yield Observation(sum(1 for h in hosts if h.connected))
 
     def _migrations_open(self, options: CallbackOptions) -> Iterable[Observation]:

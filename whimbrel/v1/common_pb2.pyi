@@ -115,6 +115,34 @@ MIGRATION_PHASE_FENCING: MigrationPhase.ValueType  # 11
 """Killing the processes that must not run before the migration is recorded as fenced."""
 Global___MigrationPhase: _TypeAlias = MigrationPhase  # noqa: Y015
 
+class _LostVmAction:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _LostVmActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LostVmAction.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    LOST_VM_ACTION_UNSPECIFIED: _LostVmAction.ValueType  # 0
+    """Same as STAY_STOPPED."""
+    LOST_VM_ACTION_STAY_STOPPED: _LostVmAction.ValueType  # 1
+    """Leave it stopped for an operator to start (`whimbrelctl vm start`)."""
+    LOST_VM_ACTION_COLD_START: _LostVmAction.ValueType  # 2
+    """Boot it again from its disks (a cold start: guest memory is gone) on the host holding its
+    lease, or on the migration's destination when nobody holds it, once that host is connected.
+    """
+
+class LostVmAction(_LostVmAction, metaclass=_LostVmActionEnumTypeWrapper):
+    """What becomes of a VM recorded lost (its only usable QEMU is gone or was fenced)."""
+
+LOST_VM_ACTION_UNSPECIFIED: LostVmAction.ValueType  # 0
+"""Same as STAY_STOPPED."""
+LOST_VM_ACTION_STAY_STOPPED: LostVmAction.ValueType  # 1
+"""Leave it stopped for an operator to start (`whimbrelctl vm start`)."""
+LOST_VM_ACTION_COLD_START: LostVmAction.ValueType  # 2
+"""Boot it again from its disks (a cold start: guest memory is gone) on the host holding its
+lease, or on the migration's destination when nobody holds it, once that host is connected.
+"""
+Global___LostVmAction: _TypeAlias = LostVmAction  # noqa: Y015
+
 @_typing.final
 class Disk(_message.Message):
     """A disk of a VM. Disks live on storage shared by the hosts."""
@@ -220,6 +248,7 @@ class VmSpec(_message.Message):
     DISKS_FIELD_NUMBER: _builtins.int
     NICS_FIELD_NUMBER: _builtins.int
     MEMORY_BACKING_FIELD_NUMBER: _builtins.int
+    ON_LOST_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Unique name: 1-63 characters of [a-z0-9-], starting with a letter."""
     memory_mib: _builtins.int
@@ -228,6 +257,8 @@ class VmSpec(_message.Message):
     """Virtual CPUs (1 to 256)."""
     machine: _builtins.str
     """QEMU machine type, "pc" by default."""
+    on_lost: Global___LostVmAction.ValueType
+    """What the coordinator does when the VM is recorded lost."""
     @_builtins.property
     def disks(self) -> _containers.RepeatedCompositeFieldContainer[Global___Disk]:
         """Disks, in boot order."""
@@ -250,10 +281,11 @@ class VmSpec(_message.Message):
         disks: _abc.Iterable[Global___Disk] | None = ...,
         nics: _abc.Iterable[Global___Nic] | None = ...,
         memory_backing: Global___MemoryBacking | None = ...,
+        on_lost: Global___LostVmAction.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["memory_backing", b"memory_backing"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["disks", b"disks", "machine", b"machine", "memory_backing", b"memory_backing", "memory_mib", b"memory_mib", "name", b"name", "nics", b"nics", "vcpus", b"vcpus"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["disks", b"disks", "machine", b"machine", "memory_backing", b"memory_backing", "memory_mib", b"memory_mib", "name", b"name", "nics", b"nics", "on_lost", b"on_lost", "vcpus", b"vcpus"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,46 @@
+"""Shared checks for crash scenarios: the outcome a scenario must end in, and the safety
+properties every scenario must leave behind."""
+
+from __future__ import annotations
+
+from coordinator.core.invariants import InvariantChecker
+from hostd import qemu
+from tools.audit.cli import main as audit
+from tools.cluster import Cluster
+from whimbrel.v1 import common_pb2, events_pb2, migration_pb2, vm_pb2
+
+PHASE = common_pb2.MigrationPhase
+
+
+def start_migration(cluster: Cluster, mode: int, **parameters: int) -> None:
+    policy = events_pb2.MigrationPolicy(parameters=events_pb2.MigrationParameters(**parameters))
+    cluster.migrations.StartMigration(migration_pb2.StartMigrationRequest(
+        vm="vm-1", destination="host-b", mode=mode, policy=policy, migration_id="m-1"))  # fmt: skip
+
+
+def live_qemus(cluster: Cluster, vm: str = "vm-1") -> list[str]:
+    """Hosts with a live QEMU for `vm` (a killed QEMU may linger as a zombie: not alive)."""
+    return sorted(
+        pidfile.parts[-4]
+        for pidfile in cluster.root.glob(f"*/vms/{vm}/qemu.pid")
+        if qemu.alive(int(pidfile.read_text()))
+    )
+
+
+def assert_outcome(cluster: Cluster, outcome: int, runs_on: str | None) -> migration_pb2.Migration:
+    """The migration ended in `outcome`; the VM runs on exactly `runs_on` (holding the lease),
+    or, when None, is recorded lost with no QEMU left anywhere; the log is settled and clean."""
+    final = cluster.watch("m-1")
+    assert final.phase == outcome, (PHASE.Name(final.phase), final.reason)
+    vm = cluster.vms.GetVm(vm_pb2.GetVmRequest(name="vm-1"))
+    if runs_on is None:
+        assert vm.status == vm_pb2.VM_STATUS_LOST and vm.lost_reason
+        assert live_qemus(cluster) == []
+    else:
+        assert (vm.host, vm.status, vm.lease_holder) == (
+            runs_on, vm_pb2.VM_STATUS_RUNNING, runs_on)  # fmt: skip
+        assert live_qemus(cluster) == [runs_on]
+    events = cluster.events()
+    assert InvariantChecker().check_quiescent(events) == []
+    assert audit(["verify", str(cluster.db), "--final"]) == 0
+    return final

@@ -1,0 +1,79 @@
+"""The migration connection breaks during post-copy (a relay the test controls cuts it): both
+ends pause, and the coordinator recovers them (migrate-recover on the destination, migrate
+resume on the source) through the same relay, then completes. A link that stays down exhausts
+the bounded retries and the VM is fenced."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from tests.qemu.scenario import PHASE, assert_outcome, start_migration
+from tests.tcp_proxy import TcpProxy
+from tools.cluster import Cluster
+from tools.guest import random_ram
+from whimbrel.v1 import common_pb2, events_pb2
+
+pytestmark = pytest.mark.qemu
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _status(host: str, status: str):  # type: ignore[no-untyped-def]
+    def test(e) -> bool:  # type: ignore[no-untyped-def]
+        return (
+            isinstance(e.payload, events_pb2.QmpEventReceived)
+            and e.origin_host == host
+            and e.payload.event == "MIGRATION"
+            and f'"{status}"' in e.payload.data_json
+        )
+
+    return test
+
+
+def relayed_cluster(tmp_path: Path, proxy: TcpProxy, port: int) -> Cluster:
+    cluster = Cluster(tmp_path)
+    cluster.hostd_args["host-b"] = [
+        "--migration-port", str(port), "--migration-advertise", f"127.0.0.1:{proxy.port}",
+    ]  # fmt: skip
+    return cluster.start("host-a", "host-b")
+
+
+def test_cut_during_postcopy_is_recovered(tmp_path: Path) -> None:
+    port = free_port()
+    with TcpProxy(port) as proxy:
+        cluster = relayed_cluster(tmp_path, proxy, port)
+        try:
+            cluster.define_and_start("vm-1", "host-a", ram_file=random_ram(tmp_path / "ram", 64))
+            head = cluster.head()
+            start_migration(cluster, common_pb2.MIGRATION_MODE_POSTCOPY,
+                            max_bandwidth=1 << 20, max_postcopy_bandwidth=8 << 20)  # fmt: skip
+            cluster.wait_event(_status("host-a", "postcopy-active"), from_seq=head)
+            cluster.wait_event(
+                lambda e: isinstance(e.payload, events_pb2.QmpEventReceived)
+                and e.origin_host == "host-b" and e.payload.event == "RESUME",
+                from_seq=head,
+            )  # fmt: skip
+            assert proxy.accepted == 1
+            proxy.cut()
+            cluster.wait_event(_status("host-a", "postcopy-paused"), from_seq=head)
+            final = assert_outcome(cluster, PHASE.MIGRATION_PHASE_COMPLETED, runs_on="host-b")
+            assert final.postcopy
+            events = cluster.events()
+            decided = [
+                e for e in events if isinstance(e.payload, events_pb2.PostcopyRecoveryDecided)
+            ]
+            assert len(decided) >= 1 and proxy.accepted >= 2  # resumed through the relay
+            kinds = {
+                e.payload.kind for e in events if isinstance(e.payload, events_pb2.CommandSucceeded)
+            }
+            assert {events_pb2.COMMAND_KIND_RECOVER_INCOMING,
+                    events_pb2.COMMAND_KIND_RESUME_MIGRATION} <= kinds  # fmt: skip
+        finally:
+            cluster.teardown()

@@ -1,0 +1,179 @@
+"""Recovery after a coordinator restart: nothing is decided for a migration until its hosts said
+hello; a host that misses the bound is treated by the recovery table; stray copies are destroyed
+when their host returns; a lost VM follows its policy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from coordinator.core import NewEvent, recovery
+from coordinator.core import inputs as I
+from coordinator.core.invariants import InvariantChecker
+from coordinator.core.state import Kind, Phase
+from tests.unit.helpers import decisions, fresh
+from tools.sim import Driver, Observation, SimHosts, migration, qmp
+from whimbrel.v1 import common_pb2
+from whimbrel.v1 import events_pb2 as E
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def restart(driver: Driver, *, missing: tuple[str, ...]) -> None:
+    """The coordinator restarts: streams gone, recovery awaits both hosts, the present ones say
+    hello, the bound expires for the missing ones."""
+    for host in ("host-a", "host-b"):
+        driver.observe(Observation(host, E.HostDisconnected(host_id=host, generation=1)))
+    started = E.RecoveryStarted(open_migrations=["m-1"], awaited_hosts=["host-a", "host-b"])
+    driver.append([NewEvent("coordinator", started, driver.now_us)])
+    present = [h for h in ("host-a", "host-b") if h not in missing]
+    if present:
+        driver.connect(*present)
+    assert driver.advance("m-1") == [] or not missing  # awaited hosts: nothing decided
+    finished = E.RecoveryFinished(migrations_reconciled=1, missing_hosts=list(missing))
+    driver.append([NewEvent("coordinator", finished, driver.now_us)])
+
+
+def reconcile(driver: Driver, vm: str = "vm-1") -> list[str]:
+    return decisions(driver.request(I.ReconcileVm(vm, driver.now_us)))
+
+
+def start(driver: Driver, mode: int = common_pb2.MIGRATION_MODE_PRECOPY) -> None:
+    driver.request(I.StartMigration("m-1", "vm-1", "host-b", mode, E.MigrationPolicy(), 1))
+
+
+def test_docs_show_the_table_in_code() -> None:
+    docs = (ROOT / "docs" / "recovery.md").read_text()
+    assert recovery.render_table() in docs
+
+
+def test_nothing_is_decided_while_a_host_is_awaited() -> None:
+    driver, hosts = fresh()
+    hosts.converge_after_passes = 0
+    start(driver)
+    driver.run("m-1", hosts)
+    for host in ("host-a", "host-b"):
+        driver.observe(Observation(host, E.HostDisconnected(host_id=host, generation=1)))
+    started = E.RecoveryStarted(open_migrations=["m-1"], awaited_hosts=["host-a", "host-b"])
+    driver.append([NewEvent("coordinator", started, driver.now_us)])
+    driver.connect("host-a")
+    # host-a's snapshot says the destination side is unknown; abort-worthy, but host-b may
+    # still report: wait.
+    driver.observe(migration("host-a", "vm-1", "active"))
+    assert driver.advance("m-1") == []
+    driver.connect("host-b")
+    assert driver.world.awaited_hosts == set()
+
+
+def test_destination_missing_before_the_switch_rolls_back_and_its_copy_dies_on_return() -> None:
+    driver, hosts = fresh()
+    hosts.converge_after_passes = 0  # stays in pre-copy
+    start(driver)
+    driver.run("m-1", hosts)
+    assert driver.world.migrations["m-1"].phase == Phase.TRANSFERRING
+    restart(driver, missing=("host-b",))
+    rolled = driver.run("m-1", hosts)
+    m = driver.world.migrations["m-1"]
+    assert m.phase == Phase.ROLLED_BACK and "host did not return" in m.reason
+    assert "RollbackDecided" in decisions(rolled)
+    vm = driver.world.vms["vm-1"]
+    assert (vm.host, vm.lease_holder) == ("host-a", "host-a")
+    # host-b returns with its paused incoming QEMU: a stray copy, destroyed.
+    driver.connect("host-b")
+    hello = common_pb2.VmObservation(vm="vm-1", process_alive=True, runstate="inmigrate",
+                                     qmp_reachable=True, migration_role="destination")  # fmt: skip
+    driver.observe(Observation("host-b", E.VmObserved(observation=hello, reason="hello")))
+    assert reconcile(driver) == ["destroy-vm@host-b"]
+    assert reconcile(driver) == []  # one destroy in flight is enough
+    assert InvariantChecker().check(driver.log) == []
+
+
+def test_source_missing_after_a_completed_precopy_cont_completes_without_it() -> None:
+    driver, hosts = fresh()
+    start(driver)
+    driver.run("m-1", hosts)
+    m = driver.world.migrations["m-1"]
+    assert m.phase == Phase.COMPLETED
+    # Replay the same story, cut just after the destination resumed and both completed.
+    driver2, hosts2 = fresh()
+    start(driver2)
+    for event in driver.log[len(driver2.log) :]:
+        driver2.append([NewEvent(event.stream, event.payload, event.time_us, event.origin_host,
+                                 event.origin_generation, event.origin_seq)])  # fmt: skip
+        m2 = driver2.world.migrations["m-1"]
+        if m2.dst_resumed and m2.dst.status == "completed":
+            break
+    assert driver2.world.migrations["m-1"].phase == Phase.FINISHING
+    restart(driver2, missing=("host-a",))
+    assert recovery.rule_for(driver2.world, m2).action == recovery.Action.COMPLETE
+    driver2.run("m-1", hosts2)
+    assert m2.phase == Phase.COMPLETED and "source host is missing" in m2.reason
+    driver2.connect("host-a")
+    assert reconcile(driver2) == ["destroy-vm@host-a"]
+
+
+@pytest.mark.parametrize("missing", [("host-a",), ("host-b",), ("host-a", "host-b")])
+def test_postcopy_past_the_point_of_no_return_waits_for_a_missing_host(missing) -> None:
+    driver, hosts = fresh()
+    start(driver, common_pb2.MIGRATION_MODE_POSTCOPY)
+    driver.run("m-1", hosts)
+    m = driver.world.migrations["m-1"]
+    assert m.phase == Phase.FINISHING and m.cont_issued
+    restart(driver, missing=missing)
+    assert recovery.rule_for(driver.world, m).action == recovery.Action.WAIT
+    assert driver.advance("m-1") == []
+    # The host returns: the migration goes on to completion.
+    driver.connect(*missing)
+    driver.observe(
+        migration("host-a", "vm-1", "completed"), migration("host-b", "vm-1", "completed")
+    )
+    driver.run("m-1", hosts)
+    assert m.phase == Phase.COMPLETED
+    assert InvariantChecker().check_quiescent(driver.log) == []
+
+
+def test_lost_vm_cold_starts_on_the_lease_holder_when_asked() -> None:
+    driver = Driver()
+    driver.connect("host-a", "host-b")
+    spec = common_pb2.VmSpec(name="vm-1", memory_mib=128, vcpus=1,
+                             on_lost=common_pb2.LOST_VM_ACTION_COLD_START)  # fmt: skip
+    driver.request(I.DefineVm(spec, driver.now_us))
+    (boot,) = driver.request(I.StartVm("vm-1", "host-a", driver.now_us))
+    hosts = SimHosts()
+    driver.observe(*hosts.answer(boot.payload))
+    start(driver, common_pb2.MIGRATION_MODE_POSTCOPY)
+    driver.run("m-1", hosts)
+    m = driver.world.migrations["m-1"]
+    assert m.cont_issued and driver.world.vms["vm-1"].lease_holder == "host-b"
+    # The source dies mid post-copy: the destination lacks pages; fenced, VM lost.
+    driver.observe(hosts.kill("vm-1", "host-a"))
+    driver.run("m-1", hosts)
+    assert m.phase == Phase.FENCED
+    vm = driver.world.vms["vm-1"]
+    assert vm.status.name == "LOST"
+    (cold,) = driver.request(I.ReconcileVm("vm-1", driver.now_us))
+    assert isinstance(cold.payload, E.CommandIssued)
+    assert (Kind(cold.payload.kind), cold.payload.host_id) == (Kind.START_VM, "host-b")
+    assert cold.payload.args.lease_generation > m.dst_lease_generation
+    driver.observe(*hosts.answer(cold.payload))
+    assert (vm.status.name, vm.host) == ("RUNNING", "host-b")
+    assert reconcile(driver) == []
+    assert InvariantChecker().check(driver.log) == []
+
+
+def test_lost_vm_stays_stopped_by_default() -> None:
+    driver, hosts = fresh()
+    start(driver, common_pb2.MIGRATION_MODE_POSTCOPY)
+    driver.run("m-1", hosts)
+    driver.observe(hosts.kill("vm-1", "host-a"))
+    driver.run("m-1", hosts)
+    assert driver.world.vms["vm-1"].status.name == "LOST"
+    assert reconcile(driver) == []
+
+
+def test_a_stray_running_copy_is_destroyed_but_never_the_home_one() -> None:
+    driver, _ = fresh()
+    assert reconcile(driver) == []
+    driver.observe(qmp("host-b", "vm-1", "RESUME"))  # a copy that should not exist
+    assert reconcile(driver) == ["destroy-vm@host-b"]
