@@ -16,8 +16,9 @@ import gc
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from google.protobuf.message import Message
 
@@ -33,6 +34,7 @@ from whimbrel import failpoints
 from whimbrel.v1 import events_pb2, host_pb2
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 VERSION = "0.1.0"
 
 
@@ -103,7 +105,7 @@ class Coordinator:
         self.recovered = asyncio.Event()
         self._recovery_started = time.monotonic()
         self._deadline: asyncio.TimerHandle | None = None
-        self._background: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Future[Any]] = set()
         self.world = World()
         self.sessions: dict[str, HostSession] = {}
         self._lock = asyncio.Lock()
@@ -264,6 +266,15 @@ class Coordinator:
         m = self.world.migrations.get(p.migration_id)
         return m is not None and p.host_id == m.destination
 
+    async def _whole(self, unit: Coroutine[Any, Any, T]) -> T:
+        """Run one unit of work (fold, decide, commit, then send) to its end even if the RPC
+        that asked for it is cancelled (a client or hostd hanging up): cut short between the
+        commit and the sends, the world, the log and the hosts would disagree."""
+        task = asyncio.ensure_future(unit)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return await asyncio.shield(task)
+
     def _stop(self, reason: str) -> None:
         log.error("stopping: %s", reason)
         self.stop_reason = reason
@@ -275,6 +286,9 @@ class Coordinator:
     # --- requests -----------------------------------------------------------------------------
 
     async def request(self, request: I.Input) -> list[Event]:
+        return await self._whole(self._request(request))
+
+    async def _request(self, request: I.Input) -> list[Event]:
         """Decide on an operator request (raising CoreError when refused), then advance."""
         async with self._lock:
             staged = self._stage(decide(self.world, request))
@@ -318,6 +332,9 @@ class Coordinator:
     # --- hosts --------------------------------------------------------------------------------
 
     async def host_connected(self, hello: host_pb2.Hello) -> tuple[HostSession, int]:
+        return await self._whole(self._host_connected(hello))
+
+    async def _host_connected(self, hello: host_pb2.Hello) -> tuple[HostSession, int]:
         """Register a hostd stream; returns the session and the last stored host seq."""
         from coordinator.core.validate import check_name
 
@@ -362,6 +379,11 @@ class Coordinator:
             return session, last
 
     async def host_events(self, session: HostSession, events: Sequence[host_pb2.HostEvent]) -> None:
+        return await self._whole(self._host_events(session, events))
+
+    async def _host_events(
+        self, session: HostSession, events: Sequence[host_pb2.HostEvent]
+    ) -> None:
         """Fold a host's observations and what they lead to, commit, acknowledge."""
         async with self._lock:
             if self.sessions.get(session.host_id) is not session:
@@ -398,6 +420,9 @@ class Coordinator:
                 session.send(host_pb2.CoordinatorMessage(ack=ack))
 
     async def host_disconnected(self, session: HostSession, reason: str) -> None:
+        return await self._whole(self._host_disconnected(session, reason))
+
+    async def _host_disconnected(self, session: HostSession, reason: str) -> None:
         async with self._lock:
             if self.sessions.get(session.host_id) is not session:
                 return

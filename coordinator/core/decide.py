@@ -419,7 +419,9 @@ def _problem(world: World, m: MigrationState) -> list[Message]:
                 "post-copy started",
             )
         return _rollback(m, "destination QEMU exited")
-    if m.postcopy_started and "postcopy-paused" in (src.status, dst.status):
+    if m.postcopy_started and src.status == dst.status == "postcopy-paused":
+        # Both ends must have noticed the break: migrate-recover is refused by a destination
+        # that is still postcopy-active (QEMU 7.2), and each refusal would use up an attempt.
         return _recover_or_fence(m)
     failed = _failed_forward_command(m)
     if failed is None:

@@ -6,7 +6,7 @@ import json
 import sys
 from collections.abc import Callable
 
-from tools.bench import log_bench, switchover
+from tools.bench import log_bench, recovery_bench, switchover
 
 Result = dict[str, object]
 # A benchmark returns one result, or several (e.g. p50 and p99 of one run).
@@ -15,6 +15,9 @@ BENCHES: dict[str, Callable[[], Result | list[Result]]] = {
     "log.append.10_writers": lambda: log_bench.append_bench(10),
     "log.append.100_writers": lambda: log_bench.append_bench(100),
     "log.replay.1m": lambda: log_bench.replay_bench(1_000_000),
+    "recovery.10k": lambda: recovery_bench.bench(10_000),
+    "recovery.100k": lambda: recovery_bench.bench(100_000),
+    "recovery.1m": lambda: recovery_bench.bench(1_000_000),
     "switchover.pause.postcopy": lambda: switchover.bench("postcopy"),
     "switchover.pause.precopy": lambda: switchover.bench("precopy"),
 }
