@@ -252,7 +252,8 @@ class SqliteEventStore:
 
     def host_high_water(self, host: str, generation: int) -> int:
         row = self._conn.execute(
-            "SELECT MAX(origin_seq) FROM events WHERE origin_host = ? AND origin_generation = ?",
+            "SELECT MAX(origin_seq) FROM events WHERE origin_host = ? AND origin_generation = ? "
+            "AND origin_seq > 0",  # so the partial index events_origin serves it
             [host, generation],
         ).fetchone()
         return int(row[0] or 0)
