@@ -106,6 +106,8 @@ class Coordinator:
         self._recovery_started = time.monotonic()
         self._deadline: asyncio.TimerHandle | None = None
         self._background: set[asyncio.Future[Any]] = set()
+        # Told each time the start waits for another writer's lock on the log.
+        self.waiting_for_lock: Callable[[], None] | None = None
         self.world = World()
         self.sessions: dict[str, HostSession] = {}
         self._lock = asyncio.Lock()
@@ -129,7 +131,7 @@ class Coordinator:
             payload = events_pb2.CoordinatorStarted(epoch=epoch, version=VERSION, pid=os.getpid())
             return codec.to_pending(NewEvent("coordinator", payload, self.clock()))
 
-        epoch = await asyncio.to_thread(self.store.begin_epoch, first)
+        epoch = await self._take_epoch(first)
         seq, _ = self.store.head()
         (stored,) = list(self.store.read(from_seq=seq))
         evolve(self.world, codec.from_stored(stored))
@@ -151,6 +153,19 @@ class Coordinator:
             loop = asyncio.get_running_loop()
             self._deadline = loop.call_later(self.host_wait, self._recovery_deadline)
         log.info("coordinator epoch %d serving a log of %d events", epoch, seq)
+
+    async def _take_epoch(self, first: Callable[[int], PendingEvent]) -> int:
+        """A new epoch, waiting as long as another writer (a hung coordinator that still holds
+        the log's write lock) keeps it: once it lets go, the new epoch fences it."""
+        while True:
+            try:
+                return await asyncio.to_thread(self.store.begin_epoch, first)
+            except StoreFailure as err:
+                if "locked" not in str(err):
+                    raise
+                log.warning("the log is locked by another writer (a hung coordinator?); waiting")
+                if self.waiting_for_lock is not None:
+                    self.waiting_for_lock()
 
     # --- recovery -----------------------------------------------------------------------------
 

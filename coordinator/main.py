@@ -48,7 +48,14 @@ SERVICE_NAMES = [
 def build_server(
     app: Coordinator, listen: str
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
-    server = grpc.aio.server()
+    server = grpc.aio.server(
+        options=[
+            # hostd pings every second to notice a hung coordinator; let it.
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", 500),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_ping_strikes", 0),
+        ]
+    )
     migration_pb2_grpc.add_MigrationServiceServicer_to_server(
         servicers.MigrationServicer(app), server
     )
@@ -105,6 +112,15 @@ async def serve(
             )
         except OSError as err:
             problem = f"cannot serve metrics on {metrics_listen}: {err}"
+    waiting_said = False
+
+    def waiting() -> None:
+        nonlocal waiting_said
+        if not waiting_said:  # one line on stdout, for supervisors and tests
+            print("whimbrel-coordinator waiting for the log's write lock", flush=True)
+            waiting_said = True
+
+    app.waiting_for_lock = waiting
     if not problem:
         try:
             await app.start()

@@ -35,6 +35,18 @@ from whimbrel.v1 import events_pb2, host_pb2, host_pb2_grpc
 
 log = logging.getLogger("whimbrel.hostd")
 VERSION = "0.1.0"
+# HTTP/2 pings: a coordinator that stops answering (hung, SIGSTOPped, its host gone) is noticed
+# within about three seconds, even while the stream is idle, and the next address is tried.
+KEEPALIVE = [
+    ("grpc.keepalive_time_ms", 1000),
+    ("grpc.keepalive_timeout_ms", 2000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    # Otherwise gRPC spaces pings on an idle connection by minutes.
+    ("grpc.http2.min_time_between_pings_ms", 1000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 1000),
+    ("grpc.http2.ping_timeout_ms", 2000),
+]
 BACKOFF_FIRST, BACKOFF_MAX = 0.1, 5.0
 
 
@@ -70,7 +82,10 @@ class Agent:
         migration_advertise: str = "",
     ) -> None:
         self.host_id = host_id
-        self.coordinator = coordinator
+        # One address, or several (comma-separated) tried in turn: a standby coordinator that
+        # takes the log over when the active one hangs or dies.
+        self.coordinators = [a.strip() for a in coordinator.split(",") if a.strip()]
+        self._current = 0
         self.state_dir = state_dir
         self.migration_address = migration_address
         self.store = HostStore(state_dir / "hostd.db")
@@ -160,12 +175,16 @@ class Agent:
 
     # --- the coordinator stream ---------------------------------------------------------------
 
+    @property
+    def coordinator(self) -> str:
+        return self.coordinators[self._current]
+
     async def run(self) -> None:
         await self.reattach()
         delay = BACKOFF_FIRST
         while not self.stopping.is_set():
             try:
-                async with grpc.aio.insecure_channel(self.coordinator) as channel:
+                async with grpc.aio.insecure_channel(self.coordinator, KEEPALIVE) as channel:
                     await self._session(channel)
                 delay = BACKOFF_FIRST
             except grpc.aio.AioRpcError as err:
@@ -180,6 +199,7 @@ class Agent:
                 self.connected.clear()
             if self.stopping.is_set():
                 break
+            self._current = (self._current + 1) % len(self.coordinators)
             # Exponential backoff with jitter, so hosts do not reconnect in lockstep.
             wait = delay * random.uniform(0.5, 1.5)
             log.info("reconnecting to %s in %.2fs", self.coordinator, wait)

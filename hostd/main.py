@@ -77,7 +77,11 @@ async def _serve(ns: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="whimbrel-hostd", description=__doc__.split("\n")[0])
     parser.add_argument("--host-id", required=True)
-    parser.add_argument("--coordinator", default="127.0.0.1:7700")
+    parser.add_argument(
+        "--coordinator",
+        default="127.0.0.1:7700",
+        help="HOST:PORT, or several comma-separated (tried in turn: a standby coordinator)",
+    )
     parser.add_argument("--state-dir", required=True)
     parser.add_argument("--lockspace", required=True, help="directory on storage shared by hosts")
     parser.add_argument(

@@ -107,7 +107,14 @@ class Cluster:
     def hook_log(self) -> Path:
         return self.root / "network-hook.log"
 
-    def start_coordinator(self, listen: str = "127.0.0.1:0", failpoints: str = "") -> None:
+    def start_coordinator(
+        self,
+        listen: str = "127.0.0.1:0",
+        failpoints: str = "",
+        on_waiting: Callable[[], None] | None = None,
+    ) -> None:
+        """Start a coordinator and wait until it serves. `on_waiting` is called if it reports
+        waiting for the log's write lock (held by another coordinator)."""
         log = self.root / "coordinator.log"
         args = [str(BIN / "whimbrel-coordinator"), "--db", str(self.db), "--listen", listen,
                 *self.coordinator_args]  # fmt: skip
@@ -116,6 +123,10 @@ class Cluster:
         self.processes["coordinator"] = process
         assert process.popen.stdout is not None
         line = process.popen.stdout.readline().decode()
+        if "waiting for the log" in line:
+            if on_waiting is not None:
+                on_waiting()
+            line = process.popen.stdout.readline().decode()
         listening = re.search(r"listening on port (\d+)", line)
         if listening is None:
             raise RuntimeError(f"coordinator did not start: {line!r}; see {log}")

@@ -60,14 +60,26 @@ BEGIN SELECT RAISE(ABORT, 'events are append-only: DELETE is not allowed'); END;
 
 
 def connect(path: str | Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30)
+    # Only another coordinator would hold the write lock: wait a little, then report it.
+    conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=5)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     return conn
 
 
+def _schema_complete(db: sqlite_utils.Database) -> bool:
+    names = {r[0] for r in db.execute("SELECT name FROM sqlite_master").fetchall()}
+    needed = {"meta", "events", "events_origin", "events_append_only_update",
+              "events_append_only_delete"}  # fmt: skip
+    return needed <= names
+
+
 def create_schema(db: sqlite_utils.Database) -> None:
-    """Create the tables, indexes and triggers (idempotent)."""
+    """Create the tables, indexes and triggers (idempotent). Writes nothing when the schema is
+    already there: opening a log must not need the write lock (a hung coordinator may hold it
+    while a standby starts)."""
+    if _schema_complete(db):
+        return
     if "meta" not in db.table_names():
         db.table("meta").create({"key": str, "value": int}, pk="key")
     if "events" not in db.table_names():

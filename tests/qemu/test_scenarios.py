@@ -182,3 +182,64 @@ def test_destination_host_missing_after_a_restart_rolls_back_then_its_copy_is_de
         from_seq=head,
     )
     assert_outcome(cluster, PHASE.MIGRATION_PHASE_ROLLED_BACK, runs_on="host-a")
+
+
+def test_sigstopped_coordinator_is_replaced_and_fences_itself_when_it_wakes(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """SIGSTOP the coordinator past the point of no return; a standby starts on the same log
+    (higher epoch), the hosts fail over to it (keepalive notices the hung one) and it completes
+    the migration. SIGCONT the first: its next write is refused and it stops itself (exit 3)."""
+    import socket
+
+    import grpc
+
+    from tools.guest import random_ram
+    from whimbrel.v1 import vm_pb2, vm_pb2_grpc
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        standby = f"127.0.0.1:{s.getsockname()[1]}"
+    cluster = Cluster(tmp_path)
+    try:
+        cluster.root.mkdir(parents=True, exist_ok=True)
+        cluster.start_coordinator()
+        first_address = cluster.address
+        for host in ("host-a", "host-b"):
+            cluster.hostd_args[host] = ["--coordinator", f"{first_address},{standby}"]
+            cluster.start_hostd(host)
+        cluster.wait_hosts("host-a", "host-b")
+        cluster.define_and_start("vm-1", "host-a", ram_file=random_ram(tmp_path / "ram", 64))
+        head = cluster.head()
+        start_migration(cluster, POSTCOPY, max_bandwidth=1 << 20, max_postcopy_bandwidth=8 << 20)
+        cluster.wait_event(_qmp("host-b", "RESUME"), from_seq=head)
+        first = cluster.processes["stale-coordinator"] = cluster.processes.pop("coordinator")
+        first.popen.send_signal(signal.SIGSTOP)
+        woken = []
+
+        def wake_first() -> None:
+            # Stopped inside a write transaction, the first one holds the log's lock: the
+            # standby waits for it, and its new epoch fences the first once it lets go.
+            first.popen.send_signal(signal.SIGCONT)
+            woken.append(True)
+
+        cluster.start_coordinator(listen=standby, on_waiting=wake_first)
+        assert_outcome(cluster, PHASE.MIGRATION_PHASE_COMPLETED, runs_on="host-b")
+        if not woken:
+            first.popen.send_signal(signal.SIGCONT)
+        if first.popen.poll() is None:  # still up: its next write is refused, and it stops
+            with grpc.insecure_channel(first_address) as channel:
+                spec = vm_pb2.DefineVmRequest(spec=cluster_spec("vm-2"))
+                try:
+                    vm_pb2_grpc.VmServiceStub(channel).DefineVm(spec, timeout=10)
+                    raise AssertionError("a stale coordinator accepted a write")
+                except grpc.RpcError as err:
+                    assert err.code() == grpc.StatusCode.UNAVAILABLE
+        assert first.popen.wait(30) == 3
+        names = [e.payload.spec.name for e in cluster.events()
+                 if isinstance(e.payload, events_pb2.VmDefined)]  # fmt: skip
+        assert names == ["vm-1"]  # nothing of the stale one reached the log
+    finally:
+        cluster.teardown()
+
+
+def cluster_spec(name: str):  # type: ignore[no-untyped-def]
+    return common_pb2.VmSpec(name=name, memory_mib=64, vcpus=1)
