@@ -94,6 +94,10 @@ class MigrationServicer(migration_pb2_grpc.MigrationServiceServicer):
         self, request: migration_pb2.StartMigrationRequest, context: Any
     ) -> migration_pb2.Migration:
         migration_id = request.migration_id or f"m-{uuid.uuid4().hex[:12]}"
+        # A caller that sent W3C trace context in the gRPC metadata (any OpenTelemetry-
+        # instrumented client does) gets its span linked from the migration's trace.
+        metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+        self.app.telemetry.requested_by(migration_id, metadata)
         await self.app.request(
             I.StartMigration(
                 migration_id,

@@ -58,6 +58,10 @@ class Telemetry:
         if self.metrics is not None:
             self.metrics.recovery.set(seconds)
 
+    def requested_by(self, migration_id: str, metadata: dict[str, str]) -> None:
+        if self.tracer is not None:
+            self.tracer.requested_by(migration_id, metadata)
+
     def command_context(self, command: Command) -> dict[str, str]:
         return self.tracer.command_context(command) if self.tracer is not None else {}
 

@@ -9,12 +9,22 @@ coordinator continues the trace where the previous one stopped.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace import (
+    Link,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+    get_current_span,
+)
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import AttributeValue
 
 from coordinator.core import Event
@@ -22,6 +32,7 @@ from coordinator.core.state import Command, MigrationState, Phase, World, comman
 from coordinator.telemetry import ids
 from whimbrel.v1 import common_pb2, events_pb2
 
+_PROPAGATOR = TraceContextTextMapPropagator()
 SCOPE = InstrumentationScope("whimbrel.coordinator", "0.1.0")
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 
@@ -45,6 +56,9 @@ class MigrationTracer:
         self.resource = resource
         self._phases: dict[str, _OpenPhase] = {}
         self._ready: list[ReadableSpan] = []
+        # The span of whoever asked for a migration (from gRPC metadata), linked from its root
+        # span. Kept in memory only: a restarted coordinator's root span has no link.
+        self._callers: dict[str, SpanContext] = {}
 
     def seed(self, world: World) -> None:
         """After replay: the open migrations' current phases (their spans end later)."""
@@ -76,6 +90,11 @@ class MigrationTracer:
         self.flush()
         self.processor.shutdown()
 
+    def requested_by(self, migration_id: str, metadata: dict[str, str]) -> None:
+        caller = get_current_span(_PROPAGATOR.extract(metadata)).get_span_context()
+        if caller.is_valid:
+            self._callers[migration_id] = caller
+
     def command_context(self, command: Command) -> dict[str, str]:
         """The W3C carrier hostd extracts to parent its spans on this command's span."""
         trace = (
@@ -97,6 +116,7 @@ class MigrationTracer:
         attributes: dict[str, AttributeValue],
         kind: SpanKind = SpanKind.INTERNAL,
         status: Status | None = None,
+        links: Sequence[Link] = (),
     ) -> None:
         self._ready.append(
             ReadableSpan(
@@ -107,6 +127,7 @@ class MigrationTracer:
                 attributes=attributes,
                 kind=kind,
                 status=status or Status(StatusCode.UNSET),
+                links=links,
                 start_time=start_us * 1000,
                 end_time=max(end_us, start_us) * 1000,
                 instrumentation_scope=SCOPE,
@@ -206,6 +227,8 @@ class MigrationTracer:
 
     def _root_span(self, m: MigrationState) -> None:
         self._phases.pop(m.migration_id, None)
+        caller = self._callers.pop(m.migration_id, None)
+        links = [Link(caller, {"whimbrel.link": "requested by"})] if caller is not None else []
         trace = ids.trace_id(m.migration_id)
         ok = m.phase == Phase.COMPLETED
         self._span(
@@ -230,4 +253,5 @@ class MigrationTracer:
                 "whimbrel.pause_us": m.pause_us,
             },
             status=Status(StatusCode.OK) if ok else Status(StatusCode.ERROR, m.reason),
+            links=links,
         )

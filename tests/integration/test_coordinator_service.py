@@ -268,3 +268,51 @@ async def test_read_events_follow_streams_new_commits(coordinator):
     assert second.type == "VmDefined" and second.payload.vm_defined.spec.name == "vm-1"
     assert second.prev_hash == first.hash
     call.cancel()
+
+
+async def test_caller_trace_context_in_grpc_metadata_is_linked_from_the_migration_trace(
+    coordinator, sim_hosts
+):
+    """A client that sends W3C `traceparent` metadata with StartMigration finds its span
+    linked from the migration's root span (whose trace id is the migration's own)."""
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from coordinator.telemetry import Telemetry, ids
+    from coordinator.telemetry.tracing import MigrationTracer
+    from tools.sim import migration
+
+    exporter = InMemorySpanExporter()
+    tracer = MigrationTracer(SimpleSpanProcessor(exporter), Resource.create({}))
+    coordinator.app.telemetry = Telemetry(tracer)
+    hosts = await _running_vm(coordinator, sim_hosts)
+    caller_trace, caller_span = 0x1234ABCD << 64, 0xFEEDBEEF
+    metadata = (("traceparent", f"00-{caller_trace:032x}-{caller_span:016x}-01"),)
+    migrations = migration_pb2_grpc.MigrationServiceStub(coordinator.channel)
+    await migrations.StartMigration(
+        migration_pb2.StartMigrationRequest(
+            vm="vm-1", destination="host-b", mode=common_pb2.MIGRATION_MODE_POSTCOPY,
+            migration_id="m-1",
+        ),
+        metadata=metadata,
+    )  # fmt: skip
+    await wait_until(
+        lambda: coordinator.app.world.migrations["m-1"].phase == PHASE.MIGRATION_PHASE_FINISHING,
+        coordinator.app,
+        *hosts,
+    )
+    for h in hosts:
+        h.report(migration(h.host_id, "vm-1", "completed").payload)
+
+    def roots() -> list[Any]:
+        return [s for s in exporter.get_finished_spans() if s.name == "migration vm-1"]
+
+    await wait_until(lambda: bool(roots()), coordinator.app)  # spans leave after the commit
+    (root,) = roots()
+    assert root.context.trace_id == ids.trace_id("m-1")
+    assert [(link.context.trace_id, link.context.span_id) for link in root.links] == [
+        (caller_trace, caller_span)
+    ]
+    for h in hosts:
+        await h.stop()
