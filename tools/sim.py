@@ -53,6 +53,10 @@ class SimHosts:
     incoming: dict[str, str] = field(default_factory=dict)
     # (vm, host) whose QEMU was killed: commands needing it fail, as hostd's would.
     dead: set[tuple[str, str]] = field(default_factory=set)
+    # The migration link is down: a source's resume falls back to postcopy-paused.
+    link_down: bool = False
+    # VMs whose destination listens after migrate-recover (QEMU refuses a second one).
+    listening: set[str] = field(default_factory=set)
 
     def kill(self, vm: str, host: str) -> Observation:
         self.dead.add((vm, host))
@@ -117,10 +121,20 @@ class SimHosts:
             out += [migration(h, vm, "cancelling"), migration(h, vm, "cancelled")]
             out += self._on_destination(vm, "failed")
         elif kind == Kind.RECOVER_INCOMING:
-            return [migration(h, vm, "setup"), self._ok(cmd, uri="tcp:127.0.0.1:49153")]
+            if vm in self.listening:
+                return [
+                    self._failed(cmd, "Migrate recover can only be run when postcopy is paused.")
+                ]
+            self.listening.add(vm)
+            return [migration(h, vm, "setup"), migration(h, vm, "postcopy-recover"),
+                    self._ok(cmd, uri="tcp:127.0.0.1:49153")]  # fmt: skip
         elif kind == Kind.RESUME_MIGRATION:
+            if self.link_down:
+                out += [migration(h, vm, "postcopy-recover"), migration(h, vm, "postcopy-paused")]
+                return [*out, self._ok(cmd)]
+            self.listening.discard(vm)
             out += [migration(h, vm, "postcopy-recover"), migration(h, vm, "postcopy-active")]
-            out += self._on_destination(vm, "postcopy-recover", "postcopy-active")
+            out += self._on_destination(vm, "postcopy-active")
         return [*out, self._ok(cmd)]
 
     def _on_destination(self, vm: str, *statuses: str) -> list[Observation]:

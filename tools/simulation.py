@@ -205,6 +205,7 @@ class Simulation:
 
     def settle(self, rounds: int = 400) -> None:
         """No more faults: hosts come back, answer everything, QEMU finishes what it does."""
+        self.hosts.link_down = False
         for _ in range(rounds):
             for host in HOSTS:
                 self.reconnect(host)
@@ -241,6 +242,8 @@ ACTIONS: list[tuple[str, int, Action]] = [
     ("abort", 1, lambda s, r: s.operator("abort")),
     ("post-copy", 1, lambda s, r: s.operator("postcopy")),
     ("crash coordinator", 2, lambda s, r: s.crash_coordinator()),
+    ("link down", 1, lambda s, r: setattr(s.hosts, "link_down", True)),
+    ("link up", 1, lambda s, r: setattr(s.hosts, "link_down", False)),
 ]
 NAMES = [name for name, _, _ in ACTIONS]
 WEIGHTS = [weight for _, weight, _ in ACTIONS]

@@ -726,9 +726,22 @@ def _recovering(world: World, m: MigrationState, issue: _Issuer) -> list[Message
     hosts = world.hosts
     if not all(h in hosts and hosts[h].connected for h in (src.host, dst.host)):
         return []  # recovery needs both hosts to answer
+    if m.recovery_failed:
+        return _recover_or_fence(m)  # the source could not reach the destination again
     recover = m.cmd(Kind.RECOVER_INCOMING, dst.host, this_attempt=True)
     if recover is None:
-        return [issue(Kind.RECOVER_INCOMING, dst.host)]
+        listening = m.cmd(Kind.RECOVER_INCOMING, dst.host)
+        if (
+            dst.status == "postcopy-recover"
+            and listening is not None
+            and listening.state == SUCCEEDED
+            and listening.result is not None
+        ):
+            # The destination still listens from the previous attempt (QEMU refuses a second
+            # migrate-recover then): only the source tries again.
+            recover = listening
+        else:
+            return [issue(Kind.RECOVER_INCOMING, dst.host)]
     if recover.state == FAILED:
         return _recover_or_fence(m)
     if recover.state != SUCCEEDED or recover.result is None:

@@ -213,6 +213,13 @@ def _set_migration_status(m: MigrationState, side: Side, status: str, time_us: i
     # query-migrate still says postcopy-paused; the paused state is the truth until resumed.
     if status == "setup" and side.status == "postcopy-paused":
         return
+    if (
+        m.phase == Phase.POSTCOPY_PAUSED
+        and side is m.src
+        and side.status == "postcopy-recover"
+        and status == "postcopy-paused"
+    ):
+        m.recovery_failed = True
     side.status = status
     if status in POSTCOPY_STATUSES:
         m.postcopy_started = True
@@ -558,6 +565,7 @@ def _recovery_decided(
         _enter(m, Phase.POSTCOPY_PAUSED, time_us)
         m.recovery_attempts = p.recovery_attempt
         m.attempt = p.attempt
+        m.recovery_failed = False
 
 
 @_on(events_pb2.FencingDecided)

@@ -248,6 +248,8 @@ class MigrationState:
     dst_resumed: bool = False
     fencing_hosts: tuple[str, ...] = ()
     recovery_attempts: int = 0
+    # The source went back to postcopy-paused after trying to resume (the link is still down).
+    recovery_failed: bool = False
     progress: Progress = field(default_factory=Progress)
 
     @property

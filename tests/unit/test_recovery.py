@@ -177,3 +177,49 @@ def test_a_stray_running_copy_is_destroyed_but_never_the_home_one() -> None:
     assert reconcile(driver) == []
     driver.observe(qmp("host-b", "vm-1", "RESUME"))  # a copy that should not exist
     assert reconcile(driver) == ["destroy-vm@host-b"]
+
+
+def _paused_postcopy() -> tuple[Driver, SimHosts]:
+    driver, hosts = fresh()
+    start(driver, common_pb2.MIGRATION_MODE_POSTCOPY)
+    driver.run("m-1", hosts)
+    assert driver.world.migrations["m-1"].cont_issued
+    driver.observe(migration("host-a", "vm-1", "postcopy-paused"),
+                   migration("host-b", "vm-1", "postcopy-paused"))  # fmt: skip
+    return driver, hosts
+
+
+def test_postcopy_recovery_retries_while_the_link_is_down_then_fences() -> None:
+    """A resume that falls back to postcopy-paused is a failed attempt; the destination keeps
+    listening, so only the source retries; after max_recovery_attempts both ends are fenced."""
+    driver, hosts = _paused_postcopy()
+    hosts.link_down = True
+    events = driver.run("m-1", hosts)
+    d = decisions(events)
+    assert d.count("PostcopyRecoveryDecided") == 3
+    assert d.count("recover-incoming@host-b") == 1  # later attempts reuse the listener
+    assert d.count("resume-migration@host-a") == 3
+    m = driver.world.migrations["m-1"]
+    assert m.phase == Phase.FENCED and "recovery failed 3 times" in m.reason
+    assert InvariantChecker().check_quiescent(driver.log) == []
+
+
+def test_postcopy_recovery_succeeds_once_the_link_is_back() -> None:
+    driver, hosts = _paused_postcopy()
+    hosts.link_down = True
+    m = driver.world.migrations["m-1"]
+    driver.advance("m-1")  # recovery attempt 1 decided: recover-incoming issued
+    (recover,) = [c.issued for c in m.commands.values() if c.kind == Kind.RECOVER_INCOMING]
+    driver.observe(*hosts.answer(recover))
+    (resume,) = [e.payload for e in driver.advance("m-1") if isinstance(e.payload, E.CommandIssued)]
+    driver.observe(*hosts.answer(resume))  # falls back to paused: attempt 1 failed
+    assert m.recovery_failed
+    hosts.link_down = False
+    driver.run("m-1", hosts)
+    assert m.phase == Phase.FINISHING and m.recovery_attempts == 2
+    driver.observe(
+        migration("host-a", "vm-1", "completed"), migration("host-b", "vm-1", "completed")
+    )
+    driver.run("m-1", hosts)
+    assert m.phase == Phase.COMPLETED
+    assert InvariantChecker().check_quiescent(driver.log) == []
