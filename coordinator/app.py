@@ -106,6 +106,7 @@ class Coordinator:
         self._recovery_started = time.monotonic()
         self._deadline: asyncio.TimerHandle | None = None
         self._background: set[asyncio.Future[Any]] = set()
+        self._ticker: asyncio.Task[None] | None = None
         # Told each time the start waits for another writer's lock on the log.
         self.waiting_for_lock: Callable[[], None] | None = None
         self.world = World()
@@ -147,12 +148,36 @@ class Coordinator:
             self._begin_recovery()
             await self._flush()
         self._recovery_started = started
+        self._ticker = asyncio.get_running_loop().create_task(self._tick(), name="clock-tick")
         if not self.world.awaited_hosts:
             self._recovery_over()
         else:
             loop = asyncio.get_running_loop()
             self._deadline = loop.call_later(self.host_wait, self._recovery_deadline)
         log.info("coordinator epoch %d serving a log of %d events", epoch, seq)
+
+    async def _tick(self, every: float = 1.0) -> None:
+        """Decisions that depend on time alone (a post-copy recovery attempt stuck past its
+        bound) need the clock to move them: advance every open migration now and then."""
+        while True:
+            await asyncio.sleep(every)
+            if not self.world.open_migrations or self.fenced.is_set():
+                continue
+            with contextlib.suppress(StoreError):  # the coordinator stops itself on those
+                await self._whole(self._advance_open())
+
+    async def _advance_open(self) -> None:
+        async with self._lock:
+            self._advance(self.world.open_migrations)
+            await self._flush()
+
+    async def close(self) -> None:
+        """Stop the clock tick (the server and the store are the caller's)."""
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+            self._ticker = None
 
     async def _take_epoch(self, first: Callable[[int], PendingEvent]) -> int:
         """A new epoch, waiting as long as another writer (a hung coordinator that still holds

@@ -159,6 +159,7 @@ async def serve(
     await server.stop(grace=5)
     for task in (stopped, fenced):
         task.cancel()
+    await app.close()
     app.telemetry.shutdown()  # exports the spans still batched
     if metrics_server is not None:
         metrics_server.close()

@@ -341,6 +341,8 @@ def _advance(world: World, req: I.Advance) -> list[NewEvent]:
         who = recovery.missing(world, m)
         reason = f"{who.value if who else ''} host did not return after a restart ({rule.why})"
         return _emit(m, req.now_us, *_rollback(m, reason))
+    if m.phase == Phase.POSTCOPY_PAUSED and _recovery_attempt_stuck(m, req.now_us):
+        return _emit(m, req.now_us, *_recover_or_fence(m))
     step = _STEPS.get(m.phase, _forward)
     decided = step(world, m, _Issuer(m))
     if any(isinstance(d, events_pb2.MigrationFinished) for d in decided) and _owed_answers(
@@ -348,6 +350,20 @@ def _advance(world: World, req: I.Advance) -> list[NewEvent]:
     ):
         return []  # invariant 6: finish only once every reachable host has answered
     return _emit(m, req.now_us, *decided)
+
+
+def _recovery_attempt_stuck(m: MigrationState, now_us: int) -> bool:
+    """The source took the resume and has sat in postcopy-recover longer than the policy
+    allows (QEMU 7.2 never leaves that state while the link is down)."""
+    resume = m.cmd(Kind.RESUME_MIGRATION, m.source, this_attempt=True)
+    timeout_us = m.policy.recovery_attempt_timeout_ms * 1000
+    return (
+        resume is not None
+        and resume.state == SUCCEEDED
+        and m.src.status == "postcopy-recover"
+        and timeout_us > 0
+        and now_us - resume.issued_at_us > timeout_us
+    )
 
 
 def _owed_answers(world: World, m: MigrationState) -> bool:

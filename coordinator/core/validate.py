@@ -21,6 +21,7 @@ DEFAULT_POLICY = events_pb2.MigrationPolicy(
     min_shrink_percent=10,
     auto_postcopy_max_passes=10,
     max_recovery_attempts=3,
+    recovery_attempt_timeout_ms=30_000,
 )
 
 
@@ -84,6 +85,7 @@ def effective_policy(requested: events_pb2.MigrationPolicy) -> events_pb2.Migrat
         "min_shrink_percent",
         "auto_postcopy_max_passes",
         "max_recovery_attempts",
+        "recovery_attempt_timeout_ms",
     ):
         if getattr(requested, name):
             setattr(policy, name, getattr(requested, name))

@@ -37,6 +37,7 @@ async def coordinator(tmp_path: Path) -> AsyncIterator[Running]:
     yield Running(app, channel, address)
     await channel.close()
     await server.stop(grace=None)
+    await app.close()
     await asyncio.to_thread(store.close)
 
 

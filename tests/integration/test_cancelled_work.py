@@ -51,3 +51,4 @@ async def test_a_cancelled_request_still_commits_and_the_next_one_agrees() -> No
     logged = [codec.from_stored(e).payload for e in store.read()]
     assert [p.spec.name for p in logged if type(p).__name__ == "VmDefined"] == ["vm-1", "vm-2"]
     assert set(app.world.vms) == {"vm-1", "vm-2"}
+    await app.close()

@@ -15,7 +15,7 @@ from tests.qemu.scenario import PHASE, assert_outcome, start_migration
 from tests.tcp_proxy import TcpProxy
 from tools.cluster import Cluster
 from tools.guest import random_ram
-from whimbrel.v1 import common_pb2, events_pb2
+from whimbrel.v1 import common_pb2, events_pb2, migration_pb2
 
 pytestmark = pytest.mark.qemu
 
@@ -76,5 +76,40 @@ def test_cut_during_postcopy_is_recovered(tmp_path: Path) -> None:
             }
             assert {events_pb2.COMMAND_KIND_RECOVER_INCOMING,
                     events_pb2.COMMAND_KIND_RESUME_MIGRATION} <= kinds  # fmt: skip
+        finally:
+            cluster.teardown()
+
+
+def test_link_that_stays_down_times_out_the_recovery_and_fences(tmp_path: Path) -> None:
+    """The relay cuts the link and drops every new connection: QEMU 7.2's source then sits in
+    postcopy-recover for good. The attempt times out (policy: 2 s here), the source cannot be
+    resumed again, and once the bounded attempts are used both ends are fenced: the VM is
+    recorded lost, its memory being split between two hosts that cannot talk."""
+    port = free_port()
+    with TcpProxy(port) as proxy:
+        cluster = relayed_cluster(tmp_path, proxy, port)
+        try:
+            cluster.define_and_start("vm-1", "host-a", ram_file=random_ram(tmp_path / "ram", 64))
+            head = cluster.head()
+            policy = events_pb2.MigrationPolicy(
+                parameters=events_pb2.MigrationParameters(
+                    max_bandwidth=1 << 20, max_postcopy_bandwidth=8 << 20
+                ),
+                recovery_attempt_timeout_ms=2000,
+            )
+            cluster.migrations.StartMigration(migration_pb2.StartMigrationRequest(
+                vm="vm-1", destination="host-b", mode=common_pb2.MIGRATION_MODE_POSTCOPY,
+                policy=policy, migration_id="m-1"))  # fmt: skip
+            cluster.wait_event(
+                lambda e: isinstance(e.payload, events_pb2.QmpEventReceived)
+                and e.origin_host == "host-b" and e.payload.event == "RESUME",
+                from_seq=head,
+            )  # fmt: skip
+            proxy.refusing = True
+            proxy.cut()
+            final = assert_outcome(cluster, PHASE.MIGRATION_PHASE_FENCED, runs_on=None)
+            assert "post-copy recovery failed" in final.reason
+            stuck = cluster.wait_event(_status("host-a", "postcopy-recover"), from_seq=head)
+            assert stuck.seq > head
         finally:
             cluster.teardown()

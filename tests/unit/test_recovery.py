@@ -223,3 +223,20 @@ def test_postcopy_recovery_succeeds_once_the_link_is_back() -> None:
     driver.run("m-1", hosts)
     assert m.phase == Phase.COMPLETED
     assert InvariantChecker().check_quiescent(driver.log) == []
+
+
+def test_a_recovery_attempt_stuck_in_postcopy_recover_times_out_then_fences() -> None:
+    """QEMU 7.2's source can sit in postcopy-recover for good: past the policy's attempt timeout
+    (decided on the clock, the shell ticks) the attempt counts as failed; with the source unable
+    to resume again, the bound is reached and both ends are fenced."""
+    driver, hosts = _paused_postcopy()
+    hosts.resume_hangs = True
+    driver.run("m-1", hosts)
+    m = driver.world.migrations["m-1"]
+    assert (m.phase, m.src.status, m.recovery_attempts) == (Phase.POSTCOPY_PAUSED,
+                                                            "postcopy-recover", 1)  # fmt: skip
+    assert driver.advance("m-1") == []  # within the timeout: wait
+    driver.now_us += m.policy.recovery_attempt_timeout_ms * 1000 + 1
+    driver.run("m-1", hosts)
+    assert m.phase == Phase.FENCED and "recovery failed 3 times" in m.reason
+    assert InvariantChecker().check_quiescent(driver.log) == []

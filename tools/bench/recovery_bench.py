@@ -85,6 +85,7 @@ async def _recover(path: Path) -> tuple[float, int]:
         if e.type == "RecoveryFinished"
     ]
     reconciled = finished[-1].migrations_reconciled if finished else 0
+    await app.close()
     await asyncio.to_thread(store.close)
     return elapsed, reconciled
 

@@ -1087,6 +1087,7 @@ class MigrationPolicy(_message.Message):
     MIN_SHRINK_PERCENT_FIELD_NUMBER: _builtins.int
     AUTO_POSTCOPY_MAX_PASSES_FIELD_NUMBER: _builtins.int
     MAX_RECOVERY_ATTEMPTS_FIELD_NUMBER: _builtins.int
+    RECOVERY_ATTEMPT_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
     auto_postcopy_min_passes: _builtins.int
     """Mode AUTO: switch to post-copy once this many passes were made without the remaining bytes
     shrinking by at least min_shrink_percent since the previous pass.
@@ -1097,6 +1098,10 @@ class MigrationPolicy(_message.Message):
     """Mode AUTO: switch to post-copy after this many passes whatever the progress (0: never)."""
     max_recovery_attempts: _builtins.int
     """Post-copy recovery attempts before the migration is fenced."""
+    recovery_attempt_timeout_ms: _builtins.int
+    """How long a post-copy recovery attempt may sit in "postcopy-recover" before it counts as
+    failed: QEMU 7.2's source stays there for good when the link is still down.
+    """
     @_builtins.property
     def parameters(self) -> Global___MigrationParameters:
         """Parameters given to QEMU when the migration starts."""
@@ -1109,10 +1114,11 @@ class MigrationPolicy(_message.Message):
         min_shrink_percent: _builtins.int = ...,
         auto_postcopy_max_passes: _builtins.int = ...,
         max_recovery_attempts: _builtins.int = ...,
+        recovery_attempt_timeout_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["auto_postcopy_max_passes", b"auto_postcopy_max_passes", "auto_postcopy_min_passes", b"auto_postcopy_min_passes", "max_recovery_attempts", b"max_recovery_attempts", "min_shrink_percent", b"min_shrink_percent", "parameters", b"parameters"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auto_postcopy_max_passes", b"auto_postcopy_max_passes", "auto_postcopy_min_passes", b"auto_postcopy_min_passes", "max_recovery_attempts", b"max_recovery_attempts", "min_shrink_percent", b"min_shrink_percent", "parameters", b"parameters", "recovery_attempt_timeout_ms", b"recovery_attempt_timeout_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
