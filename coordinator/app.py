@@ -172,7 +172,11 @@ class Coordinator:
             await self._flush()
 
     async def close(self) -> None:
-        """Stop the clock tick (the server and the store are the caller's)."""
+        """Stop the clock tick and the recovery timer (the server and the store are the
+        caller's)."""
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
         if self._ticker is not None:
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):

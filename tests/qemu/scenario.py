@@ -3,6 +3,9 @@ properties every scenario must leave behind."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from coordinator.core import Event
 from coordinator.core.invariants import InvariantChecker
 from hostd import qemu
 from tools.audit.cli import main as audit
@@ -12,10 +15,32 @@ from whimbrel.v1 import common_pb2, events_pb2, migration_pb2, vm_pb2
 PHASE = common_pb2.MigrationPhase
 
 
-def start_migration(cluster: Cluster, mode: int, **parameters: int) -> None:
-    policy = events_pb2.MigrationPolicy(parameters=events_pb2.MigrationParameters(**parameters))
+def start_migration(
+    cluster: Cluster, mode: int, recovery_attempt_timeout_ms: int = 0, **parameters: int
+) -> None:
+    """Migration m-1 of vm-1 to host-b, with these QEMU parameters (bandwidths, ...)."""
+    policy = events_pb2.MigrationPolicy(
+        parameters=events_pb2.MigrationParameters(**parameters),
+        recovery_attempt_timeout_ms=recovery_attempt_timeout_ms,
+    )
     cluster.migrations.StartMigration(migration_pb2.StartMigrationRequest(
         vm="vm-1", destination="host-b", mode=mode, policy=policy, migration_id="m-1"))  # fmt: skip
+
+
+def qmp_event(host: str, name: str) -> Callable[[Event], bool]:
+    def test(e: Event) -> bool:
+        return (
+            isinstance(e.payload, events_pb2.QmpEventReceived)
+            and e.origin_host == host
+            and e.payload.event == name
+        )
+
+    return test
+
+
+def wait_destination_running(cluster: Cluster, from_seq: int) -> None:
+    """Until host-b's QEMU resumed: past the point of no return, post-copy pages still flow."""
+    cluster.wait_event(qmp_event("host-b", "RESUME"), from_seq=from_seq)
 
 
 def live_qemus(cluster: Cluster, vm: str = "vm-1") -> list[str]:

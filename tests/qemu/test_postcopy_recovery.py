@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.qemu.scenario import PHASE, assert_outcome, start_migration
+from tests.qemu.scenario import PHASE, assert_outcome, start_migration, wait_destination_running
 from tests.tcp_proxy import TcpProxy
 from tools.cluster import Cluster
 from tools.guest import random_ram
-from whimbrel.v1 import common_pb2, events_pb2, migration_pb2
+from whimbrel.v1 import common_pb2, events_pb2
 
 pytestmark = pytest.mark.qemu
 
@@ -56,11 +56,7 @@ def test_cut_during_postcopy_is_recovered(tmp_path: Path) -> None:
             start_migration(cluster, common_pb2.MIGRATION_MODE_POSTCOPY,
                             max_bandwidth=1 << 20, max_postcopy_bandwidth=8 << 20)  # fmt: skip
             cluster.wait_event(_status("host-a", "postcopy-active"), from_seq=head)
-            cluster.wait_event(
-                lambda e: isinstance(e.payload, events_pb2.QmpEventReceived)
-                and e.origin_host == "host-b" and e.payload.event == "RESUME",
-                from_seq=head,
-            )  # fmt: skip
+            wait_destination_running(cluster, head)
             assert proxy.accepted == 1
             proxy.cut()
             cluster.wait_event(_status("host-a", "postcopy-paused"), from_seq=head)
@@ -91,20 +87,10 @@ def test_link_that_stays_down_times_out_the_recovery_and_fences(tmp_path: Path) 
         try:
             cluster.define_and_start("vm-1", "host-a", ram_file=random_ram(tmp_path / "ram", 64))
             head = cluster.head()
-            policy = events_pb2.MigrationPolicy(
-                parameters=events_pb2.MigrationParameters(
-                    max_bandwidth=1 << 20, max_postcopy_bandwidth=8 << 20
-                ),
-                recovery_attempt_timeout_ms=2000,
-            )
-            cluster.migrations.StartMigration(migration_pb2.StartMigrationRequest(
-                vm="vm-1", destination="host-b", mode=common_pb2.MIGRATION_MODE_POSTCOPY,
-                policy=policy, migration_id="m-1"))  # fmt: skip
-            cluster.wait_event(
-                lambda e: isinstance(e.payload, events_pb2.QmpEventReceived)
-                and e.origin_host == "host-b" and e.payload.event == "RESUME",
-                from_seq=head,
-            )  # fmt: skip
+            start_migration(cluster, common_pb2.MIGRATION_MODE_POSTCOPY,
+                            recovery_attempt_timeout_ms=2000,
+                            max_bandwidth=1 << 20, max_postcopy_bandwidth=8 << 20)  # fmt: skip
+            wait_destination_running(cluster, head)
             proxy.refusing = True
             proxy.cut()
             final = assert_outcome(cluster, PHASE.MIGRATION_PHASE_FENCED, runs_on=None)

@@ -12,7 +12,7 @@ import signal
 import grpc
 import pytest
 
-from tests.qemu.scenario import PHASE, assert_outcome, start_migration
+from tests.qemu.scenario import PHASE, assert_outcome, qmp_event, start_migration
 from tools.cluster import Cluster
 from whimbrel.v1 import common_pb2, events_pb2
 
@@ -87,17 +87,6 @@ def qemu_pid(cluster: Cluster, host: str) -> int:
     return int((cluster.root / host / "vms" / "vm-1" / "qemu.pid").read_text())
 
 
-def _qmp(host: str, name: str):  # type: ignore[no-untyped-def]
-    def test(e) -> bool:  # type: ignore[no-untyped-def]
-        return (
-            isinstance(e.payload, events_pb2.QmpEventReceived)
-            and e.origin_host == host
-            and e.payload.event == name
-        )
-
-    return test
-
-
 # (mode, the moment, whose QEMU) -> outcome and where the VM ends (None: lost, unavoidably).
 QEMU_KILLS = {
     "precopy-transferring-destination": (PRECOPY, "host-a", "MIGRATION_PASS", "host-b",
@@ -122,7 +111,7 @@ def test_qemu_killed(cluster: Cluster, scenario: str, tmp_path) -> None:  # type
     # Slow enough that the kill lands in the middle: pre-copy never converges at 1 MiB/s, and
     # post-copy pulls 64 MiB at 10 MiB/s after the destination resumed.
     start_migration(cluster, mode, max_bandwidth=1 << 20, max_postcopy_bandwidth=10 << 20)
-    cluster.wait_event(_qmp(host_seen, event), from_seq=head)
+    cluster.wait_event(qmp_event(host_seen, event), from_seq=head)
     os.kill(qemu_pid(cluster, victim), signal.SIGKILL)
     final = assert_outcome(cluster, outcome, runs_on)
     assert "QEMU exited" in final.reason or "exited" in final.reason
@@ -140,7 +129,7 @@ def test_lost_vm_cold_starts_from_its_disk_when_its_policy_says_so(
                              on_lost=common_pb2.LOST_VM_ACTION_COLD_START)  # fmt: skip
     head = cluster.head()
     start_migration(cluster, POSTCOPY, max_bandwidth=1 << 20, max_postcopy_bandwidth=10 << 20)
-    cluster.wait_event(_qmp("host-b", "RESUME"), from_seq=head)
+    cluster.wait_event(qmp_event("host-b", "RESUME"), from_seq=head)
     os.kill(qemu_pid(cluster, "host-a"), signal.SIGKILL)
     assert cluster.watch("m-1").phase == PHASE.MIGRATION_PHASE_FENCED
     cold = cluster.wait_event(
@@ -164,7 +153,7 @@ def test_destination_host_missing_after_a_restart_rolls_back_then_its_copy_is_de
     cluster.define_and_start("vm-1", "host-a", ram_file=ram)
     head = cluster.head()
     start_migration(cluster, PRECOPY, max_bandwidth=1 << 20)
-    cluster.wait_event(_qmp("host-a", "MIGRATION_PASS"), from_seq=head)
+    cluster.wait_event(qmp_event("host-a", "MIGRATION_PASS"), from_seq=head)
     address = cluster.address
     cluster.processes["host-b"].stop(signal.SIGKILL)
     cluster.processes["coordinator"].stop(signal.SIGKILL)
@@ -210,7 +199,7 @@ def test_sigstopped_coordinator_is_replaced_and_fences_itself_when_it_wakes(tmp_
         cluster.define_and_start("vm-1", "host-a", ram_file=random_ram(tmp_path / "ram", 64))
         head = cluster.head()
         start_migration(cluster, POSTCOPY, max_bandwidth=1 << 20, max_postcopy_bandwidth=8 << 20)
-        cluster.wait_event(_qmp("host-b", "RESUME"), from_seq=head)
+        cluster.wait_event(qmp_event("host-b", "RESUME"), from_seq=head)
         first = cluster.processes["stale-coordinator"] = cluster.processes.pop("coordinator")
         first.popen.send_signal(signal.SIGSTOP)
         woken = []

@@ -12,9 +12,10 @@ import pytest
 
 from coordinator.telemetry import ids
 from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
+from tests.qemu.scenario import start_migration, wait_destination_running
 from tools.cluster import Cluster
 from tools.guest import random_ram
-from whimbrel.v1 import common_pb2, events_pb2, migration_pb2
+from whimbrel.v1 import common_pb2
 
 pytestmark = pytest.mark.qemu
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,17 +57,9 @@ def test_migration_traces_and_metrics(tmp_path: Path) -> None:
             ram = random_ram(tmp_path / "ram.bin", 64)
             cluster.define_and_start("vm-1", "host-a", ram_file=ram)
             head = cluster.head()
-            policy = events_pb2.MigrationPolicy(parameters=events_pb2.MigrationParameters(
-                max_bandwidth=100_000, max_postcopy_bandwidth=10 << 20))  # fmt: skip
-            cluster.migrations.StartMigration(migration_pb2.StartMigrationRequest(
-                vm="vm-1", destination="host-b", mode=common_pb2.MIGRATION_MODE_POSTCOPY,
-                policy=policy, migration_id="m-1"))  # fmt: skip
-            # Mid-flight: the destination runs, post-copy pages still flow.
-            cluster.wait_event(
-                lambda e: isinstance(e.payload, events_pb2.QmpEventReceived)
-                and e.origin_host == "host-b" and e.payload.event == "RESUME",
-                from_seq=head,
-            )  # fmt: skip
+            start_migration(cluster, common_pb2.MIGRATION_MODE_POSTCOPY,
+                            max_bandwidth=100_000, max_postcopy_bandwidth=10 << 20)  # fmt: skip
+            wait_destination_running(cluster, head)  # mid-flight: post-copy pages still flow
             during = scrape(cluster.metrics_port)
             assert one(during, "whimbrel_hosts_connected") == 2
             assert one(during, "whimbrel_migrations_open") == 1

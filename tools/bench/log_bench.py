@@ -247,6 +247,20 @@ def build_log(path: Path, count: int) -> int:
     return seq
 
 
+def raw_read(path: Path) -> tuple[int, float]:
+    """(rows, seconds) to read every row replay reads, doing nothing with them: the baseline."""
+    raw = sqlite3.connect(path)
+    try:
+        start = time.perf_counter()
+        cursor = raw.execute(f"SELECT {codec.REPLAY_COLUMNS} FROM events ORDER BY seq")
+        n = 0
+        while rows := cursor.fetchmany(4096):
+            n += len(rows)
+        return n, time.perf_counter() - start
+    finally:
+        raw.close()
+
+
 def replay_bench(count: int) -> dict[str, object]:
     with tempfile.TemporaryDirectory(dir=_bench_dir()) as tmp:
         path = Path(tmp) / "replay.db"
@@ -256,14 +270,8 @@ def replay_bench(count: int) -> dict[str, object]:
             f"  built a log of {total:,} events in {time.perf_counter() - built:.1f}s",
             file=sys.stderr,
         )
-        raw = sqlite3.connect(path)
-        start = time.perf_counter()
-        cursor = raw.execute(f"SELECT {codec.REPLAY_COLUMNS} FROM events ORDER BY seq")
-        n = 0
-        while rows := cursor.fetchmany(4096):
-            n += len(rows)
-        raw_rate = n / (time.perf_counter() - start)
-        raw.close()
+        n, raw_seconds = raw_read(path)
+        raw_rate = n / raw_seconds
         store = SqliteEventStore(path)
         start = time.perf_counter()
         world = replay(store)
