@@ -15,14 +15,16 @@ import contextlib
 import gc
 import logging
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 from google.protobuf.message import Message
 
-from coordinator import codec
+from coordinator import checkpoint, codec
 from coordinator.core import Event, IllegalTransition, NewEvent, World, decide, evolve
 from coordinator.core import inputs as I
 from coordinator.core.evolve import Fact, fold
@@ -59,16 +61,20 @@ class HostSession:
         self.outbox.put_nowait(None)
 
 
-def replay(store: EventStore, world: World | None = None) -> World:
-    """Fold the whole log into a fresh world (fast path for SQLite's raw rows)."""
+def replay(store: EventStore, checkpoint_path: Path | None = None) -> World:
+    """The world the log describes: from a usable checkpoint plus the events after it, or by
+    folding the whole log (fast path for SQLite's raw rows)."""
+    world = checkpoint.load(checkpoint_path, store) if checkpoint_path is not None else None
+    from_seq = world.last_seq + 1 if world is not None else 1
     world = world or World()
     read_rows = getattr(store, "read_rows", None)
     if read_rows is not None:
-        facts: Iterable[Fact] = codec.decode_for_replay(read_rows(columns=codec.REPLAY_COLUMNS))
+        rows = read_rows(from_seq=from_seq, columns=codec.REPLAY_COLUMNS)
+        facts: Iterable[Fact] = codec.decode_for_replay(rows)
     else:
         facts = (
             (e.seq, e.type, e.time_us, e.origin_host, e.payload)
-            for e in map(codec.from_stored, store.read())
+            for e in map(codec.from_stored, store.read(from_seq=from_seq))
         )
     # Replay allocates millions of objects that all live on; the cyclic collector would walk
     # them over and over while they are being built. Nothing here makes garbage cycles.
@@ -96,6 +102,8 @@ class Coordinator:
         clock: Callable[[], int] = wall_clock_us,
         telemetry: Telemetry | None = None,
         host_wait: float = 30.0,
+        checkpoint_path: Path | None = None,
+        checkpoint_every: int = 0,
     ) -> None:
         self.store = store
         self.clock = clock
@@ -107,6 +115,13 @@ class Coordinator:
         self._deadline: asyncio.TimerHandle | None = None
         self._background: set[asyncio.Future[Any]] = set()
         self._ticker: asyncio.Task[None] | None = None
+        # A checkpoint of the world every `checkpoint_every` events (0: never), written by a
+        # forked child so the loop never waits for it; restarts then fold only the tail.
+        self.checkpoint_path = checkpoint_path
+        self.checkpoint_every = checkpoint_every
+        self._checkpointed_seq = 0
+        self._checkpointer = 0
+        self.checkpoints_written = 0
         # Told each time the start waits for another writer's lock on the log.
         self.waiting_for_lock: Callable[[], None] | None = None
         self.world = World()
@@ -125,7 +140,8 @@ class Coordinator:
     async def start(self) -> None:
         """Replay the log and take it over with a new epoch (before serving anything)."""
         started = time.monotonic()
-        self.world = await asyncio.to_thread(replay, self.store)
+        self.world = await asyncio.to_thread(replay, self.store, self.checkpoint_path)
+        self._checkpointed_seq = self.world.last_seq
         self.telemetry.seed(self.world)
 
         def first(epoch: int) -> PendingEvent:
@@ -287,6 +303,7 @@ class Coordinator:
             self._stop(f"the log failed, the world is ahead of it: {err}")
             raise
         self.telemetry.committed(len(staged), time.monotonic() - started)
+        self._maybe_checkpoint()
         failpoints.hit("coordinator.after-commit")
         entered, self._entered = self._entered, []
         for phase in entered:
@@ -299,6 +316,41 @@ class Coordinator:
         self._changed.set()
         self._changed = asyncio.Event()
         return [event for _, event in staged]
+
+    def _maybe_checkpoint(self) -> None:
+        """Right after a commit the world is exactly the log up to its head: if enough events
+        came since the last checkpoint, a forked child (copy-on-write, so the loop goes on at
+        once) writes this world to the checkpoint file and exits."""
+        if not self.checkpoint_path or not self.checkpoint_every or self._checkpointer:
+            return
+        seq, event_hash = self.store.head()
+        if seq - self._checkpointed_seq < self.checkpoint_every or self.world.last_seq != seq:
+            return
+        self._checkpointed_seq = seq
+        pid = os.fork()
+        if pid == 0:  # the child: write, and leave without running anything of the parent's
+            code = 0
+            try:
+                checkpoint.write(self.checkpoint_path, self.world, seq, event_hash)
+            except BaseException:
+                code = 1
+            os._exit(code)
+        self._checkpointer = pid
+        loop = asyncio.get_running_loop()
+
+        def reap() -> None:
+            _, status = os.waitpid(pid, 0)
+            loop.call_soon_threadsafe(self._checkpoint_done, pid, seq, status)
+
+        threading.Thread(target=reap, name="checkpoint-reaper", daemon=True).start()
+
+    def _checkpoint_done(self, pid: int, seq: int, status: int) -> None:
+        self._checkpointer = 0
+        if os.waitstatus_to_exitcode(status) == 0:
+            log.info("checkpoint at seq %d written", seq)
+        else:
+            log.warning("checkpoint at seq %d failed (child %d: status %d)", seq, pid, status)
+        self.checkpoints_written += 1
 
     def _is_destination_cont(self, event: Event) -> bool:
         p = event.payload

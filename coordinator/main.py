@@ -15,12 +15,13 @@ import asyncio
 import logging
 import signal
 import sys
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from coordinator import servicers
+from coordinator import checkpoint, servicers
 from coordinator.app import Coordinator
 from coordinator.log import SqliteEventStore, StoreError
 from coordinator.telemetry.setup import MetricsServer, coordinator_telemetry
@@ -98,9 +99,15 @@ async def serve(
     metrics_listen: str | None = None,
     otlp_endpoint: str | None = None,
     host_wait: float = 30.0,
+    checkpoint_every: int = 100_000,
 ) -> int:
     store = SqliteEventStore(db)
-    app = Coordinator(store, host_wait=host_wait)
+    app = Coordinator(
+        store,
+        host_wait=host_wait,
+        checkpoint_path=checkpoint.path_for(Path(db)),
+        checkpoint_every=checkpoint_every,
+    )
     # Bind before taking the log: a start refused for its address leaves no trace in it.
     server, port, health_servicer = build_server(app, listen)
     problem = "" if port else f"cannot listen on {listen}"
@@ -194,6 +201,14 @@ def main(argv: list[str] | None = None) -> int:
         "recovery table treats them as missing (default %(default)s)",
     )
     parser.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=100_000,
+        metavar="EVENTS",
+        help="write a checkpoint of the derived state (DB.checkpoint) every this many events, "
+        "so a restart folds only the tail of the log; 0: never (default %(default)s)",
+    )
+    parser.add_argument(
         "--metrics-listen",
         type=listen_address,
         help="serve Prometheus metrics at http://HOST:PORT/metrics",
@@ -218,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
                 metrics_listen=args.metrics_listen,
                 otlp_endpoint=args.otlp_endpoint,
                 host_wait=args.host_wait,
+                checkpoint_every=args.checkpoint_every,
             )
         )
     except OSError as err:  # e.g. the database path is unusable

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import pickle
 import random
 import sys
 from collections.abc import Callable
@@ -98,6 +99,16 @@ class Simulation:
         for event in self.driver.log:
             evolve(replayed, event)
         assert replayed == self.driver.world, "replay does not rebuild the live state"
+        # A restart from a checkpoint (the world pickled at some earlier seq) plus the tail
+        # must rebuild it too.
+        cut = (len(self.driver.log) * (self.restarts + 1)) // (self.restarts + 2)
+        restored = World()
+        for event in self.driver.log[:cut]:
+            evolve(restored, event)
+        restored = pickle.loads(pickle.dumps(restored, protocol=pickle.HIGHEST_PROTOCOL))
+        for event in self.driver.log[cut:]:
+            evolve(restored, event)
+        assert restored == self.driver.world, "checkpoint + tail does not rebuild the live state"
         self.driver.epoch += 1
         self.restarts += 1
         started = E.CoordinatorStarted(epoch=self.driver.epoch)

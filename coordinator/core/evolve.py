@@ -591,6 +591,11 @@ def _migration_finished(
     m.reason = p.reason
     m.finished_at_us = time_us
     world.open_migrations.discard(p.migration_id)
+    # Nothing is decided on a finished migration any more: its commands are history (the log
+    # keeps them), not state. Dropping them keeps a long-lived coordinator's memory, and its
+    # checkpoints, proportional to what is still open.
+    m.commands = {}
+    m.latest = {}
     vm = world.vms.get(m.vm)
     if vm is None or vm.migration_id != m.migration_id:
         return

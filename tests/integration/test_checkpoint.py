@@ -1,0 +1,123 @@
+"""Checkpoints: a restart from a checkpoint plus the tail of the log rebuilds exactly the world a
+full replay does; any checkpoint that does not fit the log or the code is ignored; the running
+coordinator writes them from a forked child without stopping."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from coordinator import checkpoint, codec
+from coordinator.app import Coordinator, replay
+from coordinator.core import NewEvent, World, evolve
+from coordinator.core import inputs as I
+from coordinator.log import SqliteEventStore
+from tools.sim import Driver, SimHosts, migration, running_vm
+from whimbrel.v1 import common_pb2, events_pb2
+
+
+def log_of_migrations(path: Path, count: int = 3, start_us: int = 0) -> SqliteEventStore:
+    """A real SQLite log of `count` completed post-copy migrations back and forth, plus one
+    left open mid-transfer."""
+    driver = Driver()
+    driver.now_us += start_us
+    driver.connect("host-a", "host-b")
+    running_vm(driver)
+    hosts = SimHosts()
+    hosts.leases["vm-1"] = ("host-a", 1)
+    for n in range(count):
+        dest = ("host-b", "host-a")[n % 2]
+        policy = events_pb2.MigrationPolicy()
+        driver.request(I.StartMigration(f"m-{n}", "vm-1", dest, 2, policy, driver.now_us))
+        driver.run(f"m-{n}", hosts)
+        driver.observe(*[migration(h, "vm-1", "completed") for h in ("host-a", "host-b")])
+        driver.run(f"m-{n}", hosts)
+    hosts.converge_after_passes = 0
+    driver.request(I.StartMigration("open", "vm-1", "host-a" if count % 2 else "host-b", 1,
+                                    events_pb2.MigrationPolicy(), driver.now_us))  # fmt: skip
+    driver.run("open", hosts)
+    store = SqliteEventStore(path)
+    store.begin_epoch(
+        lambda epoch: codec.to_pending(
+            NewEvent("coordinator", events_pb2.CoordinatorStarted(epoch=epoch), 1)
+        )
+    )
+    copies = [
+        NewEvent(e.stream, e.payload, e.time_us, e.origin_host, e.origin_generation, e.origin_seq)
+        for e in driver.log
+    ]
+    store.append([codec.to_pending(new) for new in copies])
+    return store
+
+
+def world_at(store: SqliteEventStore, seq: int) -> World:
+    world = World()
+    for stored in store.read():
+        if stored.seq > seq:
+            break
+        evolve(world, codec.from_stored(stored))
+    return world
+
+
+def checkpoint_at(store: SqliteEventStore, path: Path, seq: int) -> None:
+    (at,) = store.read(from_seq=seq, limit=1)
+    checkpoint.write(path, world_at(store, seq), seq, at.hash)
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.5, 0.9, 1.0])
+def test_checkpoint_plus_tail_is_the_full_replay(tmp_path: Path, fraction: float) -> None:
+    store = log_of_migrations(tmp_path / "log.db")
+    head, _ = store.head()
+    path = checkpoint.path_for(tmp_path / "log.db")
+    checkpoint_at(store, path, max(1, int(head * fraction)))
+    assert checkpoint.load(path, store) is not None
+    assert replay(store, path) == replay(store)
+    assert "open" in replay(store, path).open_migrations
+    store.close()
+
+
+def test_a_checkpoint_that_does_not_fit_is_ignored(tmp_path: Path) -> None:
+    store = log_of_migrations(tmp_path / "log.db")
+    path = checkpoint.path_for(tmp_path / "log.db")
+    checkpoint_at(store, path, 40)
+    good = path.read_bytes()
+    # Another log (or a rewritten one): the hash at the seq differs.
+    other = log_of_migrations(tmp_path / "other.db", count=2, start_us=1)
+    assert checkpoint.load(path, other) is None
+    assert replay(other, path) == replay(other)
+    # Torn, foreign, or from other code.
+    path.write_bytes(good[: len(good) // 2])
+    assert checkpoint.load(path, store) is None
+    path.write_bytes(b"not a checkpoint")
+    assert checkpoint.load(path, store) is None
+    fmt_at = len(b"WHIMBREL-CHECKPOINT\n") + 8 + 32
+    path.write_bytes(good[:fmt_at] + bytes(32) + good[fmt_at + 32 :])
+    assert checkpoint.load(path, store) is None
+    assert replay(store, path) == replay(store)
+    store.close()
+    other.close()
+
+
+async def test_the_coordinator_writes_checkpoints_from_a_forked_child(tmp_path: Path) -> None:
+    db = tmp_path / "log.db"
+    store = log_of_migrations(db)
+    path = checkpoint.path_for(db)
+    app = Coordinator(store, checkpoint_path=path, checkpoint_every=5)
+    await app.start()
+    for n in range(8):  # requests that append events: past the interval
+        spec = common_pb2.VmSpec(name=f"extra-{n}", memory_mib=64, vcpus=1)
+        await app.request(I.DefineVm(spec, app.clock()))
+    async with asyncio.timeout(30):
+        while not app.checkpoints_written:
+            await app.wait_for_change(0.05)
+    await app.close()
+    loaded = checkpoint.load(path, store)
+    assert loaded is not None and loaded == world_at(store, loaded.last_seq)
+    restarted = Coordinator(store, checkpoint_path=path)
+    await restarted.start()
+    full = replay(store)
+    assert restarted.world == full
+    await restarted.close()
+    await asyncio.to_thread(store.close)
