@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import pickle
 import struct
 import sys
@@ -22,6 +21,7 @@ from pathlib import Path
 
 from coordinator.core.state import World
 from coordinator.log import EventStore
+from whimbrel.files import write_atomically
 
 log = logging.getLogger(__name__)
 _MAGIC = b"WHIMBREL-CHECKPOINT\n"
@@ -46,19 +46,9 @@ def path_for(db: Path) -> Path:
 
 
 def write(path: Path, world: World, seq: int, event_hash: bytes) -> None:
-    """Write atomically (temp file, fsync, rename, fsync the directory)."""
+    """Write atomically: a crash leaves the previous checkpoint or this one."""
     body = pickle.dumps(world, protocol=pickle.HIGHEST_PROTOCOL)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(_MAGIC + _HEADER.pack(seq, event_hash, FORMAT) + body)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_atomically(path, _MAGIC + _HEADER.pack(seq, event_hash, FORMAT) + body)
 
 
 def load(path: Path, store: EventStore) -> World | None:

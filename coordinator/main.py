@@ -25,6 +25,7 @@ from coordinator import checkpoint, servicers
 from coordinator.app import Coordinator
 from coordinator.log import SqliteEventStore, StoreError
 from coordinator.telemetry.setup import MetricsServer, coordinator_telemetry
+from whimbrel.otel import add_otlp_flag
 from whimbrel.v1 import (
     eventlog_pb2,
     eventlog_pb2_grpc,
@@ -213,11 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         type=listen_address,
         help="serve Prometheus metrics at http://HOST:PORT/metrics",
     )
-    parser.add_argument(
-        "--otlp-endpoint",
-        help="OTLP/gRPC collector for traces, e.g. http://127.0.0.1:4317 (default: "
-        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT; none when unset)",
-    )
+    add_otlp_flag(parser)
     parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )

@@ -28,7 +28,7 @@ from hostd.drivers.network import (
     NetworkDriver,
     NullNetworkDriver,
 )
-from whimbrel.otel import otlp_endpoint
+from whimbrel.otel import add_otlp_flag, otlp_endpoint
 
 
 def network_driver(ns: argparse.Namespace) -> NetworkDriver:
@@ -105,11 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--network", choices=["none", "hook", "bridge"], default="none")
     parser.add_argument("--network-hook", help="executable run with the phase (hook driver)")
     parser.add_argument("--netns", help="network namespace of the bridge (bridge driver)")
-    parser.add_argument(
-        "--otlp-endpoint",
-        help="OTLP/gRPC collector for traces (default: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or "
-        "OTEL_EXPORTER_OTLP_ENDPOINT; none when unset)",
-    )
+    add_otlp_flag(parser)
     parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from google.protobuf.message import Message
 
@@ -19,6 +21,9 @@ from coordinator.core import Event, NewEvent, World, decide, evolve
 from coordinator.core import inputs as I
 from coordinator.core.state import Kind
 from whimbrel.v1 import common_pb2, events_pb2
+
+if TYPE_CHECKING:
+    from coordinator.log import SqliteEventStore
 
 E = events_pb2
 
@@ -315,3 +320,23 @@ def running_vm(driver: Driver, name: str = "vm-1", host: str = "host-a") -> None
     (start,) = driver.request(I.StartVm(name, host, driver.now_us))
     assert isinstance(start.payload, E.CommandIssued)
     driver.observe(*SimHosts().answer(start.payload))
+
+
+def store_log(events: Iterable[Event], path: Path) -> SqliteEventStore:
+    """Write a simulated history into a real SQLite log (under a fresh epoch), as the
+    coordinator would have; for tests and tools that need a log file."""
+    from coordinator import codec
+    from coordinator.log import SqliteEventStore
+
+    store = SqliteEventStore(path)
+    store.begin_epoch(
+        lambda epoch: codec.to_pending(
+            NewEvent("coordinator", events_pb2.CoordinatorStarted(epoch=epoch), 1)
+        )
+    )
+    copies = [
+        NewEvent(e.stream, e.payload, e.time_us, e.origin_host, e.origin_generation, e.origin_seq)
+        for e in events
+    ]
+    store.append([codec.to_pending(new) for new in copies])
+    return store

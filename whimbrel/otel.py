@@ -9,6 +9,7 @@ OTEL_BSP_* tunes batching. OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES name t
 
 from __future__ import annotations
 
+import argparse
 import os
 from typing import Any
 
@@ -38,3 +39,12 @@ def span_processor(endpoint: str) -> Any:
 
     insecure = endpoint.startswith("http://") or None
     return BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint, insecure=insecure))
+
+
+def add_otlp_flag(parser: argparse.ArgumentParser) -> None:
+    """`--otlp-endpoint`, the same on every daemon."""
+    parser.add_argument(
+        "--otlp-endpoint",
+        help="OTLP/gRPC collector for traces, e.g. http://127.0.0.1:4317 (default: "
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT; none when unset)",
+    )

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Protocol
 
 from hostd.errors import LeaseError
+from whimbrel.files import write_atomically
 
 
 @dataclass(frozen=True)
@@ -67,16 +68,7 @@ class FileLeaseDriver:
         path = self._path(vm)
         tmp = path.with_suffix(".tmp")
         record = {"holder": lease.holder, "generation": lease.generation, "time": time.time()}
-        with open(tmp, "w") as f:
-            json.dump(record, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(self.lockspace, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_atomically(path, json.dumps(record).encode(), tmp)
 
     def _acquire(self, vm: str, holder: str, generation: int) -> Lease:
         with self._locked(vm):

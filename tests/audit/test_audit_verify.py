@@ -8,14 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from coordinator import codec
-from coordinator.core import NewEvent
 from coordinator.core import inputs as I
 from coordinator.log import SqliteEventStore
 from coordinator.log.chain import canonical, chain_hash
 from coordinator.log.sqlite import _TRIGGERS, COLUMNS
 from tools.audit.cli import main
-from tools.sim import Driver, SimHosts, running_vm
+from tools.sim import Driver, SimHosts, running_vm, store_log
 from whimbrel.v1 import events_pb2
 
 
@@ -30,18 +28,7 @@ def log_file(tmp_path: Path) -> Path:
     driver.request(I.StartMigration("m-1", "vm-1", "host-b", 2, events_pb2.MigrationPolicy(), 1))
     driver.run("m-1", hosts)
     path = tmp_path / "log.db"
-    store = SqliteEventStore(path)
-    store.begin_epoch(
-        lambda epoch: codec.to_pending(
-            NewEvent("coordinator", events_pb2.CoordinatorStarted(epoch=epoch), 1)
-        )
-    )
-    copies = [
-        NewEvent(e.stream, e.payload, e.time_us, e.origin_host, e.origin_generation, e.origin_seq)
-        for e in driver.log
-    ]
-    store.append([codec.to_pending(new) for new in copies])
-    store.close()
+    store_log(driver.log, path).close()
     return path
 
 
@@ -180,7 +167,6 @@ def test_unreadable_file_exits_2(tmp_path, capsys):
 
 def test_state_at_seq_and_time_shows_history(log_file, capsys):
     """`state --at` / `--at-time` show the VM migrating mid-way and its lease moved later."""
-    from coordinator.log import SqliteEventStore
 
     store = SqliteEventStore(log_file)
     events = list(store.read())

@@ -11,10 +11,10 @@ import pytest
 
 from coordinator import checkpoint, codec
 from coordinator.app import Coordinator, replay
-from coordinator.core import NewEvent, World, evolve
+from coordinator.core import World, evolve
 from coordinator.core import inputs as I
 from coordinator.log import SqliteEventStore
-from tools.sim import Driver, SimHosts, migration, running_vm
+from tools.sim import Driver, SimHosts, migration, running_vm, store_log
 from whimbrel.v1 import common_pb2, events_pb2
 
 
@@ -38,18 +38,7 @@ def log_of_migrations(path: Path, count: int = 3, start_us: int = 0) -> SqliteEv
     driver.request(I.StartMigration("open", "vm-1", "host-a" if count % 2 else "host-b", 1,
                                     events_pb2.MigrationPolicy(), driver.now_us))  # fmt: skip
     driver.run("open", hosts)
-    store = SqliteEventStore(path)
-    store.begin_epoch(
-        lambda epoch: codec.to_pending(
-            NewEvent("coordinator", events_pb2.CoordinatorStarted(epoch=epoch), 1)
-        )
-    )
-    copies = [
-        NewEvent(e.stream, e.payload, e.time_us, e.origin_host, e.origin_generation, e.origin_seq)
-        for e in driver.log
-    ]
-    store.append([codec.to_pending(new) for new in copies])
-    return store
+    return store_log(driver.log, path)
 
 
 def world_at(store: SqliteEventStore, seq: int) -> World:
