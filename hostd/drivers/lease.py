@@ -2,24 +2,39 @@
 
 A lease records its holder and a generation that only grows. Acquiring a lease another host
 holds fails; acquiring with a generation not above the recorded one fails (a stale command).
-Every change happens under an exclusive flock of the VM's lock file and is written atomically
-(write, fsync, rename, fsync the directory), so a crash leaves the old or the new lease.
+Every change happens under an exclusive flock of the VM's lock file.
+
+The file is two 512-byte sectors, as sanlock keeps its leases: each sector holds one record
+(holder, generation, a version counted up on every write, a CRC). A change overwrites the older
+sector in place with one synchronous direct write, so it costs one device write, not the write,
+fsync, rename and directory fsync of a replaced file (4 to 10 times slower here while two
+QEMUs migrate, right in the guest's pause). A crash mid-write can tear only the sector being
+written; its CRC fails and the reader keeps the other, the lease as it was before.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
-import json
+import mmap
 import os
+import struct
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from hostd.errors import LeaseError
-from whimbrel.files import write_atomically
+
+SECTOR = 512
+MAGIC = b"WBLEASE1"
+# magic, version, generation, time (µs), holder length; then the holder, the CRC at the end.
+_HEAD = struct.Struct("<8sQQQH")
+_CRC = struct.Struct("<I")
+MAX_HOLDER = SECTOR - _HEAD.size - _CRC.size
 
 
 @dataclass(frozen=True)
@@ -38,10 +53,44 @@ class LeaseDriver(Protocol):
     def read(self, vm: str) -> Lease: ...
 
 
+@dataclass(frozen=True)
+class _Record:
+    version: int
+    lease: Lease
+
+
+def encode(version: int, lease: Lease, time_us: int) -> bytes:
+    holder = lease.holder.encode()
+    if len(holder) > MAX_HOLDER:
+        raise ValueError(f"holder name longer than {MAX_HOLDER} bytes")
+    body = _HEAD.pack(MAGIC, version, lease.generation, time_us, len(holder)) + holder
+    body = body.ljust(SECTOR - _CRC.size, b"\0")
+    return body + _CRC.pack(zlib.crc32(body))
+
+
+def decode(sector: bytes) -> _Record | None:
+    """The record in one sector, or None when it is empty, torn or not a lease record."""
+    if len(sector) != SECTOR:
+        return None
+    body, (crc,) = sector[: -_CRC.size], _CRC.unpack(sector[-_CRC.size :])
+    if zlib.crc32(body) != crc:
+        return None
+    magic, version, generation, _time_us, length = _HEAD.unpack_from(body)
+    if magic != MAGIC or length > MAX_HOLDER:
+        return None
+    holder = body[_HEAD.size : _HEAD.size + length].decode(errors="replace")
+    return _Record(version, Lease(holder, generation))
+
+
 class FileLeaseDriver:
     def __init__(self, lockspace: Path) -> None:
         self.lockspace = lockspace
         lockspace.mkdir(parents=True, exist_ok=True)
+        # Direct I/O where the filesystem has it (so hosts sharing the lockspace over the
+        # network read the disk, not their cache); tmpfs and some others refuse it.
+        self._direct = getattr(os, "O_DIRECT", 0)
+        # An aligned buffer, as direct I/O requires (mmap memory is page-aligned).
+        self._buffer = mmap.mmap(-1, 2 * SECTOR)
 
     def _path(self, vm: str) -> Path:
         return self.lockspace / f"{vm}.lease"
@@ -55,20 +104,60 @@ class FileLeaseDriver:
         finally:
             os.close(fd)
 
-    def read(self, vm: str) -> Lease:
+    def _open(self, path: Path, flags: int) -> int:
+        if self._direct:
+            try:
+                return os.open(path, flags | self._direct, 0o644)
+            except OSError as err:
+                if err.errno != errno.EINVAL:
+                    raise
+                self._direct = 0
+        return os.open(path, flags, 0o644)
+
+    def _records(self, vm: str) -> list[_Record]:
+        """Both sectors' valid records; raises LeaseError for a file with none."""
         try:
-            data = json.loads(self._path(vm).read_text())
-            return Lease(str(data.get("holder", "")), int(data.get("generation", 0)))
+            fd = self._open(self._path(vm), os.O_RDONLY)
         except FileNotFoundError:
-            return Lease("", 0)
-        except (ValueError, OSError) as err:
+            return []
+        try:
+            size = os.fstat(fd).st_size
+            self._buffer[:] = bytes(2 * SECTOR)
+            os.preadv(fd, [self._buffer], 0)
+        except OSError as err:
             raise LeaseError(f"lease file of {vm} is unreadable: {err}", vm=vm) from err
+        finally:
+            os.close(fd)
+        records = [r for r in (decode(self._buffer[i : i + SECTOR]) for i in (0, SECTOR)) if r]
+        if size and not records:
+            raise LeaseError(f"lease file of {vm} holds no valid lease record", vm=vm)
+        return records
+
+    def read(self, vm: str) -> Lease:
+        records = self._records(vm)
+        return max(records, key=lambda r: r.version).lease if records else Lease("", 0)
 
     def _write(self, vm: str, lease: Lease) -> None:
+        """Overwrite the older sector with a record one version newer, synchronously."""
+        records = self._records(vm)
+        newest = max(records, key=lambda r: r.version) if records else None
+        version = newest.version + 1 if newest else 1
         path = self._path(vm)
-        tmp = path.with_suffix(".tmp")
-        record = {"holder": lease.holder, "generation": lease.generation, "time": time.time()}
-        write_atomically(path, json.dumps(record).encode(), tmp)
+        created = not path.exists()
+        fd = self._open(path, os.O_RDWR | os.O_CREAT | os.O_DSYNC)
+        try:
+            if created:
+                # Both sectors exist from the start, so later writes are pure overwrites; the
+                # new file's name is made durable once.
+                os.ftruncate(fd, 2 * SECTOR)
+                os.fsync(fd)
+                _fsync_directory(path.parent)
+            self._buffer[:SECTOR] = encode(version, lease, time.time_ns() // 1000)
+            os.pwrite(fd, memoryview(self._buffer)[:SECTOR], (version % 2) * SECTOR)
+        except OSError as err:
+            raise LeaseError(f"lease file of {vm} could not be written: {err}", vm=vm) from err
+        finally:
+            os.close(fd)
 
     def _acquire(self, vm: str, holder: str, generation: int) -> Lease:
         with self._locked(vm):
@@ -96,11 +185,19 @@ class FileLeaseDriver:
             self._write(vm, Lease("", current.generation))
             return current
 
-    # Run inline: a lease change is a lock, two small writes and fsyncs (well under a
-    # millisecond here), while a hop to a worker thread costs more than that on a busy host,
+    # Run inline: a lease change is a lock, a read and one synchronous sector write (well under
+    # a millisecond here), while a hop to a worker thread costs more than that on a busy host,
     # right in the guest's pause.
     async def acquire(self, vm: str, holder: str, generation: int) -> Lease:
         return self._acquire(vm, holder, generation)
 
     async def release(self, vm: str, holder: str) -> Lease | None:
         return self._release(vm, holder)
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

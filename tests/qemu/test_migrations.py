@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import grpc
@@ -11,6 +10,7 @@ import pytest
 from coordinator.core import Event
 from coordinator.core.invariants import InvariantChecker
 from coordinator.core.state import Kind
+from hostd.drivers.lease import FileLeaseDriver, Lease
 from tests.qemu.conftest import Cluster
 from tools.audit.cli import main as audit
 from tools.guest import random_ram
@@ -133,8 +133,8 @@ def test_precopy_completes(cluster: Cluster) -> None:
     assert final.pause_us > 0
     vm = cluster.vms.GetVm(vm_pb2.GetVmRequest(name="vm-1"))
     assert (vm.host, vm.status, vm.lease_holder) == ("host-b", vm_pb2.VM_STATUS_RUNNING, "host-b")
-    lease = json.loads((cluster.shared / "locks" / "vm-1.lease").read_text())
-    assert lease["holder"] == "host-b" and lease["generation"] == vm.lease_generation
+    lease = FileLeaseDriver(cluster.shared / "locks").read("vm-1")
+    assert lease == Lease("host-b", vm.lease_generation)
     assert_safe_handoff(cluster, "m-1")
 
 
