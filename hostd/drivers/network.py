@@ -43,24 +43,58 @@ async def _run(args: list[str], env: dict[str, str] | None = None, what: str = "
         raise NetworkError(f"{what or args[0]} failed ({proc.returncode}): {text}")
 
 
+# Waits for one line on stdin: "go" runs the hook (exec, so it is the hook that exits),
+# anything else or end of file (hostd closed the pipe or died) exits without running it.
+_ARMED = 'read -r go || exit 0; [ "$go" = go ] || exit 0; exec "$0" "$@"'
+
+
+async def _finish(proc: asyncio.subprocess.Process, line: bytes, what: str) -> None:
+    """Answer an armed hook (b"go\n" runs it, b"" dismisses it) and wait for it."""
+    output, _ = await proc.communicate(line)
+    if what and proc.returncode != 0:
+        text = output.decode(errors="replace").strip()
+        raise NetworkError(f"{what} failed ({proc.returncode}): {text}")
+
+
 class HookNetworkDriver:
+    """The enable phase sits in the guest's pause, and starting a process there costs
+    milliseconds on a busy host (and blocks hostd's loop while it forks). So once "prepare"
+    succeeded, the "enable" hook is started ahead of time, waiting on its stdin; enabling
+    only tells it to go. The hook sees the same arguments and environment either way."""
+
     def __init__(self, hook: Path, host_id: str) -> None:
         self.hook = hook
         self.host_id = host_id
+        self._armed: dict[str, asyncio.subprocess.Process] = {}
 
-    async def apply(self, phase: str, spec: common_pb2.VmSpec) -> None:
+    def _env(self, phase: str, spec: common_pb2.VmSpec) -> dict[str, str]:
         nics = [
             {"mac": n.mac, "bridge": n.bridge, "tap": tap_name(self.host_id, spec.name, i)}
             for i, n in enumerate(spec.nics)
         ]
-        env = dict(
+        return dict(
             os.environ,
             WHIMBREL_PHASE=phase,
             WHIMBREL_VM=spec.name,
             WHIMBREL_HOST=self.host_id,
             WHIMBREL_NICS=json.dumps(nics),
         )
-        await _run([str(self.hook), phase, spec.name], env, f"network hook {phase}")
+
+    async def apply(self, phase: str, spec: common_pb2.VmSpec) -> None:
+        armed = self._armed.pop(spec.name, None)
+        if phase == "enable" and armed is not None:
+            await _finish(armed, b"go\n", f"network hook {phase}")
+            return
+        if armed is not None:
+            await _finish(armed, b"", "")  # not needed any more
+        args = [str(self.hook), phase, spec.name]
+        await _run(args, self._env(phase, spec), f"network hook {phase}")
+        if phase == "prepare":
+            self._armed[spec.name] = await asyncio.create_subprocess_exec(
+                "/bin/sh", "-c", _ARMED, str(self.hook), "enable", spec.name,
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT, env=self._env("enable", spec),
+            )  # fmt: skip
 
 
 class BridgeNetworkDriver:
