@@ -7,6 +7,7 @@ returns the command's result. Errors propagate as HostdError and become CommandF
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import socket
 from collections.abc import Awaitable, Callable
@@ -62,6 +63,12 @@ class Executor:
         handler = _HANDLERS.get(command.kind)
         if handler is None:
             raise CommandRejected(f"unknown command kind {command.kind}", vm=command.vm)
+        runtime = self.vms.get(command.vm)
+        if runtime is not None and command.kind in _DISARMING:
+            # The coordinator has changed course (a rollback takes the lease back before it
+            # cancels) or moved on: a release at a later stop would take the lease from a
+            # source that is about to run again.
+            runtime.at_switchover = None
         return await handler(self, command)
 
     def _vm(self, name: str) -> VmRuntime:
@@ -177,8 +184,18 @@ class Executor:
             capabilities.append({"capability": "postcopy-ram", "state": True})
         await runtime.execute("migrate-set-capabilities", {"capabilities": capabilities})
         await self._set_parameters(runtime, c.args.parameters)
+        runtime.at_switchover = None
+        if c.args.release_lease_at_switchover:
+            runtime.at_switchover = functools.partial(self._release_at_switchover, runtime.name)
         await runtime.execute("migrate", {"uri": c.args.uri})
         return K.CommandResult()
+
+    async def _release_at_switchover(self, vm: str) -> None:
+        try:
+            await self._release_lease(vm)
+        except HostdError as err:
+            log.error("%s: lease not released at the switchover (the coordinator's release "
+                      "command follows): %s", vm, err)  # fmt: skip
 
     async def _set_parameters(self, runtime: VmRuntime, p: events_pb2.MigrationParameters) -> None:
         parameters: dict[str, int] = {}
@@ -248,6 +265,14 @@ class Executor:
         await self._vm(c.vm).execute("announce-self", ANNOUNCE)
         return K.CommandResult()
 
+
+_DISARMING = {
+    K.COMMAND_KIND_ACQUIRE_LEASE,
+    K.COMMAND_KIND_CANCEL_MIGRATION,
+    K.COMMAND_KIND_RESUME_VM,
+    K.COMMAND_KIND_STOP_VM,
+    K.COMMAND_KIND_DESTROY_VM,
+}
 
 _HANDLERS: dict[int, Handler] = {
     K.COMMAND_KIND_START_VM: Executor.start_vm,

@@ -24,6 +24,9 @@ from hostd.qmp import QmpSession
 from whimbrel.v1 import common_pb2, events_pb2
 
 Emit = Callable[[Message, int], Awaitable[None]]
+# A source stopped in one of these has begun its switchover ("completed": a post-copy
+# migration that finished in pre-copy, without a pre-switchover stop).
+SWITCHOVER_STATUSES = ("pre-switchover", "postcopy-active", "completed")
 log = logging.getLogger(__name__)
 
 
@@ -43,6 +46,9 @@ class VmRuntime:
         self._samplers: set[asyncio.Task[None]] = set()
         self._last_pass = 0
         self.migration_status = ""
+        self.stopped = False
+        # Run once when this source has stopped to switch over (set by START_MIGRATION).
+        self.at_switchover: Callable[[], Awaitable[None]] | None = None
         self.log = log.getChild(self.name)
 
     def save(self) -> None:
@@ -98,6 +104,10 @@ class VmRuntime:
         await self.emit(payload, time_us)
         if name == "MIGRATION":
             self.migration_status = str(data.get("status", ""))
+        elif name in ("STOP", "RESUME"):
+            self.stopped = name == "STOP"
+        if self.at_switchover is not None and name in ("MIGRATION", "STOP"):
+            await self._maybe_switching_over()
         # Progress samples serve the pre-copy policy; during the switch they would only
         # compete with the handoff for QMP and CPU.
         if self.role != "source":
@@ -108,6 +118,20 @@ class VmRuntime:
         elif name == "MIGRATION" and self.migration_status == "completed":
             # The final totals (bytes transferred), once the switch is long over.
             self._sample_soon(self._last_pass)
+
+    async def _maybe_switching_over(self) -> None:
+        """Run the switchover action once the source has stopped to switch over. QEMU's order
+        differs by mode (post-copy: postcopy-active, then STOP; pre-copy: STOP, then
+        pre-switchover), so it is judged after each event; the event itself is already
+        recorded, so the log shows the stop before whatever the action reports."""
+        if self.migration_status in ("failed", "cancelling", "cancelled"):
+            self.at_switchover = None
+            return
+        if not (self.stopped and self.migration_status in SWITCHOVER_STATUSES):
+            return
+        action, self.at_switchover = self.at_switchover, None
+        if action is not None:
+            await action()
 
     def _sample_soon(self, pass_: int) -> None:
         # Sampled beside the event stream, so the next events are not held up by it.

@@ -44,6 +44,10 @@ def migration(host: str, vm: str, status: str) -> Observation:
 
 # Commands hostd can execute with no QEMU process for the VM.
 _WITHOUT_QEMU = frozenset({Kind.RELEASE_LEASE, Kind.ACQUIRE_LEASE, Kind.ENABLE_NETWORK})
+# Commands that disarm hostd's release at the switchover (hostd/executor.py).
+_DISARMING = frozenset(
+    {Kind.ACQUIRE_LEASE, Kind.CANCEL_MIGRATION, Kind.RESUME_VM, Kind.STOP_VM, Kind.DESTROY_VM}
+)
 
 
 @dataclass
@@ -66,13 +70,26 @@ class SimHosts:
     # sits in postcopy-recover for good, and refuses another resume.
     resume_hangs: bool = False
     stuck: set[str] = field(default_factory=set)
+    # hostd releases the source's lease at the switchover stop when START_MIGRATION asks it to
+    # (False: a hostd that restarted and forgot, so the coordinator's command does it).
+    release_at_switchover: bool = True
+    armed: set[tuple[str, str]] = field(default_factory=set)
 
     def kill(self, vm: str, host: str) -> Observation:
         self.dead.add((vm, host))
         return self._exited(host, vm, -1, signal=9)
 
+    def switchover(self, host: str, vm: str) -> list[Observation]:
+        """What hostd does by itself once the source stopped to switch over."""
+        if (vm, host) not in self.armed:
+            return []
+        self.armed.discard((vm, host))
+        return self._release(host, vm) if self.leases.get(vm, ("", 0))[0] == host else []
+
     def answer(self, cmd: E.CommandIssued) -> list[Observation]:
         h, vm, kind = cmd.host_id, cmd.vm, Kind(cmd.kind)
+        if kind in _DISARMING:
+            self.armed.discard((vm, h))
         if kind in self.fail_kinds:
             return [self._failed(cmd, f"simulated failure of {kind.label}")]
         if kind in (Kind.START_VM, Kind.PREPARE_INCOMING):
@@ -97,6 +114,8 @@ class SimHosts:
             out.append(migration(h, vm, "setup"))
             return [*out, self._ok(cmd, uri="tcp:127.0.0.1:49152", pid=1000)]
         elif kind == Kind.START_MIGRATION:
+            if cmd.args.release_lease_at_switchover and self.release_at_switchover:
+                self.armed.add((vm, h))
             out += [
                 migration(h, vm, "setup"),
                 self._ok(cmd),
@@ -106,6 +125,7 @@ class SimHosts:
             return out
         elif kind == Kind.START_POSTCOPY:
             out += [migration(h, vm, "postcopy-active"), qmp(h, vm, "STOP")]
+            out += self.switchover(h, vm)
             out += self._on_destination(vm, "postcopy-active")
         elif kind == Kind.RELEASE_LEASE:
             out += self._release(h, vm)
@@ -308,7 +328,11 @@ class Driver:
             if m.postcopy_requested or m.phase.terminal:
                 return out
             if converged:
-                out += self.observe(qmp(src, vm, "STOP"), migration(src, vm, "pre-switchover"))
+                out += self.observe(
+                    qmp(src, vm, "STOP"),
+                    migration(src, vm, "pre-switchover"),
+                    *hosts.switchover(src, vm),
+                )
                 return out
         return out
 

@@ -517,6 +517,7 @@ def _forward(world: World, m: MigrationState, issue: _Issuer) -> list[Message]:
                 # source lease can move at postcopy-active; the pre-switchover stop would only
                 # add a round trip to the guest's pause.
                 pause_before_switchover=m.mode != common_pb2.MIGRATION_MODE_POSTCOPY,
+                release_lease_at_switchover=True,
             )
         ]
     out: list[Message] = []
@@ -544,24 +545,24 @@ def _forward(world: World, m: MigrationState, issue: _Issuer) -> list[Message]:
     if not switching:
         return out
     # The source has stopped: its lease goes first, then (pre-copy) the switchover completes.
-    # Destination networking is enabled meanwhile: with the source stopped no traffic can
-    # reach two copies, and the destination stays paused until cont.
-    if _to_issue(m, Kind.RELEASE_LEASE, src.host) and not m.src_lease_released:
+    # hostd releases the lease at the stop by itself (START_MIGRATION asked it to); this
+    # command covers a hostd that restarted meanwhile or could not. Destination networking is
+    # enabled from now on: no traffic can reach two copies, and the destination stays paused
+    # until cont.
+    releasing = _to_issue(m, Kind.RELEASE_LEASE, src.host) and not m.src_lease_released
+    if releasing:
         out.append(issue(Kind.RELEASE_LEASE, src.host, lease_generation=m.source_lease_generation))
-        if _to_issue(m, Kind.ENABLE_NETWORK, dst.host) and not m.dst_network_enabled:
-            out.append(issue(Kind.ENABLE_NETWORK, dst.host))
-        return out
-    if not m.src_lease_released:
-        return []
-    if not m.postcopy_started and "completed" not in (src.status, dst.status):
-        if src.status == "pre-switchover" and _to_issue(m, Kind.CONTINUE_SWITCHOVER, src.host):
-            return [issue(Kind.CONTINUE_SWITCHOVER, src.host)]
-        return []
-    # Handoff: the destination takes the lease and networking, in parallel.
-    if _to_issue(m, Kind.ACQUIRE_LEASE, dst.host) and not m.dst_lease_generation:
-        out.append(issue(Kind.ACQUIRE_LEASE, dst.host, lease_generation=vm.lease_generation + 1))
     if _to_issue(m, Kind.ENABLE_NETWORK, dst.host) and not m.dst_network_enabled:
         out.append(issue(Kind.ENABLE_NETWORK, dst.host))
+    if not m.src_lease_released:
+        return out
+    if not m.postcopy_started and "completed" not in (src.status, dst.status):
+        if src.status == "pre-switchover" and _to_issue(m, Kind.CONTINUE_SWITCHOVER, src.host):
+            out.append(issue(Kind.CONTINUE_SWITCHOVER, src.host))
+        return out
+    # Handoff: the destination takes the lease (networking is under way since the stop).
+    if _to_issue(m, Kind.ACQUIRE_LEASE, dst.host) and not m.dst_lease_generation:
+        out.append(issue(Kind.ACQUIRE_LEASE, dst.host, lease_generation=vm.lease_generation + 1))
     if out:
         return out
     ready = (
@@ -652,8 +653,13 @@ def _rolling_back(world: World, m: MigrationState, issue: _Issuer) -> list[Messa
             ]
         return []  # waiting for the release (a host that never answers is handled by recovery)
     # (A dead source needs no lease: the VM is lost once the destination is gone, below.)
+    # Released, or perhaps: hostd releases at the switchover stop by itself once asked to by
+    # START_MIGRATION, and its report may not be in yet. Taking back a lease the source still
+    # holds only raises its generation.
     released = src.alive and (
-        m.src_lease_released or m.cmd(Kind.RELEASE_LEASE, src.host) is not None
+        m.src_lease_released
+        or m.cmd(Kind.RELEASE_LEASE, src.host) is not None
+        or _releases_at_switchover(m)
     )
     # Without its lease back the source must not run: the rollback then ends with it paused.
     lease_lost = (
@@ -731,6 +737,11 @@ def _rolling_back(world: World, m: MigrationState, issue: _Issuer) -> list[Messa
         if resume.state == ISSUED:
             return []
     return _finished(m, Phase.ROLLED_BACK, m.reason)
+
+
+def _releases_at_switchover(m: MigrationState) -> bool:
+    start = m.cmd(Kind.START_MIGRATION, m.src.host)
+    return start is not None and start.args.release_lease_at_switchover
 
 
 def _recovering(world: World, m: MigrationState, issue: _Issuer) -> list[Message]:

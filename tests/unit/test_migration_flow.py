@@ -27,15 +27,20 @@ def start(driver, mode=PRECOPY, policy=None):
     )
 
 
-def test_precopy_completes_with_handoff_in_order():
-    """Pre-copy issues prepare, migrate, lease release, switchover, handoff, cont, cleanup."""
+@pytest.mark.parametrize("hostd_releases", [True, False])
+def test_precopy_completes_with_handoff_in_order(hostd_releases):
+    """Pre-copy issues prepare, migrate, switchover, handoff, cont, cleanup. hostd releases the
+    source's lease at the stop, as START_MIGRATION asked it to; when it did not (it restarted
+    in between), the coordinator's release command does, before the switchover goes on."""
     driver, hosts = fresh()
+    hosts.release_at_switchover = hostd_releases
     events = start(driver) + driver.run("m-1", hosts)
+    release = [] if hostd_releases else ["release-lease@host-a"]
     assert decisions(events) == [
         "MigrationRequested",
         "prepare-incoming@host-b",
         "start-migration@host-a",
-        "release-lease@host-a",
+        *release,
         "enable-network@host-b",
         "continue-switchover@host-a",
         "acquire-lease@host-b",
@@ -66,7 +71,7 @@ def test_postcopy_mode_switches_after_migrate_and_waits_for_completion():
         "start-migration@host-a",
         "PostcopyRequested",
         "start-postcopy@host-a",
-        "release-lease@host-a",
+        # (the source's lease was released by hostd at the STOP)
         "enable-network@host-b",
         "acquire-lease@host-b",
         "resume-vm@host-b",
@@ -138,8 +143,11 @@ def test_abort_during_precopy_rolls_back_and_source_keeps_running():
     events += answer(driver, hosts, events[-1:])  # migrate
     aborted = driver.request(I.AbortMigration("m-1", "operator test", driver.now_us))
     events = aborted + driver.run("m-1", hosts)
+    # The source takes its lease back first: hostd may have released it at a switchover stop
+    # whose report is not in yet, and QEMU resumes a cancelled source by itself.
     assert decisions(events) == [
         "RollbackDecided",
+        "acquire-lease@host-a",
         "cancel-migration@host-a",
         "destroy-vm@host-b",
         "MigrationFinished",
@@ -231,13 +239,12 @@ def test_failed_handoff_command_before_cont_rolls_back():
     events = start(driver) + driver.run("m-1", hosts)
     d = decisions(events)
     assert "resume-vm@host-b" not in d
-    # Networking is enabled while the source waits in pre-switchover: the failure there makes
-    # the source take its lease back first (QEMU resumes a cancelled source by itself), then
-    # the migration is cancelled and the source gets its CPUs back.
+    # Networking is enabled while the switchover completes: the failure makes the source take
+    # its lease back first, the destination is destroyed, and the source gets its CPUs back
+    # (QEMU resumes a source whose migration completed).
     assert d[d.index("RollbackDecided") :] == [
         "RollbackDecided",
         "acquire-lease@host-a",
-        "cancel-migration@host-a",
         "destroy-vm@host-b",
         "resume-vm@host-a",
         "MigrationFinished",

@@ -864,6 +864,7 @@ class CommandArgs(_message.Message):
     FORCE_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     PAUSE_BEFORE_SWITCHOVER_FIELD_NUMBER: _builtins.int
+    RELEASE_LEASE_AT_SWITCHOVER_FIELD_NUMBER: _builtins.int
     uri: _builtins.str
     """START_MIGRATION, RESUME_MIGRATION: where the destination listens."""
     lease_generation: _builtins.int
@@ -877,6 +878,13 @@ class CommandArgs(_message.Message):
     pause_before_switchover: _builtins.bool
     """START_MIGRATION: set pause-before-switchover, so the source stops in "pre-switchover" and
     its lease is released before the switchover completes (pre-copy and auto modes).
+    """
+    release_lease_at_switchover: _builtins.bool
+    """START_MIGRATION: hostd releases the source's lease itself the moment the source has
+    stopped to switch over (STOP in post-copy, "pre-switchover" in pre-copy), which saves the
+    guest's pause a round trip through the coordinator. A RELEASE_LEASE command still follows
+    and covers a hostd that restarted or failed to; any command that takes the lease back
+    (a rollback's ACQUIRE_LEASE) or ends the migration disarms it.
     """
     @_builtins.property
     def spec(self) -> _common_pb2.VmSpec:
@@ -897,10 +905,11 @@ class CommandArgs(_message.Message):
         force: _builtins.bool = ...,
         reason: _builtins.str = ...,
         pause_before_switchover: _builtins.bool = ...,
+        release_lease_at_switchover: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["force", b"force", "lease_generation", b"lease_generation", "parameters", b"parameters", "pause_before_switchover", b"pause_before_switchover", "postcopy", b"postcopy", "reason", b"reason", "spec", b"spec", "uri", b"uri"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["force", b"force", "lease_generation", b"lease_generation", "parameters", b"parameters", "pause_before_switchover", b"pause_before_switchover", "postcopy", b"postcopy", "reason", b"reason", "release_lease_at_switchover", b"release_lease_at_switchover", "spec", b"spec", "uri", b"uri"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
