@@ -17,7 +17,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,6 +30,7 @@ from coordinator.core import inputs as I
 from coordinator.core.evolve import Fact, fold
 from coordinator.core.state import Command, CommandState
 from coordinator.log import EventStore, PendingEvent, StaleEpoch, StoreError, StoreFailure
+from coordinator.log.records import Mark
 from coordinator.telemetry import Telemetry
 from coordinator.telemetry.hub import migration_of
 from whimbrel import failpoints
@@ -88,13 +89,29 @@ def replay(store: EventStore, checkpoint_path: Path | None = None) -> World:
     return world
 
 
+@dataclass
+class _Commit:
+    """A transaction queued at the log: what it holds, and its outcome to await."""
+
+    staged: list[tuple[NewEvent, Event]]
+    entered: list[str]  # phases entered, for the coordinator.entered-PHASE failpoints
+    started: float
+    marks: Awaitable[tuple[int, list[Mark]]]
+
+
 class Coordinator:
     """One message (a request, a host's event, a connect) is handled as one unit, under a lock:
     its observations are folded, every decision they lead to is taken and folded too, and all of
     it is committed in one transaction. Only then are commands sent and host events
     acknowledged. Folding ahead of the commit is safe because nothing leaves the process before
     the commit; if the commit fails, the world is ahead of the log and the coordinator stops
-    (a restart replays the log)."""
+    (a restart replays the log).
+
+    Host events, the hot path, hold the lock only to fold, decide and queue their commit, and
+    wait for the commit outside it: the next unit (often the other host of the same handoff)
+    folds on top meanwhile and its commit joins the same group. Commits land in queue order,
+    so what a unit sends never overtakes a fact it was decided on. Whoever reads the world or
+    the log's high-water marks waits, under the lock, until nothing is in flight."""
 
     def __init__(
         self,
@@ -129,6 +146,10 @@ class Coordinator:
         self._lock = asyncio.Lock()
         self._changed = asyncio.Event()
         self._staged: list[tuple[NewEvent, Event]] = []
+        # Commits queued and not yet landed; `_settled` is set whenever there are none.
+        self._in_flight = 0
+        self._settled = asyncio.Event()
+        self._settled.set()
         # Phases entered by staged events (for the coordinator.entered-PHASE failpoints).
         self._entered: list[str] = []
         # Set when this coordinator must stop: a newer one owns the log, or the log failed.
@@ -269,7 +290,7 @@ class Coordinator:
 
     def _stage(self, new_events: Sequence[NewEvent]) -> list[Event]:
         """Fold events into the world ahead of their commit. Caller holds the lock."""
-        head = self.store.head()[0] + len(self._staged)
+        head = self.world.last_seq  # everything folded so far, committed or on its way
         epoch = self.store.epoch
         staged = []
         for i, new in enumerate(new_events, start=1):
@@ -287,26 +308,47 @@ class Coordinator:
         return staged
 
     async def _flush(self) -> list[Event]:
-        """Commit everything staged in one transaction, then send its commands."""
+        """Commit everything staged in one transaction, then send its commands; returns once
+        nothing is in flight. Caller holds the lock."""
+        committed = await self._commit(self._queue_commit())
+        await self._settled.wait()
+        return committed
+
+    def _queue_commit(self) -> _Commit | None:
+        """Queue everything staged as the log's next transaction. Caller holds the lock."""
         staged, self._staged = self._staged, []
         if not staged:
-            return []
-        started = time.monotonic()
+            return None
+        entered, self._entered = self._entered, []
         try:
-            _, marks = await self.store.append_marks([codec.to_pending(new) for new, _ in staged])
+            marks = self.store.submit_marks([codec.to_pending(new) for new, _ in staged])
+        except StoreError as err:
+            self._failed(err)
+            raise
+        self._in_flight += 1
+        self._settled.clear()
+        return _Commit(staged, entered, time.monotonic(), marks)
+
+    async def _commit(self, commit: _Commit | None) -> list[Event]:
+        """Wait for a queued transaction, then send its commands. Needs no lock."""
+        if commit is None:
+            return []
+        staged = commit.staged
+        try:
+            _, marks = await commit.marks
             if [m[0] if m else None for m in marks] != [event.seq for _, event in staged]:
                 raise StoreFailure("the log assigned other seqs than were folded")
-        except StaleEpoch as err:
-            self._stop(f"a newer coordinator owns the log: {err}")
-            raise
         except StoreError as err:
-            self._stop(f"the log failed, the world is ahead of it: {err}")
+            self._failed(err)
             raise
-        self.telemetry.committed(len(staged), time.monotonic() - started)
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._settled.set()
+        self.telemetry.committed(len(staged), time.monotonic() - commit.started)
         self._maybe_checkpoint()
         failpoints.hit("coordinator.after-commit")
-        entered, self._entered = self._entered, []
-        for phase in entered:
+        for phase in commit.entered:
             failpoints.hit(f"coordinator.entered-{phase}")
         if any(self._is_destination_cont(event) for _, event in staged):
             failpoints.hit("coordinator.after-cont-intent")
@@ -316,6 +358,12 @@ class Coordinator:
         self._changed.set()
         self._changed = asyncio.Event()
         return [event for _, event in staged]
+
+    def _failed(self, err: StoreError) -> None:
+        if isinstance(err, StaleEpoch):
+            self._stop(f"a newer coordinator owns the log: {err}")
+        else:
+            self._stop(f"the log failed, the world is ahead of it: {err}")
 
     def _maybe_checkpoint(self) -> None:
         """Right after a commit the world is exactly the log up to its head: if enough events
@@ -436,6 +484,8 @@ class Coordinator:
 
         check_name("host", hello.host_id)
         async with self._lock:
+            # The log's high-water mark for this host must include what is in flight.
+            await self._settled.wait()
             current = self.world.hosts.get(hello.host_id)
             if current is not None and hello.generation < current.generation:
                 raise IllegalTransition(
@@ -475,12 +525,20 @@ class Coordinator:
             return session, last
 
     async def host_events(self, session: HostSession, events: Sequence[host_pb2.HostEvent]) -> None:
+        """Fold a host's observations and what they lead to, commit, acknowledge."""
+        await (await self.queue_host_events(session, events))
+
+    async def queue_host_events(
+        self, session: HostSession, events: Sequence[host_pb2.HostEvent]
+    ) -> asyncio.Future[None]:
+        """Fold a host's observations and what they lead to and queue their commit; returns
+        a future that resolves once they are committed, their commands sent and the host's
+        events acknowledged. The next batch may be folded meanwhile."""
         return await self._whole(self._host_events(session, events))
 
     async def _host_events(
         self, session: HostSession, events: Sequence[host_pb2.HostEvent]
-    ) -> None:
-        """Fold a host's observations and what they lead to, commit, acknowledge."""
+    ) -> asyncio.Future[None]:
         async with self._lock:
             if self.sessions.get(session.host_id) is not session:
                 raise IllegalTransition(
@@ -508,12 +566,21 @@ class Coordinator:
                                     generation, host_event.seq))  # fmt: skip
             staged = self._stage(new)
             self._advance_touched(staged)
-            await self._flush()
-            if events:
-                last = events[-1]
-                generation = min(last.generation or session.generation, session.generation)
-                ack = host_pb2.Ack(generation=generation, seq=last.seq)
-                session.send(host_pb2.CoordinatorMessage(ack=ack))
+            commit = self._queue_commit()
+        finished = asyncio.ensure_future(self._acknowledge(session, events, commit))
+        self._background.add(finished)
+        finished.add_done_callback(self._background.discard)
+        return finished
+
+    async def _acknowledge(
+        self, session: HostSession, events: Sequence[host_pb2.HostEvent], commit: _Commit | None
+    ) -> None:
+        await self._commit(commit)
+        if events:
+            last = events[-1]
+            generation = min(last.generation or session.generation, session.generation)
+            ack = host_pb2.Ack(generation=generation, seq=last.seq)
+            session.send(host_pb2.CoordinatorMessage(ack=ack))
 
     async def host_disconnected(self, session: HostSession, reason: str) -> None:
         return await self._whole(self._host_disconnected(session, reason))
@@ -580,6 +647,7 @@ class Coordinator:
         """The world as committed. Staged events are folded before their commit completes, so
         a read outside the lock could see a state that is not durable yet."""
         async with self._lock:
+            await self._settled.wait()
             yield self.world
 
     async def wait_for_change(self, max_wait: float | None = None) -> None:

@@ -232,9 +232,11 @@ class HostServicer(host_pb2_grpc.HostServiceServicer):
             received.put_nowait(None)
 
         async def process_events() -> None:
-            # Everything that arrived while the previous batch was being committed goes into
-            # the next transaction together; None marks the end of the stream.
+            # Everything that arrived while the previous batch was being folded goes into the
+            # next one; a batch is folded as soon as the previous one is queued for commit, not
+            # committed (commits land in order). None marks the end of the stream.
             ended = False
+            committing: list[asyncio.Future[None]] = []
             while not ended:
                 item = await received.get()
                 batch = []
@@ -245,7 +247,12 @@ class HostServicer(host_pb2_grpc.HostServiceServicer):
                     item = received.get_nowait()
                 ended = item is None
                 if batch:
-                    await self.app.host_events(session, batch)
+                    committing.append(await self.app.queue_host_events(session, batch))
+                    # A failed commit ends the stream (the coordinator stops itself).
+                    while committing and committing[0].done():
+                        committing.pop(0).result()
+            for commit in committing:
+                await commit
             session.close()
 
         reader = asyncio.create_task(read_events(), name=f"hostd-reader-{session.host_id}")

@@ -6,13 +6,21 @@ contract tests check epoch fencing between two coordinators.
 
 from __future__ import annotations
 
+import asyncio
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from coordinator.log.chain import ZERO_HASH, link
-from coordinator.log.records import AppendResult, Mark, PendingEvent, StaleEpoch, StoredEvent
+from coordinator.log.records import (
+    AppendResult,
+    Mark,
+    PendingEvent,
+    StaleEpoch,
+    StoredEvent,
+    StoreError,
+)
 
 
 @dataclass
@@ -59,8 +67,18 @@ class MemoryEventStore:
         return self.append(events)
 
     async def append_marks(self, events: Sequence[PendingEvent]) -> tuple[int, list[Mark]]:
-        stored = self.append(events)
-        return self._epoch, [None if e is None else (e.seq, e.prev_hash, e.hash) for e in stored]
+        return await self.submit_marks(events)
+
+    def submit_marks(self, events: Sequence[PendingEvent]) -> Awaitable[tuple[int, list[Mark]]]:
+        done: asyncio.Future[tuple[int, list[Mark]]] = asyncio.get_running_loop().create_future()
+        try:
+            stored = self.append(events)
+        except StoreError as err:
+            done.set_exception(err)
+            return done
+        marks = [None if e is None else (e.seq, e.prev_hash, e.hash) for e in stored]
+        done.set_result((self._epoch, marks))
+        return done
 
     def _store(self, events: Sequence[PendingEvent]) -> AppendResult:
         db = self.database

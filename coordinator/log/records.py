@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -142,6 +142,11 @@ class EventStore(Protocol):
 
     async def append_marks(self, events: Sequence[PendingEvent]) -> tuple[int, list[Mark]]:
         """Append from asyncio; returns (epoch, (seq, prev_hash, hash) or None per event)."""
+        ...
+
+    def submit_marks(self, events: Sequence[PendingEvent]) -> Awaitable[tuple[int, list[Mark]]]:
+        """append_marks in two steps: queued now (appends commit in the order they were
+        queued), awaited later. Raises at once when the log already refuses appends."""
         ...
 
     def read(

@@ -14,7 +14,7 @@ import logging
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -214,15 +214,22 @@ class SqliteEventStore:
     async def append_marks(self, events: Sequence[PendingEvent]) -> tuple[int, list[Mark]]:
         """Like append_async, but answers (epoch, marks) and builds no StoredEvents: for a
         caller that keeps its own copy of what it appended, as the coordinator does."""
+        return await self.submit_marks(events)
+
+    def submit_marks(self, events: Sequence[PendingEvent]) -> Awaitable[tuple[int, list[Mark]]]:
+        """Queue an append now and answer an awaitable of its (epoch, marks), so a caller can
+        queue its next append before this one has committed (they commit in queue order)."""
         if self._fenced is not None:
             raise self._fenced
+        loop = asyncio.get_running_loop()
         if not events:
-            return self._epoch, []
-        batch = _Batch(events, asyncio.get_running_loop(), marks_only=True)
+            done: asyncio.Future[tuple[int, list[Mark]]] = loop.create_future()
+            done.set_result((self._epoch, []))
+            return done
+        batch = _Batch(events, loop, marks_only=True)
         assert batch.waiter is not None
         self._queue.put(batch)
-        result: tuple[int, list[Mark]] = await batch.waiter
-        return result
+        return batch.waiter
 
     def append(self, events: Sequence[PendingEvent]) -> AppendResult:
         return self.submit(events).result()
@@ -372,6 +379,9 @@ class SqliteEventStore:
         except sqlite3.Error as err:
             self._rollback()
             failure = StoreFailure(f"append failed: {err}")
+            # Appends queued behind this one may rest on it (a decision on a fact that did not
+            # commit): every later one fails too, until a new epoch starts over.
+            self._fenced = failure
             log.error("%s", failure)
             log.debug("append failure", exc_info=True)
             _settle(batches, failure, epoch)

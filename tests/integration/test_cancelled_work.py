@@ -5,7 +5,7 @@ agrees with the world."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 
 from coordinator import codec
 from coordinator.app import Coordinator
@@ -23,10 +23,13 @@ class SlowCommits(MemoryEventStore):
         self.gate = asyncio.Event()
         self.waiting = asyncio.Event()
 
-    async def append_marks(self, events: Sequence[PendingEvent]) -> tuple[int, list[Mark]]:
+    def submit_marks(self, events: Sequence[PendingEvent]) -> Awaitable[tuple[int, list[Mark]]]:
         self.waiting.set()
+        return asyncio.ensure_future(self._after_gate(events))
+
+    async def _after_gate(self, events: Sequence[PendingEvent]) -> tuple[int, list[Mark]]:
         await self.gate.wait()
-        return await super().append_marks(events)
+        return await super().submit_marks(events)
 
 
 async def test_a_cancelled_request_still_commits_and_the_next_one_agrees() -> None:
