@@ -524,10 +524,6 @@ class Coordinator:
                 self._send(session, command)
             return session, last
 
-    async def host_events(self, session: HostSession, events: Sequence[host_pb2.HostEvent]) -> None:
-        """Fold a host's observations and what they lead to, commit, acknowledge."""
-        await (await self.queue_host_events(session, events))
-
     async def queue_host_events(
         self, session: HostSession, events: Sequence[host_pb2.HostEvent]
     ) -> asyncio.Future[None]:

@@ -64,7 +64,7 @@ class Executor:
         if handler is None:
             raise CommandRejected(f"unknown command kind {command.kind}", vm=command.vm)
         runtime = self.vms.get(command.vm)
-        if runtime is not None and command.kind in _DISARMING:
+        if runtime is not None and command.kind in DISARMING:
             # The coordinator has changed course (a rollback takes the lease back before it
             # cancels) or moved on: a release at a later stop would take the lease from a
             # source that is about to run again.
@@ -266,13 +266,17 @@ class Executor:
         return K.CommandResult()
 
 
-_DISARMING = {
-    K.COMMAND_KIND_ACQUIRE_LEASE,
-    K.COMMAND_KIND_CANCEL_MIGRATION,
-    K.COMMAND_KIND_RESUME_VM,
-    K.COMMAND_KIND_STOP_VM,
-    K.COMMAND_KIND_DESTROY_VM,
-}
+# Commands after which the source must keep its lease at a later stop (a rollback's acquire
+# and cancel, a resume, the VM's end); the simulator (tools/sim.py) mirrors hostd with these.
+DISARMING = frozenset(
+    {
+        K.COMMAND_KIND_ACQUIRE_LEASE,
+        K.COMMAND_KIND_CANCEL_MIGRATION,
+        K.COMMAND_KIND_RESUME_VM,
+        K.COMMAND_KIND_STOP_VM,
+        K.COMMAND_KIND_DESTROY_VM,
+    }
+)
 
 _HANDLERS: dict[int, Handler] = {
     K.COMMAND_KIND_START_VM: Executor.start_vm,

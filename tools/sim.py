@@ -20,6 +20,7 @@ from google.protobuf.message import Message
 from coordinator.core import Event, NewEvent, World, decide, evolve
 from coordinator.core import inputs as I
 from coordinator.core.state import Kind
+from hostd.executor import DISARMING
 from whimbrel.v1 import common_pb2, events_pb2
 
 if TYPE_CHECKING:
@@ -44,10 +45,8 @@ def migration(host: str, vm: str, status: str) -> Observation:
 
 # Commands hostd can execute with no QEMU process for the VM.
 _WITHOUT_QEMU = frozenset({Kind.RELEASE_LEASE, Kind.ACQUIRE_LEASE, Kind.ENABLE_NETWORK})
-# Commands that disarm hostd's release at the switchover (hostd/executor.py).
-_DISARMING = frozenset(
-    {Kind.ACQUIRE_LEASE, Kind.CANCEL_MIGRATION, Kind.RESUME_VM, Kind.STOP_VM, Kind.DESTROY_VM}
-)
+# Commands that disarm hostd's release at the switchover.
+_DISARMING = frozenset(Kind(kind) for kind in DISARMING)
 
 
 @dataclass
