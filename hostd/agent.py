@@ -80,6 +80,7 @@ class Agent:
         network: NetworkDriver,
         migration_port: int = 0,
         migration_advertise: str = "",
+        netns: str = "",
     ) -> None:
         self.host_id = host_id
         # One address, or several (comma-separated) tried in turn: a standby coordinator that
@@ -91,7 +92,7 @@ class Agent:
         self.store = HostStore(state_dir / "hostd.db")
         self.executor = Executor(
             host_id, state_dir, migration_address, FileLeaseDriver(lockspace), network, self.emit,
-            migration_port=migration_port, migration_advertise=migration_advertise,
+            migration_port=migration_port, migration_advertise=migration_advertise, netns=netns,
         )  # fmt: skip
         self.pending: list[host_pb2.HostEvent] = self.store.unacknowledged()
         self._new_event = asyncio.Event()

@@ -47,6 +47,9 @@ class Executor:
     # to connect to when it differs from where QEMU listens (NAT, a relay).
     migration_port: int = 0
     migration_advertise: str = ""
+    # The network namespace QEMU runs in (its taps, their bridges and its migration traffic
+    # with it); empty: hostd's own.
+    netns: str = ""
 
     def _incoming(self) -> tuple[str, str]:
         """(URI the destination QEMU listens on, URI the source connects to)."""
@@ -90,11 +93,10 @@ class Executor:
         runtime = VmRuntime(spec, self.state_dir / "vms" / spec.name, self.emit, role)
         runtime.save()
         incoming = role == "destination"
-        pid = await qemu.launch(
-            qemu.command_line(spec, runtime.paths, self.host_id, incoming=incoming),
-            runtime.paths,
-            spec.name,
-        )
+        args = qemu.command_line(spec, runtime.paths, self.host_id, incoming=incoming)
+        if self.netns:
+            args = ["ip", "netns", "exec", self.netns, *args]
+        pid = await qemu.launch(args, runtime.paths, spec.name)
         self.vms[spec.name] = runtime
         try:
             await runtime.attach(pid)

@@ -61,6 +61,7 @@ async def _serve(ns: argparse.Namespace) -> int:
         network_driver(ns),
         migration_port=ns.migration_port,
         migration_advertise=ns.migration_advertise or "",
+        netns=ns.netns or "",
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -104,7 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--network", choices=["none", "hook", "bridge"], default="none")
     parser.add_argument("--network-hook", help="executable run with the phase (hook driver)")
-    parser.add_argument("--netns", help="network namespace of the bridge (bridge driver)")
+    parser.add_argument(
+        "--netns",
+        help="network namespace the VMs live in: QEMU runs there, with its taps, their "
+        "bridges and its migration traffic (--migration-address is an address there)",
+    )
     add_otlp_flag(parser)
     parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]

@@ -9,7 +9,7 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -222,6 +222,7 @@ class Cluster:
         memory_mib: int = 64,
         ram_file: Path | None = None,
         on_lost: int = 0,
+        nics: Sequence[common_pb2.Nic] = (),
     ) -> None:
         disk = boot_disk(self.shared / f"{name}.img")
         spec = common_pb2.VmSpec(
@@ -230,6 +231,7 @@ class Cluster:
             vcpus=1,
             disks=[common_pb2.Disk(path=str(disk), format="raw")],
             on_lost=common_pb2.LostVmAction.ValueType(on_lost),
+            nics=nics,
         )
         if ram_file is not None:
             spec.memory_backing.kind = "file"

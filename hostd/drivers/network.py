@@ -98,11 +98,12 @@ class HookNetworkDriver:
 
 
 class BridgeNetworkDriver:
-    """Tap devices are created by QEMU at launch, detached; enable attaches them."""
+    """Tap devices are created by QEMU at launch, detached and down: the VM is reachable only
+    once enable attaches them to their bridge; disable detaches them again (a rollback)."""
 
     def __init__(self, host_id: str, netns: str = "") -> None:
         self.host_id = host_id
-        self.prefix = ["ip", "netns", "exec", netns] if netns else []
+        self.prefix = ["ip", "-n", netns] if netns else ["ip"]
 
     async def apply(self, phase: str, spec: common_pb2.VmSpec) -> None:
         for i, nic in enumerate(spec.nics):
@@ -110,6 +111,6 @@ class BridgeNetworkDriver:
             if phase == "enable":
                 if not nic.bridge:
                     raise NetworkError(f"NIC {nic.mac} of {spec.name} names no bridge")
-                await _run([*self.prefix, "ip", "link", "set", tap, "master", nic.bridge, "up"])
+                await _run([*self.prefix, "link", "set", tap, "master", nic.bridge, "up"])
             elif phase == "disable":
-                await _run([*self.prefix, "ip", "link", "set", tap, "nomaster"])
+                await _run([*self.prefix, "link", "set", tap, "nomaster", "down"])
