@@ -53,6 +53,8 @@ class Executor:
 
     def _incoming(self) -> tuple[str, str]:
         """(URI the destination QEMU listens on, URI the source connects to)."""
+        # (Probed in hostd's namespace: with --netns, a fixed --migration-port avoids a port
+        # that happens to be taken in the VMs' namespace only.)
         port = self.migration_port or free_port(self.migration_address)
         listen = f"tcp:{self.migration_address}:{port}"
         if not self.migration_advertise:
