@@ -641,10 +641,19 @@ class Coordinator:
     @contextlib.asynccontextmanager
     async def reading(self) -> AsyncIterator[World]:
         """The world as committed. Staged events are folded before their commit completes, so
-        a read outside the lock could see a state that is not durable yet."""
-        async with self._lock:
+        a read outside the lock could see a state that is not durable yet. The wait for the
+        commits in flight happens outside the lock: a reader (a watcher wakes after every
+        commit) must not hold up the next host events in the middle of a handoff."""
+        while True:
             await self._settled.wait()
+            await self._lock.acquire()
+            if not self._in_flight:
+                break
+            self._lock.release()
+        try:
             yield self.world
+        finally:
+            self._lock.release()
 
     async def wait_for_change(self, max_wait: float | None = None) -> None:
         """Return after the next committed change, or after `max_wait` seconds."""
