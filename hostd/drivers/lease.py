@@ -114,12 +114,13 @@ class FileLeaseDriver:
                 self._direct = 0
         return os.open(path, flags, 0o644)
 
-    def _records(self, vm: str) -> list[_Record]:
-        """Both sectors' valid records; raises LeaseError for a file with none."""
+    def _newest(self, vm: str) -> _Record | None:
+        """The newer of the two sectors' valid records (None: no lease file yet); raises
+        LeaseError for a file with none."""
         try:
             fd = self._open(self._path(vm), os.O_RDONLY)
         except FileNotFoundError:
-            return []
+            return None
         try:
             size = os.fstat(fd).st_size
             self._buffer[:] = bytes(2 * SECTOR)
@@ -131,16 +132,15 @@ class FileLeaseDriver:
         records = [r for r in (decode(self._buffer[i : i + SECTOR]) for i in (0, SECTOR)) if r]
         if size and not records:
             raise LeaseError(f"lease file of {vm} holds no valid lease record", vm=vm)
-        return records
+        return max(records, key=lambda r: r.version) if records else None
 
     def read(self, vm: str) -> Lease:
-        records = self._records(vm)
-        return max(records, key=lambda r: r.version).lease if records else Lease("", 0)
+        newest = self._newest(vm)
+        return newest.lease if newest else Lease("", 0)
 
-    def _write(self, vm: str, lease: Lease) -> None:
-        """Overwrite the older sector with a record one version newer, synchronously."""
-        records = self._records(vm)
-        newest = max(records, key=lambda r: r.version) if records else None
+    def _write(self, vm: str, lease: Lease, newest: _Record | None) -> None:
+        """Overwrite the sector `newest` is not in with a record one version newer,
+        synchronously."""
         version = newest.version + 1 if newest else 1
         path = self._path(vm)
         created = not path.exists()
@@ -161,7 +161,8 @@ class FileLeaseDriver:
 
     def _acquire(self, vm: str, holder: str, generation: int) -> Lease:
         with self._locked(vm):
-            current = self.read(vm)
+            newest = self._newest(vm)
+            current = newest.lease if newest else Lease("", 0)
             if current.holder and current.holder != holder:
                 raise LeaseError(
                     f"lease of {vm} is held by {current.holder} (generation {current.generation})",
@@ -174,16 +175,16 @@ class FileLeaseDriver:
                     vm=vm,
                 )
             lease = Lease(holder, generation)
-            self._write(vm, lease)
+            self._write(vm, lease, newest)
             return lease
 
     def _release(self, vm: str, holder: str) -> Lease | None:
         with self._locked(vm):
-            current = self.read(vm)
-            if current.holder != holder:
+            newest = self._newest(vm)
+            if newest is None or newest.lease.holder != holder:
                 return None
-            self._write(vm, Lease("", current.generation))
-            return current
+            self._write(vm, Lease("", newest.lease.generation), newest)
+            return newest.lease
 
     # Run inline: a lease change is a lock, a read and one synchronous sector write (well under
     # a millisecond here), while a hop to a worker thread costs more than that on a busy host,
