@@ -37,10 +37,7 @@ async def _run(args: list[str], env: dict[str, str] | None = None, what: str = "
     proc = await asyncio.create_subprocess_exec(
         *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env
     )
-    output, _ = await proc.communicate()
-    if proc.returncode != 0:
-        text = output.decode(errors="replace").strip()
-        raise NetworkError(f"{what or args[0]} failed ({proc.returncode}): {text}")
+    await _finish(proc, None, what or args[0])
 
 
 # Waits for one line on stdin: "go" runs the hook (exec, so it is the hook that exits),
@@ -48,8 +45,9 @@ async def _run(args: list[str], env: dict[str, str] | None = None, what: str = "
 _ARMED = 'read -r go || exit 0; [ "$go" = go ] || exit 0; exec "$0" "$@"'
 
 
-async def _finish(proc: asyncio.subprocess.Process, line: bytes, what: str) -> None:
-    """Answer an armed hook (b"go\n" runs it, b"" dismisses it) and wait for it."""
+async def _finish(proc: asyncio.subprocess.Process, line: bytes | None, what: str) -> None:
+    """Wait for a process, raising NetworkError (naming `what`, if given) when it fails. An
+    armed hook gets its answer first: b"go\n" runs it, b"" dismisses it."""
     output, _ = await proc.communicate(line)
     if what and proc.returncode != 0:
         text = output.decode(errors="replace").strip()
