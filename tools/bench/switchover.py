@@ -26,7 +26,7 @@ from tools.guest import boot_disk, random_ram
 from whimbrel.v1 import common_pb2, migration_pb2
 
 RUNS = 20
-MEMORY_MIB = 64
+MEMORY_MIB = 128
 # Random RAM (every page real data) keeps post-copy engaged: a mostly-zero guest can finish
 # pre-copy before migrate-start-postcopy takes effect.
 # Post-copy runs throttle pre-copy so the switch to post-copy always happens during pass 1;
