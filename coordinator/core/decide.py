@@ -544,6 +544,10 @@ def _forward(world: World, m: MigrationState, issue: _Issuer) -> list[Message]:
         out.append(issue(Kind.START_POSTCOPY, src.host))
     if not switching:
         return out
+    if src.runstate == "running":
+        # Post-copy: QEMU reports postcopy-active just before its STOP. Nothing moves before
+        # the stop is in the log (hostd releases the lease at the STOP by itself anyway).
+        return out
     # The source has stopped: its lease goes first, then (pre-copy) the switchover completes.
     # hostd releases the lease at the stop by itself (START_MIGRATION asked it to); this
     # command covers a hostd that restarted meanwhile or could not. Destination networking is
