@@ -171,8 +171,10 @@ class Coordinator:
 
         epoch = await self._take_epoch(first)
         seq, _ = self.store.head()
-        (stored,) = list(self.store.read(from_seq=seq))
-        evolve(self.world, codec.from_stored(stored))
+        # The new epoch's event, and before it whatever a previous coordinator committed after
+        # the replay (it may have held the log's write lock until the new epoch fenced it).
+        for stored in self.store.read(from_seq=self.world.last_seq + 1):
+            evolve(self.world, codec.from_stored(stored))
         async with self._lock:
             # Streams that were open before the restart are gone now.
             for host in self.world.hosts.values():

@@ -160,11 +160,7 @@ class SqliteEventStore:
         if version != SCHEMA_VERSION:
             raise StoreFailure(f"{self.path}: schema version {version}, expected {SCHEMA_VERSION}")
         self._epoch = 0
-        row = self._conn.execute(
-            "SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1"
-        ).fetchone()
-        self._head_seq: int = row[0] if row else 0
-        self._head_hash: bytes = row[1] if row else ZERO_HASH
+        self._head_seq, self._head_hash = self._read_head()
         self._high_water: dict[tuple[str, int], int] = {}
         self._queue: queue.SimpleQueue[_Batch | None] = queue.SimpleQueue()
         self._committed = threading.Condition()
@@ -314,6 +310,12 @@ class SqliteEventStore:
                 count += len(more.events)
             self._write_group(batches)
 
+    def _read_head(self) -> tuple[int, bytes]:
+        row = self._conn.execute(
+            "SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1"
+        ).fetchone()
+        return (int(row[0]), bytes(row[1])) if row else (0, ZERO_HASH)
+
     def _write_group(self, batches: list[_Batch], new_epoch: _EpochBatch | None = None) -> None:
         if self._fenced is not None and new_epoch is None:
             _settle(batches, self._fenced, epoch=0)
@@ -323,7 +325,10 @@ class SqliteEventStore:
             self._conn.execute("BEGIN IMMEDIATE")
             current = self._meta("epoch")
             if new_epoch is not None:
-                # The new epoch and its first event commit together, before anything else.
+                # The new epoch and its first event commit together, before anything else,
+                # after whatever the previous writer committed since this store opened (it
+                # may have held the write lock until now).
+                seq, prev = self._read_head()
                 epoch = current + 1
                 self._conn.execute("UPDATE meta SET value = ? WHERE key = 'epoch'", [epoch])
                 batches = [_Batch([new_epoch.first(epoch)])]

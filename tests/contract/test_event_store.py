@@ -106,6 +106,19 @@ def test_stale_epoch_cannot_append_and_leaves_nothing(backend: Backend) -> None:
     assert verify_chain(new.read()).ok
 
 
+def test_new_epoch_follows_what_the_old_writer_committed_after_the_open(backend: Backend) -> None:
+    """A standby opens the log while the old coordinator still writes (it held the write lock
+    until it was woken); the new epoch lands after those writes, and the chain holds."""
+    old = backend.open()
+    old.begin_epoch(started)
+    new = backend.open()  # reads the head now: seq 1
+    old.append([event(1), event(2)])  # committed after the standby opened the log
+    assert new.begin_epoch(started) == 2
+    assert [e.seq for e in new.read()] == [1, 2, 3, 4]
+    assert new.head()[0] == 4
+    assert verify_chain(new.read()).ok
+
+
 def test_concurrent_appenders_all_acknowledged_once(backend: Backend) -> None:
     """Twenty threads appending at once: every event stored once, seqs gap-free, chain intact."""
     store = backend.open()
