@@ -568,7 +568,9 @@ class Coordinator:
         finished = asyncio.ensure_future(self._acknowledge(session, events, commit))
         self._background.add(finished)
         finished.add_done_callback(self._background.discard)
-        return finished
+        # A caller cancelled while it waits (its stream ended) must not cancel the unit's end:
+        # the commit's commands would never be sent.
+        return asyncio.shield(finished)
 
     async def _acknowledge(
         self, session: HostSession, events: Sequence[host_pb2.HostEvent], commit: _Commit | None

@@ -12,7 +12,7 @@ from coordinator.app import Coordinator
 from coordinator.core import inputs as I
 from coordinator.log import MemoryEventStore, PendingEvent
 from coordinator.log.records import Mark
-from whimbrel.v1 import common_pb2
+from whimbrel.v1 import common_pb2, events_pb2, host_pb2
 
 
 class SlowCommits(MemoryEventStore):
@@ -54,4 +54,36 @@ async def test_a_cancelled_request_still_commits_and_the_next_one_agrees() -> No
     logged = [codec.from_stored(e).payload for e in store.read()]
     assert [p.spec.name for p in logged if type(p).__name__ == "VmDefined"] == ["vm-1", "vm-2"]
     assert set(app.world.vms) == {"vm-1", "vm-2"}
+    await app.close()
+
+
+async def test_a_host_stream_that_ends_mid_commit_still_gets_its_batch_finished() -> None:
+    """The servicer cancels a stream's event processing when the stream ends; a batch whose
+    commit is in flight still commits, sends what it decided and acknowledges."""
+    store = SlowCommits()
+    store.gate.set()
+    app = Coordinator(store)
+    await app.start()
+    session, _ = await app.host_connected(host_pb2.Hello(host_id="host-a", generation=1))
+    store.gate.clear()
+    disconnected = events_pb2.EventPayload(
+        host_disconnected=events_pb2.HostDisconnected(host_id="host-z", reason="test")
+    )
+    batch = [host_pb2.HostEvent(seq=1, generation=1, time_us=1, payload=disconnected)]
+    finished = await app.queue_host_events(session, batch)
+    awaiting = asyncio.Event()
+
+    async def processor() -> None:  # the stream's, waiting for its batch's end
+        awaiting.set()
+        await finished
+
+    waiting = asyncio.create_task(processor())
+    await awaiting.wait()
+    waiting.cancel()  # the stream ended while the commit was in flight
+    store.gate.set()
+    while (message := await asyncio.wait_for(session.outbox.get(), 5)) is not None:
+        if message.WhichOneof("kind") == "ack":
+            break
+    assert message is not None and message.ack.seq == 1
+    assert not app.fenced.is_set(), app.stop_reason
     await app.close()
