@@ -134,6 +134,7 @@ class Executor:
     async def destroy_vm(self, c: host_pb2.Command) -> events_pb2.CommandResult:
         runtime = self.vms.get(c.vm)
         if runtime is not None:
+            await runtime.sample_before_destroy()
             await runtime.kill(f"killed by command {c.command_id} ({c.args.reason})")
             await self._teardown(runtime)
         else:

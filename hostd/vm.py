@@ -133,6 +133,16 @@ class VmRuntime:
         if action is not None:
             await action()
 
+    async def sample_before_destroy(self, limit: float = 0.5) -> None:
+        """A source's totals once more before its QEMU is destroyed: the destroy that follows
+        a completion can come before the sample taken at the completed event (the coordinator
+        may learn of the completion from the destination first). Bounded: a QEMU that does not
+        answer is destroyed all the same."""
+        if self.role != "source" or self.exited.is_set():
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._sample(self._last_pass), limit)
+
     def _sample_soon(self, pass_: int) -> None:
         # Sampled beside the event stream, so the next events are not held up by it.
         task = asyncio.create_task(self._sample(pass_))
