@@ -227,8 +227,12 @@ class HostServicer(host_pb2_grpc.HostServiceServicer):
 
         async def read_events() -> None:
             async for message in request_iterator:
-                if message.WhichOneof("kind") == "event":
+                kind = message.WhichOneof("kind")
+                if kind == "event":
                     received.put_nowait(message.event)
+                elif kind == "events":
+                    for event in message.events.events:
+                        received.put_nowait(event)
             received.put_nowait(None)
 
         async def process_events() -> None:

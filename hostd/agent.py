@@ -69,6 +69,21 @@ def failed(c: host_pb2.Command, error: str, **fields: Any) -> events_pb2.EventPa
     )
 
 
+# Observations per message: a backlog after an outage goes up in bounded messages.
+MAX_BATCH = 256
+
+
+def _put_batches(
+    up: asyncio.Queue[host_pb2.HostMessage | None], events: list[host_pb2.HostEvent]
+) -> None:
+    for i in range(0, len(events), MAX_BATCH):
+        chunk = events[i : i + MAX_BATCH]
+        if len(chunk) == 1:
+            up.put_nowait(host_pb2.HostMessage(event=chunk[0]))
+        else:
+            up.put_nowait(host_pb2.HostMessage(events=host_pb2.HostEvents(events=chunk)))
+
+
 class Agent:
     def __init__(
         self,
@@ -254,17 +269,22 @@ class Agent:
                     await sender
 
     async def _send(self, up: asyncio.Queue[host_pb2.HostMessage | None], last_stored: int) -> None:
-        """Send what the log lacks: older generations unacknowledged, ours after `last_stored`."""
+        """Send what the log lacks: older generations unacknowledged, ours after `last_stored`.
+        What was recorded together goes up in one message, so the coordinator folds it as one
+        batch (a source's STOP and its lease release: one log transaction, not two in a row
+        in the guest's pause)."""
         cursor = (self.generation, last_stored)
-        for event in list(self.pending):
-            if event.generation < self.generation:
-                up.put_nowait(host_pb2.HostMessage(event=event))
+        _put_batches(up, [e for e in self.pending if e.generation < self.generation])
         while True:
             self._new_event.clear()
-            for event in list(self.pending):
-                if event.generation == self.generation and (event.generation, event.seq) > cursor:
-                    up.put_nowait(host_pb2.HostMessage(event=event))
-                    cursor = (event.generation, event.seq)
+            new = [
+                e
+                for e in self.pending
+                if e.generation == self.generation and (e.generation, e.seq) > cursor
+            ]
+            if new:
+                _put_batches(up, new)
+                cursor = (new[-1].generation, new[-1].seq)
             await self._new_event.wait()
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:

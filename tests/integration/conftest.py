@@ -53,6 +53,7 @@ class SimHostd:
     welcome: host_pb2.Welcome | None = None
     commands: list[host_pb2.Command] = field(default_factory=list)
     acked: int = 0
+    acks: list[int] = field(default_factory=list)
     answer: bool = True
     _up: asyncio.Queue[host_pb2.HostMessage | None] = field(default_factory=asyncio.Queue)
     _task: asyncio.Task[None] | None = None
@@ -102,6 +103,7 @@ class SimHostd:
                 self.connected.set()
             elif kind == "ack":
                 self.acked = message.ack.seq
+                self.acks.append(message.ack.seq)
             elif kind == "command":
                 self.commands.append(message.command)
                 if self.answer:
@@ -120,16 +122,22 @@ class SimHostd:
         for observation in self.hosts.answer(issued):
             self.report(observation.payload)
 
-    def report(self, payload: object) -> None:
+    def _event(self, payload: object) -> host_pb2.HostEvent:
+        from coordinator.core.events import PAYLOAD_FIELDS
+
         self.seq += 1
         wrapped = events_pb2.EventPayload()
         field_name = type(payload).DESCRIPTOR.name  # type: ignore[attr-defined]
-        from coordinator.core.events import PAYLOAD_FIELDS
-
         getattr(wrapped, PAYLOAD_FIELDS[field_name]).CopyFrom(payload)
-        self._up.put_nowait(
-            host_pb2.HostMessage(event=host_pb2.HostEvent(seq=self.seq, payload=wrapped))
-        )
+        return host_pb2.HostEvent(seq=self.seq, payload=wrapped)
+
+    def report(self, payload: object) -> None:
+        self._up.put_nowait(host_pb2.HostMessage(event=self._event(payload)))
+
+    def report_together(self, *payloads: object) -> None:
+        """Several observations in one message, as hostd sends what it recorded together."""
+        events = [self._event(p) for p in payloads]
+        self._up.put_nowait(host_pb2.HostMessage(events=host_pb2.HostEvents(events=events)))
 
     async def stop(self) -> None:
         self._up.put_nowait(None)

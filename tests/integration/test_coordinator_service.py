@@ -22,6 +22,7 @@ from whimbrel.v1 import (
     common_pb2,
     eventlog_pb2,
     eventlog_pb2_grpc,
+    events_pb2,
     migration_pb2,
     migration_pb2_grpc,
     vm_pb2,
@@ -314,5 +315,32 @@ async def test_caller_trace_context_in_grpc_metadata_is_linked_from_the_migratio
     assert [(link.context.trace_id, link.context.span_id) for link in root.links] == [
         (caller_trace, caller_span)
     ]
+    for h in hosts:
+        await h.stop()
+
+
+async def test_observations_sent_together_are_folded_and_acknowledged_as_one_batch(
+    coordinator, sim_hosts
+):
+    """hostd sends what it recorded together (a source's STOP and its lease release) in one
+    message: the coordinator logs them in order, back to back, and acknowledges them once."""
+    hosts = await _running_vm(coordinator, sim_hosts)
+    host_a = hosts[0]
+    await wait_until(lambda: host_a.acked == host_a.seq, coordinator.app, host_a)
+    before = list(host_a.acks)
+    host_a.report_together(
+        events_pb2.QmpEventReceived(vm="vm-1", event="STOP", data_json="{}"),
+        events_pb2.QmpEventReceived(vm="vm-1", event="RESUME", data_json="{}"),
+    )
+    await wait_until(lambda: host_a.acked == host_a.seq, coordinator.app, host_a)
+    assert host_a.acks[len(before) :] == [host_a.seq]
+    logged = [
+        e
+        for e in coordinator.app.store.read()
+        if e.origin_host == "host-a" and e.origin_seq in (host_a.seq - 1, host_a.seq)
+    ]
+    assert [e.origin_seq for e in logged] == [host_a.seq - 1, host_a.seq]
+    assert logged[1].seq == logged[0].seq + 1
+    assert coordinator.app.world.vms["vm-1"].status == 3  # running again after the RESUME
     for h in hosts:
         await h.stop()

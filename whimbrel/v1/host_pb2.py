@@ -26,7 +26,7 @@ from whimbrel.v1 import common_pb2 as whimbrel_dot_v1_dot_common__pb2
 from whimbrel.v1 import events_pb2 as whimbrel_dot_v1_dot_events__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16whimbrel/v1/host.proto\x12\x0bwhimbrel.v1\x1a\x18whimbrel/v1/common.proto\x1a\x18whimbrel/v1/events.proto\"\xb5\x01\n\x05Hello\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x04\x12\x1a\n\x12highest_epoch_seen\x18\x03 \x01(\x04\x12\x16\n\x0elast_acked_seq\x18\x04 \x01(\x04\x12\'\n\x03vms\x18\x05 \x03(\x0b\x32\x1a.whimbrel.v1.VmObservation\x12\x19\n\x11migration_address\x18\x06 \x01(\t\x12\x0f\n\x07version\x18\x07 \x01(\t\"i\n\tHostEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0f\n\x07time_us\x18\x02 \x01(\x03\x12*\n\x07payload\x18\x03 \x01(\x0b\x32\x19.whimbrel.v1.EventPayload\x12\x12\n\ngeneration\x18\x04 \x01(\x04\"c\n\x0bHostMessage\x12#\n\x05hello\x18\x01 \x01(\x0b\x32\x12.whimbrel.v1.HelloH\x00\x12\'\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x16.whimbrel.v1.HostEventH\x00\x42\x06\n\x04kind\"1\n\x07Welcome\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x17\n\x0flast_stored_seq\x18\x02 \x01(\x04\"&\n\x03\x41\x63k\x12\x12\n\ngeneration\x18\x01 \x01(\x04\x12\x0b\n\x03seq\x18\x02 \x01(\x04\"\xa3\x02\n\x07\x43ommand\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\x14\n\x0cmigration_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\n\n\x02vm\x18\x05 \x01(\t\x12&\n\x04kind\x18\x06 \x01(\x0e\x32\x18.whimbrel.v1.CommandKind\x12&\n\x04\x61rgs\x18\x07 \x01(\x0b\x32\x18.whimbrel.v1.CommandArgs\x12=\n\rtrace_context\x18\x08 \x03(\x0b\x32&.whimbrel.v1.Command.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8f\x01\n\x12\x43oordinatorMessage\x12\'\n\x07welcome\x18\x01 \x01(\x0b\x32\x14.whimbrel.v1.WelcomeH\x00\x12\x1f\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x10.whimbrel.v1.AckH\x00\x12\'\n\x07\x63ommand\x18\x03 \x01(\x0b\x32\x14.whimbrel.v1.CommandH\x00\x42\x06\n\x04kind\"\x12\n\x10ListHostsRequest\"}\n\x04Host\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x04\x12\x11\n\tconnected\x18\x03 \x01(\x08\x12\x19\n\x11migration_address\x18\x04 \x01(\t\x12\x0b\n\x03vms\x18\x05 \x03(\t\x12\x15\n\rchanged_at_us\x18\x06 \x01(\x03\"5\n\x11ListHostsResponse\x12 \n\x05hosts\x18\x01 \x03(\x0b\x32\x11.whimbrel.v1.Host2\xa3\x01\n\x0bHostService\x12H\n\x07\x43onnect\x12\x18.whimbrel.v1.HostMessage\x1a\x1f.whimbrel.v1.CoordinatorMessage(\x01\x30\x01\x12J\n\tListHosts\x12\x1d.whimbrel.v1.ListHostsRequest\x1a\x1e.whimbrel.v1.ListHostsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16whimbrel/v1/host.proto\x12\x0bwhimbrel.v1\x1a\x18whimbrel/v1/common.proto\x1a\x18whimbrel/v1/events.proto\"\xb5\x01\n\x05Hello\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x04\x12\x1a\n\x12highest_epoch_seen\x18\x03 \x01(\x04\x12\x16\n\x0elast_acked_seq\x18\x04 \x01(\x04\x12\'\n\x03vms\x18\x05 \x03(\x0b\x32\x1a.whimbrel.v1.VmObservation\x12\x19\n\x11migration_address\x18\x06 \x01(\t\x12\x0f\n\x07version\x18\x07 \x01(\t\"i\n\tHostEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0f\n\x07time_us\x18\x02 \x01(\x03\x12*\n\x07payload\x18\x03 \x01(\x0b\x32\x19.whimbrel.v1.EventPayload\x12\x12\n\ngeneration\x18\x04 \x01(\x04\"\x8e\x01\n\x0bHostMessage\x12#\n\x05hello\x18\x01 \x01(\x0b\x32\x12.whimbrel.v1.HelloH\x00\x12\'\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x16.whimbrel.v1.HostEventH\x00\x12)\n\x06\x65vents\x18\x03 \x01(\x0b\x32\x17.whimbrel.v1.HostEventsH\x00\x42\x06\n\x04kind\"4\n\nHostEvents\x12&\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x16.whimbrel.v1.HostEvent\"1\n\x07Welcome\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x17\n\x0flast_stored_seq\x18\x02 \x01(\x04\"&\n\x03\x41\x63k\x12\x12\n\ngeneration\x18\x01 \x01(\x04\x12\x0b\n\x03seq\x18\x02 \x01(\x04\"\xa3\x02\n\x07\x43ommand\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\x14\n\x0cmigration_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\n\n\x02vm\x18\x05 \x01(\t\x12&\n\x04kind\x18\x06 \x01(\x0e\x32\x18.whimbrel.v1.CommandKind\x12&\n\x04\x61rgs\x18\x07 \x01(\x0b\x32\x18.whimbrel.v1.CommandArgs\x12=\n\rtrace_context\x18\x08 \x03(\x0b\x32&.whimbrel.v1.Command.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8f\x01\n\x12\x43oordinatorMessage\x12\'\n\x07welcome\x18\x01 \x01(\x0b\x32\x14.whimbrel.v1.WelcomeH\x00\x12\x1f\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x10.whimbrel.v1.AckH\x00\x12\'\n\x07\x63ommand\x18\x03 \x01(\x0b\x32\x14.whimbrel.v1.CommandH\x00\x42\x06\n\x04kind\"\x12\n\x10ListHostsRequest\"}\n\x04Host\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x04\x12\x11\n\tconnected\x18\x03 \x01(\x08\x12\x19\n\x11migration_address\x18\x04 \x01(\t\x12\x0b\n\x03vms\x18\x05 \x03(\t\x12\x15\n\rchanged_at_us\x18\x06 \x01(\x03\"5\n\x11ListHostsResponse\x12 \n\x05hosts\x18\x01 \x03(\x0b\x32\x11.whimbrel.v1.Host2\xa3\x01\n\x0bHostService\x12H\n\x07\x43onnect\x12\x18.whimbrel.v1.HostMessage\x1a\x1f.whimbrel.v1.CoordinatorMessage(\x01\x30\x01\x12J\n\tListHosts\x12\x1d.whimbrel.v1.ListHostsRequest\x1a\x1e.whimbrel.v1.ListHostsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,24 +39,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HELLO']._serialized_end=273
   _globals['_HOSTEVENT']._serialized_start=275
   _globals['_HOSTEVENT']._serialized_end=380
-  _globals['_HOSTMESSAGE']._serialized_start=382
-  _globals['_HOSTMESSAGE']._serialized_end=481
-  _globals['_WELCOME']._serialized_start=483
-  _globals['_WELCOME']._serialized_end=532
-  _globals['_ACK']._serialized_start=534
-  _globals['_ACK']._serialized_end=572
-  _globals['_COMMAND']._serialized_start=575
-  _globals['_COMMAND']._serialized_end=866
-  _globals['_COMMAND_TRACECONTEXTENTRY']._serialized_start=815
-  _globals['_COMMAND_TRACECONTEXTENTRY']._serialized_end=866
-  _globals['_COORDINATORMESSAGE']._serialized_start=869
-  _globals['_COORDINATORMESSAGE']._serialized_end=1012
-  _globals['_LISTHOSTSREQUEST']._serialized_start=1014
-  _globals['_LISTHOSTSREQUEST']._serialized_end=1032
-  _globals['_HOST']._serialized_start=1034
-  _globals['_HOST']._serialized_end=1159
-  _globals['_LISTHOSTSRESPONSE']._serialized_start=1161
-  _globals['_LISTHOSTSRESPONSE']._serialized_end=1214
-  _globals['_HOSTSERVICE']._serialized_start=1217
-  _globals['_HOSTSERVICE']._serialized_end=1380
+  _globals['_HOSTMESSAGE']._serialized_start=383
+  _globals['_HOSTMESSAGE']._serialized_end=525
+  _globals['_HOSTEVENTS']._serialized_start=527
+  _globals['_HOSTEVENTS']._serialized_end=579
+  _globals['_WELCOME']._serialized_start=581
+  _globals['_WELCOME']._serialized_end=630
+  _globals['_ACK']._serialized_start=632
+  _globals['_ACK']._serialized_end=670
+  _globals['_COMMAND']._serialized_start=673
+  _globals['_COMMAND']._serialized_end=964
+  _globals['_COMMAND_TRACECONTEXTENTRY']._serialized_start=913
+  _globals['_COMMAND_TRACECONTEXTENTRY']._serialized_end=964
+  _globals['_COORDINATORMESSAGE']._serialized_start=967
+  _globals['_COORDINATORMESSAGE']._serialized_end=1110
+  _globals['_LISTHOSTSREQUEST']._serialized_start=1112
+  _globals['_LISTHOSTSREQUEST']._serialized_end=1130
+  _globals['_HOST']._serialized_start=1132
+  _globals['_HOST']._serialized_end=1257
+  _globals['_LISTHOSTSRESPONSE']._serialized_start=1259
+  _globals['_LISTHOSTSRESPONSE']._serialized_end=1312
+  _globals['_HOSTSERVICE']._serialized_start=1315
+  _globals['_HOSTSERVICE']._serialized_end=1478
 # @@protoc_insertion_point(module_scope)
