@@ -74,6 +74,8 @@ class Executor:
             # cancels) or moved on: a release at a later stop would take the lease from a
             # source that is about to run again.
             runtime.at_switchover = None
+        if runtime is not None and command.kind in DISARMING_INCOMING:
+            runtime.at_incoming_postcopy = None  # this destination's QEMU is going away
         return await handler(self, command)
 
     def _vm(self, name: str) -> VmRuntime:
@@ -83,9 +85,13 @@ class Executor:
         return runtime
 
     async def _network(self, phase: str, runtime: VmRuntime, state: int) -> None:
-        await self.network.apply(phase, runtime.spec)
-        network_state = events_pb2.NetworkState.ValueType(state)
-        await self.emit(events_pb2.NetworkChanged(vm=runtime.name, state=network_state), 0)
+        async with runtime.network_lock:
+            if phase == "enable" and runtime.network_phase == "enable":
+                return  # already (at the destination's postcopy-active, or a repeat)
+            await self.network.apply(phase, runtime.spec)
+            runtime.network_phase = phase
+            network_state = events_pb2.NetworkState.ValueType(state)
+            await self.emit(events_pb2.NetworkChanged(vm=runtime.name, state=network_state), 0)
 
     async def _launch(self, command: host_pb2.Command, role: str) -> VmRuntime:
         spec = command.args.spec
@@ -169,6 +175,8 @@ class Executor:
                 capabilities.append({"capability": "postcopy-ram", "state": True})
             await runtime.execute("migrate-set-capabilities", {"capabilities": capabilities})
             await self._network("prepare", runtime, K.NETWORK_STATE_PREPARED)
+            if c.args.enable_network_at_postcopy:
+                self.enable_network_at_postcopy(runtime)
             listen, uri = self._incoming()
             await runtime.execute("migrate-incoming", {"uri": listen})
         except BaseException:
@@ -201,6 +209,18 @@ class Executor:
         except HostdError as err:
             log.error("%s: lease not released at the switchover (the coordinator's release "
                       "command follows): %s", vm, err)  # fmt: skip
+
+    def enable_network_at_postcopy(self, runtime: VmRuntime) -> None:
+        """Arm this destination: its networking is enabled when its QEMU reports
+        postcopy-active, which it does only once the source has stopped."""
+        runtime.at_incoming_postcopy = functools.partial(self._enable_at_postcopy, runtime)
+
+    async def _enable_at_postcopy(self, runtime: VmRuntime) -> None:
+        try:
+            await self._network("enable", runtime, K.NETWORK_STATE_ENABLED)
+        except HostdError as err:
+            log.error("%s: networking not enabled at postcopy-active (the coordinator's enable "
+                      "command follows): %s", runtime.name, err)  # fmt: skip
 
     async def _set_parameters(self, runtime: VmRuntime, p: events_pb2.MigrationParameters) -> None:
         parameters: dict[str, int] = {}
@@ -282,6 +302,10 @@ DISARMING = frozenset(
         K.COMMAND_KIND_DESTROY_VM,
     }
 )
+
+# Commands after which a destination must not enable its networking at postcopy-active: its
+# QEMU is going away (a rollback, the VM's end).
+DISARMING_INCOMING = frozenset({K.COMMAND_KIND_STOP_VM, K.COMMAND_KIND_DESTROY_VM})
 
 _HANDLERS: dict[int, Handler] = {
     K.COMMAND_KIND_START_VM: Executor.start_vm,

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -43,12 +43,18 @@ class VmRuntime:
         self.killed_by_us = False
         self.exited = asyncio.Event()
         self._watch: asyncio.Task[None] | None = None
-        self._samplers: set[asyncio.Task[None]] = set()
+        self._beside_tasks: set[asyncio.Task[None]] = set()
         self._last_pass = 0
         self.migration_status = ""
         self.stopped = False
         # Run once when this source has stopped to switch over (set by START_MIGRATION).
         self.at_switchover: Callable[[], Awaitable[None]] | None = None
+        # Run once (beside the event stream) when this destination's QEMU reports
+        # postcopy-active (set by PREPARE_INCOMING).
+        self.at_incoming_postcopy: Callable[[], Coroutine[Any, Any, None]] | None = None
+        # Network phases run one at a time; the last one that succeeded here.
+        self.network_lock = asyncio.Lock()
+        self.network_phase = ""
         self.log = log.getChild(self.name)
 
     def save(self) -> None:
@@ -108,6 +114,13 @@ class VmRuntime:
             self.stopped = name == "STOP"
         if self.at_switchover is not None and name in ("MIGRATION", "STOP"):
             await self._maybe_switching_over()
+        if (
+            self.at_incoming_postcopy is not None
+            and name == "MIGRATION"
+            and self.migration_status == "postcopy-active"
+        ):
+            action, self.at_incoming_postcopy = self.at_incoming_postcopy, None
+            self._beside(action())
         # Progress samples serve the pre-copy policy; during the switch they would only
         # compete with the handoff for QMP and CPU.
         if self.role != "source":
@@ -145,9 +158,12 @@ class VmRuntime:
 
     def _sample_soon(self, pass_: int) -> None:
         # Sampled beside the event stream, so the next events are not held up by it.
-        task = asyncio.create_task(self._sample(pass_))
-        self._samplers.add(task)
-        task.add_done_callback(self._samplers.discard)
+        self._beside(self._sample(pass_))
+
+    def _beside(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._beside_tasks.add(task)
+        task.add_done_callback(self._beside_tasks.discard)
 
     async def _sample(self, pass_: int) -> None:
         try:

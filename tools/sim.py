@@ -20,7 +20,7 @@ from google.protobuf.message import Message
 from coordinator.core import Event, NewEvent, World, decide, evolve
 from coordinator.core import inputs as I
 from coordinator.core.state import Kind
-from hostd.executor import DISARMING
+from hostd.executor import DISARMING, DISARMING_INCOMING
 from whimbrel.v1 import common_pb2, events_pb2
 
 if TYPE_CHECKING:
@@ -45,8 +45,9 @@ def migration(host: str, vm: str, status: str) -> Observation:
 
 # Commands hostd can execute with no QEMU process for the VM.
 _WITHOUT_QEMU = frozenset({Kind.RELEASE_LEASE, Kind.ACQUIRE_LEASE, Kind.ENABLE_NETWORK})
-# Commands that disarm hostd's release at the switchover.
+# Commands that disarm hostd's release at the switchover, and its enable at postcopy-active.
 _DISARMING = frozenset(Kind(kind) for kind in DISARMING)
+_DISARMING_INCOMING = frozenset(Kind(kind) for kind in DISARMING_INCOMING)
 
 
 @dataclass
@@ -73,6 +74,11 @@ class SimHosts:
     # (False: a hostd that restarted and forgot, so the coordinator's command does it).
     release_at_switchover: bool = True
     armed: set[tuple[str, str]] = field(default_factory=set)
+    # hostd enables a destination's networking at its postcopy-active when PREPARE_INCOMING
+    # asks it to (False: a hostd that restarted and forgot); (vm, host) armed, and enabled.
+    enable_at_postcopy: bool = True
+    armed_incoming: set[tuple[str, str]] = field(default_factory=set)
+    network_enabled: set[tuple[str, str]] = field(default_factory=set)
 
     def kill(self, vm: str, host: str) -> Observation:
         self.dead.add((vm, host))
@@ -89,6 +95,8 @@ class SimHosts:
         h, vm, kind = cmd.host_id, cmd.vm, Kind(cmd.kind)
         if kind in _DISARMING:
             self.armed.discard((vm, h))
+        if kind in _DISARMING_INCOMING:
+            self.armed_incoming.discard((vm, h))
         if kind in self.fail_kinds:
             return [self._failed(cmd, f"simulated failure of {kind.label}")]
         if kind in (Kind.START_VM, Kind.PREPARE_INCOMING):
@@ -109,6 +117,9 @@ class SimHosts:
             out += self._release(h, vm)
         elif kind == Kind.PREPARE_INCOMING:
             self.incoming[vm] = h
+            self.network_enabled.discard((vm, h))
+            if cmd.args.enable_network_at_postcopy and self.enable_at_postcopy:
+                self.armed_incoming.add((vm, h))
             out.append(Observation(h, E.NetworkChanged(vm=vm, state=E.NETWORK_STATE_PREPARED)))
             out.append(migration(h, vm, "setup"))
             return [*out, self._ok(cmd, uri="tcp:127.0.0.1:49152", pid=1000)]
@@ -137,7 +148,7 @@ class SimHosts:
             out += [migration(h, vm, "device"), migration(h, vm, "completed")]
             out += self._on_destination(vm, "completed")
         elif kind == Kind.ENABLE_NETWORK:
-            out.append(Observation(h, E.NetworkChanged(vm=vm, state=E.NETWORK_STATE_ENABLED)))
+            out += self._enable_network(h, vm)
         elif kind == Kind.RESUME_VM:
             out.append(qmp(h, vm, "RESUME"))
         elif kind == Kind.DESTROY_VM:
@@ -172,7 +183,22 @@ class SimHosts:
 
     def _on_destination(self, vm: str, *statuses: str) -> list[Observation]:
         host = self.incoming.get(vm)
-        return [migration(host, vm, status) for status in statuses] if host else []
+        if not host:
+            return []
+        out = []
+        for status in statuses:
+            out.append(migration(host, vm, status))
+            if status == "postcopy-active" and (vm, host) in self.armed_incoming:
+                self.armed_incoming.discard((vm, host))
+                out += self._enable_network(host, vm)
+        return out
+
+    def _enable_network(self, host: str, vm: str) -> list[Observation]:
+        """hostd runs the enable phase once; a repeat succeeds without reporting again."""
+        if (vm, host) in self.network_enabled:
+            return []
+        self.network_enabled.add((vm, host))
+        return [Observation(host, E.NetworkChanged(vm=vm, state=E.NETWORK_STATE_ENABLED))]
 
     def _acquire(self, host: str, vm: str, generation: int) -> list[Observation]:
         self.leases[vm] = (host, generation)

@@ -501,7 +501,16 @@ def _forward(world: World, m: MigrationState, issue: _Issuer) -> list[Message]:
     vm = world.vms[m.vm]
     prepare = m.cmd(Kind.PREPARE_INCOMING, dst.host)
     if prepare is None:
-        return [issue(Kind.PREPARE_INCOMING, dst.host, spec=vm.spec, postcopy=m.postcopy_allowed)]
+        return [
+            issue(
+                Kind.PREPARE_INCOMING,
+                dst.host,
+                spec=vm.spec,
+                postcopy=m.postcopy_allowed,
+                # The hook then runs while the lease moves, not after it, in the guest's pause.
+                enable_network_at_postcopy=m.postcopy_allowed,
+            )
+        ]
     if prepare.state != SUCCEEDED:
         return []
     start = m.cmd(Kind.START_MIGRATION, src.host)
@@ -552,7 +561,8 @@ def _forward(world: World, m: MigrationState, issue: _Issuer) -> list[Message]:
     # hostd releases the lease at the stop by itself (START_MIGRATION asked it to); this
     # command covers a hostd that restarted meanwhile or could not. Destination networking is
     # enabled from now on: no traffic can reach two copies, and the destination stays paused
-    # until cont.
+    # until cont (in post-copy the destination's hostd has usually begun already, at its own
+    # postcopy-active: PREPARE_INCOMING asked it to; this command then only waits for it).
     releasing = _to_issue(m, Kind.RELEASE_LEASE, src.host) and not m.src_lease_released
     if releasing:
         out.append(issue(Kind.RELEASE_LEASE, src.host, lease_generation=m.source_lease_generation))

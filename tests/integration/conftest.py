@@ -41,6 +41,10 @@ async def coordinator(tmp_path: Path) -> AsyncIterator[Running]:
     await asyncio.to_thread(store.close)
 
 
+# The connected SimHostd of each (simulated world, host id).
+_STREAMS: dict[tuple[int, str], SimHostd] = {}
+
+
 @dataclass
 class SimHostd:
     """A host stream client that answers commands with the simulated host model."""
@@ -62,6 +66,7 @@ class SimHostd:
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def start(self) -> None:
+        _STREAMS[(id(self.hosts), self.host_id)] = self
         stub = host_pb2_grpc.HostServiceStub(self.channel)
         self._up.put_nowait(
             host_pb2.HostMessage(
@@ -120,7 +125,9 @@ class SimHostd:
             args=command.args,
         )
         for observation in self.hosts.answer(issued):
-            self.report(observation.payload)
+            # Each observation goes up the stream of the host that made it (a source's
+            # command can make its destination's QEMU report, as over a real migration link).
+            _STREAMS.get((id(self.hosts), observation.host), self).report(observation.payload)
 
     def _event(self, payload: object) -> host_pb2.HostEvent:
         from coordinator.core.events import PAYLOAD_FIELDS
@@ -140,6 +147,8 @@ class SimHostd:
         self._up.put_nowait(host_pb2.HostMessage(events=host_pb2.HostEvents(events=events)))
 
     async def stop(self) -> None:
+        if _STREAMS.get((id(self.hosts), self.host_id)) is self:
+            del _STREAMS[(id(self.hosts), self.host_id)]
         self._up.put_nowait(None)
         if self._task is not None:
             with contextlib.suppress(grpc.aio.AioRpcError, TimeoutError):

@@ -61,10 +61,17 @@ def test_precopy_completes_with_handoff_in_order(hostd_releases):
     assert m.pause_us > 0
 
 
-def test_postcopy_mode_switches_after_migrate_and_waits_for_completion():
-    """Mode postcopy requests post-copy, hands off while pages flow, cleans up on completion."""
+@pytest.mark.parametrize("hostd_enables", [True, False])
+def test_postcopy_mode_switches_after_migrate_and_waits_for_completion(hostd_enables):
+    """Mode postcopy requests post-copy, hands off while pages flow, cleans up on completion.
+    The destination's hostd enables networking at its own postcopy-active, as PREPARE_INCOMING
+    asked it to, so no command is needed; when it did not (it restarted), the command does."""
     driver, hosts = fresh()
+    hosts.enable_at_postcopy = hostd_enables
     events = start(driver, POSTCOPY) + driver.run("m-1", hosts)
+    prepare = next(e.payload for e in events if e.type == "CommandIssued")
+    assert prepare.args.enable_network_at_postcopy
+    enable = [] if hostd_enables else ["enable-network@host-b"]
     assert decisions(events) == [
         "MigrationRequested",
         "prepare-incoming@host-b",
@@ -72,7 +79,7 @@ def test_postcopy_mode_switches_after_migrate_and_waits_for_completion():
         "PostcopyRequested",
         "start-postcopy@host-a",
         # (the source's lease was released by hostd at the STOP)
-        "enable-network@host-b",
+        *enable,
         "acquire-lease@host-b",
         "resume-vm@host-b",
         "announce@host-b",
@@ -112,6 +119,7 @@ def test_cont_waits_for_every_handoff_fact():
     """The destination's cont is decided only after lease and network both moved."""
     driver, hosts = fresh()
     hosts.converge_after_passes = 0
+    hosts.enable_at_postcopy = False  # (so that the enable waits for its command's answer)
     start(driver, POSTCOPY)
     # Run until the handoff commands are issued, withholding their answers.
     pending = []
@@ -413,3 +421,22 @@ def test_rollback_after_destination_took_lease_releases_it_before_source_retakes
     ]
     vm = driver.world.vms["vm-1"]
     assert (vm.lease_holder, vm.lease_generation, vm.host) == ("host-a", 3, "host-a")
+
+
+def test_cont_waits_for_the_destinations_own_network_enable():
+    """Networking that the destination's hostd enables by itself at postcopy-active counts
+    for the handoff once reported, from the destination only; until then cont waits."""
+    driver, hosts = fresh()
+    hosts.enable_at_postcopy = False
+    start(driver, POSTCOPY)
+    for _ in range(20):
+        issued = [e for e in driver.advance("m-1") if e.type == "CommandIssued"]
+        # The fallback enable command is never answered: hostd's own report must do.
+        answer(driver, hosts, [e for e in issued if Kind(e.payload.kind) != Kind.ENABLE_NETWORK])
+        if driver.world.migrations["m-1"].dst_lease_generation:
+            break
+    enabled = E.NetworkChanged(vm="vm-1", state=E.NETWORK_STATE_ENABLED)
+    driver.observe(Observation("host-a", enabled))  # the source's networking: not the fact
+    assert decisions(driver.advance("m-1")) == []
+    driver.observe(Observation("host-b", enabled))
+    assert decisions(driver.advance("m-1")) == ["resume-vm@host-b"]

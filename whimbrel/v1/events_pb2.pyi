@@ -865,6 +865,7 @@ class CommandArgs(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     PAUSE_BEFORE_SWITCHOVER_FIELD_NUMBER: _builtins.int
     RELEASE_LEASE_AT_SWITCHOVER_FIELD_NUMBER: _builtins.int
+    ENABLE_NETWORK_AT_POSTCOPY_FIELD_NUMBER: _builtins.int
     uri: _builtins.str
     """START_MIGRATION, RESUME_MIGRATION: where the destination listens."""
     lease_generation: _builtins.int
@@ -886,6 +887,13 @@ class CommandArgs(_message.Message):
     and covers a hostd that restarted or failed to; any command that takes the lease back
     (a rollback's ACQUIRE_LEASE) or ends the migration disarms it.
     """
+    enable_network_at_postcopy: _builtins.bool
+    """PREPARE_INCOMING: hostd enables the destination's networking itself the moment its QEMU
+    reports "postcopy-active", so the hook runs while the lease moves rather than after. QEMU
+    reports that status on a destination only once the source has stopped and sent its device
+    state, so no traffic can reach two running copies. An ENABLE_NETWORK command still follows
+    (a repeat is answered without running the hook again); STOP_VM and DESTROY_VM disarm it.
+    """
     @_builtins.property
     def spec(self) -> _common_pb2.VmSpec:
         """START_VM, PREPARE_INCOMING: the VM to launch."""
@@ -906,10 +914,11 @@ class CommandArgs(_message.Message):
         reason: _builtins.str = ...,
         pause_before_switchover: _builtins.bool = ...,
         release_lease_at_switchover: _builtins.bool = ...,
+        enable_network_at_postcopy: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["force", b"force", "lease_generation", b"lease_generation", "parameters", b"parameters", "pause_before_switchover", b"pause_before_switchover", "postcopy", b"postcopy", "reason", b"reason", "release_lease_at_switchover", b"release_lease_at_switchover", "spec", b"spec", "uri", b"uri"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enable_network_at_postcopy", b"enable_network_at_postcopy", "force", b"force", "lease_generation", b"lease_generation", "parameters", b"parameters", "pause_before_switchover", b"pause_before_switchover", "postcopy", b"postcopy", "reason", b"reason", "release_lease_at_switchover", b"release_lease_at_switchover", "spec", b"spec", "uri", b"uri"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
