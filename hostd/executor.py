@@ -19,6 +19,7 @@ from hostd.drivers.lease import LeaseDriver
 from hostd.drivers.network import NetworkDriver
 from hostd.errors import CommandRejected, HostdError, LeaseError
 from hostd.vm import Emit, VmRuntime
+from whimbrel import failpoints
 from whimbrel.v1 import events_pb2, host_pb2
 
 log = logging.getLogger(__name__)
@@ -204,6 +205,7 @@ class Executor:
         return K.CommandResult()
 
     async def _release_at_switchover(self, vm: str) -> None:
+        failpoints.hit("hostd.before-release-at-switchover")
         try:
             await self._release_lease(vm)
         except HostdError as err:

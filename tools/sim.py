@@ -240,6 +240,10 @@ class SimHosts:
         )
 
 
+# The coordinator advances every open migration this often (coordinator.app).
+TICK_US = 1_000_000
+
+
 @dataclass
 class Driver:
     """An in-memory coordinator: log, fold, decide, and (optionally) simulated hosts."""
@@ -305,6 +309,7 @@ class Driver:
         """Advance and let the hosts answer every new command until nothing changes."""
         appended: list[Event] = []
         answered = self.answered
+        ticked = False
         for _ in range(max_rounds):
             decided = self.advance(migration_id)
             appended += decided
@@ -316,7 +321,14 @@ class Driver:
                 and e.payload.command_id not in answered
             ]
             if not commands:
-                return appended
+                if ticked or self.world.migrations[migration_id].phase.terminal:
+                    return appended
+                # Nothing to answer: a second passes, as the coordinator's tick lets it
+                # (decisions that wait for a report that may never come).
+                self.now_us += TICK_US
+                ticked = True
+                continue
+            ticked = False
             for cmd in commands:
                 answered.add(cmd.command_id)
                 appended += self.observe(*hosts.answer(cmd))

@@ -28,7 +28,7 @@ from coordinator.core import inputs as I
 from coordinator.core.evolve import evolve
 from coordinator.core.invariants import InvariantChecker, Violation
 from coordinator.core.state import CommandState, Kind
-from tools.sim import Driver, Observation, SimHosts, migration, qmp, running_vm
+from tools.sim import TICK_US, Driver, Observation, SimHosts, migration, qmp, running_vm
 from whimbrel.v1 import common_pb2 as C
 from whimbrel.v1 import events_pb2 as E
 
@@ -78,6 +78,12 @@ class Simulation:
         for e in self.driver.request(I.ReconcileVm("vm-1", self.driver.now_us)):
             if isinstance(e.payload, E.CommandIssued) and e.payload.host_id in self.connected:
                 self.pending.append(e.payload)
+
+    def tick(self) -> None:
+        """A second passes (the coordinator's tick): decisions that wait for a report that may
+        never come are taken."""
+        self.driver.now_us += TICK_US
+        self.step()
 
     def observe(self, *observations: Observation) -> None:
         """Host messages reach the coordinator over an open stream; hostd keeps the others in
@@ -225,10 +231,10 @@ class Simulation:
             if self.pending:
                 self.answer(0)
                 continue
-            # Nothing pending: let QEMU do what it would do next.
+            # Nothing pending: let QEMU do what it would do next, and time pass.
             self.converge()
             self.complete()
-            self.step()
+            self.tick()
         raise AssertionError(f"no terminal state after settling: {self.m.phase.label}")
 
     def violations(self, *, final: bool = False) -> list[Violation]:
@@ -244,6 +250,7 @@ ACTIONS: list[tuple[str, int, Action]] = [
     ("answer out of order", 3, lambda s, r: s.answer(r.randrange(8))),
     ("converge", 4, lambda s, r: s.converge()),
     ("complete", 4, lambda s, r: s.complete()),
+    ("a second passes", 2, lambda s, r: s.tick()),
     ("fail", 1, lambda s, r: s.answer(r.randrange(8), fail=True)),
     ("duplicate", 1, lambda s, r: s.duplicate()),
     ("disconnect", 1, lambda s, r: s.disconnect(r.choice(HOSTS))),

@@ -76,6 +76,18 @@ def _enter(m: MigrationState, phase: Phase, time_us: int) -> None:
         m.phase_since_us = time_us
 
 
+def _switching_over(m: MigrationState, time_us: int) -> None:
+    """The source stopped to switch over (post-copy, or pre-copy's pre-switchover): that is
+    the switchover phase, whether or not a command marks it (hostd releases the lease itself)."""
+    src = m.src
+    if (
+        m.phase == Phase.TRANSFERRING
+        and src.runstate not in ("", "running")
+        and (m.postcopy_started or src.status in ("pre-switchover", "device"))
+    ):
+        _enter(m, Phase.SWITCHOVER, time_us)
+
+
 def _open_migration(world: World, vm_name: str) -> MigrationState | None:
     vm = world.vms.get(vm_name)
     if vm is None or not vm.migration_id:
@@ -223,6 +235,8 @@ def _set_migration_status(m: MigrationState, side: Side, status: str, time_us: i
     side.status = status
     if status in POSTCOPY_STATUSES:
         m.postcopy_started = True
+    if side is m.src:
+        _switching_over(m, time_us)
     if (
         m.phase == Phase.POSTCOPY_PAUSED
         and side is m.src
@@ -249,6 +263,8 @@ def _qmp_event(
             side.runstate = "paused"
             if m is not None and side is m.src and not side.stopped_at_us:
                 side.stopped_at_us = time_us
+            if m is not None and side is m.src:
+                _switching_over(m, time_us)
     elif name == "RESUME":
         vm.runstates[host] = "running"
         if side is not None:

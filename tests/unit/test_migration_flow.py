@@ -6,9 +6,10 @@ import pytest
 
 from coordinator.core import IllegalTransition, Phase, decide
 from coordinator.core import inputs as I
+from coordinator.core.decide import HOSTD_SWITCH_GRACE_US
 from coordinator.core.state import Kind, VmStatus
 from tests.unit.helpers import answer, decisions, fresh
-from tools.sim import Observation, migration, qmp
+from tools.sim import TICK_US, Observation, migration, qmp
 from whimbrel.v1 import common_pb2 as C
 from whimbrel.v1 import events_pb2 as E
 
@@ -31,17 +32,22 @@ def start(driver, mode=PRECOPY, policy=None):
 def test_precopy_completes_with_handoff_in_order(hostd_releases):
     """Pre-copy issues prepare, migrate, switchover, handoff, cont, cleanup. hostd releases the
     source's lease at the stop, as START_MIGRATION asked it to; when it did not (it restarted
-    in between), the coordinator's release command does, before the switchover goes on."""
+    in between), the coordinator's release command does, before the switchover goes on, once
+    hostd had a grace period to report its own (so the command never crowds the pause)."""
     driver, hosts = fresh()
     hosts.release_at_switchover = hostd_releases
     events = start(driver) + driver.run("m-1", hosts)
+    stop = next(e for e in events if e.type == "QmpEventReceived" and '"STOP"' in str(e.payload))
+    for e in events:
+        if e.type == "CommandIssued" and e.payload.kind == Kind.RELEASE_LEASE:
+            assert e.time_us - stop.time_us >= HOSTD_SWITCH_GRACE_US
     release = [] if hostd_releases else ["release-lease@host-a"]
     assert decisions(events) == [
         "MigrationRequested",
         "prepare-incoming@host-b",
         "start-migration@host-a",
-        *release,
         "enable-network@host-b",
+        *release,
         "continue-switchover@host-a",
         "acquire-lease@host-b",
         "resume-vm@host-b",
@@ -79,8 +85,8 @@ def test_postcopy_mode_switches_after_migrate_and_waits_for_completion(hostd_ena
         "PostcopyRequested",
         "start-postcopy@host-a",
         # (the source's lease was released by hostd at the STOP)
-        *enable,
         "acquire-lease@host-b",
+        *enable,  # (only after the grace period: the destination's hostd never reported)
         "resume-vm@host-b",
         "announce@host-b",
     ]
@@ -124,6 +130,7 @@ def test_cont_waits_for_every_handoff_fact():
     # Run until the handoff commands are issued, withholding their answers.
     pending = []
     for _ in range(20):
+        driver.now_us += TICK_US  # (the enable command follows hostd's grace period)
         step = driver.advance("m-1")
         issued = [e for e in step if e.type == "CommandIssued"]
         handoff = [
@@ -133,10 +140,11 @@ def test_cont_waits_for_every_handoff_fact():
         pending += handoff
         if len(pending) == 2:
             break
-    assert decisions(pending) == ["enable-network@host-b", "acquire-lease@host-b"]
-    answer(driver, hosts, pending[1:])  # lease acquired, network not yet
+    pending.sort(key=lambda e: e.payload.kind)
+    assert decisions(pending) == ["acquire-lease@host-b", "enable-network@host-b"]
+    answer(driver, hosts, pending[:1])  # lease acquired, network not yet
     assert decisions(driver.advance("m-1")) == []
-    answer(driver, hosts, pending[:1])
+    answer(driver, hosts, pending[1:])
     assert decisions(driver.advance("m-1")) == ["resume-vm@host-b"]
 
 
@@ -440,3 +448,24 @@ def test_cont_waits_for_the_destinations_own_network_enable():
     assert decisions(driver.advance("m-1")) == []
     driver.observe(Observation("host-b", enabled))
     assert decisions(driver.advance("m-1")) == ["resume-vm@host-b"]
+
+
+def test_postcopy_enters_switchover_at_the_source_stop_without_a_command():
+    """The switchover phase starts when the source stops to switch over, a fact: in post-copy
+    hostd releases the lease and enables the destination's networking by itself, so no
+    command marks it; the handoff's acquire follows at once."""
+    driver, hosts = fresh()
+    start(driver, POSTCOPY)
+    postcopy = []
+    for _ in range(10):
+        issued = [e for e in driver.advance("m-1") if e.type == "CommandIssued"]
+        postcopy = [e for e in issued if Kind(e.payload.kind) == Kind.START_POSTCOPY]
+        answer(driver, hosts, [e for e in issued if e not in postcopy])
+        if postcopy:
+            break
+    m = driver.world.migrations["m-1"]
+    assert m.phase == Phase.TRANSFERRING
+    answer(driver, hosts, postcopy)  # postcopy-active, STOP, the release, the destination's enable
+    assert m.phase == Phase.SWITCHOVER
+    assert decisions(driver.advance("m-1")) == ["acquire-lease@host-b"]
+    assert m.phase == Phase.HANDOFF

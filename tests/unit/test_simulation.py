@@ -78,6 +78,10 @@ class SimulatedCluster(RuleBasedStateMachine):
         self.sim.complete()
 
     @rule()
+    def tick(self) -> None:
+        self.sim.tick()
+
+    @rule()
     def pause(self) -> None:
         self.sim.pause()
 

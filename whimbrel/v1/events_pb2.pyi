@@ -883,16 +883,17 @@ class CommandArgs(_message.Message):
     release_lease_at_switchover: _builtins.bool
     """START_MIGRATION: hostd releases the source's lease itself the moment the source has
     stopped to switch over (STOP in post-copy, "pre-switchover" in pre-copy), which saves the
-    guest's pause a round trip through the coordinator. A RELEASE_LEASE command still follows
-    and covers a hostd that restarted or failed to; any command that takes the lease back
-    (a rollback's ACQUIRE_LEASE) or ends the migration disarms it.
+    guest's pause a round trip through the coordinator. A RELEASE_LEASE command follows only
+    when hostd's report is overdue (a hostd that restarted or failed to); any command that
+    takes the lease back (a rollback's ACQUIRE_LEASE) or ends the migration disarms it.
     """
     enable_network_at_postcopy: _builtins.bool
     """PREPARE_INCOMING: hostd enables the destination's networking itself the moment its QEMU
     reports "postcopy-active", so the hook runs while the lease moves rather than after. QEMU
     reports that status on a destination only once the source has stopped and sent its device
-    state, so no traffic can reach two running copies. An ENABLE_NETWORK command still follows
-    (a repeat is answered without running the hook again); STOP_VM and DESTROY_VM disarm it.
+    state, so no traffic can reach two running copies. An ENABLE_NETWORK command follows only
+    when hostd's report is overdue (a repeat is answered without running the hook again);
+    STOP_VM and DESTROY_VM disarm it.
     """
     @_builtins.property
     def spec(self) -> _common_pb2.VmSpec:
