@@ -57,11 +57,10 @@ PRECOPY_SWITCH_STATUSES = frozenset({"pre-switchover", "device", "completed"})
 CANCELLABLE_STATUSES = frozenset({"setup", "active", "pre-switchover", "device", "postcopy-active"})
 # How often a command that must eventually succeed is retried before giving up on it.
 MAX_COMMAND_RETRIES = 3
-# hostd releases a source's lease at its switchover stop, and enables a post-copy destination's
-# networking at its postcopy-active, by itself (the commands that started them asked it to), and
-# reports either within milliseconds. The coordinator's own commands for them follow only when
-# no report came this long after the source's STOP (by QEMU's clock): a hostd that restarted,
-# or failed to. Sent at once, they only crowded the guest's pause.
+# hostd releases a source's lease at its switchover stop by itself (START_MIGRATION asked it
+# to) and reports it within milliseconds. The coordinator's own release command follows only
+# when no report came this long after the source's STOP (by QEMU's clock): a hostd that
+# restarted, or failed to. Sent at once, it only crowded the guest's pause.
 HOSTD_SWITCH_GRACE_US = 1_000_000
 
 
@@ -567,10 +566,12 @@ def _forward(world: World, m: MigrationState, issue: _Issuer, now_us: int) -> li
         # the stop is in the log (hostd releases the lease at the STOP by itself anyway).
         return out
     # The source has stopped: its lease goes first, then (pre-copy) the switchover completes.
-    # Destination networking is enabled from now on: no traffic can reach two copies, and the
-    # destination stays paused until cont. hostd does both by itself where it was asked to (the
-    # release at the stop, a post-copy destination's enable at its postcopy-active); these
-    # commands cover a hostd that restarted meanwhile or could not.
+    # hostd releases it at the stop by itself (START_MIGRATION asked it to); the command covers
+    # a hostd that restarted meanwhile or could not. Destination networking is enabled from now
+    # on: no traffic can reach two copies, and the destination stays paused until cont. A
+    # post-copy destination's hostd also begins by itself at its own postcopy-active
+    # (PREPARE_INCOMING asked it to): the hook starts at whichever comes first, this command
+    # or that status, which QEMU reports anywhere from 1 to 8 ms after the source's STOP here.
     hostd_may_still_report = 0 < now_us - src.stopped_at_us < HOSTD_SWITCH_GRACE_US
     releasing = (
         _to_issue(m, Kind.RELEASE_LEASE, src.host)
@@ -579,11 +580,7 @@ def _forward(world: World, m: MigrationState, issue: _Issuer, now_us: int) -> li
     )
     if releasing:
         out.append(issue(Kind.RELEASE_LEASE, src.host, lease_generation=m.source_lease_generation))
-    if (
-        _to_issue(m, Kind.ENABLE_NETWORK, dst.host)
-        and not m.dst_network_enabled
-        and not (hostd_may_still_report and m.postcopy_started and _enables_at_postcopy(m))
-    ):
+    if _to_issue(m, Kind.ENABLE_NETWORK, dst.host) and not m.dst_network_enabled:
         out.append(issue(Kind.ENABLE_NETWORK, dst.host))
     if not m.src_lease_released:
         return out
@@ -773,11 +770,6 @@ def _rolling_back(world: World, m: MigrationState, issue: _Issuer) -> list[Messa
 def _releases_at_switchover(m: MigrationState) -> bool:
     start = m.cmd(Kind.START_MIGRATION, m.src.host)
     return start is not None and start.args.release_lease_at_switchover
-
-
-def _enables_at_postcopy(m: MigrationState) -> bool:
-    prepare = m.cmd(Kind.PREPARE_INCOMING, m.dst.host)
-    return prepare is not None and prepare.args.enable_network_at_postcopy
 
 
 def _recovering(world: World, m: MigrationState, issue: _Issuer) -> list[Message]:

@@ -9,7 +9,7 @@ from coordinator.core import inputs as I
 from coordinator.core.decide import HOSTD_SWITCH_GRACE_US
 from coordinator.core.state import Kind, VmStatus
 from tests.unit.helpers import answer, decisions, fresh
-from tools.sim import TICK_US, Observation, migration, qmp
+from tools.sim import Observation, migration, qmp
 from whimbrel.v1 import common_pb2 as C
 from whimbrel.v1 import events_pb2 as E
 
@@ -71,7 +71,8 @@ def test_precopy_completes_with_handoff_in_order(hostd_releases):
 def test_postcopy_mode_switches_after_migrate_and_waits_for_completion(hostd_enables):
     """Mode postcopy requests post-copy, hands off while pages flow, cleans up on completion.
     The destination's hostd enables networking at its own postcopy-active, as PREPARE_INCOMING
-    asked it to, so no command is needed; when it did not (it restarted), the command does."""
+    asked it to; when that report is in by the source's stop (as here), no enable command goes
+    out; when it is not (here: hostd restarted and forgot), the command does, with the acquire."""
     driver, hosts = fresh()
     hosts.enable_at_postcopy = hostd_enables
     events = start(driver, POSTCOPY) + driver.run("m-1", hosts)
@@ -85,8 +86,8 @@ def test_postcopy_mode_switches_after_migrate_and_waits_for_completion(hostd_ena
         "PostcopyRequested",
         "start-postcopy@host-a",
         # (the source's lease was released by hostd at the STOP)
+        *enable,
         "acquire-lease@host-b",
-        *enable,  # (only after the grace period: the destination's hostd never reported)
         "resume-vm@host-b",
         "announce@host-b",
     ]
@@ -130,7 +131,6 @@ def test_cont_waits_for_every_handoff_fact():
     # Run until the handoff commands are issued, withholding their answers.
     pending = []
     for _ in range(20):
-        driver.now_us += TICK_US  # (the enable command follows hostd's grace period)
         step = driver.advance("m-1")
         issued = [e for e in step if e.type == "CommandIssued"]
         handoff = [

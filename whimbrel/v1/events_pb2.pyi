@@ -891,9 +891,10 @@ class CommandArgs(_message.Message):
     """PREPARE_INCOMING: hostd enables the destination's networking itself the moment its QEMU
     reports "postcopy-active", so the hook runs while the lease moves rather than after. QEMU
     reports that status on a destination only once the source has stopped and sent its device
-    state, so no traffic can reach two running copies. An ENABLE_NETWORK command follows only
-    when hostd's report is overdue (a repeat is answered without running the hook again);
-    STOP_VM and DESTROY_VM disarm it.
+    state, so no traffic can reach two running copies. The coordinator's ENABLE_NETWORK, sent
+    at the source's stop unless the report is in already, may come first: whichever does
+    starts the hook, once (a repeat is answered without running it again). STOP_VM and
+    DESTROY_VM disarm it.
     """
     @_builtins.property
     def spec(self) -> _common_pb2.VmSpec:
