@@ -25,6 +25,7 @@ from coordinator import checkpoint, servicers
 from coordinator.app import Coordinator
 from coordinator.log import SqliteEventStore, StoreError
 from coordinator.telemetry.setup import MetricsServer, coordinator_telemetry
+from whimbrel import priority
 from whimbrel.otel import add_otlp_flag
 from whimbrel.v1 import (
     eventlog_pb2,
@@ -215,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         help="serve Prometheus metrics at http://HOST:PORT/metrics",
     )
     add_otlp_flag(parser)
+    priority.add_priority_flag(parser)
     parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
@@ -222,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    priority.apply(args.cpu_priority)
     try:
         return asyncio.run(
             serve(

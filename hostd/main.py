@@ -28,6 +28,7 @@ from hostd.drivers.network import (
     NetworkDriver,
     NullNetworkDriver,
 )
+from whimbrel import priority
 from whimbrel.otel import add_otlp_flag, otlp_endpoint
 
 
@@ -111,12 +112,14 @@ def main(argv: list[str] | None = None) -> int:
         "bridges and its migration traffic (--migration-address is an address there)",
     )
     add_otlp_flag(parser)
+    priority.add_priority_flag(parser)
     parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
     ns = parser.parse_args(argv)
     log_format = f"%(asctime)s %(levelname)s hostd[{ns.host_id}] %(name)s: %(message)s"
     logging.basicConfig(level=ns.log_level, format=log_format)
+    priority.apply(ns.cpu_priority)
     return asyncio.run(serve(ns))
 
 

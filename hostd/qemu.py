@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hostd.errors import LaunchFailed
+from whimbrel import priority
 from whimbrel.v1 import common_pb2
 
 QEMU = os.environ.get("WHIMBREL_QEMU", "qemu-system-x86_64")
@@ -108,8 +109,9 @@ async def launch(args: list[str], paths: VmPaths, vm: str) -> int:
     for stale in (paths.pidfile, paths.qmp, paths.log):
         with contextlib.suppress(FileNotFoundError):
             stale.unlink()
+    # At nice 0 in a session of its own: the VM does not inherit hostd's priority.
     proc = await asyncio.create_subprocess_exec(
-        *args,
+        *priority.at_normal_priority(args),
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,

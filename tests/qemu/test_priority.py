@@ -1,0 +1,46 @@
+"""The control plane runs above the VMs: hostd and the coordinator at the default CPU priority
+(and their session's scheduling group with them), the QEMU processes hostd starts at nice 0
+in sessions of their own. Lowering a nice value needs root, as CI has."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tools.cluster import Cluster
+from whimbrel import priority
+
+
+def nice(tid: int) -> int:
+    # /proc/TID/stat: field 19 is the nice value (after the parenthesised command name).
+    stat = Path(f"/proc/{tid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[16])
+
+
+def threads(pid: int) -> list[int]:
+    return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+
+
+def group_nice(pid: int) -> int | None:
+    path = Path(f"/proc/{pid}/autogroup")  # "/autogroup-N nice K", where the kernel has them
+    return int(path.read_text().split()[-1]) if path.exists() else None
+
+
+def test_daemons_run_above_the_qemu_they_start(cluster: Cluster) -> None:
+    if os.geteuid() != 0:
+        if os.environ.get("WHIMBREL_REQUIRE_QEMU"):
+            pytest.fail("the priority test needs root (WHIMBREL_REQUIRE_QEMU is set)")
+        pytest.skip("lowering a nice value needs root")
+    cluster.define_and_start("vm-1", "host-a")
+    qemu = int((cluster.root / "host-a" / "vms" / "vm-1" / "qemu.pid").read_text())
+    daemons = [cluster.processes[name].popen.pid for name in ("coordinator", "host-a", "host-b")]
+    for pid in daemons:
+        # Every thread, the gRPC ones started after the priority was set included.
+        assert {nice(t) for t in threads(pid)} == {priority.DEFAULT}
+    assert {nice(t) for t in threads(qemu)} == {0}
+    if group_nice(qemu) is not None:
+        assert [group_nice(pid) for pid in daemons] == [priority.DEFAULT] * 3
+        assert group_nice(qemu) == 0
+        assert os.getsid(qemu) not in {os.getsid(pid) for pid in daemons}
