@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from whimbrel.v1 import events_pb2, host_pb2
+from whimbrel.walcheckpoint import BackgroundCheckpointer
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -42,6 +43,9 @@ class HostStore:
         # (kill -9) but not a power cut, which would take this host's QEMU processes with it.
         # Leases are fsynced by their own driver, and the epoch below is synced explicitly.
         self._db.execute("PRAGMA synchronous=NORMAL")
+        # Checkpoints run beside hostd's loop (whimbrel.walcheckpoint), never inside the
+        # statement that records an observation in a guest's pause.
+        self._db.execute("PRAGMA wal_autocheckpoint=0")
         self._db.executescript(SCHEMA)
         with self._tx():
             generation = self._meta("generation") + 1
@@ -52,6 +56,7 @@ class HostStore:
             "SELECT MAX(seq) FROM outbox WHERE generation = ?", [generation]
         ).fetchone()
         self._seq = int(row[0] or 0)
+        self.checkpointer = BackgroundCheckpointer(path)
 
     def _tx(self) -> sqlite3.Connection:
         return _Tx(self._db)  # type: ignore[return-value]
@@ -121,6 +126,7 @@ class HostStore:
         )
 
     def close(self) -> None:
+        self.checkpointer.close()
         self._db.close()
 
 

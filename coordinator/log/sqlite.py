@@ -32,6 +32,7 @@ from coordinator.log.records import (
     StoreFailure,
     materialize,
 )
+from whimbrel.walcheckpoint import BackgroundCheckpointer
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,8 @@ def connect(path: str | Path) -> sqlite3.Connection:
     conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=5)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
+    # Checkpoints run beside the writer (whimbrel.walcheckpoint), never inside a commit.
+    conn.execute("PRAGMA wal_autocheckpoint=0")
     return conn
 
 
@@ -171,6 +174,7 @@ class SqliteEventStore:
             target=self._write_loop, name="whimbrel-log-writer", daemon=True
         )
         self._writer.start()
+        self.checkpointer = BackgroundCheckpointer(self.path)
 
     # --- public -------------------------------------------------------------------------------
 
@@ -280,6 +284,7 @@ class SqliteEventStore:
     def close(self) -> None:
         self._queue.put(None)
         self._writer.join()
+        self.checkpointer.close()
         self._conn.close()
 
     # --- writer thread ------------------------------------------------------------------------
