@@ -25,7 +25,7 @@ from coordinator import checkpoint, servicers
 from coordinator.app import Coordinator
 from coordinator.log import SqliteEventStore, StoreError
 from coordinator.telemetry.setup import MetricsServer, coordinator_telemetry
-from whimbrel import priority
+from whimbrel import heap, priority
 from whimbrel.otel import add_otlp_flag
 from whimbrel.v1 import (
     eventlog_pb2,
@@ -151,6 +151,7 @@ async def serve(
     print(f"whimbrel-coordinator listening on port {port}{metrics_note}", flush=True)
     if ready is not None:
         ready.set_result(port)
+    heap.freeze_startup_objects()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

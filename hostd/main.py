@@ -28,7 +28,7 @@ from hostd.drivers.network import (
     NetworkDriver,
     NullNetworkDriver,
 )
-from whimbrel import priority
+from whimbrel import heap, priority
 from whimbrel.otel import add_otlp_flag, otlp_endpoint
 
 
@@ -67,6 +67,7 @@ async def _serve(ns: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, agent.stopping.set)
+    heap.freeze_startup_objects()
     runner = asyncio.create_task(agent.run(), name="hostd-agent")
     await agent.stopping.wait()
     runner.cancel()
