@@ -45,6 +45,8 @@ from whimbrel.v1 import (
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# WatchMigration sends at most one update per this many seconds.
+WATCH_INTERVAL_S = 0.05
 
 _STATUS: list[tuple[type[Exception], grpc.StatusCode]] = [
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
@@ -140,14 +142,20 @@ class MigrationServicer(migration_pb2_grpc.MigrationServiceServicer):
         except CoreError as err:
             await context.abort(status_for(err), str(err))
         last = None
+        loop = asyncio.get_running_loop()
+        sent_at = -WATCH_INTERVAL_S
         while True:
             current = await self._get(request.migration_id)
             if current != last:
                 yield current
-                last = current
+                last, sent_at = current, loop.time()
             if Phase(current.phase).terminal:
                 return
             await self.app.wait_for_change(max_wait=5)
+            # At most one update per interval: the commits of a switchover come a millisecond
+            # apart, and a watcher woken by each would take the coordinator's loop from the
+            # guest's pause every time. The latest state is sent; the end is never skipped.
+            await asyncio.sleep(max(0.0, sent_at + WATCH_INTERVAL_S - loop.time()))
 
     @mapped
     async def AbortMigration(
