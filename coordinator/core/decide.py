@@ -31,6 +31,7 @@ from coordinator.core.errors import (
     NotFound,
 )
 from coordinator.core.events import NewEvent
+from coordinator.core.evolve import PRECOPY_SWITCH_STATUSES
 from coordinator.core.state import (
     Command,
     CommandState,
@@ -51,8 +52,6 @@ from whimbrel.v1 import common_pb2, events_pb2
 
 ISSUED, SUCCEEDED, FAILED = CommandState.ISSUED, CommandState.SUCCEEDED, CommandState.FAILED
 
-# Source migration statuses in which the source has stopped for a pre-copy switchover.
-PRECOPY_SWITCH_STATUSES = frozenset({"pre-switchover", "device", "completed"})
 # Source statuses in which migrate_cancel is meaningful (and safe, before the point of no return).
 CANCELLABLE_STATUSES = frozenset({"setup", "active", "pre-switchover", "device", "postcopy-active"})
 # How often a command that must eventually succeed is retried before giving up on it.

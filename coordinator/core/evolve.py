@@ -35,6 +35,9 @@ _HANDLERS: dict[str, Handler] = {}
 
 # QEMU migration statuses meaning the source's CPUs were stopped for the switch.
 POSTCOPY_STATUSES = frozenset({"postcopy-active", "postcopy-paused", "postcopy-recover"})
+# Source migration statuses in which the source has stopped for a pre-copy switchover
+# ("completed": a migration that finished in pre-copy without a pre-switchover stop).
+PRECOPY_SWITCH_STATUSES = frozenset({"pre-switchover", "device", "completed"})
 
 
 def evolve(world: World, event: Event) -> World:
@@ -77,13 +80,14 @@ def _enter(m: MigrationState, phase: Phase, time_us: int) -> None:
 
 
 def _switching_over(m: MigrationState, time_us: int) -> None:
-    """The source stopped to switch over (post-copy, or pre-copy's pre-switchover): that is
-    the switchover phase, whether or not a command marks it (hostd releases the lease itself)."""
+    """The source stopped to switch over (post-copy, or pre-copy's pre-switchover or end):
+    that is the switchover phase, whether or not a command marks it (hostd releases the lease
+    by itself)."""
     src = m.src
     if (
         m.phase == Phase.TRANSFERRING
         and src.runstate not in ("", "running")
-        and (m.postcopy_started or src.status in ("pre-switchover", "device"))
+        and (m.postcopy_started or src.status in PRECOPY_SWITCH_STATUSES)
     ):
         _enter(m, Phase.SWITCHOVER, time_us)
 

@@ -473,3 +473,27 @@ def test_postcopy_enters_switchover_at_the_source_stop_without_a_command():
     assert m.phase == Phase.SWITCHOVER
     assert decisions(driver.advance("m-1")) == ["acquire-lease@host-b"]
     assert m.phase == Phase.HANDOFF
+
+
+def test_postcopy_mode_that_completes_in_precopy_still_enters_switchover():
+    """A small guest can finish in pre-copy before migrate-start-postcopy takes effect: the
+    source stops and completes with no postcopy-active. That stop is the switchover too."""
+    driver, hosts = fresh()
+    start(driver, POSTCOPY)
+    postcopy = []
+    for _ in range(10):
+        issued = [e for e in driver.advance("m-1") if e.type == "CommandIssued"]
+        postcopy = [e for e in issued if Kind(e.payload.kind) == Kind.START_POSTCOPY]
+        answer(driver, hosts, [e for e in issued if e not in postcopy])
+        if postcopy:
+            break
+    m = driver.world.migrations["m-1"]
+    assert m.phase == Phase.TRANSFERRING
+    driver.observe(qmp("host-a", "vm-1", "STOP"), migration("host-a", "vm-1", "completed"))
+    assert m.phase == Phase.SWITCHOVER and not m.postcopy_started
+    driver.observe(
+        migration("host-b", "vm-1", "completed"),
+        Observation("host-a", E.LeaseReleased(vm="vm-1", holder="host-a", generation=1)),
+    )
+    assert decisions(driver.advance("m-1")) == ["acquire-lease@host-b", "enable-network@host-b"]
+    assert m.phase == Phase.HANDOFF
