@@ -45,6 +45,10 @@ def wall_clock_us() -> int:
     return time.time_ns() // 1000
 
 
+# A host's events are acknowledged at most this often (HostSession.acknowledge).
+ACK_INTERVAL_S = 0.02
+
+
 @dataclass
 class HostSession:
     """One open hostd stream."""
@@ -55,8 +59,28 @@ class HostSession:
     # generation -> highest host seq in the log (or staged), to drop re-sent events early.
     stored: dict[int, int] = field(default_factory=dict)
 
+    # The newest acknowledgement not sent yet, and the timer that sends it.
+    _ack: host_pb2.Ack | None = None
+    _ack_timer: asyncio.TimerHandle | None = None
+
     def send(self, message: host_pb2.CoordinatorMessage) -> None:
         self.outbox.put_nowait(message)
+
+    def acknowledge(self, ack: host_pb2.Ack) -> None:
+        """Acknowledge up to `ack`, at most once per ACK_INTERVAL_S: the commits of a
+        switchover come a millisecond apart, and an ack per commit woke both ends each time,
+        in the guest's pause. A later ack covers the earlier ones; one never sent (the stream
+        ended) only means hostd re-sends events the log already has, which it drops."""
+        self._ack = ack
+        if self._ack_timer is None:
+            loop = asyncio.get_running_loop()
+            self._ack_timer = loop.call_later(ACK_INTERVAL_S, self._send_ack)
+
+    def _send_ack(self) -> None:
+        self._ack_timer = None
+        if self._ack is not None:
+            self.send(host_pb2.CoordinatorMessage(ack=self._ack))
+            self._ack = None
 
     def close(self) -> None:
         self.outbox.put_nowait(None)
@@ -579,8 +603,7 @@ class Coordinator:
         if events:
             last = events[-1]
             generation = min(last.generation or session.generation, session.generation)
-            ack = host_pb2.Ack(generation=generation, seq=last.seq)
-            session.send(host_pb2.CoordinatorMessage(ack=ack))
+            session.acknowledge(host_pb2.Ack(generation=generation, seq=last.seq))
 
     async def host_disconnected(self, session: HostSession, reason: str) -> None:
         return await self._whole(self._host_disconnected(session, reason))
