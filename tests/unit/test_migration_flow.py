@@ -454,19 +454,25 @@ def test_cont_waits_for_the_destinations_own_network_enable():
     assert decisions(driver.advance("m-1")) == ["resume-vm@host-b"]
 
 
-def test_postcopy_enters_switchover_at_the_source_stop_without_a_command():
-    """The switchover phase starts when the source stops to switch over, a fact: in post-copy
-    hostd releases the lease and enables the destination's networking by itself, so no
-    command marks it; the handoff's acquire follows at once."""
-    driver, hosts = fresh()
+def until_start_postcopy(driver, hosts):
+    """Start a post-copy migration and answer every command up to START_POSTCOPY, which is
+    returned unanswered."""
     start(driver, POSTCOPY)
-    postcopy = []
     for _ in range(10):
         issued = [e for e in driver.advance("m-1") if e.type == "CommandIssued"]
         postcopy = [e for e in issued if Kind(e.payload.kind) == Kind.START_POSTCOPY]
         answer(driver, hosts, [e for e in issued if e not in postcopy])
         if postcopy:
-            break
+            return postcopy
+    raise AssertionError("START_POSTCOPY was never issued")
+
+
+def test_postcopy_enters_switchover_at_the_source_stop_without_a_command():
+    """The switchover phase starts when the source stops to switch over, a fact: in post-copy
+    hostd releases the lease and enables the destination's networking by itself, so no
+    command marks it; the handoff's acquire follows at once."""
+    driver, hosts = fresh()
+    postcopy = until_start_postcopy(driver, hosts)
     m = driver.world.migrations["m-1"]
     assert m.phase == Phase.TRANSFERRING
     answer(driver, hosts, postcopy)  # postcopy-active, STOP, the release, the destination's enable
@@ -479,14 +485,7 @@ def test_postcopy_mode_that_completes_in_precopy_still_enters_switchover():
     """A small guest can finish in pre-copy before migrate-start-postcopy takes effect: the
     source stops and completes with no postcopy-active. That stop is the switchover too."""
     driver, hosts = fresh()
-    start(driver, POSTCOPY)
-    postcopy = []
-    for _ in range(10):
-        issued = [e for e in driver.advance("m-1") if e.type == "CommandIssued"]
-        postcopy = [e for e in issued if Kind(e.payload.kind) == Kind.START_POSTCOPY]
-        answer(driver, hosts, [e for e in issued if e not in postcopy])
-        if postcopy:
-            break
+    until_start_postcopy(driver, hosts)  # (and the start of post-copy never takes effect)
     m = driver.world.migrations["m-1"]
     assert m.phase == Phase.TRANSFERRING
     driver.observe(qmp("host-a", "vm-1", "STOP"), migration("host-a", "vm-1", "completed"))
