@@ -579,20 +579,17 @@ def _forward(world: World, m: MigrationState, issue: _Issuer, now_us: int) -> li
     )
     if releasing:
         out.append(issue(Kind.RELEASE_LEASE, src.host, lease_generation=m.source_lease_generation))
-    # (Sent after the lease's and the switchover's commands, which a host takes one at a
-    # time off its stream: they are the longer path to cont, the hook has a head start.)
-    enabling = _to_issue(m, Kind.ENABLE_NETWORK, dst.host) and not m.dst_network_enabled
-    enable = [issue(Kind.ENABLE_NETWORK, dst.host)] if enabling else []
+    if _to_issue(m, Kind.ENABLE_NETWORK, dst.host) and not m.dst_network_enabled:
+        out.append(issue(Kind.ENABLE_NETWORK, dst.host))
     if not m.src_lease_released:
-        return out + enable
+        return out
     if not m.postcopy_started and "completed" not in (src.status, dst.status):
         if src.status == "pre-switchover" and _to_issue(m, Kind.CONTINUE_SWITCHOVER, src.host):
             out.append(issue(Kind.CONTINUE_SWITCHOVER, src.host))
-        return out + enable
+        return out
     # Handoff: the destination takes the lease (networking is under way since the stop).
     if _to_issue(m, Kind.ACQUIRE_LEASE, dst.host) and not m.dst_lease_generation:
         out.append(issue(Kind.ACQUIRE_LEASE, dst.host, lease_generation=vm.lease_generation + 1))
-    out += enable
     if out:
         return out
     ready = (
