@@ -271,8 +271,8 @@ class Agent:
     async def _send(self, up: asyncio.Queue[host_pb2.HostMessage | None], last_stored: int) -> None:
         """Send what the log lacks: older generations unacknowledged, ours after `last_stored`.
         What was recorded together goes up in one message, so the coordinator folds it as one
-        batch (a source's STOP and its lease release: one log transaction, not two in a row
-        in the guest's pause)."""
+        batch (a destination's lease and the acquire's result: one log transaction, not two in
+        a row in the guest's pause)."""
         cursor = (self.generation, last_stored)
         _put_batches(up, [e for e in self.pending if e.generation < self.generation])
         while True:

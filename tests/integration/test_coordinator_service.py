@@ -322,7 +322,7 @@ async def test_caller_trace_context_in_grpc_metadata_is_linked_from_the_migratio
 async def test_observations_sent_together_are_folded_and_acknowledged_as_one_batch(
     coordinator, sim_hosts
 ):
-    """hostd sends what it recorded together (a source's STOP and its lease release) in one
+    """hostd sends what it recorded together (a lease acquired and the command's result) in one
     message: the coordinator logs them in order, back to back, and acknowledges them once."""
     hosts = await _running_vm(coordinator, sim_hosts)
     host_a = hosts[0]

@@ -126,7 +126,7 @@ class HostMessage(_message.Message):
 
     @_builtins.property
     def events(self) -> Global___HostEvents:
-        """Observations recorded together (e.g. a source's STOP and the lease release it caused),
+        """Observations recorded together (e.g. a destination's lease and the acquire's result),
         in seq order; the coordinator folds them as one batch, in one log transaction.
         """
 
