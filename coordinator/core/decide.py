@@ -679,6 +679,12 @@ def _rolling_back(world: World, m: MigrationState, issue: _Issuer) -> list[Messa
                 )
             ]
         return []  # waiting for the release (a host that never answers is handled by recovery)
+    # An acquire sent to the destination before the rollback can still take the lease (a host
+    # that was away gets its commands when it returns): its answer comes first, or the source's
+    # attempts to take the lease back fail against it and run out.
+    in_flight = m.cmd(Kind.ACQUIRE_LEASE, dst.host)
+    if in_flight is not None and in_flight.state == ISSUED and dst.host not in world.missing_hosts:
+        return []
     # (A dead source needs no lease: the VM is lost once the destination is gone, below.)
     # Released, or perhaps: hostd releases at the switchover stop by itself once asked to by
     # START_MIGRATION, and its report may not be in yet. Taking back a lease the source still

@@ -9,7 +9,7 @@ from coordinator.core import inputs as I
 from coordinator.core.decide import HOSTD_SWITCH_GRACE_US
 from coordinator.core.state import Kind, VmStatus
 from tests.unit.helpers import answer, decisions, fresh
-from tools.sim import Observation, migration, qmp
+from tools.sim import Observation, SimHosts, migration, qmp
 from whimbrel.v1 import common_pb2 as C
 from whimbrel.v1 import events_pb2 as E
 
@@ -492,3 +492,52 @@ def test_postcopy_mode_that_completes_in_precopy_still_enters_switchover():
     )
     assert decisions(driver.advance("m-1")) == ["enable-network@host-b", "acquire-lease@host-b"]
     assert m.phase == Phase.HANDOFF
+
+
+class AwayDestination(SimHosts):
+    """The destination's enable and acquire of the first attempt get no answer yet (its hostd
+    died on the enable); they are kept for the test to answer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.withheld: list[E.CommandIssued] = []
+
+    def answer(self, cmd: E.CommandIssued) -> list[Observation]:
+        if (
+            cmd.host_id == "host-b"
+            and cmd.attempt == 1
+            and cmd.kind
+            in (
+                Kind.ENABLE_NETWORK,
+                Kind.ACQUIRE_LEASE,
+            )
+        ):
+            self.withheld.append(cmd)
+            return []
+        return super().answer(cmd)
+
+
+def test_rollback_waits_for_an_acquire_the_destination_may_still_run():
+    """The destination's hostd restarts during a pre-copy switchover: its enable is reported
+    interrupted (so the migration rolls back) while the acquire sent to it before runs on its
+    return and takes the lease. The source takes the lease back only after that acquire was
+    answered and the destination gave the lease up, not in a race its retries would lose."""
+    driver, _ = fresh()
+    hosts = AwayDestination()
+    hosts.leases["vm-1"] = ("host-a", 1)
+    start(driver)
+    driver.run("m-1", hosts)
+    enable, acquire = sorted(hosts.withheld, key=lambda c: c.kind == Kind.ACQUIRE_LEASE)
+    assert (Kind(enable.kind), Kind(acquire.kind)) == (Kind.ENABLE_NETWORK, Kind.ACQUIRE_LEASE)
+    interrupted = E.CommandFailed(command_id=enable.command_id, attempt=1, kind=enable.kind,
+                                  vm="vm-1", error="interrupted by a hostd restart")  # fmt: skip
+    driver.observe(Observation("host-b", interrupted))
+    assert decisions(driver.advance("m-1")) == ["RollbackDecided"]  # and nothing more yet
+    driver.observe(*SimHosts.answer(hosts, acquire))  # it took the lease on its return
+    assert decisions(driver.advance("m-1"))[:1] == ["release-lease@host-b"]
+    events = driver.run("m-1", hosts)
+    assert "acquire-lease@host-a" in decisions(events)
+    m = driver.world.migrations["m-1"]
+    assert m.phase == Phase.ROLLED_BACK
+    vm = driver.world.vms["vm-1"]
+    assert (vm.host, vm.status, vm.lease_holder) == ("host-a", VmStatus.RUNNING, "host-a")
