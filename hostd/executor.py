@@ -155,9 +155,8 @@ class Executor:
         await self._release_lease(runtime.name)
         self.vms.pop(runtime.name, None)
 
-    async def _release_lease(self, vm: str, *, in_thread: bool = False) -> None:
-        release = self.lease.release_in_thread if in_thread else self.lease.release
-        released = await release(vm, self.host_id)
+    async def _release_lease(self, vm: str) -> None:
+        released = await self.lease.release(vm, self.host_id)
         if released is not None:
             await self.emit(
                 K.LeaseReleased(vm=vm, holder=self.host_id, generation=released.generation), 0
@@ -208,8 +207,7 @@ class Executor:
     async def _release_at_switchover(self, vm: str) -> None:
         failpoints.hit("hostd.before-release-at-switchover")
         try:
-            # The loop stays free meanwhile, so the STOP just recorded leaves at once.
-            await self._release_lease(vm, in_thread=True)
+            await self._release_lease(vm)
         except HostdError as err:
             log.error("%s: lease not released at the switchover (the coordinator's release "
                       "command follows): %s", vm, err)  # fmt: skip

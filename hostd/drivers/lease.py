@@ -14,7 +14,6 @@ written; its CRC fails and the reader keeps the other, the lease as it was befor
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import fcntl
@@ -49,10 +48,6 @@ class LeaseDriver(Protocol):
 
     async def release(self, vm: str, holder: str) -> Lease | None:
         """Release if `holder` holds it; returns the lease released, None if it held nothing."""
-        ...
-
-    async def release_in_thread(self, vm: str, holder: str) -> Lease | None:
-        """`release`, with the caller's event loop free meanwhile."""
         ...
 
     def read(self, vm: str) -> Lease: ...
@@ -199,13 +194,6 @@ class FileLeaseDriver:
 
     async def release(self, vm: str, holder: str) -> Lease | None:
         return self._release(vm, holder)
-
-    # At a source's switchover stop, though, the STOP event should leave for the coordinator
-    # while the sector is written (its decisions that need only the stop, such as enabling the
-    # destination's networking, then go out a millisecond sooner), so that release is written
-    # from a worker thread.
-    async def release_in_thread(self, vm: str, holder: str) -> Lease | None:
-        return await asyncio.to_thread(self._release, vm, holder)
 
 
 def _fsync_directory(directory: Path) -> None:

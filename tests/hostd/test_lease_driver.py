@@ -76,16 +76,3 @@ async def test_a_lease_file_without_a_valid_record_is_an_error(tmp_path: Path) -
         leases.read("vm-1")
     with pytest.raises(LeaseError, match="no valid lease record"):
         await leases.acquire("vm-1", "host-b", 2)
-
-
-async def test_release_in_thread_is_the_same_release(tmp_path: Path) -> None:
-    """Written from a worker thread (a source's switchover), a release changes the lease exactly
-    as one written inline; a non-holder's changes nothing there either."""
-    d = FileLeaseDriver(tmp_path)
-    await d.acquire("vm-1", "host-a", 4)
-    assert await d.release_in_thread("vm-1", "host-b") is None
-    assert d.read("vm-1") == Lease("host-a", 4)
-    assert await d.release_in_thread("vm-1", "host-a") == Lease("host-a", 4)
-    assert d.read("vm-1") == Lease("", 4)
-    await d.acquire("vm-1", "host-b", 5)
-    assert d.read("vm-1") == Lease("host-b", 5)
