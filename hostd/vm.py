@@ -27,6 +27,8 @@ Emit = Callable[[Message, int], Awaitable[None]]
 # A source stopped in one of these has begun its switchover ("completed": a post-copy
 # migration that finished in pre-copy, without a pre-switchover stop).
 SWITCHOVER_STATUSES = ("pre-switchover", "postcopy-active", "completed")
+# How long a command that lost QMP waits for its QEMU's exit to be reported before failing.
+QMP_LOST_EXIT_WAIT_S = 1.0
 log = logging.getLogger(__name__)
 
 
@@ -101,7 +103,16 @@ class VmRuntime:
     async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
         if self.qmp is None:
             raise QmpUnavailable(f"{command}: no QMP session", vm=self.name)
-        return await self.qmp.execute(command, arguments)
+        try:
+            return await self.qmp.execute(command, arguments)
+        except QmpUnavailable:
+            # QMP is usually lost because QEMU died. Its exit is reported first (the exit
+            # watch follows within milliseconds), so the coordinator never reads this failure
+            # while it still believes the VM runs: a rollback would otherwise end with "the
+            # source runs" on a dead source. Bounded, for a QEMU that lives on without QMP.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.exited.wait(), QMP_LOST_EXIT_WAIT_S)
+            raise
 
     async def _on_event(self, name: str, data: dict[str, Any], time_us: int) -> None:
         payload = events_pb2.QmpEventReceived(
