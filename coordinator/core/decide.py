@@ -570,7 +570,7 @@ def _forward(world: World, m: MigrationState, issue: _Issuer, now_us: int) -> li
     # on: no traffic can reach two copies, and the destination stays paused until cont. A
     # post-copy destination's hostd also begins by itself at its own postcopy-active
     # (PREPARE_INCOMING asked it to): the hook starts at whichever comes first, this command
-    # or that status, which QEMU reports anywhere from 1 to 8 ms after the source's STOP here.
+    # or that status, which QEMU reports anywhere from 1 to 10 ms after the source's STOP here.
     hostd_may_still_report = 0 < now_us - src.stopped_at_us < HOSTD_SWITCH_GRACE_US
     releasing = (
         _to_issue(m, Kind.RELEASE_LEASE, src.host)
