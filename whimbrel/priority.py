@@ -9,6 +9,11 @@ process may lower it; root may). They use little CPU otherwise, so the VMs lose 
 On Linux with autogroup scheduling, CPU time is shared between sessions first and nice values
 only rank the processes inside one session, so the session's group gets the same value. QEMU
 processes are started at nice 0 again, in their own session: the VMs never inherit it.
+
+A daemon started by init without a session of its own (as CI's runner starts the tests here) is
+in the root group instead. That group's weight cannot be changed (the kernel answers EINVAL), and
+needs no change: its processes compete directly with the VMs' session groups, so their own nice
+value is what ranks them.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import os
 from pathlib import Path
 
 DEFAULT = -10
-AUTOGROUP = Path("/proc/self/autogroup")
+PROC = Path("/proc")
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +51,27 @@ def apply(nice: int) -> bool:
         log.warning("cannot run at CPU priority %d (needs root or CAP_SYS_NICE): running at %d",
                     nice, os.getpriority(os.PRIO_PROCESS, 0))  # fmt: skip
         return False
-    if AUTOGROUP.exists():
+    if group_nice("self") is not None:
         try:
-            AUTOGROUP.write_text(str(nice))
+            (PROC / "self" / "autogroup").write_text(str(nice))
         except OSError as err:
             log.warning("cannot set this session's scheduling group to %d: %s", nice, err)
     return True
+
+
+def group_nice(pid: int | str) -> int | None:
+    """The nice value of the autogroup process `pid` is scheduled in; None for no such group:
+    a kernel without autogroups, or a process in the root group, whose line is empty."""
+    try:
+        line = (PROC / str(pid) / "autogroup").read_text()  # "/autogroup-N nice K\n"
+    except FileNotFoundError:
+        return None
+    return parse_group_nice(line)
+
+
+def parse_group_nice(line: str) -> int | None:
+    fields = line.split()
+    return int(fields[-1]) if fields else None
 
 
 def at_normal_priority(argv: list[str]) -> list[str]:
