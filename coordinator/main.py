@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    priority.apply(args.cpu_priority)
+    priority.apply(args.cpu_priority, args.realtime_priority)
     try:
         return asyncio.run(
             serve(

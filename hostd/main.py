@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     log_format = f"%(asctime)s %(levelname)s hostd[{ns.host_id}] %(name)s: %(message)s"
     logging.basicConfig(level=ns.log_level, format=log_format)
-    priority.apply(ns.cpu_priority)
+    priority.apply(ns.cpu_priority, ns.realtime_priority)
     return asyncio.run(serve(ns))
 
 

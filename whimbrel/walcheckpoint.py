@@ -10,12 +10,12 @@ copy what is committed while new commits go on appending to the log.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import sqlite3
 import threading
 from pathlib import Path
+
+from whimbrel import priority
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +36,8 @@ class BackgroundCheckpointer:
         self._thread.start()
 
     def _run(self) -> None:
-        # Background work: this thread yields to the daemon's others (Linux nice is per thread).
-        with contextlib.suppress(OSError):
-            os.nice(10)
+        # Background work: this thread yields to the daemon's others and to the VMs.
+        priority.as_background_thread()
         conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=5)
         try:
             while not self._stop.wait(self.interval):

@@ -1,10 +1,13 @@
-"""The control plane runs above the VMs: hostd and the coordinator at the default CPU priority
-(and their session's scheduling group with them), the QEMU processes hostd starts at nice 0
-in sessions of their own. Lowering a nice value needs root, as CI has."""
+"""The control plane runs above the VMs: hostd and the coordinator with real-time round-robin
+scheduling and the default nice value (their session's scheduling group with them), the QEMU
+processes hostd starts as ordinary processes at nice 0 in sessions of their own. Both need
+root (CAP_SYS_NICE), as CI has; without it a daemon warns and runs as it is."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,27 +26,61 @@ def threads(pid: int) -> list[int]:
     return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
 
 
-def test_daemons_run_above_the_qemu_they_start(cluster: Cluster) -> None:
+def scheduling(tid: int) -> tuple[str, int]:
+    """(policy, its priority or the nice value) of one thread."""
+    policy = os.sched_getscheduler(tid)
+    if policy == os.SCHED_RR:
+        return "rr", os.sched_getparam(tid).sched_priority
+    assert policy == os.SCHED_OTHER, policy
+    return "other", nice(tid)
+
+
+def need_root() -> None:
     if os.geteuid() != 0:
         if os.environ.get("WHIMBREL_REQUIRE_QEMU"):
-            pytest.fail("the priority test needs root (WHIMBREL_REQUIRE_QEMU is set)")
-        pytest.skip("lowering a nice value needs root")
+            pytest.fail("the priority tests need root (WHIMBREL_REQUIRE_QEMU is set)")
+        pytest.skip("raising a priority needs root")
+
+
+def test_daemons_run_above_the_qemu_they_start(cluster: Cluster) -> None:
+    need_root()
     cluster.define_and_start("vm-1", "host-a")
     qemu = int((cluster.root / "host-a" / "vms" / "vm-1" / "qemu.pid").read_text())
     daemons = [cluster.processes[name].popen.pid for name in ("coordinator", "host-a", "host-b")]
     for pid in daemons:
         # Every thread, the gRPC ones started after the priority was set included, except the
-        # one that checkpoints the SQLite log in the background, 10 levels below the others.
-        values = sorted(nice(t) for t in threads(pid))
-        assert values.count(priority.DEFAULT + 10) == 1
-        assert set(values) == {priority.DEFAULT, priority.DEFAULT + 10}
-    assert {nice(t) for t in threads(qemu)} == {0}
+        # one that checkpoints the SQLite log in the background, an ordinary thread 10 nice
+        # levels below the daemon's.
+        found = sorted(scheduling(t) for t in threads(pid))
+        background = ("other", priority.DEFAULT + 10)
+        assert found.count(background) == 1
+        assert set(found) == {("rr", priority.DEFAULT_REALTIME), background}
+        assert all(nice(t) == priority.DEFAULT for t in threads(pid) if scheduling(t)[0] == "rr")
+    assert {scheduling(t) for t in threads(qemu)} == {("other", 0)}
     # A daemon in a session group of its own raised the group too; one in the root group (started
     # by init without a session, as CI's runner does) has no group value to raise.
     for pid in daemons:
         assert priority.group_nice(pid) in {priority.DEFAULT, None}
     assert priority.group_nice(qemu) in {0, None}
     assert os.getsid(qemu) not in {os.getsid(pid) for pid in daemons}
+
+
+def test_a_daemon_without_cap_sys_nice_warns_and_runs_as_it_is() -> None:
+    need_root()
+    # Root without CAP_SYS_NICE (dropped from the bounding set, so the exec'd Python lacks it)
+    # may neither use real-time scheduling nor lower its nice value.
+    code = (
+        "import logging, os; from whimbrel import priority; logging.basicConfig(); "
+        "raised = priority.apply(-10, 1); "
+        "print(raised, os.sched_getscheduler(0) == os.SCHED_OTHER, os.getpriority(0, 0))"
+    )
+    done = subprocess.run(
+        ["setpriv", "--bounding-set=-sys_nice", sys.executable, "-c", code],
+        capture_output=True, text=True, timeout=30, check=True,
+    )  # fmt: skip
+    assert done.stdout.split() == ["False", "True", "0"]
+    assert "cannot run with real-time priority 1 (Operation not permitted)" in done.stderr
+    assert "cannot run at CPU priority -10" in done.stderr
 
 
 def test_an_empty_autogroup_line_is_the_root_group() -> None:
