@@ -285,6 +285,12 @@ class Executor:
         return K.CommandResult()
 
     async def resume_vm(self, c: host_pb2.Command) -> events_pb2.CommandResult:
+        # A post-copy destination may still be loading the device state the source sent at its
+        # stop (runstate "inmigrate") when its cont arrives, the handoff having gone faster than
+        # QEMU: cont then arms autostart and QEMU starts the guest the moment that state is
+        # loaded; its RESUME event says when. That is not the early cont DESIGN.md forbids: the
+        # coordinator issues this only once the handoff is complete (pre-copy: after the
+        # migration completed), so the guest never runs before it.
         await self._vm(c.vm).execute("cont")
         return K.CommandResult()
 
