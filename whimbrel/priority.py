@@ -7,9 +7,9 @@ therefore run above the VMs:
 
 - real-time round-robin scheduling at a low priority (`--realtime-priority`, SCHED_RR 1 by
   default, as sanlock and corosync run by default): a daemon that wakes up runs at once instead
-  of queueing behind the QEMU threads. Over 80 to 160 post-copy pauses each, benches interleaved
-  (`make bench BENCH=switchover.pause.postcopy`): p95 9.9-10.4 ms and p99 11.1-12.0 ms, against
-  13.0 and 15.7 ms with the nice value alone;
+  of queueing behind the QEMU threads. Post-copy pauses (`make bench
+  BENCH=switchover.pause.postcopy`), 80 to 160 each, benches interleaved: p95 9.9-10.4 ms and
+  p99 11.1-12.0 ms, against 13.0 and 15.7 ms with the nice value alone;
 - a nice value below 0 (`--cpu-priority`, -10 by default), which is what remains where
   real-time scheduling is refused (no CAP_SYS_NICE, a container without a real-time budget),
   and what the daemons' background threads start from.
