@@ -22,8 +22,10 @@ process (SCHED_OTHER, nice 0), and background threads (the SQLite checkpointer) 
 SCHED_OTHER themselves.
 
 On Linux with autogroup scheduling, CPU time is shared between sessions first and nice values
-only rank the processes inside one session, so the session's group gets the same value. QEMU
-processes are started at nice 0 again, in their own session: the VMs never inherit it.
+only rank the processes inside one session. A daemon running at its nice value alone therefore
+gives its session's group the same value (real-time threads are above every group and leave it
+alone, and with it the other processes of the session, an operator's shell for one). QEMU
+processes are started in sessions of their own: the VMs never inherit it.
 
 A daemon started by init without a session of its own (as CI's runner starts the tests here) is
 in the root group instead. That group's weight cannot be changed (the kernel answers EINVAL), and
@@ -70,9 +72,11 @@ def apply(nice: int, realtime: int = 0) -> bool:
     """Run this process (and the threads and children it starts later) at `nice`, and with
     SCHED_RR at priority `realtime` if not 0; returns whether the nice value could be set. Call
     before any thread starts: threads inherit both when created."""
+    in_realtime = False
     if realtime:
         try:
             os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(realtime))
+            in_realtime = True
         except OSError as err:
             log.warning("cannot run with real-time priority %d (%s): the nice value alone",
                         realtime, err.strerror)  # fmt: skip
@@ -84,7 +88,7 @@ def apply(nice: int, realtime: int = 0) -> bool:
         log.warning("cannot run at CPU priority %d (needs root or CAP_SYS_NICE): running at %d",
                     nice, os.getpriority(os.PRIO_PROCESS, 0))  # fmt: skip
         return False
-    if group_nice("self") is not None:
+    if not in_realtime and group_nice("self") is not None:
         try:
             (PROC / "self" / "autogroup").write_text(str(nice))
         except OSError as err:

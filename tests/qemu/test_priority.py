@@ -57,28 +57,43 @@ def test_daemons_run_above_the_qemu_they_start(cluster: Cluster) -> None:
         assert set(found) == {("rr", priority.DEFAULT_REALTIME), background}
         assert all(nice(t) == priority.DEFAULT for t in threads(pid) if scheduling(t)[0] == "rr")
     assert {scheduling(t) for t in threads(qemu)} == {("other", 0)}
-    # A daemon in a session group of its own raised the group too; one in the root group (started
-    # by init without a session, as CI's runner does) has no group value to raise.
-    for pid in daemons:
-        assert priority.group_nice(pid) in {priority.DEFAULT, None}
-    assert priority.group_nice(qemu) in {0, None}
+    assert priority.group_nice(qemu) in {0, None}  # None: no autogroups
     assert os.getsid(qemu) not in {os.getsid(pid) for pid in daemons}
+
+
+def apply_in_new_process(realtime: int, *wrapper: str) -> subprocess.CompletedProcess[str]:
+    """priority.apply(DEFAULT, realtime) in a new Python under `wrapper`; it prints whether
+    the nice value was set, its policy, its nice value and its session group's."""
+    code = (
+        "import logging, os; from whimbrel import priority; logging.basicConfig(); "
+        f"raised = priority.apply({priority.DEFAULT}, {realtime}); "
+        "print(raised, os.sched_getscheduler(0) == os.SCHED_RR, os.getpriority(0, 0), "
+        "priority.group_nice('self'))"
+    )
+    return subprocess.run(
+        [*wrapper, sys.executable, "-c", code],
+        capture_output=True, text=True, timeout=30, check=True,
+    )  # fmt: skip
+
+
+def test_only_a_daemon_at_its_nice_value_alone_raises_its_session_group() -> None:
+    need_root()
+    # Each in a session of its own (setsid), so in a new scheduling group at 0 where the kernel
+    # has autogroups: a real-time daemon leaves it there, one at its nice value alone raises it.
+    realtime = apply_in_new_process(1, "setsid", "--wait").stdout.split()
+    alone = apply_in_new_process(0, "setsid", "--wait").stdout.split()
+    assert realtime[:3] == ["True", "True", str(priority.DEFAULT)]
+    assert alone[:3] == ["True", "False", str(priority.DEFAULT)]
+    if realtime[3] != "None":
+        assert (realtime[3], alone[3]) == ("0", str(priority.DEFAULT))
 
 
 def test_a_daemon_without_cap_sys_nice_warns_and_runs_as_it_is() -> None:
     need_root()
     # Root without CAP_SYS_NICE (dropped from the bounding set, so the exec'd Python lacks it)
     # may neither use real-time scheduling nor lower its nice value.
-    code = (
-        "import logging, os; from whimbrel import priority; logging.basicConfig(); "
-        "raised = priority.apply(-10, 1); "
-        "print(raised, os.sched_getscheduler(0) == os.SCHED_OTHER, os.getpriority(0, 0))"
-    )
-    done = subprocess.run(
-        ["setpriv", "--bounding-set=-sys_nice", sys.executable, "-c", code],
-        capture_output=True, text=True, timeout=30, check=True,
-    )  # fmt: skip
-    assert done.stdout.split() == ["False", "True", "0"]
+    done = apply_in_new_process(1, "setpriv", "--bounding-set=-sys_nice")
+    assert done.stdout.split()[:3] == ["False", "False", "0"]
     assert "cannot run with real-time priority 1 (Operation not permitted)" in done.stderr
     assert "cannot run at CPU priority -10" in done.stderr
 
