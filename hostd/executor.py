@@ -285,13 +285,18 @@ class Executor:
         return K.CommandResult()
 
     async def resume_vm(self, c: host_pb2.Command) -> events_pb2.CommandResult:
-        # A post-copy destination may still be loading the device state the source sent at its
-        # stop (runstate "inmigrate") when its cont arrives, the handoff having gone faster than
-        # QEMU: cont then arms autostart and QEMU starts the guest the moment that state is
-        # loaded; its RESUME event says when. That is not the early cont DESIGN.md forbids: the
-        # coordinator issues this only once the handoff is complete (pre-copy: after the
-        # migration completed), so the guest never runs before it.
-        await self._vm(c.vm).execute("cont")
+        vm = self._vm(c.vm)
+        if vm.role == "destination":
+            # The handoff can be over before the destination has the state the source sends
+            # once it stopped: its device state in post-copy, the last pages in pre-copy. cont
+            # would come too early for QEMU (7.2) then: it first takes the disks' locks, which
+            # the source gives up only after flushing them, so it can fail; or it only arms
+            # autostart. Either way the guest could not run before that state is here.
+            await vm.until_source_state_here()
+        await vm.execute("cont")
+        # QEMU may answer before the guest runs (autostart, while it still loads the state): the
+        # command succeeds once it runs, so what follows it (announce-self) follows the start.
+        await vm.until_running()
         return K.CommandResult()
 
     async def announce(self, c: host_pb2.Command) -> events_pb2.CommandResult:

@@ -29,6 +29,13 @@ Emit = Callable[[Message, int], Awaitable[None]]
 SWITCHOVER_STATUSES = ("pre-switchover", "postcopy-active", "completed")
 # How long a command that lost QMP waits for its QEMU's exit to be reported before failing.
 QMP_LOST_EXIT_WAIT_S = 1.0
+# A destination in one of these has the state the source sent once it stopped (post-copy: its
+# device state, then pages on demand; pre-copy: everything), and so the source has let go of
+# the VM's disks.
+SOURCE_STATE_HERE_STATUSES = ("postcopy-active", "postcopy-paused", "postcopy-recover", "completed")
+# How long a destination's cont waits for that state, and then for the guest to start: both
+# follow the source's stop within milliseconds here; one that never comes fails the command.
+CONT_WAIT_LIMIT_S = 30.0
 log = logging.getLogger(__name__)
 
 
@@ -49,6 +56,10 @@ class VmRuntime:
         self._last_pass = 0
         self.migration_status = ""
         self.stopped = False
+        # Whether QEMU last said the guest runs (a RESUME event, or a snapshot's runstate).
+        self.running = False
+        # Set (and replaced) on every QMP event and on QEMU's exit: what `_until` waits on.
+        self._changed = asyncio.Event()
         # Run once when this source has stopped to switch over (set by START_MIGRATION).
         self.at_switchover: Callable[[], Awaitable[None]] | None = None
         # Run once (beside the event stream) when this destination's QEMU reports
@@ -95,6 +106,10 @@ class VmRuntime:
                 migrate = await self.qmp.execute("query-migrate")
                 observation.runstate = str(status.get("status", ""))
                 observation.migration_status = str(migrate.get("status", ""))
+                # What QEMU says now, for a hostd that restarted (events lost meanwhile); any
+                # event still queued behind these answers updates them again, in order.
+                self.running = observation.runstate == "running"
+                self.migration_status = observation.migration_status
                 observation.qmp_reachable = True
             except HostdError as err:
                 self.log.warning("snapshot incomplete: %s", err)
@@ -114,6 +129,36 @@ class VmRuntime:
                 await asyncio.wait_for(self.exited.wait(), QMP_LOST_EXIT_WAIT_S)
             raise
 
+    def _signal_change(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def _until(self, ready: Callable[[], bool], what: str, limit: float) -> None:
+        """Until `ready()`, judged after each QMP event; raises if QEMU exits first, or after
+        `limit` seconds."""
+        deadline = asyncio.get_running_loop().time() + limit
+        while not ready():
+            if self.exited.is_set():
+                raise QmpUnavailable(f"QEMU exited while waiting until {what}", vm=self.name)
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                raise HostdError(f"waited {limit:g} s in vain until {what}", vm=self.name)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), remaining)
+
+    async def until_source_state_here(self, limit: float = CONT_WAIT_LIMIT_S) -> None:
+        """For a destination: until QEMU has the state the source sent once it stopped."""
+
+        def ready() -> bool:
+            if self.migration_status in ("failed", "cancelled"):
+                raise HostdError(f"incoming migration {self.migration_status}", vm=self.name)
+            return self.migration_status in SOURCE_STATE_HERE_STATUSES
+
+        await self._until(ready, "the source's state is here", limit)
+
+    async def until_running(self, limit: float = CONT_WAIT_LIMIT_S) -> None:
+        await self._until(lambda: self.running, "the guest runs", limit)
+
     async def _on_event(self, name: str, data: dict[str, Any], time_us: int) -> None:
         payload = events_pb2.QmpEventReceived(
             vm=self.name, event=name, data_json=json.dumps(data, sort_keys=True)
@@ -123,6 +168,8 @@ class VmRuntime:
             self.migration_status = str(data.get("status", ""))
         elif name in ("STOP", "RESUME"):
             self.stopped = name == "STOP"
+            self.running = name == "RESUME"
+        self._signal_change()
         if self.at_switchover is not None and name in ("MIGRATION", "STOP"):
             await self._maybe_switching_over()
         if (
@@ -207,6 +254,7 @@ class VmRuntime:
         )
         await self.emit(exited, 0)
         self.exited.set()
+        self._signal_change()
 
     async def kill(self, reason: str) -> None:
         """SIGKILL and wait until the exit has been reported."""
