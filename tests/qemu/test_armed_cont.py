@@ -85,7 +85,7 @@ async def test_a_destination_cont_waits_for_the_source_state_and_answers_once_it
         status = await destination.execute("query-status")
         assert status["status"] == "running"
     finally:
-        for pid in pids:
-            await qemu.kill(pid)
         for runtime in (source, destination):
             await runtime.close()
+        for pid in pids:
+            await qemu.kill(pid)
