@@ -58,8 +58,9 @@ class VmRuntime:
         self.stopped = False
         # Whether QEMU last said the guest runs (a RESUME event, or a snapshot's runstate).
         self.running = False
-        # Set (and replaced) on every QMP event and on QEMU's exit: what `_until` waits on.
-        self._changed = asyncio.Event()
+        # What `_until` waits on, made only while something waits: set (and dropped) at the
+        # next QMP event or QEMU's exit, so the event stream allocates nothing otherwise.
+        self._changed: asyncio.Event | None = None
         # Run once when this source has stopped to switch over (set by START_MIGRATION).
         self.at_switchover: Callable[[], Awaitable[None]] | None = None
         # Run once (beside the event stream) when this destination's QEMU reports
@@ -130,8 +131,9 @@ class VmRuntime:
             raise
 
     def _signal_change(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
 
     async def _until(self, ready: Callable[[], bool], what: str, limit: float) -> None:
         """Until `ready()`, judged after each QMP event; raises if QEMU exits first, or after
@@ -144,6 +146,8 @@ class VmRuntime:
             if remaining <= 0:
                 raise HostdError(f"waited {limit:g} s in vain until {what}", vm=self.name)
             with contextlib.suppress(TimeoutError):
+                if self._changed is None:
+                    self._changed = asyncio.Event()
                 await asyncio.wait_for(self._changed.wait(), remaining)
 
     async def until_source_state_here(self, limit: float = CONT_WAIT_LIMIT_S) -> None:
