@@ -87,7 +87,8 @@ def _define_vm(world: World, req: I.DefineVm) -> list[NewEvent]:
     spec = common_pb2.VmSpec()
     spec.CopyFrom(req.spec)
     spec.machine = spec.machine or "pc"
-    return [NewEvent(vm_stream(spec.name), events_pb2.VmDefined(spec=spec), req.now_us)]
+    defined = events_pb2.VmDefined(spec=spec, requested_by=req.principal)
+    return [NewEvent(vm_stream(spec.name), defined, req.now_us)]
 
 
 def _vm(world: World, name: str) -> VmState:
@@ -107,11 +108,14 @@ def _connected_host(world: World, host_id: str) -> None:
         raise HostUnavailable(host_id)
 
 
-def _vm_command(vm: VmState, host: str, kind: int, args: events_pb2.CommandArgs) -> Message:
+def _vm_command(
+    vm: VmState, host: str, kind: int, args: events_pb2.CommandArgs, requested_by: str = ""
+) -> Message:
     command_id = f"vm/{vm.name}/{vm.lease_generation}/{len(vm.commands) + 1}-{_short(kind)}"
     return events_pb2.CommandIssued(
-        command_id=command_id, attempt=0, host_id=host, vm=vm.name, kind=_kind(kind), args=args
-    )
+        command_id=command_id, attempt=0, host_id=host, vm=vm.name, kind=_kind(kind), args=args,
+        requested_by=requested_by,
+    )  # fmt: skip
 
 
 def _start_vm(world: World, req: I.StartVm) -> list[NewEvent]:
@@ -127,7 +131,7 @@ def _start_vm(world: World, req: I.StartVm) -> list[NewEvent]:
             f"VM {vm.name}", "start", f"present on {', '.join(sorted(vm.runstates))}", ["absent"]
         )
     args = events_pb2.CommandArgs(spec=vm.spec, lease_generation=vm.lease_generation + 1)
-    issued = _vm_command(vm, req.host, Kind.START_VM, args)
+    issued = _vm_command(vm, req.host, Kind.START_VM, args, req.principal)
     return [NewEvent(vm_stream(vm.name), issued, req.now_us)]
 
 
@@ -139,11 +143,11 @@ def _stop_vm(world: World, req: I.StopVm) -> list[NewEvent]:
         )
     _connected_host(world, vm.host)
     args = events_pb2.CommandArgs(force=req.force, lease_generation=vm.lease_generation)
+    stop = events_pb2.VmStopRequested(vm=vm.name, force=req.force, requested_by=req.principal)
+    issued = _vm_command(vm, vm.host, Kind.STOP_VM, args, req.principal)
     return [
-        NewEvent(
-            vm_stream(vm.name), events_pb2.VmStopRequested(vm=vm.name, force=req.force), req.now_us
-        ),
-        NewEvent(vm_stream(vm.name), _vm_command(vm, vm.host, Kind.STOP_VM, args), req.now_us),
+        NewEvent(vm_stream(vm.name), stop, req.now_us),
+        NewEvent(vm_stream(vm.name), issued, req.now_us),
     ]
 
 
@@ -239,6 +243,7 @@ def _start_migration(world: World, req: I.StartMigration) -> list[NewEvent]:
         policy=policy,
         source_was_running=vm.status == VmStatus.RUNNING,
         source_lease_generation=vm.lease_generation,
+        requested_by=req.principal,
     )
     return [NewEvent(migration_stream(req.migration_id), requested, req.now_us)]
 
@@ -264,9 +269,10 @@ def _abort(world: World, req: I.AbortMigration) -> list[NewEvent]:
         # QEMU 7.2: migrate_cancel on a paused post-copy source leaves it stuck in "cancelling".
         raise IllegalTransition(subject, "abort", "post-copy paused (recovering)", _ABORTABLE)
     reason = f"aborted by operator: {req.reason}" if req.reason else "aborted by operator"
-    return _emit(
-        m, req.now_us, events_pb2.RollbackDecided(migration_id=m.migration_id, reason=reason)
+    decided = events_pb2.RollbackDecided(
+        migration_id=m.migration_id, reason=reason, requested_by=req.principal
     )
+    return _emit(m, req.now_us, decided)
 
 
 _ABORTABLE = ("preparing", "transferring", "switchover", "handoff (before the destination runs)")
@@ -290,8 +296,9 @@ def _switch_to_postcopy(world: World, req: I.SwitchToPostcopy) -> list[NewEvent]
     ):
         raise IllegalTransition(subject, "switch to post-copy", m.phase.label, allowed)
     requested = events_pb2.PostcopyRequested(
-        migration_id=m.migration_id, by="operator", reason="requested by operator"
-    )
+        migration_id=m.migration_id, by="operator", reason="requested by operator",
+        requested_by=req.principal,
+    )  # fmt: skip
     return _emit(m, req.now_us, requested)
 
 

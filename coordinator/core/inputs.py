@@ -1,6 +1,7 @@
 """Inputs to `decide`: imperative requests from operators and the shell's "take the next step".
 
 Every input carries `now_us`, the coordinator's clock reading, because the core reads no clock.
+Operator requests carry the principal who made them, and the events recording them name it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from whimbrel.v1 import common_pb2, events_pb2
 class DefineVm:
     spec: common_pb2.VmSpec
     now_us: int
+    # Who asked: the caller's certificate principal (empty without TLS), recorded in the log.
+    principal: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +24,8 @@ class StartVm:
     name: str
     host: str
     now_us: int
+    # Who asked: the caller's certificate principal (empty without TLS), recorded in the log.
+    principal: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +33,8 @@ class StopVm:
     name: str
     force: bool
     now_us: int
+    # Who asked: the caller's certificate principal (empty without TLS), recorded in the log.
+    principal: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +45,8 @@ class StartMigration:
     mode: int
     policy: events_pb2.MigrationPolicy
     now_us: int
+    # Who asked: the caller's certificate principal (empty without TLS), recorded in the log.
+    principal: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,12 +54,16 @@ class AbortMigration:
     migration_id: str
     reason: str
     now_us: int
+    # Who asked: the caller's certificate principal (empty without TLS), recorded in the log.
+    principal: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class SwitchToPostcopy:
     migration_id: str
     now_us: int
+    # Who asked: the caller's certificate principal (empty without TLS), recorded in the log.
+    principal: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -539,6 +539,11 @@ class VmDefined(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SPEC_FIELD_NUMBER: _builtins.int
+    REQUESTED_BY_FIELD_NUMBER: _builtins.int
+    requested_by: _builtins.str
+    """The principal whose request this records (e.g. "spiffe://whimbrel/user/alice"); empty when
+    the coordinator served without TLS.
+    """
     @_builtins.property
     def spec(self) -> _common_pb2.VmSpec:
         """The full specification."""
@@ -547,10 +552,11 @@ class VmDefined(_message.Message):
         self,
         *,
         spec: _common_pb2.VmSpec | None = ...,
+        requested_by: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["requested_by", b"requested_by", "spec", b"spec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -564,19 +570,25 @@ class VmStopRequested(_message.Message):
 
     VM_FIELD_NUMBER: _builtins.int
     FORCE_FIELD_NUMBER: _builtins.int
+    REQUESTED_BY_FIELD_NUMBER: _builtins.int
     vm: _builtins.str
     """VM name."""
     force: _builtins.bool
     """Kill the process instead of asking QEMU to quit."""
+    requested_by: _builtins.str
+    """The principal whose request this records (e.g. "spiffe://whimbrel/user/alice"); empty when
+    the coordinator served without TLS.
+    """
     def __init__(
         self,
         *,
         vm: _builtins.str = ...,
         force: _builtins.bool = ...,
+        requested_by: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["force", b"force", "vm", b"vm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["force", b"force", "requested_by", b"requested_by", "vm", b"vm"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -939,6 +951,7 @@ class CommandIssued(_message.Message):
     VM_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
     ARGS_FIELD_NUMBER: _builtins.int
+    REQUESTED_BY_FIELD_NUMBER: _builtins.int
     command_id: _builtins.str
     """Unique id; hostd executes each id at most once and answers repeats with the stored result."""
     migration_id: _builtins.str
@@ -953,6 +966,10 @@ class CommandIssued(_message.Message):
     """VM it acts on."""
     kind: Global___CommandKind.ValueType
     """What to do."""
+    requested_by: _builtins.str
+    """START_VM and STOP_VM asked for by an operator: the principal who asked; empty for the
+    coordinator's own decisions.
+    """
     @_builtins.property
     def args(self) -> Global___CommandArgs:
         """Arguments."""
@@ -967,10 +984,11 @@ class CommandIssued(_message.Message):
         vm: _builtins.str = ...,
         kind: Global___CommandKind.ValueType = ...,
         args: Global___CommandArgs | None = ...,
+        requested_by: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["args", b"args"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "attempt", b"attempt", "command_id", b"command_id", "host_id", b"host_id", "kind", b"kind", "migration_id", b"migration_id", "vm", b"vm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "attempt", b"attempt", "command_id", b"command_id", "host_id", b"host_id", "kind", b"kind", "migration_id", b"migration_id", "requested_by", b"requested_by", "vm", b"vm"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1158,6 +1176,7 @@ class MigrationRequested(_message.Message):
     POLICY_FIELD_NUMBER: _builtins.int
     SOURCE_WAS_RUNNING_FIELD_NUMBER: _builtins.int
     SOURCE_LEASE_GENERATION_FIELD_NUMBER: _builtins.int
+    REQUESTED_BY_FIELD_NUMBER: _builtins.int
     migration_id: _builtins.str
     """Migration id (client-chosen or generated)."""
     vm: _builtins.str
@@ -1174,6 +1193,10 @@ class MigrationRequested(_message.Message):
     """
     source_lease_generation: _builtins.int
     """The VM's lease generation on the source when the migration started."""
+    requested_by: _builtins.str
+    """The principal whose request this records (e.g. "spiffe://whimbrel/user/alice"); empty when
+    the coordinator served without TLS.
+    """
     @_builtins.property
     def policy(self) -> Global___MigrationPolicy:
         """Policy."""
@@ -1189,10 +1212,11 @@ class MigrationRequested(_message.Message):
         policy: Global___MigrationPolicy | None = ...,
         source_was_running: _builtins.bool = ...,
         source_lease_generation: _builtins.int = ...,
+        requested_by: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["destination", b"destination", "migration_id", b"migration_id", "mode", b"mode", "policy", b"policy", "source", b"source", "source_lease_generation", b"source_lease_generation", "source_was_running", b"source_was_running", "vm", b"vm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["destination", b"destination", "migration_id", b"migration_id", "mode", b"mode", "policy", b"policy", "requested_by", b"requested_by", "source", b"source", "source_lease_generation", b"source_lease_generation", "source_was_running", b"source_was_running", "vm", b"vm"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1207,22 +1231,26 @@ class PostcopyRequested(_message.Message):
     MIGRATION_ID_FIELD_NUMBER: _builtins.int
     BY_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    REQUESTED_BY_FIELD_NUMBER: _builtins.int
     migration_id: _builtins.str
     """Migration id."""
     by: _builtins.str
     """"operator" or "policy"."""
     reason: _builtins.str
     """Why, in words."""
+    requested_by: _builtins.str
+    """by "operator": the principal who asked; empty when the coordinator served without TLS."""
     def __init__(
         self,
         *,
         migration_id: _builtins.str = ...,
         by: _builtins.str = ...,
         reason: _builtins.str = ...,
+        requested_by: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["by", b"by", "migration_id", b"migration_id", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["by", b"by", "migration_id", b"migration_id", "reason", b"reason", "requested_by", b"requested_by"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1236,19 +1264,25 @@ class RollbackDecided(_message.Message):
 
     MIGRATION_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    REQUESTED_BY_FIELD_NUMBER: _builtins.int
     migration_id: _builtins.str
     """Migration id."""
     reason: _builtins.str
     """Why: "aborted by operator", "destination failed", ..."""
+    requested_by: _builtins.str
+    """An operator's abort: the principal who asked; empty for the coordinator's own rollbacks
+    and when it served without TLS.
+    """
     def __init__(
         self,
         *,
         migration_id: _builtins.str = ...,
         reason: _builtins.str = ...,
+        requested_by: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["migration_id", b"migration_id", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["migration_id", b"migration_id", "reason", b"reason", "requested_by", b"requested_by"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
