@@ -1,7 +1,13 @@
 """whimbrel-coordinator: serve the whimbrel.v1 services over one event log.
 
-    whimbrel-coordinator --db PATH [--listen HOST:PORT] [--metrics-listen HOST:PORT]
+    whimbrel-coordinator --db PATH [--listen HOST:PORT] [--metrics-listen [HOST:]PORT]
                          [--otlp-endpoint URL]
+                         [--tls-cert FILE --tls-key FILE --tls-ca FILE [--authz FILE]]
+                         [--insecure]
+
+With TLS material every call needs a client certificate of the cluster's CA and is authorized
+per RPC (`coordinator.authz`; roles from --authz, reloaded on SIGHUP). Without it the
+coordinator serves loopback only: a non-loopback --listen exits 2 unless --insecure is given.
 
 On start it replays the log and appends a new epoch before serving. SIGTERM and SIGINT stop it
 gracefully (exit 0). If a newer coordinator takes over the same log, this one stops itself
@@ -12,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import signal
 import sys
@@ -23,10 +30,12 @@ from grpc_reflection.v1alpha import reflection
 
 from coordinator import checkpoint, servicers
 from coordinator.app import Coordinator
+from coordinator.authz import AuthzError, AuthzInterceptor, Roles
 from coordinator.log import SqliteEventStore, StoreError
 from coordinator.telemetry.setup import MetricsServer, coordinator_telemetry
 from whimbrel import heap, priority
 from whimbrel.otel import add_otlp_flag
+from whimbrel.tls import TlsError, TlsFiles, add_tls_flags, server_credentials, tls_files
 from whimbrel.v1 import (
     eventlog_pb2,
     eventlog_pb2_grpc,
@@ -49,15 +58,27 @@ SERVICE_NAMES = [
 
 
 def build_server(
-    app: Coordinator, listen: str
+    app: Coordinator, listen: str, tls: TlsFiles | None = None, roles: Roles | None = None
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+    """The gRPC server of `app` on `listen`: mutual TLS and per-RPC roles with `tls`, plaintext
+    without (raises TlsError when the TLS files are unusable)."""
+    interceptors = []
+    if tls is not None:
+        interceptors.append(
+            AuthzInterceptor(
+                roles if roles is not None else Roles(),
+                lambda method, code: app.telemetry.refused(method, code.name),
+            )
+        )
+    credentials = server_credentials(tls) if tls is not None else None
     server = grpc.aio.server(
+        interceptors=interceptors,
         options=[
             # hostd pings every second to notice a hung coordinator; let it.
             ("grpc.http2.min_recv_ping_interval_without_data_ms", 500),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.max_ping_strikes", 0),
-        ]
+        ],
     )
     migration_pb2_grpc.add_MigrationServiceServicer_to_server(
         servicers.MigrationServicer(app), server
@@ -71,17 +92,20 @@ def build_server(
         [*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
     try:
-        port = server.add_insecure_port(listen)
+        if credentials is not None:
+            port = server.add_secure_port(listen, credentials)
+        else:
+            port = server.add_insecure_port(listen)
     except RuntimeError:  # grpc reports a failed bind this way (or with port 0)
         port = 0
     return server, port, health_servicer
 
 
 async def start_server(
-    app: Coordinator, listen: str
+    app: Coordinator, listen: str, tls: TlsFiles | None = None, roles: Roles | None = None
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """Build, start and mark every service SERVING."""
-    server, port, health_servicer = build_server(app, listen)
+    server, port, health_servicer = build_server(app, listen, tls, roles)
     if not port:
         raise OSError(f"cannot listen on {listen}")
     await server.start()
@@ -102,6 +126,8 @@ async def serve(
     otlp_endpoint: str | None = None,
     host_wait: float = 30.0,
     checkpoint_every: int = 100_000,
+    tls: TlsFiles | None = None,
+    roles: Roles | None = None,
 ) -> int:
     store = SqliteEventStore(db)
     app = Coordinator(
@@ -111,7 +137,12 @@ async def serve(
         checkpoint_every=checkpoint_every,
     )
     # Bind before taking the log: a start refused for its address leaves no trace in it.
-    server, port, health_servicer = build_server(app, listen)
+    try:
+        server, port, health_servicer = build_server(app, listen, tls, roles)
+    except TlsError as err:
+        log.error("cannot start: %s", err)
+        await asyncio.to_thread(store.close)
+        return 2
     problem = "" if port else f"cannot listen on {listen}"
     metrics_server: MetricsServer | None = None
     if not problem:
@@ -156,6 +187,8 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if roles is not None:
+        loop.add_signal_handler(signal.SIGHUP, roles.reload)
     stopped = asyncio.create_task(stop.wait(), name="signal-wait")
     fenced = asyncio.create_task(app.fenced.wait(), name="fence-wait")
     await asyncio.wait([stopped, fenced], return_when=asyncio.FIRST_COMPLETED)
@@ -182,6 +215,23 @@ def listen_address(value: str) -> str:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise argparse.ArgumentTypeError(f"{value!r} is not HOST:PORT with a port in 0..65535")
     return value
+
+
+def is_loopback(listen: str) -> bool:
+    host = listen.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
+
+
+def metrics_address(value: str) -> str:
+    """HOST:PORT, or a bare PORT (or :PORT) served on loopback."""
+    if value.lstrip(":").isdigit():
+        value = f"127.0.0.1:{value.lstrip(':')}"
+    return listen_address(value)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -213,8 +263,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--metrics-listen",
-        type=listen_address,
-        help="serve Prometheus metrics at http://HOST:PORT/metrics",
+        type=metrics_address,
+        metavar="[HOST:]PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (HOST: 127.0.0.1 if omitted)",
+    )
+    add_tls_flags(parser)
+    parser.add_argument(
+        "--authz",
+        type=Path,
+        metavar="FILE",
+        help="users' roles (TOML: viewer/operator/admin = [names]); reloaded on SIGHUP. "
+        "Needs TLS; without it no user has a role",
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a non-loopback --listen without TLS (anyone who reaches it can do anything)",
     )
     add_otlp_flag(parser)
     priority.add_priority_flag(parser)
@@ -225,6 +289,38 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    tls = tls_files(args, parser)
+    roles = None
+    if tls is None:
+        if args.authz is not None:
+            log.error("--authz needs --tls-cert, --tls-key and --tls-ca")
+            return 2
+        if not is_loopback(args.listen):
+            if not args.insecure:
+                log.error(
+                    "refusing to serve %s without TLS: give --tls-cert, --tls-key and "
+                    "--tls-ca (or --insecure to accept that anyone who reaches it controls "
+                    "every host)",
+                    args.listen,
+                )
+                return 2
+            log.warning(
+                "INSECURE: serving %s without TLS; anyone who reaches it controls every host",
+                args.listen,
+            )
+        else:
+            log.info("no TLS material: serving loopback only (%s), without authentication",
+                     args.listen)  # fmt: skip
+    else:
+        try:
+            roles = Roles.load(args.authz) if args.authz is not None else Roles()
+        except AuthzError as err:
+            log.error("%s", err)
+            return 2
+        log.info("mutual TLS: clients need a certificate of %s; roles from %s", args.tls_ca,
+                 args.authz or "nowhere")  # fmt: skip
+        if args.authz is None:
+            log.warning("no --authz: users have no role (only hosts, health and reflection)")
     priority.apply(args.cpu_priority, args.realtime_priority)
     try:
         return asyncio.run(
@@ -235,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
                 otlp_endpoint=args.otlp_endpoint,
                 host_wait=args.host_wait,
                 checkpoint_every=args.checkpoint_every,
+                tls=tls,
+                roles=roles,
             )
         )
     except OSError as err:  # e.g. the database path is unusable

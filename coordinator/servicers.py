@@ -4,6 +4,10 @@ This module alone chooses status codes:
     InvalidRequest -> INVALID_ARGUMENT     NotFound -> NOT_FOUND
     AlreadyExists -> ALREADY_EXISTS        IllegalTransition -> FAILED_PRECONDITION
     HostUnavailable -> UNAVAILABLE         StaleEpoch / StoreFailure -> UNAVAILABLE
+
+Who may call what is decided before a servicer runs (`coordinator.authz`); here requests only
+carry the caller's principal into the log, and a host stream's Hello must name the host of the
+caller's certificate (PERMISSION_DENIED otherwise, before anything is appended).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from coordinator.core import (
 from coordinator.core import inputs as I
 from coordinator.core.validate import check_migration_id, check_name
 from coordinator.log import StoredEvent, StoreError, verify_chain
+from whimbrel.tls import host_principal, peer_principal
 from whimbrel.v1 import (
     eventlog_pb2,
     eventlog_pb2_grpc,
@@ -63,6 +68,11 @@ def status_for(err: Exception) -> grpc.StatusCode:
         if isinstance(err, kind):
             return code
     return grpc.StatusCode.INTERNAL
+
+
+def principal(context: Any) -> str:
+    """The caller's principal for the log ("" when served without TLS)."""
+    return peer_principal(context) or ""
 
 
 def mapped(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
@@ -108,6 +118,7 @@ class MigrationServicer(migration_pb2_grpc.MigrationServiceServicer):
                 request.mode,
                 request.policy,
                 self.app.clock(),
+                principal(context),
             )
         )
         return await self._get(migration_id)
@@ -162,7 +173,9 @@ class MigrationServicer(migration_pb2_grpc.MigrationServiceServicer):
         self, request: migration_pb2.AbortMigrationRequest, context: Any
     ) -> migration_pb2.Migration:
         await self.app.request(
-            I.AbortMigration(request.migration_id, request.reason, self.app.clock())
+            I.AbortMigration(
+                request.migration_id, request.reason, self.app.clock(), principal(context)
+            )
         )
         return await self._get(request.migration_id)
 
@@ -170,7 +183,9 @@ class MigrationServicer(migration_pb2_grpc.MigrationServiceServicer):
     async def SwitchToPostcopy(
         self, request: migration_pb2.SwitchToPostcopyRequest, context: Any
     ) -> migration_pb2.Migration:
-        await self.app.request(I.SwitchToPostcopy(request.migration_id, self.app.clock()))
+        await self.app.request(
+            I.SwitchToPostcopy(request.migration_id, self.app.clock(), principal(context))
+        )
         return await self._get(request.migration_id)
 
 
@@ -188,17 +203,21 @@ class VmServicer(vm_pb2_grpc.VmServiceServicer):
 
     @mapped
     async def DefineVm(self, request: vm_pb2.DefineVmRequest, context: Any) -> vm_pb2.Vm:
-        await self.app.request(I.DefineVm(request.spec, self.app.clock()))
+        await self.app.request(I.DefineVm(request.spec, self.app.clock(), principal(context)))
         return await self._get(request.spec.name)
 
     @mapped
     async def StartVm(self, request: vm_pb2.StartVmRequest, context: Any) -> vm_pb2.Vm:
-        await self.app.request(I.StartVm(request.name, request.host, self.app.clock()))
+        await self.app.request(
+            I.StartVm(request.name, request.host, self.app.clock(), principal(context))
+        )
         return await self._get(request.name)
 
     @mapped
     async def StopVm(self, request: vm_pb2.StopVmRequest, context: Any) -> vm_pb2.Vm:
-        await self.app.request(I.StopVm(request.name, request.force, self.app.clock()))
+        await self.app.request(
+            I.StopVm(request.name, request.force, self.app.clock(), principal(context))
+        )
         return await self._get(request.name)
 
     @mapped
@@ -223,6 +242,15 @@ class HostServicer(host_pb2_grpc.HostServiceServicer):
         if first is None or first.WhichOneof("kind") != "hello":
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "the first message must be a Hello"
+            )
+            return
+        caller = peer_principal(context)
+        if caller is not None and caller != host_principal(first.hello.host_id):
+            # Otherwise any host (or a stolen host key) could take another host's commands and
+            # lock the real one out with a higher generation.
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{caller} may not connect as host {first.hello.host_id!r}",
             )
             return
         try:

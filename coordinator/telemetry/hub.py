@@ -58,6 +58,10 @@ class Telemetry:
         if self.metrics is not None:
             self.metrics.recovery.set(seconds)
 
+    def refused(self, method: str, code: str) -> None:
+        if self.metrics is not None:
+            self.metrics.refused.add(1, {"rpc.method": method, "rpc.grpc.status_code": code})
+
     def requested_by(self, migration_id: str, metadata: dict[str, str]) -> None:
         if self.tracer is not None:
             self.tracer.requested_by(migration_id, metadata)

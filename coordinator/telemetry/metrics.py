@@ -50,6 +50,10 @@ class CoordinatorMetrics:
             description="Time from handing a batch to the log to its durable commit",
             explicit_bucket_boundaries_advisory=APPEND_BUCKETS,
         )  # fmt: skip
+        self.refused = meter.create_counter(
+            "whimbrel.rpc.refused", unit="{call}",
+            description="Calls refused before reaching a servicer (authentication, roles)",
+        )  # fmt: skip
         self.recovery = meter.create_gauge(
             "whimbrel.recovery.duration", unit="s",
             description="Start-up: replay and new epoch until serving, last start",
