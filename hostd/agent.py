@@ -31,6 +31,7 @@ from hostd.executor import Executor
 from hostd.store import HostStore
 from hostd.vm import VmRuntime
 from whimbrel import failpoints
+from whimbrel.tls import TlsError, TlsFiles, aio_channel, check_server_principal
 from whimbrel.v1 import events_pb2, host_pb2, host_pb2_grpc
 
 log = logging.getLogger("whimbrel.hostd")
@@ -96,8 +97,12 @@ class Agent:
         migration_port: int = 0,
         migration_advertise: str = "",
         netns: str = "",
+        tls: TlsFiles | None = None,
     ) -> None:
         self.host_id = host_id
+        # With TLS material, the stream is mutual TLS and the coordinator must present
+        # spiffe://whimbrel/coordinator: a host's commands come from nobody else.
+        self.tls = tls
         # One address, or several (comma-separated) tried in turn: a standby coordinator that
         # takes the log over when the active one hangs or dies.
         self.coordinators = [a.strip() for a in coordinator.split(",") if a.strip()]
@@ -200,9 +205,13 @@ class Agent:
         delay = BACKOFF_FIRST
         while not self.stopping.is_set():
             try:
-                async with grpc.aio.insecure_channel(self.coordinator, KEEPALIVE) as channel:
+                if self.tls is not None:
+                    await check_server_principal(self.coordinator, self.tls)
+                async with aio_channel(self.coordinator, self.tls, KEEPALIVE) as channel:
                     await self._session(channel)
                 delay = BACKOFF_FIRST
+            except TlsError as err:
+                log.warning("coordinator %s: %s", self.coordinator, err)
             except grpc.aio.AioRpcError as err:
                 log.warning(
                     "coordinator %s: %s: %s", self.coordinator, err.code().name, err.details()

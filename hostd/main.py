@@ -5,6 +5,7 @@
                    [--migration-advertise HOST[:PORT]] [--network none|hook|bridge]
                    [--network-hook PATH]
                    [--otlp-endpoint URL]
+                   [--tls-cert FILE --tls-key FILE --tls-ca FILE]
 
 QEMU processes outlive hostd; a restarted hostd re-attaches to them. SIGTERM stops hostd
 (exit 0) and leaves the VMs running.
@@ -30,6 +31,7 @@ from hostd.drivers.network import (
 )
 from whimbrel import heap, priority
 from whimbrel.otel import add_otlp_flag, otlp_endpoint
+from whimbrel.tls import TlsFiles, add_tls_flags, tls_files
 
 
 def network_driver(ns: argparse.Namespace) -> NetworkDriver:
@@ -42,17 +44,17 @@ def network_driver(ns: argparse.Namespace) -> NetworkDriver:
     return NullNetworkDriver()
 
 
-async def serve(ns: argparse.Namespace) -> int:
+async def serve(ns: argparse.Namespace, tls: TlsFiles | None = None) -> int:
     endpoint = otlp_endpoint(ns.otlp_endpoint)
     provider = tracing.setup(endpoint, ns.host_id) if endpoint else None
     try:
-        return await _serve(ns)
+        return await _serve(ns, tls)
     finally:
         if provider is not None:
             provider.shutdown()  # type: ignore[attr-defined]  # exports what is batched
 
 
-async def _serve(ns: argparse.Namespace) -> int:
+async def _serve(ns: argparse.Namespace, tls: TlsFiles | None) -> int:
     agent = Agent(
         ns.host_id,
         ns.coordinator,
@@ -63,6 +65,7 @@ async def _serve(ns: argparse.Namespace) -> int:
         migration_port=ns.migration_port,
         migration_advertise=ns.migration_advertise or "",
         netns=ns.netns or "",
+        tls=tls,
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -113,15 +116,17 @@ def main(argv: list[str] | None = None) -> int:
         "bridges and its migration traffic (--migration-address is an address there)",
     )
     add_otlp_flag(parser)
+    add_tls_flags(parser)
     priority.add_priority_flag(parser)
     parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
     ns = parser.parse_args(argv)
+    tls = tls_files(ns, parser)
     log_format = f"%(asctime)s %(levelname)s hostd[{ns.host_id}] %(name)s: %(message)s"
     logging.basicConfig(level=ns.log_level, format=log_format)
     priority.apply(ns.cpu_priority, ns.realtime_priority)
-    return asyncio.run(serve(ns))
+    return asyncio.run(serve(ns, tls))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """whimbrelctl: the operator's command line for a Whimbrel coordinator.
 
-    whimbrelctl [--coordinator HOST:PORT] [--json] COMMAND ...
+    whimbrelctl [--coordinator HOST:PORT] [--json]
+                [--tls-cert FILE --tls-key FILE --tls-ca FILE] COMMAND ...
 
 Exit codes: 0 success, 1 the coordinator refused (the gRPC status is printed), 2 usage error,
 3 coordinator unreachable, 4 a waited-for migration ended other than completed.
@@ -18,6 +19,7 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from whimbrel import tls
 from whimbrel.v1 import (
     common_pb2,
     eventlog_pb2,
@@ -65,8 +67,8 @@ def _bytes(n: int) -> str:
 
 
 class Ctl:
-    def __init__(self, address: str, as_json: bool) -> None:
-        self.channel = grpc.insecure_channel(address)
+    def __init__(self, address: str, as_json: bool, tls_files: tls.TlsFiles | None = None) -> None:
+        self.channel = tls.channel(address, tls_files)
         self.as_json = as_json
         self.migrations = migration_pb2_grpc.MigrationServiceStub(self.channel)
         self.vms = vm_pb2_grpc.VmServiceStub(self.channel)
@@ -341,8 +343,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
-    ctl = Ctl(ns.coordinator, ns.json)
+    parser = build_parser()
+    tls.add_tls_flags(parser)
+    ns = parser.parse_args(argv)
+    try:
+        ctl = Ctl(ns.coordinator, ns.json, tls.tls_files(ns, parser))
+    except tls.TlsError as err:
+        print(f"whimbrelctl: {err}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         return int(ns.run(ctl, ns))
     except grpc.RpcError as err:

@@ -3,6 +3,7 @@
 whimbrel-audit verify DB [--expect-head SEQ:HASH] [--final]
                                                     exit 0 clean, 1 violations, 2 unreadable
 whimbrel-audit verify --against HOST:PORT           the same, through a live coordinator
+               [--tls-cert F --tls-key F --tls-ca F]  (mutual TLS; needs the viewer role)
 whimbrel-audit head DB                              print SEQ:HASH of the chain head
 whimbrel-audit timeline DB --migration ID [--json]  a migration's story, pause and outcome
 whimbrel-audit state DB --at SEQ | --at-time T      derived state at that point of history
@@ -23,6 +24,7 @@ from coordinator import codec
 from tools.audit import state, timeline
 from tools.audit.checks import Unreadable, open_log, stored_events, verify, verify_events
 from tools.audit.remote import remote_events
+from whimbrel.tls import add_tls_flags, tls_files
 
 EXIT_CLEAN, EXIT_VIOLATIONS, EXIT_UNREADABLE = 0, 1, 2
 
@@ -33,7 +35,7 @@ def cmd_verify(ns: argparse.Namespace) -> int:
         seq, _, digest = ns.expect_head.partition(":")
         expect_seq, expect_hash = int(seq), bytes.fromhex(digest)
     if ns.against:
-        events = remote_events(ns.against)
+        events = remote_events(ns.against, tls_files(ns, ns.parser))
         report = verify_events(events, None, expect_seq, expect_hash, final=ns.final)
     elif ns.db:
         report = verify(Path(ns.db), expect_seq, expect_hash, final=ns.final)
@@ -131,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     v = sub.add_parser("verify", help="verify chain, order, epochs and safety invariants")
     v.add_argument("db", nargs="?")
+    v.set_defaults(parser=v)
     v.add_argument("--against", metavar="HOST:PORT", help="read the log of a live coordinator")
+    add_tls_flags(v)  # for --against: a certificate with the viewer role
     v.add_argument("--expect-head", help="SEQ:HASH printed earlier by `head`")
     v.add_argument(
         "--final",

@@ -8,16 +8,24 @@ import grpc
 
 from coordinator.log import StoredEvent
 from tools.audit.checks import Unreadable
+from whimbrel.tls import TlsError, TlsFiles, channel
 from whimbrel.v1 import eventlog_pb2, eventlog_pb2_grpc
 
 
-def remote_events(target: str, timeout: float = 60.0) -> Iterator[StoredEvent]:
-    """Every event of the coordinator at `target` (HOST:PORT), as stored, in seq order.
+def remote_events(
+    target: str, tls: TlsFiles | None = None, timeout: float = 60.0
+) -> Iterator[StoredEvent]:
+    """Every event of the coordinator at `target` (HOST:PORT), as stored, in seq order; over
+    mutual TLS with `tls` (the caller needs the viewer role).
 
     The payload bytes are the stored (hashed) ones, so the chain is checked exactly as on a
     file; only the append-only triggers are out of sight."""
-    with grpc.insecure_channel(target) as channel:
-        stub = eventlog_pb2_grpc.EventLogServiceStub(channel)
+    try:
+        opened = channel(target, tls)
+    except TlsError as err:
+        raise Unreadable(str(err)) from err
+    with opened:
+        stub = eventlog_pb2_grpc.EventLogServiceStub(opened)
         try:
             for e in stub.ReadEvents(eventlog_pb2.ReadEventsRequest(from_seq=1), timeout=timeout):
                 yield StoredEvent(

@@ -1,6 +1,7 @@
 """A migration's story from the log: every event of its stream with its time, the commands with
 their results and durations, the phases with their durations, the guest-visible pause (from
-QEMU's own timestamps) and the outcome."""
+QEMU's own timestamps), the outcome, and who asked for the migration, its post-copy switch and its
+abort (the principals of their certificates; "unknown" for a coordinator served without TLS)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,13 @@ class Timeline:
     pause_us: int = 0
     outcome: str = ""
     reason: str = ""
+    requested_by: str = ""
+    postcopy_requested_by: str = ""
+    aborted_by: str = ""
+
+
+def _who(principal: str) -> str:
+    return principal or "unknown"
 
 
 def _summary(event: Event) -> str:
@@ -44,7 +52,9 @@ def _summary(event: Event) -> str:
     fields = json_format.MessageToDict(p, preserving_proto_field_name=True)
     fields.pop("migration_id", None)
     fields.pop("vm", None)
-    return f"{event.type} {fields if fields else ''}".strip()
+    by = fields.pop("requested_by", "")
+    summary = f"{event.type} {fields if fields else ''}".strip()
+    return f"{summary} by {by}" if by else summary
 
 
 def build(events: list[Event], migration_id: str) -> Timeline:
@@ -74,6 +84,12 @@ def build(events: list[Event], migration_id: str) -> Timeline:
             }
         )
         p = event.payload
+        if isinstance(p, events_pb2.MigrationRequested):
+            timeline.requested_by = _who(p.requested_by)
+        elif isinstance(p, events_pb2.PostcopyRequested) and p.by == "operator":
+            timeline.postcopy_requested_by = _who(p.requested_by)
+        elif isinstance(p, events_pb2.RollbackDecided) and p.reason.startswith("aborted by"):
+            timeline.aborted_by = _who(p.requested_by)
         if isinstance(p, events_pb2.CommandIssued):
             issued[p.command_id] = event
         elif isinstance(p, (events_pb2.CommandSucceeded, events_pb2.CommandFailed)):
@@ -101,6 +117,13 @@ def build(events: list[Event], migration_id: str) -> Timeline:
 
 def render(t: Timeline) -> str:
     lines = [f"migration {t.migration_id}: {t.vm} {t.source} -> {t.destination}"]
+    asked = [f"requested by {t.requested_by}"] if t.requested_by else []
+    if t.postcopy_requested_by:
+        asked.append(f"post-copy requested by {t.postcopy_requested_by}")
+    if t.aborted_by:
+        asked.append(f"aborted by {t.aborted_by}")
+    if asked:
+        lines.append(", ".join(asked))
     for e in t.entries:
         lines.append(f"  +{e['at_ms']:>10.1f} ms  {e['host']:<12} {e['what']}")
     if t.phases:
