@@ -1,5 +1,9 @@
 """Real processes on loopback for tests and benchmarks: a coordinator, hostd processes, real
-QEMU, real SQLite files; clients that wait on the log's follow stream rather than polling."""
+QEMU, real SQLite files; clients that wait on the log's follow stream rather than polling.
+
+Every channel is mutual TLS unless `tls=False`: the cluster makes its PKI once in ROOT/pki
+(`whimbrel.pki.ensure`), a certificate per hostd, and a user `admin` with the admin role
+(ROOT/authz.toml) for its own clients; `client_tls_flags()` gives those to other programs."""
 
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from coordinator import codec
 from coordinator.core import Event
 from coordinator.log import SqliteEventStore
 from tools.guest import boot_disk
+from whimbrel import pki, tls
 from whimbrel.v1 import (
     common_pb2,
     eventlog_pb2,
@@ -94,6 +99,8 @@ class Cluster:
     metrics_port: int = 0
     # Extra hostd flags, per host (kept across restarts of that hostd).
     hostd_args: dict[str, list[str]] = field(default_factory=dict)
+    # Mutual TLS on every channel (False: the coordinator's insecure loopback mode).
+    tls: bool = True
 
     @property
     def db(self) -> Path:
@@ -107,6 +114,26 @@ class Cluster:
     def hook_log(self) -> Path:
         return self.root / "network-hook.log"
 
+    @property
+    def pki_dir(self) -> Path:
+        return self.root / "pki"
+
+    def identity(self, kind: str, name: str = "") -> pki.Issued:
+        """The certificate of a principal of this cluster ("host", "user", "coordinator")."""
+        return pki.ensure(self.pki_dir, kind, name)
+
+    def _tls_flags(self, kind: str, name: str = "") -> list[str]:
+        return self.identity(kind, name).flags() if self.tls else []
+
+    def client_tls_flags(self, user: str = "admin") -> list[str]:
+        """The TLS flags of whimbrelctl or whimbrel-audit run as `user` (none without TLS)."""
+        return self._tls_flags("user", user)
+
+    def open_channel(self, address: str = "", user: str = "admin") -> grpc.Channel:
+        """A client channel to `address` (the coordinator's by default) as `user`."""
+        files = self.identity("user", user).files if self.tls else None
+        return tls.channel(address or self.address, files)
+
     def start_coordinator(
         self,
         listen: str = "127.0.0.1:0",
@@ -118,6 +145,11 @@ class Cluster:
         log = self.root / "coordinator.log"
         args = [str(BIN / "whimbrel-coordinator"), "--db", str(self.db), "--listen", listen,
                 *self.coordinator_args]  # fmt: skip
+        if self.tls:
+            authz = self.root / "authz.toml"
+            if not authz.exists():
+                authz.write_text('admin = ["admin"]\n')
+            args += [*self._tls_flags("coordinator"), "--authz", str(authz)]
         env = dict(self.env, WHIMBREL_FAILPOINTS=failpoints) if failpoints else self.env
         process = spawn("coordinator", args, log, pipe_stdout=True, env=env)
         self.processes["coordinator"] = process
@@ -135,7 +167,7 @@ class Cluster:
         self.metrics_port = int(metrics[1]) if metrics else 0
         if self.channel is not None:
             self.channel.close()
-        self.channel = grpc.insecure_channel(self.address)
+        self.channel = self.open_channel()
 
     def start_hostd(self, host_id: str, failpoints: str = "") -> None:
         hook = self.root / "hook.sh"
@@ -145,7 +177,7 @@ class Cluster:
         args = [
             str(BIN / "whimbrel-hostd"), "--host-id", host_id, "--coordinator", self.address,
             "--state-dir", str(self.root / host_id), "--lockspace", str(self.shared / "locks"),
-            "--network", "hook", "--network-hook", str(hook),
+            "--network", "hook", "--network-hook", str(hook), *self._tls_flags("host", host_id),
         ]  # fmt: skip
         env = dict(self.env, WHIMBREL_FAILPOINTS=failpoints) if failpoints else self.env
         self.processes[host_id] = spawn(

@@ -1,4 +1,9 @@
-"""Real coordinators on port 0 over real SQLite files, and hostd-like stream clients."""
+"""Real coordinators on port 0 over real SQLite files, and hostd-like stream clients.
+
+Every channel is mutual TLS, with a PKI made once per test session: the fixture's `channel` is
+the user `admin` (role admin); `channel_as(kind, name)` opens one with another principal's
+certificate (users `operator` and `viewer` have those roles, `nobody` none). A SimHostd given
+the fixture's `channel` opens its stream with its own host's certificate, as a hostd does."""
 
 from __future__ import annotations
 
@@ -13,10 +18,21 @@ import grpc
 import pytest
 
 from coordinator.app import Coordinator
+from coordinator.authz import Role, Roles
 from coordinator.log import SqliteEventStore
 from coordinator.main import start_server
 from tools.sim import SimHosts
+from whimbrel import pki, tls
 from whimbrel.v1 import common_pb2, events_pb2, host_pb2, host_pb2_grpc
+
+ROLES = {"admin": Role.ADMIN, "operator": Role.OPERATOR, "viewer": Role.VIEWER}
+
+
+@pytest.fixture(scope="session")
+def pki_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("pki")
+    pki.ensure(directory, "coordinator")
+    return directory
 
 
 @dataclass
@@ -24,17 +40,48 @@ class Running:
     app: Coordinator
     channel: grpc.aio.Channel
     address: str
+    pki: Path
+    roles: Roles
+    _channels: dict[tuple[str, str], grpc.aio.Channel] = field(default_factory=dict)
+
+    def identity(self, kind: str, name: str) -> pki.Issued:
+        return pki.ensure(self.pki, kind, name)
+
+    def channel_as(self, kind: str, name: str) -> grpc.aio.Channel:
+        """A channel to this coordinator with the certificate of `kind` ("host", "user") `name`."""
+        key = (kind, name)
+        if key not in self._channels:
+            files = self.identity(kind, name).files
+            self._channels[key] = tls.aio_channel(self.address, files)
+        return self._channels[key]
+
+    def tls_flags(self, user: str = "admin") -> list[str]:
+        return self.identity("user", user).flags()
+
+    async def close_channels(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+
+
+# The Running coordinator of each fixture channel, so a SimHostd can use its host's certificate.
+_RUNNING: dict[int, Running] = {}
 
 
 @pytest.fixture
-async def coordinator(tmp_path: Path) -> AsyncIterator[Running]:
+async def coordinator(tmp_path: Path, pki_dir: Path) -> AsyncIterator[Running]:
     store = SqliteEventStore(tmp_path / "whimbrel.db")
     app = Coordinator(store)
     await app.start()
-    server, port, _ = await start_server(app, "127.0.0.1:0")
+    roles = Roles(ROLES)
+    files = pki.ensure(pki_dir, "coordinator").files
+    server, port, _ = await start_server(app, "127.0.0.1:0", files, roles)
     address = f"127.0.0.1:{port}"
-    channel = grpc.aio.insecure_channel(address)
-    yield Running(app, channel, address)
+    channel = tls.aio_channel(address, pki.ensure(pki_dir, "user", "admin").files)
+    running = Running(app, channel, address, pki_dir, roles)
+    _RUNNING[id(channel)] = running
+    yield running
+    del _RUNNING[id(channel)]
+    await running.close_channels()
     await channel.close()
     await server.stop(grace=None)
     await app.close()
@@ -67,7 +114,9 @@ class SimHostd:
 
     async def start(self) -> None:
         _STREAMS[(id(self.hosts), self.host_id)] = self
-        stub = host_pb2_grpc.HostServiceStub(self.channel)
+        running = _RUNNING.get(id(self.channel))
+        channel = running.channel_as("host", self.host_id) if running else self.channel
+        stub = host_pb2_grpc.HostServiceStub(channel)
         self._up.put_nowait(
             host_pb2.HostMessage(
                 hello=host_pb2.Hello(

@@ -167,7 +167,8 @@ async def test_postcopy_migration_through_grpc_and_host_streams(coordinator, sim
     events = [codec.from_stored(s) for s in coordinator.app.store.read()]
     assert InvariantChecker().check_quiescent(events) == []
     # The auditor's view through the live coordinator agrees: clean, nothing left in flight.
-    audit = ["verify", "--against", coordinator.address, "--final", "--json"]
+    audit = ["verify", "--against", coordinator.address, *coordinator.tls_flags(), "--final",
+             "--json"]  # fmt: skip
     code, report = await asyncio.to_thread(_audit_json, audit)
     assert code == 0 and report["ok"] and report["in_flight"] == []
     assert report["head_seq"] == coordinator.app.store.head()[0]
@@ -186,7 +187,8 @@ async def test_audit_against_a_live_coordinator_finds_tampering(coordinator, sim
     """`verify --against` reads the live log over gRPC and names a row edited on disk."""
     await _running_vm(coordinator, sim_hosts)
     code, report = await asyncio.to_thread(
-        _audit_json, ["verify", "--against", coordinator.address, "--json"]
+        _audit_json,
+        ["verify", "--against", coordinator.address, *coordinator.tls_flags(), "--json"],
     )
     assert code == 0 and report["ok"]
     db = coordinator.app.store.path
@@ -195,7 +197,8 @@ async def test_audit_against_a_live_coordinator_finds_tampering(coordinator, sim
         conn.execute("UPDATE events SET time_us = time_us + 1 WHERE seq = 3")
         conn.commit()
     code, report = await asyncio.to_thread(
-        _audit_json, ["verify", "--against", coordinator.address, "--json"]
+        _audit_json,
+        ["verify", "--against", coordinator.address, *coordinator.tls_flags(), "--json"],
     )
     assert code == 1 and report["findings"][0]["seq"] == 3
     assert "hash does not match" in report["findings"][0]["problem"]

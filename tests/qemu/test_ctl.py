@@ -15,7 +15,13 @@ pytestmark = pytest.mark.qemu
 
 def ctl(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(BIN / "whimbrelctl"), "--coordinator", cluster.address, *args],
+        [
+            str(BIN / "whimbrelctl"),
+            "--coordinator",
+            cluster.address,
+            *cluster.client_tls_flags(),
+            *args,
+        ],
         capture_output=True,
         text=True,
         timeout=120,

@@ -225,7 +225,7 @@ def test_sigstopped_coordinator_is_replaced_and_fences_itself_when_it_wakes(tmp_
         if not woken:
             first.popen.send_signal(signal.SIGCONT)
         if first.popen.poll() is None:  # still up: its next write is refused, and it stops
-            with grpc.insecure_channel(first_address) as channel:
+            with cluster.open_channel(first_address) as channel:
                 spec = vm_pb2.DefineVmRequest(spec=cluster_spec("vm-2"))
                 try:
                     vm_pb2_grpc.VmServiceStub(channel).DefineVm(spec, timeout=10)
