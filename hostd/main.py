@@ -31,7 +31,7 @@ from hostd.drivers.network import (
 )
 from whimbrel import heap, priority
 from whimbrel.otel import add_otlp_flag, otlp_endpoint
-from whimbrel.tls import TlsFiles, add_tls_flags, tls_files
+from whimbrel.tls import TlsError, TlsFiles, add_tls_flags, tls_files
 
 
 def network_driver(ns: argparse.Namespace) -> NetworkDriver:
@@ -123,6 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     ns = parser.parse_args(argv)
     tls = tls_files(ns, parser)
+    if tls is not None:
+        try:
+            tls.read()  # unusable material is a usage error now, not a retry loop later
+        except TlsError as err:
+            parser.error(str(err))
     log_format = f"%(asctime)s %(levelname)s hostd[{ns.host_id}] %(name)s: %(message)s"
     logging.basicConfig(level=ns.log_level, format=log_format)
     priority.apply(ns.cpu_priority, ns.realtime_priority)

@@ -161,13 +161,18 @@ async def test_clients_without_a_whimbrel_certificate_are_refused(coordinator, t
 
 
 async def test_health_and_reflection_are_open_to_any_authenticated_peer(coordinator):
-    """A user without any role and a host may both ask for health."""
+    """A user without any role and a host may both ask for health and watch it."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     for kind, name in (("user", "nobody"), ("host", "host-a")):
         health = health_pb2_grpc.HealthStub(coordinator.channel_as(kind, name))
         reply = await health.Check(health_pb2.HealthCheckRequest())
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        # Watch answers through the context rather than by yielding: the guard passes it on.
+        watch = health.Watch(health_pb2.HealthCheckRequest())
+        first = await watch.read()
+        assert first.status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
 
 
 async def test_each_accepted_request_records_its_principal(coordinator, sim_hosts):

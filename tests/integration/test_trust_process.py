@@ -16,6 +16,7 @@ from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from coordinator.log import SqliteEventStore
+from coordinator.main import is_loopback, metrics_address
 from tools.cluster import BIN, Process, spawn
 from whimbrel import pki, tls
 from whimbrel.v1 import vm_pb2, vm_pb2_grpc
@@ -141,3 +142,13 @@ def test_sighup_reloads_roles_and_a_broken_file_keeps_them(tmp_path: Path) -> No
             assert list(vms.ListVms(vm_pb2.ListVmsRequest(), timeout=10).vms) == []
     finally:
         assert process.stop() == 0
+
+
+def test_metrics_bind_loopback_unless_a_host_is_given() -> None:
+    """A bare metrics port (or :PORT) is served on 127.0.0.1; loopback is told by address."""
+    assert metrics_address("9464") == metrics_address(":9464") == "127.0.0.1:9464"
+    assert metrics_address("0.0.0.0:9464") == "0.0.0.0:9464"
+    loopback = ["127.0.0.1:7700", "127.3.4.5:0", "[::1]:7700", "localhost:7700"]
+    assert [is_loopback(a) for a in loopback] == [True] * 4
+    others = ["0.0.0.0:7700", "[::]:7700", "10.0.0.1:7700", "coordinator.example:7700"]
+    assert [is_loopback(a) for a in others] == [False] * 4
