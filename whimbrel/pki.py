@@ -283,10 +283,9 @@ def main(argv: list[str] | None = None) -> int:
             issued = issue_host(ns.dir, ns.host, ns.days)
         elif ns.user:
             issued = issue_user(ns.dir, ns.user, ns.days)
-        elif ns.dns or ns.ip:
-            issued = issue_coordinator(ns.dir, tuple(ns.dns or ()), tuple(ns.ip or ()), ns.days)
         else:
-            issued = issue_coordinator(ns.dir, days=ns.days)
+            dns, ips = tuple(ns.dns or DEFAULT_DNS), tuple(ns.ip or DEFAULT_IPS)
+            issued = issue_coordinator(ns.dir, dns, ips, ns.days)
     except (PkiError, OSError) as err:
         print(f"whimbrel-pki: {err}", file=sys.stderr)
         return 1
