@@ -423,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             message = (
                 f"the coordinator at {ns.coordinator} did not answer within {ns.timeout:g} s "
-                "(stopped, hung or overloaded?)"
+                "(stopped, hung or overloaded? --timeout SECONDS waits longer)"
             )
             return _failed(ns, code, message, EXIT_UNREACHABLE)
         return _failed(ns, code, f"{code.name}: {details}", EXIT_REFUSED, details)
