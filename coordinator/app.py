@@ -605,6 +605,9 @@ class Coordinator:
                 for host_event, generation, payload in fresh
                 if not host_stream.moot(self.world, payload)
             ]
+            if len(new) < len(fresh):
+                log.info("host %s: %d events about what the world no longer tracks dropped",
+                         session.host_id, len(fresh) - len(new))  # fmt: skip
             staged = self._stage(new)
             self._advance_touched(staged)
             commit = self._queue_commit()

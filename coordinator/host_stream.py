@@ -5,7 +5,9 @@ judged against the world as it stands before the batch, and one payload a host m
 refuses the whole batch, so nothing of it reaches the log:
 - only observation types are allowed (`ALLOWED`); commands, migration ends, VM definitions,
   losses, epochs and host lifecycle are the coordinator's own events;
-- a command result answers a command issued to this very host, with its attempt, kind and VM;
+- a command result answers a command issued to this very host, with its attempt, kind and VM,
+  and a URI it returns (where a source will send the guest's memory) is a plain `tcp:HOST:PORT`:
+  never `exec:` (a shell on the source), `unix:`, `fd:` or options after a comma;
 - a fact that claims something of a VM (its QEMU runs or paused here, a QMP event, a stats
   sample, the lease taken, networking prepared or enabled) is about a VM this host is involved
   with: its home, its lease holder, a host with a QEMU for it, a host with a command for it, or
@@ -28,6 +30,7 @@ generation would otherwise lock the real hostd out (lower generations are refuse
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +53,8 @@ __all__ = [
 # hostd bumps its generation by one per start; a million restarts is beyond any real host.
 MAX_GENERATION_JUMP = 1_000_000
 
+# What hostd returns for PREPARE_INCOMING and RECOVER_INCOMING: tcp:ADDRESS:PORT.
+_MIGRATION_URI = re.compile(r"tcp:[^\s,]+:[0-9]{1,5}")
 _GIVING_UP_NETWORK = frozenset(
     {events_pb2.NETWORK_STATE_DISABLED, events_pb2.NETWORK_STATE_RELEASED}
 )
@@ -173,6 +178,10 @@ def _command_result(
         )
     if payload.kind != command.kind or payload.vm != command.vm:
         return f"command {payload.command_id} is a {command.kind_name} of VM {command.vm}"
+    if isinstance(payload, events_pb2.CommandSucceeded):
+        uri = payload.result.uri
+        if uri and _MIGRATION_URI.fullmatch(uri) is None:
+            return f"migration URI {uri!r} is not tcp:ADDRESS:PORT"
     return None
 
 

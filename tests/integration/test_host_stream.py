@@ -241,3 +241,19 @@ async def test_a_hello_whose_generation_leaps_is_refused(
     else:
         assert host_id not in app.world.hosts
     await _stop(hosts)
+
+
+@pytest.mark.parametrize(
+    "uri", ["exec:sh -c 'touch /tmp/pwned'", "unix:/run/x.sock", "tcp:10.0.0.9:4444,ipv6=on"]
+)
+async def test_a_migration_uri_other_than_tcp_is_refused(
+    coordinator: Running, sim_hosts: SimHosts, uri: str
+) -> None:
+    """The destination's PREPARE_INCOMING answer becomes the source's migrate URI: anything but
+    tcp:ADDRESS:PORT (a shell command, a socket, extra options) is refused."""
+    hosts, answer = await _migration_waiting_for_host_b(coordinator, sim_hosts)
+    answer.result.uri = uri
+    details = await _refused(coordinator, hosts[1], answer)
+    assert "is not tcp:ADDRESS:PORT" in details
+    assert coordinator.app.world.migrations["m-1"].incoming_uri == ""
+    await _stop(hosts)
