@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 from google.protobuf.message import Message
 
-from coordinator import checkpoint, codec
+from coordinator import checkpoint, codec, host_stream
 from coordinator.core import Event, IllegalTransition, NewEvent, World, decide, evolve
 from coordinator.core import inputs as I
 from coordinator.core.evolve import Fact, fold
@@ -512,6 +512,10 @@ class Coordinator:
         async with self._lock:
             # The log's high-water mark for this host must include what is in flight.
             await self._settled.wait()
+            refusal = host_stream.check_hello(self.world, hello)
+            if refusal is not None:
+                log.warning("refused: %s", refusal)
+                raise host_stream.StreamRefused(refusal)
             current = self.world.hosts.get(hello.host_id)
             if current is not None and hello.generation < current.generation:
                 raise IllegalTransition(
@@ -567,25 +571,43 @@ class Coordinator:
                     f"host {session.host_id} stream", "report", "replaced by a newer stream",
                     ["current"],
                 )  # fmt: skip
-            new = []
+            # Judge the batch before anything of it is staged or counted as stored: one payload
+            # the host may not send refuses all of it.
+            stored = dict(session.stored)
+            fresh: list[tuple[host_pb2.HostEvent, int, Message]] = []
             for host_event in events:
                 # Re-sent events of an earlier generation keep their own (generation, seq).
                 generation = min(host_event.generation or session.generation, session.generation)
-                if generation not in session.stored:
-                    session.stored[generation] = self.store.host_high_water(
-                        session.host_id, generation
-                    )
+                if generation not in stored:
+                    stored[generation] = self.store.host_high_water(session.host_id, generation)
                 # Already in the log (a re-send after a reconnect): drop before folding.
-                if host_event.seq <= session.stored[generation]:
+                if host_event.seq <= stored[generation]:
                     continue
-                session.stored[generation] = host_event.seq
+                stored[generation] = host_event.seq
                 kind = host_event.payload.WhichOneof("kind")
                 if kind is None:
                     continue
-                payload = getattr(host_event.payload, kind)
-                new.append(NewEvent(self._stream_for(getattr(payload, "vm", "")), payload,
-                                    host_event.time_us or self.clock(), session.host_id,
-                                    generation, host_event.seq))  # fmt: skip
+                fresh.append((host_event, generation, getattr(host_event.payload, kind)))
+            refusal = host_stream.check_batch(self.world, session.host_id, [p for *_, p in fresh])
+            if refusal is not None:
+                log.warning("refused: %s", refusal)
+                raise host_stream.StreamRefused(refusal)
+            session.stored.update(stored)
+            new = [
+                NewEvent(
+                    self._stream_for(getattr(payload, "vm", "")),
+                    payload,
+                    host_event.time_us or self.clock(),
+                    session.host_id,
+                    generation,
+                    host_event.seq,
+                )
+                for host_event, generation, payload in fresh
+                if not host_stream.moot(self.world, payload)
+            ]
+            if len(new) < len(fresh):
+                log.info("host %s: %d events about what the world no longer tracks dropped",
+                         session.host_id, len(fresh) - len(new))  # fmt: skip
             staged = self._stage(new)
             self._advance_touched(staged)
             commit = self._queue_commit()

@@ -4,6 +4,7 @@ This module alone chooses status codes:
     InvalidRequest -> INVALID_ARGUMENT     NotFound -> NOT_FOUND
     AlreadyExists -> ALREADY_EXISTS        IllegalTransition -> FAILED_PRECONDITION
     HostUnavailable -> UNAVAILABLE         StaleEpoch / StoreFailure -> UNAVAILABLE
+    StreamRefused -> PERMISSION_DENIED (a host sent what it may not: the stream ends)
 
 Who may call what is decided before a servicer runs (`coordinator.authz`); here requests only
 carry the caller's principal into the log, and a host stream's Hello must name the host of the
@@ -34,6 +35,7 @@ from coordinator.core import (
 )
 from coordinator.core import inputs as I
 from coordinator.core.validate import check_migration_id, check_name
+from coordinator.host_stream import StreamRefused
 from coordinator.log import StoredEvent, StoreError, verify_chain
 from whimbrel.tls import host_principal, peer_principal
 from whimbrel.v1 import (
@@ -60,6 +62,7 @@ _STATUS: list[tuple[type[Exception], grpc.StatusCode]] = [
     (IllegalTransition, grpc.StatusCode.FAILED_PRECONDITION),
     (HostUnavailable, grpc.StatusCode.UNAVAILABLE),
     (StoreError, grpc.StatusCode.UNAVAILABLE),
+    (StreamRefused, grpc.StatusCode.PERMISSION_DENIED),
 ]
 
 
@@ -255,11 +258,12 @@ class HostServicer(host_pb2_grpc.HostServiceServicer):
             return
         try:
             session, _ = await self.app.host_connected(first.hello)
-        except (CoreError, StoreError) as err:
+        except (CoreError, StoreError, StreamRefused) as err:
             await context.abort(status_for(err), str(err))
             return
 
         received: asyncio.Queue[host_pb2.HostEvent | None] = asyncio.Queue()
+        refused: list[StreamRefused] = []
 
         async def read_events() -> None:
             async for message in request_iterator:
@@ -287,7 +291,11 @@ class HostServicer(host_pb2_grpc.HostServiceServicer):
                     item = received.get_nowait()
                 ended = item is None
                 if batch:
-                    committing.append(await self.app.queue_host_events(session, batch))
+                    try:
+                        committing.append(await self.app.queue_host_events(session, batch))
+                    except StreamRefused as err:
+                        refused.append(err)
+                        break
                     # A failed commit ends the stream (the coordinator stops itself).
                     while committing and committing[0].done():
                         committing.pop(0).result()
@@ -304,6 +312,9 @@ class HostServicer(host_pb2_grpc.HostServiceServicer):
             for task in (reader, processor):
                 if task.done() and not task.cancelled() and task.exception() is not None:
                     reason = f"stream failed: {task.exception()}"
+            if refused:
+                reason = f"stream refused: {refused[0]}"
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(refused[0]))
         finally:
             reader.cancel()
             processor.cancel()

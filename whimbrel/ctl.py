@@ -1,15 +1,18 @@
 """whimbrelctl: the operator's command line for a Whimbrel coordinator.
 
-    whimbrelctl [--coordinator HOST:PORT] [--json]
+    whimbrelctl [--coordinator HOST:PORT] [--json] [--timeout SECONDS]
                 [--tls-cert FILE --tls-key FILE --tls-ca FILE] COMMAND ...
 
 Exit codes: 0 success, 1 the coordinator refused (the gRPC status is printed), 2 usage error,
-3 coordinator unreachable, 4 a waited-for migration ended other than completed.
+3 coordinator unreachable (or no answer within --timeout), 4 a waited-for migration ended other
+than completed. With --json, a refusal and an unreachable coordinator both print
+{"error": {"code": STATUS, "message": TEXT}}.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import sys
 from collections.abc import Callable, Iterator
@@ -66,14 +69,65 @@ def _bytes(n: int) -> str:
     return str(n)
 
 
+class Unreachable(Exception):
+    """The coordinator did not answer in time: exit 3."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _CallDetails(
+    collections.namedtuple(
+        "_CallDetails",
+        ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression"),
+    ),
+    grpc.ClientCallDetails,
+):
+    """A call's details with another timeout (gRPC's examples build them this way)."""
+
+
+class _Deadline(grpc.UnaryUnaryClientInterceptor):
+    """Every unary call gets the deadline: a stopped or hung coordinator accepts connections
+    (the kernel does) but never answers, and a call without one waits forever."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        if details.timeout is None:
+            details = _CallDetails(
+                details.method, self.timeout, details.metadata, details.credentials,
+                details.wait_for_ready, details.compression,
+            )  # fmt: skip
+        return continuation(details, request)
+
+
 class Ctl:
-    def __init__(self, address: str, as_json: bool, tls_files: tls.TlsFiles | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        as_json: bool,
+        tls_files: tls.TlsFiles | None = None,
+        timeout: float = 5.0,
+    ) -> None:
         self.channel = tls.channel(address, tls_files)
         self.as_json = as_json
-        self.migrations = migration_pb2_grpc.MigrationServiceStub(self.channel)
-        self.vms = vm_pb2_grpc.VmServiceStub(self.channel)
-        self.hosts = host_pb2_grpc.HostServiceStub(self.channel)
-        self.log = eventlog_pb2_grpc.EventLogServiceStub(self.channel)
+        self.address, self.timeout = address, timeout
+        calls = grpc.intercept_channel(self.channel, _Deadline(timeout))
+        self.migrations = migration_pb2_grpc.MigrationServiceStub(calls)
+        self.vms = vm_pb2_grpc.VmServiceStub(calls)
+        self.hosts = host_pb2_grpc.HostServiceStub(calls)
+        self.log = eventlog_pb2_grpc.EventLogServiceStub(calls)
+
+    def connect(self) -> None:
+        """Before a stream that may rightly stay quiet for long (watch, --wait, --follow): the
+        deadline applies to connecting only, which a stopped coordinator never completes."""
+        try:
+            grpc.channel_ready_future(self.channel).result(timeout=self.timeout)
+        except grpc.FutureTimeoutError:
+            message = f"cannot reach the coordinator at {self.address} within {self.timeout:g} s"
+            raise Unreachable(grpc.StatusCode.DEADLINE_EXCEEDED, message) from None
 
     def emit(self, message: Message, text: Callable[[Any], str]) -> None:
         if self.as_json:
@@ -197,6 +251,7 @@ class Ctl:
         return 0
 
     def _stream(self, migration_id: str) -> Iterator[migration_pb2.Migration]:
+        self.connect()
         yield from self.migrations.WatchMigration(
             migration_pb2.WatchMigrationRequest(migration_id=migration_id)
         )
@@ -235,6 +290,7 @@ class Ctl:
         request = eventlog_pb2.ReadEventsRequest(
             from_seq=ns.since, follow=ns.follow, stream=ns.stream or "", limit=ns.limit
         )
+        self.connect()
         for event in self.log.ReadEvents(request):
             self.emit(
                 event,
@@ -259,6 +315,16 @@ class Ctl:
         return 0 if reply.ok else EXIT_REFUSED
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="whimbrelctl", description="Operate a Whimbrel coordinator."
@@ -268,6 +334,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--json", action="store_true", help="machine-readable output (one JSON object per line)"
+    )
+    parser.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=5.0,
+        help="give up after SECONDS without an answer, exit 3 (default %(default)g); streams "
+        "(watch, --wait, --follow) apply it to connecting only",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("hosts", help="list hosts").set_defaults(run=Ctl.hosts_list)
@@ -347,29 +420,46 @@ def main(argv: list[str] | None = None) -> int:
     tls.add_tls_flags(parser)
     ns = parser.parse_args(argv)
     try:
-        ctl = Ctl(ns.coordinator, ns.json, tls.tls_files(ns, parser))
+        ctl = Ctl(ns.coordinator, ns.json, tls.tls_files(ns, parser), ns.timeout)
     except tls.TlsError as err:
         print(f"whimbrelctl: {err}", file=sys.stderr)
         return EXIT_USAGE
     try:
         return int(ns.run(ctl, ns))
+    except Unreachable as err:
+        return _failed(ns, err.code, str(err), EXIT_UNREACHABLE)
     except grpc.RpcError as err:
         code = err.code()
         details = err.details()
         if code == grpc.StatusCode.UNAVAILABLE and "connect" in (details or "").lower():
-            print(
-                f"whimbrelctl: cannot reach the coordinator at {ns.coordinator}: {details}",
-                file=sys.stderr,
+            message = f"cannot reach the coordinator at {ns.coordinator}: {details}"
+            return _failed(ns, code, message, EXIT_UNREACHABLE)
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            message = (
+                f"the coordinator at {ns.coordinator} did not answer within {ns.timeout:g} s "
+                "(stopped, hung or overloaded? --timeout SECONDS waits longer)"
             )
-            return EXIT_UNREACHABLE
-        if ns.json:
-            print(json.dumps({"error": {"code": code.name, "message": details}}))
-        print(f"whimbrelctl: {code.name}: {details}", file=sys.stderr)
-        return EXIT_REFUSED
+            return _failed(ns, code, message, EXIT_UNREACHABLE)
+        return _failed(ns, code, f"{code.name}: {details}", EXIT_REFUSED, details)
     except KeyboardInterrupt:
         return 130
     finally:
         ctl.channel.close()
+
+
+def _failed(
+    ns: argparse.Namespace,
+    code: grpc.StatusCode,
+    message: str,
+    exit_code: int,
+    details: str | None = None,
+) -> int:
+    """The same error object on stdout with --json, whatever went wrong; words on stderr."""
+    if ns.json:
+        text = message if details is None else details
+        print(json.dumps({"error": {"code": code.name, "message": text}}))
+    print(f"whimbrelctl: {message}", file=sys.stderr)
+    return exit_code
 
 
 if __name__ == "__main__":

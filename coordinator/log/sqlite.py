@@ -10,7 +10,9 @@ an acknowledged event is durable. Append-only is enforced by triggers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import queue
 import sqlite3
 import threading
@@ -68,6 +70,19 @@ def connect(path: str | Path) -> sqlite3.Connection:
     # Checkpoints run beside the writer (whimbrel.walcheckpoint), never inside a commit.
     conn.execute("PRAGMA wal_autocheckpoint=0")
     return conn
+
+
+def keep_private(path: Path) -> None:
+    """The log holds every VM's spec and every host's commands: readable by its owner only.
+    A new database is created 0600 before SQLite opens it (SQLite gives its -wal and -shm files
+    the database's mode); an existing one loses what it gave to others than its owner and group."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+    for name in (path.name, f"{path.name}-wal", f"{path.name}-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            mode = (path.parent / name).stat().st_mode & 0o7777
+            if mode & 0o007:
+                os.chmod(path.parent / name, mode & ~0o007)
 
 
 def _schema_complete(db: sqlite_utils.Database) -> bool:
@@ -155,6 +170,7 @@ class SqliteEventStore:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        keep_private(self.path)
         self._conn = connect(self.path)
         self.db = sqlite_utils.Database(self._conn)
         with self._conn:

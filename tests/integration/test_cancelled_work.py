@@ -64,12 +64,11 @@ async def test_a_host_stream_that_ends_mid_commit_still_gets_its_batch_finished(
     store.gate.set()
     app = Coordinator(store)
     await app.start()
+    await app.request(I.DefineVm(common_pb2.VmSpec(name="vm-1", memory_mib=64, vcpus=1), 1))
     session, _ = await app.host_connected(host_pb2.Hello(host_id="host-a", generation=1))
     store.gate.clear()
-    disconnected = events_pb2.EventPayload(
-        host_disconnected=events_pb2.HostDisconnected(host_id="host-z", reason="test")
-    )
-    batch = [host_pb2.HostEvent(seq=1, generation=1, time_us=1, payload=disconnected)]
+    exited = events_pb2.EventPayload(qemu_exited=events_pb2.QemuExited(vm="vm-1", reason="test"))
+    batch = [host_pb2.HostEvent(seq=1, generation=1, time_us=1, payload=exited)]
     finished = await app.queue_host_events(session, batch)
     awaiting = asyncio.Event()
 

@@ -5,6 +5,10 @@ coordinator writes them from a forked child without stopping."""
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+import pickle
+import stat
 from pathlib import Path
 
 import pytest
@@ -15,6 +19,7 @@ from coordinator.core import World, evolve
 from coordinator.core import inputs as I
 from coordinator.log import SqliteEventStore
 from tools.sim import Driver, SimHosts, migration, running_vm, store_log
+from whimbrel.files import write_atomically
 from whimbrel.v1 import common_pb2, events_pb2
 
 
@@ -110,3 +115,83 @@ async def test_the_coordinator_writes_checkpoints_from_a_forked_child(tmp_path: 
     assert restarted.world == full
     await restarted.close()
     await asyncio.to_thread(store.close)
+
+
+class _MakesAFile:
+    """What a hostile pickle does when loaded: here, create a file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (Path.touch, (self.path,))
+
+
+def test_a_crafted_pickle_checkpoint_is_ignored_and_never_run(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A pickle planted as the checkpoint, with a header that fits the log and the code, is not
+    executed: it is ignored with a warning and the full replay gives the world."""
+    store = log_of_migrations(tmp_path / "log.db")
+    head, head_hash = store.head()
+    path = checkpoint.path_for(tmp_path / "log.db")
+    planted = tmp_path / "pwned"
+    header = checkpoint._MAGIC + checkpoint._HEADER.pack(head, head_hash, checkpoint.FORMAT)
+    path.write_bytes(header + pickle.dumps(_MakesAFile(planted)))
+    with caplog.at_level(logging.WARNING, logger="coordinator.checkpoint"):
+        assert checkpoint.load(path, store) is None
+        assert replay(store, path) == replay(store)
+    assert not planted.exists()
+    assert any("does not load" in r.getMessage() for r in caplog.records)
+    # JSON of the wrong shape or types: ignored too.
+    for body in (b"[]", b'{"commands": [], "world": {"epoch": "1"}}', b'{"commands": [1]}'):
+        path.write_bytes(header + body)
+        assert checkpoint.load(path, store) is None
+    store.close()
+
+
+def test_a_loaded_checkpoint_shares_commands_as_the_folded_world_does(tmp_path: Path) -> None:
+    """A migration's `latest` and `commands` hold the same Command objects after a load (evolve
+    updates one, decide reads the other), and folding on from it matches the full replay."""
+    store = log_of_migrations(tmp_path / "log.db")
+    head, _ = store.head()
+    path = checkpoint.path_for(tmp_path / "log.db")
+    checkpoint_at(store, path, head - 5)
+    loaded = checkpoint.load(path, store)
+    assert loaded is not None
+    opened = [m for m in loaded.migrations.values() if m.latest]
+    assert opened
+    for m in opened:
+        for command in m.latest.values():
+            assert m.commands[command.command_id] is command
+    assert replay(store, path) == replay(store)
+    store.close()
+
+
+def test_checkpoint_and_log_files_are_readable_by_their_owner_only(tmp_path: Path) -> None:
+    """Even under a permissive umask the checkpoint is written 0600 through an exclusively
+    created temporary file, a new log is 0600 (its WAL too), and an existing world-readable
+    log loses what others could do with it."""
+    old_umask = os.umask(0)
+    try:
+        store = log_of_migrations(tmp_path / "log.db")
+        path = checkpoint.path_for(tmp_path / "log.db")
+        checkpoint_at(store, path, 10)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        for name in ("log.db", "log.db-wal"):
+            assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600, name
+        store.close()
+        # A symlink planted at the temporary name is not written through.
+        target = tmp_path / "elsewhere"
+        target.write_bytes(b"untouched")
+        trap = tmp_path / "trap.tmp"
+        trap.symlink_to(target)
+        with pytest.raises(FileExistsError):
+            write_atomically(path, b"data", tmp=trap)
+        assert target.read_bytes() == b"untouched"
+        old = tmp_path / "old.db"
+        old.touch(mode=0o666)
+        SqliteEventStore(old).close()
+        assert stat.S_IMODE(old.stat().st_mode) == 0o660
+    finally:
+        os.umask(old_umask)

@@ -1,0 +1,237 @@
+"""What a host may say on its stream: observations of its own VMs and answers to its own commands.
+
+A host reports facts; it never decides (DESIGN.md, invariant 9). Every payload of a batch is
+judged against the world as it stands before the batch, and one payload a host may not send
+refuses the whole batch, so nothing of it reaches the log:
+- only observation types are allowed (`ALLOWED`); commands, migration ends, VM definitions,
+  losses, epochs and host lifecycle are the coordinator's own events;
+- a command result answers a command issued to this very host, with its attempt, kind and VM,
+  and a URI it returns (where a source will send the guest's memory) is a plain `tcp:HOST:PORT`:
+  never `exec:` (a shell on the source), `unix:`, `fd:` or options after a comma;
+- a fact that claims something of a VM (its QEMU runs or paused here, a QMP event, a stats
+  sample, the lease taken, networking prepared or enabled) is about a VM this host is involved
+  with: its home, its lease holder, a host with a QEMU for it, a host with a command for it, or
+  a side of its latest migration;
+- a fact that only gives up something of the host's own (its QEMU exited, networking disabled or
+  released, a lease it held released) may be about any defined VM: it takes nothing from
+  another host, and hostd reports those after the coordinator may already have moved on;
+- a lease fact names this host as the holder, and an acquired generation never exceeds the
+  highest one the coordinator handed out.
+
+Payloads about what the world does not know (a VM never defined, a command the world no longer
+tracks: an answer repeated after a reconnect, a late answer to a finished migration) are `moot`:
+they would change nothing and their origin cannot be judged, so they are dropped rather than
+appended. Refusing them would lock a legitimate hostd out for good, since it re-sends every
+unacknowledged event on each reconnect.
+
+A Hello may raise its host's generation by at most `MAX_GENERATION_JUMP`: a forged huge
+generation would otherwise lock the real hostd out (lower generations are refused).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from google.protobuf.message import Message
+
+from coordinator.core.state import Command, World, command_owner
+from whimbrel.v1 import events_pb2, host_pb2
+
+__all__ = [
+    "ALLOWED",
+    "MAX_GENERATION_JUMP",
+    "Refusal",
+    "StreamRefused",
+    "check_batch",
+    "check_hello",
+    "moot",
+]
+
+# hostd bumps its generation by one per start; a million restarts is beyond any real host.
+MAX_GENERATION_JUMP = 1_000_000
+
+# What hostd returns for PREPARE_INCOMING and RECOVER_INCOMING: tcp:ADDRESS:PORT.
+_MIGRATION_URI = re.compile(r"tcp:[^\s,]+:[0-9]{1,5}")
+_GIVING_UP_NETWORK = frozenset(
+    {events_pb2.NETWORK_STATE_DISABLED, events_pb2.NETWORK_STATE_RELEASED}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why a host may not send a payload."""
+
+    host_id: str
+    payload_type: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"host {self.host_id} may not send {self.payload_type}: {self.reason}"
+
+
+class StreamRefused(Exception):
+    """A host's stream carried something it may not send; nothing of the batch was logged."""
+
+    def __init__(self, refusal: Refusal) -> None:
+        super().__init__(str(refusal))
+        self.refusal = refusal
+
+
+Check = Callable[[World, str, Any], "str | None"]
+
+
+def _vm_name(payload: Any) -> str:
+    if isinstance(payload, events_pb2.VmObserved):
+        return payload.observation.vm
+    return str(payload.vm)
+
+
+def _involved(world: World, host_id: str, vm_name: str) -> bool:
+    """Whether `host_id` has a part in the VM's life that lets it report on it."""
+    vm = world.vms.get(vm_name)
+    if vm is None:
+        return False
+    if host_id in (vm.host, vm.lease_holder) or host_id in vm.runstates:
+        return True
+    if any(c.host == host_id for c in vm.commands.values()):
+        return True
+    if vm.migration_id:
+        m = world.migrations.get(vm.migration_id)
+        return m is not None and host_id in (m.source, m.destination)
+    # Rare path (a late report after the VM's migration finished): its latest migration.
+    latest = max(
+        (m for m in world.migrations.values() if m.vm == vm_name),
+        key=lambda m: (m.requested_at_us, m.last_seq),
+        default=None,
+    )
+    return latest is not None and host_id in (latest.source, latest.destination)
+
+
+def _claim(world: World, host_id: str, payload: Any) -> str | None:
+    """A fact that claims something of the VM on this host."""
+    vm = _vm_name(payload)
+    if not _involved(world, host_id, vm):
+        return f"VM {vm} is not run by {host_id} nor migrating to or from it"
+    return None
+
+
+def _giving_up(world: World, host_id: str, payload: Any) -> str | None:
+    return None  # only ever takes the host's own claims away (see the module docstring)
+
+
+def _vm_observed(world: World, host_id: str, payload: events_pb2.VmObserved) -> str | None:
+    if not payload.observation.process_alive:
+        return _giving_up(world, host_id, payload)
+    return _claim(world, host_id, payload)
+
+
+def _network_changed(world: World, host_id: str, payload: events_pb2.NetworkChanged) -> str | None:
+    if payload.state in _GIVING_UP_NETWORK:
+        return _giving_up(world, host_id, payload)
+    return _claim(world, host_id, payload)
+
+
+def _lease_acquired(world: World, host_id: str, payload: events_pb2.LeaseAcquired) -> str | None:
+    if payload.holder != host_id:
+        return f"the holder is {payload.holder!r}, not the reporting host"
+    if (reason := _claim(world, host_id, payload)) is not None:
+        return reason
+    vm = world.vms[payload.vm]
+    if payload.generation > vm.lease_generation:
+        return (
+            f"generation {payload.generation} of the lease of {payload.vm} is above the highest "
+            f"handed out ({vm.lease_generation})"
+        )
+    return None
+
+
+def _lease_released(world: World, host_id: str, payload: events_pb2.LeaseReleased) -> str | None:
+    if payload.holder != host_id:
+        return f"the holder is {payload.holder!r}, not the reporting host"
+    return _giving_up(world, host_id, payload)
+
+
+def _command(world: World, command_id: str) -> Command | None:
+    migration_id, vm_name = command_owner(command_id)
+    if migration_id:
+        m = world.migrations.get(migration_id)
+        return m.commands.get(command_id) if m is not None else None
+    vm = world.vms.get(vm_name)
+    return vm.commands.get(command_id) if vm is not None else None
+
+
+def _command_result(
+    world: World, host_id: str, payload: events_pb2.CommandSucceeded | events_pb2.CommandFailed
+) -> str | None:
+    command = _command(world, payload.command_id)
+    if command is None:
+        return None  # moot: dropped, not appended
+    if command.host != host_id:
+        return f"command {payload.command_id} was issued to {command.host}"
+    if payload.attempt != command.attempt:
+        return (
+            f"command {payload.command_id} was issued under attempt {command.attempt}, "
+            f"not {payload.attempt}"
+        )
+    if payload.kind != command.kind or payload.vm != command.vm:
+        return f"command {payload.command_id} is a {command.kind_name} of VM {command.vm}"
+    if isinstance(payload, events_pb2.CommandSucceeded):
+        uri = payload.result.uri
+        if uri and _MIGRATION_URI.fullmatch(uri) is None:
+            return f"migration URI {uri!r} is not tcp:ADDRESS:PORT"
+    return None
+
+
+# The payload types a host may send, each with the check of its origin.
+_CHECKS: dict[type[Message], Check] = {
+    events_pb2.VmObserved: _vm_observed,
+    events_pb2.QmpEventReceived: _claim,
+    events_pb2.MigrationStatsSampled: _claim,
+    events_pb2.QemuExited: _giving_up,
+    events_pb2.LeaseAcquired: _lease_acquired,
+    events_pb2.LeaseReleased: _lease_released,
+    events_pb2.NetworkChanged: _network_changed,
+    events_pb2.CommandSucceeded: _command_result,
+    events_pb2.CommandFailed: _command_result,
+}
+_NOT_AN_OBSERVATION = "not an observation: only the coordinator makes this event"
+ALLOWED = frozenset(cls.DESCRIPTOR.name for cls in _CHECKS)
+_BY_NAME: dict[str, Check] = {cls.DESCRIPTOR.name: check for cls, check in _CHECKS.items()}
+
+
+def check_batch(world: World, host_id: str, payloads: Sequence[Message]) -> Refusal | None:
+    """The first payload of the batch that `host_id` may not send, or None when all may be."""
+    for payload in payloads:
+        type_ = payload.DESCRIPTOR.name
+        check = _BY_NAME.get(type_)
+        if check is None:
+            return Refusal(host_id, type_, _NOT_AN_OBSERVATION)
+        if moot(world, payload):
+            continue
+        if (reason := check(world, host_id, payload)) is not None:
+            return Refusal(host_id, type_, reason)
+    return None
+
+
+def moot(world: World, payload: Message) -> bool:
+    """An allowed payload about something the world does not know: it would change nothing and
+    cannot be judged, so it is dropped (see the module docstring)."""
+    if isinstance(payload, (events_pb2.CommandSucceeded, events_pb2.CommandFailed)):
+        return _command(world, payload.command_id) is None
+    return _vm_name(payload) not in world.vms
+
+
+def check_hello(world: World, hello: host_pb2.Hello) -> Refusal | None:
+    """A Hello's generation may not leap beyond the host's stored one by more than the bound."""
+    host = world.hosts.get(hello.host_id)
+    stored = host.generation if host is not None else 0
+    if hello.generation > stored + MAX_GENERATION_JUMP:
+        reason = (
+            f"generation {hello.generation} leaps beyond the stored {stored} by more than "
+            f"{MAX_GENERATION_JUMP}"
+        )
+        return Refusal(hello.host_id, "Hello", reason)
+    return None

@@ -1,0 +1,75 @@
+"""The host-stream rules on a folded world, without gRPC: late reports after a migration are
+still the host's to make, giving up is always allowed, claims about another host's VM are not,
+and payloads about what the world does not know are moot."""
+
+from __future__ import annotations
+
+from coordinator.core import inputs as I
+from coordinator.core.state import World
+from coordinator.host_stream import MAX_GENERATION_JUMP, check_batch, check_hello, moot
+from tools.sim import Driver, SimHosts, migration, running_vm
+from whimbrel.v1 import events_pb2, host_pb2
+
+
+def completed_migration() -> World:
+    """vm-1 migrated from host-a to host-b, completed; host-c connected and never involved."""
+    driver = Driver()
+    driver.connect("host-a", "host-b", "host-c")
+    running_vm(driver)
+    hosts = SimHosts()
+    hosts.leases["vm-1"] = ("host-a", 1)
+    policy = events_pb2.MigrationPolicy()
+    driver.request(I.StartMigration("m-1", "vm-1", "host-b", 2, policy, driver.now_us))
+    driver.run("m-1", hosts)
+    driver.observe(*[migration(h, "vm-1", "completed") for h in ("host-a", "host-b")])
+    driver.run("m-1", hosts)
+    assert "m-1" not in driver.world.open_migrations
+    return driver.world
+
+
+def stop(vm: str = "vm-1") -> events_pb2.QmpEventReceived:
+    return events_pb2.QmpEventReceived(vm=vm, event="STOP", data_json="{}")
+
+
+def test_the_source_of_the_latest_migration_may_still_report_on_the_vm() -> None:
+    """After completion the source no longer runs the VM; what its QEMU said on the way out
+    still belongs to it."""
+    world = completed_migration()
+    assert "host-a" not in world.vms["vm-1"].runstates
+    assert check_batch(world, "host-a", [stop()]) is None
+    assert check_batch(world, "host-b", [stop()]) is None
+
+
+def test_an_uninvolved_host_may_give_up_but_not_claim() -> None:
+    world = completed_migration()
+    giving_up = [
+        events_pb2.QemuExited(vm="vm-1", reason="exited"),
+        events_pb2.NetworkChanged(vm="vm-1", state=events_pb2.NETWORK_STATE_RELEASED),
+        events_pb2.LeaseReleased(vm="vm-1", holder="host-c", generation=1),
+    ]
+    assert check_batch(world, "host-c", giving_up) is None
+    refusal = check_batch(world, "host-c", [*giving_up, stop()])
+    assert refusal is not None and refusal.payload_type == "QmpEventReceived"
+    assert "not run by host-c" in refusal.reason
+    releasing_for_another = events_pb2.LeaseReleased(vm="vm-1", holder="host-b", generation=2)
+    assert check_batch(world, "host-c", [releasing_for_another]) is not None
+
+
+def test_payloads_about_what_the_world_does_not_know_are_moot() -> None:
+    world = completed_migration()
+    unknown_vm = stop("vm-never-defined")
+    unknown_command = events_pb2.CommandSucceeded(command_id="m-1/1/99-resume-vm", vm="vm-1")
+    for payload in (unknown_vm, unknown_command):
+        assert moot(world, payload)
+        assert check_batch(world, "host-c", [payload]) is None
+    assert not moot(world, stop())
+
+
+def test_a_hello_may_raise_the_generation_by_the_bound_and_no_more() -> None:
+    world = completed_migration()
+    stored = world.hosts["host-a"].generation
+    near = host_pb2.Hello(host_id="host-a", generation=stored + MAX_GENERATION_JUMP)
+    assert check_hello(world, near) is None
+    far = host_pb2.Hello(host_id="host-a", generation=stored + MAX_GENERATION_JUMP + 1)
+    refusal = check_hello(world, far)
+    assert refusal is not None and "leaps beyond" in str(refusal)
