@@ -117,6 +117,7 @@ _COMMAND_FIELDS: dict[str, Any] = {
     "state": CommandState,
     "result": events_pb2.CommandResult | None,
     "error": str,
+    "rejected": bool,
 }
 
 
@@ -268,10 +269,11 @@ def _decode_command(dec: _Decoder, v: Any) -> Command:
         raise Unusable(f"Command fields {sorted(v)} are not {sorted(_COMMAND_FIELDS)}")
     values = {name: _decoder(tp)(dec, v[name]) for name, tp in _COMMAND_FIELDS.items()}
     command = Command(values["issued"], values["issued_at_us"])
-    command.state, command.result, command.error = (
+    command.state, command.result, command.error, command.rejected = (
         values["state"],
         values["result"],
         values["error"],
+        values["rejected"],
     )
     return command
 

@@ -37,7 +37,7 @@ from typing import Any
 
 from google.protobuf.message import Message
 
-from coordinator.core.state import Command, World, command_owner
+from coordinator.core.state import World
 from whimbrel.v1 import events_pb2, host_pb2
 
 __all__ = [
@@ -154,19 +154,10 @@ def _lease_released(world: World, host_id: str, payload: events_pb2.LeaseRelease
     return _giving_up(world, host_id, payload)
 
 
-def _command(world: World, command_id: str) -> Command | None:
-    migration_id, vm_name = command_owner(command_id)
-    if migration_id:
-        m = world.migrations.get(migration_id)
-        return m.commands.get(command_id) if m is not None else None
-    vm = world.vms.get(vm_name)
-    return vm.commands.get(command_id) if vm is not None else None
-
-
 def _command_result(
     world: World, host_id: str, payload: events_pb2.CommandSucceeded | events_pb2.CommandFailed
 ) -> str | None:
-    command = _command(world, payload.command_id)
+    command = world.command(payload.command_id, payload.vm)
     if command is None:
         return None  # moot: dropped, not appended
     if command.host != host_id:
@@ -220,7 +211,7 @@ def moot(world: World, payload: Message) -> bool:
     """An allowed payload about something the world does not know: it would change nothing and
     cannot be judged, so it is dropped (see the module docstring)."""
     if isinstance(payload, (events_pb2.CommandSucceeded, events_pb2.CommandFailed)):
-        return _command(world, payload.command_id) is None
+        return world.command(payload.command_id, payload.vm) is None
     return _vm_name(payload) not in world.vms
 
 

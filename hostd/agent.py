@@ -26,7 +26,7 @@ from coordinator.core.events import PAYLOAD_FIELDS
 from hostd import qemu, tracing
 from hostd.drivers.lease import FileLeaseDriver
 from hostd.drivers.network import NetworkDriver
-from hostd.errors import HostdError, QmpError
+from hostd.errors import CommandRejected, HostdError, QmpError
 from hostd.executor import Executor
 from hostd.store import HostStore
 from hostd.vm import VmRuntime
@@ -340,7 +340,8 @@ class Agent:
                 llog.info("%s done in %.1f ms", c.command_id, (time.monotonic() - started) * 1000)
             except HostdError as err:
                 error_class = err.error_class if isinstance(err, QmpError) else ""
-                outcome = failed(c, str(err), qmp_error_class=error_class)
+                rejected = isinstance(err, CommandRejected)
+                outcome = failed(c, str(err), qmp_error_class=error_class, rejected=rejected)
                 tracing.failed(span, err)
                 llog.error("%s failed: %s", c.command_id, err)
                 llog.debug("%s failure", c.command_id, exc_info=True)

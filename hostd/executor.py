@@ -169,6 +169,7 @@ class Executor:
         try:
             capabilities = [
                 {"capability": "events", "state": True},
+                {"capability": "return-path", "state": True},
                 # Block devices stay inactive until cont, after the source released its lease.
                 {"capability": "late-block-activate", "state": True},
             ]
@@ -190,7 +191,13 @@ class Executor:
         runtime = self._vm(c.vm)
         runtime.role = "source"
         runtime.save()
-        capabilities = [{"capability": "events", "state": True}]
+        # return-path: the source completes only once the destination has loaded the state,
+        # so "completed" means loaded, not sent (a destination failing to load fails the
+        # source's migration before its lease is given up).
+        capabilities = [
+            {"capability": "events", "state": True},
+            {"capability": "return-path", "state": True},
+        ]
         if c.args.pause_before_switchover:
             # The source stops in pre-switchover so its lease moves before the switch completes.
             capabilities.append({"capability": "pause-before-switchover", "state": True})
@@ -285,14 +292,19 @@ class Executor:
         return K.CommandResult()
 
     async def resume_vm(self, c: host_pb2.Command) -> events_pb2.CommandResult:
-        vm = self._vm(c.vm)
-        if vm.role == "destination":
-            # The handoff can be over before the destination has the state the source sends
-            # once it stopped: its device state in post-copy, the last pages in pre-copy. cont
-            # would come too early for QEMU (7.2) then: it first takes the disks' locks, which
-            # the source gives up only after flushing them, so it can fail; or it only arms
-            # autostart. Either way the guest could not run before that state is here.
-            await vm.until_source_state_here()
+        try:
+            vm = self._vm(c.vm)
+            if vm.role == "destination":
+                # The handoff can be over before the destination has the state the source
+                # sends once it stopped: its device state in post-copy, the last pages in
+                # pre-copy. cont would come too early for QEMU (7.2) then: it first takes the
+                # disks' locks, which the source gives up only after flushing them, so it can
+                # fail; or it only arms autostart. The guest could not run before that state.
+                await vm.until_source_state_here()
+        except HostdError as err:
+            # cont never reached QEMU, so the guest did not run here: the coordinator may
+            # still fall back to a complete source (a CommandFailed marked rejected).
+            raise CommandRejected(f"cont not sent: {err}", vm=c.vm) from err
         await vm.execute("cont")
         # QEMU may answer before the guest runs (autostart, while it still loads the state): the
         # command succeeds once it runs, so what follows it (announce-self) follows the start.

@@ -24,9 +24,11 @@ from hostd.qmp import QmpSession
 from whimbrel.v1 import common_pb2, events_pb2
 
 Emit = Callable[[Message, int], Awaitable[None]]
-# A source stopped in one of these has begun its switchover ("completed": a post-copy
-# migration that finished in pre-copy, without a pre-switchover stop).
-SWITCHOVER_STATUSES = ("pre-switchover", "postcopy-active", "completed")
+# A source stopped in one of these can no longer be resumed by QEMU itself, so its lease may go.
+# QEMU 7.2 resumes a pre-copy source whose migration fails or is cancelled, from pre-switchover
+# and device too (it was running when the switch began); once post-copy is active or the
+# migration completed it never does (a failed post-copy pauses instead).
+SWITCHOVER_STATUSES = ("postcopy-active", "completed")
 # How long a command that lost QMP waits for its QEMU's exit to be reported before failing.
 QMP_LOST_EXIT_WAIT_S = 1.0
 # A destination in one of these has the state the source sent once it stopped (post-copy: its

@@ -21,6 +21,7 @@ from coordinator.core import Event, NewEvent, World, decide, evolve
 from coordinator.core import inputs as I
 from coordinator.core.state import Kind
 from hostd.executor import DISARMING, DISARMING_INCOMING
+from hostd.vm import SWITCHOVER_STATUSES
 from whimbrel.v1 import common_pb2, events_pb2
 
 if TYPE_CHECKING:
@@ -84,9 +85,10 @@ class SimHosts:
         self.dead.add((vm, host))
         return self._exited(host, vm, -1, signal=9)
 
-    def switchover(self, host: str, vm: str) -> list[Observation]:
-        """What hostd does by itself once the source stopped to switch over."""
-        if (vm, host) not in self.armed:
+    def switchover(self, host: str, vm: str, status: str) -> list[Observation]:
+        """What hostd does by itself once the stopped source reports `status`: it releases
+        the lease where QEMU can no longer resume the source by itself."""
+        if (vm, host) not in self.armed or status not in SWITCHOVER_STATUSES:
             return []
         self.armed.discard((vm, host))
         return self._release(host, vm) if self.leases.get(vm, ("", 0))[0] == host else []
@@ -135,7 +137,7 @@ class SimHosts:
             return out
         elif kind == Kind.START_POSTCOPY:
             out += [migration(h, vm, "postcopy-active"), qmp(h, vm, "STOP")]
-            out += self.switchover(h, vm)
+            out += self.switchover(h, vm, "postcopy-active")
             out += self._on_destination(vm, "postcopy-active")
         elif kind == Kind.RELEASE_LEASE:
             out += self._release(h, vm)
@@ -146,6 +148,7 @@ class SimHosts:
             out += self._acquire(h, vm, cmd.args.lease_generation)
         elif kind == Kind.CONTINUE_SWITCHOVER:
             out += [migration(h, vm, "device"), migration(h, vm, "completed")]
+            out += self.switchover(h, vm, "completed")
             out += self._on_destination(vm, "completed")
         elif kind == Kind.ENABLE_NETWORK:
             out += self._enable_network(h, vm)
@@ -368,7 +371,7 @@ class Driver:
                 out += self.observe(
                     qmp(src, vm, "STOP"),
                     migration(src, vm, "pre-switchover"),
-                    *hosts.switchover(src, vm),
+                    *hosts.switchover(src, vm, "pre-switchover"),
                 )
                 return out
         return out

@@ -41,6 +41,7 @@ from coordinator.core.state import (
     VmState,
     VmStatus,
     World,
+    vm_command_id,
 )
 from coordinator.core.validate import (
     check_migration_id,
@@ -109,9 +110,16 @@ def _connected_host(world: World, host_id: str) -> None:
 
 
 def _vm_command(
-    vm: VmState, host: str, kind: int, args: events_pb2.CommandArgs, requested_by: str = ""
+    vm: VmState,
+    host: str,
+    kind: int,
+    args: events_pb2.CommandArgs,
+    requested_by: str = "",
+    *,
+    nth: int = 1,
 ) -> Message:
-    command_id = f"vm/{vm.name}/{vm.lease_generation}/{len(vm.commands) + 1}-{_short(kind)}"
+    """The `nth` command for `vm` decided at once (ids count every command ever issued)."""
+    command_id = vm_command_id(vm.name, vm.commands_issued + nth, Kind(kind))
     return events_pb2.CommandIssued(
         command_id=command_id, attempt=0, host_id=host, vm=vm.name, kind=_kind(kind), args=args,
         requested_by=requested_by,
@@ -165,7 +173,7 @@ def _reconcile_vm(world: World, req: I.ReconcileVm) -> list[NewEvent]:
             continue
         if (Kind.DESTROY_VM, host) not in in_flight:
             args = events_pb2.CommandArgs(force=True, reason="stray copy: not the VM's home host")
-            out.append(_vm_command(vm, host, Kind.DESTROY_VM, args))
+            out.append(_vm_command(vm, host, Kind.DESTROY_VM, args, nth=len(out) + 1))
     if out:
         return [NewEvent(vm_stream(vm.name), p, req.now_us) for p in out]
     if (
@@ -349,8 +357,7 @@ def _advance(world: World, req: I.Advance) -> list[NewEvent]:
     if rule is not None and rule.action == recovery.Action.WAIT:
         return []
     if rule is not None and rule.action == recovery.Action.ROLLBACK:
-        who = recovery.missing(world, m)
-        reason = f"{who.value if who else ''} host did not return after a restart ({rule.why})"
+        reason = f"{recovery.describe_missing(world, m)} after a restart ({rule.why})"
         return _emit(m, req.now_us, *_rollback(m, reason))
     if m.phase == Phase.POSTCOPY_PAUSED and _recovery_attempt_stuck(m, req.now_us):
         return _emit(m, req.now_us, *_recover_or_fence(m))
@@ -415,10 +422,48 @@ def _fence(m: MigrationState, hosts: list[str], reason: str) -> list[Message]:
 
 
 def _failed_forward_command(m: MigrationState) -> Command | None:
+    """A failure of the current attempt that still matters: one whose effect the hosts have
+    not reported anyway. A command reported failed because its hostd restarted may have acted
+    before it died; the QEMUs' own reports say whether it did."""
     for command in m.commands.values():
-        if command.attempt == m.attempt and command.state == FAILED:
+        if (
+            command.attempt == m.attempt
+            and command.state == FAILED
+            and not _took_effect(m, command)
+        ):
             return command
     return None
+
+
+def _took_effect(m: MigrationState, command: Command) -> bool:
+    src, dst = m.src, m.dst
+    kind, host = command.kind, command.host
+    if kind == Kind.CONTINUE_SWITCHOVER:
+        return src.status in ("device", "completed") or dst.status == "completed"
+    if kind == Kind.START_POSTCOPY:
+        return m.postcopy_started
+    if kind == Kind.RELEASE_LEASE and host == src.host:
+        return m.src_lease_released
+    if kind == Kind.ACQUIRE_LEASE and host == dst.host:
+        return m.dst_lease_generation > m.source_lease_generation
+    if kind == Kind.ENABLE_NETWORK and host == dst.host:
+        return m.dst_network_enabled
+    if kind == Kind.RESUME_VM and host == dst.host:
+        return m.dst_resumed
+    return False
+
+
+def _cont_outcome_pending(world: World, m: MigrationState) -> bool:
+    """The destination's cont is issued, its answer not in, and the guest not seen running:
+    whether the destination ran (and so whether the source may still be the VM) is unknown
+    until its connected host answers (hostd answers every command, a refusal marked)."""
+    cont = m.cmd(Kind.RESUME_VM, m.dst.host)
+    return (
+        cont is not None
+        and cont.state == ISSUED
+        and not m.dst_resumed
+        and _is_connected(world, m.dst.host)
+    )
 
 
 def _problem(world: World, m: MigrationState) -> list[Message]:
@@ -435,6 +480,8 @@ def _problem(world: World, m: MigrationState) -> list[Message]:
         return _fence(m, [m.destination], "source QEMU exited before the migration completed")
     # The destination exists from the moment it answered the prepare command.
     if m.incoming_uri and not dst.alive:
+        if m.point_of_no_return_passed and _cont_outcome_pending(world, m):
+            return []  # (and nothing moves forward meanwhile: see _forward)
         if m.point_of_no_return_passed:
             return _fence(
                 m,
@@ -449,6 +496,12 @@ def _problem(world: World, m: MigrationState) -> list[Message]:
                 "post-copy started",
             )
         return _rollback(m, "destination QEMU exited")
+    if not m.postcopy_started and not m.point_of_no_return_passed:
+        # QEMU ended the source's migration by itself (a destination it cannot reach, a failed
+        # load reported on the return path): it resumes the source if it was running.
+        for side, status in (("source", src.status), ("destination", dst.status)):
+            if status in ("failed", "cancelled") and (side == "destination" or src.alive):
+                return _rollback(m, f"{side} migration {status} in QEMU")
     if m.postcopy_started and src.status == dst.status == "postcopy-paused":
         # Both ends must have noticed the break: migrate-recover is refused by a destination
         # that is still postcopy-active (QEMU 7.2), and each refusal would use up an attempt.
@@ -535,7 +588,7 @@ def _forward(world: World, m: MigrationState, issue: _Issuer, now_us: int) -> li
                 src.host,
                 uri=m.incoming_uri,
                 postcopy=m.postcopy_allowed,
-                parameters=m.policy.parameters,
+                parameters=_transfer_parameters(m),
                 # Mode postcopy always switches while the destination is paused (-S), so the
                 # source lease can move at postcopy-active; the pre-switchover stop would only
                 # add a round trip to the guest's pause.
@@ -571,16 +624,19 @@ def _forward(world: World, m: MigrationState, issue: _Issuer, now_us: int) -> li
         # Post-copy: QEMU reports postcopy-active just before its STOP. Nothing moves before
         # the stop is in the log (hostd releases the lease at the STOP by itself anyway).
         return out
-    # The source has stopped: its lease goes first, then (pre-copy) the switchover completes.
-    # hostd releases it at the stop by itself (START_MIGRATION asked it to); the command covers
-    # a hostd that restarted meanwhile or could not. Destination networking is enabled from now
-    # on: no traffic can reach two copies, and the destination stays paused until cont. A
-    # post-copy destination's hostd also begins by itself at its own postcopy-active
-    # (PREPARE_INCOMING asked it to): the hook starts at whichever comes first, this command
-    # or that status, which QEMU reports anywhere from 1 to 10 ms after the source's STOP here.
+    # The source has stopped. Its lease goes once QEMU can no longer resume it by itself: at
+    # postcopy-active, or (pre-copy) at completed; QEMU 7.2 resumes a pre-copy source whose
+    # migration fails even from pre-switchover. hostd releases it then by itself
+    # (START_MIGRATION asked it to); the command covers a hostd that restarted meanwhile or
+    # could not. Destination networking is enabled from the stop on: no traffic can reach two
+    # copies, and the destination stays paused until cont. A post-copy destination's hostd
+    # also begins by itself at its own postcopy-active (PREPARE_INCOMING asked it to): the
+    # hook starts at whichever comes first, this command or that status.
+    source_let_go = m.postcopy_started or src.status == "completed"
     hostd_may_still_report = 0 < now_us - src.stopped_at_us < HOSTD_SWITCH_GRACE_US
     releasing = (
-        _to_issue(m, Kind.RELEASE_LEASE, src.host)
+        source_let_go
+        and _to_issue(m, Kind.RELEASE_LEASE, src.host)
         and not m.src_lease_released
         and not (hostd_may_still_report and _releases_at_switchover(m))
     )
@@ -588,11 +644,13 @@ def _forward(world: World, m: MigrationState, issue: _Issuer, now_us: int) -> li
         out.append(issue(Kind.RELEASE_LEASE, src.host, lease_generation=m.source_lease_generation))
     if _to_issue(m, Kind.ENABLE_NETWORK, dst.host) and not m.dst_network_enabled:
         out.append(issue(Kind.ENABLE_NETWORK, dst.host))
+    if (
+        not m.postcopy_started
+        and src.status == "pre-switchover"
+        and _to_issue(m, Kind.CONTINUE_SWITCHOVER, src.host)
+    ):
+        out.append(issue(Kind.CONTINUE_SWITCHOVER, src.host))
     if not m.src_lease_released:
-        return out
-    if not m.postcopy_started and "completed" not in (src.status, dst.status):
-        if src.status == "pre-switchover" and _to_issue(m, Kind.CONTINUE_SWITCHOVER, src.host):
-            out.append(issue(Kind.CONTINUE_SWITCHOVER, src.host))
         return out
     # Handoff: the destination takes the lease (networking is under way since the stop).
     if _to_issue(m, Kind.ACQUIRE_LEASE, dst.host) and not m.dst_lease_generation:
@@ -604,6 +662,9 @@ def _forward(world: World, m: MigrationState, issue: _Issuer, now_us: int) -> li
         and m.dst_lease_generation > m.source_lease_generation
         and m.dst_network_enabled
         and src.runstate != "running"
+        # Pre-copy: the destination's own word that it loaded everything, not the source's
+        # that it sent it (return-path makes the source's completed wait for that too).
+        and (m.postcopy_started or dst.status == "completed")
     )
     if not ready:
         return []
@@ -643,6 +704,20 @@ def _forward(world: World, m: MigrationState, issue: _Issuer, now_us: int) -> li
             return _finished(m, Phase.COMPLETED, why)
         return _finished(m, Phase.COMPLETED, "completed")
     return []
+
+
+# Mode postcopy's pre-copy phase may end only by the switch to post-copy: a guest that
+# converges meanwhile would otherwise finish as a stop-and-copy, its pause bounded only by the
+# downtime limit (QEMU completes once what remains fits it, before a requested switch).
+POSTCOPY_MODE_DOWNTIME_LIMIT_MS = 1
+
+
+def _transfer_parameters(m: MigrationState) -> events_pb2.MigrationParameters:
+    parameters = events_pb2.MigrationParameters()
+    parameters.CopyFrom(m.policy.parameters)
+    if m.mode == common_pb2.MIGRATION_MODE_POSTCOPY:
+        parameters.downtime_limit_ms = POSTCOPY_MODE_DOWNTIME_LIMIT_MS
+    return parameters
 
 
 def _to_issue(m: MigrationState, kind: int, host: str) -> bool:

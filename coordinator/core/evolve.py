@@ -24,7 +24,6 @@ from coordinator.core.state import (
     VmState,
     VmStatus,
     World,
-    command_owner,
 )
 from whimbrel.v1 import events_pb2
 
@@ -276,6 +275,8 @@ def _qmp_event(
             if m is not None and side is m.dst:
                 side.resumed_at_us = side.resumed_at_us or time_us
                 m.dst_resumed = True
+    elif name == "SHUTDOWN":
+        vm.runstates[host] = "shutdown"  # QEMU exits next: an exit asked for by the guest
     elif name == "MIGRATION" and m is not None and side is not None:
         _set_migration_status(m, side, str(_data(p.data_json).get("status", "")), time_us)
     elif name == "MIGRATION_PASS" and m is not None and side is m.src:
@@ -323,7 +324,7 @@ def _qemu_exited(
     if vm is None:
         return
     host = origin
-    vm.runstates.pop(host, None)
+    last_runstate = vm.runstates.pop(host, None)
     m = _open_migration(world, p.vm)
     side = m.side(host) if m is not None else None
     if side is not None:
@@ -331,6 +332,18 @@ def _qemu_exited(
         side.runstate = ""
     if vm.status == VmStatus.STOPPING and vm.host == host:
         vm.status = VmStatus.STOPPED
+        vm.host = ""
+    elif (
+        m is None
+        and vm.host == host
+        and vm.status in (VmStatus.RUNNING, VmStatus.PAUSED)
+        and last_runstate != "shutdown"
+    ):
+        # Nobody asked it to stop and the guest did not shut down: the VM is lost (and its
+        # on_lost policy applies), not quietly stopped.
+        how = f"signal {p.signal}" if p.signal else p.reason or "no shutdown requested"
+        vm.status = VmStatus.LOST
+        vm.lost_reason = f"QEMU exited unexpectedly on {host} ({how})"
         vm.host = ""
     _settle_vm_status(vm)
 
@@ -420,6 +433,7 @@ def _command_issued(
     if m is None:
         if vm is not None:
             vm.commands[command_id] = command
+            vm.commands_issued += 1
             if kind == _START_VM:
                 vm.status = VmStatus.STARTING
                 vm.host = host
@@ -437,23 +451,18 @@ def _command_issued(
         _enter(m, forward, time_us)
 
 
-def _command_done(world: World, seq: int, command_id: str) -> Command | None:
-    migration_id, vm_name = command_owner(command_id)
-    if migration_id:
-        m = world.migrations.get(migration_id)
-        if m is None:
-            return None
-        m.last_seq = seq
-        return m.commands.get(command_id)
-    vm = world.vms.get(vm_name)
-    return vm.commands.get(command_id) if vm is not None else None
+def _command_done(world: World, seq: int, command_id: str, vm: str) -> Command | None:
+    command = world.command(command_id, vm)
+    if command is not None and command.migration_id:
+        world.migrations[command.migration_id].last_seq = seq
+    return command
 
 
 @_on(events_pb2.CommandSucceeded)
 def _command_succeeded(
     world: World, p: events_pb2.CommandSucceeded, seq: int, time_us: int, origin: str
 ) -> None:
-    command = _command_done(world, seq, p.command_id)
+    command = _command_done(world, seq, p.command_id, p.vm)
     if command is None or command.state is not _ISSUED:
         return
     command.state = _SUCCEEDED
@@ -503,12 +512,25 @@ def _vm_command_succeeded(vm: VmState, command: Command) -> None:
 def _command_failed(
     world: World, p: events_pb2.CommandFailed, seq: int, time_us: int, origin: str
 ) -> None:
-    command = _command_done(world, seq, p.command_id)
+    command = _command_done(world, seq, p.command_id, p.vm)
     if command is None or command.state != CommandState.ISSUED:
         return
     command.state = CommandState.FAILED
     command.error = p.error
+    command.rejected = p.rejected
     if command.migration_id:
+        m = world.migrations.get(command.migration_id)
+        if (
+            m is not None
+            and p.rejected
+            and command.kind == _RESUME
+            and command.host == m.dst.host
+            and command is m.latest.get((_RESUME, command.host))
+            and not m.dst_resumed
+        ):
+            # The destination's hostd refused the cont before it reached QEMU: the guest never
+            # ran there, so the point of no return was not passed after all.
+            m.cont_issued = False
         return
     vm = world.vms.get(command.vm)
     if vm is None:

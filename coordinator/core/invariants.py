@@ -37,8 +37,15 @@ class _Migration:
     source_lease_released: bool = False
     destination_generation: int = 0
     destination_network: bool = False
-    cont_issued: bool = False
+    # The destination's cont commands that may have run (issued, not refused unexecuted), and
+    # whether its guest was seen running: either is the point of no return.
+    conts: set[str] = field(default_factory=set)
+    destination_resumed: bool = False
     requested_seq: int = 0
+
+    @property
+    def past_cont(self) -> bool:
+        return bool(self.conts) or self.destination_resumed
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +119,10 @@ class InvariantChecker:
             self.finished.add(p.migration_id)
             self._finished_with_unanswered(ev, p.migration_id)
         elif isinstance(p, (E.CommandSucceeded, E.CommandFailed)):
-            self.unanswered.pop(p.command_id, None)
+            pending = self.unanswered.pop(p.command_id, None)
+            owner = self.migrations.get(pending.owner) if pending is not None else None
+            if owner is not None and isinstance(p, E.CommandFailed) and p.rejected:
+                owner.conts.discard(p.command_id)  # refused before it reached QEMU
         elif isinstance(p, E.HostConnected):
             self.connected_hosts.add(p.host_id)
         elif isinstance(p, E.HostDisconnected):
@@ -142,6 +152,8 @@ class InvariantChecker:
             m = self._open(p.vm)
             if m is not None and p.holder == m.destination:
                 m.destination_generation = p.generation
+            elif m is not None and p.holder == m.source:
+                m.source_lease_released = False  # taken back (a rollback)
         elif isinstance(p, E.LeaseReleased):
             if self.lease_holder.get(p.vm) == p.holder:
                 self.lease_holder[p.vm] = ""
@@ -185,6 +197,12 @@ class InvariantChecker:
         m = self._open(p.vm)
         if p.event == "RESUME":
             self._runs(ev, p.vm, ev.origin_host)
+            if m is not None and ev.origin_host == m.destination:
+                m.destination_resumed = True
+            elif m is not None and ev.origin_host == m.source:
+                if m.past_cont:
+                    self._flag(ev, 3, f"source {m.source} ran after the destination's cont")
+                m.source_stopped = False
             holder = self.lease_holder.get(p.vm, "")
             if p.vm in self.lease_holder and holder != ev.origin_host:
                 # What the lease is for: the VM's disks are only written where it is held.
@@ -244,8 +262,8 @@ class InvariantChecker:
             ]
             if missing:
                 self._flag(ev, 2, f"cont on destination {host} before: {', '.join(missing)}")
-            m.cont_issued = True
-        elif m.cont_issued and kind == Kind.RESUME_VM and host == m.source:
+            m.conts.add(p.command_id)
+        elif m.past_cont and kind == Kind.RESUME_VM and host == m.source:
             self._flag(ev, 3, f"source {host} resumed after the destination's cont")
-        elif m.cont_issued and kind == Kind.CANCEL_MIGRATION:
+        elif m.past_cont and kind == Kind.CANCEL_MIGRATION:
             self._flag(ev, 3, "migrate_cancel after the destination's cont")

@@ -102,6 +102,18 @@ def missing(world: World, m: MigrationState) -> Missing | None:
     return None
 
 
+def describe_missing(world: World, m: MigrationState) -> str:
+    """Which host of `m` did not return, in words: "source host-a did not return"."""
+    who = missing(world, m)
+    if who == Missing.BOTH:
+        return f"source {m.source} and destination {m.destination} did not return"
+    if who == Missing.SOURCE:
+        return f"source {m.source} did not return"
+    if who == Missing.DESTINATION:
+        return f"destination {m.destination} did not return"
+    return "every host returned"
+
+
 def rule_for(world: World, m: MigrationState) -> Rule | None:
     """The rule for `m` if one of its hosts is missing, else None (decide as usual)."""
     who = missing(world, m)

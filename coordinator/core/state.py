@@ -90,7 +90,7 @@ class Command:
     A thin record around the message: replay creates one per command, so it stays small.
     """
 
-    __slots__ = ("error", "issued", "issued_at_us", "result", "state")
+    __slots__ = ("error", "issued", "issued_at_us", "rejected", "result", "state")
 
     def __init__(self, issued: events_pb2.CommandIssued, issued_at_us: int = 0) -> None:
         self.issued = issued
@@ -98,6 +98,8 @@ class Command:
         self.state = CommandState.ISSUED
         self.result: events_pb2.CommandResult | None = None
         self.error = ""
+        # The host refused it without acting (CommandFailed.rejected): it certainly had no effect.
+        self.rejected = False
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Command) and (
@@ -145,13 +147,10 @@ class Command:
         return Kind(self.kind).label
 
 
-def command_owner(command_id: str) -> tuple[str, str]:
-    """(migration id, "") or ("", VM name) from a command id; ids encode their owner:
-    "<migration>/<attempt>/<n>-<kind>" or "vm/<name>/<generation>/<n>-<kind>"."""
-    head, _, rest = command_id.partition("/")
-    if head == "vm":
-        return "", rest.partition("/")[0]
-    return head, ""
+def vm_command_id(vm: str, number: int, kind: Kind) -> str:
+    """The id of the VM's `number`th command outside migrations: unique for ever, since the
+    count only grows (a repeated id would get hostd's stored result without running)."""
+    return f"vm/{vm}/{number}-{kind.label}"
 
 
 @dataclass(slots=True)
@@ -178,8 +177,10 @@ class VmState:
     # host -> QEMU runstate last observed there ("running", "paused", "inmigrate", ...); a host
     # is absent once its QEMU for this VM exited.
     runstates: dict[str, str] = field(default_factory=dict)
-    # Commands outside migrations (start, stop), by id.
+    # Commands outside migrations (start, stop), by id, while unanswered.
     commands: dict[str, Command] = field(default_factory=dict)
+    # How many commands outside migrations were ever issued for this VM (their ids count up).
+    commands_issued: int = 0
 
     @property
     def name(self) -> str:
@@ -308,3 +309,13 @@ class World:
 
     def copy(self) -> World:
         return copy.deepcopy(self)
+
+    def command(self, command_id: str, vm: str) -> Command | None:
+        """The command `command_id` (issued for VM `vm`), while the state still keeps it: a
+        VM's own commands until answered, a migration's until it finishes. VM commands are
+        looked up by VM, so a migration id that reads like their prefix is no special case."""
+        owner = self.vms.get(vm)
+        if owner is not None and command_id in owner.commands:
+            return owner.commands[command_id]
+        m = self.migrations.get(command_id.partition("/")[0])
+        return m.commands.get(command_id) if m is not None else None

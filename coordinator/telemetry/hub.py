@@ -8,7 +8,7 @@ visible only then), `committed` once the batch is durable (only then do spans le
 from __future__ import annotations
 
 from coordinator.core import Event
-from coordinator.core.state import Command, World, command_owner
+from coordinator.core.state import Command, World
 from coordinator.telemetry.metrics import CoordinatorMetrics
 from coordinator.telemetry.tracing import MigrationTracer
 
@@ -20,7 +20,8 @@ def migration_of(world: World, payload: object) -> str:
         return str(migration_id)
     command_id = getattr(payload, "command_id", "")
     if command_id:
-        return command_owner(str(command_id))[0]
+        command = world.command(str(command_id), str(getattr(payload, "vm", "")))
+        return command.migration_id if command is not None else ""
     observation = getattr(payload, "observation", None)
     vm_name = getattr(payload, "vm", "") or getattr(observation, "vm", "")
     vm = world.vms.get(vm_name) if vm_name else None

@@ -28,7 +28,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from opentelemetry.util.types import AttributeValue
 
 from coordinator.core import Event
-from coordinator.core.state import Command, MigrationState, Phase, World, command_owner
+from coordinator.core.state import Command, MigrationState, Phase, World
 from coordinator.telemetry import ids
 from whimbrel.v1 import common_pb2, events_pb2
 
@@ -184,10 +184,8 @@ class MigrationTracer:
         self, world: World, result: events_pb2.CommandSucceeded | events_pb2.CommandFailed,
         end_us: int,
     ) -> None:  # fmt: skip
-        _, vm_name = command_owner(result.command_id)
-        vm = world.vms.get(vm_name)
-        command = vm.commands.get(result.command_id) if vm is not None else None
-        if command is None:
+        command = world.command(result.command_id, result.vm)
+        if command is None or command.migration_id:
             return
         trace = ids.command_trace_id(command.command_id)
         self._span(

@@ -171,7 +171,7 @@ def test_destination_host_missing_after_a_restart_rolls_back_then_its_copy_is_de
     cluster.start_coordinator(listen=address)
     final = cluster.watch("m-1")
     assert final.phase == PHASE.MIGRATION_PHASE_ROLLED_BACK, final.reason
-    assert "destination host did not return" in final.reason
+    assert "destination host-b did not return" in final.reason
     finished = [e for e in cluster.events() if isinstance(e.payload, events_pb2.RecoveryFinished)]
     assert [list(e.payload.missing_hosts) for e in finished] == [["host-b"]]
     head = cluster.head()

@@ -75,7 +75,7 @@ def test_destination_missing_before_the_switch_rolls_back_and_its_copy_dies_on_r
     restart(driver, missing=("host-b",))
     rolled = driver.run("m-1", hosts)
     m = driver.world.migrations["m-1"]
-    assert m.phase == Phase.ROLLED_BACK and "host did not return" in m.reason
+    assert m.phase == Phase.ROLLED_BACK and "destination host-b did not return" in m.reason
     assert "RollbackDecided" in decisions(rolled)
     vm = driver.world.vms["vm-1"]
     assert (vm.host, vm.lease_holder) == ("host-a", "host-a")

@@ -1,0 +1,226 @@
+"""Faults found by chaos drills and reviews, each replayed deterministically through the core:
+a source whose migration fails on its own, answers lost to a hostd restart, a destination that
+dies before it ran, and the ids and names that collided."""
+
+from __future__ import annotations
+
+import pytest
+
+from coordinator.core import Phase
+from coordinator.core import inputs as I
+from coordinator.core.invariants import InvariantChecker
+from coordinator.core.state import Kind, VmStatus
+from tests.unit.helpers import answer, decisions, fresh
+from tools.sim import Observation, migration, qmp
+from whimbrel.v1 import common_pb2 as C
+from whimbrel.v1 import events_pb2 as E
+
+PRECOPY, POSTCOPY = C.MIGRATION_MODE_PRECOPY, C.MIGRATION_MODE_POSTCOPY
+
+
+def start(driver, mode=PRECOPY, migration_id="m-1"):
+    return driver.request(
+        I.StartMigration(migration_id, "vm-1", "host-b", mode, E.MigrationPolicy(), driver.now_us)
+    )
+
+
+def until_issued(driver, hosts, kind, migration_id="m-1"):
+    """Advance and answer every command until one of `kind` is issued; it is returned
+    unanswered."""
+    for _ in range(20):
+        issued = [e for e in driver.advance(migration_id) if e.type == "CommandIssued"]
+        wanted = [e.payload for e in issued if Kind(e.payload.kind) == kind]
+        for e in issued:
+            if Kind(e.payload.kind) != kind:
+                answer(driver, hosts, [e])
+                driver._progress(migration_id, e.payload, hosts)  # QEMU's passes after migrate
+        if wanted:
+            return wanted[0]
+    raise AssertionError(f"{kind.label} was never issued")
+
+
+def failed(cmd: E.CommandIssued, error: str, *, rejected: bool = False) -> Observation:
+    return Observation(
+        cmd.host_id,
+        E.CommandFailed(
+            command_id=cmd.command_id,
+            attempt=cmd.attempt,
+            kind=cmd.kind,
+            vm=cmd.vm,
+            error=error,
+            rejected=rejected,
+        ),
+    )
+
+
+def clean(driver) -> None:
+    assert InvariantChecker().check_quiescent(driver.log) == []
+
+
+@pytest.mark.parametrize("status", ["failed", "cancelled"])
+def test_a_source_migration_that_fails_on_its_own_rolls_back(status):
+    """QEMU's own migration failure on the source (a wrong advertised address, a cut link)
+    is decided on: the migration rolls back with the failure as its reason, never stalls."""
+    driver, hosts = fresh()
+    start(driver)
+    cmd = until_issued(driver, hosts, Kind.START_MIGRATION)
+    answer_events = answer(driver, hosts, [driver.log[-1]])
+    assert answer_events and cmd.command_id in driver.answered
+    # QEMU resumes a source whose migration failed by itself: it never stopped here.
+    driver.observe(migration("host-a", "vm-1", status))
+    events = driver.run("m-1", hosts)
+    d = decisions(events)
+    assert d[0] == "RollbackDecided"
+    rollback = next(e.payload for e in events if e.type == "RollbackDecided")
+    assert f"source migration {status}" in rollback.reason
+    assert "cancel-migration@host-a" not in d  # nothing left to cancel
+    m = driver.world.migrations["m-1"]
+    assert m.phase == Phase.ROLLED_BACK
+    vm = driver.world.vms["vm-1"]
+    assert (vm.host, vm.status, vm.lease_holder) == ("host-a", VmStatus.RUNNING, "host-a")
+    clean(driver)
+
+
+def test_a_precopy_source_keeps_its_lease_until_qemu_can_no_longer_resume_it():
+    """QEMU 7.2 resumes a pre-copy source by itself when its migration fails, even from
+    pre-switchover: hostd releases the source's lease only at completed (postmigrate), so a
+    destination dying in the switchover leaves a source that runs with its lease."""
+    driver, hosts = fresh()
+    start(driver)
+    until_issued(driver, hosts, Kind.START_MIGRATION)
+    answer(driver, hosts, [driver.log[-1]])
+    driver.observe(
+        qmp("host-a", "vm-1", "STOP"),
+        migration("host-a", "vm-1", "pre-switchover"),
+        *hosts.switchover("host-a", "vm-1", "pre-switchover"),
+    )
+    assert driver.world.vms["vm-1"].lease_holder == "host-a"  # still the source's
+    # The destination dies before the switchover completes; QEMU resumes the source at once.
+    driver.observe(
+        hosts.kill("vm-1", "host-b"),
+        migration("host-a", "vm-1", "failed"),
+        qmp("host-a", "vm-1", "RESUME"),
+    )
+    events = driver.run("m-1", hosts)
+    assert "RollbackDecided" in decisions(events)
+    assert driver.world.migrations["m-1"].phase == Phase.ROLLED_BACK
+    clean(driver)
+
+
+def test_continue_switchover_interrupted_by_a_restart_after_it_took_effect_completes():
+    """A source hostd killed right after sending migrate-continue reports the command
+    "interrupted by a hostd restart" on its return; both QEMUs report completed. The hosts'
+    own reports decide: the migration completes, the destination is not fenced."""
+    driver, hosts = fresh()
+    start(driver)
+    cmd = until_issued(driver, hosts, Kind.CONTINUE_SWITCHOVER)
+    effects = [o for o in hosts.answer(cmd) if not isinstance(o.payload, E.CommandSucceeded)]
+    driver.answered.add(cmd.command_id)
+    driver.observe(*effects)
+    # The migration goes on while the source's hostd is away: handoff and cont.
+    until_issued(driver, hosts, Kind.RESUME_VM)
+    driver.observe(
+        failed(cmd, "interrupted by a hostd restart; not executed again"),
+    )
+    events = driver.run("m-1", hosts)
+    d = decisions(events)
+    assert "FencingDecided" not in d and "VmLost" not in d
+    assert driver.world.migrations["m-1"].phase == Phase.COMPLETED
+    vm = driver.world.vms["vm-1"]
+    assert (vm.host, vm.status) == ("host-b", VmStatus.RUNNING)
+    clean(driver)
+
+
+def test_a_destination_that_died_before_its_cont_ran_falls_back_to_the_complete_source():
+    """The destination's QEMU dies between the cont intent and hostd's cont: hostd refuses
+    the command unexecuted. The destination never ran, so the complete, paused source is the
+    VM: the migration rolls back, the VM is not lost."""
+    driver, hosts = fresh()
+    start(driver)
+    cont = until_issued(driver, hosts, Kind.RESUME_VM)
+    driver.observe(hosts.kill("vm-1", "host-b"))
+    driver.answered.add(cont.command_id)
+    driver.observe(failed(cont, "QEMU is not running", rejected=True))
+    events = driver.run("m-1", hosts)
+    d = decisions(events)
+    assert "VmLost" not in d and "FencingDecided" not in d
+    assert d[0] == "RollbackDecided"
+    m = driver.world.migrations["m-1"]
+    assert m.phase == Phase.ROLLED_BACK
+    vm = driver.world.vms["vm-1"]
+    assert (vm.host, vm.status, vm.lease_holder) == ("host-a", VmStatus.RUNNING, "host-a")
+    clean(driver)
+
+
+def test_a_cont_that_may_have_run_still_fences():
+    """A cont whose outcome is unknown (the QEMU died while the command was in QEMU's hands)
+    may have run the guest: the source is never resumed then."""
+    driver, hosts = fresh()
+    start(driver)
+    cont = until_issued(driver, hosts, Kind.RESUME_VM)
+    driver.observe(hosts.kill("vm-1", "host-b"))
+    driver.answered.add(cont.command_id)
+    driver.observe(failed(cont, "QMP connection lost"))
+    events = driver.run("m-1", hosts)
+    d = decisions(events)
+    assert "resume-vm@host-a" not in d
+    assert driver.world.migrations["m-1"].phase == Phase.FENCED
+
+
+def test_a_migrated_vm_whose_qemu_dies_is_lost_with_a_reason():
+    """After a completed migration the destination's QEMU is killed: the VM is lost (so its
+    on_lost policy applies), with the exit named, not quietly "stopped"."""
+    driver, hosts = fresh()
+    start(driver)
+    driver.run("m-1", hosts)
+    assert driver.world.migrations["m-1"].phase == Phase.COMPLETED
+    driver.observe(hosts.kill("vm-1", "host-b"))
+    vm = driver.world.vms["vm-1"]
+    assert vm.status == VmStatus.LOST
+    assert "host-b" in vm.lost_reason and "signal 9" in vm.lost_reason
+
+
+def test_a_guest_shutdown_stops_the_vm():
+    """A QEMU that exits after the guest shut down is stopped, not lost."""
+    driver, _ = fresh()
+    driver.observe(
+        qmp("host-a", "vm-1", "SHUTDOWN", guest=True),
+        Observation("host-a", E.QemuExited(vm="vm-1", pid=1, exit_code=0)),
+    )
+    assert driver.world.vms["vm-1"].status == VmStatus.STOPPED
+
+
+def test_vm_command_ids_are_unique_forever():
+    """Two stray copies destroyed in one decision, and a stop retried after a failure, each
+    get an id of their own (a repeated id returns hostd's stored result without running)."""
+    driver, _ = fresh()
+    for host in ("host-b", "host-c"):
+        driver.connect(host)
+        driver.observe(
+            Observation(
+                host,
+                E.VmObserved(
+                    observation=C.VmObservation(
+                        vm="vm-1", process_alive=True, qmp_reachable=True, runstate="paused"
+                    )
+                ),
+            )
+        )
+    strays = driver.request(I.ReconcileVm("vm-1", driver.now_us))
+    ids = [e.payload.command_id for e in strays]
+    assert len(ids) == 2 and len(set(ids)) == 2
+    (stop,) = [e for e in driver.request(I.StopVm("vm-1", False, driver.now_us))
+               if e.type == "CommandIssued"]  # fmt: skip
+    driver.observe(failed(stop.payload, "simulated failure"))
+    (again,) = [e for e in driver.request(I.StopVm("vm-1", False, driver.now_us))
+                if e.type == "CommandIssued"]  # fmt: skip
+    assert again.payload.command_id not in {stop.payload.command_id, *ids}
+
+
+def test_a_migration_named_vm_completes():
+    """A migration id that reads like the VM commands' prefix is an ordinary id."""
+    driver, hosts = fresh()
+    start(driver, migration_id="vm")
+    driver.run("vm", hosts)
+    assert driver.world.migrations["vm"].phase == Phase.COMPLETED
+    clean(driver)
