@@ -48,7 +48,18 @@ KEEPALIVE = [
     ("grpc.http2.min_ping_interval_without_data_ms", 1000),
     ("grpc.http2.ping_timeout_ms", 2000),
 ]
-BACKOFF_FIRST, BACKOFF_MAX = 0.1, 5.0
+# Reconnect backoff. The cap keeps the gap between attempts (1.25 s at most, jitter included)
+# well inside a restarted coordinator's --host-wait, after which a host that did not say hello
+# is missing and its migrations follow the recovery table: a longer gap made healthy hosts
+# "missing" after a few seconds' outage. An attempt at a coordinator that is down costs a
+# refused connection.
+BACKOFF_FIRST, BACKOFF_MAX, BACKOFF_JITTER = 0.1, 1.0, 0.25
+
+
+def reconnect_wait(delay: float) -> float:
+    """The wait before the next attempt: `delay` with jitter, so hosts do not reconnect in
+    lockstep."""
+    return delay * random.uniform(1 - BACKOFF_JITTER, 1 + BACKOFF_JITTER)
 
 
 def now_us() -> int:
@@ -158,6 +169,11 @@ class Agent:
                     await runtime.attach(pid)
                     self.executor.vms[runtime.name] = runtime
                     log.info("re-attached to QEMU %d of %s", pid, runtime.name)
+                    if runtime.switchover_was_armed:
+                        # What START_MIGRATION asked for holds across restarts; the switch may
+                        # even have begun while no hostd watched.
+                        self.executor.arm_release_at_switchover(runtime)
+                        await runtime.maybe_switching_over()
                     continue
                 except HostdError as err:
                     log.error(
@@ -225,8 +241,7 @@ class Agent:
             if self.stopping.is_set():
                 break
             self._current = (self._current + 1) % len(self.coordinators)
-            # Exponential backoff with jitter, so hosts do not reconnect in lockstep.
-            wait = delay * random.uniform(0.5, 1.5)
+            wait = reconnect_wait(delay)
             log.info("reconnecting to %s in %.2fs", self.coordinator, wait)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), wait)

@@ -6,13 +6,15 @@ returns the command's result. Errors propagate as HostdError and become CommandF
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import logging
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from hostd import qemu
 from hostd.drivers.lease import LeaseDriver
@@ -51,6 +53,7 @@ class Executor:
     # The network namespace QEMU runs in (its taps, their bridges and its migration traffic
     # with it); empty: hostd's own.
     netns: str = ""
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     def _incoming(self) -> tuple[str, str]:
         """(URI the destination QEMU listens on, URI the source connects to)."""
@@ -74,7 +77,7 @@ class Executor:
             # The coordinator has changed course (a rollback takes the lease back before it
             # cancels) or moved on: a release at a later stop would take the lease from a
             # source that is about to run again.
-            runtime.at_switchover = None
+            runtime.disarm_switchover()
         if runtime is not None and command.kind in DISARMING_INCOMING:
             runtime.at_incoming_postcopy = None  # this destination's QEMU is going away
         return await handler(self, command)
@@ -87,8 +90,8 @@ class Executor:
 
     async def _network(self, phase: str, runtime: VmRuntime, state: int) -> None:
         async with runtime.network_lock:
-            if phase == "enable" and runtime.network_phase == "enable":
-                return  # already (at the destination's postcopy-active, or a repeat)
+            if phase in ("enable", "release") and runtime.network_phase == phase:
+                return  # already (at the destination's postcopy-active, a repeat, an exit)
             await self.network.apply(phase, runtime.spec)
             runtime.network_phase = phase
             network_state = events_pb2.NetworkState.ValueType(state)
@@ -112,7 +115,23 @@ class Executor:
         except BaseException:
             await runtime.kill("could not attach QMP after launch")
             raise
+        self._background(self._release_network_at_exit(runtime))
         return runtime
+
+    async def _release_network_at_exit(self, runtime: VmRuntime) -> None:
+        """Whatever ends a QEMU (a crash, a kill, a fence), the network hook hears it: a dead
+        copy must not keep the VM's networking enabled where the VM no longer runs."""
+        await runtime.exited.wait()
+        if runtime.network_phase in ("prepare", "enable"):
+            try:
+                await self._network("release", runtime, K.NETWORK_STATE_RELEASED)
+            except HostdError as err:
+                log.error("%s: networking not released after QEMU exited: %s", runtime.name, err)
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # --- VM lifecycle ---
 
@@ -205,11 +224,14 @@ class Executor:
             capabilities.append({"capability": "postcopy-ram", "state": True})
         await runtime.execute("migrate-set-capabilities", {"capabilities": capabilities})
         await self._set_parameters(runtime, c.args.parameters)
-        runtime.at_switchover = None
+        runtime.disarm_switchover()
         if c.args.release_lease_at_switchover:
-            runtime.at_switchover = functools.partial(self._release_at_switchover, runtime.name)
+            self.arm_release_at_switchover(runtime)
         await runtime.execute("migrate", {"uri": c.args.uri})
         return K.CommandResult()
+
+    def arm_release_at_switchover(self, runtime: VmRuntime) -> None:
+        runtime.arm_switchover(functools.partial(self._release_at_switchover, runtime.name))
 
     async def _release_at_switchover(self, vm: str) -> None:
         failpoints.hit("hostd.before-release-at-switchover")

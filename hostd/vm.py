@@ -112,6 +112,7 @@ class VmRuntime:
                 # What QEMU says now, for a hostd that restarted (events lost meanwhile); any
                 # event still queued behind these answers updates them again, in order.
                 self.running = observation.runstate == "running"
+                self.stopped = not self.running
                 self.migration_status = observation.migration_status
                 observation.qmp_reachable = True
             except HostdError as err:
@@ -177,7 +178,7 @@ class VmRuntime:
             self.running = name == "RESUME"
         self._signal_change()
         if self.at_switchover is not None and name in ("MIGRATION", "STOP"):
-            await self._maybe_switching_over()
+            await self.maybe_switching_over()
         if (
             self.at_incoming_postcopy is not None
             and name == "MIGRATION"
@@ -196,17 +197,37 @@ class VmRuntime:
             # The final totals (bytes transferred), once the switch is long over.
             self._sample_soon(self._last_pass)
 
-    async def _maybe_switching_over(self) -> None:
+    def arm_switchover(self, action: Callable[[], Awaitable[None]]) -> None:
+        """Run `action` once this source has stopped to switch over. A marker file beside the
+        QEMU files says so to a restarted hostd, which arms it again (else the coordinator's
+        late fallback decides, a second into the guest's pause)."""
+        self.at_switchover = action
+        self._armed_marker.touch()
+
+    def disarm_switchover(self) -> None:
+        self.at_switchover = None
+        self._armed_marker.unlink(missing_ok=True)
+
+    @property
+    def switchover_was_armed(self) -> bool:
+        return self._armed_marker.exists()
+
+    @property
+    def _armed_marker(self) -> Path:
+        return self.paths.root / "armed-at-switchover"
+
+    async def maybe_switching_over(self) -> None:
         """Run the switchover action once the source has stopped to switch over. QEMU's order
         differs by mode (post-copy: postcopy-active, then STOP; pre-copy: STOP, then
-        pre-switchover), so it is judged after each event; the event itself is already
-        recorded, so the log shows the stop before whatever the action reports."""
+        completed), so it is judged after each event; the event itself is already recorded,
+        so the log shows the stop before whatever the action reports."""
         if self.migration_status in ("failed", "cancelling", "cancelled"):
-            self.at_switchover = None
+            self.disarm_switchover()
             return
         if not (self.stopped and self.migration_status in SWITCHOVER_STATUSES):
             return
-        action, self.at_switchover = self.at_switchover, None
+        action = self.at_switchover
+        self.disarm_switchover()
         if action is not None:
             await action()
 
