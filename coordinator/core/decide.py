@@ -138,6 +138,14 @@ def _start_vm(world: World, req: I.StartVm) -> list[NewEvent]:
         raise IllegalTransition(
             f"VM {vm.name}", "start", f"present on {', '.join(sorted(vm.runstates))}", ["absent"]
         )
+    if vm.lease_holder and vm.lease_holder != req.host:
+        # hostd would fail to take the lease, later and in the background: say so now.
+        raise IllegalTransition(
+            f"VM {vm.name}",
+            f"start on {req.host}",
+            f"its lease held by {vm.lease_holder}",
+            ["lease free", f"started on {vm.lease_holder}"],
+        )
     args = events_pb2.CommandArgs(spec=vm.spec, lease_generation=vm.lease_generation + 1)
     issued = _vm_command(vm, req.host, Kind.START_VM, args, req.principal)
     return [NewEvent(vm_stream(vm.name), issued, req.now_us)]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator.core import Phase
+from coordinator.core import IllegalTransition, Phase
 from coordinator.core import inputs as I
 from coordinator.core.invariants import InvariantChecker
 from coordinator.core.state import Kind, VmStatus
@@ -224,3 +224,20 @@ def test_a_migration_named_vm_completes():
     driver.run("vm", hosts)
     assert driver.world.migrations["vm"].phase == Phase.COMPLETED
     clean(driver)
+
+
+def test_starting_a_lost_vm_where_its_lease_is_not_is_refused_up_front():
+    """A lost VM whose lease another host still holds is refused with the holder named, and
+    nothing is appended; where the lease is, it starts."""
+    driver, _ = fresh()
+    driver.connect("host-b")
+    driver.observe(Observation("host-a", E.QemuExited(vm="vm-1", pid=1, exit_code=-1, signal=9)))
+    assert driver.world.vms["vm-1"].status == VmStatus.LOST
+    assert driver.world.vms["vm-1"].lease_holder == "host-a"
+    head = len(driver.log)
+    with pytest.raises(IllegalTransition, match="lease held by host-a"):
+        driver.request(I.StartVm("vm-1", "host-b", driver.now_us))
+    assert len(driver.log) == head
+    assert decisions(driver.request(I.StartVm("vm-1", "host-a", driver.now_us))) == [
+        "start-vm@host-a"
+    ]
