@@ -817,14 +817,17 @@ def _rolling_back(world: World, m: MigrationState, issue: _Issuer) -> list[Messa
         out.append(issue(Kind.CANCEL_MIGRATION, src.host, reason="rollback"))
     prepared = m.cmd(Kind.PREPARE_INCOMING, dst.host) is not None
     destroy = m.cmd(Kind.DESTROY_VM, dst.host, this_attempt=True)
-    if prepared and dst.alive and (destroy is None or destroy.state == FAILED):
+    # A destination that never ran and cannot be destroyed stays paused (-S) and without the
+    # lease: the source may run; the copy is destroyed later as a stray (ReconcileVm).
+    abandoned = _retries(m, Kind.DESTROY_VM, dst.host, this_attempt=True) >= MAX_COMMAND_RETRIES
+    if prepared and dst.alive and not abandoned and (destroy is None or destroy.state == FAILED):
         out.append(issue(Kind.DESTROY_VM, dst.host, force=True, reason="rollback"))
     if out:
         return out
     cancel = m.cmd(Kind.CANCEL_MIGRATION, src.host, this_attempt=True)
     if cancel is not None and cancel.state == ISSUED:
         return []
-    if dst.alive and prepared and dst.host not in world.missing_hosts:
+    if dst.alive and prepared and dst.host not in world.missing_hosts and not abandoned:
         return []  # (a missing destination never ran and never will; destroyed on its return)
     if not src.alive:
         return [
@@ -907,19 +910,28 @@ def _recovering(world: World, m: MigrationState, issue: _Issuer) -> list[Message
 def _fencing(world: World, m: MigrationState, issue: _Issuer) -> list[Message]:
     out: list[Message] = []
     waiting = False
+    survivors: list[str] = []
     for host in m.fencing_hosts:
         side = m.side(host)
         if side is None or not side.alive:
             continue
         destroy = m.cmd(Kind.DESTROY_VM, host, this_attempt=True)
+        if _retries(m, Kind.DESTROY_VM, host, this_attempt=True) >= MAX_COMMAND_RETRIES:
+            # Bounded: the copy is then a stray of a lost VM, which blocks any cold start
+            # while it exists and is destroyed when reconciled.
+            survivors.append(f"{host} ({destroy.error if destroy is not None else ''})")
+            continue
         if destroy is None or destroy.state == FAILED:
             out.append(issue(Kind.DESTROY_VM, host, force=True, reason=f"fence: {m.reason}"))
         waiting = True
     if out or waiting:
         return out
+    reason = m.reason
+    if survivors:
+        reason += f"; QEMU not destroyed on {', '.join(survivors)}"
     return [
-        events_pb2.VmLost(vm=m.vm, reason=m.reason, migration_id=m.migration_id),
-        *_finished(m, Phase.FENCED, m.reason),
+        events_pb2.VmLost(vm=m.vm, reason=reason, migration_id=m.migration_id),
+        *_finished(m, Phase.FENCED, reason),
     ]
 
 

@@ -241,3 +241,31 @@ def test_starting_a_lost_vm_where_its_lease_is_not_is_refused_up_front():
     assert decisions(driver.request(I.StartVm("vm-1", "host-a", driver.now_us))) == [
         "start-vm@host-a"
     ]
+
+
+def test_destroys_that_keep_failing_are_bounded_in_a_rollback():
+    """A destination that cannot be destroyed is tried a bounded number of times; the source
+    then runs again (the paused destination never ran and has no lease)."""
+    driver, hosts = fresh()
+    start(driver)
+    until_issued(driver, hosts, Kind.START_MIGRATION)
+    hosts.fail_kinds = {Kind.DESTROY_VM}
+    driver.request(I.AbortMigration("m-1", "", driver.now_us))
+    events = driver.run("m-1", hosts)
+    assert decisions(events).count("destroy-vm@host-b") == 3
+    assert driver.world.migrations["m-1"].phase == Phase.ROLLED_BACK
+    assert driver.world.vms["vm-1"].status == VmStatus.RUNNING
+
+
+def test_destroys_that_keep_failing_are_bounded_in_a_fence():
+    """Fencing tries each destroy a bounded number of times, then records the VM lost with the
+    QEMU it could not destroy named (that copy blocks any cold start while it exists)."""
+    driver, hosts = fresh()
+    start(driver, POSTCOPY)
+    driver.run("m-1", hosts)
+    hosts.fail_kinds = {Kind.DESTROY_VM}
+    driver.observe(Observation("host-a", E.QemuExited(vm="vm-1", pid=1, exit_code=-1, signal=9)))
+    events = driver.run("m-1", hosts)
+    assert decisions(events).count("destroy-vm@host-b") == 3
+    m = driver.world.migrations["m-1"]
+    assert m.phase == Phase.FENCED and "QEMU not destroyed on host-b" in m.reason
