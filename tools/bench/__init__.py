@@ -1,5 +1,8 @@
-"""Benchmarks. Each prints one JSON object per line: {"bench", "value", "unit", "baseline"}.
+"""Benchmarks. Each prints one JSON object per line: {"bench", "value", "unit", "baseline"},
+and whatever else a benchmark reports (the switchover benches: "ratio", "samples", "rejected",
+"scheduling").
 
 Run all with `make bench`, one with `make bench BENCH=log.append.100_writers` (a prefix such as
 `log.append` selects several). Baselines are measured in the same run on the same machine.
+`WHIMBREL_BENCH_RUNS=N` sets the migrations per side of the switchover benches (default 100).
 """

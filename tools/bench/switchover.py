@@ -6,35 +6,76 @@ doing the same handoff with the same drivers: on the source's stop it releases t
 (the same file lease driver) and enables destination networking (the same hook), acquires the
 destination lease with a higher generation, then sends `cont` to the destination. Both sides
 use the same QEMU command lines (hostd's), the same guest and the same capabilities.
+
+Equal terms:
+- the runs alternate, Whimbrel then baseline, so a slow minute of the shared machine falls on
+  both sides alike; while the baseline runs, Whimbrel's idle guest is frozen (SIGSTOP), as its
+  guest loop would otherwise take a CPU from the baseline that the baseline never takes back;
+- the baseline runs in a process of its own, scheduled as the daemons schedule themselves
+  (`whimbrel.priority.apply` with the daemons' defaults, before any thread starts), and starts
+  its QEMUs as hostd does (`hostd.qemu.launch`: SCHED_OTHER, nice 0, a session of their own).
+  The JSON reports the scheduling each process was found running with;
+- both sides give QEMU the same migration parameters: the policy Whimbrel is asked for;
+- a sample missing its STOP or RESUME, or a post-copy run that never went post-copy, is
+  rejected and counted, never averaged in (`tools.bench.samples`).
+
+`WHIMBREL_BENCH_RUNS` overrides the number of migrations per side.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import multiprocessing
+import os
+import signal
 import sys
 import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from coordinator.core.validate import effective_policy
 from hostd import qemu
 from hostd.drivers.lease import FileLeaseDriver
 from hostd.drivers.network import HookNetworkDriver
 from hostd.executor import free_port
 from hostd.qmp import QmpSession
+from tools.bench.samples import QmpEvent, Sample, Tally
 from tools.cluster import HOOK, Cluster
 from tools.guest import boot_disk, random_ram
-from whimbrel import heap
-from whimbrel.v1 import common_pb2, migration_pb2
+from whimbrel import heap, priority
+from whimbrel.v1 import (
+    common_pb2,
+    eventlog_pb2,
+    eventlog_pb2_grpc,
+    events_pb2,
+    migration_pb2,
+)
 
 # Migrations per side. A p99 needs about 100 samples to mean something: of 20, "p99" is in
 # effect the largest, and one disk stall of the shared machine decides it.
 RUNS = 100
+RUNS_ENV = "WHIMBREL_BENCH_RUNS"
 MEMORY_MIB = 128
 # Random RAM (every page real data) keeps post-copy engaged: a mostly-zero guest can finish
 # pre-copy before migrate-start-postcopy takes effect.
 # Post-copy runs throttle pre-copy so the switch to post-copy always happens during pass 1;
 # unthrottled, a small guest can finish in pre-copy before migrate-start-postcopy takes effect.
 POSTCOPY_PRECOPY_BANDWIDTH = 100_000
+VM = "vm-1"
+
+# The scheduling of one process, e.g. "SCHED_RR 1, nice -10".
+Scheduling = dict[str, str]
+_POLICY_NAMES = {
+    os.SCHED_OTHER: "SCHED_OTHER",
+    os.SCHED_BATCH: "SCHED_BATCH",
+    os.SCHED_IDLE: "SCHED_IDLE",
+    os.SCHED_FIFO: "SCHED_FIFO",
+    os.SCHED_RR: "SCHED_RR",
+}
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -44,31 +85,152 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
-def whimbrel_pauses(mode: int, runs: int, root: Path, ram: Path | None = None) -> list[float]:
-    cluster = Cluster(root)
+def runs_wanted(default: int = RUNS) -> int:
+    value = os.environ.get(RUNS_ENV, "")
+    return int(value) if value else default
+
+
+def scheduling_of(pid: int) -> str:
+    """How the kernel schedules process `pid` (its main thread), e.g. "SCHED_RR 1, nice -10"."""
     try:
-        cluster.start("host-a", "host-b")
-        cluster.define_and_start("vm-1", "host-a", memory_mib=MEMORY_MIB, ram_file=ram)
-        pauses = []
-        hosts = ["host-a", "host-b"]
-        for i in range(runs):
-            dest = hosts[(i + 1) % 2]
-            cluster.migrations.StartMigration(
-                migration_pb2.StartMigrationRequest(
-                    vm="vm-1",
-                    destination=dest,
-                    mode=common_pb2.MigrationMode.ValueType(mode),
-                    migration_id=f"m-{i}",
-                )
+        policy = os.sched_getscheduler(pid)
+        nice = os.getpriority(os.PRIO_PROCESS, pid)
+        rt = os.sched_getparam(pid).sched_priority
+    except (ProcessLookupError, PermissionError):
+        return "gone"
+    name = _POLICY_NAMES.get(policy, f"policy {policy}")
+    return f"{name} {rt}, nice {nice}" if rt else f"{name}, nice {nice}"
+
+
+def policy_for(postcopy: bool) -> events_pb2.MigrationPolicy:
+    """The policy Whimbrel is asked for; the baseline applies its effective parameters."""
+    parameters = events_pb2.MigrationParameters()
+    if postcopy:
+        parameters.max_bandwidth = POSTCOPY_PRECOPY_BANDWIDTH
+    return events_pb2.MigrationPolicy(parameters=parameters)
+
+
+def qmp_parameters(postcopy: bool) -> dict[str, int]:
+    """`migrate-set-parameters` as hostd sends it for the policy the coordinator makes of
+    `policy_for(postcopy)` (unset fields take the coordinator's defaults)."""
+    p = effective_policy(policy_for(postcopy)).parameters
+    named = {
+        "max-bandwidth": p.max_bandwidth,
+        "downtime-limit": p.downtime_limit_ms,
+        "max-postcopy-bandwidth": p.max_postcopy_bandwidth,
+    }
+    return {name: value for name, value in named.items() if value}
+
+
+class SeenScheduling:
+    """Every distinct scheduling seen per role across the runs of one side."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, set[str]] = {}
+
+    def add(self, observed: Scheduling) -> None:
+        for role, value in observed.items():
+            self.seen.setdefault(role, set()).add(value)
+
+    def summary(self) -> Scheduling:
+        return {role: " | ".join(sorted(values)) for role, values in sorted(self.seen.items())}
+
+
+# --- Whimbrel ---
+
+
+class WhimbrelSide:
+    """A coordinator and two hostds on loopback; `run` migrates the VM to the other host."""
+
+    def __init__(self, root: Path, postcopy: bool, ram: Path | None) -> None:
+        self.postcopy = postcopy
+        self.mode = (
+            common_pb2.MIGRATION_MODE_POSTCOPY if postcopy else common_pb2.MIGRATION_MODE_PRECOPY
+        )
+        self.cluster = Cluster(root)
+        self.hosts = ["host-a", "host-b"]
+        try:
+            self.cluster.start(*self.hosts)
+            self.cluster.define_and_start(VM, "host-a", memory_mib=MEMORY_MIB, ram_file=ram)
+        except BaseException:
+            self.cluster.teardown()
+            raise
+
+    def run(self, i: int) -> tuple[Sample, Scheduling]:
+        dest = self.hosts[(i + 1) % 2]
+        head = self.cluster.head()
+        self.cluster.migrations.StartMigration(
+            migration_pb2.StartMigrationRequest(
+                vm=VM,
+                destination=dest,
+                mode=common_pb2.MigrationMode.ValueType(self.mode),
+                policy=policy_for(self.postcopy),
+                migration_id=f"m-{i}",
             )
-            final = cluster.watch(f"m-{i}")
-            if final.phase != common_pb2.MIGRATION_PHASE_COMPLETED:
-                raise RuntimeError(f"migration m-{i} ended {final.phase}: {final.reason}")
-            pauses.append(final.pause_us / 1000)
-            print(f"  whimbrel {i}: {pauses[-1]:.1f} ms", file=sys.stderr, flush=True)
-        return pauses
-    finally:
-        cluster.teardown()
+        )
+        final = self.cluster.watch(f"m-{i}")
+        if final.phase != common_pb2.MIGRATION_PHASE_COMPLETED:
+            raise RuntimeError(f"migration m-{i} ended {final.phase}: {final.reason}")
+        events = self._qmp_events(head + 1)
+        sample = Sample.from_events(events.get(final.source, []), events.get(final.destination, []))
+        pause = sample.pause_ms
+        if pause is not None and round(pause * 1000) != final.pause_us:
+            print(f"  whimbrel {i}: the log says {pause:.3f} ms, the migration "
+                  f"{final.pause_us / 1000:.3f} ms", file=sys.stderr)  # fmt: skip
+        return sample, self.scheduling()
+
+    def _qmp_events(self, from_seq: int) -> dict[str, list[QmpEvent]]:
+        """The VM's QMP events in the log from `from_seq` on, per host, in log order."""
+        stub = eventlog_pb2_grpc.EventLogServiceStub(self.cluster.grpc)
+        by_host: dict[str, list[QmpEvent]] = {}
+        for event in stub.ReadEvents(eventlog_pb2.ReadEventsRequest(from_seq=from_seq)):
+            if event.payload.WhichOneof("kind") != "qmp_event_received":
+                continue
+            qmp_event = event.payload.qmp_event_received
+            if qmp_event.vm != VM:
+                continue
+            data = json.loads(qmp_event.data_json) if qmp_event.data_json else {}
+            by_host.setdefault(event.origin.host_id, []).append(
+                (qmp_event.event, data, event.time_us)
+            )
+        return by_host
+
+    def _live_qemus(self) -> list[int]:
+        return [pid for pid in self.cluster.qemu_pids() if qemu.alive(pid)]
+
+    def scheduling(self) -> Scheduling:
+        processes = self.cluster.processes
+        observed = {
+            "coordinator": scheduling_of(processes["coordinator"].popen.pid),
+            "hostd": " | ".join(
+                sorted({scheduling_of(processes[h].popen.pid) for h in self.hosts})
+            ),
+        }
+        qemus = self._live_qemus()
+        if qemus:
+            observed["qemu"] = " | ".join(sorted({scheduling_of(pid) for pid in qemus}))
+        return observed
+
+    @contextlib.contextmanager
+    def guest_frozen(self) -> Iterator[None]:
+        """The VM's QEMU stopped (SIGSTOP) meanwhile: its guest loop keeps a CPU busy, which
+        the baseline's runs would otherwise share and Whimbrel's never do. Nothing talks to it
+        while no migration runs (hostd does not poll QMP), so nothing notices."""
+        pids = self._live_qemus()
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+
+    def close(self) -> None:
+        self.cluster.teardown()
+
+
+# --- the direct baseline ---
 
 
 class DirectHandoff:
@@ -81,15 +243,20 @@ class DirectHandoff:
         hook.write_text(HOOK.format(log=root / "hook.log"))
         hook.chmod(0o755)
         self.network = HookNetworkDriver(hook, "baseline")
-        self.events: dict[str, asyncio.Queue[tuple[str, dict[str, Any], int]]] = {}
-        self.seen: dict[str, list[tuple[str, dict[str, Any], int]]] = {}
+        self.events: dict[str, asyncio.Queue[QmpEvent]] = {}
+        self.seen: dict[str, list[QmpEvent]] = {}
+        self.pids: dict[str, int] = {}
+        self.qemu_scheduling: set[str] = set()
 
-    async def _start(self, name: str, incoming: bool, generation: int) -> tuple[int, QmpSession]:
+    async def _start(self, name: str, incoming: bool, generation: int) -> QmpSession:
         paths = qemu.VmPaths(self.root / name)
-        pid = await qemu.launch(
+        # As hostd starts QEMU: SCHED_OTHER at nice 0 in a session of its own, whatever this
+        # process runs at.
+        self.pids[name] = await qemu.launch(
             qemu.command_line(self.spec, paths, name, incoming=incoming), paths, self.spec.name
         )
-        queue: asyncio.Queue[tuple[str, dict[str, Any], int]] = asyncio.Queue()
+        self.qemu_scheduling.add(scheduling_of(self.pids[name]))
+        queue: asyncio.Queue[QmpEvent] = asyncio.Queue()
         self.events[name] = queue
         self.seen[name] = []
 
@@ -100,90 +267,114 @@ class DirectHandoff:
         await session.connect(sink)
         if not incoming:
             await self.lease.acquire(self.spec.name, name, generation)
-        return pid, session
+        return session
 
-    async def _until(self, name: str, test) -> int:  # type: ignore[no-untyped-def]
+    async def _until(
+        self, name: str, test: Callable[[str, Mapping[str, Any]], bool], limit: float
+    ) -> int | None:
         """The time of the first event of `name` passing `test`, already seen or still to
-        come (QEMU's order varies: a small guest can complete post-copy before RESUME)."""
-        seen = self.seen.setdefault(name, [])
+        come (QEMU's order varies: a small guest can complete post-copy before RESUME); None
+        if none came within `limit` seconds."""
+        seen = self.seen[name]
         index = 0
-        while True:
-            while index < len(seen):
-                event, data, time_us = seen[index]
-                index += 1
-                if test(event, data):
-                    return time_us
-            seen.append(await self.events[name].get())
-
-    async def _stopped_and(self, status: str) -> int:
-        """Wait for the source's STOP and MIGRATION `status`, in whichever order QEMU sends
-        them (postcopy-active comes before STOP); returns STOP's time."""
-        await self._until("src", lambda e, d: d.get("status") == status)
-        return await self._until("src", lambda e, d: e == "STOP")
-
-    async def run(self, generation: int) -> float:
-        src_pid, src = await self._start("src", False, generation)
-        dst_pid, dst = await self._start("dst", True, generation)
         try:
-            caps = [{"capability": "events", "state": True}]
-            if self.postcopy:
-                caps.append({"capability": "postcopy-ram", "state": True})
-            await dst.execute(
-                "migrate-set-capabilities",
-                {"capabilities": [*caps, {"capability": "late-block-activate", "state": True}]},
-            )
-            await self.network.apply("prepare", self.spec)
-            uri = f"tcp:127.0.0.1:{free_port('127.0.0.1')}"
-            await dst.execute("migrate-incoming", {"uri": uri})
-            src_caps = (
-                caps
-                if self.postcopy
-                else [*caps, {"capability": "pause-before-switchover", "state": True}]
-            )
-            await src.execute("migrate-set-capabilities", {"capabilities": src_caps})
-            if self.postcopy:
-                await src.execute(
-                    "migrate-set-parameters", {"max-bandwidth": POSTCOPY_PRECOPY_BANDWIDTH}
-                )
-            await src.execute("migrate", {"uri": uri})
-            vm = self.spec.name
-            if self.postcopy:
-                await src.execute("migrate-start-postcopy")
-                stop_us = await self._stopped_and("postcopy-active")
-                await asyncio.gather(
-                    self.lease.release(vm, "src"), self.network.apply("enable", self.spec)
-                )
-            else:
-                stop_us = await self._stopped_and("pre-switchover")
-                await asyncio.gather(
-                    self.lease.release(vm, "src"), self.network.apply("enable", self.spec)
-                )
-                await src.execute("migrate-continue", {"state": "pre-switchover"})
-                await self._until("dst", lambda e, d: d.get("status") == "completed")
-            await self.lease.acquire(vm, "dst", generation + 1)
-            await dst.execute("cont")
-            resume_us = await self._until("dst", lambda e, d: e == "RESUME")
-            if self.postcopy:
-                await self._until("dst", lambda e, d: d.get("status") == "completed")
-            await self.lease.release(vm, "dst")
-            return (resume_us - stop_us) / 1000
+            async with asyncio.timeout(limit):
+                while True:
+                    while index < len(seen):
+                        event, data, time_us = seen[index]
+                        index += 1
+                        if test(event, data):
+                            return time_us
+                    seen.append(await self.events[name].get())
+        except TimeoutError:
+            return None
+
+    def _sample(self) -> Sample:
+        for name, queue in self.events.items():
+            while not queue.empty():
+                self.seen[name].append(queue.get_nowait())
+        return Sample.from_events(self.seen["src"], self.seen["dst"])
+
+    async def run(self, generation: int) -> Sample:
+        """One migration, src to dst; the sample says what QEMU reported, complete or not."""
+        self.events, self.seen, self.pids, self.qemu_scheduling = {}, {}, {}, set()
+        sessions: list[QmpSession] = []
+        try:
+            src = await self._start("src", False, generation)
+            sessions.append(src)
+            dst = await self._start("dst", True, generation)
+            sessions.append(dst)
+            await self._handoff(src, dst, generation)
+            return self._sample()
         finally:
-            for session in (src, dst):
+            for session in sessions:
                 await session.close()
-            for pid in (src_pid, dst_pid):
+            for pid in self.pids.values():
                 await qemu.kill(pid)
+
+    async def _handoff(self, src: QmpSession, dst: QmpSession, generation: int) -> None:
+        caps = [{"capability": "events", "state": True}]
+        if self.postcopy:
+            caps.append({"capability": "postcopy-ram", "state": True})
+        await dst.execute(
+            "migrate-set-capabilities",
+            {"capabilities": [*caps, {"capability": "late-block-activate", "state": True}]},
+        )
+        await self.network.apply("prepare", self.spec)
+        uri = f"tcp:127.0.0.1:{free_port('127.0.0.1')}"
+        await dst.execute("migrate-incoming", {"uri": uri})
+        src_caps = (
+            caps
+            if self.postcopy
+            else [*caps, {"capability": "pause-before-switchover", "state": True}]
+        )
+        await src.execute("migrate-set-capabilities", {"capabilities": src_caps})
+        await src.execute("migrate-set-parameters", qmp_parameters(self.postcopy))
+        await src.execute("migrate", {"uri": uri})
+        vm = self.spec.name
+        # Post-copy: postcopy-active comes before STOP; "completed" means it finished as
+        # pre-copy instead (the sample is then rejected, the handoff still done).
+        switched = ("postcopy-active", "completed") if self.postcopy else ("pre-switchover",)
+        if self.postcopy:
+            await src.execute("migrate-start-postcopy")
+        switch = await self._until("src", lambda e, d: d.get("status") in switched, EVENT_WAIT_S)
+        stop = await self._until("src", lambda e, d: e == "STOP", EVENT_WAIT_S)
+        if switch is None or stop is None:
+            return
+        await asyncio.gather(self.lease.release(vm, "src"), self.network.apply("enable", self.spec))
+        if not self.postcopy:
+            await src.execute("migrate-continue", {"state": "pre-switchover"})
+            done = await self._until(
+                "dst", lambda e, d: d.get("status") == "completed", EVENT_WAIT_S
+            )
+            if done is None:
+                return
+        await self.lease.acquire(vm, "dst", generation + 1)
+        await dst.execute("cont")
+        if await self._until("dst", lambda e, d: e == "RESUME", EVENT_WAIT_S) is None:
+            return
+        if self.postcopy:
+            await self._until("dst", lambda e, d: d.get("status") == "completed", EVENT_WAIT_S)
+        await self.lease.release(vm, "dst")
+
+    def scheduling(self) -> Scheduling:
+        """This process, and its QEMUs as they were once started."""
+        observed = {"driver": scheduling_of(os.getpid())}
+        if self.qemu_scheduling:
+            observed["qemu"] = " | ".join(sorted(self.qemu_scheduling))
+        return observed
 
 
 # No single baseline migration may take longer than this; a hang becomes an error.
 GUARD_S = 60
+# An event that has not come this long after it was due is missing: the sample is incomplete.
+EVENT_WAIT_S = 20
 
 
-async def direct_pauses(
-    postcopy: bool, runs: int, root: Path, ram: Path | None = None
-) -> list[float]:
+def _direct_spec(root: Path, ram: Path | None) -> common_pb2.VmSpec:
     disk = boot_disk(root / "disk.img")
     spec = common_pb2.VmSpec(
-        name="vm-1",
+        name=VM,
         memory_mib=MEMORY_MIB,
         vcpus=1,
         machine="pc",
@@ -192,37 +383,147 @@ async def direct_pauses(
     if ram is not None:
         spec.memory_backing.kind = "file"
         spec.memory_backing.path = str(ram)
-    handoff = DirectHandoff(root, spec, postcopy)
+    return spec
+
+
+def _direct_process(conn: Connection, root: Path, postcopy: bool, ram: Path | None) -> None:
+    """The baseline's process: scheduled as the daemons schedule themselves, then one handoff
+    per generation received, answering (sample, scheduling) or an error message."""
+    # As hostd and the coordinator do at their start, with their defaults, before any thread.
+    priority.apply(priority.DEFAULT, priority.DEFAULT_REALTIME)
+    handoff = DirectHandoff(root, _direct_spec(root, ram), postcopy)
     # As the daemons do once started: no full collection of start-up objects in a pause.
     heap.freeze_startup_objects()
-    pauses = []
-    for i in range(runs):
+    with asyncio.Runner() as runner:
+        while (generation := conn.recv()) is not None:
+            try:
+                sample = runner.run(asyncio.wait_for(handoff.run(generation), GUARD_S))
+            except TimeoutError:
+                conn.send(("error", f"a direct handoff did not finish in {GUARD_S}s"))
+                return
+            except Exception as err:
+                conn.send(("error", f"direct handoff: {type(err).__name__}: {err}"))
+                return
+            conn.send(("sample", sample, handoff.scheduling()))
+
+
+class DirectSide:
+    """The baseline, in a process of its own; `run` does one handoff there."""
+
+    def __init__(self, root: Path, postcopy: bool, ram: Path | None) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        # spawn: a fresh interpreter, with none of this process's threads (gRPC's) or state.
+        context = multiprocessing.get_context("spawn")
+        self.conn, child = context.Pipe()
+        self.process = context.Process(
+            target=_direct_process, args=(child, root, postcopy, ram), name="direct-baseline"
+        )
+        self.process.start()
+        child.close()
+
+    def run(self, i: int) -> tuple[Sample, Scheduling]:
+        self.conn.send(2 * i + 1)
+        if not self.conn.poll(GUARD_S + 30):
+            raise RuntimeError(f"direct handoff {i}: no answer in {GUARD_S + 30}s")
         try:
-            pauses.append(await asyncio.wait_for(handoff.run(generation=2 * i + 1), GUARD_S))
-        except TimeoutError:
-            raise RuntimeError(f"direct handoff {i} did not finish in {GUARD_S}s") from None
-        print(f"  direct {i}: {pauses[-1]:.1f} ms", file=sys.stderr, flush=True)
-    return pauses
+            reply = self.conn.recv()
+        except EOFError:
+            self.process.join(5)
+            raise RuntimeError(f"the baseline process exited ({self.process.exitcode})") from None
+        if reply[0] == "error":
+            raise RuntimeError(f"direct handoff {i}: {reply[1]}")
+        _, sample, scheduling = reply
+        return sample, scheduling
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.conn.send(None)
+        self.process.join(30)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(5)
+        self.conn.close()
 
 
-def bench(mode: str, runs: int = RUNS) -> list[dict[str, object]]:
+# --- the bench ---
+
+
+def _log(side: str, i: int, sample: Sample, tally: Tally) -> None:
+    rejection = tally.add(sample)
+    what = f"{sample.pause_ms:.1f} ms" if rejection is None else f"rejected ({rejection.value})"
+    print(f"  {side} {i}: {what}", file=sys.stderr, flush=True)
+
+
+def whimbrel_pauses(mode: int, runs: int, root: Path, ram: Path | None = None) -> list[float]:
+    """Whimbrel alone, `runs` migrations: the accepted pauses (for a look at one side)."""
+    postcopy = mode == common_pb2.MIGRATION_MODE_POSTCOPY
+    tally = Tally(postcopy)
+    side = WhimbrelSide(root, postcopy, ram)
+    try:
+        for i in range(runs):
+            _log("whimbrel", i, side.run(i)[0], tally)
+    finally:
+        side.close()
+    return tally.pauses_ms
+
+
+def direct_pauses(postcopy: bool, runs: int, root: Path, ram: Path | None = None) -> list[float]:
+    """The baseline alone, `runs` handoffs: the accepted pauses (for a look at one side)."""
+    tally = Tally(postcopy)
+    side = DirectSide(root, postcopy, ram)
+    try:
+        for i in range(runs):
+            _log("direct", i, side.run(i)[0], tally)
+    finally:
+        side.close()
+    return tally.pauses_ms
+
+
+def bench(mode: str, runs: int | None = None) -> list[dict[str, object]]:
     postcopy = mode == "postcopy"
-    pb_mode = common_pb2.MIGRATION_MODE_POSTCOPY if postcopy else common_pb2.MIGRATION_MODE_PRECOPY
+    runs = runs_wanted() if runs is None else runs
+    ours, base = Tally(postcopy), Tally(postcopy)
+    ours_sched, base_sched = SeenScheduling(), SeenScheduling()
     with tempfile.TemporaryDirectory() as tmp:
         ram = random_ram(Path(tmp) / "ram.bin", MEMORY_MIB) if postcopy else None
-        ours = whimbrel_pauses(pb_mode, runs, Path(tmp) / "whimbrel", ram)
-        (Path(tmp) / "direct").mkdir()
-        base = asyncio.run(direct_pauses(postcopy, runs, Path(tmp) / "direct", ram))
-    print(f"  {mode}: whimbrel pauses ms {sorted(round(p, 1) for p in ours)}", file=sys.stderr)
-    print(f"  {mode}: direct   pauses ms {sorted(round(p, 1) for p in base)}", file=sys.stderr)
-    out = []
+        direct = DirectSide(Path(tmp) / "direct", postcopy, ram)
+        try:
+            whimbrel = WhimbrelSide(Path(tmp) / "whimbrel", postcopy, ram)
+            try:
+                for i in range(runs):
+                    sample, seen = whimbrel.run(i)
+                    ours_sched.add(seen)
+                    _log("whimbrel", i, sample, ours)
+                    with whimbrel.guest_frozen():
+                        sample, seen = direct.run(i)
+                    base_sched.add(seen)
+                    _log("direct", i, sample, base)
+            finally:
+                whimbrel.close()
+        finally:
+            direct.close()
+    for side, tally in (("whimbrel", ours), ("direct", base)):
+        print(f"  {mode}: {side} pauses ms {sorted(round(p, 1) for p in tally.pauses_ms)}; "
+              f"rejected {tally.rejected_counts()}", file=sys.stderr)  # fmt: skip
+        if not tally.pauses_ms:
+            raise RuntimeError(f"{mode}: every {side} sample was rejected")
+    scheduling = {"whimbrel": ours_sched.summary(), "direct": base_sched.summary()}
+    daemons = {scheduling["whimbrel"].get("coordinator"), scheduling["whimbrel"].get("hostd")}
+    if daemons != {scheduling["direct"].get("driver")}:
+        print(f"  {mode}: the sides were not scheduled alike: {scheduling}", file=sys.stderr)
+    out: list[dict[str, object]] = []
     for p in (50, 99):
+        value, baseline = percentile(ours.pauses_ms, p), percentile(base.pauses_ms, p)
         out.append(
             {
                 "bench": f"switchover.pause.{mode}.p{p}_ms",
-                "value": round(percentile(ours, p), 2),
+                "value": round(value, 2),
                 "unit": "ms",
-                "baseline": round(percentile(base, p), 2),
+                "baseline": round(baseline, 2),
+                "ratio": round(value / baseline, 3),
+                "samples": {"whimbrel": len(ours.pauses_ms), "direct": len(base.pauses_ms)},
+                "rejected": {"whimbrel": ours.rejected_counts(), "direct": base.rejected_counts()},
+                "scheduling": scheduling,
             }
         )
     return out
