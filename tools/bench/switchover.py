@@ -313,7 +313,10 @@ class DirectHandoff:
                 await qemu.kill(pid)
 
     async def _handoff(self, src: QmpSession, dst: QmpSession, generation: int) -> None:
-        caps = [{"capability": "events", "state": True}]
+        caps = [
+            {"capability": "events", "state": True},
+            {"capability": "return-path", "state": True},
+        ]
         if self.postcopy:
             caps.append({"capability": "postcopy-ram", "state": True})
         await dst.execute(
@@ -341,9 +344,23 @@ class DirectHandoff:
         stop = await self._until("src", lambda e, d: e == "STOP", EVENT_WAIT_S)
         if switch is None or stop is None:
             return
-        await asyncio.gather(self.lease.release(vm, "src"), self.network.apply("enable", self.spec))
-        if not self.postcopy:
-            await src.execute("migrate-continue", {"state": "pre-switchover"})
+        # The handoff order hostd and the coordinator follow: the source's lease goes once QEMU
+        # can no longer resume it by itself (postcopy-active, or completed in pre-copy).
+        if self.postcopy:
+            await asyncio.gather(
+                self.lease.release(vm, "src"), self.network.apply("enable", self.spec)
+            )
+        else:
+            await asyncio.gather(
+                src.execute("migrate-continue", {"state": "pre-switchover"}),
+                self.network.apply("enable", self.spec),
+            )
+            done = await self._until(
+                "src", lambda e, d: d.get("status") == "completed", EVENT_WAIT_S
+            )
+            if done is None:
+                return
+            await self.lease.release(vm, "src")
             done = await self._until(
                 "dst", lambda e, d: d.get("status") == "completed", EVENT_WAIT_S
             )
