@@ -9,58 +9,20 @@ docs/log-format.md says the same for auditors who re-implement it.
 from __future__ import annotations
 
 import hashlib
-import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from coordinator.log.records import PendingEvent, StoredEvent
+from coordinator.log.canonical import SEQ_EPOCH, body_bytes, canonical
+from coordinator.log.records import StoredEvent
+
+__all__ = ["ZERO_HASH", "body_bytes", "canonical", "chain_hash", "event_hash", "link"]
 
 ZERO_HASH = bytes(32)
-_HEAD = struct.Struct(">QQq")
-_ORIGIN = struct.Struct(">QQ")
-_LEN = struct.Struct(">I")
-
-
-def canonical(
-    seq: int,
-    epoch: int,
-    time_us: int,
-    stream: str,
-    type_: str,
-    origin_host: str,
-    origin_generation: int,
-    origin_seq: int,
-    payload: bytes,
-) -> bytes:
-    s, t, o = stream.encode(), type_.encode(), origin_host.encode()
-    return b"".join(
-        (
-            _HEAD.pack(seq, epoch, time_us),
-            _LEN.pack(len(s)),
-            s,
-            _LEN.pack(len(t)),
-            t,
-            _LEN.pack(len(o)),
-            o,
-            _ORIGIN.pack(origin_generation, origin_seq),
-            _LEN.pack(len(payload)),
-            payload,
-        )
-    )
-
-
-_SEQ_EPOCH = struct.Struct(">QQ")
-
-
-def body_bytes(e: PendingEvent | StoredEvent) -> bytes:
-    """The canonical bytes after seq and epoch (known before the writer assigns those)."""
-    return canonical(0, 0, e.time_us, e.stream, e.type, e.origin_host, e.origin_generation,
-                     e.origin_seq, e.payload)[_SEQ_EPOCH.size :]  # fmt: skip
 
 
 def link(prev_hash: bytes, seq: int, epoch: int, body: bytes) -> bytes:
     """The chain hash of an event given its body: SHA-256(prev || seq || epoch || body)."""
-    return hashlib.sha256(prev_hash + _SEQ_EPOCH.pack(seq, epoch) + body).digest()
+    return hashlib.sha256(prev_hash + SEQ_EPOCH.pack(seq, epoch) + body).digest()
 
 
 def chain_hash(prev_hash: bytes, canonical_bytes: bytes) -> bytes:

@@ -7,6 +7,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from coordinator.log.canonical import body_bytes
+
 
 class StoreError(Exception):
     """Root of the log's errors."""
@@ -56,8 +58,6 @@ class PendingEvent:
     tags: tuple[str | None, str | None, str | None] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        from coordinator.log.chain import body_bytes
-
         object.__setattr__(self, "body", body_bytes(self))
         object.__setattr__(self, "tags", _tags_with_stream(self))
 

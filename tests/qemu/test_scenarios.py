@@ -55,9 +55,9 @@ HOSTD_CRASHES = {
                                    PHASE.MIGRATION_PHASE_ROLLED_BACK, "host-a"),
     "source-before-start": ("host-a", "hostd.before-execute.start-migration",
                             PHASE.MIGRATION_PHASE_ROLLED_BACK, "host-a"),
-    # The source stopped in pre-switchover; its hostd dies before releasing the lease by
+    # The source completed its switchover; its hostd dies before releasing the lease by
     # itself. The restarted one re-attaches, and the coordinator's release command (sent once
-    # hostd's own report is overdue) lets the switchover go on.
+    # hostd's own report is overdue) lets the handoff go on.
     "source-before-release-at-switchover": ("host-a", "hostd.before-release-at-switchover",
                                             PHASE.MIGRATION_PHASE_COMPLETED, "host-b"),
     "destination-before-enable-network": ("host-b", "hostd.before-execute.enable-network",
