@@ -33,12 +33,11 @@ from coordinator.log import EventStore, PendingEvent, StaleEpoch, StoreError, St
 from coordinator.log.records import Mark
 from coordinator.telemetry import Telemetry
 from coordinator.telemetry.hub import migration_of
-from whimbrel import failpoints
+from whimbrel import failpoints, protocol
 from whimbrel.v1 import events_pb2, host_pb2
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-VERSION = "0.1.0"
 
 
 def wall_clock_us() -> int:
@@ -190,8 +189,10 @@ class Coordinator:
         self.telemetry.seed(self.world)
 
         def first(epoch: int) -> PendingEvent:
-            payload = events_pb2.CoordinatorStarted(epoch=epoch, version=VERSION, pid=os.getpid())
-            return codec.to_pending(NewEvent("coordinator", payload, self.clock()))
+            payload = events_pb2.CoordinatorStarted(
+                epoch=epoch, version=protocol.VERSION, pid=os.getpid()
+            )
+            return codec.to_pending(NewEvent(protocol.COORDINATOR_STREAM, payload, self.clock()))
 
         epoch = await self._take_epoch(first)
         seq, _ = self.store.head()
@@ -273,7 +274,7 @@ class Coordinator:
         started = events_pb2.RecoveryStarted(
             open_migrations=open_migrations, awaited_hosts=sorted(hosts)
         )
-        self._stage([NewEvent("coordinator", started, self.clock())])
+        self._stage([NewEvent(protocol.COORDINATOR_STREAM, started, self.clock())])
         log.info("recovery: %d open migrations, awaiting hosts %s (up to %.0f s)",
                  len(open_migrations), ", ".join(sorted(hosts)), self.host_wait)  # fmt: skip
 
@@ -285,7 +286,7 @@ class Coordinator:
         finished = events_pb2.RecoveryFinished(
             migrations_reconciled=len(self.world.open_migrations), missing_hosts=sorted(missing)
         )
-        self._stage([NewEvent("coordinator", finished, self.clock())])
+        self._stage([NewEvent(protocol.COORDINATOR_STREAM, finished, self.clock())])
         if missing:
             log.warning(
                 "recovery: hosts %s did not return within %.0f s; their migrations follow "
@@ -451,7 +452,7 @@ class Coordinator:
         self.fenced.set()
 
     def _host_event(self, host_id: str, payload: Message) -> NewEvent:
-        return NewEvent(f"host/{host_id}", payload, self.clock())
+        return NewEvent(protocol.host_stream(host_id), payload, self.clock())
 
     # --- requests -----------------------------------------------------------------------------
 
@@ -536,7 +537,13 @@ class Coordinator:
             )  # fmt: skip
             now = self.clock()
             new = [
-                NewEvent(f"host/{hello.host_id}", connected, now, hello.host_id, hello.generation)
+                NewEvent(
+                    protocol.host_stream(hello.host_id),
+                    connected,
+                    now,
+                    hello.host_id,
+                    hello.generation,
+                )
             ]
             for observation in hello.vms:
                 snapshot = events_pb2.VmObserved(observation=observation, reason="hello")
@@ -645,8 +652,8 @@ class Coordinator:
     def _stream_for(self, vm_name: str) -> str:
         vm = self.world.vms.get(vm_name)
         if vm is not None and vm.migration_id:
-            return f"migration/{vm.migration_id}"
-        return f"vm/{vm_name}" if vm_name else "coordinator"
+            return protocol.migration_stream(vm.migration_id)
+        return protocol.vm_stream(vm_name) if vm_name else protocol.COORDINATOR_STREAM
 
     def _outstanding(self, host_id: str) -> list[Command]:
         """Commands for `host_id` that were issued and never answered (the outbox)."""

@@ -20,8 +20,8 @@ from google.protobuf.message import Message
 from coordinator.core import Event, NewEvent, World, decide, evolve
 from coordinator.core import inputs as I
 from coordinator.core.state import Kind
-from hostd.executor import DISARMING, DISARMING_INCOMING
 from hostd.vm import SWITCHOVER_STATUSES
+from whimbrel.protocol import DISARMING, DISARMING_INCOMING, host_stream
 from whimbrel.v1 import common_pb2, events_pb2
 
 if TYPE_CHECKING:
@@ -284,7 +284,7 @@ class Driver:
             seq = self.host_seq[obs.host] = self.host_seq.get(obs.host, 0) + 1
             self.now_us += 1000
             stored += self.append(
-                [NewEvent(f"host/{obs.host}", obs.payload, self.now_us, obs.host, 1, seq)]
+                [NewEvent(host_stream(obs.host), obs.payload, self.now_us, obs.host, 1, seq)]
             )
         return stored
 

@@ -49,6 +49,7 @@ from coordinator.core.validate import (
     check_spec,
     effective_policy,
 )
+from whimbrel.protocol import migration_stream, vm_stream
 from whimbrel.v1 import common_pb2, events_pb2
 
 ISSUED, SUCCEEDED, FAILED = CommandState.ISSUED, CommandState.SUCCEEDED, CommandState.FAILED
@@ -62,14 +63,6 @@ MAX_COMMAND_RETRIES = 3
 # when no report came this long after the source's STOP (by QEMU's clock): a hostd that
 # restarted, or failed to. Sent at once, it only crowded the guest's pause.
 HOSTD_SWITCH_GRACE_US = 1_000_000
-
-
-def migration_stream(migration_id: str) -> str:
-    return f"migration/{migration_id}"
-
-
-def vm_stream(name: str) -> str:
-    return f"vm/{name}"
 
 
 def decide(world: World, request: I.Input) -> list[NewEvent]:

@@ -11,6 +11,7 @@ import copy
 import enum
 from dataclasses import dataclass, field
 
+from whimbrel.protocol import kind_label
 from whimbrel.v1 import common_pb2, events_pb2
 
 
@@ -36,7 +37,7 @@ class Kind(enum.IntEnum):
 
     @property
     def label(self) -> str:
-        return self.name.lower().replace("_", "-")
+        return kind_label(self.value)
 
 
 class Phase(enum.IntEnum):

@@ -13,6 +13,7 @@ from google.protobuf import json_format
 
 from coordinator.core import Event, World, evolve
 from coordinator.core.state import Kind, Phase
+from whimbrel.protocol import migration_stream
 from whimbrel.v1 import events_pb2
 
 
@@ -61,7 +62,7 @@ def build(events: list[Event], migration_id: str) -> Timeline:
     """Fold the whole log (so the migration's state is exact) and narrate its stream."""
     timeline = Timeline(migration_id)
     world = World()
-    stream = f"migration/{migration_id}"
+    stream = migration_stream(migration_id)
     start_us = 0
     phase: Phase | None = None
     phase_since = 0

@@ -1,0 +1,76 @@
+"""What the coordinator and hostd must agree on beyond the generated messages: the protocol's
+version, the log's stream names, the labels of command kinds, and which commands disarm what a
+host was asked to do by itself at a switchover.
+
+Both sides (and the tools: the simulator, the audit) import it from here; nothing here imports
+either side.
+"""
+
+from __future__ import annotations
+
+from whimbrel.v1 import events_pb2
+
+__all__ = [
+    "COORDINATOR_STREAM",
+    "DISARMING",
+    "DISARMING_INCOMING",
+    "VERSION",
+    "host_stream",
+    "kind_label",
+    "migration_stream",
+    "parse_stream",
+    "vm_stream",
+]
+
+VERSION = "0.1.0"
+
+COORDINATOR_STREAM = "coordinator"
+_STREAM_KINDS = ("migration", "vm", "host")
+
+
+def migration_stream(migration_id: str) -> str:
+    return f"migration/{migration_id}"
+
+
+def vm_stream(name: str) -> str:
+    return f"vm/{name}"
+
+
+def host_stream(host_id: str) -> str:
+    return f"host/{host_id}"
+
+
+def parse_stream(stream: str) -> tuple[str, str] | None:
+    """("migration", ID), ("vm", NAME), ("host", ID), ("coordinator", ""), or None when
+    `stream` names no stream of the log."""
+    if stream == COORDINATOR_STREAM:
+        return COORDINATOR_STREAM, ""
+    kind, sep, name = stream.partition("/")
+    if not sep or kind not in _STREAM_KINDS or not name or "/" in name:
+        return None
+    return kind, name
+
+
+def kind_label(kind: int) -> str:
+    """ "resume-vm" for COMMAND_KIND_RESUME_VM: how logs, ids and failpoints name a kind."""
+    name: str = events_pb2.CommandKind.Name(events_pb2.CommandKind.ValueType(kind))
+    return name.removeprefix("COMMAND_KIND_").lower().replace("_", "-")
+
+
+# Commands after which a source must keep its lease at a later switch: the coordinator has
+# changed course (a rollback's acquire and cancel, a resume) or the VM ends.
+DISARMING = frozenset(
+    {
+        events_pb2.COMMAND_KIND_ACQUIRE_LEASE,
+        events_pb2.COMMAND_KIND_CANCEL_MIGRATION,
+        events_pb2.COMMAND_KIND_RESUME_VM,
+        events_pb2.COMMAND_KIND_STOP_VM,
+        events_pb2.COMMAND_KIND_DESTROY_VM,
+    }
+)
+
+# Commands after which a destination must not enable its networking at postcopy-active: its
+# QEMU is going away (a rollback, the VM's end).
+DISARMING_INCOMING = frozenset(
+    {events_pb2.COMMAND_KIND_STOP_VM, events_pb2.COMMAND_KIND_DESTROY_VM}
+)
