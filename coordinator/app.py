@@ -17,7 +17,15 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -286,14 +294,14 @@ class Coordinator:
         finished = events_pb2.RecoveryFinished(
             migrations_reconciled=len(self.world.open_migrations), missing_hosts=sorted(missing)
         )
-        self._stage([NewEvent(protocol.COORDINATOR_STREAM, finished, self.clock())])
+        (event,) = self._stage([NewEvent(protocol.COORDINATOR_STREAM, finished, self.clock())])
         if missing:
             log.warning(
                 "recovery: hosts %s did not return within %.0f s; their migrations follow "
                 "the recovery table", ", ".join(missing), self.host_wait,
             )  # fmt: skip
-        self._advance(self.world.open_migrations)
-        self._reconcile_vms(self.world.vms)
+        self._advance(self.world.open_migrations, everything=event.seq)
+        self._reconcile_vms(self.world.vms, everything=event.seq)
         self._recovery_over()
 
     def _recovery_over(self) -> None:
@@ -315,12 +323,15 @@ class Coordinator:
 
     # --- staging and committing ---------------------------------------------------------------
 
-    def _stage(self, new_events: Sequence[NewEvent]) -> list[Event]:
-        """Fold events into the world ahead of their commit. Caller holds the lock."""
+    def _stage(self, new_events: Sequence[NewEvent], cause_seq: int = 0) -> list[Event]:
+        """Fold events into the world ahead of their commit. Caller holds the lock.
+        `cause_seq`: the event that led to these decisions, recorded in those that carry it."""
         head = self.world.last_seq  # everything folded so far, committed or on its way
         epoch = self.store.epoch
         staged = []
         for i, new in enumerate(new_events, start=1):
+            if cause_seq and "cause_seq" in new.payload.DESCRIPTOR.fields_by_name:
+                new.payload.cause_seq = cause_seq  # type: ignore[attr-defined]
             event = Event(head + i, new.stream, new.type, epoch, new.time_us, new.payload,
                           new.origin_host, new.origin_generation, new.origin_seq)  # fmt: skip
             concerned = self.world.migrations.get(migration_of(self.world, new.payload))
@@ -467,38 +478,54 @@ class Coordinator:
             await self._flush()
             return staged
 
-    def _advance(self, migration_ids: Iterable[str]) -> None:
+    def _advance(
+        self,
+        migration_ids: Iterable[str],
+        causes: Mapping[str, int] | None = None,
+        everything: int = 0,
+    ) -> None:
+        """Decide each migration until nothing more is. A decision's cause is the newest event
+        that touched the migration (`causes`, else `everything`, else the migration's own
+        latest: a decision of time alone), then the decision before it."""
         for migration_id in sorted(set(migration_ids)):
+            cause = (causes or {}).get(migration_id) or everything
+            cause = cause or self.world.migrations[migration_id].last_seq
             while True:
                 decided = decide(self.world, I.Advance(migration_id, self.clock()))
                 if not decided:
                     break
-                self._stage(decided)
+                cause = self._stage(decided, cause)[-1].seq
 
     def _advance_touched(self, events: Iterable[Event]) -> None:
-        touched: set[str] = set()
-        vm_names: set[str] = set()
+        touched: dict[str, int] = {}  # migration id -> the newest event touching it
+        vm_names: dict[str, int] = {}
         for event in events:
             payload = event.payload
             migration_id = getattr(payload, "migration_id", "")
             if migration_id:
-                touched.add(migration_id)
+                touched[migration_id] = event.seq
             observation = getattr(payload, "observation", None)
             vm_name = getattr(payload, "vm", "") or getattr(observation, "vm", "")
             vm = self.world.vms.get(vm_name) if vm_name else None
             if vm is not None:
-                vm_names.add(vm_name)
+                vm_names[vm_name] = event.seq
                 if vm.migration_id:
-                    touched.add(vm.migration_id)
-        self._advance(touched & self.world.open_migrations)
-        vm_names |= {self.world.migrations[m].vm for m in touched if m in self.world.migrations}
-        self._reconcile_vms(vm_names)
+                    touched[vm.migration_id] = event.seq
+        self._advance(touched.keys() & self.world.open_migrations, touched)
+        for migration_id, seq in touched.items():
+            m = self.world.migrations.get(migration_id)
+            if m is not None:
+                vm_names[m.vm] = max(vm_names.get(m.vm, 0), seq)
+        self._reconcile_vms(vm_names, vm_names)
 
-    def _reconcile_vms(self, names: Iterable[str]) -> None:
+    def _reconcile_vms(
+        self, names: Iterable[str], causes: Mapping[str, int] | None = None, everything: int = 0
+    ) -> None:
         """VMs outside migrations: stray copies destroyed, the lost-VM policy applied."""
         for name in sorted(set(names)):
+            cause = (causes or {}).get(name) or everything
             while decided := decide(self.world, I.ReconcileVm(name, self.clock())):
-                self._stage(decided)
+                cause = self._stage(decided, cause)[-1].seq
 
     # --- hosts --------------------------------------------------------------------------------
 
@@ -553,7 +580,7 @@ class Coordinator:
             if not self.recovered.is_set() and not self.world.awaited_hosts:
                 self._finish_recovery([])
             self._advance_touched(staged)
-            self._advance(self.world.open_migrations)
+            self._advance(self.world.open_migrations, everything=staged[0].seq)
             await self._flush()
             welcome = host_pb2.Welcome(epoch=self.world.epoch, last_stored_seq=last)
             session.send(host_pb2.CoordinatorMessage(welcome=welcome))
@@ -645,8 +672,8 @@ class Coordinator:
             payload = events_pb2.HostDisconnected(
                 host_id=session.host_id, generation=session.generation, reason=reason
             )
-            self._stage([self._host_event(session.host_id, payload)])
-            self._advance(self.world.open_migrations)
+            (event,) = self._stage([self._host_event(session.host_id, payload)])
+            self._advance(self.world.open_migrations, everything=event.seq)
             await self._flush()
 
     def _stream_for(self, vm_name: str) -> str:

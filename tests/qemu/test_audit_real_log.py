@@ -104,3 +104,27 @@ def test_event_spliced_under_an_old_epoch(copy: Path, capsys):
     seq = forge(copy, epoch=0)
     line = first_violation(copy, capsys)
     assert line.startswith(f"VIOLATION at seq {seq}:") and "invariant 5: epoch went back" in line
+
+
+def test_why_follows_causes_back_to_the_request_and_to_observations(
+    real_log: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`why` on the first command leads back to the operator's request and its principal; on
+    the migration's end it leads, seq by seq backwards, to a host's observation."""
+    from coordinator import codec
+    from tools.audit import why
+    from tools.audit.checks import open_log, stored_events
+
+    events = [codec.from_stored(s) for s in stored_events(open_log(real_log))]
+    prepare = next(e for e in events if e.type == "CommandIssued" and e.payload.migration_id)
+    links = why.chain(events, prepare.seq)
+    assert [link.type for link in links] == ["CommandIssued", "MigrationRequested"]
+    assert links[-1].who == "spiffe://whimbrel/user/admin"
+    finished = next(e for e in events if e.type == "MigrationFinished")
+    links = why.chain(events, finished.seq)
+    seqs = [link.seq for link in links]
+    assert seqs[0] == finished.seq and seqs == sorted(seqs, reverse=True) and len(seqs) > 2
+    assert "generation" in links[-1].who  # a host's own report started it
+    assert audit(["why", str(real_log), str(finished.seq)]) == 0
+    assert f"{finished.seq}" in capsys.readouterr().out
+    assert audit(["why", str(real_log), "999999"]) == 1

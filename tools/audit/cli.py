@@ -8,6 +8,7 @@ whimbrel-audit head DB                              print SEQ:HASH of the chain 
 whimbrel-audit timeline DB --migration ID [--json]  a migration's story, pause and outcome
 whimbrel-audit state DB --at SEQ | --at-time T      derived state at that point of history
 whimbrel-audit export DB --format jsonl             every event as one JSON object per line
+whimbrel-audit why DB SEQ [--json]                  the chain of causes behind an event
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 from google.protobuf import json_format
 
 from coordinator import codec
-from tools.audit import state, timeline
+from tools.audit import state, timeline, why
 from tools.audit.checks import Unreadable, open_log, stored_events, verify, verify_events
 from tools.audit.remote import remote_events
 from whimbrel.tls import add_tls_flags, tls_files
@@ -128,6 +129,19 @@ def cmd_export(ns: argparse.Namespace) -> int:
     return EXIT_CLEAN
 
 
+def cmd_why(ns: argparse.Namespace) -> int:
+    conn = open_log(Path(ns.db))
+    links = why.chain((codec.from_stored(s) for s in stored_events(conn)), ns.seq)
+    if not links:
+        print(f"whimbrel-audit: no event {ns.seq} in {ns.db}", file=sys.stderr)
+        return EXIT_VIOLATIONS
+    if ns.json:
+        print(json.dumps([dataclasses.asdict(link) for link in links]))
+    else:
+        print(why.render(links))
+    return EXIT_CLEAN
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="whimbrel-audit", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -145,6 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     v.add_argument("--json", action="store_true")
     v.set_defaults(run=cmd_verify)
+    w = sub.add_parser("why", help="the chain of causes behind an event, back to its start")
+    w.add_argument("db")
+    w.add_argument("seq", type=int)
+    w.add_argument("--json", action="store_true")
+    w.set_defaults(run=cmd_why)
     h = sub.add_parser("head", help="print the chain head to anchor it elsewhere")
     h.add_argument("db")
     h.set_defaults(run=cmd_head)

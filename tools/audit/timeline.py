@@ -38,7 +38,8 @@ def _who(principal: str) -> str:
     return principal or "unknown"
 
 
-def _summary(event: Event) -> str:
+def summary(event: Event) -> str:
+    """One line saying what `event` is, for people."""
     p = event.payload
     if isinstance(p, events_pb2.QmpEventReceived):
         data = json.loads(p.data_json)
@@ -81,7 +82,7 @@ def build(events: list[Event], migration_id: str) -> Timeline:
                 "seq": event.seq,
                 "at_ms": round((event.time_us - start_us) / 1000, 3),
                 "host": event.origin_host or "coordinator",
-                "what": _summary(event),
+                "what": summary(event),
             }
         )
         p = event.payload

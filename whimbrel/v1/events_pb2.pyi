@@ -402,6 +402,11 @@ class RecoveryStarted(_message.Message):
 
     OPEN_MIGRATIONS_FIELD_NUMBER: _builtins.int
     AWAITED_HOSTS_FIELD_NUMBER: _builtins.int
+    CAUSE_SEQ_FIELD_NUMBER: _builtins.int
+    cause_seq: _builtins.int
+    """The seq of the event that led to this decision (0: an operator's request, named in
+    requested_by, or none known). `whimbrel-audit why` follows these back to the start.
+    """
     @_builtins.property
     def open_migrations(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Migrations that were not terminal in the replayed log."""
@@ -415,10 +420,11 @@ class RecoveryStarted(_message.Message):
         *,
         open_migrations: _abc.Iterable[_builtins.str] | None = ...,
         awaited_hosts: _abc.Iterable[_builtins.str] | None = ...,
+        cause_seq: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["awaited_hosts", b"awaited_hosts", "open_migrations", b"open_migrations"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["awaited_hosts", b"awaited_hosts", "cause_seq", b"cause_seq", "open_migrations", b"open_migrations"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -432,8 +438,13 @@ class RecoveryFinished(_message.Message):
 
     MIGRATIONS_RECONCILED_FIELD_NUMBER: _builtins.int
     MISSING_HOSTS_FIELD_NUMBER: _builtins.int
+    CAUSE_SEQ_FIELD_NUMBER: _builtins.int
     migrations_reconciled: _builtins.int
     """How many migrations were reconciled."""
+    cause_seq: _builtins.int
+    """The seq of the event that led to this decision (0: an operator's request, named in
+    requested_by, or none known). `whimbrel-audit why` follows these back to the start.
+    """
     @_builtins.property
     def missing_hosts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Hosts that did not return within the bound."""
@@ -443,10 +454,11 @@ class RecoveryFinished(_message.Message):
         *,
         migrations_reconciled: _builtins.int = ...,
         missing_hosts: _abc.Iterable[_builtins.str] | None = ...,
+        cause_seq: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["migrations_reconciled", b"migrations_reconciled", "missing_hosts", b"missing_hosts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cause_seq", b"cause_seq", "migrations_reconciled", b"migrations_reconciled", "missing_hosts", b"missing_hosts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -952,6 +964,7 @@ class CommandIssued(_message.Message):
     KIND_FIELD_NUMBER: _builtins.int
     ARGS_FIELD_NUMBER: _builtins.int
     REQUESTED_BY_FIELD_NUMBER: _builtins.int
+    CAUSE_SEQ_FIELD_NUMBER: _builtins.int
     command_id: _builtins.str
     """Unique id; hostd executes each id at most once and answers repeats with the stored result."""
     migration_id: _builtins.str
@@ -970,6 +983,10 @@ class CommandIssued(_message.Message):
     """START_VM and STOP_VM asked for by an operator: the principal who asked; empty for the
     coordinator's own decisions.
     """
+    cause_seq: _builtins.int
+    """The seq of the event that led to this decision (0: an operator's request, named in
+    requested_by, or none known). `whimbrel-audit why` follows these back to the start.
+    """
     @_builtins.property
     def args(self) -> Global___CommandArgs:
         """Arguments."""
@@ -985,10 +1002,11 @@ class CommandIssued(_message.Message):
         kind: Global___CommandKind.ValueType = ...,
         args: Global___CommandArgs | None = ...,
         requested_by: _builtins.str = ...,
+        cause_seq: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["args", b"args"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "attempt", b"attempt", "command_id", b"command_id", "host_id", b"host_id", "kind", b"kind", "migration_id", b"migration_id", "requested_by", b"requested_by", "vm", b"vm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "attempt", b"attempt", "cause_seq", b"cause_seq", "command_id", b"command_id", "host_id", b"host_id", "kind", b"kind", "migration_id", b"migration_id", "requested_by", b"requested_by", "vm", b"vm"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1177,6 +1195,7 @@ class MigrationRequested(_message.Message):
     SOURCE_WAS_RUNNING_FIELD_NUMBER: _builtins.int
     SOURCE_LEASE_GENERATION_FIELD_NUMBER: _builtins.int
     REQUESTED_BY_FIELD_NUMBER: _builtins.int
+    CAUSE_SEQ_FIELD_NUMBER: _builtins.int
     migration_id: _builtins.str
     """Migration id (client-chosen or generated)."""
     vm: _builtins.str
@@ -1197,6 +1216,10 @@ class MigrationRequested(_message.Message):
     """The principal whose request this records (e.g. "spiffe://whimbrel/user/alice"); empty when
     the coordinator served without TLS.
     """
+    cause_seq: _builtins.int
+    """The seq of the event that led to this decision (0: an operator's request, named in
+    requested_by, or none known). `whimbrel-audit why` follows these back to the start.
+    """
     @_builtins.property
     def policy(self) -> Global___MigrationPolicy:
         """Policy."""
@@ -1213,10 +1236,11 @@ class MigrationRequested(_message.Message):
         source_was_running: _builtins.bool = ...,
         source_lease_generation: _builtins.int = ...,
         requested_by: _builtins.str = ...,
+        cause_seq: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["destination", b"destination", "migration_id", b"migration_id", "mode", b"mode", "policy", b"policy", "requested_by", b"requested_by", "source", b"source", "source_lease_generation", b"source_lease_generation", "source_was_running", b"source_was_running", "vm", b"vm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cause_seq", b"cause_seq", "destination", b"destination", "migration_id", b"migration_id", "mode", b"mode", "policy", b"policy", "requested_by", b"requested_by", "source", b"source", "source_lease_generation", b"source_lease_generation", "source_was_running", b"source_was_running", "vm", b"vm"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1232,6 +1256,7 @@ class PostcopyRequested(_message.Message):
     BY_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     REQUESTED_BY_FIELD_NUMBER: _builtins.int
+    CAUSE_SEQ_FIELD_NUMBER: _builtins.int
     migration_id: _builtins.str
     """Migration id."""
     by: _builtins.str
@@ -1240,6 +1265,10 @@ class PostcopyRequested(_message.Message):
     """Why, in words."""
     requested_by: _builtins.str
     """by "operator": the principal who asked; empty when the coordinator served without TLS."""
+    cause_seq: _builtins.int
+    """The seq of the event that led to this decision (0: an operator's request, named in
+    requested_by, or none known). `whimbrel-audit why` follows these back to the start.
+    """
     def __init__(
         self,
         *,
@@ -1247,10 +1276,11 @@ class PostcopyRequested(_message.Message):
         by: _builtins.str = ...,
         reason: _builtins.str = ...,
         requested_by: _builtins.str = ...,
+        cause_seq: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["by", b"by", "migration_id", b"migration_id", "reason", b"reason", "requested_by", b"requested_by"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["by", b"by", "cause_seq", b"cause_seq", "migration_id", b"migration_id", "reason", b"reason", "requested_by", b"requested_by"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1265,6 +1295,7 @@ class RollbackDecided(_message.Message):
     MIGRATION_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     REQUESTED_BY_FIELD_NUMBER: _builtins.int
+    CAUSE_SEQ_FIELD_NUMBER: _builtins.int
     migration_id: _builtins.str
     """Migration id."""
     reason: _builtins.str
@@ -1273,16 +1304,21 @@ class RollbackDecided(_message.Message):
     """An operator's abort: the principal who asked; empty for the coordinator's own rollbacks
     and when it served without TLS.
     """
+    cause_seq: _builtins.int
+    """The seq of the event that led to this decision (0: an operator's request, named in
+    requested_by, or none known). `whimbrel-audit why` follows these back to the start.
+    """
     def __init__(
         self,
         *,
         migration_id: _builtins.str = ...,
         reason: _builtins.str = ...,
         requested_by: _builtins.str = ...,
+        cause_seq: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["migration_id", b"migration_id", "reason", b"reason", "requested_by", b"requested_by"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cause_seq", b"cause_seq", "migration_id", b"migration_id", "reason", b"reason", "requested_by", b"requested_by"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1297,22 +1333,28 @@ class PostcopyRecoveryDecided(_message.Message):
     MIGRATION_ID_FIELD_NUMBER: _builtins.int
     RECOVERY_ATTEMPT_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
+    CAUSE_SEQ_FIELD_NUMBER: _builtins.int
     migration_id: _builtins.str
     """Migration id."""
     recovery_attempt: _builtins.int
     """Recovery attempt, from 1."""
     attempt: _builtins.int
     """The migration attempt the recovery commands are issued under."""
+    cause_seq: _builtins.int
+    """The seq of the event that led to this decision (0: an operator's request, named in
+    requested_by, or none known). `whimbrel-audit why` follows these back to the start.
+    """
     def __init__(
         self,
         *,
         migration_id: _builtins.str = ...,
         recovery_attempt: _builtins.int = ...,
         attempt: _builtins.int = ...,
+        cause_seq: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "migration_id", b"migration_id", "recovery_attempt", b"recovery_attempt"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "cause_seq", b"cause_seq", "migration_id", b"migration_id", "recovery_attempt", b"recovery_attempt"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1328,12 +1370,17 @@ class FencingDecided(_message.Message):
     VM_FIELD_NUMBER: _builtins.int
     HOSTS_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    CAUSE_SEQ_FIELD_NUMBER: _builtins.int
     migration_id: _builtins.str
     """Migration id (empty when fencing a VM outside a migration)."""
     vm: _builtins.str
     """VM name."""
     reason: _builtins.str
     """Why."""
+    cause_seq: _builtins.int
+    """The seq of the event that led to this decision (0: an operator's request, named in
+    requested_by, or none known). `whimbrel-audit why` follows these back to the start.
+    """
     @_builtins.property
     def hosts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Hosts whose QEMU for this VM must be killed."""
@@ -1345,10 +1392,11 @@ class FencingDecided(_message.Message):
         vm: _builtins.str = ...,
         hosts: _abc.Iterable[_builtins.str] | None = ...,
         reason: _builtins.str = ...,
+        cause_seq: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hosts", b"hosts", "migration_id", b"migration_id", "reason", b"reason", "vm", b"vm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cause_seq", b"cause_seq", "hosts", b"hosts", "migration_id", b"migration_id", "reason", b"reason", "vm", b"vm"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1363,22 +1411,28 @@ class VmLost(_message.Message):
     VM_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     MIGRATION_ID_FIELD_NUMBER: _builtins.int
+    CAUSE_SEQ_FIELD_NUMBER: _builtins.int
     vm: _builtins.str
     """VM name."""
     reason: _builtins.str
     """Why."""
     migration_id: _builtins.str
     """The migration that lost it, if any."""
+    cause_seq: _builtins.int
+    """The seq of the event that led to this decision (0: an operator's request, named in
+    requested_by, or none known). `whimbrel-audit why` follows these back to the start.
+    """
     def __init__(
         self,
         *,
         vm: _builtins.str = ...,
         reason: _builtins.str = ...,
         migration_id: _builtins.str = ...,
+        cause_seq: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["migration_id", b"migration_id", "reason", b"reason", "vm", b"vm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cause_seq", b"cause_seq", "migration_id", b"migration_id", "reason", b"reason", "vm", b"vm"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1393,22 +1447,28 @@ class MigrationFinished(_message.Message):
     MIGRATION_ID_FIELD_NUMBER: _builtins.int
     PHASE_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    CAUSE_SEQ_FIELD_NUMBER: _builtins.int
     migration_id: _builtins.str
     """Migration id."""
     phase: _common_pb2.MigrationPhase.ValueType
     """COMPLETED, ROLLED_BACK or FENCED."""
     reason: _builtins.str
     """Why, in words."""
+    cause_seq: _builtins.int
+    """The seq of the event that led to this decision (0: an operator's request, named in
+    requested_by, or none known). `whimbrel-audit why` follows these back to the start.
+    """
     def __init__(
         self,
         *,
         migration_id: _builtins.str = ...,
         phase: _common_pb2.MigrationPhase.ValueType = ...,
         reason: _builtins.str = ...,
+        cause_seq: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["migration_id", b"migration_id", "phase", b"phase", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cause_seq", b"cause_seq", "migration_id", b"migration_id", "phase", b"phase", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
