@@ -4,6 +4,8 @@
                    [--migration-address IP] [--migration-port PORT]
                    [--migration-advertise HOST[:PORT]] [--network none|hook|bridge]
                    [--network-hook PATH]
+                   [--allow-disk-root DIR]... [--allow-block-devices] [--allow-bridge NAME]...
+                   [--qemu-user USER]
                    [--otlp-endpoint URL]
 
 QEMU processes outlive hostd; a restarted hostd re-attaches to them. SIGTERM stops hostd
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import signal
 import sys
@@ -28,8 +31,22 @@ from hostd.drivers.network import (
     NetworkDriver,
     NullNetworkDriver,
 )
-from whimbrel import heap, priority
+from hostd.errors import CommandRejected
+from hostd.guard import Guard, check_migration_uri
+from whimbrel import heap, priority, validate
 from whimbrel.otel import add_otlp_flag, otlp_endpoint
+
+
+def check_names_of_host(ns: argparse.Namespace) -> None:
+    """This host's own settings follow the rules it holds commands to."""
+    validate.check_name("host", ns.host_id)
+    if ns.migration_advertise:
+        advertise = ns.migration_advertise
+        with contextlib.suppress(ValueError):
+            ipaddress.ip_address(advertise.strip("[]"))
+            advertise += ":1"  # an address alone: the port is chosen per migration
+        check_migration_uri(f"tcp:{advertise}")
+    check_migration_uri(f"tcp:{ns.migration_address}:1")
 
 
 def network_driver(ns: argparse.Namespace) -> NetworkDriver:
@@ -63,6 +80,8 @@ async def _serve(ns: argparse.Namespace) -> int:
         migration_port=ns.migration_port,
         migration_advertise=ns.migration_advertise or "",
         netns=ns.netns or "",
+        guard=Guard.of(ns.allow_disk_root, ns.allow_bridge, ns.allow_block_devices),
+        qemu_user=ns.qemu_user or "",
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -112,12 +131,37 @@ def main(argv: list[str] | None = None) -> int:
         help="network namespace the VMs live in: QEMU runs there, with its taps, their "
         "bridges and its migration traffic (--migration-address is an address there)",
     )
+    parser.add_argument(
+        "--allow-disk-root",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="directory VM disks and memory files may be in (repeatable; resolved with "
+        "realpath; none: VMs with disks are refused)",
+    )
+    parser.add_argument(
+        "--allow-block-devices",
+        action="store_true",
+        help="let disks be block devices (under an allowed root), not only regular files",
+    )
+    parser.add_argument(
+        "--allow-bridge",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="bridge a VM's NIC may name (repeatable)",
+    )
+    parser.add_argument("--qemu-user", help="user QEMU runs as (QEMU's -runas)")
     add_otlp_flag(parser)
     priority.add_priority_flag(parser)
     parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
     ns = parser.parse_args(argv)
+    try:
+        check_names_of_host(ns)
+    except (ValueError, CommandRejected) as err:
+        parser.error(str(err))
     log_format = f"%(asctime)s %(levelname)s hostd[{ns.host_id}] %(name)s: %(message)s"
     logging.basicConfig(level=ns.log_level, format=log_format)
     priority.apply(ns.cpu_priority, ns.realtime_priority)
