@@ -310,13 +310,18 @@ class VmRuntime:
             return
         self.exit_reason, self.killed_by_us = reason, True
         if self._pidfd >= 0:
-            # Through the pidfd: never a process that reused the pid.
+            # Through the pidfd: never a process that reused the pid. The exit watch (the
+            # pidfd's one reader) reports the exit.
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
-            gone = await qemu.wait_pidfd(self._pidfd, self.pid, 10.0)
-        else:
-            gone = await qemu.kill(self.pid)
-        if not gone:
+            try:
+                await asyncio.wait_for(self.exited.wait(), 10.0)
+            except TimeoutError:
+                raise HostdError(
+                    f"QEMU {self.pid} did not die after SIGKILL", vm=self.name
+                ) from None
+            return
+        if not await qemu.kill(self.pid):
             raise HostdError(f"QEMU {self.pid} did not die after SIGKILL", vm=self.name)
         await self.exited.wait()
 
