@@ -59,6 +59,7 @@ class VmRuntime:
         self.killed_by_us = False
         self.exited = asyncio.Event()
         self._watch: asyncio.Task[None] | None = None
+        self._qmp_watch: asyncio.Task[None] | None = None
         self._beside_tasks: set[asyncio.Task[None]] = set()
         self._last_pass = 0
         self.migration_status = ""
@@ -130,8 +131,27 @@ class VmRuntime:
                 vm=self.name,
             ) from err
         self.qmp = session
+        self._qmp_watch = asyncio.create_task(
+            self._watch_qmp(session), name=f"qmp-watch-{self.name}"
+        )
         observation = await self.snapshot()
         await self.emit(events_pb2.VmObserved(observation=observation, reason="qmp-connect"), 0)
+
+    async def _watch_qmp(self, session: QmpSession) -> None:
+        """A QMP session that ends while its QEMU lives (QEMU sent garbage, a message beyond
+        the reader's limit, or closed the socket) leaves a QEMU hostd cannot steer: it is
+        reported broken (still tracked by its pid, so a destroy kills it)."""
+        await session.wait_closed()
+        # Usually QEMU exited: its exit watch reports that within milliseconds.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.exited.wait(), QMP_LOST_EXIT_WAIT_S)
+        if self.exited.is_set() or self.qmp is not session:
+            return
+        self.log.error("QMP of QEMU %d was lost while it runs: reported broken", self.pid)
+        self.qmp = None
+        await session.close()
+        observation = await self.snapshot()
+        await self.emit(events_pb2.VmObserved(observation=observation, reason="qmp-broken"), 0)
 
     async def snapshot(self) -> common_pb2.VmObservation:
         alive = bool(self.pid) and qemu.alive(self.pid)
@@ -337,6 +357,8 @@ class VmRuntime:
 
     async def close(self) -> None:
         """Stop watching without touching QEMU (hostd shutting down)."""
+        if self._qmp_watch is not None:
+            self._qmp_watch.cancel()
         if self._watch is not None:
             self._watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
