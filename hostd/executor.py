@@ -104,7 +104,8 @@ class Executor:
         """The command's spec with its files resolved, if this host allows all of it and no
         QEMU of the VM is here (one whose QMP is unreachable included)."""
         spec = command.args.spec
-        resolved = self.guard.spec(spec)
+        incoming = command.kind == K.COMMAND_KIND_PREPARE_INCOMING
+        resolved = self.guard.spec(spec, incoming=incoming)
         existing = self.vms.get(spec.name)
         if existing is not None and not existing.exited.is_set():
             raise HostdError(f"a QEMU for {spec.name} already runs here", vm=spec.name)

@@ -36,8 +36,7 @@ _PORT = re.compile(r"[0-9]{1,5}")
 def check_names(c: host_pb2.Command) -> None:
     """The command's VM and migration names, and its spec's name, are valid and agree."""
     try:
-        if c.vm or c.args.HasField("spec"):
-            validate.check_name("VM", c.vm)
+        validate.check_name("VM", c.vm)  # every command acts on one VM
         if c.migration_id:
             validate.check_migration_id(c.migration_id)
     except validate.Invalid as err:
@@ -81,9 +80,10 @@ class Guard:
         roots = tuple(Path(os.path.realpath(root)) for root in disk_roots)
         return cls(roots, allow_block_devices, frozenset(bridges))
 
-    def spec(self, spec: common_pb2.VmSpec) -> common_pb2.VmSpec:
+    def spec(self, spec: common_pb2.VmSpec, *, incoming: bool = False) -> common_pb2.VmSpec:
         """A copy of `spec` with every file resolved, for QEMU's command line; raises
-        CommandRejected for anything this host does not allow."""
+        CommandRejected for anything this host does not allow. A migration destination
+        (`incoming`) backs RAM anonymously, so the source's memory file is not its concern."""
         try:
             validate.check_spec(spec)
         except validate.Invalid as err:
@@ -93,7 +93,7 @@ class Guard:
         for disk in resolved.disks:
             disk.path = self._file(disk.path, "disk", spec.name, self.allow_block_devices)
         backing = resolved.memory_backing
-        if backing.kind == "file":
+        if backing.kind == "file" and not incoming:
             backing.path = self._file(backing.path, "memory file", spec.name, block=False)
         for nic in spec.nics:
             if nic.bridge and nic.bridge not in self.bridges:

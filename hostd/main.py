@@ -2,7 +2,7 @@
 
     whimbrel-hostd --host-id ID --coordinator HOST:PORT --state-dir DIR --lockspace DIR
                    [--migration-address IP] [--migration-port PORT]
-                   [--migration-advertise HOST[:PORT]] [--network none|hook|bridge]
+                   [--migration-advertise IP[:PORT]] [--network none|hook|bridge]
                    [--network-hook PATH]
                    [--allow-disk-root DIR]... [--allow-block-devices] [--allow-bridge NAME]...
                    [--qemu-user USER]
@@ -120,9 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--migration-advertise",
-        metavar="HOST[:PORT]",
+        metavar="IP[:PORT]",
         help="address sources are told to connect to, when it differs from where QEMU "
-        "listens (NAT, a relay)",
+        "listens (NAT, a relay); an IP address, since sources accept no host names",
     )
     parser.add_argument("--network", choices=["none", "hook", "bridge"], default="none")
     parser.add_argument("--network-hook", help="executable run with the phase (hook driver)")

@@ -186,8 +186,13 @@ async def test_a_memory_file_outside_the_roots_is_refused(
     a = make_agent(tmp_path)
     memory = common_pb2.MemoryBacking(kind="file", path="/etc/shadow")
     hostile = spec(memory_backing=memory)
-    await refused(a, command(K.COMMAND_KIND_PREPARE_INCOMING, spec=hostile), "memory file")
+    await refused(
+        a, command(K.COMMAND_KIND_START_VM, spec=hostile, lease_generation=1), "memory file"
+    )
     assert launches == [] and not (tmp_path / "state" / "vms").exists()
+    assert not (tmp_path / "locks" / "vm-1.lease").exists()
+    # A destination backs RAM anonymously: the source's memory file is not checked there.
+    assert Guard.of([str(tmp_path)], []).spec(hostile, incoming=True).memory_backing == memory
     await a.close()
 
 
@@ -371,3 +376,23 @@ async def test_release_lease_releases_only_the_generation_it_names(tmp_path: Pat
     ]
     assert leases.read("vm-1").holder == ""
     await a.close()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--host-id", "../host"], "host name '../host' is invalid"),
+        (["--host-id", "host-a", "--migration-advertise", "relay.example:4444"], "refused"),
+        (["--host-id", "host-a", "--migration-address", "localhost"], "refused"),
+    ],
+)
+def test_hostd_will_not_start_with_settings_it_would_refuse(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], message: str
+) -> None:
+    """Its own host id and addresses follow the rules it holds commands to (exit 2)."""
+    from hostd.main import main
+
+    with pytest.raises(SystemExit) as exited:
+        main([*flags, "--state-dir", str(tmp_path / "s"), "--lockspace", str(tmp_path / "l")])
+    assert exited.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "s").exists() and not (tmp_path / "l").exists()
