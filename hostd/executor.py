@@ -114,10 +114,8 @@ class Executor:
     async def _launch(
         self, command: host_pb2.Command, role: str, resolved: common_pb2.VmSpec
     ) -> VmRuntime:
+        """Launch QEMU for `command`'s spec (`resolved`: as `_checked` returned it)."""
         spec = command.args.spec
-        existing = self.vms.get(spec.name)
-        if existing is not None and not existing.exited.is_set():
-            raise HostdError(f"a QEMU for {spec.name} already runs here", vm=spec.name)
         runtime = VmRuntime(spec, self.state_dir / "vms" / spec.name, self.emit, role)
         runtime.save()
         incoming = role == "destination"
@@ -277,6 +275,7 @@ class Executor:
 
     async def recover_incoming(self, c: host_pb2.Command) -> events_pb2.CommandResult:
         listen, uri = self._incoming()
+        check_migration_uri(uri, c.vm)
         await self._vm(c.vm).execute("migrate-recover", {"uri": listen})
         return K.CommandResult(uri=uri)
 
