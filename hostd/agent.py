@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 
 from coordinator.core.events import PAYLOAD_FIELDS
 from hostd import qemu, tracing
@@ -28,6 +28,7 @@ from hostd.drivers.lease import FileLeaseDriver
 from hostd.drivers.network import NetworkDriver
 from hostd.errors import CommandRejected, HostdError, QmpError
 from hostd.executor import Executor
+from hostd.guard import Guard
 from hostd.store import HostStore
 from hostd.vm import VmRuntime
 from whimbrel import failpoints
@@ -109,6 +110,8 @@ class Agent:
         migration_advertise: str = "",
         netns: str = "",
         tls: TlsFiles | None = None,
+        guard: Guard | None = None,
+        qemu_user: str = "",
     ) -> None:
         self.host_id = host_id
         # With TLS material, the stream is mutual TLS and the coordinator must present
@@ -124,6 +127,7 @@ class Agent:
         self.executor = Executor(
             host_id, state_dir, migration_address, FileLeaseDriver(lockspace), network, self.emit,
             migration_port=migration_port, migration_advertise=migration_advertise, netns=netns,
+            guard=guard or Guard(), qemu_user=qemu_user,
         )  # fmt: skip
         self.pending: list[host_pb2.HostEvent] = self.store.unacknowledged()
         self._new_event = asyncio.Event()
@@ -162,24 +166,35 @@ class Agent:
         for root in sorted(vms_dir.iterdir()) if vms_dir.exists() else []:
             if not (root / "spec.pb").exists():
                 continue
-            runtime = VmRuntime.load(root, self.emit)
+            try:
+                runtime = VmRuntime.load(root, self.emit)
+            except (OSError, DecodeError) as err:
+                log.error("%s: unreadable VM state, skipped: %s", root, err)
+                continue
+            if runtime.name != root.name:
+                log.error("%s: holds the spec of VM %r, skipped", root, runtime.name)
+                continue
             pid = qemu.read_pid(runtime.paths)
-            if pid is not None and qemu.alive(pid):
+            if pid is not None and qemu.alive(pid) and qemu.started_with(pid, runtime.paths):
+                # Tracked either way, until it is gone: a QEMU whose QMP is unreachable still
+                # runs the VM's disks, is reported, and is killed by a destroy.
+                self.executor.vms[runtime.name] = runtime
                 try:
                     await runtime.attach(pid)
-                    self.executor.vms[runtime.name] = runtime
                     log.info("re-attached to QEMU %d of %s", pid, runtime.name)
                     if runtime.switchover_was_armed:
                         # What START_MIGRATION asked for holds across restarts; the switch may
                         # even have begun while no hostd watched.
                         self.executor.arm_release_at_switchover(runtime)
                         await runtime.maybe_switching_over()
-                    continue
                 except HostdError as err:
-                    log.error(
-                        "QEMU %d of %s runs but QMP is unreachable: %s", pid, runtime.name, err
+                    log.error("QEMU %d of %s runs but QMP is unreachable (tracked, reported as "
+                              "such): %s", pid, runtime.name, err)  # fmt: skip
+                    observation = await runtime.snapshot()
+                    await self.emit(
+                        events_pb2.VmObserved(observation=observation, reason="qmp-unreachable"), 0
                     )
-                    continue
+                continue
             # Gone while no hostd watched (QEMU removes its pidfile when it exits by itself,
             # e.g. a destination whose incoming migration failed). Report it once, and forget
             # the VM here (its qemu.log stays for forensics).

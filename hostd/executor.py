@@ -20,9 +20,10 @@ from hostd import qemu
 from hostd.drivers.lease import LeaseDriver
 from hostd.drivers.network import NetworkDriver
 from hostd.errors import CommandRejected, HostdError, LeaseError
+from hostd.guard import Guard, check_migration_uri, check_names
 from hostd.vm import Emit, VmRuntime
 from whimbrel import failpoints
-from whimbrel.v1 import events_pb2, host_pb2
+from whimbrel.v1 import common_pb2, events_pb2, host_pb2
 
 log = logging.getLogger(__name__)
 K = events_pb2
@@ -54,6 +55,9 @@ class Executor:
     # with it); empty: hostd's own.
     netns: str = ""
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    # What this host allows commands to use (disks, bridges), and who QEMU runs as.
+    guard: Guard = field(default_factory=Guard)
+    qemu_user: str = ""
 
     def _incoming(self) -> tuple[str, str]:
         """(URI the destination QEMU listens on, URI the source connects to)."""
@@ -72,6 +76,8 @@ class Executor:
         handler = _HANDLERS.get(command.kind)
         if handler is None:
             raise CommandRejected(f"unknown command kind {command.kind}", vm=command.vm)
+        # Before anything acts: names become file names here and in the shared lockspace.
+        check_names(command)
         runtime = self.vms.get(command.vm)
         if runtime is not None and command.kind in DISARMING:
             # The coordinator has changed course (a rollback takes the lease back before it
@@ -97,15 +103,28 @@ class Executor:
             network_state = events_pb2.NetworkState.ValueType(state)
             await self.emit(events_pb2.NetworkChanged(vm=runtime.name, state=network_state), 0)
 
-    async def _launch(self, command: host_pb2.Command, role: str) -> VmRuntime:
+    def _checked(self, command: host_pb2.Command) -> common_pb2.VmSpec:
+        """The command's spec with its files resolved, if this host allows all of it and no
+        QEMU of the VM is here (one whose QMP is unreachable included)."""
         spec = command.args.spec
+        incoming = command.kind == K.COMMAND_KIND_PREPARE_INCOMING
+        resolved = self.guard.spec(spec, incoming=incoming)
         existing = self.vms.get(spec.name)
         if existing is not None and not existing.exited.is_set():
             raise HostdError(f"a QEMU for {spec.name} already runs here", vm=spec.name)
+        return resolved
+
+    async def _launch(
+        self, command: host_pb2.Command, role: str, resolved: common_pb2.VmSpec
+    ) -> VmRuntime:
+        """Launch QEMU for `command`'s spec (`resolved`: as `_checked` returned it)."""
+        spec = command.args.spec
         runtime = VmRuntime(spec, self.state_dir / "vms" / spec.name, self.emit, role)
         runtime.save()
         incoming = role == "destination"
-        args = qemu.command_line(spec, runtime.paths, self.host_id, incoming=incoming)
+        args = qemu.command_line(
+            resolved, runtime.paths, self.host_id, incoming=incoming, user=self.qemu_user
+        )
         if self.netns:
             args = ["ip", "netns", "exec", self.netns, *args]
         pid = await qemu.launch(args, runtime.paths, spec.name)
@@ -137,10 +156,11 @@ class Executor:
 
     async def start_vm(self, c: host_pb2.Command) -> events_pb2.CommandResult:
         vm = c.args.spec.name
+        resolved = self._checked(c)
         lease = await self.lease.acquire(vm, self.host_id, c.args.lease_generation)
         await self.emit(K.LeaseAcquired(vm=vm, holder=self.host_id, generation=lease.generation), 0)
         try:
-            runtime = await self._launch(c, role="")
+            runtime = await self._launch(c, role="", resolved=resolved)
             await self._network("prepare", runtime, K.NETWORK_STATE_PREPARED)
             await self._network("enable", runtime, K.NETWORK_STATE_ENABLED)
         except BaseException:
@@ -184,7 +204,7 @@ class Executor:
     # --- migration ---
 
     async def prepare_incoming(self, c: host_pb2.Command) -> events_pb2.CommandResult:
-        runtime = await self._launch(c, role="destination")
+        runtime = await self._launch(c, role="destination", resolved=self._checked(c))
         try:
             capabilities = [
                 {"capability": "events", "state": True},
@@ -199,6 +219,7 @@ class Executor:
             if c.args.enable_network_at_postcopy:
                 self.enable_network_at_postcopy(runtime)
             listen, uri = self._incoming()
+            check_migration_uri(uri, runtime.name)
             await runtime.execute("migrate-incoming", {"uri": listen})
         except BaseException:
             await runtime.kill("prepare failed")
@@ -207,6 +228,7 @@ class Executor:
         return K.CommandResult(uri=uri, pid=runtime.pid)
 
     async def start_migration(self, c: host_pb2.Command) -> events_pb2.CommandResult:
+        check_migration_uri(c.args.uri, c.vm)
         runtime = self._vm(c.vm)
         runtime.role = "source"
         runtime.save()
@@ -282,17 +304,25 @@ class Executor:
 
     async def recover_incoming(self, c: host_pb2.Command) -> events_pb2.CommandResult:
         listen, uri = self._incoming()
+        check_migration_uri(uri, c.vm)
         await self._vm(c.vm).execute("migrate-recover", {"uri": listen})
         return K.CommandResult(uri=uri)
 
     async def resume_migration(self, c: host_pb2.Command) -> events_pb2.CommandResult:
-        await self._vm(c.vm).execute("migrate", {"uri": c.args.uri, "resume": True})
+        uri = check_migration_uri(c.args.uri, c.vm)
+        await self._vm(c.vm).execute("migrate", {"uri": uri, "resume": True})
         return K.CommandResult()
 
     # --- handoff ---
 
     async def release_lease(self, c: host_pb2.Command) -> events_pb2.CommandResult:
-        await self._release_lease(c.vm)
+        # Only the generation named: a late or forged release must not take a lease this host
+        # has taken again since (a rollback's acquire).
+        released = await self.lease.release(c.vm, self.host_id, c.args.lease_generation)
+        if released is not None:
+            await self.emit(
+                K.LeaseReleased(vm=c.vm, holder=self.host_id, generation=released.generation), 0
+            )
         return K.CommandResult()
 
     async def acquire_lease(self, c: host_pb2.Command) -> events_pb2.CommandResult:
@@ -313,9 +343,23 @@ class Executor:
         await self._network("enable", self._vm(c.vm), K.NETWORK_STATE_ENABLED)
         return K.CommandResult()
 
+    def _holding_lease(self, c: host_pb2.Command) -> None:
+        """A guest runs only where its lease is: this host must hold it, at the command's
+        generation or later."""
+        lease = self.lease.read(c.vm)
+        if lease.holder != self.host_id or lease.generation < c.args.lease_generation:
+            held = f"{lease.holder} at generation {lease.generation}" if lease.holder else "nobody"
+            raise CommandRejected(
+                f"refused cont: the lease of {c.vm} is held by {held}, not by {self.host_id}"
+                + (f" at generation {c.args.lease_generation} or later"
+                   if c.args.lease_generation else ""),
+                vm=c.vm,
+            )  # fmt: skip
+
     async def resume_vm(self, c: host_pb2.Command) -> events_pb2.CommandResult:
         try:
             vm = self._vm(c.vm)
+            self._holding_lease(c)
             if vm.role == "destination":
                 # The handoff can be over before the destination has the state the source
                 # sends once it stopped: its device state in post-copy, the last pages in
@@ -323,6 +367,14 @@ class Executor:
                 # disks' locks, which the source gives up only after flushing them, so it can
                 # fail; or it only arms autostart. The guest could not run before that state.
                 await vm.until_source_state_here()
+                self._holding_lease(c)  # still, after the wait
+            if vm.exited.is_set() or (vm.pid and not qemu.alive(vm.pid)):
+                # A QEMU that exited (even one whose migration had completed) cannot run the
+                # guest: say so before writing to its dead socket, so the coordinator knows cont
+                # never ran and may still fall back to the other side.
+                raise CommandRejected(f"QEMU of {c.vm} has exited", vm=c.vm)
+        except CommandRejected:
+            raise
         except HostdError as err:
             # cont never reached QEMU, so the guest did not run here: the coordinator may
             # still fall back to a complete source (a CommandFailed marked rejected).

@@ -2,8 +2,10 @@
 
     whimbrel-hostd --host-id ID --coordinator HOST:PORT --state-dir DIR --lockspace DIR
                    [--migration-address IP] [--migration-port PORT]
-                   [--migration-advertise HOST[:PORT]] [--network none|hook|bridge]
+                   [--migration-advertise IP[:PORT]] [--network none|hook|bridge]
                    [--network-hook PATH]
+                   [--allow-disk-root DIR]... [--allow-block-devices] [--allow-bridge NAME]...
+                   [--qemu-user USER]
                    [--otlp-endpoint URL]
                    [--tls-cert FILE --tls-key FILE --tls-ca FILE]
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import signal
 import sys
@@ -29,9 +32,23 @@ from hostd.drivers.network import (
     NetworkDriver,
     NullNetworkDriver,
 )
-from whimbrel import heap, priority
+from hostd.errors import CommandRejected
+from hostd.guard import Guard, check_migration_uri
+from whimbrel import heap, priority, validate
 from whimbrel.otel import add_otlp_flag, otlp_endpoint
 from whimbrel.tls import TlsError, TlsFiles, add_tls_flags, tls_files
+
+
+def check_names_of_host(ns: argparse.Namespace) -> None:
+    """This host's own settings follow the rules it holds commands to."""
+    validate.check_name("host", ns.host_id)
+    if ns.migration_advertise:
+        advertise = ns.migration_advertise
+        with contextlib.suppress(ValueError):
+            ipaddress.ip_address(advertise.strip("[]"))
+            advertise += ":1"  # an address alone: the port is chosen per migration
+        check_migration_uri(f"tcp:{advertise}")
+    check_migration_uri(f"tcp:{ns.migration_address}:1")
 
 
 def network_driver(ns: argparse.Namespace) -> NetworkDriver:
@@ -66,6 +83,8 @@ async def _serve(ns: argparse.Namespace, tls: TlsFiles | None) -> int:
         migration_advertise=ns.migration_advertise or "",
         netns=ns.netns or "",
         tls=tls,
+        guard=Guard.of(ns.allow_disk_root, ns.allow_bridge, ns.allow_block_devices),
+        qemu_user=ns.qemu_user or "",
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -104,9 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--migration-advertise",
-        metavar="HOST[:PORT]",
+        metavar="IP[:PORT]",
         help="address sources are told to connect to, when it differs from where QEMU "
-        "listens (NAT, a relay)",
+        "listens (NAT, a relay); an IP address, since sources accept no host names",
     )
     parser.add_argument("--network", choices=["none", "hook", "bridge"], default="none")
     parser.add_argument("--network-hook", help="executable run with the phase (hook driver)")
@@ -115,6 +134,27 @@ def main(argv: list[str] | None = None) -> int:
         help="network namespace the VMs live in: QEMU runs there, with its taps, their "
         "bridges and its migration traffic (--migration-address is an address there)",
     )
+    parser.add_argument(
+        "--allow-disk-root",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="directory VM disks and memory files may be in (repeatable; resolved with "
+        "realpath; none: VMs with disks are refused)",
+    )
+    parser.add_argument(
+        "--allow-block-devices",
+        action="store_true",
+        help="let disks be block devices (under an allowed root), not only regular files",
+    )
+    parser.add_argument(
+        "--allow-bridge",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="bridge a VM's NIC may name (repeatable)",
+    )
+    parser.add_argument("--qemu-user", help="user QEMU runs as (QEMU's -runas)")
     add_otlp_flag(parser)
     add_tls_flags(parser)
     priority.add_priority_flag(parser)
@@ -128,6 +168,10 @@ def main(argv: list[str] | None = None) -> int:
             tls.read()  # unusable material is a usage error now, not a retry loop later
         except TlsError as err:
             parser.error(str(err))
+    try:
+        check_names_of_host(ns)
+    except (ValueError, CommandRejected) as err:
+        parser.error(str(err))
     log_format = f"%(asctime)s %(levelname)s hostd[{ns.host_id}] %(name)s: %(message)s"
     logging.basicConfig(level=ns.log_level, format=log_format)
     priority.apply(ns.cpu_priority, ns.realtime_priority)

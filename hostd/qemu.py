@@ -21,6 +21,12 @@ from whimbrel.v1 import common_pb2
 QEMU = os.environ.get("WHIMBREL_QEMU", "qemu-system-x86_64")
 
 
+def opt(value: object) -> str:
+    """A value inside a QEMU option list (`key=value,key=value`): a comma is written twice, so
+    no value (a disk path, say) can end its field and add an option of its own."""
+    return str(value).replace(",", ",,")
+
+
 @dataclass(frozen=True)
 class VmPaths:
     root: Path
@@ -45,20 +51,28 @@ def tap_name(host_id: str, vm: str, index: int) -> str:
 
 
 def command_line(
-    spec: common_pb2.VmSpec, paths: VmPaths, host_id: str, *, incoming: bool
+    spec: common_pb2.VmSpec,
+    paths: VmPaths,
+    host_id: str,
+    *,
+    incoming: bool,
+    user: str = "",
 ) -> list[str]:
-    """The QEMU command line for a VM: a fresh start, or a migration destination."""
+    """The QEMU command line for a VM: a fresh start, or a migration destination. Every value
+    from the spec goes through `opt` (hostd's guard has checked the values themselves); QEMU
+    runs under its seccomp sandbox (a deny-list: userfaultfd, which post-copy needs, stays
+    allowed), as `user` when given."""
     machine = spec.machine or "pc"
     args = [
         QEMU,
         "-name",
-        spec.name,
+        opt(spec.name),
         "-machine",
-        f"{machine},accel=tcg",
+        f"{opt(machine)},accel=tcg",
         "-m",
-        f"{spec.memory_mib}M",
+        f"{int(spec.memory_mib)}M",
         "-smp",
-        str(spec.vcpus),
+        str(int(spec.vcpus)),
         "-nodefaults",
         "-display",
         "none",
@@ -66,8 +80,10 @@ def command_line(
         "none",
         "-monitor",
         "none",
+        "-sandbox",
+        "on",
         "-qmp",
-        f"unix:{paths.qmp},server=on,wait=off",
+        f"unix:{opt(paths.qmp)},server=on,wait=off",
         "-daemonize",
         "-pidfile",
         str(paths.pidfile),
@@ -81,22 +97,25 @@ def command_line(
     if backing.kind == "file" and not incoming:
         args += [
             "-object",
-            f"memory-backend-file,id=mem,size={size},mem-path={backing.path},share=off",
+            f"memory-backend-file,id=mem,size={size},mem-path={opt(backing.path)},share=off",
         ]
     else:
         args += ["-object", f"memory-backend-ram,id=mem,size={size}"]
     args += ["-machine", "memory-backend=mem"]
     for disk in spec.disks:
         interface = disk.interface or "ide"
-        args += ["-drive", f"file={disk.path},format={disk.format or 'raw'},if={interface}"]
+        drive = f"file={opt(disk.path)},format={opt(disk.format or 'raw')},if={opt(interface)}"
+        args += ["-drive", drive]
     for index, nic in enumerate(spec.nics):
         tap = tap_name(host_id, spec.name, index)
         args += [
             "-netdev",
             f"tap,id=net{index},ifname={tap},script=no,downscript=no",
             "-device",
-            f"{nic.model or 'virtio-net-pci'},netdev=net{index},mac={nic.mac}",
+            f"{opt(nic.model or 'virtio-net-pci')},netdev=net{index},mac={opt(nic.mac)}",
         ]
+    if user:
+        args += ["-runas", user]
     if incoming:
         # -S: the destination stays paused after the migration until the coordinator's cont.
         args += ["-incoming", "defer", "-S"]
@@ -105,7 +124,14 @@ def command_line(
 
 async def launch(args: list[str], paths: VmPaths, vm: str) -> int:
     """Start QEMU daemonized; returns its pid once the pidfile exists."""
-    paths.root.mkdir(parents=True, exist_ok=True)
+    paths.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    running = read_pid(paths)
+    if running is not None and alive(running) and started_with(running, paths):
+        # An orphan (its QMP unreachable, or a hostd that lost track of it): its files are
+        # all there is to find it by, and a second QEMU would run the same disks.
+        raise LaunchFailed(
+            f"QEMU {running} of {vm} still runs; refusing to start a second one", vm=vm
+        )
     for stale in (paths.pidfile, paths.qmp, paths.log):
         with contextlib.suppress(FileNotFoundError):
             stale.unlink()
@@ -137,6 +163,16 @@ def read_pid(paths: VmPaths) -> int | None:
         return None
 
 
+def started_with(pid: int, paths: VmPaths) -> bool:
+    """Whether process `pid` is a QEMU started with these paths (a pid in a stale pidfile may
+    have been reused by another process)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return str(paths.pidfile).encode() in cmdline
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -158,6 +194,14 @@ async def wait_exit(pid: int, limit: float | None = None) -> bool:
         fd = os.pidfd_open(pid)
     except ProcessLookupError:
         return True
+    try:
+        return await wait_pidfd(fd, pid, limit)
+    finally:
+        os.close(fd)
+
+
+async def wait_pidfd(fd: int, pid: int, limit: float | None = None) -> bool:
+    """Wait until the process of pidfd `fd` (pid `pid`) has exited; False after `limit` s."""
     loop = asyncio.get_running_loop()
     gone = loop.create_future()
 
@@ -175,7 +219,6 @@ async def wait_exit(pid: int, limit: float | None = None) -> bool:
         return False
     finally:
         loop.remove_reader(fd)
-        os.close(fd)
 
 
 async def kill(pid: int, limit: float = 10.0) -> bool:

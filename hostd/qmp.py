@@ -57,10 +57,16 @@ class QmpSession:
         assert self._listener is not None
         try:
             async for event in self._listener:
-                message: dict[str, Any] = dict(event)
-                ts = message.get("timestamp", {})
-                time_us = int(ts.get("seconds", 0)) * 1_000_000 + int(ts.get("microseconds", 0))
-                await sink(str(message["event"]), dict(message.get("data", {})), time_us)
+                try:
+                    message: dict[str, Any] = dict(event)
+                    ts = message.get("timestamp", {})
+                    seconds, micros = int(ts.get("seconds", 0)), int(ts.get("microseconds", 0))
+                    name, data = str(message["event"]), dict(message.get("data", {}))
+                except (AttributeError, KeyError, TypeError, ValueError) as err:
+                    # QEMU never sends these; a malformed one is skipped, not the stream.
+                    log.getChild(self.vm).warning("malformed QMP event skipped: %s", err)
+                    continue
+                await sink(name, data, seconds * 1_000_000 + micros)
         except asyncio.CancelledError:
             raise
         except Exception:

@@ -11,10 +11,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
+from whimbrel import files
 from whimbrel.v1 import events_pb2, host_pb2
 from whimbrel.walcheckpoint import BackgroundCheckpointer
 
@@ -36,7 +39,8 @@ class StoredCommand:
 
 class HostStore:
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _refuse_links(path)
         self._db = sqlite3.connect(str(path), isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         # NORMAL: a commit reaches the OS before sqlite returns, so it survives a hostd crash
@@ -128,6 +132,20 @@ class HostStore:
     def close(self) -> None:
         self.checkpointer.close()
         self._db.close()
+
+
+def _refuse_links(path: Path) -> None:
+    """SQLite opens its files by name, following symlinks: make sure the database exists as a
+    regular file of ours (created relative to the state dir, O_NOFOLLOW), and that neither it
+    nor its WAL and shared-memory files is a link planted to a file elsewhere."""
+    dir_fd = files.open_dir(path.parent)
+    try:
+        os.close(files.open_in(dir_fd, path.name, os.O_RDWR | os.O_CREAT, 0o600))
+        for name in (f"{path.name}-wal", f"{path.name}-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.close(files.open_in(dir_fd, name, os.O_RDONLY))
+    finally:
+        os.close(dir_fd)
 
 
 class _Tx:

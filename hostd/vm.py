@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
+import signal
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from google.protobuf.message import Message
 from hostd import qemu
 from hostd.errors import HostdError, QmpUnavailable
 from hostd.qmp import QmpSession
+from whimbrel import files
 from whimbrel.v1 import common_pb2, events_pb2
 
 Emit = Callable[[Message, int], Awaitable[None]]
@@ -38,6 +41,8 @@ SOURCE_STATE_HERE_STATUSES = ("postcopy-active", "postcopy-paused", "postcopy-re
 # How long a destination's cont waits for that state, and then for the guest to start: both
 # follow the source's stop within milliseconds here; one that never comes fails the command.
 CONT_WAIT_LIMIT_S = 30.0
+# How long attaching waits for QMP's greeting (a QEMU that is stopped or hung never sends it).
+QMP_CONNECT_LIMIT_S = 10.0
 log = logging.getLogger(__name__)
 
 
@@ -49,11 +54,14 @@ class VmRuntime:
         self.emit = emit
         self.role = role
         self.pid = 0
+        # The QEMU process, held from launch (or reattach) until it is gone, QMP or not.
+        self._pidfd = -1
         self.qmp: QmpSession | None = None
         self.exit_reason = ""
         self.killed_by_us = False
         self.exited = asyncio.Event()
         self._watch: asyncio.Task[None] | None = None
+        self._qmp_watch: asyncio.Task[None] | None = None
         self._beside_tasks: set[asyncio.Task[None]] = set()
         self._last_pass = 0
         self.migration_status = ""
@@ -75,25 +83,77 @@ class VmRuntime:
 
     def save(self) -> None:
         """Keep the spec and role beside the QEMU files, for a restarted hostd."""
-        self.paths.root.mkdir(parents=True, exist_ok=True)
-        (self.paths.root / "spec.pb").write_bytes(self.spec.SerializeToString())
-        (self.paths.root / "role").write_text(self.role)
+        self.paths.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        dir_fd = files.open_dir(self.paths.root)
+        try:
+            for name, data in (("spec.pb", self.spec.SerializeToString()),
+                               ("role", self.role.encode())):  # fmt: skip
+                fd = files.open_in(dir_fd, name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+                with open(fd, "wb") as f:
+                    f.write(data)
+        finally:
+            os.close(dir_fd)
 
     @classmethod
     def load(cls, root: Path, emit: Emit) -> VmRuntime:
-        spec = common_pb2.VmSpec.FromString((root / "spec.pb").read_bytes())
-        role_file = root / "role"
-        role = role_file.read_text() if role_file.exists() else ""
+        dir_fd = files.open_dir(root)
+        try:
+            with open(files.open_in(dir_fd, "spec.pb", os.O_RDONLY), "rb") as f:
+                spec = common_pb2.VmSpec.FromString(f.read())
+            try:
+                with open(files.open_in(dir_fd, "role", os.O_RDONLY), "rb") as f:
+                    role = f.read().decode()
+            except FileNotFoundError:
+                role = ""
+        finally:
+            os.close(dir_fd)
         return cls(spec, root, emit, role)
 
-    async def attach(self, pid: int) -> None:
-        """Connect QMP to a running QEMU, report a snapshot, and watch for its exit."""
+    def track(self, pid: int) -> None:
+        """Hold QEMU `pid` (a pidfd) and report its exit once, whatever becomes of QMP."""
         self.pid = pid
-        self.qmp = QmpSession(self.name, str(self.paths.qmp))
-        await self.qmp.connect(self._on_event)
+        try:
+            self._pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self._pidfd = -1  # already gone: the watch reports it at once
         self._watch = asyncio.create_task(self._watch_exit(), name=f"exit-watch-{self.name}")
+
+    async def attach(self, pid: int) -> None:
+        """Watch a running QEMU's exit, connect QMP to it, and report a snapshot. If QMP is
+        unreachable the process stays tracked (and killable) all the same."""
+        if self._watch is None:
+            self.track(pid)
+        session = QmpSession(self.name, str(self.paths.qmp))
+        try:
+            await asyncio.wait_for(session.connect(self._on_event), QMP_CONNECT_LIMIT_S)
+        except TimeoutError as err:
+            await session.close()
+            raise QmpUnavailable(
+                f"QMP at {self.paths.qmp} did not greet within {QMP_CONNECT_LIMIT_S:g} s",
+                vm=self.name,
+            ) from err
+        self.qmp = session
+        self._qmp_watch = asyncio.create_task(
+            self._watch_qmp(session), name=f"qmp-watch-{self.name}"
+        )
         observation = await self.snapshot()
         await self.emit(events_pb2.VmObserved(observation=observation, reason="qmp-connect"), 0)
+
+    async def _watch_qmp(self, session: QmpSession) -> None:
+        """A QMP session that ends while its QEMU lives (QEMU sent garbage, a message beyond
+        the reader's limit, or closed the socket) leaves a QEMU hostd cannot steer: it is
+        reported broken (still tracked by its pid, so a destroy kills it)."""
+        await session.wait_closed()
+        # Usually QEMU exited: its exit watch reports that within milliseconds.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.exited.wait(), QMP_LOST_EXIT_WAIT_S)
+        if self.exited.is_set() or self.qmp is not session:
+            return
+        self.log.error("QMP of QEMU %d was lost while it runs: reported broken", self.pid)
+        self.qmp = None
+        await session.close()
+        observation = await self.snapshot()
+        await self.emit(events_pb2.VmObserved(observation=observation, reason="qmp-broken"), 0)
 
     async def snapshot(self) -> common_pb2.VmObservation:
         alive = bool(self.pid) and qemu.alive(self.pid)
@@ -270,24 +330,40 @@ class VmRuntime:
         await self.emit(stats, 0)
 
     async def _watch_exit(self) -> None:
-        await qemu.wait_exit(self.pid)
+        if self._pidfd >= 0:
+            await qemu.wait_pidfd(self._pidfd, self.pid)
         reason = self.exit_reason or "QEMU process ended"
         self.log.info("QEMU %d exited: %s", self.pid, reason)
         if self.qmp is not None:
             await self.qmp.close()
-        signal = 9 if self.killed_by_us else 0
+        signum = 9 if self.killed_by_us else 0
         exited = events_pb2.QemuExited(
-            vm=self.name, pid=self.pid, exit_code=-1, signal=signal, reason=reason
+            vm=self.name, pid=self.pid, exit_code=-1, signal=signum, reason=reason
         )
         await self.emit(exited, 0)
         self.exited.set()
         self._signal_change()
+        if self._pidfd >= 0:
+            os.close(self._pidfd)
+            self._pidfd = -1
 
     async def kill(self, reason: str) -> None:
         """SIGKILL and wait until the exit has been reported."""
         if not self.pid or self.exited.is_set():
             return
         self.exit_reason, self.killed_by_us = reason, True
+        if self._pidfd >= 0:
+            # Through the pidfd: never a process that reused the pid. The exit watch (the
+            # pidfd's one reader) reports the exit.
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+            try:
+                await asyncio.wait_for(self.exited.wait(), 10.0)
+            except TimeoutError:
+                raise HostdError(
+                    f"QEMU {self.pid} did not die after SIGKILL", vm=self.name
+                ) from None
+            return
         if not await qemu.kill(self.pid):
             raise HostdError(f"QEMU {self.pid} did not die after SIGKILL", vm=self.name)
         await self.exited.wait()
@@ -304,7 +380,14 @@ class VmRuntime:
 
     async def close(self) -> None:
         """Stop watching without touching QEMU (hostd shutting down)."""
+        if self._qmp_watch is not None:
+            self._qmp_watch.cancel()
         if self._watch is not None:
             self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
         if self.qmp is not None:
             await self.qmp.close()
+        if self._pidfd >= 0:
+            os.close(self._pidfd)
+            self._pidfd = -1

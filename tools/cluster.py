@@ -178,6 +178,8 @@ class Cluster:
             str(BIN / "whimbrel-hostd"), "--host-id", host_id, "--coordinator", self.address,
             "--state-dir", str(self.root / host_id), "--lockspace", str(self.shared / "locks"),
             "--network", "hook", "--network-hook", str(hook), *self._tls_flags("host", host_id),
+            # hostd uses disks and memory files only under allowed roots: the test's own.
+            "--allow-disk-root", str(self.root),
         ]  # fmt: skip
         env = dict(self.env, WHIMBREL_FAILPOINTS=failpoints) if failpoints else self.env
         self.processes[host_id] = spawn(

@@ -1,40 +1,79 @@
-"""Small file helpers shared by the coordinator and hostd."""
+"""Small file helpers shared by the coordinator and hostd.
+
+Files in a directory others can write to (the lockspace shared by the hosts) are opened
+relative to the directory's descriptor, by a name of one component, with O_NOFOLLOW: a symlink
+or hard link planted there is refused, never followed to a file elsewhere.
+
+UnsafeFile     (an OSError) a name or a file refused: a symlink, a non-regular file, a link
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
+import stat
 from pathlib import Path
+
+__all__ = ["UnsafeFile", "open_dir", "open_in", "write_atomically"]
+
+
+class UnsafeFile(OSError):
+    pass
+
+
+def open_dir(path: Path) -> int:
+    """A descriptor of directory `path` (its own name may be a symlink an operator chose)."""
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def open_in(dir_fd: int, name: str, flags: int, mode: int = 0o600) -> int:
+    """Open `name` in the directory `dir_fd`: one path component, not dot-leading, never
+    through a symlink, and only a regular file with one link."""
+    if not name or "/" in name or name.startswith(".") or "\0" in name:
+        raise UnsafeFile(errno.EINVAL, f"{name!r} is not a plain file name")
+    try:
+        fd = os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dir_fd)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise UnsafeFile(errno.ELOOP, f"{name} is a symlink, refused") from err
+        raise
+    st = os.fstat(fd)
+    # A hard link to a file elsewhere is as bad as a symlink (O_NOFOLLOW does not see it).
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
+        os.close(fd)
+        what = "has other hard links" if stat.S_ISREG(st.st_mode) else "is not a regular file"
+        raise UnsafeFile(errno.EPERM, f"{name} {what}, refused")
+    return fd
 
 
 def write_atomically(path: Path, data: bytes, tmp: Path | None = None, mode: int = 0o600) -> None:
     """Replace `path` with `data` so that a crash leaves the old or the new file, never a mix:
     write a temporary file, fsync it, rename it over, fsync the directory.
 
-    The temporary file is created exclusively (O_EXCL, O_NOFOLLOW) with `mode`, readable by the
-    owner only unless told otherwise: a file or symlink planted at its name makes the write fail
-    rather than write through it, and the data is never readable by others, not even while it
-    is written."""
-    tmp = tmp or path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(tmp, flags, mode)
+    The temporary file is created in `path`'s directory, exclusively and never through a
+    symlink (O_EXCL, O_NOFOLLOW), with `mode`: readable by the owner only unless told
+    otherwise, not even while it is written. A file planted at its name makes the write fail."""
+    tmp_name = (tmp or path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")).name
+    dir_fd = open_dir(path.parent)
     try:
-        with open(fd, "wb", closefd=False) as f:
-            f.write(data)
-            f.flush()
-        # The umask may have taken bits away from `mode`, never added any; set it exactly.
-        os.fchmod(fd, mode)
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(tmp_name, flags, mode, dir_fd=dir_fd)
+        try:
+            with open(fd, "wb", closefd=False) as f:
+                f.write(data)
+                f.flush()
+            # The umask may have taken bits away from `mode`, never added any; set it exactly.
+            os.fchmod(fd, mode)
+            os.fsync(fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp_name, dir_fd=dir_fd)
+            raise
+        finally:
+            os.close(fd)
+        os.replace(tmp_name, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)

@@ -1,19 +1,14 @@
-"""Validation of names, VM specs and migration policies (raises InvalidRequest)."""
+"""Validation of names, VM specs and migration policies (raises InvalidRequest).
+
+Names and specs are checked by `whimbrel.validate`, which hostd applies too; this module turns
+its refusals into the coordinator's InvalidRequest.
+"""
 
 from __future__ import annotations
 
-import re
-
 from coordinator.core.errors import InvalidRequest
+from whimbrel import validate as shared
 from whimbrel.v1 import common_pb2, events_pb2
-
-NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
-MIGRATION_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
-DISK_FORMATS = ("raw", "qcow2")
-DISK_INTERFACES = ("", "ide", "virtio")
-NIC_MODELS = ("", "virtio-net-pci", "e1000")
-MACHINES = ("", "pc", "q35")
 
 DEFAULT_POLICY = events_pb2.MigrationPolicy(
     parameters=events_pb2.MigrationParameters(downtime_limit_ms=300),
@@ -26,50 +21,24 @@ DEFAULT_POLICY = events_pb2.MigrationPolicy(
 
 
 def check_name(kind: str, name: str) -> None:
-    if not NAME.match(name):
-        raise InvalidRequest(
-            f"{kind} name {name!r} is invalid: 1-63 characters of [a-z0-9-], starting with a letter"
-        )
+    try:
+        shared.check_name(kind, name)
+    except shared.Invalid as err:
+        raise InvalidRequest(str(err)) from err
 
 
 def check_migration_id(migration_id: str) -> None:
-    if not MIGRATION_ID.match(migration_id):
-        raise InvalidRequest(
-            f"migration id {migration_id!r} is invalid: 1-64 characters of [A-Za-z0-9._-]"
-        )
+    try:
+        shared.check_migration_id(migration_id)
+    except shared.Invalid as err:
+        raise InvalidRequest(str(err)) from err
 
 
 def check_spec(spec: common_pb2.VmSpec) -> None:
-    check_name("VM", spec.name)
-    if not 16 <= spec.memory_mib <= 1048576:
-        raise InvalidRequest(f"memory_mib {spec.memory_mib} is out of range 16..1048576")
-    if not 1 <= spec.vcpus <= 256:
-        raise InvalidRequest(f"vcpus {spec.vcpus} is out of range 1..256")
-    if spec.machine not in MACHINES:
-        raise InvalidRequest(f"machine {spec.machine!r} is not one of pc, q35")
-    for disk in spec.disks:
-        if not disk.path.startswith("/"):
-            raise InvalidRequest(f"disk path {disk.path!r} must be absolute")
-        if disk.format not in DISK_FORMATS:
-            raise InvalidRequest(f"disk format {disk.format!r} is not one of raw, qcow2")
-        if disk.interface not in DISK_INTERFACES:
-            raise InvalidRequest(f"disk interface {disk.interface!r} is not one of ide, virtio")
-    macs = set()
-    for nic in spec.nics:
-        if not MAC.match(nic.mac):
-            raise InvalidRequest(f"NIC MAC {nic.mac!r} is not of the form 52:54:00:xx:xx:xx")
-        if nic.mac in macs:
-            raise InvalidRequest(f"NIC MAC {nic.mac} appears twice")
-        macs.add(nic.mac)
-        if nic.model not in NIC_MODELS:
-            raise InvalidRequest(f"NIC model {nic.model!r} is not one of virtio-net-pci, e1000")
-        if nic.tap and not re.match(r"^[A-Za-z0-9_-]{1,15}$", nic.tap):
-            raise InvalidRequest(f"tap name {nic.tap!r} is invalid (at most 15 of [A-Za-z0-9_-])")
-    backing = spec.memory_backing
-    if backing.kind not in ("", "ram", "file"):
-        raise InvalidRequest(f"memory backing {backing.kind!r} is not one of ram, file")
-    if backing.kind == "file" and not backing.path.startswith("/"):
-        raise InvalidRequest("a file memory backing needs an absolute path")
+    try:
+        shared.check_spec(spec)
+    except shared.Invalid as err:
+        raise InvalidRequest(str(err)) from err
 
 
 def effective_policy(requested: events_pb2.MigrationPolicy) -> events_pb2.MigrationPolicy:

@@ -10,6 +10,9 @@ sector in place with one synchronous direct write, so it costs one device write,
 fsync, rename and directory fsync of a replaced file (4 to 10 times slower here while two
 QEMUs migrate, right in the guest's pause). A crash mid-write can tear only the sector being
 written; its CRC fails and the reader keeps the other, the lease as it was before.
+
+The lockspace is shared, so the driver trusts none of its names: files are opened relative to
+the lockspace's descriptor with O_NOFOLLOW (whimbrel.files), and VM names are checked first.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from pathlib import Path
 from typing import Protocol
 
 from hostd.errors import LeaseError
+from whimbrel import files, validate
 
 SECTOR = 512
 MAGIC = b"WBLEASE1"
@@ -46,8 +50,9 @@ class Lease:
 class LeaseDriver(Protocol):
     async def acquire(self, vm: str, holder: str, generation: int) -> Lease: ...
 
-    async def release(self, vm: str, holder: str) -> Lease | None:
-        """Release if `holder` holds it; returns the lease released, None if it held nothing."""
+    async def release(self, vm: str, holder: str, generation: int | None = None) -> Lease | None:
+        """Release if `holder` holds it (at `generation`, when given: holding another one
+        raises LeaseError); returns the lease released, None if it held nothing."""
         ...
 
     def read(self, vm: str) -> Lease: ...
@@ -86,41 +91,53 @@ class FileLeaseDriver:
     def __init__(self, lockspace: Path) -> None:
         self.lockspace = lockspace
         lockspace.mkdir(parents=True, exist_ok=True)
+        self._dir_fd = files.open_dir(lockspace)
         # Direct I/O where the filesystem has it (so hosts sharing the lockspace over the
         # network read the disk, not their cache); tmpfs and some others refuse it.
         self._direct = getattr(os, "O_DIRECT", 0)
         # An aligned buffer, as direct I/O requires (mmap memory is page-aligned).
         self._buffer = mmap.mmap(-1, 2 * SECTOR)
 
-    def _path(self, vm: str) -> Path:
-        return self.lockspace / f"{vm}.lease"
+    def _name(self, vm: str) -> str:
+        """The lease file's name, for a valid VM name only."""
+        try:
+            validate.check_name("VM", vm)
+        except validate.Invalid as err:
+            raise LeaseError(f"no lease for {vm!r}: {err}", vm=vm) from err
+        return f"{vm}.lease"
 
     @contextlib.contextmanager
     def _locked(self, vm: str) -> Iterator[None]:
-        fd = os.open(self.lockspace / f"{vm}.lock", os.O_CREAT | os.O_RDWR, 0o644)
+        self._name(vm)
+        try:
+            fd = files.open_in(self._dir_fd, f"{vm}.lock", os.O_CREAT | os.O_RDWR, 0o644)
+        except OSError as err:
+            raise LeaseError(f"lock file of {vm} refused: {err}", vm=vm) from err
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
             os.close(fd)
 
-    def _open(self, path: Path, flags: int) -> int:
+    def _open(self, name: str, flags: int) -> int:
         if self._direct:
             try:
-                return os.open(path, flags | self._direct, 0o644)
+                return files.open_in(self._dir_fd, name, flags | self._direct, 0o644)
             except OSError as err:
                 if err.errno != errno.EINVAL:
                     raise
                 self._direct = 0
-        return os.open(path, flags, 0o644)
+        return files.open_in(self._dir_fd, name, flags, 0o644)
 
     def _newest(self, vm: str) -> _Record | None:
         """The newer of the two sectors' valid records (None: no lease file yet); raises
         LeaseError for a file with none."""
         try:
-            fd = self._open(self._path(vm), os.O_RDONLY)
+            fd = self._open(self._name(vm), os.O_RDONLY)
         except FileNotFoundError:
             return None
+        except OSError as err:
+            raise LeaseError(f"lease file of {vm} refused: {err}", vm=vm) from err
         try:
             size = os.fstat(fd).st_size
             self._buffer[:] = bytes(2 * SECTOR)
@@ -142,16 +159,23 @@ class FileLeaseDriver:
         """Overwrite the sector `newest` is not in with a record one version newer,
         synchronously."""
         version = newest.version + 1 if newest else 1
-        path = self._path(vm)
-        created = not path.exists()
-        fd = self._open(path, os.O_RDWR | os.O_CREAT | os.O_DSYNC)
+        name = self._name(vm)
+        created = False
+        try:
+            try:
+                fd = self._open(name, os.O_RDWR | os.O_DSYNC)
+            except FileNotFoundError:
+                fd = self._open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_DSYNC)
+                created = True
+        except OSError as err:
+            raise LeaseError(f"lease file of {vm} refused: {err}", vm=vm) from err
         try:
             if created:
                 # Both sectors exist from the start, so later writes are pure overwrites; the
                 # new file's name is made durable once.
                 os.ftruncate(fd, 2 * SECTOR)
                 os.fsync(fd)
-                _fsync_directory(path.parent)
+                os.fsync(self._dir_fd)
             self._buffer[:SECTOR] = encode(version, lease, time.time_ns() // 1000)
             os.pwrite(fd, memoryview(self._buffer)[:SECTOR], (version % 2) * SECTOR)
         except OSError as err:
@@ -178,11 +202,17 @@ class FileLeaseDriver:
             self._write(vm, lease, newest)
             return lease
 
-    def _release(self, vm: str, holder: str) -> Lease | None:
+    def _release(self, vm: str, holder: str, generation: int | None) -> Lease | None:
         with self._locked(vm):
             newest = self._newest(vm)
             if newest is None or newest.lease.holder != holder:
                 return None
+            if generation is not None and newest.lease.generation != generation:
+                raise LeaseError(
+                    f"lease of {vm} is held by {holder} at generation "
+                    f"{newest.lease.generation}, not {generation}: not released",
+                    vm=vm,
+                )
             self._write(vm, Lease("", newest.lease.generation), newest)
             return newest.lease
 
@@ -192,13 +222,5 @@ class FileLeaseDriver:
     async def acquire(self, vm: str, holder: str, generation: int) -> Lease:
         return self._acquire(vm, holder, generation)
 
-    async def release(self, vm: str, holder: str) -> Lease | None:
-        return self._release(vm, holder)
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    async def release(self, vm: str, holder: str, generation: int | None = None) -> Lease | None:
+        return self._release(vm, holder, generation)

@@ -49,6 +49,8 @@ async def test_a_destination_cont_waits_for_the_source_state_and_answers_once_it
     executor = Executor("host-b", tmp_path / "state", "127.0.0.1",
                         FileLeaseDriver(tmp_path / "locks"), NullNetworkDriver(),
                         destination_reports.emit, vms={"vm-1": destination})  # fmt: skip
+    # The handoff gave this destination the lease: hostd sends cont only where the lease is.
+    await executor.lease.acquire("vm-1", "host-b", 1)
     pids = []
     try:
         for runtime, incoming in ((source, False), (destination, True)):

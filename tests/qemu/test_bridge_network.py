@@ -29,7 +29,7 @@ def netns() -> Iterator[str]:
 @pytest.fixture
 def bridged(tmp_path: Path, netns: str) -> Iterator[Cluster]:
     c = Cluster(tmp_path)
-    bridge = ["--network", "bridge", "--netns", netns]
+    bridge = ["--network", "bridge", "--netns", netns, "--allow-bridge", BRIDGE]
     c.hostd_args = {"host-a": bridge, "host-b": bridge}
     try:
         yield c.start("host-a", "host-b")

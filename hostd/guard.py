@@ -1,0 +1,125 @@
+"""What hostd lets a command do, whatever the coordinator says.
+
+A wrong coordinator (a bug, a stolen certificate, a forged log) must not be able to make hostd
+hurt the host or a VM, so every command is checked here before it acts:
+
+- names (VM, migration) by the rules shared with the coordinator (`whimbrel.validate`): they
+  become file names in the state dir and the shared lockspace;
+- a VM spec's fields, again; its disks and memory file only under the allowed roots (resolved
+  with realpath, so no symlink leads out), regular files only unless block devices are
+  allowed; its bridges only those allowed;
+- migration URIs only `tcp:<IP>:<port>`: QEMU would run `exec:` as a shell command, and a
+  host name could resolve anywhere.
+
+Every refusal is a CommandRejected naming what was wrong.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import stat
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hostd.errors import CommandRejected
+from whimbrel import validate
+from whimbrel.v1 import common_pb2, host_pb2
+
+__all__ = ["Guard", "check_migration_uri", "check_names"]
+
+_PORT = re.compile(r"[0-9]{1,5}")
+
+
+def check_names(c: host_pb2.Command) -> None:
+    """The command's VM and migration names, and its spec's name, are valid and agree."""
+    try:
+        validate.check_name("VM", c.vm)  # every command acts on one VM
+        if c.migration_id:
+            validate.check_migration_id(c.migration_id)
+    except validate.Invalid as err:
+        raise CommandRejected(f"refused: {err}", vm=c.vm) from err
+    if c.args.HasField("spec") and c.args.spec.name != c.vm:
+        raise CommandRejected(
+            f"refused: the spec names VM {c.args.spec.name!r}, the command {c.vm!r}", vm=c.vm
+        )
+
+
+def check_migration_uri(uri: str, vm: str = "") -> str:
+    """`uri` if it is `tcp:<IP>:<port>` (IPv6 in brackets); raises CommandRejected otherwise."""
+    scheme, _, rest = uri.partition(":")
+    host, sep, port = rest.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        ipaddress.ip_address(host)
+        ok = scheme == "tcp" and bool(sep) and bool(_PORT.fullmatch(port)) and 0 < int(port) < 65536
+    except ValueError:
+        ok = False
+    if not ok:
+        raise CommandRejected(
+            f"refused migration URI {uri!r}: only tcp:<IP address>:<port> is allowed", vm=vm
+        )
+    return uri
+
+
+@dataclass(frozen=True)
+class Guard:
+    # Directories disks and memory files must resolve under (realpath); none: no disks at all.
+    disk_roots: tuple[Path, ...] = ()
+    allow_block_devices: bool = False
+    # Bridges a NIC may name.
+    bridges: frozenset[str] = field(default_factory=frozenset)
+
+    @classmethod
+    def of(
+        cls, disk_roots: Iterable[str], bridges: Iterable[str], allow_block_devices: bool = False
+    ) -> Guard:
+        roots = tuple(Path(os.path.realpath(root)) for root in disk_roots)
+        return cls(roots, allow_block_devices, frozenset(bridges))
+
+    def spec(self, spec: common_pb2.VmSpec, *, incoming: bool = False) -> common_pb2.VmSpec:
+        """A copy of `spec` with every file resolved, for QEMU's command line; raises
+        CommandRejected for anything this host does not allow. A migration destination
+        (`incoming`) backs RAM anonymously, so the source's memory file is not its concern."""
+        try:
+            validate.check_spec(spec)
+        except validate.Invalid as err:
+            raise CommandRejected(f"refused: {err}", vm=spec.name) from err
+        resolved = common_pb2.VmSpec()
+        resolved.CopyFrom(spec)
+        for disk in resolved.disks:
+            disk.path = self._file(disk.path, "disk", spec.name, self.allow_block_devices)
+        backing = resolved.memory_backing
+        if backing.kind == "file" and not incoming:
+            backing.path = self._file(backing.path, "memory file", spec.name, block=False)
+        for nic in spec.nics:
+            if nic.bridge and nic.bridge not in self.bridges:
+                allowed = ", ".join(sorted(self.bridges)) or "none"
+                raise CommandRejected(
+                    f"refused: bridge {nic.bridge!r} of NIC {nic.mac} is not allowed here "
+                    f"(--allow-bridge: {allowed})",
+                    vm=spec.name,
+                )
+        return resolved
+
+    def _file(self, path: str, what: str, vm: str, block: bool) -> str:
+        real = Path(os.path.realpath(path))
+        if not any(real.is_relative_to(root) for root in self.disk_roots):
+            roots = ", ".join(str(r) for r in self.disk_roots) or "none"
+            raise CommandRejected(
+                f"refused: {what} {path!r} is not under an allowed root (--allow-disk-root: "
+                f"{roots})",
+                vm=vm,
+            )
+        try:
+            mode = os.stat(real).st_mode
+        except OSError as err:
+            raise CommandRejected(f"refused: {what} {path!r}: {err.strerror}", vm=vm) from err
+        if not (stat.S_ISREG(mode) or (block and stat.S_ISBLK(mode))):
+            kind = "a block device" if stat.S_ISBLK(mode) else "not a regular file"
+            hint = " (--allow-block-devices is off)" if stat.S_ISBLK(mode) else ""
+            raise CommandRejected(f"refused: {what} {path!r} is {kind}{hint}", vm=vm)
+        return str(real)

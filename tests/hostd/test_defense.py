@@ -1,0 +1,398 @@
+"""hostd defends itself against a wrong coordinator: each hostile command is refused with a
+message naming what was wrong, and nothing happens (no QEMU started, no file created or
+changed, no lease taken or given up)."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hostd import qemu
+from hostd.agent import Agent
+from hostd.drivers.lease import FileLeaseDriver
+from hostd.drivers.network import NullNetworkDriver
+from hostd.errors import CommandRejected, LeaseError
+from hostd.guard import Guard, check_migration_uri
+from hostd.store import HostStore
+from hostd.vm import VmRuntime
+from whimbrel.files import UnsafeFile
+from whimbrel.v1 import common_pb2, events_pb2, host_pb2
+
+K = events_pb2
+
+
+@pytest.fixture
+def launches(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """Every QEMU launch hostd attempts (none is started for real)."""
+    calls: list[list[str]] = []
+
+    async def launch(args: list[str], paths: qemu.VmPaths, vm: str) -> int:
+        calls.append(args)
+        raise AssertionError(f"QEMU launched for {vm}")
+
+    monkeypatch.setattr(qemu, "launch", launch)
+    return calls
+
+
+def make_agent(tmp_path: Path, **guard: Any) -> Agent:
+    roots = guard.pop("disk_roots", [str(tmp_path / "disks")])
+    return Agent(
+        "host-a", "127.0.0.1:1", tmp_path / "state", tmp_path / "locks", "127.0.0.1",
+        NullNetworkDriver(), guard=Guard.of(roots, guard.pop("bridges", []), **guard),
+    )  # fmt: skip
+
+
+def command(kind: int, vm: str = "vm-1", **args: Any) -> host_pb2.Command:
+    return host_pb2.Command(
+        command_id=f"c-{kind}-{vm}", epoch=1, vm=vm, kind=kind, args=K.CommandArgs(**args)
+    )
+
+
+def spec(name: str = "vm-1", disk: str = "", **fields: Any) -> common_pb2.VmSpec:
+    disks = [common_pb2.Disk(path=disk, format="raw")] if disk else []
+    return common_pb2.VmSpec(name=name, memory_mib=64, vcpus=1, disks=disks, **fields)
+
+
+def answer(a: Agent) -> K.CommandFailed:
+    """The agent's answer to the last command, which must be a refusal."""
+    last = a.pending[-1].payload
+    assert last.WhichOneof("kind") == "command_failed", last
+    return last.command_failed
+
+
+def files_under(path: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(path)): p.read_bytes() if p.is_file() else b""
+        for p in sorted(path.rglob("*"))
+        if not p.is_dir()
+    }
+
+
+async def refused(a: Agent, c: host_pb2.Command, message: str) -> K.CommandFailed:
+    await a._handle(c)
+    failure = answer(a)
+    assert message in failure.error, failure.error
+    return failure
+
+
+# --- migration URIs ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "exec:sh -c 'touch /tmp/pwned'",
+        "unix:/run/qemu.sock",
+        "fd:3",
+        "tcp:attacker.example:4444",
+        "tcp:127.0.0.1:4444,ipv4=on",
+        "tcp:127.0.0.1:99999",
+        "tcp:127.0.0.1:",
+        "tcp:127.0.0.1",
+        "rdma:127.0.0.1:4444",
+        "tcp:127.0.0.1:٤٤",
+    ],
+)
+def test_only_tcp_to_an_ip_and_port_is_a_migration_uri(uri: str) -> None:
+    """Anything but tcp:<IP>:<port> is refused, naming the URI."""
+    with pytest.raises(CommandRejected, match="refused migration URI"):
+        check_migration_uri(uri)
+
+
+@pytest.mark.parametrize("uri", ["tcp:127.0.0.1:4444", "tcp:[::1]:4444", "tcp:10.1.2.3:1"])
+def test_tcp_to_an_ip_and_port_is_accepted(uri: str) -> None:
+    """The URIs hostd itself hands out pass."""
+    assert check_migration_uri(uri) == uri
+
+
+async def test_exec_uri_is_refused_before_qemu_hears_of_it(tmp_path: Path) -> None:
+    """START_MIGRATION and RESUME_MIGRATION to exec: fail before any QMP command is sent."""
+    a = make_agent(tmp_path)
+    sent: list[str] = []
+    runtime = VmRuntime(spec(), tmp_path / "state" / "vms" / "vm-1", a.emit, role="")
+
+    async def execute(name: str, arguments: Any = None) -> Any:
+        sent.append(name)
+        return {}
+
+    runtime.execute = execute  # type: ignore[method-assign]
+    a.executor.vms["vm-1"] = runtime
+    evil = "exec:sh -c 'touch /tmp/pwned'"
+    await refused(a, command(K.COMMAND_KIND_START_MIGRATION, uri=evil), "refused migration URI")
+    await refused(a, command(K.COMMAND_KIND_RESUME_MIGRATION, uri=evil), "refused migration URI")
+    assert sent == [] and runtime.role == ""
+    await a.close()
+
+
+# --- disks, memory files, bridges ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("disk", "message"),
+    [
+        ("/etc/shadow", "is not under an allowed root"),
+        ("/dev/sda", "is not under an allowed root"),
+        ("{root}/../../etc/shadow", "is not under an allowed root"),
+        ("{root}/link-to-shadow", "is not under an allowed root"),
+        ("{root}/disk.img,file.locking=off", "No such file or directory"),
+        ("{root}", "is not a regular file"),
+    ],
+)
+async def test_a_disk_hostd_does_not_allow_is_refused_and_nothing_happens(
+    tmp_path: Path, launches: list[list[str]], disk: str, message: str
+) -> None:
+    """START_VM with a host file, a block device, a path leading out of the allowed root (by
+    `..` or a symlink), a comma-injected path or a directory: refused before the lease is
+    taken, no QEMU launched, no file written."""
+    root = tmp_path / "disks"
+    root.mkdir()
+    (root / "disk.img").write_bytes(b"\0" * 512)
+    (root / "link-to-shadow").symlink_to("/etc/shadow")
+    a = make_agent(tmp_path)
+    before = files_under(tmp_path / "state")
+    path = disk.format(root=root)
+    failure = await refused(
+        a, command(K.COMMAND_KIND_START_VM, spec=spec(disk=path), lease_generation=1), message
+    )
+    assert path in failure.error or repr(path) in failure.error
+    assert launches == []
+    assert not (tmp_path / "locks" / "vm-1.lease").exists()
+    assert not (tmp_path / "state" / "vms").exists()
+    after = files_under(tmp_path / "state")
+    assert set(after) - set(before) <= {"hostd.db-wal", "hostd.db-shm", "hostd.db"}
+    await a.close()
+
+
+def test_block_devices_only_when_allowed(tmp_path: Path) -> None:
+    """A block device under an allowed root is refused unless --allow-block-devices."""
+    device = next(
+        (p for p in sorted(Path("/dev").glob("loop*")) if stat.S_ISBLK(p.stat().st_mode)), None
+    )
+    assert device is not None, "this test needs a loop block device in /dev"
+    disk = spec(disk=str(device))
+    with pytest.raises(CommandRejected, match="is a block device"):
+        Guard.of(["/dev"], []).spec(disk)
+    assert Guard.of(["/dev"], [], allow_block_devices=True).spec(disk).disks[0].path == str(device)
+
+
+async def test_a_memory_file_outside_the_roots_is_refused(
+    tmp_path: Path, launches: list[list[str]]
+) -> None:
+    """A file memory backing is held to the same roots as disks."""
+    a = make_agent(tmp_path)
+    memory = common_pb2.MemoryBacking(kind="file", path="/etc/shadow")
+    hostile = spec(memory_backing=memory)
+    await refused(
+        a, command(K.COMMAND_KIND_START_VM, spec=hostile, lease_generation=1), "memory file"
+    )
+    assert launches == [] and not (tmp_path / "state" / "vms").exists()
+    assert not (tmp_path / "locks" / "vm-1.lease").exists()
+    # A destination backs RAM anonymously: the source's memory file is not checked there.
+    assert Guard.of([str(tmp_path)], []).spec(hostile, incoming=True).memory_backing == memory
+    await a.close()
+
+
+async def test_a_bridge_not_allowed_is_refused(tmp_path: Path, launches: list[list[str]]) -> None:
+    """A NIC may name only a bridge given with --allow-bridge."""
+    a = make_agent(tmp_path, bridges=["br-vms"])
+    nic = common_pb2.Nic(mac="52:54:00:00:00:01", bridge="br-mgmt")
+    hostile = spec(nics=[nic])
+    await refused(
+        a,
+        command(K.COMMAND_KIND_START_VM, spec=hostile, lease_generation=1),
+        "bridge 'br-mgmt' of NIC 52:54:00:00:00:01 is not allowed here (--allow-bridge: br-vms)",
+    )
+    assert launches == [] and not (tmp_path / "locks" / "vm-1.lease").exists()
+    await a.close()
+
+
+def test_commas_in_values_cannot_add_options(tmp_path: Path) -> None:
+    """A comma in a disk or memory path is doubled, so QEMU reads it as part of the value."""
+    memory = common_pb2.MemoryBacking(kind="file", path="/d/ram,share=on")
+    hostile = spec(disk="/d/a.img,file.locking=off", memory_backing=memory)
+    args = qemu.command_line(hostile, qemu.VmPaths(tmp_path), "host-a", incoming=False)
+    assert "file=/d/a.img,,file.locking=off,format=raw,if=ide" in args
+    assert any("mem-path=/d/ram,,share=on,share=off" in a for a in args)
+    assert args[args.index("-sandbox") + 1] == "on" and "-runas" not in args
+    as_user = qemu.command_line(hostile, qemu.VmPaths(tmp_path), "h", incoming=True, user="qemu")
+    assert as_user[as_user.index("-runas") + 1] == "qemu"
+
+
+# --- names and the lockspace ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["../etc", ".hidden", "..", "vm/1", "vm-1\n", "", "-vm"])
+async def test_names_that_could_leave_their_directory_are_refused(
+    tmp_path: Path, launches: list[list[str]], name: str
+) -> None:
+    """VM names with `/`, a leading `.`, or a trailing newline reach no file."""
+    a = make_agent(tmp_path)
+    await refused(a, command(K.COMMAND_KIND_ACQUIRE_LEASE, vm=name, lease_generation=1), "refused")
+    hostile = spec(name=name)
+    await refused(
+        a, command(K.COMMAND_KIND_START_VM, vm=name, spec=hostile, lease_generation=1), "refused"
+    )
+    assert launches == []
+    assert not (tmp_path / "locks").exists() or list((tmp_path / "locks").iterdir()) == []
+    assert not (tmp_path / "state" / "vms").exists()
+    await a.close()
+    with pytest.raises(LeaseError, match="is invalid"):
+        await FileLeaseDriver(tmp_path / "locks").acquire(name, "host-a", 1)
+
+
+async def test_a_migration_id_leading_with_a_dot_is_refused(tmp_path: Path) -> None:
+    """Migration ids follow the shared rules too."""
+    a = make_agent(tmp_path)
+    c = command(K.COMMAND_KIND_ACQUIRE_LEASE, lease_generation=1)
+    c.migration_id = "../m-1"
+    await refused(a, c, "migration id '../m-1' is invalid")
+    assert not (tmp_path / "locks" / "vm-1.lease").exists()
+    await a.close()
+
+
+async def test_a_spec_naming_another_vm_is_refused(
+    tmp_path: Path, launches: list[list[str]]
+) -> None:
+    """The command's VM and its spec's name must agree."""
+    a = make_agent(tmp_path)
+    c = command(K.COMMAND_KIND_START_VM, vm="vm-1", spec=spec(name="vm-2"), lease_generation=1)
+    await refused(a, c, "the spec names VM 'vm-2', the command 'vm-1'")
+    assert launches == []
+    await a.close()
+
+
+@pytest.mark.parametrize("planted", ["vm-1.lease", "vm-1.lock"])
+async def test_a_symlink_planted_in_the_lockspace_is_refused(tmp_path: Path, planted: str) -> None:
+    """A symlink in the shared lockspace is never followed: the acquire fails, the file it
+    points to is untouched (not created, not written)."""
+    locks = tmp_path / "locks"
+    locks.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    (locks / planted).symlink_to(victim)
+    dangling = tmp_path / "created-elsewhere"
+    (locks / "vm-2.lock").symlink_to(dangling)
+    a = make_agent(tmp_path)
+    await refused(a, command(K.COMMAND_KIND_ACQUIRE_LEASE, lease_generation=1), "symlink")
+    await refused(a, command(K.COMMAND_KIND_ACQUIRE_LEASE, "vm-2", lease_generation=1), "symlink")
+    assert victim.read_bytes() == b"precious" and not dangling.exists()
+    await a.close()
+
+
+async def test_a_hard_link_planted_in_the_lockspace_is_refused(tmp_path: Path) -> None:
+    """A hard link to a file elsewhere is refused as well (O_NOFOLLOW cannot see it)."""
+    locks = tmp_path / "locks"
+    locks.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious" * 128)
+    os.link(victim, locks / "vm-1.lease")
+    leases = FileLeaseDriver(locks)
+    with pytest.raises(LeaseError, match="hard links"):
+        await leases.acquire("vm-1", "host-a", 1)
+    assert victim.read_bytes() == b"precious" * 128
+
+
+def test_a_symlinked_state_database_is_refused(tmp_path: Path) -> None:
+    """hostd's SQLite file is never opened through a symlink."""
+    state = tmp_path / "state"
+    state.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    (state / "hostd.db").symlink_to(victim)
+    with pytest.raises(UnsafeFile, match="symlink"):
+        HostStore(state / "hostd.db")
+    assert victim.read_bytes() == b"precious"
+
+
+# --- leases: cont and release --------------------------------------------------------------
+
+
+def paused_vm(a: Agent, tmp_path: Path, sent: list[str]) -> VmRuntime:
+    """A VM runtime whose QMP commands are recorded, not sent."""
+    runtime = VmRuntime(spec(), tmp_path / "state" / "vms" / "vm-1", a.emit, role="")
+
+    async def execute(name: str, arguments: Any = None) -> Any:
+        sent.append(name)
+        runtime.running = name == "cont"
+        return {}
+
+    runtime.execute = execute  # type: ignore[method-assign]
+    a.executor.vms["vm-1"] = runtime
+    return runtime
+
+
+async def test_cont_only_while_this_host_holds_the_lease(tmp_path: Path) -> None:
+    """RESUME_VM is refused while nobody, another host, or this host at a lower generation
+    than the command's holds the lease; `cont` is never sent then."""
+    a = make_agent(tmp_path)
+    sent: list[str] = []
+    paused_vm(a, tmp_path, sent)
+    await refused(a, command(K.COMMAND_KIND_RESUME_VM), "refused cont: the lease of vm-1 is "
+                  "held by nobody, not by host-a")  # fmt: skip
+    leases = a.executor.lease
+    await leases.acquire("vm-1", "host-b", 3)
+    c = command(K.COMMAND_KIND_RESUME_VM)
+    c.command_id = "c-2"
+    await refused(a, c, "held by host-b at generation 3, not by host-a")
+    await leases.release("vm-1", "host-b")
+    await leases.acquire("vm-1", "host-a", 4)
+    c = command(K.COMMAND_KIND_RESUME_VM, lease_generation=5)
+    c.command_id = "c-3"
+    await refused(a, c, "at generation 5 or later")
+    assert sent == []
+    c = command(K.COMMAND_KIND_RESUME_VM, lease_generation=4)
+    c.command_id = "c-4"
+    await a._handle(c)
+    assert a.pending[-1].payload.WhichOneof("kind") == "command_succeeded"
+    assert sent == ["cont"]
+    await a.close()
+
+
+async def test_release_lease_releases_only_the_generation_it_names(tmp_path: Path) -> None:
+    """A release naming generation 1 fails once this host holds generation 2 (taken again
+    since): the lease stays; naming 2 releases it."""
+    a = make_agent(tmp_path)
+    leases = a.executor.lease
+    await leases.acquire("vm-1", "host-a", 1)
+    await leases.release("vm-1", "host-a")
+    await leases.acquire("vm-1", "host-a", 2)
+    before = (tmp_path / "locks" / "vm-1.lease").read_bytes()
+    await refused(
+        a,
+        command(K.COMMAND_KIND_RELEASE_LEASE, lease_generation=1),
+        "held by host-a at generation 2, not 1: not released",
+    )
+    assert (tmp_path / "locks" / "vm-1.lease").read_bytes() == before
+    c = command(K.COMMAND_KIND_RELEASE_LEASE, lease_generation=2)
+    c.command_id = "c-2"
+    await a._handle(c)
+    assert [e.payload.WhichOneof("kind") for e in a.pending[-2:]] == [
+        "lease_released",
+        "command_succeeded",
+    ]
+    assert leases.read("vm-1").holder == ""
+    await a.close()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--host-id", "../host"], "host name '../host' is invalid"),
+        (["--host-id", "host-a", "--migration-advertise", "relay.example:4444"], "refused"),
+        (["--host-id", "host-a", "--migration-address", "localhost"], "refused"),
+    ],
+)
+def test_hostd_will_not_start_with_settings_it_would_refuse(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], message: str
+) -> None:
+    """Its own host id and addresses follow the rules it holds commands to (exit 2)."""
+    from hostd.main import main
+
+    with pytest.raises(SystemExit) as exited:
+        main([*flags, "--state-dir", str(tmp_path / "s"), "--lockspace", str(tmp_path / "l")])
+    assert exited.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "s").exists() and not (tmp_path / "l").exists()

@@ -1,0 +1,154 @@
+"""A QEMU speaking hostile QMP (garbage, a message beyond the reader's limit, a socket closed in
+the middle of a command, malformed events) never crashes hostd: the VM's QEMU is reported
+broken (QMP unreachable while the process lives), stays tracked by its pid, and a destroy
+still kills it. The "QEMU" is a real process; its QMP peer is a fake on the real socket."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from google.protobuf.message import Message
+
+from hostd.errors import HostdError, QmpUnavailable
+from hostd.vm import VmRuntime
+from whimbrel.v1 import common_pb2, events_pb2
+
+GREETING = {"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": ""},
+                    "capabilities": []}}  # fmt: skip
+
+
+def line(message: object) -> bytes:
+    return json.dumps(message).encode() + b"\n"
+
+
+async def request(reader: asyncio.StreamReader) -> dict[str, object]:
+    """The next command the client sent (QMP clients need not end one with a newline)."""
+    buffer = b""
+    while True:
+        chunk = await reader.read(65536)
+        if not chunk:
+            raise ConnectionError("client went away")
+        buffer += chunk
+        with contextlib.suppress(ValueError):
+            message, _ = json.JSONDecoder().raw_decode(buffer.decode())
+            return dict(message)
+
+
+async def hostile_peer(
+    mode: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """Speaks QMP correctly up to the capabilities negotiation, then misbehaves per `mode`."""
+    try:
+        await _misbehave(mode, reader, writer)
+    except ConnectionError:
+        pass  # the client gave up on us: what it should do
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+async def _misbehave(mode: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    if mode == "garbage-greeting":
+        writer.write(b"\x00\xffthis is not QMP\n")
+        await writer.drain()
+        await reader.read()
+        return
+    writer.write(line(GREETING))
+    negotiation = await request(reader)
+    writer.write(line({"return": {}, "id": negotiation.get("id")}))
+    if mode == "malformed-events":
+        for event in ({"event": "STOP", "timestamp": "soon"}, {"event": "MIGRATION", "data": [1]},
+                      {"event": "RESUME", "timestamp": {"seconds": "x"}}):  # fmt: skip
+            writer.write(line(event))
+    await writer.drain()
+    await request(reader)  # the first command after negotiation
+    if mode == "garbage":
+        writer.write(b"{not json at all\n")
+    elif mode == "huge":
+        writer.write(b'{"return": "' + b"x" * (11 * 1024 * 1024) + b'", "id": null}\n')
+    elif mode == "malformed-events":
+        writer.write(b'["an", "array"]\n')
+    # "closed": the socket closes in the middle of the command.
+    await writer.drain()
+
+
+class Reported:
+    def __init__(self) -> None:
+        self.payloads: list[Message] = []
+        self.broken = asyncio.Event()
+
+    async def emit(self, payload: Message, time_us: int) -> None:
+        self.payloads.append(payload)
+        if isinstance(payload, events_pb2.VmObserved) and payload.reason == "qmp-broken":
+            self.broken.set()
+
+    def observed(self) -> list[tuple[str, bool, bool]]:
+        return [
+            (p.reason, p.observation.process_alive, p.observation.qmp_reachable)
+            for p in self.payloads
+            if isinstance(p, events_pb2.VmObserved)
+        ]
+
+
+@pytest.fixture
+async def process() -> AsyncIterator[asyncio.subprocess.Process]:
+    """A real process standing in for QEMU."""
+    proc = await asyncio.create_subprocess_exec("sleep", "60")
+    try:
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+
+
+@pytest.mark.parametrize("mode", ["garbage", "huge", "closed", "malformed-events"])
+async def test_hostile_qmp_reports_the_qemu_broken_and_destroy_still_kills_it(
+    tmp_path: Path, process: asyncio.subprocess.Process, mode: str
+) -> None:
+    reported = Reported()
+    runtime = VmRuntime(common_pb2.VmSpec(name="vm-1"), tmp_path / "vm", reported.emit)
+    runtime.paths.root.mkdir()
+    server = await asyncio.start_unix_server(
+        lambda r, w: hostile_peer(mode, r, w), path=str(runtime.paths.qmp)
+    )
+    try:
+        await runtime.attach(process.pid)
+        await asyncio.wait_for(reported.broken.wait(), 10)
+        assert reported.observed()[-1] == ("qmp-broken", True, False)
+        with pytest.raises(HostdError):
+            await runtime.execute("query-status")
+        assert not runtime.exited.is_set()
+        await runtime.kill("destroyed")
+        assert process.returncode is not None or await process.wait() == -9
+        exits = [p for p in reported.payloads if isinstance(p, events_pb2.QemuExited)]
+        assert [(e.pid, e.signal) for e in exits] == [(process.pid, 9)]
+    finally:
+        server.close()
+        await runtime.close()
+
+
+async def test_a_garbage_greeting_fails_attach_and_leaves_the_process_tracked(
+    tmp_path: Path, process: asyncio.subprocess.Process
+) -> None:
+    """Attach fails with QmpUnavailable; the process is still watched and killable."""
+    reported = Reported()
+    runtime = VmRuntime(common_pb2.VmSpec(name="vm-1"), tmp_path / "vm", reported.emit)
+    runtime.paths.root.mkdir()
+    server = await asyncio.start_unix_server(
+        lambda r, w: hostile_peer("garbage-greeting", r, w), path=str(runtime.paths.qmp)
+    )
+    try:
+        with pytest.raises(QmpUnavailable):
+            await runtime.attach(process.pid)
+        await runtime.kill("destroyed")
+        assert await process.wait() == -9 and runtime.exited.is_set()
+    finally:
+        server.close()
+        await runtime.close()

@@ -1,0 +1,97 @@
+"""Checks shared by the coordinator and hostd: names and the fields of a VM spec.
+
+Names become file names (the lease in the shared lockspace, a VM's directory in the state dir)
+and QEMU option values, so one definition serves both sides: the coordinator refuses a bad
+request, and hostd refuses a bad command even from a coordinator that let it through. A name
+never contains `/` nor starts with `.`; `fullmatch`, because `$` also matches before a final
+newline.
+
+Invalid        root (a ValueError); its message names the field and the value refused
+"""
+
+from __future__ import annotations
+
+import re
+
+from whimbrel.v1 import common_pb2
+
+__all__ = [
+    "DISK_FORMATS",
+    "DISK_INTERFACES",
+    "MACHINES",
+    "NIC_MODELS",
+    "Invalid",
+    "check_migration_id",
+    "check_name",
+    "check_spec",
+]
+
+# VMs and hosts: lowercase, so a name is also a valid DNS label and a QEMU -name.
+NAME = re.compile(r"[a-z][a-z0-9-]{0,62}")
+# Migration ids: operators may choose their own; a first character that is neither `.` nor `-`.
+MIGRATION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+TAP = re.compile(r"[A-Za-z0-9_-]{1,15}")
+# A Linux interface name (at most 15 bytes), never `.` or `..`.
+BRIDGE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}")
+DISK_FORMATS = ("raw", "qcow2")
+DISK_INTERFACES = ("", "ide", "virtio")
+NIC_MODELS = ("", "virtio-net-pci", "e1000")
+MACHINES = ("", "pc", "q35")
+MEMORY_BACKINGS = ("", "ram", "file")
+
+
+class Invalid(ValueError):
+    pass
+
+
+def check_name(kind: str, name: str) -> None:
+    if not NAME.fullmatch(name):
+        raise Invalid(
+            f"{kind} name {name!r} is invalid: 1-63 characters of [a-z0-9-], starting with a letter"
+        )
+
+
+def check_migration_id(migration_id: str) -> None:
+    if not MIGRATION_ID.fullmatch(migration_id):
+        raise Invalid(
+            f"migration id {migration_id!r} is invalid: 1-64 characters of [A-Za-z0-9._-], "
+            "starting with a letter or digit"
+        )
+
+
+def check_spec(spec: common_pb2.VmSpec) -> None:
+    """Every field of a VM spec that reaches a file name or a QEMU option. Whether its paths
+    may be used on a host is that host's own decision (hostd's allowed roots)."""
+    check_name("VM", spec.name)
+    if not 16 <= spec.memory_mib <= 1048576:
+        raise Invalid(f"memory_mib {spec.memory_mib} is out of range 16..1048576")
+    if not 1 <= spec.vcpus <= 256:
+        raise Invalid(f"vcpus {spec.vcpus} is out of range 1..256")
+    if spec.machine not in MACHINES:
+        raise Invalid(f"machine {spec.machine!r} is not one of pc, q35")
+    for disk in spec.disks:
+        if not disk.path.startswith("/"):
+            raise Invalid(f"disk path {disk.path!r} must be absolute")
+        if disk.format not in DISK_FORMATS:
+            raise Invalid(f"disk format {disk.format!r} is not one of raw, qcow2")
+        if disk.interface not in DISK_INTERFACES:
+            raise Invalid(f"disk interface {disk.interface!r} is not one of ide, virtio")
+    macs = set()
+    for nic in spec.nics:
+        if not MAC.fullmatch(nic.mac):
+            raise Invalid(f"NIC MAC {nic.mac!r} is not of the form 52:54:00:xx:xx:xx")
+        if nic.mac in macs:
+            raise Invalid(f"NIC MAC {nic.mac} appears twice")
+        macs.add(nic.mac)
+        if nic.model not in NIC_MODELS:
+            raise Invalid(f"NIC model {nic.model!r} is not one of virtio-net-pci, e1000")
+        if nic.tap and not TAP.fullmatch(nic.tap):
+            raise Invalid(f"tap name {nic.tap!r} is invalid (at most 15 of [A-Za-z0-9_-])")
+        if nic.bridge and not BRIDGE.fullmatch(nic.bridge):
+            raise Invalid(f"bridge name {nic.bridge!r} is not a network interface name")
+    backing = spec.memory_backing
+    if backing.kind not in MEMORY_BACKINGS:
+        raise Invalid(f"memory backing {backing.kind!r} is not one of ram, file")
+    if backing.kind == "file" and not backing.path.startswith("/"):
+        raise Invalid("a file memory backing needs an absolute path")
