@@ -347,9 +347,12 @@ def check_stream(stream: str) -> None:
 
 
 class EventLogServicer(eventlog_pb2_grpc.EventLogServiceServicer):
-    def __init__(self, app: Coordinator, limits: Limits | None = None) -> None:
+    def __init__(
+        self, app: Coordinator, limits: Limits | None = None, views: Views | None = None
+    ) -> None:
         self.app = app
         self.limits = limits or Limits()
+        self.views = views or Views(app)
         # One verification at a time: each reads and hashes the whole log.
         self._verifying = asyncio.Lock()
 
@@ -392,6 +395,7 @@ class EventLogServicer(eventlog_pb2_grpc.EventLogServiceServicer):
                 if not request.follow:
                     return
                 await self.app.wait_for_change(max_wait=1)
+                await self.views.quiet()
 
     @mapped
     async def VerifyLog(
