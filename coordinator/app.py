@@ -141,8 +141,9 @@ class Coordinator:
     Host events, the hot path, hold the lock only to fold, decide and queue their commit, and
     wait for the commit outside it: the next unit (often the other host of the same handoff)
     folds on top meanwhile and its commit joins the same group. Commits land in queue order,
-    so what a unit sends never overtakes a fact it was decided on. Whoever reads the world or
-    the log's high-water marks waits, under the lock, until nothing is in flight."""
+    so what a unit sends never overtakes a fact it was decided on. Readers of the world wait,
+    without the lock, until nothing is in flight (`reading`); a host's connect reads the log's
+    high-water marks under the lock, once nothing is in flight."""
 
     def __init__(
         self,
@@ -723,20 +724,15 @@ class Coordinator:
 
     @contextlib.asynccontextmanager
     async def reading(self) -> AsyncIterator[World]:
-        """The world as committed. Staged events are folded before their commit completes, so
-        a read outside the lock could see a state that is not durable yet. The wait for the
-        commits in flight happens outside the lock: a reader (a watcher wakes after every
-        commit) must not hold up the next host events in the middle of a handoff."""
-        while True:
+        """The world as committed, without taking the lock. Staged events are folded before
+        their commit completes, so a read must wait until no commit is in flight; then the
+        world is exactly the log, and stays so until the next await. The caller must not await
+        while it uses the world (the next unit may fold into it meanwhile). Readers never take
+        the lock: a flood of them (a watcher wakes after every commit) must not queue ahead of
+        the next host events in the middle of a handoff."""
+        while self._in_flight:
             await self._settled.wait()
-            await self._lock.acquire()
-            if not self._in_flight:
-                break
-            self._lock.release()
-        try:
-            yield self.world
-        finally:
-            self._lock.release()
+        yield self.world
 
     async def wait_for_change(self, max_wait: float | None = None) -> None:
         """Return after the next committed change, or after `max_wait` seconds."""

@@ -3,7 +3,9 @@
     whimbrel-coordinator --db PATH [--listen HOST:PORT] [--metrics-listen [HOST:]PORT]
                          [--otlp-endpoint URL]
                          [--tls-cert FILE --tls-key FILE --tls-ca FILE [--authz FILE]]
-                         [--insecure]
+                         [--insecure] [--max-receive-message-bytes BYTES]
+                         [--max-send-message-bytes BYTES] [--max-concurrent-rpcs N]
+                         [--host-queue-events N] [--read-batch-bytes BYTES]
 
 With TLS material every call needs a client certificate of the cluster's CA and is authorized
 per RPC (`coordinator.authz`; roles from --authz, reloaded on SIGHUP). Without it the
@@ -31,8 +33,10 @@ from grpc_reflection.v1alpha import reflection
 from coordinator import checkpoint, servicers
 from coordinator.app import Coordinator
 from coordinator.authz import AuthzError, AuthzInterceptor, Roles
+from coordinator.limits import MIB, Limits
 from coordinator.log import SqliteEventStore, StoreError
 from coordinator.telemetry.setup import MetricsServer, coordinator_telemetry
+from coordinator.views import Views
 from whimbrel import heap, priority
 from whimbrel.otel import add_otlp_flag
 from whimbrel.tls import TlsError, TlsFiles, add_tls_flags, server_credentials, tls_files
@@ -58,10 +62,15 @@ SERVICE_NAMES = [
 
 
 def build_server(
-    app: Coordinator, listen: str, tls: TlsFiles | None = None, roles: Roles | None = None
+    app: Coordinator,
+    listen: str,
+    tls: TlsFiles | None = None,
+    roles: Roles | None = None,
+    limits: Limits | None = None,
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """The gRPC server of `app` on `listen`: mutual TLS and per-RPC roles with `tls`, plaintext
-    without (raises TlsError when the TLS files are unusable)."""
+    without (raises TlsError when the TLS files are unusable), within `limits`."""
+    limits = limits or Limits()
     interceptors = []
     if tls is not None:
         interceptors.append(
@@ -78,14 +87,22 @@ def build_server(
             ("grpc.http2.min_recv_ping_interval_without_data_ms", 500),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.max_ping_strikes", 0),
+            *limits.server_options(),
         ],
+        maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
     )
+    # Every reader shares one cache of the committed world's views.
+    views = Views(app)
     migration_pb2_grpc.add_MigrationServiceServicer_to_server(
-        servicers.MigrationServicer(app), server
+        servicers.MigrationServicer(app, views), server
     )
-    vm_pb2_grpc.add_VmServiceServicer_to_server(servicers.VmServicer(app), server)
-    host_pb2_grpc.add_HostServiceServicer_to_server(servicers.HostServicer(app), server)
-    eventlog_pb2_grpc.add_EventLogServiceServicer_to_server(servicers.EventLogServicer(app), server)
+    vm_pb2_grpc.add_VmServiceServicer_to_server(servicers.VmServicer(app, views), server)
+    host_pb2_grpc.add_HostServiceServicer_to_server(
+        servicers.HostServicer(app, views, limits.host_queue_events), server
+    )
+    eventlog_pb2_grpc.add_EventLogServiceServicer_to_server(
+        servicers.EventLogServicer(app, limits, views), server
+    )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -102,10 +119,14 @@ def build_server(
 
 
 async def start_server(
-    app: Coordinator, listen: str, tls: TlsFiles | None = None, roles: Roles | None = None
+    app: Coordinator,
+    listen: str,
+    tls: TlsFiles | None = None,
+    roles: Roles | None = None,
+    limits: Limits | None = None,
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """Build, start and mark every service SERVING."""
-    server, port, health_servicer = build_server(app, listen, tls, roles)
+    server, port, health_servicer = build_server(app, listen, tls, roles, limits)
     if not port:
         raise OSError(f"cannot listen on {listen}")
     await server.start()
@@ -128,6 +149,7 @@ async def serve(
     checkpoint_every: int = 100_000,
     tls: TlsFiles | None = None,
     roles: Roles | None = None,
+    limits: Limits | None = None,
 ) -> int:
     store = SqliteEventStore(db)
     app = Coordinator(
@@ -138,7 +160,7 @@ async def serve(
     )
     # Bind before taking the log: a start refused for its address leaves no trace in it.
     try:
-        server, port, health_servicer = build_server(app, listen, tls, roles)
+        server, port, health_servicer = build_server(app, listen, tls, roles, limits)
     except TlsError as err:
         log.error("cannot start: %s", err)
         await asyncio.to_thread(store.close)
@@ -234,6 +256,57 @@ def metrics_address(value: str) -> str:
     return listen_address(value)
 
 
+def positive(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a positive integer")
+    return number
+
+
+def add_limit_flags(parser: argparse.ArgumentParser) -> None:
+    default = Limits()
+    group = parser.add_argument_group("limits (see coordinator.limits)")
+    group.add_argument(
+        "--max-receive-message-bytes", type=positive, metavar="BYTES",
+        default=default.max_receive_bytes,
+        help="refuse larger messages with RESOURCE_EXHAUSTED (default %(default)s)",
+    )  # fmt: skip
+    group.add_argument(
+        "--max-send-message-bytes", type=positive, metavar="BYTES",
+        default=default.max_send_bytes, help="largest message sent (default %(default)s)",
+    )  # fmt: skip
+    group.add_argument(
+        "--max-concurrent-rpcs", type=positive, metavar="N",
+        default=default.max_concurrent_rpcs,
+        help="calls served at once, host streams and watchers included; more are refused "
+        "with RESOURCE_EXHAUSTED (default %(default)s)",
+    )  # fmt: skip
+    group.add_argument(
+        "--host-queue-events", type=positive, metavar="N", default=default.host_queue_events,
+        help="a host's events read and not yet folded; when full its stream is not read "
+        "until there is room (default %(default)s)",
+    )  # fmt: skip
+    group.add_argument(
+        "--read-batch-bytes", type=positive, metavar="BYTES",
+        default=default.read_batch_bytes,
+        help=f"payload bytes one ReadEvents read takes from the log (default %(default)s = "
+        f"{default.read_batch_bytes // MIB} MiB)",
+    )  # fmt: skip
+
+
+def limits_from(args: argparse.Namespace) -> Limits:
+    return Limits(
+        max_receive_bytes=args.max_receive_message_bytes,
+        max_send_bytes=args.max_send_message_bytes,
+        max_concurrent_rpcs=args.max_concurrent_rpcs,
+        host_queue_events=args.host_queue_events,
+        read_batch_bytes=args.read_batch_bytes,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="whimbrel-coordinator", description=__doc__.split("\n")[0]
@@ -280,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="allow a non-loopback --listen without TLS (anyone who reaches it can do anything)",
     )
+    add_limit_flags(parser)
     add_otlp_flag(parser)
     priority.add_priority_flag(parser)
     parser.add_argument(
@@ -333,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
                 checkpoint_every=args.checkpoint_every,
                 tls=tls,
                 roles=roles,
+                limits=limits_from(args),
             )
         )
     except OSError as err:  # e.g. the database path is unusable

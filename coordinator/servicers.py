@@ -5,6 +5,9 @@ This module alone chooses status codes:
     AlreadyExists -> ALREADY_EXISTS        IllegalTransition -> FAILED_PRECONDITION
     HostUnavailable -> UNAVAILABLE         StaleEpoch / StoreFailure -> UNAVAILABLE
     StreamRefused -> PERMISSION_DENIED (a host sent what it may not: the stream ends)
+gRPC itself answers RESOURCE_EXHAUSTED beyond the server's limits (`coordinator.limits`).
+
+Reads and watches are served from `coordinator.views`, never under the application's lock.
 
 Who may call what is decided before a servicer runs (`coordinator.authz`); here requests only
 carry the caller's principal into the log, and a host stream's Hello must name the host of the
@@ -36,7 +39,9 @@ from coordinator.core import (
 from coordinator.core import inputs as I
 from coordinator.core.validate import check_migration_id, check_name
 from coordinator.host_stream import StreamRefused
+from coordinator.limits import Limits
 from coordinator.log import StoredEvent, StoreError, verify_chain
+from coordinator.views import Views
 from whimbrel.tls import host_principal, peer_principal
 from whimbrel.v1 import (
     eventlog_pb2,
@@ -93,16 +98,13 @@ def mapped(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
 
 
 class MigrationServicer(migration_pb2_grpc.MigrationServiceServicer):
-    def __init__(self, app: Coordinator) -> None:
+    def __init__(self, app: Coordinator, views: Views | None = None) -> None:
         self.app = app
+        self.views = views or Views(app)
 
     async def _get(self, migration_id: str) -> migration_pb2.Migration:
         check_migration_id(migration_id)
-        async with self.app.reading() as world:
-            m = world.migrations.get(migration_id)
-            if m is None:
-                raise NotFound("migration", migration_id)
-            return convert.migration_to_proto(m)
+        return await self.views.migration(migration_id)
 
     @mapped
     async def StartMigration(
@@ -136,17 +138,13 @@ class MigrationServicer(migration_pb2_grpc.MigrationServiceServicer):
     async def ListMigrations(
         self, request: migration_pb2.ListMigrationsRequest, context: Any
     ) -> migration_pb2.ListMigrationsResponse:
-        async with self.app.reading() as world:
-            ms = [
-                m
-                for m in world.migrations.values()
-                if (not request.vm or m.vm == request.vm)
-                and (not request.open_only or not m.phase.terminal)
-            ]
-            ms.sort(key=lambda m: m.requested_at_us, reverse=True)
-            return migration_pb2.ListMigrationsResponse(
-                migrations=[convert.migration_to_proto(m) for m in ms]
-            )
+        ms = [
+            m
+            for m in await self.views.migrations()
+            if (not request.vm or m.vm == request.vm)
+            and (not request.open_only or not Phase(m.phase).terminal)
+        ]
+        return migration_pb2.ListMigrationsResponse(migrations=ms)
 
     async def WatchMigration(
         self, request: migration_pb2.WatchMigrationRequest, context: Any
@@ -193,16 +191,13 @@ class MigrationServicer(migration_pb2_grpc.MigrationServiceServicer):
 
 
 class VmServicer(vm_pb2_grpc.VmServiceServicer):
-    def __init__(self, app: Coordinator) -> None:
+    def __init__(self, app: Coordinator, views: Views | None = None) -> None:
         self.app = app
+        self.views = views or Views(app)
 
     async def _get(self, name: str) -> vm_pb2.Vm:
         check_name("VM", name)
-        async with self.app.reading() as world:
-            vm = world.vms.get(name)
-            if vm is None:
-                raise NotFound("VM", name)
-            return convert.vm_to_proto(vm)
+        return await self.views.vm(name)
 
     @mapped
     async def DefineVm(self, request: vm_pb2.DefineVmRequest, context: Any) -> vm_pb2.Vm:
@@ -229,14 +224,17 @@ class VmServicer(vm_pb2_grpc.VmServiceServicer):
 
     @mapped
     async def ListVms(self, request: vm_pb2.ListVmsRequest, context: Any) -> vm_pb2.ListVmsResponse:
-        async with self.app.reading() as world:
-            vms = sorted(world.vms.values(), key=lambda vm: vm.name)
-            return vm_pb2.ListVmsResponse(vms=[convert.vm_to_proto(vm) for vm in vms])
+        return vm_pb2.ListVmsResponse(vms=await self.views.vms())
 
 
 class HostServicer(host_pb2_grpc.HostServiceServicer):
-    def __init__(self, app: Coordinator) -> None:
+    def __init__(
+        self, app: Coordinator, views: Views | None = None, queue_events: int = 1024
+    ) -> None:
         self.app = app
+        self.views = views or Views(app)
+        # A host's events read off its stream and not yet folded, at most.
+        self.queue_events = queue_events
 
     async def Connect(
         self, request_iterator: AsyncIterator[host_pb2.HostMessage], context: Any
@@ -262,18 +260,20 @@ class HostServicer(host_pb2_grpc.HostServiceServicer):
             await context.abort(status_for(err), str(err))
             return
 
-        received: asyncio.Queue[host_pb2.HostEvent | None] = asyncio.Queue()
+        # Bounded: while it is full the stream is not read, HTTP/2 flow control stops hostd's
+        # sends, and hostd keeps what it could not send until it is acknowledged.
+        received: asyncio.Queue[host_pb2.HostEvent | None] = asyncio.Queue(self.queue_events)
         refused: list[StreamRefused] = []
 
         async def read_events() -> None:
             async for message in request_iterator:
                 kind = message.WhichOneof("kind")
                 if kind == "event":
-                    received.put_nowait(message.event)
+                    await received.put(message.event)
                 elif kind == "events":
                     for event in message.events.events:
-                        received.put_nowait(event)
-            received.put_nowait(None)
+                        await received.put(event)
+            await received.put(None)
 
         async def process_events() -> None:
             # Everything that arrived while the previous batch was being folded goes into the
@@ -324,24 +324,64 @@ class HostServicer(host_pb2_grpc.HostServiceServicer):
     async def ListHosts(
         self, request: host_pb2.ListHostsRequest, context: Any
     ) -> host_pb2.ListHostsResponse:
-        async with self.app.reading() as world:
-            hosts = [
-                convert.host_to_proto(world, h)
-                for h in sorted(world.hosts.values(), key=lambda h: h.host_id)
-            ]
-            return host_pb2.ListHostsResponse(hosts=hosts)
+        return host_pb2.ListHostsResponse(hosts=await self.views.hosts())
+
+
+def check_stream(stream: str) -> None:
+    """A stream filter names one stream: `coordinator`, `migration/ID`, `host/ID`, `vm/NAME`."""
+    if stream in ("", "coordinator"):
+        return
+    prefix, _, name = stream.partition("/")
+    try:
+        if prefix == "migration":
+            return check_migration_id(name)
+        if prefix == "host":
+            return check_name("host", name)
+        if prefix == "vm":
+            return check_name("VM", name)
+    except InvalidRequest as err:
+        raise InvalidRequest(f"stream {stream!r}: {err}") from None
+    raise InvalidRequest(
+        f"unknown stream {stream!r}: coordinator, migration/ID, host/ID or vm/NAME"
+    )
 
 
 class EventLogServicer(eventlog_pb2_grpc.EventLogServiceServicer):
-    def __init__(self, app: Coordinator) -> None:
+    def __init__(
+        self, app: Coordinator, limits: Limits | None = None, views: Views | None = None
+    ) -> None:
         self.app = app
+        self.limits = limits or Limits()
+        self.views = views or Views(app)
+        # One verification at a time: each reads and hashes the whole log.
+        self._verifying = asyncio.Lock()
 
     def _read_batch(self, from_seq: int, stream: str) -> list[StoredEvent]:
-        return list(self.app.store.read(from_seq=from_seq, stream=stream or None, limit=1000))
+        """The next events from `from_seq`: at most read_batch_events of them and, past the
+        first, at most read_batch_bytes of payload, so neither a long log nor large events
+        make one read hold much memory."""
+        batch: list[StoredEvent] = []
+        size = 0
+        events = self.app.store.read(
+            from_seq=from_seq, stream=stream or None, limit=self.limits.read_batch_events
+        )
+        for stored in events:
+            size += len(stored.payload)
+            if batch and size > self.limits.read_batch_bytes:
+                break
+            batch.append(stored)
+        close = getattr(events, "close", None)
+        if close is not None:
+            close()  # before leaving the thread: it holds a connection to the log
+        return batch
 
     async def ReadEvents(
         self, request: eventlog_pb2.ReadEventsRequest, context: Any
     ) -> AsyncIterator[events_pb2.Event]:
+        try:
+            check_stream(request.stream)
+        except InvalidRequest as err:
+            await context.abort(status_for(err), str(err))
         next_seq, sent = max(request.from_seq, 1), 0
         while True:
             batch = await asyncio.to_thread(self._read_batch, next_seq, request.stream)
@@ -355,15 +395,22 @@ class EventLogServicer(eventlog_pb2_grpc.EventLogServiceServicer):
                 if not request.follow:
                     return
                 await self.app.wait_for_change(max_wait=1)
+                await self.views.quiet()
 
     @mapped
     async def VerifyLog(
         self, request: eventlog_pb2.VerifyLogRequest, context: Any
     ) -> eventlog_pb2.VerifyLogResponse:
-        expect = bytes.fromhex(request.expect_head_hash) if request.expect_head_hash else b""
-        result = await asyncio.to_thread(
-            verify_chain, self.app.store.read(), request.expect_seq, expect
-        )
+        try:
+            expect = bytes.fromhex(request.expect_head_hash)
+        except ValueError:
+            raise InvalidRequest(
+                f"expect_head_hash {request.expect_head_hash[:80]!r} is not hex"
+            ) from None
+        async with self._verifying:
+            result = await asyncio.to_thread(
+                verify_chain, self.app.store.read(), request.expect_seq, expect
+            )
         return eventlog_pb2.VerifyLogResponse(
             ok=result.ok,
             events_checked=result.events_checked,

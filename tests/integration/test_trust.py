@@ -244,10 +244,11 @@ async def test_hostd_refuses_a_server_that_is_not_the_coordinator(tmp_path):
 
 
 async def test_host_stream_and_reads_work_for_their_roles(coordinator, sim_hosts):
-    """A viewer reads the log and verifies it; a host's stream carries its observations."""
+    """A viewer lists hosts, an admin verifies the log; a host's stream carries its
+    observations."""
     host_a = SimHostd("host-a", coordinator.channel, sim_hosts)
     await host_a.start()
-    log = eventlog_pb2_grpc.EventLogServiceStub(coordinator.channel_as("user", "viewer"))
+    log = eventlog_pb2_grpc.EventLogServiceStub(coordinator.channel_as("user", "admin"))
     verified = await log.VerifyLog(eventlog_pb2.VerifyLogRequest())
     assert verified.ok and verified.head_seq == head(coordinator)
     hosts = host_pb2_grpc.HostServiceStub(coordinator.channel_as("user", "viewer"))

@@ -20,6 +20,8 @@ BENCHES: dict[str, Callable[[], Result | list[Result]]] = {
     "recovery.1m": lambda: recovery_bench.bench(1_000_000),
     "switchover.pause.postcopy": lambda: switchover.bench("postcopy"),
     "switchover.pause.precopy": lambda: switchover.bench("precopy"),
+    "switchover.flood.postcopy": lambda: switchover.flood_bench("postcopy"),
+    "switchover.flood.precopy": lambda: switchover.flood_bench("precopy"),
 }
 
 

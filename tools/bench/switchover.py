@@ -32,10 +32,14 @@ import os
 import signal
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
+
+import grpc
 
 from coordinator.core.validate import effective_policy
 from hostd import qemu
@@ -46,13 +50,14 @@ from hostd.qmp import QmpSession
 from tools.bench.samples import QmpEvent, Sample, Tally
 from tools.cluster import HOOK, Cluster
 from tools.guest import boot_disk, random_ram
-from whimbrel import heap, priority
+from whimbrel import heap, priority, tls
 from whimbrel.v1 import (
     common_pb2,
     eventlog_pb2,
     eventlog_pb2_grpc,
     events_pb2,
     migration_pb2,
+    migration_pb2_grpc,
 )
 
 # Migrations per side. A p99 needs about 100 samples to mean something: of 20, "p99" is in
@@ -142,7 +147,7 @@ class SeenScheduling:
 class WhimbrelSide:
     """A coordinator and two hostds on loopback; `run` migrates the VM to the other host."""
 
-    def __init__(self, root: Path, postcopy: bool, ram: Path | None) -> None:
+    def __init__(self, root: Path, postcopy: bool, ram: Path | None, flood: int = 0) -> None:
         self.postcopy = postcopy
         self.mode = (
             common_pb2.MIGRATION_MODE_POSTCOPY if postcopy else common_pb2.MIGRATION_MODE_PRECOPY
@@ -152,6 +157,8 @@ class WhimbrelSide:
         try:
             self.cluster.start(*self.hosts)
             self.cluster.define_and_start(VM, "host-a", memory_mib=MEMORY_MIB, ram_file=ram)
+            # With `flood` watchers, every migration runs under a ReadFlood.
+            self.reads = ReadFlood(self.cluster, flood).start() if flood else None
         except BaseException:
             self.cluster.teardown()
             raise
@@ -227,7 +234,11 @@ class WhimbrelSide:
                     os.kill(pid, signal.SIGCONT)
 
     def close(self) -> None:
-        self.cluster.teardown()
+        try:
+            if self.reads is not None:
+                self.reads.stop()
+        finally:
+            self.cluster.teardown()
 
 
 # --- the direct baseline ---
@@ -471,11 +482,14 @@ def _log(side: str, i: int, sample: Sample, tally: Tally) -> None:
     print(f"  {side} {i}: {what}", file=sys.stderr, flush=True)
 
 
-def whimbrel_pauses(mode: int, runs: int, root: Path, ram: Path | None = None) -> list[float]:
-    """Whimbrel alone, `runs` migrations: the accepted pauses (for a look at one side)."""
+def whimbrel_pauses(
+    mode: int, runs: int, root: Path, ram: Path | None = None, flood: int = 0
+) -> list[float]:
+    """Whimbrel alone, `runs` migrations (with `flood` watchers, under a ReadFlood): the
+    accepted pauses."""
     postcopy = mode == common_pb2.MIGRATION_MODE_POSTCOPY
     tally = Tally(postcopy)
-    side = WhimbrelSide(root, postcopy, ram)
+    side = WhimbrelSide(root, postcopy, ram, flood)
     try:
         for i in range(runs):
             _log("whimbrel", i, side.run(i)[0], tally)
@@ -544,3 +558,123 @@ def bench(mode: str, runs: int | None = None) -> list[dict[str, object]]:
             }
         )
     return out
+
+
+# --- under a flood of reads ---------------------------------------------------------------------
+
+# Watchers of the migration under way in the flood bench (issue 11: reads must not lengthen it).
+FLOOD_WATCHERS = 50
+
+
+class ReadFlood:
+    """Reads against a cluster's coordinator, from a thread of their own: `watchers`
+    WatchMigration streams on whichever migration is open (each re-watches the next one) and a
+    ListMigrations loop, one call after another, for as long as it runs."""
+
+    def __init__(self, cluster: Cluster, watchers: int = FLOOD_WATCHERS) -> None:
+        self.address = cluster.address
+        self.files = cluster.identity("user", "admin").files if cluster.tls else None
+        self.watchers = watchers
+        self.lists = 0
+        self.updates = 0
+        self.watches = 0
+        self.errors = 0
+        self._open = ""  # the open migration the last ListMigrations showed
+        self._started = 0.0
+        self._elapsed = 0.0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._main, name="read-flood", daemon=True)
+
+    def start(self) -> ReadFlood:
+        self._thread.start()
+        self._ready.wait(10)
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+        rate = self.lists / self._elapsed if self._elapsed else 0.0
+        print(
+            f"  flood: {self.watchers} watchers, {self.watches} watches, {self.updates} updates; "
+            f"{self.lists} ListMigrations ({rate:.0f}/s); {self.errors} errors",
+            file=sys.stderr, flush=True,
+        )  # fmt: skip
+
+    def _main(self) -> None:
+        asyncio.run(self._run())
+
+    async def _run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        channel = tls.aio_channel(self.address, self.files)
+        stub = migration_pb2_grpc.MigrationServiceStub(channel)
+        self._started = time.monotonic()
+        tasks = [asyncio.create_task(self._list(stub))]
+        tasks += [asyncio.create_task(self._watch(stub)) for _ in range(self.watchers)]
+        self._ready.set()
+        await self._stop.wait()
+        self._elapsed = time.monotonic() - self._started
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await channel.close()
+
+    async def _list(self, stub: migration_pb2_grpc.MigrationServiceAsyncStub) -> None:
+        while True:
+            try:
+                listed = await stub.ListMigrations(migration_pb2.ListMigrationsRequest())
+            except grpc.aio.AioRpcError:
+                self.errors += 1
+                await asyncio.sleep(0.1)
+                continue
+            self.lists += 1
+            terminal = {
+                common_pb2.MIGRATION_PHASE_COMPLETED,
+                common_pb2.MIGRATION_PHASE_ROLLED_BACK,
+                common_pb2.MIGRATION_PHASE_FENCED,
+            }
+            opened = [m.migration_id for m in listed.migrations if m.phase not in terminal]
+            self._open = opened[0] if opened else ""
+
+    async def _watch(self, stub: migration_pb2_grpc.MigrationServiceAsyncStub) -> None:
+        watched = ""
+        while True:
+            if not self._open or self._open == watched:
+                await asyncio.sleep(0.01)
+                continue
+            watched = self._open
+            self.watches += 1
+            request = migration_pb2.WatchMigrationRequest(migration_id=watched)
+            try:
+                async for _ in stub.WatchMigration(request):
+                    self.updates += 1
+            except grpc.aio.AioRpcError:
+                self.errors += 1
+
+
+def flood_bench(
+    mode: str, runs: int | None = None, watchers: int = FLOOD_WATCHERS
+) -> list[dict[str, object]]:
+    """Whimbrel's pauses without, then with, a ReadFlood (no direct baseline): the value is the
+    pause under the flood, the baseline the same cluster's pause without it."""
+    postcopy = mode == "postcopy"
+    runs = runs_wanted() if runs is None else runs
+    pb_mode = common_pb2.MIGRATION_MODE_POSTCOPY if postcopy else common_pb2.MIGRATION_MODE_PRECOPY
+    with tempfile.TemporaryDirectory() as tmp:
+        ram = random_ram(Path(tmp) / "ram.bin", MEMORY_MIB) if postcopy else None
+        quiet = whimbrel_pauses(pb_mode, runs, Path(tmp) / "quiet", ram)
+        flooded = whimbrel_pauses(pb_mode, runs, Path(tmp) / "flooded", ram, flood=watchers)
+    print(f"  {mode}: quiet   pauses ms {sorted(round(p, 1) for p in quiet)}", file=sys.stderr)
+    print(f"  {mode}: flooded pauses ms {sorted(round(p, 1) for p in flooded)}", file=sys.stderr)
+    return [
+        {
+            "bench": f"switchover.flood.{mode}.p{p}_ms",
+            "value": round(percentile(flooded, p), 2),
+            "unit": "ms",
+            "baseline": round(percentile(quiet, p), 2),
+        }
+        for p in (50, 99)
+    ]

@@ -1,0 +1,38 @@
+"""The coordinator's resource limits: what one client, host or message may take of it.
+
+    max_receive_bytes      largest message accepted (a larger one: RESOURCE_EXHAUSTED)
+    max_send_bytes         largest message sent
+    max_concurrent_rpcs    calls served at once, streams included (then RESOURCE_EXHAUSTED)
+    host_queue_events      a host's events read off its stream and not yet folded; when full,
+                           the stream is not read, so HTTP/2 flow control holds hostd back
+                           (hostd keeps every event until it is acknowledged: nothing is lost)
+    read_batch_events      events one ReadEvents read takes from the log at most ...
+    read_batch_bytes       ... and payload bytes (at least one event, however large)
+
+The defaults leave a hostd's largest message (a backlog of 256 observations after an outage)
+far below the receive bound, and room for many watchers besides every host's stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["MIB", "Limits"]
+
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_receive_bytes: int = 4 * MIB
+    max_send_bytes: int = 16 * MIB
+    max_concurrent_rpcs: int = 1024
+    host_queue_events: int = 1024
+    read_batch_events: int = 256
+    read_batch_bytes: int = 1 * MIB
+
+    def server_options(self) -> list[tuple[str, int]]:
+        return [
+            ("grpc.max_receive_message_length", self.max_receive_bytes),
+            ("grpc.max_send_message_length", self.max_send_bytes),
+        ]
