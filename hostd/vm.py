@@ -23,7 +23,7 @@ from google.protobuf.message import Message
 from hostd import qemu
 from hostd.errors import HostdError, QmpUnavailable
 from hostd.qmp import QmpSession
-from whimbrel import files
+from whimbrel import failpoints, files
 from whimbrel.v1 import common_pb2, events_pb2
 
 Emit = Callable[[Message, int], Awaitable[None]]
@@ -231,6 +231,7 @@ class VmRuntime:
             vm=self.name, event=name, data_json=json.dumps(data, sort_keys=True)
         )
         await self.emit(payload, time_us)
+        failpoints.hit(f"hostd.after-qmp-event.{name}.{data.get('status', '')}".rstrip("."))
         if name == "MIGRATION":
             self.migration_status = str(data.get("status", ""))
         elif name in ("STOP", "RESUME"):

@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -300,6 +301,29 @@ class Cluster:
             with contextlib.suppress(ValueError, FileNotFoundError):
                 pids.append(int(pidfile.read_text()))
         return pids
+
+    def qemu_pid(self, host: str, vm: str = "vm-1") -> int:
+        """The pid of `vm`'s QEMU on `host` (from its pidfile; it may have died since)."""
+        return int((self.root / host / "vms" / vm / "qemu.pid").read_text())
+
+    def wait_frozen(self, name: str, timeout: float = 60.0) -> None:
+        """Until process `name` stopped itself at a `NAME=stop` failpoint (state T)."""
+        pid = self.processes[name].popen.pid
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.processes[name].popen.poll() is not None:
+                raise AssertionError(f"{name} exited instead of stopping at its failpoint")
+            with contextlib.suppress(FileNotFoundError, IndexError):
+                stat = Path(f"/proc/{pid}/stat").read_text()
+                if stat.rsplit(")", 1)[1].split()[0] == "T":
+                    return
+            time.sleep(0.005)
+        raise AssertionError(f"{name} did not stop at its failpoint within {timeout:g} s")
+
+    def kill_process(self, name: str) -> None:
+        """SIGKILL process `name` (a coordinator or hostd) and forget it; start it again with
+        `start_coordinator` / `start_hostd` (same host id, same state dir)."""
+        self.processes.pop(name).stop(signal.SIGKILL)
 
     def teardown(self) -> None:
         if self.channel is not None:

@@ -1,0 +1,120 @@
+"""Issue 13, findings 1-3, with real QEMU: a fault at the exact instant of the switchover that
+the chaos drill found costly, pinned by a failpoint. A `NAME=stop` failpoint freezes the hostd
+there; the test strikes (SIGKILL of that hostd, or of a QEMU) while it is frozen, then lets it go
+on, so the fault lands exactly at that instant whatever the machine's load."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from coordinator.core import Event
+from hostd import qemu
+from tests.qemu.scenario import PHASE, assert_outcome, qmp_event, start_migration
+from tools.cluster import Cluster
+from whimbrel.v1 import common_pb2, events_pb2
+
+pytestmark = pytest.mark.qemu
+PRECOPY = common_pb2.MIGRATION_MODE_PRECOPY
+
+
+def arm(cluster: Cluster, host: str, failpoint: str) -> None:
+    """Restart `host`'s hostd with `failpoint` armed (before the VM migrates)."""
+    head = cluster.head()
+    cluster.processes[host].stop()
+    cluster.start_hostd(host, failpoints=failpoint)
+    cluster.wait_hosts(host, from_seq=head + 1)
+
+
+def kill_qemu(cluster: Cluster, host: str) -> None:
+    """SIGKILL `host`'s QEMU for vm-1 and wait until it is gone."""
+    pid = cluster.qemu_pid(host)
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while qemu.alive(pid):
+        assert time.monotonic() < deadline, f"QEMU {pid} outlived SIGKILL"
+        time.sleep(0.01)
+
+
+def of_type(cluster: Cluster, payload_type: type) -> list[Event]:
+    return [e for e in cluster.events() if isinstance(e.payload, payload_type)]
+
+
+def test_source_hostd_killed_after_migrate_continue_completes(cluster: Cluster) -> None:
+    """Finding 1: the source's hostd is SIGKILLed right after QEMU accepted migrate-continue,
+    before it recorded the result, and is restarted. The interrupted command comes back failed
+    ("interrupted by a hostd restart"), but both QEMUs report completed: the migration must end
+    COMPLETED with the VM running on host-b, and nothing is fenced or lost."""
+    cluster.define_and_start("vm-1", "host-a")
+    arm(cluster, "host-a", "hostd.after-execute.continue-switchover=stop")
+    start_migration(cluster, PRECOPY)
+    cluster.wait_frozen("host-a")
+    cluster.kill_process("host-a")
+    cluster.start_hostd("host-a")
+    assert_outcome(cluster, PHASE.MIGRATION_PHASE_COMPLETED, runs_on="host-b")
+    continues = [
+        e.payload
+        for e in of_type(cluster, events_pb2.CommandFailed)
+        if e.payload.kind == events_pb2.COMMAND_KIND_CONTINUE_SWITCHOVER
+    ]
+    # The window was hit: the command's own answer is the restart's, not QEMU's.
+    assert [c.error for c in continues] == ["interrupted by a hostd restart; not executed again"]
+    assert of_type(cluster, events_pb2.FencingDecided) == []
+    assert of_type(cluster, events_pb2.VmLost) == []
+
+
+def test_destination_qemu_killed_while_source_stopped_for_switchover(cluster: Cluster) -> None:
+    """Finding 2: pre-copy, the source QEMU has just stopped for the switchover (its hostd is
+    frozen right after forwarding the STOP) when the destination's QEMU is SIGKILLed. QEMU 7.2
+    then fails the migration and resumes the source by itself. The source must never run
+    without its lease: it never released it (no LeaseReleased by host-a), the invariant checker
+    and `whimbrel-audit verify --final` are clean, and the migration is ROLLED_BACK with the VM
+    running on host-a."""
+    cluster.define_and_start("vm-1", "host-a")
+    arm(cluster, "host-a", "hostd.after-qmp-event.STOP=stop")
+    head = cluster.head()
+    start_migration(cluster, PRECOPY)
+    cluster.wait_frozen("host-a")
+    kill_qemu(cluster, "host-b")
+    time.sleep(0.3)  # the source QEMU notices and resumes itself while its hostd is frozen
+    cluster.processes["host-a"].popen.send_signal(signal.SIGCONT)
+    cluster.wait_event(qmp_event("host-a", "RESUME"), from_seq=head)
+    assert_outcome(cluster, PHASE.MIGRATION_PHASE_ROLLED_BACK, runs_on="host-a")
+    released = [e for e in of_type(cluster, events_pb2.LeaseReleased) if e.seq > head]
+    assert [e.payload.holder for e in released] == []
+
+
+def test_destination_qemu_killed_just_before_cont_rolls_back(cluster: Cluster) -> None:
+    """Finding 3: the destination's hostd is frozen as it starts the RESUME_VM command (cont not
+    yet sent) and its QEMU is SIGKILLed there. The destination never ran (no RESUME from
+    host-b), so the complete, paused source is the VM: the migration must be ROLLED_BACK with
+    the VM running on host-a, not fenced and lost."""
+    cluster.define_and_start("vm-1", "host-a")
+    arm(cluster, "host-b", "hostd.before-execute.resume-vm=stop")
+    head = cluster.head()
+    start_migration(cluster, PRECOPY)
+    cluster.wait_frozen("host-b")
+    kill_qemu(cluster, "host-b")
+    cluster.processes["host-b"].popen.send_signal(signal.SIGCONT)
+    assert_outcome(cluster, PHASE.MIGRATION_PHASE_ROLLED_BACK, runs_on="host-a")
+    resumed_b = [e for e in cluster.events() if e.seq > head and qmp_event("host-b", "RESUME")(e)]
+    assert resumed_b == []
+    assert of_type(cluster, events_pb2.VmLost) == []
+
+
+def test_destination_qemu_killed_before_its_lease_rolls_back(cluster: Cluster) -> None:
+    """Finding 3, earlier: the destination's hostd is frozen as it starts ACQUIRE_LEASE (both
+    QEMUs completed, the source released its lease, no cont intent yet) and its QEMU is
+    SIGKILLed there. The complete, paused source is the VM: ROLLED_BACK, the VM running on
+    host-a again (holding the lease), nothing lost."""
+    cluster.define_and_start("vm-1", "host-a")
+    arm(cluster, "host-b", "hostd.before-execute.acquire-lease=stop")
+    start_migration(cluster, PRECOPY)
+    cluster.wait_frozen("host-b")
+    kill_qemu(cluster, "host-b")
+    cluster.processes["host-b"].popen.send_signal(signal.SIGCONT)
+    assert_outcome(cluster, PHASE.MIGRATION_PHASE_ROLLED_BACK, runs_on="host-a")
+    assert of_type(cluster, events_pb2.VmLost) == []
