@@ -633,8 +633,13 @@ def _forward(world: World, m: MigrationState, issue: _Issuer, now_us: int) -> li
     # copies, and the destination stays paused until cont. A post-copy destination's hostd
     # also begins by itself at its own postcopy-active (PREPARE_INCOMING asked it to): the
     # hook starts at whichever comes first, this command or that status.
-    source_let_go = m.postcopy_started or src.status == "completed"
-    hostd_may_still_report = 0 < now_us - src.stopped_at_us < HOSTD_SWITCH_GRACE_US
+    # A source QEMU that died after the destination loaded everything cannot resume either;
+    # its hostd never sees completed, so nothing releases the lease but this command.
+    died_after_transfer = not src.alive and dst.status == "completed"
+    source_let_go = m.postcopy_started or src.status == "completed" or died_after_transfer
+    hostd_may_still_report = (
+        0 < now_us - src.stopped_at_us < HOSTD_SWITCH_GRACE_US and not died_after_transfer
+    )
     releasing = (
         source_let_go
         and _to_issue(m, Kind.RELEASE_LEASE, src.host)

@@ -118,3 +118,34 @@ def test_destination_qemu_killed_before_its_lease_rolls_back(cluster: Cluster) -
     cluster.processes["host-b"].popen.send_signal(signal.SIGCONT)
     assert_outcome(cluster, PHASE.MIGRATION_PHASE_ROLLED_BACK, runs_on="host-a")
     assert of_type(cluster, events_pb2.VmLost) == []
+
+
+def test_source_qemu_killed_after_the_destination_loaded_everything_completes(
+    cluster: Cluster,
+) -> None:
+    """The source's hostd is frozen at its QEMU's `device` status (so it never records the
+    source's completed); once the destination reported completed, the source QEMU and then
+    its hostd are SIGKILLed and the hostd restarted. The lease is still the dead source's,
+    and nothing on host-a will release it by itself: the destination holds the whole VM, so
+    the migration must end COMPLETED with the VM running on host-b, nothing fenced or lost."""
+    cluster.define_and_start("vm-1", "host-a")
+    arm(cluster, "host-a", "hostd.after-qmp-event.MIGRATION.device=stop")
+    head = cluster.head()
+    start_migration(cluster, PRECOPY)
+    cluster.wait_frozen("host-a")
+    cluster.wait_event(
+        lambda e: qmp_event("host-b", "MIGRATION")(e) and '"completed"' in e.payload.data_json,
+        from_seq=head,
+    )
+    kill_qemu(cluster, "host-a")
+    cluster.kill_process("host-a")
+    cluster.start_hostd("host-a")
+    assert_outcome(cluster, PHASE.MIGRATION_PHASE_COMPLETED, runs_on="host-b")
+    completed_a = [
+        e for e in cluster.events()
+        if e.seq > head and qmp_event("host-a", "MIGRATION")(e)
+        and '"completed"' in e.payload.data_json
+    ]  # fmt: skip
+    assert completed_a == []  # the window was hit: host-a never reported completed
+    assert of_type(cluster, events_pb2.FencingDecided) == []
+    assert of_type(cluster, events_pb2.VmLost) == []

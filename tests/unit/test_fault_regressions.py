@@ -131,6 +131,32 @@ def test_continue_switchover_interrupted_by_a_restart_after_it_took_effect_compl
     clean(driver)
 
 
+def test_a_source_that_dies_after_the_destination_loaded_everything_completes():
+    """The source QEMU is killed after migrate-continue, once the destination reported
+    completed but before the source did: its hostd never sees completed, so nothing released
+    the lease. A dead source cannot resume, and the destination holds the whole VM: the
+    coordinator releases the dead source's lease itself and the handoff goes on."""
+    driver, hosts = fresh()
+    start(driver)
+    cmd = until_issued(driver, hosts, Kind.CONTINUE_SWITCHOVER)
+    driver.answered.add(cmd.command_id)
+    driver.observe(
+        migration("host-a", "vm-1", "device"),
+        migration("host-b", "vm-1", "completed"),
+        hosts.kill("vm-1", "host-a"),
+        Observation("host-a", E.CommandSucceeded(
+            command_id=cmd.command_id, attempt=cmd.attempt, kind=cmd.kind, vm=cmd.vm)),
+    )  # fmt: skip
+    events = driver.run("m-1", hosts)
+    d = decisions(events)
+    assert d[:3] == ["release-lease@host-a", "acquire-lease@host-b", "resume-vm@host-b"]
+    assert "FencingDecided" not in d and "VmLost" not in d
+    assert driver.world.migrations["m-1"].phase == Phase.COMPLETED
+    vm = driver.world.vms["vm-1"]
+    assert (vm.host, vm.status, vm.lease_holder) == ("host-b", VmStatus.RUNNING, "host-b")
+    clean(driver)
+
+
 def test_a_destination_that_died_before_its_cont_ran_falls_back_to_the_complete_source():
     """The destination's QEMU dies between the cont intent and hostd's cont: hostd refuses
     the command unexecuted. The destination never ran, so the complete, paused source is the
