@@ -89,6 +89,12 @@ def command_line(
     for disk in spec.disks:
         interface = disk.interface or "ide"
         args += ["-drive", f"file={disk.path},format={disk.format or 'raw'},if={interface}"]
+    if spec.kernel:
+        args += ["-kernel", spec.kernel]
+        if spec.initrd:
+            args += ["-initrd", spec.initrd]
+        if spec.append:
+            args += ["-append", spec.append]
     for index, nic in enumerate(spec.nics):
         tap = tap_name(host_id, spec.name, index)
         args += [

@@ -65,11 +65,25 @@ def check_spec(spec: common_pb2.VmSpec) -> None:
             raise InvalidRequest(f"NIC model {nic.model!r} is not one of virtio-net-pci, e1000")
         if nic.tap and not re.match(r"^[A-Za-z0-9_-]{1,15}$", nic.tap):
             raise InvalidRequest(f"tap name {nic.tap!r} is invalid (at most 15 of [A-Za-z0-9_-])")
+    check_kernel_boot(spec)
     backing = spec.memory_backing
     if backing.kind not in ("", "ram", "file"):
         raise InvalidRequest(f"memory backing {backing.kind!r} is not one of ram, file")
     if backing.kind == "file" and not backing.path.startswith("/"):
         raise InvalidRequest("a file memory backing needs an absolute path")
+
+
+def check_kernel_boot(spec: common_pb2.VmSpec) -> None:
+    if not spec.kernel:
+        if spec.initrd or spec.append:
+            raise InvalidRequest("initrd and append need a kernel")
+        return
+    if not spec.kernel.startswith("/"):
+        raise InvalidRequest(f"kernel path {spec.kernel!r} must be absolute")
+    if spec.initrd and not spec.initrd.startswith("/"):
+        raise InvalidRequest(f"initrd path {spec.initrd!r} must be absolute")
+    if len(spec.append) > 1024 or not all(" " <= c <= "~" for c in spec.append):
+        raise InvalidRequest("append must be at most 1024 characters of printable ASCII")
 
 
 def effective_policy(requested: events_pb2.MigrationPolicy) -> events_pb2.MigrationPolicy:
