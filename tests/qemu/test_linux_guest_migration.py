@@ -21,10 +21,10 @@ import pytest
 
 from hostd.qemu import tap_name
 from tests import netns
-from tests.qemu.test_migrations import assert_safe_handoff, start
+from tests.qemu.test_migrations import SLOW, assert_safe_handoff, start
 from tools import linux_guest
 from tools.cluster import Cluster
-from whimbrel.v1 import common_pb2, events_pb2, vm_pb2
+from whimbrel.v1 import common_pb2, events_pb2, migration_pb2, vm_pb2
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 
@@ -187,18 +187,42 @@ def wait_for(test, limit: float, what: str) -> None:  # type: ignore[no-untyped-
         time.sleep(0.1)
 
 
-@pytest.mark.parametrize(
-    "mode",
-    [common_pb2.MIGRATION_MODE_PRECOPY, common_pb2.MIGRATION_MODE_POSTCOPY],
-    ids=["precopy", "postcopy"],
-)
+def migrate(cluster: Cluster, case: str) -> migration_pb2.Migration:
+    """Runs migration m-1 as `case` asks; returns its final state."""
+    if case == "abort":
+        head = cluster.head()
+        # Throttled to a crawl with a guest that keeps writing, pre-copy stays in transfer.
+        start(cluster, "m-1", MODES["precopy"], max_bandwidth=SLOW, downtime_limit_ms=1)
+        cluster.wait_event(
+            lambda e: (
+                isinstance(e.payload, events_pb2.QmpEventReceived)
+                and e.origin_host == "host-a"
+                and e.payload.event == "MIGRATION_PASS"
+            ),
+            from_seq=head,
+        )
+        cluster.migrations.AbortMigration(migration_pb2.AbortMigrationRequest(migration_id="m-1"))
+    else:
+        start(cluster, "m-1", MODES[case], max_postcopy_bandwidth=64 << 20)
+    return cluster.watch("m-1")
+
+
+MODES = {
+    "precopy": common_pb2.MIGRATION_MODE_PRECOPY,
+    "postcopy": common_pb2.MIGRATION_MODE_POSTCOPY,
+    "auto": common_pb2.MIGRATION_MODE_AUTO,
+}
+
+
+@pytest.mark.parametrize("case", ["precopy", "postcopy", "auto", "abort"])
 def test_client_connection_and_disk_counter_survive_the_migration(
-    cluster: Cluster, guest: linux_guest.Guest, fabric: dict[str, str], mode: int
+    cluster: Cluster, guest: linux_guest.Guest, fabric: dict[str, str], case: str
 ) -> None:
-    """A loaded Linux guest migrates with 0 connection loss, no counter rewind, and the switch
-    learns its MAC on the destination's side."""
+    """A loaded Linux guest migrates (or rolls back) with 0 connection loss and no counter
+    rewind, and the switch learns its MAC on the side where it runs."""
     disk = define_and_start(cluster, guest)
-    assert netns.links(fabric["host-a"])[tap_name("host-a", "vm-1", 0)]["master"] == netns.BRIDGE
+    tap_a, tap_b = tap_name("host-a", "vm-1", 0), tap_name("host-b", "vm-1", 0)
+    assert netns.links(fabric["host-a"])[tap_a]["master"] == netns.BRIDGE
     wait_for(lambda: linux_guest.read_counter(disk) > 0, 60, "the guest's first counter write")
     client = subprocess.Popen(
         ["ip", "netns", "exec", fabric["client"], sys.executable, "-c", PROBE_CLIENT,
@@ -208,11 +232,10 @@ def test_client_connection_and_disk_counter_survive_the_migration(
     watch = CounterWatch(disk)
     try:
         assert client.stdout is not None and client.stdout.readline().strip() == "connected"
-        assert fdb_port(fabric["host-a"], MAC) == tap_name("host-a", "vm-1", 0)
+        assert fdb_port(fabric["host-a"], MAC) == tap_a
         watch.start()
         time.sleep(1.0)  # probes before the migration, so the outage is measured against them
-        start(cluster, "m-1", mode, max_postcopy_bandwidth=64 << 20)
-        final = cluster.watch("m-1")
+        final = migrate(cluster, case)
         time.sleep(1.0)  # probes after the handoff
         before_end = watch.samples[-1]
         wait_for(lambda: linux_guest.read_counter(disk) > before_end, 30, "the counter to go on")
@@ -220,15 +243,19 @@ def test_client_connection_and_disk_counter_survive_the_migration(
         watch.done.set()
         out, _ = client.communicate("stop\n", timeout=30)
     result = json.loads(out.strip().splitlines()[-1])
-    assert final.phase == common_pb2.MIGRATION_PHASE_COMPLETED
-    assert_safe_handoff(cluster, "m-1")
     print(
-        f"\n{common_pb2.MigrationMode.Name(mode)}: outage {result['longest_gap_s'] * 1000:.1f} ms,"
-        f" pause {final.pause_us / 1000:.1f} ms, {result['answers']} answers,"
-        f" counter {watch.samples[1]}..{watch.samples[-1]}"
+        f"\n{case}: phase {common_pb2.MigrationPhase.Name(final.phase)},"
+        f" outage {result['longest_gap_s'] * 1000:.1f} ms, pause {final.pause_us / 1000:.1f} ms,"
+        f" {result['answers']} answers, counter {watch.samples[1]}..{watch.samples[-1]}"
     )
     assert result["error"] == "", result
     assert watch.rewinds == 0
+    if case == "abort":
+        assert final.phase == common_pb2.MIGRATION_PHASE_ROLLED_BACK
+        assert fdb_port(fabric["host-a"], MAC) == tap_a
+        return
+    assert final.phase == common_pb2.MIGRATION_PHASE_COMPLETED
+    assert_safe_handoff(cluster, "m-1")
     # Traffic to the guest now crosses the switch: host A's bridge learned it behind the veth.
     assert fdb_port(fabric["host-a"], MAC) == f"{SWITCH}-a"
-    assert fdb_port(fabric["host-b"], MAC) == tap_name("host-b", "vm-1", 0)
+    assert fdb_port(fabric["host-b"], MAC) == tap_b
