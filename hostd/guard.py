@@ -7,7 +7,9 @@ hurt the host or a VM, so every command is checked here before it acts:
   become file names in the state dir and the shared lockspace;
 - a VM spec's fields, again; its disks and memory file only under the allowed roots (resolved
   with realpath, so no symlink leads out), regular files only unless block devices are
-  allowed; its bridges only those allowed;
+  allowed; a direct-boot kernel and initrd only under the allowed kernel roots (QEMU only
+  reads them, so a kernel root such as /boot is never a place a guest could write to);
+  its bridges only those allowed;
 - migration URIs only `tcp:<IP>:<port>`: QEMU would run `exec:` as a shell command, and a
   host name could resolve anywhere.
 
@@ -72,13 +74,20 @@ class Guard:
     allow_block_devices: bool = False
     # Bridges a NIC may name.
     bridges: frozenset[str] = field(default_factory=frozenset)
+    # Directories a direct-boot kernel and initrd must resolve under.
+    kernel_roots: tuple[Path, ...] = ()
 
     @classmethod
     def of(
-        cls, disk_roots: Iterable[str], bridges: Iterable[str], allow_block_devices: bool = False
+        cls,
+        disk_roots: Iterable[str],
+        bridges: Iterable[str],
+        allow_block_devices: bool = False,
+        kernel_roots: Iterable[str] = (),
     ) -> Guard:
-        roots = tuple(Path(os.path.realpath(root)) for root in disk_roots)
-        return cls(roots, allow_block_devices, frozenset(bridges))
+        return cls(
+            _resolved(disk_roots), allow_block_devices, frozenset(bridges), _resolved(kernel_roots)
+        )
 
     def spec(self, spec: common_pb2.VmSpec, *, incoming: bool = False) -> common_pb2.VmSpec:
         """A copy of `spec` with every file resolved, for QEMU's command line; raises
@@ -95,6 +104,12 @@ class Guard:
         backing = resolved.memory_backing
         if backing.kind == "file" and not incoming:
             backing.path = self._file(backing.path, "memory file", spec.name, block=False)
+        # Both ends need the kernel: QEMU sizes the boot ROM it migrates from the files.
+        for what in ("kernel", "initrd"):
+            if getattr(resolved, what):
+                path = self._file(getattr(resolved, what), what, spec.name, block=False,
+                                  roots=self.kernel_roots, flag="--allow-kernel-root")  # fmt: skip
+                setattr(resolved, what, path)
         for nic in spec.nics:
             if nic.bridge and nic.bridge not in self.bridges:
                 allowed = ", ".join(sorted(self.bridges)) or "none"
@@ -105,13 +120,21 @@ class Guard:
                 )
         return resolved
 
-    def _file(self, path: str, what: str, vm: str, block: bool) -> str:
+    def _file(
+        self,
+        path: str,
+        what: str,
+        vm: str,
+        block: bool,
+        roots: tuple[Path, ...] | None = None,
+        flag: str = "--allow-disk-root",
+    ) -> str:
+        allowed = self.disk_roots if roots is None else roots
         real = Path(os.path.realpath(path))
-        if not any(real.is_relative_to(root) for root in self.disk_roots):
-            roots = ", ".join(str(r) for r in self.disk_roots) or "none"
+        if not any(real.is_relative_to(root) for root in allowed):
+            names = ", ".join(str(r) for r in allowed) or "none"
             raise CommandRejected(
-                f"refused: {what} {path!r} is not under an allowed root (--allow-disk-root: "
-                f"{roots})",
+                f"refused: {what} {path!r} is not under an allowed root ({flag}: {names})",
                 vm=vm,
             )
         try:
@@ -123,3 +146,7 @@ class Guard:
             hint = " (--allow-block-devices is off)" if stat.S_ISBLK(mode) else ""
             raise CommandRejected(f"refused: {what} {path!r} is {kind}{hint}", vm=vm)
         return str(real)
+
+
+def _resolved(roots: Iterable[str]) -> tuple[Path, ...]:
+    return tuple(Path(os.path.realpath(root)) for root in roots)

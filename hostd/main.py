@@ -4,7 +4,8 @@
                    [--migration-address IP] [--migration-port PORT]
                    [--migration-advertise IP[:PORT]] [--network none|hook|bridge]
                    [--network-hook PATH]
-                   [--allow-disk-root DIR]... [--allow-block-devices] [--allow-bridge NAME]...
+                   [--allow-disk-root DIR]... [--allow-kernel-root DIR]...
+                   [--allow-block-devices] [--allow-bridge NAME]...
                    [--qemu-user USER]
                    [--otlp-endpoint URL]
                    [--tls-cert FILE --tls-key FILE --tls-ca FILE]
@@ -83,7 +84,9 @@ async def _serve(ns: argparse.Namespace, tls: TlsFiles | None) -> int:
         migration_advertise=ns.migration_advertise or "",
         netns=ns.netns or "",
         tls=tls,
-        guard=Guard.of(ns.allow_disk_root, ns.allow_bridge, ns.allow_block_devices),
+        guard=Guard.of(
+            ns.allow_disk_root, ns.allow_bridge, ns.allow_block_devices, ns.allow_kernel_root
+        ),
         qemu_user=ns.qemu_user or "",
     )
     loop = asyncio.get_running_loop()
@@ -141,6 +144,14 @@ def main(argv: list[str] | None = None) -> int:
         metavar="DIR",
         help="directory VM disks and memory files may be in (repeatable; resolved with "
         "realpath; none: VMs with disks are refused)",
+    )
+    parser.add_argument(
+        "--allow-kernel-root",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="directory a direct-boot kernel and initrd may be in (repeatable; QEMU only "
+        "reads them; none: VMs with a kernel are refused)",
     )
     parser.add_argument(
         "--allow-block-devices",

@@ -106,6 +106,12 @@ def command_line(
         interface = disk.interface or "ide"
         drive = f"file={opt(disk.path)},format={opt(disk.format or 'raw')},if={opt(interface)}"
         args += ["-drive", drive]
+    if spec.kernel:
+        args += ["-kernel", spec.kernel]
+        if spec.initrd:
+            args += ["-initrd", spec.initrd]
+        if spec.append:
+            args += ["-append", spec.append]
     for index, nic in enumerate(spec.nics):
         tap = tap_name(host_id, spec.name, index)
         args += [

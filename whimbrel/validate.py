@@ -90,8 +90,24 @@ def check_spec(spec: common_pb2.VmSpec) -> None:
             raise Invalid(f"tap name {nic.tap!r} is invalid (at most 15 of [A-Za-z0-9_-])")
         if nic.bridge and not BRIDGE.fullmatch(nic.bridge):
             raise Invalid(f"bridge name {nic.bridge!r} is not a network interface name")
+    check_kernel_boot(spec)
     backing = spec.memory_backing
     if backing.kind not in MEMORY_BACKINGS:
         raise Invalid(f"memory backing {backing.kind!r} is not one of ram, file")
     if backing.kind == "file" and not backing.path.startswith("/"):
         raise Invalid("a file memory backing needs an absolute path")
+
+
+def check_kernel_boot(spec: common_pb2.VmSpec) -> None:
+    """Direct kernel boot: absolute paths, and a command line QEMU passes to the guest as is
+    (one argument, so no option of QEMU's can hide in it)."""
+    if not spec.kernel:
+        if spec.initrd or spec.append:
+            raise Invalid("initrd and append need a kernel")
+        return
+    if not spec.kernel.startswith("/"):
+        raise Invalid(f"kernel path {spec.kernel!r} must be absolute")
+    if spec.initrd and not spec.initrd.startswith("/"):
+        raise Invalid(f"initrd path {spec.initrd!r} must be absolute")
+    if len(spec.append) > 1024 or not all(" " <= c <= "~" for c in spec.append):
+        raise Invalid("append must be at most 1024 characters of printable ASCII")

@@ -196,6 +196,25 @@ async def test_a_memory_file_outside_the_roots_is_refused(
     await a.close()
 
 
+def test_a_kernel_only_under_a_kernel_root(tmp_path: Path) -> None:
+    """A direct-boot kernel and initrd are files the guest reads: only under
+    --allow-kernel-root (a disk root is not enough, nor a symlink out), on both ends."""
+    boot = tmp_path / "boot"
+    boot.mkdir()
+    (boot / "vmlinuz").write_bytes(b"kernel")
+    (boot / "initrd").write_bytes(b"initrd")
+    (boot / "shadow").symlink_to("/etc/shadow")
+    guest = spec(kernel=str(boot / "vmlinuz"), initrd=str(boot / "initrd"), append="quiet")
+    with pytest.raises(CommandRejected, match=r"kernel .*\(--allow-kernel-root: none\)"):
+        Guard.of([str(tmp_path)], []).spec(guest)
+    allowed = Guard.of([], [], kernel_roots=[str(boot)])
+    for incoming in (False, True):
+        resolved = allowed.spec(guest, incoming=incoming)
+        assert (resolved.kernel, resolved.initrd) == (str(boot / "vmlinuz"), str(boot / "initrd"))
+    with pytest.raises(CommandRejected, match="initrd"):
+        allowed.spec(spec(kernel=str(boot / "vmlinuz"), initrd=str(boot / "shadow")))
+
+
 async def test_a_bridge_not_allowed_is_refused(tmp_path: Path, launches: list[list[str]]) -> None:
     """A NIC may name only a bridge given with --allow-bridge."""
     a = make_agent(tmp_path, bridges=["br-vms"])

@@ -13,9 +13,21 @@ from pathlib import Path
 
 import pytest
 
+from tools import linux_guest
 from tools.cluster import Cluster
 
 __all__ = ["Cluster"]
+
+
+@pytest.fixture
+def guest() -> linux_guest.Guest:
+    """The Linux guest's kernel and initramfs (built once, cached)."""
+    try:
+        return linux_guest.build()
+    except linux_guest.GuestUnavailable as err:
+        if os.environ.get("WHIMBREL_REQUIRE_QEMU"):
+            pytest.fail(f"{err} (WHIMBREL_REQUIRE_QEMU is set)")
+        pytest.skip(str(err))
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

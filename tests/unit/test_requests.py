@@ -93,6 +93,13 @@ def test_stale_disconnect_does_not_mark_newer_stream_down():
             "absolute",
         ),
         (C.VmSpec(name="vm-2", memory_mib=128, vcpus=1, nics=[C.Nic(mac="zz")]), "MAC"),
+        (C.VmSpec(name="vm-2", memory_mib=128, vcpus=1, kernel="vmlinuz"), "kernel path"),
+        (
+            C.VmSpec(name="vm-2", memory_mib=128, vcpus=1, kernel="/k", initrd="initrd"),
+            "initrd path",
+        ),
+        (C.VmSpec(name="vm-2", memory_mib=128, vcpus=1, initrd="/i"), "need a kernel"),
+        (C.VmSpec(name="vm-2", memory_mib=128, vcpus=1, kernel="/k", append="a\nb"), "append"),
         (C.VmSpec(name="vm-1", memory_mib=128, vcpus=1), "already exists"),
     ],
 )

@@ -249,6 +249,9 @@ class VmSpec(_message.Message):
     NICS_FIELD_NUMBER: _builtins.int
     MEMORY_BACKING_FIELD_NUMBER: _builtins.int
     ON_LOST_FIELD_NUMBER: _builtins.int
+    KERNEL_FIELD_NUMBER: _builtins.int
+    INITRD_FIELD_NUMBER: _builtins.int
+    APPEND_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Unique name: 1-63 characters of [a-z0-9-], starting with a letter."""
     memory_mib: _builtins.int
@@ -259,6 +262,14 @@ class VmSpec(_message.Message):
     """QEMU machine type, "pc" by default."""
     on_lost: Global___LostVmAction.ValueType
     """What the coordinator does when the VM is recorded lost."""
+    kernel: _builtins.str
+    """Direct kernel boot: absolute path of a kernel image, the same on every host (empty: boot
+    from the disks).
+    """
+    initrd: _builtins.str
+    """Absolute path of an initramfs for that kernel (only with kernel)."""
+    append: _builtins.str
+    """Kernel command line (only with kernel; printable ASCII, at most 1024 characters)."""
     @_builtins.property
     def disks(self) -> _containers.RepeatedCompositeFieldContainer[Global___Disk]:
         """Disks, in boot order."""
@@ -282,10 +293,13 @@ class VmSpec(_message.Message):
         nics: _abc.Iterable[Global___Nic] | None = ...,
         memory_backing: Global___MemoryBacking | None = ...,
         on_lost: Global___LostVmAction.ValueType = ...,
+        kernel: _builtins.str = ...,
+        initrd: _builtins.str = ...,
+        append: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["memory_backing", b"memory_backing"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["disks", b"disks", "machine", b"machine", "memory_backing", b"memory_backing", "memory_mib", b"memory_mib", "name", b"name", "nics", b"nics", "on_lost", b"on_lost", "vcpus", b"vcpus"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["append", b"append", "disks", b"disks", "initrd", b"initrd", "kernel", b"kernel", "machine", b"machine", "memory_backing", b"memory_backing", "memory_mib", b"memory_mib", "name", b"name", "nics", b"nics", "on_lost", b"on_lost", "vcpus", b"vcpus"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
