@@ -305,7 +305,10 @@ class Executor:
     async def recover_incoming(self, c: host_pb2.Command) -> events_pb2.CommandResult:
         listen, uri = self._incoming()
         check_migration_uri(uri, c.vm)
-        await self._vm(c.vm).execute("migrate-recover", {"uri": listen})
+        # Out of band: a post-copy destination whose guest touched a page that never came
+        # blocks QEMU's main thread until the link is back, and so would queue this command
+        # behind that for good (QEMU allows migrate-recover out of band for this reason).
+        await self._vm(c.vm).execute("migrate-recover", {"uri": listen}, oob=True)
         return K.CommandResult(uri=uri)
 
     async def resume_migration(self, c: host_pb2.Command) -> events_pb2.CommandResult:

@@ -72,10 +72,14 @@ class QmpSession:
         except Exception:
             log.getChild(self.vm).exception("event forwarding failed")
 
-    async def execute(self, command: str, arguments: Mapping[str, object] | None = None) -> Any:
+    async def execute(
+        self, command: str, arguments: Mapping[str, object] | None = None, *, oob: bool = False
+    ) -> Any:
+        """`oob`: out of band (exec-oob), run by QEMU's monitor thread at once, for the
+        commands QEMU allows there; the only way to reach a QEMU whose main thread is blocked."""
         with tracing.qmp_span(self.vm, command) as span:
             try:
-                return await self._client.execute(command, arguments)
+                return await self._client.execute(command, arguments, oob=oob)
             except ExecuteError as err:
                 error = QmpError(
                     str(err),

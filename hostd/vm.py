@@ -179,11 +179,13 @@ class VmRuntime:
                 self.log.warning("snapshot incomplete: %s", err)
         return observation
 
-    async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+    async def execute(
+        self, command: str, arguments: dict[str, Any] | None = None, *, oob: bool = False
+    ) -> Any:
         if self.qmp is None:
             raise QmpUnavailable(f"{command}: no QMP session", vm=self.name)
         try:
-            return await self.qmp.execute(command, arguments)
+            return await self.qmp.execute(command, arguments, oob=oob)
         except QmpUnavailable:
             # QMP is usually lost because QEMU died. Its exit is reported first (the exit
             # watch follows within milliseconds), so the coordinator never reads this failure

@@ -126,6 +126,13 @@ class Fabric:
         ports = [e["ifname"] for e in entries if e.get("mac") == mac and "self" not in e["flags"]]
         return ports[0] if ports else ""
 
+    def cut_migration_link(self) -> None:
+        """Destroys every TCP connection on the migration link (`ss -K` in host A's
+        namespace): both QEMUs see their migration connection break, as with a link that
+        failed, and a new connection (post-copy recovery) can be made at once."""
+        _run("ip", "netns", "exec", self.host("host-a"), "ss", "-K", "dst",
+             MIGRATION_IPS["host-b"])  # fmt: skip
+
     def close(self) -> None:
         for name in set(self.namespaces.values()):
             subprocess.run(["ip", "netns", "delete", name], check=False, capture_output=True)

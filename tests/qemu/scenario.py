@@ -3,6 +3,7 @@ properties every scenario must leave behind."""
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable
 
 from coordinator.core import Event
@@ -36,6 +37,22 @@ def qmp_event(host: str, name: str) -> Callable[[Event], bool]:
         )
 
     return test
+
+
+def migration_status(host: str, status: str) -> Callable[[Event], bool]:
+    """A QMP MIGRATION event of `status` from `host`."""
+
+    def test(e: Event) -> bool:
+        return qmp_event(host, "MIGRATION")(e) and f'"{status}"' in e.payload.data_json
+
+    return test
+
+
+def crash_and_restart(cluster: Cluster) -> None:
+    """kill -9 of the coordinator, and a new one on the same log and address."""
+    address = cluster.address
+    cluster.processes["coordinator"].stop(signal.SIGKILL)
+    cluster.start_coordinator(listen=address)
 
 
 def wait_destination_running(cluster: Cluster, from_seq: int) -> None:

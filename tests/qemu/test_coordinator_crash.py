@@ -4,7 +4,6 @@ and drives each migration to its end."""
 
 from __future__ import annotations
 
-import signal
 from pathlib import Path
 
 import pytest
@@ -12,17 +11,12 @@ import pytest
 from coordinator.core.invariants import InvariantChecker
 from hostd import qemu
 from tests.qemu.conftest import Cluster
+from tests.qemu.scenario import crash_and_restart
 from tools.audit.cli import main as audit
 from tools.guest import random_ram
 from whimbrel.v1 import common_pb2, events_pb2, migration_pb2, vm_pb2
 
 pytestmark = pytest.mark.qemu
-
-
-def crash_and_restart(cluster: Cluster) -> None:
-    address = cluster.address
-    cluster.processes["coordinator"].stop(signal.SIGKILL)
-    cluster.start_coordinator(listen=address)
 
 
 def assert_runs_once_on(cluster: Cluster, host: str) -> None:

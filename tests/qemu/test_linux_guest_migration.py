@@ -9,13 +9,21 @@ migration; the guest keeps dirtying memory and writing its disk counter on the s
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 from hostd.qemu import tap_name
 from tests import netns
+from tests.qemu.scenario import (
+    PHASE,
+    assert_outcome,
+    crash_and_restart,
+    migration_status,
+    wait_destination_running,
+)
 from tests.qemu.test_migrations import SLOW, assert_safe_handoff, start
 from tools import guest_fabric, linux_guest
 from tools.cluster import Cluster
@@ -89,6 +97,40 @@ MODES = {
 }
 
 
+T = TypeVar("T")
+
+
+def under_client(
+    fabric: guest_fabric.Fabric, disk: Path, act: Callable[[], T]
+) -> tuple[T, guest_fabric.ProbeResult, guest_fabric.CounterWatch]:
+    """Runs `act` while a client probes the guest over one connection and the disk counter is
+    watched; returns what `act` returned, what the client saw, and the watch. The guest must
+    go on writing its counter afterwards."""
+    wait_for(lambda: linux_guest.read_counter(disk) > 0, 60, "the guest's first counter write")
+    client = guest_fabric.ProbeClient(fabric)
+    watch = guest_fabric.CounterWatch(disk)
+    try:
+        assert client.connected()
+        watch.start()
+        time.sleep(1.0)  # probes before, so the outage is measured against them
+        outcome = act()
+        time.sleep(1.0)  # probes after the handoff
+        assert watch.wait_beyond(watch.samples[-1], 30), "the counter did not go on"
+    finally:
+        watch.done.set()
+        result = client.stop()
+    return outcome, result, watch
+
+
+def start_slow_postcopy(cluster: Cluster) -> int:
+    """Post-copy of vm-1 slow enough that pages still flow once the destination runs; returns
+    the log head before it, once host-b's QEMU has resumed."""
+    head = cluster.head()
+    start(cluster, "m-1", MODES["postcopy"], max_postcopy_bandwidth=32 << 20)
+    wait_destination_running(cluster, head)
+    return head
+
+
 @pytest.mark.parametrize("case", ["precopy", "postcopy", "auto", "abort"])
 def test_client_connection_and_disk_counter_survive_the_migration(
     cluster: Cluster, guest: linux_guest.Guest, fabric: guest_fabric.Fabric, case: str
@@ -98,20 +140,13 @@ def test_client_connection_and_disk_counter_survive_the_migration(
     disk = define_and_start(cluster, guest)
     tap_a, tap_b = tap_name("host-a", "vm-1", 0), tap_name("host-b", "vm-1", 0)
     assert netns.links(fabric.host("host-a"))[tap_a]["master"] == guest_fabric.BRIDGE
-    wait_for(lambda: linux_guest.read_counter(disk) > 0, 60, "the guest's first counter write")
-    client = guest_fabric.ProbeClient(fabric)
-    watch = guest_fabric.CounterWatch(disk)
-    try:
-        assert client.connected()
+
+    def migrate_from_a() -> migration_pb2.Migration:
+        # Host A's bridge learned the guest's MAC on its tap from the answers so far.
         assert fabric.fdb_port("host-a") == tap_a
-        watch.start()
-        time.sleep(1.0)  # probes before the migration, so the outage is measured against them
-        final = migrate(cluster, case)
-        time.sleep(1.0)  # probes after the handoff
-        assert watch.wait_beyond(watch.samples[-1], 30), "the counter did not go on"
-    finally:
-        watch.done.set()
-        result = client.stop()
+        return migrate(cluster, case)
+
+    final, result, watch = under_client(fabric, disk, migrate_from_a)
     print(
         f"\n{case}: phase {common_pb2.MigrationPhase.Name(final.phase)},"
         f" outage {result.longest_gap_s * 1000:.1f} ms, pause {final.pause_us / 1000:.1f} ms,"
@@ -128,3 +163,49 @@ def test_client_connection_and_disk_counter_survive_the_migration(
     # Traffic to the guest now crosses the switch: host A's bridge learned it behind the veth.
     assert fabric.fdb_port("host-a") == f"{guest_fabric.SWITCH}-a"
     assert fabric.fdb_port("host-b") == tap_b
+
+
+def test_a_postcopy_link_cut_is_recovered_with_the_client_connected(
+    cluster: Cluster, guest: linux_guest.Guest, fabric: guest_fabric.Fabric
+) -> None:
+    """The migration link's TCP connection is destroyed (`ss -K` in the source's namespace)
+    while post-copy pages flow to the running destination: both ends pause, the coordinator
+    recovers them, the migration completes; the client's connection and the disk counter
+    survive the whole of it."""
+    disk = define_and_start(cluster, guest)
+
+    def cut_and_recover() -> migration_pb2.Migration:
+        head = start_slow_postcopy(cluster)
+        fabric.cut_migration_link()
+        cluster.wait_event(migration_status("host-a", "postcopy-paused"), from_seq=head)
+        return assert_outcome(cluster, PHASE.MIGRATION_PHASE_COMPLETED, runs_on="host-b")
+
+    final, result, watch = under_client(fabric, disk, cut_and_recover)
+    print(f"\nlink cut: outage {result.longest_gap_s * 1000:.1f} ms, {result.answers} answers")
+    assert final.postcopy
+    succeeded = {e.payload.kind for e in cluster.events()
+                 if isinstance(e.payload, events_pb2.CommandSucceeded)}  # fmt: skip
+    assert {events_pb2.COMMAND_KIND_RECOVER_INCOMING,
+            events_pb2.COMMAND_KIND_RESUME_MIGRATION} <= succeeded  # fmt: skip
+    assert result.error == "", result
+    assert watch.rewinds == 0
+
+
+def test_a_coordinator_crash_mid_postcopy_costs_the_client_nothing(
+    cluster: Cluster, guest: linux_guest.Guest, fabric: guest_fabric.Fabric
+) -> None:
+    """The coordinator is SIGKILLed while post-copy pages flow to the running destination and
+    restarted on the same log: the migration completes and the client never notices more than
+    the post-copy itself."""
+    disk = define_and_start(cluster, guest)
+
+    def crash_mid_postcopy() -> migration_pb2.Migration:
+        start_slow_postcopy(cluster)
+        crash_and_restart(cluster)
+        return assert_outcome(cluster, PHASE.MIGRATION_PHASE_COMPLETED, runs_on="host-b")
+
+    final, result, watch = under_client(fabric, disk, crash_mid_postcopy)
+    print(f"\ncrash: outage {result.longest_gap_s * 1000:.1f} ms, {result.answers} answers")
+    assert final.postcopy
+    assert result.error == "", result
+    assert watch.rewinds == 0

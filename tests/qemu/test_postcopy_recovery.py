@@ -13,7 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.qemu.scenario import PHASE, assert_outcome, start_migration, wait_destination_running
+from tests.qemu.scenario import (
+    PHASE,
+    assert_outcome,
+    migration_status,
+    start_migration,
+    wait_destination_running,
+)
 from tests.tcp_proxy import TcpProxy
 from tools.cluster import Cluster
 from tools.guest import random_ram
@@ -26,18 +32,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _status(host: str, status: str):  # type: ignore[no-untyped-def]
-    def test(e) -> bool:  # type: ignore[no-untyped-def]
-        return (
-            isinstance(e.payload, events_pb2.QmpEventReceived)
-            and e.origin_host == host
-            and e.payload.event == "MIGRATION"
-            and f'"{status}"' in e.payload.data_json
-        )
-
-    return test
 
 
 @contextlib.contextmanager
@@ -71,7 +65,7 @@ def test_cut_during_postcopy_is_recovered(tmp_path: Path) -> None:
     with postcopy_through_relay(tmp_path) as (cluster, proxy, head):
         assert proxy.accepted == 1
         proxy.cut()
-        cluster.wait_event(_status("host-a", "postcopy-paused"), from_seq=head)
+        cluster.wait_event(migration_status("host-a", "postcopy-paused"), from_seq=head)
         final = assert_outcome(cluster, PHASE.MIGRATION_PHASE_COMPLETED, runs_on="host-b")
         assert final.postcopy
         events = cluster.events()
@@ -95,5 +89,5 @@ def test_link_that_stays_down_times_out_the_recovery_and_fences(tmp_path: Path) 
         proxy.cut()
         final = assert_outcome(cluster, PHASE.MIGRATION_PHASE_FENCED, runs_on=None)
         assert "post-copy recovery failed" in final.reason
-        stuck = cluster.wait_event(_status("host-a", "postcopy-recover"), from_seq=head)
+        stuck = cluster.wait_event(migration_status("host-a", "postcopy-recover"), from_seq=head)
         assert stuck.seq > head
