@@ -158,7 +158,10 @@ class Ctl:
             name=ns.name, memory_mib=ns.memory, vcpus=ns.vcpus, machine=ns.machine
         )
         for disk in ns.disk or []:
-            spec.disks.append(common_pb2.Disk(path=disk, format=ns.disk_format))
+            spec.disks.append(
+                common_pb2.Disk(path=disk, format=ns.disk_format, interface=ns.disk_interface)
+            )
+        spec.kernel, spec.initrd, spec.append = ns.kernel or "", ns.initrd or "", ns.append or ""
         for nic in ns.nic or []:
             mac, _, bridge = nic.partition(",")
             spec.nics.append(common_pb2.Nic(mac=mac, bridge=bridge))
@@ -357,6 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--disk", action="append", help="absolute path on shared storage (repeatable)"
     )
     define.add_argument("--disk-format", default="raw", choices=["raw", "qcow2"])
+    define.add_argument("--disk-interface", default="ide", choices=["ide", "virtio"])
+    define.add_argument("--kernel", help="boot this kernel directly (absolute path on each host)")
+    define.add_argument("--initrd", help="its initramfs (absolute path; needs --kernel)")
+    define.add_argument("--append", help="its command line (needs --kernel)")
     define.add_argument("--nic", action="append", help="MAC[,BRIDGE] (repeatable)")
     define.add_argument("--memory-file", help="back RAM with this file (private mapping)")
     define.set_defaults(run=Ctl.vm_define)

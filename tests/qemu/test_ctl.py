@@ -60,3 +60,21 @@ def test_ctl_exit_codes(cluster: Cluster) -> None:
     )
     assert gone.returncode == 3 and "cannot reach" in gone.stderr
     assert ctl(cluster, "migrate").returncode == 2
+
+
+def test_ctl_defines_a_directly_booted_linux_vm(cluster: Cluster) -> None:
+    """vm define takes a kernel, initrd, command line and virtio disks; a kernel path that is
+    not absolute is refused (exit 1, INVALID_ARGUMENT) and defines nothing."""
+    disk = str(cluster.shared / "linux.img")
+    defined = ctl(cluster, "--json", "vm", "define", "linux-1", "--disk", disk,
+                  "--disk-interface", "virtio", "--kernel", "/boot/vmlinuz",
+                  "--initrd", "/boot/initrd.img", "--append", "console=ttyS0 quiet")  # fmt: skip
+    assert defined.returncode == 0, defined.stderr
+    spec = json.loads(ctl(cluster, "--json", "vm", "get", "linux-1").stdout)["spec"]
+    assert (spec["kernel"], spec["initrd"], spec["append"]) == (
+        "/boot/vmlinuz", "/boot/initrd.img", "console=ttyS0 quiet")  # fmt: skip
+    assert spec["disks"][0]["interface"] == "virtio"
+    refused = ctl(cluster, "vm", "define", "linux-2", "--kernel", "vmlinuz")
+    assert refused.returncode == 1 and "INVALID_ARGUMENT" in refused.stderr
+    assert "kernel path" in refused.stderr
+    assert ctl(cluster, "vm", "get", "linux-2").returncode == 1

@@ -27,7 +27,7 @@ from tests.qemu.scenario import (
 from tests.qemu.test_migrations import SLOW, assert_safe_handoff, start
 from tools import guest_fabric, linux_guest
 from tools.cluster import Cluster
-from whimbrel.v1 import common_pb2, events_pb2, migration_pb2, vm_pb2
+from whimbrel.v1 import common_pb2, events_pb2, migration_pb2
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 
@@ -53,13 +53,7 @@ def cluster(
 
 def define_and_start(cluster: Cluster, guest: linux_guest.Guest) -> Path:
     disk = linux_guest.counter_disk(cluster.shared / "vm-1.img")
-    cluster.vms.DefineVm(vm_pb2.DefineVmRequest(spec=guest_fabric.linux_vm_spec(guest, disk)))
-    head = cluster.head()
-    cluster.vms.StartVm(vm_pb2.StartVmRequest(name="vm-1", host="host-a"))
-    cluster.wait_event(
-        lambda e: isinstance(e.payload, events_pb2.CommandSucceeded) and e.payload.vm == "vm-1",
-        from_seq=head,
-    )
+    cluster.define_spec_and_start(guest_fabric.linux_vm_spec(guest, disk), "host-a")
     return disk
 
 
