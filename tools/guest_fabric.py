@@ -10,7 +10,8 @@
 `ProbeClient` holds one TCP connection to the guest's echo service and probes it every
 millisecond; its result says whether the connection survived and the longest gap between
 answers (the client-visible outage). `CounterWatch` samples the guest's disk counter and counts
-every rewind. Tests, the demo and the guest benches share these.
+every rewind. `WriterWatch` samples which QEMUs hold write permission on the guest's disk.
+Tests, the demo and the guest benches share these.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ __all__ = [
     "FabricUnavailable",
     "ProbeClient",
     "ProbeResult",
+    "WriterWatch",
     "linux_vm_spec",
 ]
 
@@ -147,7 +149,7 @@ class Fabric:
 
 def linux_vm_spec(
     guest: linux_guest.Guest, disk: Path, name: str = "vm-1", memory_mib: int = 256,
-    load_mib: int = 16,
+    load_mib: int = 16, on_lost: int = common_pb2.LOST_VM_ACTION_STAY_STOPPED,
 ) -> common_pb2.VmSpec:  # fmt: skip
     """The spec of the Linux guest on the fabric: `disk` as its virtio disk, one NIC on
     BRIDGE, dirtying `load_mib` MiB of memory in a loop."""
@@ -160,6 +162,7 @@ def linux_vm_spec(
         kernel=str(guest.kernel),
         initrd=str(guest.initrd),
         append=guest.append(ip=f"{GUEST_IP}/24", load_mib=load_mib),
+        on_lost=common_pb2.LostVmAction.ValueType(on_lost),
     )
 
 
@@ -268,3 +271,43 @@ class CounterWatch(threading.Thread):
                 return False
             time.sleep(0.05)
         return True
+
+
+# QEMU (block/file-posix.c) holds a shared OFD lock on byte 100 + i of an image for each
+# permission bit i it holds; bit 1 is BLK_PERM_WRITE. A QEMU waiting for an incoming migration
+# holds none until it activates its disks.
+_QEMU_WRITE_PERM_BYTE = 101
+
+
+def write_permission_holders(disk: Path) -> int:
+    """How many open files hold QEMU's write permission on `disk` now (from /proc/locks)."""
+    st = os.stat(disk)
+    device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    holders = 0
+    with open("/proc/locks") as locks:
+        for line in locks:
+            fields = line.split()
+            # "1: OFDLCK ADVISORY  READ -1 fe:00:2146326 100 101" (a blocked waiter has "->")
+            if len(fields) < 8 or fields[1] == "->" or fields[5] != device:
+                continue
+            start, end = int(fields[6]), fields[7]
+            if start <= _QEMU_WRITE_PERM_BYTE and (
+                end == "EOF" or int(end) >= _QEMU_WRITE_PERM_BYTE
+            ):
+                holders += 1
+    return holders
+
+
+class WriterWatch(threading.Thread):
+    """Samples every millisecond how many QEMUs hold write permission on the disk: a second
+    writer at any sample is two QEMUs that could write the guest's disk at once."""
+
+    def __init__(self, disk: Path) -> None:
+        super().__init__(name="writer-watch", daemon=True)
+        self.disk, self.samples, self.most = disk, 0, 0
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.001):
+            self.most = max(self.most, write_permission_holders(self.disk))
+            self.samples += 1

@@ -8,6 +8,8 @@ migration; the guest keeps dirtying memory and writing its disk counter on the s
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -51,9 +53,14 @@ def cluster(
         c.teardown()
 
 
-def define_and_start(cluster: Cluster, guest: linux_guest.Guest) -> Path:
+def define_and_start(
+    cluster: Cluster,
+    guest: linux_guest.Guest,
+    on_lost: int = common_pb2.LOST_VM_ACTION_STAY_STOPPED,
+) -> Path:
     disk = linux_guest.counter_disk(cluster.shared / "vm-1.img")
-    cluster.define_spec_and_start(guest_fabric.linux_vm_spec(guest, disk), "host-a")
+    spec = guest_fabric.linux_vm_spec(guest, disk, on_lost=on_lost)
+    cluster.define_spec_and_start(spec, "host-a")
     return disk
 
 
@@ -95,24 +102,35 @@ T = TypeVar("T")
 
 
 def under_client(
-    fabric: guest_fabric.Fabric, disk: Path, act: Callable[[], T]
+    cluster: Cluster, fabric: guest_fabric.Fabric, disk: Path, act: Callable[[], T]
 ) -> tuple[T, guest_fabric.ProbeResult, guest_fabric.CounterWatch]:
-    """Runs `act` while a client probes the guest over one connection and the disk counter is
-    watched; returns what `act` returned, what the client saw, and the watch. The guest must
-    go on writing its counter afterwards."""
+    """Runs `act` while a client probes the guest over one connection, the disk counter is
+    watched and so is who may write the disk; returns what `act` returned, what the client saw
+    and the counter's watch. Throughout, exactly one QEMU held write permission on the disk
+    (never two, and the sampler did see the one) and QEMU's own image locking never had to
+    refuse one (no command failed on a lock); the guest goes on writing afterwards."""
     wait_for(lambda: linux_guest.read_counter(disk) > 0, 60, "the guest's first counter write")
     client = guest_fabric.ProbeClient(fabric)
     watch = guest_fabric.CounterWatch(disk)
+    writers = guest_fabric.WriterWatch(disk)
     try:
         assert client.connected()
         watch.start()
+        writers.start()
         time.sleep(1.0)  # probes before, so the outage is measured against them
         outcome = act()
         time.sleep(1.0)  # probes after the handoff
         assert watch.wait_beyond(watch.samples[-1], 30), "the counter did not go on"
     finally:
         watch.done.set()
+        writers.done.set()
         result = client.stop()
+    assert writers.most == 1 and writers.samples > 100, (writers.most, writers.samples)
+    failures = [
+        e.payload for e in cluster.events() if isinstance(e.payload, events_pb2.CommandFailed)
+    ]
+    lock_refusals = [f.error for f in failures if "lock" in f.error]
+    assert lock_refusals == []
     return outcome, result, watch
 
 
@@ -140,7 +158,7 @@ def test_client_connection_and_disk_counter_survive_the_migration(
         assert fabric.fdb_port("host-a") == tap_a
         return migrate(cluster, case)
 
-    final, result, watch = under_client(fabric, disk, migrate_from_a)
+    final, result, watch = under_client(cluster, fabric, disk, migrate_from_a)
     print(
         f"\n{case}: phase {common_pb2.MigrationPhase.Name(final.phase)},"
         f" outage {result.longest_gap_s * 1000:.1f} ms, pause {final.pause_us / 1000:.1f} ms,"
@@ -174,7 +192,7 @@ def test_a_postcopy_link_cut_is_recovered_with_the_client_connected(
         cluster.wait_event(migration_status("host-a", "postcopy-paused"), from_seq=head)
         return assert_outcome(cluster, PHASE.MIGRATION_PHASE_COMPLETED, runs_on="host-b")
 
-    final, result, watch = under_client(fabric, disk, cut_and_recover)
+    final, result, watch = under_client(cluster, fabric, disk, cut_and_recover)
     print(f"\nlink cut: outage {result.longest_gap_s * 1000:.1f} ms, {result.answers} answers")
     assert final.postcopy
     succeeded = {e.payload.kind for e in cluster.events()
@@ -198,8 +216,45 @@ def test_a_coordinator_crash_mid_postcopy_costs_the_client_nothing(
         crash_and_restart(cluster)
         return assert_outcome(cluster, PHASE.MIGRATION_PHASE_COMPLETED, runs_on="host-b")
 
-    final, result, watch = under_client(fabric, disk, crash_mid_postcopy)
+    final, result, watch = under_client(cluster, fabric, disk, crash_mid_postcopy)
     print(f"\ncrash: outage {result.longest_gap_s * 1000:.1f} ms, {result.answers} answers")
     assert final.postcopy
     assert result.error == "", result
     assert watch.rewinds == 0
+
+
+def test_a_fenced_guest_cold_starts_and_its_disk_counter_goes_on(
+    cluster: Cluster, guest: linux_guest.Guest, fabric: guest_fabric.Fabric
+) -> None:
+    """The source QEMU is SIGKILLed while post-copy pages flow to the running destination:
+    the destination lacks pages nobody has, so it is fenced and the VM lost; its policy
+    (cold start) boots it again from its disk on host-b, which holds the lease. The counter
+    the guest wrote before goes on from the disk with no rewind, and no two QEMUs ever held
+    write permission on the disk at once."""
+    disk = define_and_start(cluster, guest, on_lost=common_pb2.LOST_VM_ACTION_COLD_START)
+    wait_for(lambda: linux_guest.read_counter(disk) > 0, 60, "the guest's first counter write")
+    watch = guest_fabric.CounterWatch(disk)
+    writers = guest_fabric.WriterWatch(disk)
+    watch.start()
+    writers.start()
+    try:
+        head = cluster.head()
+        start(cluster, "m-1", MODES["postcopy"], max_postcopy_bandwidth=8 << 20)
+        wait_destination_running(cluster, head)
+        os.kill(cluster.qemu_pid("host-a"), signal.SIGKILL)
+        assert cluster.watch("m-1").phase == PHASE.MIGRATION_PHASE_FENCED
+        cluster.wait_event(
+            lambda e: isinstance(e.payload, events_pb2.CommandSucceeded)
+            and e.payload.kind == events_pb2.COMMAND_KIND_START_VM and e.origin_host == "host-b",
+            from_seq=head,
+        )  # fmt: skip
+        at_cold_start = linux_guest.read_counter(disk)
+        assert watch.wait_beyond(at_cold_start, 60), "the cold-started guest did not go on"
+    finally:
+        watch.done.set()
+        writers.done.set()
+    after = linux_guest.read_counter(disk)
+    print(f"\ncold start: counter {watch.samples[1]}..{at_cold_start} (cold start)..{after}")
+    assert watch.rewinds == 0
+    assert writers.most == 1, writers.most
+    assert_outcome(cluster, PHASE.MIGRATION_PHASE_FENCED, runs_on="host-b")
