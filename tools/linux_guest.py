@@ -9,7 +9,9 @@ script. The guest, told its settings on the kernel command line (`whimbrel.ip=AD
 - writes a strictly increasing counter to the first sector of its virtio disk (/dev/vda), with a
   sync after each write, continuing from what the disk holds, and reports each value on its
   serial console as `COUNTER_TAG N`;
-- optionally dirties memory by rewriting LOAD MiB in /dev/shm in a loop.
+- optionally dirties memory by rewriting LOAD MiB in /dev/shm with /dev/urandom in a loop
+  (`whimbrel.load=MIB`), or, much faster, by copying DIRTY MiB of random bytes over and over,
+  one copier per vCPU (`whimbrel.dirty=MIB`).
 
 `counter_disk` creates the disk; `read_counter` reads the value an image holds.
 """
@@ -55,6 +57,7 @@ for arg in $(cat /proc/cmdline); do
   case "$arg" in
     whimbrel.ip=*) IP="${arg#whimbrel.ip=}" ;;
     whimbrel.load=*) LOAD="${arg#whimbrel.load=}" ;;
+    whimbrel.dirty=*) DIRTY="${arg#whimbrel.dirty=}" ;;
   esac
 done
 ip link set lo up
@@ -66,7 +69,16 @@ fi
 if [ -n "$LOAD" ] && [ "$LOAD" -gt 0 ]; then
   ( while true; do dd if=/dev/urandom of=/dev/shm/load bs=1M count="$LOAD" 2>/dev/null; done ) &
 fi
-echo "whimbrel-guest up ip=$IP load=$LOAD"
+if [ -n "$DIRTY" ] && [ "$DIRTY" -gt 0 ]; then
+  # Random bytes made once, then copied over and over: dirtying at memory-copy speed, with
+  # pages QEMU cannot send as zero pages.
+  # One copier per vCPU.
+  dd if=/dev/urandom of=/dev/shm/seed bs=1M count="$DIRTY" 2>/dev/null
+  for cpu in $(seq "$(nproc)"); do
+    ( while true; do cp /dev/shm/seed "/dev/shm/dirty$cpu"; done ) &
+  done
+fi
+echo "whimbrel-guest up ip=$IP load=$LOAD dirty=$DIRTY"
 if [ -b /dev/vda ]; then
   n=$(head -c 32 /dev/vda | sed -n 's/^WBC \([0-9]*\)$/\1/p' | head -n 1)
   n=${n:-0}
@@ -94,12 +106,14 @@ class Guest:
     initrd: Path
     version: str
 
-    def append(self, ip: str = "", load_mib: int = 0) -> str:
+    def append(self, ip: str = "", load_mib: int = 0, dirty_mib: int = 0) -> str:
         parts = ["console=ttyS0", "quiet", "panic=-1"]
         if ip:
             parts.append(f"whimbrel.ip={ip}")
         if load_mib:
             parts.append(f"whimbrel.load={load_mib}")
+        if dirty_mib:
+            parts.append(f"whimbrel.dirty={dirty_mib}")
         return " ".join(parts)
 
 
