@@ -45,8 +45,15 @@ def tamper(path: Path, *sql: str, keep_triggers_off: bool = False) -> None:
     conn.close()
 
 
-def forge(path: Path, *, epoch: int | None = None, origin_seq: int | None = None) -> int:
-    """Append a copy of the last host event with a validly recomputed hash chain."""
+def forge(
+    path: Path,
+    *,
+    epoch: int | None = None,
+    origin_seq: int | None = None,
+    payload: bytes | None = None,
+) -> int:
+    """Append a copy of the last host event (with `payload` if given) with a validly
+    recomputed hash chain."""
     conn = sqlite3.connect(path)
     head_seq, head_hash, head_epoch = conn.execute(
         "SELECT seq, hash, epoch FROM events ORDER BY seq DESC LIMIT 1"
@@ -55,7 +62,8 @@ def forge(path: Path, *, epoch: int | None = None, origin_seq: int | None = None
         "SELECT stream, type, time_us, origin_host, origin_generation, origin_seq, "
         "payload FROM events WHERE origin_seq > 0 ORDER BY seq DESC LIMIT 1"
     ).fetchone()
-    stream, type_, time_us, host, generation, last_origin_seq, payload = row
+    stream, type_, time_us, host, generation, last_origin_seq, copied = row
+    payload = copied if payload is None else payload
     seq = head_seq + 1
     epoch = head_epoch if epoch is None else epoch
     origin_seq = last_origin_seq + 1 if origin_seq is None else origin_seq
@@ -63,7 +71,7 @@ def forge(path: Path, *, epoch: int | None = None, origin_seq: int | None = None
         head_hash,
         canonical(seq, epoch, time_us, stream, type_, host, generation, origin_seq, payload),
     )
-    conn.execute("DROP INDEX events_origin")
+    conn.execute("DROP INDEX IF EXISTS events_origin")
     conn.execute(
         f"INSERT INTO events ({COLUMNS}) VALUES ({', '.join('?' * 14)})",
         (
@@ -138,6 +146,24 @@ def test_event_spliced_under_old_epoch_is_found(log_file, capsys):
     seq = forge(log_file, epoch=0)  # the log's events carry epoch 1
     code, out = run(capsys, "verify", str(log_file))
     assert code == 1 and f"at seq {seq}: invariant 5: epoch went back" in out
+
+
+def test_an_undecodable_payload_is_reported_once_and_the_chain_goes_on(log_file, capsys):
+    """A chained event whose payload does not decode is reported at its seq; the valid event
+    after it is not a seq gap (the chain covers stored bytes, decodable or not)."""
+    conn = sqlite3.connect(log_file)
+    (good,) = conn.execute(
+        "SELECT payload FROM events WHERE origin_seq > 0 ORDER BY seq DESC LIMIT 1"
+    ).fetchone()
+    conn.close()
+    bad = forge(log_file, payload=b"\xff")
+    forge(log_file, payload=good)
+    code, out = run(capsys, "verify", str(log_file))
+    assert code == 1
+    assert [line.split(":")[0] for line in out.splitlines() if "VIOLATION" in line] == [
+        f"VIOLATION at seq {bad}"
+    ]
+    assert "does not decode" in out and "seq gap" not in out
 
 
 def test_truncation_is_found_against_an_anchored_head(log_file, capsys):

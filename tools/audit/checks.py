@@ -136,13 +136,14 @@ def verify_events(
                     )
                 )
             host_order[e.origin_host] = mark
+        # The chain covers the stored bytes, decodable or not: the next event follows this one.
+        prev_seq, prev_hash = e.seq, e.hash
         try:
             event = codec.from_stored(e)
         except Exception as err:
             findings.append(Finding(e.seq, f"payload of type {e.type!r} does not decode: {err}"))
             continue
         checker.feed(event)
-        prev_seq, prev_hash = e.seq, e.hash
     if not anchored:
         findings.append(Finding(expect_seq, "the anchored head is missing (log truncated)"))
     in_flight = sorted(set(checker.migrations) - checker.finished)
