@@ -1,11 +1,11 @@
 """A 1 GiB Linux guest under a heavy dirtying load, migrated in auto mode.
 
 The guest (tools/linux_guest.py) copies DIRTY_MIB MiB of random bytes over and over in
-/dev/shm on each of its vCPUs, faster than pre-copy can send them, so pre-copy cannot converge: auto mode must end by
-switching to post-copy. The migration runs with the cluster's default policy, as an operator's
-would. Reported: whether it went post-copy and completed, the total time, the memory passes,
-the bytes sent, the guest-visible pause (QEMU's clocks), and the guest's dirty rate as QEMU
-measured it (its largest sample).
+/dev/shm on each of its vCPUs, faster than pre-copy can send them, so pre-copy cannot
+converge: auto mode must end by switching to post-copy. The migration runs with the cluster's
+default policy, as an operator's would. Reported: whether it went post-copy and completed, the
+total time, the memory passes, the bytes sent, the guest-visible pause (QEMU's clocks), and the
+guest's dirty rate as QEMU measured it (its largest sample).
 
 No network is needed (the guest has no NIC), so this runs without root.
 """
