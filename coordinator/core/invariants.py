@@ -1,8 +1,10 @@
 """Safety invariants of DESIGN.md, checked over a sequence of stored events.
 
-Invariants 1-4 (one running copy, the handoff order, no source after cont, leases) and 6
-(commands answered or superseded) are judged event by event; 8 (every migration terminal) and the
-rest of 6 only make sense once the log is quiescent, so `finish(quiescent=True)` judges them.
+Invariants 1-4 (one running copy, the handoff order, no source after cont, leases), 6
+(commands answered or superseded) and 10 (no healthy VM fenced: a fence never names a
+destination that runs and holds the whole VM) are judged event by event; 8 (every migration
+terminal) and the rest of 6 only make sense once the log is quiescent, so
+`finish(quiescent=True)` judges them.
 Invariants 5 and 7 are properties of the stored envelopes (epochs, chain, seqs, host order):
 the audit tool checks those, because they are not visible in decoded events.
 
@@ -41,6 +43,8 @@ class _Migration:
     # whether its guest was seen running: either is the point of no return.
     conts: set[str] = field(default_factory=set)
     destination_resumed: bool = False
+    # The destination QEMU's last migration status ("completed": it holds the whole VM).
+    destination_status: str = ""
     requested_seq: int = 0
 
     @property
@@ -61,6 +65,8 @@ class InvariantChecker:
     violations: list[Violation] = field(default_factory=list)
     running: dict[str, set[str]] = field(default_factory=dict)
     lease_holder: dict[str, str] = field(default_factory=dict)
+    # The seq of the lease's last acquire or release, per VM, to name both ends of a violation.
+    lease_changed_at: dict[str, int] = field(default_factory=dict)
     # Highest generation seen acquired (observed), and highest handed out in commands (issued).
     observed_generation: dict[str, int] = field(default_factory=dict)
     issued_generation: dict[str, int] = field(default_factory=dict)
@@ -148,6 +154,7 @@ class InvariantChecker:
             if p.generation <= self.observed_generation.get(p.vm, 0):
                 self._flag(ev, 4, f"lease generation of {p.vm} did not grow: {p.generation}")
             self.lease_holder[p.vm] = p.holder
+            self.lease_changed_at[p.vm] = ev.seq
             self.observed_generation[p.vm] = p.generation
             m = self._open(p.vm)
             if m is not None and p.holder == m.destination:
@@ -157,6 +164,7 @@ class InvariantChecker:
         elif isinstance(p, E.LeaseReleased):
             if self.lease_holder.get(p.vm) == p.holder:
                 self.lease_holder[p.vm] = ""
+                self.lease_changed_at[p.vm] = ev.seq
             m = self._open(p.vm)
             if m is not None and p.holder == m.source:
                 m.source_lease_released = True
@@ -166,6 +174,19 @@ class InvariantChecker:
                 m.destination_network = p.state == E.NETWORK_STATE_ENABLED
         elif isinstance(p, E.CommandIssued):
             self._command(ev, p)
+        elif isinstance(p, E.FencingDecided):
+            self._fenced(ev, p)
+
+    def _fenced(self, ev: Event, p: E.FencingDecided) -> None:
+        """Invariant 10: a fence kills copies that cannot be the VM, never a destination that
+        runs with the whole VM (it completed loading and resumed): that copy is healthy."""
+        m = self.migrations.get(p.migration_id)
+        if m is None or m.destination not in p.hosts:
+            return
+        if m.destination_status == "completed" and m.destination in self.running.get(m.vm, ()):
+            message = (f"fence of {m.vm} names destination {m.destination}, which runs with the "
+                       "whole VM (completed and resumed): a healthy VM killed")  # fmt: skip
+            self._flag(ev, 10, message)
 
     def _finished_with_unanswered(self, ev: Event, migration_id: str) -> None:
         """A migration's end supersedes the commands it still waited for on hosts that were
@@ -206,8 +227,10 @@ class InvariantChecker:
             holder = self.lease_holder.get(p.vm, "")
             if p.vm in self.lease_holder and holder != ev.origin_host:
                 # What the lease is for: the VM's disks are only written where it is held.
+                state = f"held by {holder}" if holder else "released"
+                since = self.lease_changed_at.get(p.vm, 0)
                 self._flag(ev, 4, f"{p.vm} resumed on {ev.origin_host} while the lease is "
-                                  f"{'held by ' + holder if holder else 'released'}")  # fmt: skip
+                                  f"{state} (since seq {since})")  # fmt: skip
         elif p.event in ("STOP", "SHUTDOWN"):
             self.running.setdefault(p.vm, set()).discard(ev.origin_host)
             if m is not None and ev.origin_host == m.source and p.event == "STOP":
@@ -216,6 +239,8 @@ class InvariantChecker:
             status = json.loads(p.data_json).get("status")
             if status in ("pre-switchover", "postcopy-active", "completed"):
                 m.source_stopped = True
+        elif p.event == "MIGRATION" and m is not None and ev.origin_host == m.destination:
+            m.destination_status = str(json.loads(p.data_json).get("status", ""))
 
     def _command(self, ev: Event, p: E.CommandIssued) -> None:
         kind, host, vm = Kind(p.kind), p.host_id, p.vm

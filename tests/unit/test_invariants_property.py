@@ -132,3 +132,33 @@ def test_checker_flags_an_early_cont() -> None:
     by_invariant = {v.invariant: v.message for v in violations}
     assert set(by_invariant) == {1, 2}
     assert "source stopped" in by_invariant[2] and "runs on host-a" in by_invariant[1]
+
+
+def test_checker_flags_a_fence_of_a_healthy_destination() -> None:
+    """Invariant 10: a fence naming a destination that completed loading and runs kills a
+    healthy VM; the same fence before the destination completed is no violation."""
+    from coordinator.core import NewEvent
+
+    driver, hosts = fresh()
+    driver.request(I.StartMigration("m-1", "vm-1", "host-b", 1, E.MigrationPolicy(), driver.now_us))
+    driver.run("m-1", hosts)
+    assert InvariantChecker().check(driver.log) == []
+    # Forged after the fact: the destination completed and runs, yet it is fenced.
+    fence = E.FencingDecided(migration_id="m-1", vm="vm-1", hosts=["host-b"], reason="forged")
+    before = len(driver.log)
+    driver.append([NewEvent("migration/m-1", fence, driver.now_us)])
+    violations = InvariantChecker().check(driver.log)
+    assert [(v.seq, v.invariant) for v in violations] == [(driver.log[before].seq, 10)]
+    assert "host-b" in violations[0].message and "healthy VM killed" in violations[0].message
+
+
+def test_checker_names_both_ends_of_a_source_running_without_its_lease() -> None:
+    """Invariant 4 names the RESUME (the violation's seq) and the release it followed."""
+    driver, _hosts = fresh()
+    released = E.LeaseReleased(vm="vm-1", holder="host-a", generation=1)
+    driver.observe(Observation("host-a", released))
+    release_seq = driver.log[-1].seq
+    driver.observe(qmp("host-a", "vm-1", "RESUME"))
+    violations = [v for v in InvariantChecker().check(driver.log) if v.invariant == 4]
+    assert [v.seq for v in violations] == [driver.log[-1].seq]
+    assert f"released (since seq {release_seq})" in violations[0].message
