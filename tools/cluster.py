@@ -271,11 +271,17 @@ class Cluster:
         if ram_file is not None:
             spec.memory_backing.kind = "file"
             spec.memory_backing.path = str(ram_file)
+        self.define_and_start_spec(spec, host)
+
+    def define_and_start_spec(self, spec: common_pb2.VmSpec, host: str) -> None:
+        """Define the VM of `spec` and start it on `host`; returns once its start succeeded."""
         self.vms.DefineVm(vm_pb2.DefineVmRequest(spec=spec))
         head = self.head()
-        self.vms.StartVm(vm_pb2.StartVmRequest(name=name, host=host))
+        self.vms.StartVm(vm_pb2.StartVmRequest(name=spec.name, host=host))
         self.wait_event(
-            lambda e: isinstance(e.payload, events_pb2.CommandSucceeded) and e.payload.vm == name,
+            lambda e: (
+                isinstance(e.payload, events_pb2.CommandSucceeded) and e.payload.vm == spec.name
+            ),
             from_seq=head,
         )
 
