@@ -167,7 +167,8 @@ def linux_vm_spec(
 
 
 # One long-lived connection probed every millisecond until stdin closes; prints a JSON summary
-# with the longest gap between two answers. Runs in the client namespace.
+# with the longest gap between two answers and how long the last answer was ago (a gap still
+# open at the stop). Runs in the client namespace.
 _PROBE = """
 import json, select, socket, sys, time
 deadline = time.monotonic() + 60
@@ -210,7 +211,9 @@ except StopIteration:
     pass
 except OSError as err:
     error = repr(err)
-print(json.dumps({"answers": answers, "longest_gap_s": longest, "error": error}), flush=True)
+silent = time.monotonic() - last
+print(json.dumps({"answers": answers, "longest_gap_s": longest, "error": error,
+                  "silent_s": silent}), flush=True)
 """
 
 
@@ -236,7 +239,9 @@ class ProbeClient:
         if not lines:
             return ProbeResult(0, 0.0, "the client printed nothing")
         result = json.loads(lines[-1])
-        return ProbeResult(result["answers"], result["longest_gap_s"], result["error"])
+        return ProbeResult(
+            result["answers"], result["longest_gap_s"], result["error"], result["silent_s"]
+        )
 
 
 @dataclass(frozen=True)
@@ -246,6 +251,9 @@ class ProbeResult:
     longest_gap_s: float
     # Why the connection ended early ("" when it survived to the end).
     error: str
+    # How long before the stop the last answer came: a gap still open then is not in
+    # `longest_gap_s`.
+    silent_s: float = 0.0
 
 
 class CounterWatch(threading.Thread):

@@ -1,8 +1,11 @@
 """Benchmarks. Each prints one JSON object per line: {"bench", "value", "unit", "baseline"},
 and whatever else a benchmark reports (the switchover benches: "ratio", "samples", "rejected",
-"scheduling").
+"scheduling"; the guest outage benches also "connections_lost", "rewinds", "pause_ms").
 
 Run all with `make bench`, one with `make bench BENCH=log.append.100_writers` (a prefix such as
 `log.append` selects several). Baselines are measured in the same run on the same machine.
-`WHIMBREL_BENCH_RUNS=N` sets the migrations per side of the switchover benches (default 100).
+`WHIMBREL_BENCH_RUNS=N` sets the migrations per side of the switchover benches (default 100)
+and of the guest outage benches (default 50). `guest.big.auto` reports one migration of a
+1 GiB Linux guest dirtying memory faster than pre-copy sends it (no baseline: it reports how
+auto mode ended, its passes, bytes, time and pause).
 """

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import multiprocessing
 import os
@@ -34,17 +35,18 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 import grpc
 
+from coordinator.core.decide import POSTCOPY_MODE_DOWNTIME_LIMIT_MS
 from coordinator.core.validate import effective_policy
 from hostd import qemu
 from hostd.drivers.lease import FileLeaseDriver
-from hostd.drivers.network import HookNetworkDriver
+from hostd.drivers.network import HookNetworkDriver, NetworkDriver
 from hostd.executor import free_port
 from hostd.qmp import QmpSession
 from tools.bench.samples import QmpEvent, Sample, Tally
@@ -117,11 +119,12 @@ def policy_for(postcopy: bool) -> events_pb2.MigrationPolicy:
 
 def qmp_parameters(postcopy: bool) -> dict[str, int]:
     """`migrate-set-parameters` as hostd sends it for the policy the coordinator makes of
-    `policy_for(postcopy)` (unset fields take the coordinator's defaults)."""
+    `policy_for(postcopy)` (unset fields take the coordinator's defaults; mode postcopy its own
+    downtime limit)."""
     p = effective_policy(policy_for(postcopy)).parameters
     named = {
         "max-bandwidth": p.max_bandwidth,
-        "downtime-limit": p.downtime_limit_ms,
+        "downtime-limit": POSTCOPY_MODE_DOWNTIME_LIMIT_MS if postcopy else p.downtime_limit_ms,
         "max-postcopy-bandwidth": p.max_postcopy_bandwidth,
     }
     return {name: value for name, value in named.items() if value}
@@ -141,6 +144,20 @@ class SeenScheduling:
         return {role: " | ".join(sorted(values)) for role, values in sorted(self.seen.items())}
 
 
+@contextlib.contextmanager
+def frozen(pids: Iterable[int]) -> Iterator[None]:
+    """Processes `pids` stopped (SIGSTOP) meanwhile, continued afterwards."""
+    stopped = list(pids)
+    for pid in stopped:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+
 # --- Whimbrel ---
 
 
@@ -155,15 +172,26 @@ class WhimbrelSide:
         self.cluster = Cluster(root)
         self.hosts = ["host-a", "host-b"]
         try:
-            self.cluster.start(*self.hosts)
-            self.cluster.define_and_start(VM, "host-a", memory_mib=MEMORY_MIB, ram_file=ram)
+            self._start(ram)
             # With `flood` watchers, every migration runs under a ReadFlood.
             self.reads = ReadFlood(self.cluster, flood).start() if flood else None
         except BaseException:
             self.cluster.teardown()
             raise
 
+    def _start(self, ram: Path | None) -> None:
+        """The cluster, and the VM running on host-a."""
+        if ram is not None:
+            # hostd maps memory files from allowed roots only; the RAM file lies outside the
+            # cluster's directory, as both sides use it.
+            self.cluster.hostd_args = {
+                h: ["--allow-disk-root", str(ram.parent)] for h in self.hosts
+            }
+        self.cluster.start(*self.hosts)
+        self.cluster.define_and_start(VM, "host-a", memory_mib=MEMORY_MIB, ram_file=ram)
+
     def run(self, i: int) -> tuple[Sample, Scheduling]:
+        """Migration m-`i`, to host-b for an even `i`, back to host-a for an odd one."""
         dest = self.hosts[(i + 1) % 2]
         head = self.cluster.head()
         self.cluster.migrations.StartMigration(
@@ -223,15 +251,8 @@ class WhimbrelSide:
         """The VM's QEMU stopped (SIGSTOP) meanwhile: its guest loop keeps a CPU busy, which
         the baseline's runs would otherwise share and Whimbrel's never do. Nothing talks to it
         while no migration runs (hostd does not poll QMP), so nothing notices."""
-        pids = self._live_qemus()
-        for pid in pids:
-            os.kill(pid, signal.SIGSTOP)
-        try:
+        with frozen(self._live_qemus()):
             yield
-        finally:
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGCONT)
 
     def close(self) -> None:
         try:
@@ -245,7 +266,9 @@ class WhimbrelSide:
 
 
 class DirectHandoff:
-    """The baseline: one migration driven over QMP by this script alone."""
+    """The baseline: one migration driven over QMP by this script alone. Each run starts both
+    QEMUs afresh, named by their roles; a subclass may keep its QEMUs across runs and name them
+    by host (`roles`), and say where the destination listens and how its network is driven."""
 
     def __init__(self, root: Path, spec: common_pb2.VmSpec, postcopy: bool) -> None:
         self.root, self.spec, self.postcopy = root, spec, postcopy
@@ -258,13 +281,36 @@ class DirectHandoff:
         self.seen: dict[str, list[QmpEvent]] = {}
         self.pids: dict[str, int] = {}
         self.qemu_scheduling: set[str] = set()
+        # The names of this run's source and destination: their events' keys, their lease
+        # holders, their host ids.
+        self.roles = ("src", "dst")
+
+    async def setup(self) -> None:
+        """Before the first run: nothing here (each run starts its QEMUs)."""
+
+    async def close(self) -> None:
+        """After the last run: nothing here (each run kills its QEMUs)."""
+
+    def _paths(self, name: str) -> qemu.VmPaths:
+        return qemu.VmPaths(self.root / name)
+
+    def _command_line(self, name: str, paths: qemu.VmPaths, incoming: bool) -> list[str]:
+        return qemu.command_line(self.spec, paths, name, incoming=incoming)
+
+    def _network(self, name: str) -> NetworkDriver:
+        """The network driver of host `name`."""
+        return self.network
+
+    def _incoming_uri(self, name: str) -> str:
+        """Where the destination on host `name` listens."""
+        return f"tcp:127.0.0.1:{free_port('127.0.0.1')}"
 
     async def _start(self, name: str, incoming: bool, generation: int) -> QmpSession:
-        paths = qemu.VmPaths(self.root / name)
+        paths = self._paths(name)
         # As hostd starts QEMU: SCHED_OTHER at nice 0 in a session of its own, whatever this
         # process runs at.
         self.pids[name] = await qemu.launch(
-            qemu.command_line(self.spec, paths, name, incoming=incoming), paths, self.spec.name
+            self._command_line(name, paths, incoming), paths, self.spec.name
         )
         self.qemu_scheduling.add(scheduling_of(self.pids[name]))
         queue: asyncio.Queue[QmpEvent] = asyncio.Queue()
@@ -304,7 +350,8 @@ class DirectHandoff:
         for name, queue in self.events.items():
             while not queue.empty():
                 self.seen[name].append(queue.get_nowait())
-        return Sample.from_events(self.seen["src"], self.seen["dst"])
+        source, destination = self.roles
+        return Sample.from_events(self.seen[source], self.seen[destination])
 
     async def run(self, generation: int) -> Sample:
         """One migration, src to dst; the sample says what QEMU reported, complete or not."""
@@ -324,6 +371,8 @@ class DirectHandoff:
                 await qemu.kill(pid)
 
     async def _handoff(self, src: QmpSession, dst: QmpSession, generation: int) -> None:
+        s, d = self.roles
+        network = self._network(d)
         caps = [
             {"capability": "events", "state": True},
             {"capability": "return-path", "state": True},
@@ -334,8 +383,8 @@ class DirectHandoff:
             "migrate-set-capabilities",
             {"capabilities": [*caps, {"capability": "late-block-activate", "state": True}]},
         )
-        await self.network.apply("prepare", self.spec)
-        uri = f"tcp:127.0.0.1:{free_port('127.0.0.1')}"
+        await network.apply("prepare", self.spec)
+        uri = self._incoming_uri(d)
         await dst.execute("migrate-incoming", {"uri": uri})
         src_caps = (
             caps
@@ -351,39 +400,42 @@ class DirectHandoff:
         switched = ("postcopy-active", "completed") if self.postcopy else ("pre-switchover",)
         if self.postcopy:
             await src.execute("migrate-start-postcopy")
-        switch = await self._until("src", lambda e, d: d.get("status") in switched, EVENT_WAIT_S)
-        stop = await self._until("src", lambda e, d: e == "STOP", EVENT_WAIT_S)
+        switch = await self._until(s, lambda e, data: data.get("status") in switched, EVENT_WAIT_S)
+        stop = await self._until(s, lambda e, data: e == "STOP", EVENT_WAIT_S)
         if switch is None or stop is None:
             return
         # The handoff order hostd and the coordinator follow: the source's lease goes once QEMU
         # can no longer resume it by itself (postcopy-active, or completed in pre-copy).
         if self.postcopy:
-            await asyncio.gather(
-                self.lease.release(vm, "src"), self.network.apply("enable", self.spec)
-            )
+            await asyncio.gather(self.lease.release(vm, s), network.apply("enable", self.spec))
         else:
             await asyncio.gather(
                 src.execute("migrate-continue", {"state": "pre-switchover"}),
-                self.network.apply("enable", self.spec),
+                network.apply("enable", self.spec),
             )
-            done = await self._until(
-                "src", lambda e, d: d.get("status") == "completed", EVENT_WAIT_S
-            )
-            if done is None:
+            if await self._completed(s) is None:
                 return
-            await self.lease.release(vm, "src")
-            done = await self._until(
-                "dst", lambda e, d: d.get("status") == "completed", EVENT_WAIT_S
-            )
-            if done is None:
+            await self.lease.release(vm, s)
+            if await self._completed(d) is None:
                 return
-        await self.lease.acquire(vm, "dst", generation + 1)
+        await self.lease.acquire(vm, d, generation + 1)
         await dst.execute("cont")
-        if await self._until("dst", lambda e, d: e == "RESUME", EVENT_WAIT_S) is None:
+        if await self._until(d, lambda e, data: e == "RESUME", EVENT_WAIT_S) is None:
             return
+        await self._resumed(src, dst)
+
+    async def _completed(self, name: str) -> int | None:
+        """The time `name` reported its migration completed (None: it did not)."""
+        return await self._until(
+            name, lambda e, data: data.get("status") == "completed", EVENT_WAIT_S
+        )
+
+    async def _resumed(self, src: QmpSession, dst: QmpSession) -> None:
+        """What follows the destination's RESUME. Here the run is over once the migration is:
+        its destination gives the lease up too, as both QEMUs are killed next."""
         if self.postcopy:
-            await self._until("dst", lambda e, d: d.get("status") == "completed", EVENT_WAIT_S)
-        await self.lease.release(vm, "dst")
+            await self._completed(self.roles[1])
+        await self.lease.release(self.spec.name, self.roles[1])
 
     def scheduling(self) -> Scheduling:
         """This process, and its QEMUs as they were once started."""
@@ -414,37 +466,55 @@ def _direct_spec(root: Path, ram: Path | None) -> common_pb2.VmSpec:
     return spec
 
 
-def _direct_process(conn: Connection, root: Path, postcopy: bool, ram: Path | None) -> None:
+def boot_sector_handoff(root: Path, postcopy: bool, ram: Path | None) -> DirectHandoff:
+    """The baseline of the switchover bench: the boot-sector guest, RAM backed by `ram`."""
+    return DirectHandoff(root, _direct_spec(root, ram), postcopy)
+
+
+def _direct_process(conn: Connection, make: Callable[[], DirectHandoff]) -> None:
     """The baseline's process: scheduled as the daemons schedule themselves, then one handoff
     per generation received, answering (sample, scheduling) or an error message."""
     # As hostd and the coordinator do at their start, with their defaults, before any thread.
     priority.apply(priority.DEFAULT, priority.DEFAULT_REALTIME)
-    handoff = DirectHandoff(root, _direct_spec(root, ram), postcopy)
+    handoff = make()
     # As the daemons do once started: no full collection of start-up objects in a pause.
     heap.freeze_startup_objects()
     with asyncio.Runner() as runner:
-        while (generation := conn.recv()) is not None:
-            try:
-                sample = runner.run(asyncio.wait_for(handoff.run(generation), GUARD_S))
-            except TimeoutError:
-                conn.send(("error", f"a direct handoff did not finish in {GUARD_S}s"))
-                return
-            except Exception as err:
-                conn.send(("error", f"direct handoff: {type(err).__name__}: {err}"))
-                return
-            conn.send(("sample", sample, handoff.scheduling()))
+        try:
+            runner.run(handoff.setup())
+            while (generation := conn.recv()) is not None:
+                try:
+                    sample = runner.run(asyncio.wait_for(handoff.run(generation), GUARD_S))
+                except TimeoutError:
+                    conn.send(("error", f"a direct handoff did not finish in {GUARD_S}s"))
+                    return
+                except Exception as err:
+                    conn.send(("error", f"direct handoff: {type(err).__name__}: {err}"))
+                    return
+                conn.send(("sample", sample, handoff.scheduling()))
+        finally:
+            runner.run(handoff.close())
 
 
 class DirectSide:
-    """The baseline, in a process of its own; `run` does one handoff there."""
+    """The baseline, in a process of its own; `run` does one handoff there. `make` (picklable:
+    it is sent to that process) builds the handoff there; by default the switchover bench's."""
 
-    def __init__(self, root: Path, postcopy: bool, ram: Path | None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        postcopy: bool,
+        ram: Path | None,
+        make: Callable[[], DirectHandoff] | None = None,
+    ) -> None:
         root.mkdir(parents=True, exist_ok=True)
+        if make is None:
+            make = functools.partial(boot_sector_handoff, root, postcopy, ram)
         # spawn: a fresh interpreter, with none of this process's threads (gRPC's) or state.
         context = multiprocessing.get_context("spawn")
         self.conn, child = context.Pipe()
         self.process = context.Process(
-            target=_direct_process, args=(child, root, postcopy, ram), name="direct-baseline"
+            target=_direct_process, args=(child, make), name="direct-baseline"
         )
         self.process.start()
         child.close()
@@ -510,6 +580,18 @@ def direct_pauses(postcopy: bool, runs: int, root: Path, ram: Path | None = None
     return tally.pauses_ms
 
 
+def compared_scheduling(
+    label: str, ours: SeenScheduling, base: SeenScheduling
+) -> dict[str, Scheduling]:
+    """Both sides' scheduling for the JSON; a warning on stderr when the baseline's driver did
+    not run as Whimbrel's daemons did."""
+    scheduling = {"whimbrel": ours.summary(), "direct": base.summary()}
+    daemons = {scheduling["whimbrel"].get("coordinator"), scheduling["whimbrel"].get("hostd")}
+    if daemons != {scheduling["direct"].get("driver")}:
+        print(f"  {label}: the sides were not scheduled alike: {scheduling}", file=sys.stderr)
+    return scheduling
+
+
 def bench(mode: str, runs: int | None = None) -> list[dict[str, object]]:
     postcopy = mode == "postcopy"
     runs = runs_wanted() if runs is None else runs
@@ -538,10 +620,7 @@ def bench(mode: str, runs: int | None = None) -> list[dict[str, object]]:
               f"rejected {tally.rejected_counts()}", file=sys.stderr)  # fmt: skip
         if not tally.pauses_ms:
             raise RuntimeError(f"{mode}: every {side} sample was rejected")
-    scheduling = {"whimbrel": ours_sched.summary(), "direct": base_sched.summary()}
-    daemons = {scheduling["whimbrel"].get("coordinator"), scheduling["whimbrel"].get("hostd")}
-    if daemons != {scheduling["direct"].get("driver")}:
-        print(f"  {mode}: the sides were not scheduled alike: {scheduling}", file=sys.stderr)
+    scheduling = compared_scheduling(mode, ours_sched, base_sched)
     out: list[dict[str, object]] = []
     for p in (50, 99):
         value, baseline = percentile(ours.pauses_ms, p), percentile(base.pauses_ms, p)
