@@ -42,7 +42,7 @@ from coordinator.log.records import Mark
 from coordinator.telemetry import Telemetry
 from coordinator.telemetry.hub import migration_of
 from whimbrel import failpoints, protocol
-from whimbrel.v1 import events_pb2, host_pb2
+from whimbrel.v1 import common_pb2, events_pb2, host_pb2
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -573,8 +573,15 @@ class Coordinator:
                     hello.generation,
                 )
             ]
-            for observation in hello.vms:
-                snapshot = events_pb2.VmObserved(observation=observation, reason="hello")
+            observations = list(hello.vms)
+            # The hello lists every QEMU the host has: one the log believes in but the hello
+            # leaves out is gone (a host that lost its state, a QEMU that died meanwhile).
+            reported = {o.vm for o in hello.vms}
+            for vm in sorted(self.world.qemus_believed_on(hello.host_id) - reported):
+                observations.append(common_pb2.VmObservation(vm=vm, process_alive=False))
+            for observation in observations:
+                reason = "hello" if observation.vm in reported else "hello: not listed"
+                snapshot = events_pb2.VmObserved(observation=observation, reason=reason)
                 new.append(NewEvent(self._stream_for(observation.vm), snapshot, now,
                                     hello.host_id, hello.generation))  # fmt: skip
             staged = self._stage(new)

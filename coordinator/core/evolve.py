@@ -209,11 +209,24 @@ def _vm_observed(
     if vm is None:
         return
     host = origin
+    last_runstate = vm.runstates.get(host)
     if obs.process_alive:
         vm.runstates[host] = obs.runstate
     else:
         vm.runstates.pop(host, None)
     m = _open_migration(world, obs.vm)
+    if (
+        not obs.process_alive
+        and m is None
+        and vm.host == host
+        and vm.status in (VmStatus.RUNNING, VmStatus.PAUSED)
+        and last_runstate not in (None, "shutdown")
+    ):
+        # Its QEMU is gone with no stop asked for (a host that restarted without it): lost,
+        # so its on_lost policy applies, as for a QEMU seen exiting.
+        vm.status = VmStatus.LOST
+        vm.lost_reason = f"QEMU on {host} found gone, unasked ({p.reason or 'observed'})"
+        vm.host = ""
     side = m.side(host) if m is not None else None
     if m is not None and side is not None:
         side.alive = obs.process_alive

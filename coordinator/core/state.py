@@ -311,6 +311,17 @@ class World:
     def copy(self) -> World:
         return copy.deepcopy(self)
 
+    def qemus_believed_on(self, host: str) -> set[str]:
+        """VMs the log says have a QEMU on `host`: a runstate observed there, or a side of an
+        open migration on it that is alive."""
+        names = {vm.name for vm in self.vms.values() if host in vm.runstates}
+        for migration_id in self.open_migrations:
+            m = self.migrations[migration_id]
+            side = m.side(host)
+            if side is not None and side.alive:
+                names.add(m.vm)
+        return names
+
     def command(self, command_id: str, vm: str) -> Command | None:
         """The command `command_id` (issued for VM `vm`), while the state still keeps it: a
         VM's own commands until answered, a migration's until it finishes. VM commands are

@@ -257,3 +257,28 @@ async def test_a_migration_uri_other_than_tcp_is_refused(
     assert "is not tcp:ADDRESS:PORT" in details
     assert coordinator.app.world.migrations["m-1"].incoming_uri == ""
     await _stop(hosts)
+
+
+async def test_a_vm_missing_from_a_hello_is_read_as_no_qemu_there(
+    coordinator: Running, sim_hosts: SimHosts
+) -> None:
+    """A restarted host whose hello leaves out a VM the log believes runs there (it lost its
+    state, or the QEMU died meanwhile) has no QEMU for it: the coordinator records that as the
+    host's observation, and the VM is lost with that reason (so its on_lost policy applies)."""
+    hosts = await _running_vm(coordinator, sim_hosts)
+    app = coordinator.app
+    await hosts[0].stop()
+    await wait_until(lambda: not app.world.hosts["host-a"].connected, app)
+    assert app.world.vms["vm-1"].runstates == {"host-a": "running"}
+    restarted = SimHostd("host-a", coordinator.channel, sim_hosts, generation=2)
+    await restarted.start()
+    vm = app.world.vms["vm-1"]
+    await wait_until(lambda: "host-a" not in vm.runstates, app, restarted)
+    async with app.reading():
+        observed = [codec.from_stored(e) for e in app.store.read(from_seq=1)]
+    gone = [e for e in observed if e.type == "VmObserved" and e.origin_host == "host-a"]
+    assert [(e.payload.observation.vm, e.payload.observation.process_alive, e.payload.reason)
+            for e in gone] == [("vm-1", False, "hello: not listed")]  # fmt: skip
+    assert vm.status == vm_pb2.VM_STATUS_LOST
+    assert vm.lost_reason == "QEMU on host-a found gone, unasked (hello: not listed)"
+    await _stop([restarted, *hosts[1:]])

@@ -77,7 +77,9 @@ def test_observation_during_coordinator_outage_arrives_once(cluster: Cluster) ->
         lambda e: isinstance(e.payload, events_pb2.QemuExited) and e.payload.vm == "vm-1"
     )
     vm = cluster.vms.GetVm(vm_pb2.GetVmRequest(name="vm-1"))
-    assert vm.status == vm_pb2.VM_STATUS_STOPPED
+    # Killed unasked: lost (its on_lost policy applies), from the hello that found it gone.
+    assert vm.status == vm_pb2.VM_STATUS_LOST
+    assert vm.lost_reason == "QEMU on host-a found gone, unasked (hello)"
     exits = [e for e in cluster.events() if isinstance(e.payload, events_pb2.QemuExited)]
     assert len(exits) == 1 and exits[0].origin_host == "host-a"
     epochs = [
