@@ -134,6 +134,8 @@ class Agent:
         self._inflight: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self.connected = asyncio.Event()
+        # Attempts to reach a coordinator that failed since the last session began.
+        self._failed_attempts = 0
         self.stopping = asyncio.Event()
 
     @property
@@ -242,11 +244,9 @@ class Agent:
                     await self._session(channel)
                 delay = BACKOFF_FIRST
             except TlsError as err:
-                log.warning("coordinator %s: %s", self.coordinator, err)
+                self._unreachable(str(err))
             except grpc.aio.AioRpcError as err:
-                log.warning(
-                    "coordinator %s: %s: %s", self.coordinator, err.code().name, err.details()
-                )
+                self._unreachable(f"{err.code().name}: {err.details()}")
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -257,10 +257,20 @@ class Agent:
                 break
             self._current = (self._current + 1) % len(self.coordinators)
             wait = reconnect_wait(delay)
-            log.info("reconnecting to %s in %.2fs", self.coordinator, wait)
+            log.debug("reconnecting to %s in %.2fs", self.coordinator, wait)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), wait)
             delay = min(delay * 2, BACKOFF_MAX)
+
+    def _unreachable(self, why: str) -> None:
+        """One WARNING per outage, not one per attempt: an operator can act on the first
+        (and on the INFO line saying when it ended), while retries every second are noise."""
+        self._failed_attempts += 1
+        if self._failed_attempts == 1:
+            log.warning("coordinator %s: %s; retrying about every second", self.coordinator, why)
+        else:
+            log.debug("coordinator %s: %s (attempt %d)", self.coordinator, why,
+                      self._failed_attempts)  # fmt: skip
 
     async def _session(self, channel: grpc.aio.Channel) -> None:
         stub = host_pb2_grpc.HostServiceStub(channel)
@@ -285,12 +295,17 @@ class Agent:
                         )
                         return
                     self.store.raise_epoch(message.welcome.epoch)
+                    after = ""
+                    if self._failed_attempts:
+                        after = f" after {self._failed_attempts} failed attempts"
                     log.info(
-                        "connected to %s: epoch %d, generation %d",
+                        "connected to %s%s: epoch %d, generation %d",
                         self.coordinator,
+                        after,
                         message.welcome.epoch,
                         self.generation,
                     )
+                    self._failed_attempts = 0
                     sender = asyncio.create_task(
                         self._send(up, message.welcome.last_stored_seq), name="hostd-sender"
                     )

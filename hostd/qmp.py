@@ -21,6 +21,23 @@ from hostd.errors import QmpError, QmpUnavailable
 
 log = logging.getLogger(__name__)
 
+
+class _QemuGoneFilter(logging.Filter):
+    """qemu.qmp logs an ERROR when QEMU's socket is reset or closed under its reader; that is
+    how a killed or exiting QEMU looks, which hostd reports itself (QemuExited). Such records
+    are kept only at DEBUG."""
+
+    GONE = ("ConnectionResetError", "BrokenPipeError", "EOFError", "IncompleteReadError")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and any(g in record.getMessage() for g in self.GONE):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger().isEnabledFor(logging.DEBUG)
+        return True
+
+
+_QEMU_GONE = _QemuGoneFilter()
+
 # (event name, data, QEMU timestamp in microseconds since the Unix epoch)
 EventSink = Callable[[str, dict[str, Any], int], Awaitable[None]]
 
@@ -29,10 +46,15 @@ class QmpSession:
     def __init__(self, vm: str, socket_path: str) -> None:
         self.vm = vm
         self.socket_path = socket_path
-        self._client = QMPClient(vm)
+        self._client = self._new_client()
         self._listener: EventListener | None = None
         self._pump: asyncio.Task[None] | None = None
         self.closed = asyncio.Event()
+
+    def _new_client(self) -> QMPClient:
+        client = QMPClient(self.vm)
+        client.logger.addFilter(_QEMU_GONE)  # the client logs as qemu.qmp.protocol.<vm>
+        return client
 
     async def connect(self, sink: EventSink, attempts: int = 50, interval: float = 0.05) -> None:
         """Connect (retrying while QEMU creates its socket) and start forwarding events."""
@@ -43,7 +65,7 @@ class QmpSession:
                 break
             except (QMPError, OSError) as err:
                 last = err
-                self._client = QMPClient(self.vm)
+                self._client = self._new_client()
                 await asyncio.sleep(interval)
         else:
             raise QmpUnavailable(

@@ -4,6 +4,8 @@ changed, no lease taken or given up)."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import stat
 from pathlib import Path
@@ -415,3 +417,31 @@ def test_hostd_will_not_start_with_settings_it_would_refuse(
         main([*flags, "--state-dir", str(tmp_path / "s"), "--lockspace", str(tmp_path / "l")])
     assert exited.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "s").exists() and not (tmp_path / "l").exists()
+
+
+async def test_an_unreachable_coordinator_is_one_warning_per_outage(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """hostd retries about every second while the coordinator is away; the operator's log
+    gets one WARNING for the outage, the retries go to DEBUG."""
+    a = make_agent(tmp_path)  # its coordinator, 127.0.0.1:1, refuses every connection
+    third_attempt = asyncio.Event()
+
+    class Attempts(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "(attempt 3)" in record.getMessage():
+                third_attempt.set()
+
+    watcher = Attempts()
+    logging.getLogger("whimbrel.hostd").addHandler(watcher)
+    try:
+        with caplog.at_level("DEBUG", logger="whimbrel.hostd"):
+            runner = asyncio.create_task(a.run())
+            await asyncio.wait_for(third_attempt.wait(), 10)
+            a.stopping.set()
+            await asyncio.wait_for(runner, 10)
+    finally:
+        logging.getLogger("whimbrel.hostd").removeHandler(watcher)
+    warnings = [r for r in caplog.records if r.levelno == 30 and r.name == "whimbrel.hostd"]
+    assert len(warnings) == 1 and "retrying" in warnings[0].getMessage()
+    await a.close()

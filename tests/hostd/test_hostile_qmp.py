@@ -152,3 +152,38 @@ async def test_a_garbage_greeting_fails_attach_and_leaves_the_process_tracked(
     finally:
         server.close()
         await runtime.close()
+
+
+async def test_a_qemu_that_goes_away_is_no_error_in_hostd_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A killed QEMU's socket resets under qemu.qmp's reader, which logs that as an ERROR;
+    hostd reports the exit itself, so the operator's log shows no ERROR for it."""
+    from hostd.qmp import QmpSession
+
+    async def dies(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(line(GREETING))
+        negotiation = await request(reader)
+        writer.write(line({"return": {}, "id": negotiation.get("id")}))
+        await writer.drain()
+        # Like a killed QEMU: the client's next command stays unread in the socket, so the
+        # close resets the connection under the client's reader.
+        writer.transport.pause_reading()
+        await asyncio.sleep(0.1)
+        writer.transport.abort()
+
+    path = tmp_path / "qmp.sock"
+    server = await asyncio.start_unix_server(dies, path=str(path))
+    session = QmpSession("vm-1", str(path))
+
+    async def sink(name: str, data: dict[str, object], time_us: int) -> None:
+        return None
+
+    with caplog.at_level("INFO"):
+        await session.connect(sink)
+        with pytest.raises(QmpUnavailable):
+            await session.execute("query-status")
+        await session.close()
+    server.close()
+    errors = [r for r in caplog.records if r.levelno >= 40 and r.name.startswith("qemu.qmp")]
+    assert errors == []
