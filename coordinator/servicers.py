@@ -17,6 +17,7 @@ caller's certificate (PERMISSION_DENIED otherwise, before anything is appended).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import uuid
@@ -318,7 +319,10 @@ class HostServicer(host_pb2_grpc.HostServiceServicer):
         finally:
             reader.cancel()
             processor.cancel()
-            await self.app.host_disconnected(session, reason)
+            # A coordinator fenced by a newer one cannot append the stream's end (the log is
+            # the newer one's, which records its own hosts); it is stopping itself already.
+            with contextlib.suppress(StoreError):
+                await self.app.host_disconnected(session, reason)
 
     @mapped
     async def ListHosts(

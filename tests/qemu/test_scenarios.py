@@ -236,6 +236,9 @@ def test_sigstopped_coordinator_is_replaced_and_fences_itself_when_it_wakes(tmp_
         names = [e.payload.spec.name for e in cluster.events()
                  if isinstance(e.payload, events_pb2.VmDefined)]  # fmt: skip
         assert names == ["vm-1"]  # nothing of the stale one reached the log
+        # It stops cleanly: host streams that end under it are not servicer crashes.
+        stale_log = (cluster.root / "coordinator.log").read_text()
+        assert "Unexpected [StaleEpoch]" not in stale_log
     finally:
         cluster.teardown()
 
