@@ -484,10 +484,13 @@ def _problem(world: World, m: MigrationState) -> list[Message]:
         if m.point_of_no_return_passed and _cont_outcome_pending(world, m):
             return []  # (and nothing moves forward meanwhile: see _forward)
         if m.point_of_no_return_passed:
+            how = (
+                "after it was resumed"
+                if m.dst_resumed
+                else "after its cont was sent (whether it ran is unknown)"
+            )
             return _fence(
-                m,
-                [m.source],
-                "destination QEMU exited after it was resumed: the source must never run again",
+                m, [m.source], f"destination QEMU exited {how}: the source must never run again"
             )
         if m.postcopy_started:
             return _fence(

@@ -191,6 +191,9 @@ def test_a_cont_that_may_have_run_still_fences():
     d = decisions(events)
     assert "resume-vm@host-a" not in d
     assert driver.world.migrations["m-1"].phase == Phase.FENCED
+    # The reason says what is known: the cont was sent, no RESUME was seen.
+    fence = next(e.payload for e in events if e.type == "FencingDecided")
+    assert "after its cont was sent (whether it ran is unknown)" in fence.reason
 
 
 def test_a_migrated_vm_whose_qemu_dies_is_lost_with_a_reason():
