@@ -157,6 +157,30 @@ def test_a_source_that_dies_after_the_destination_loaded_everything_completes():
     clean(driver)
 
 
+def test_precopy_cont_waits_for_the_destinations_own_completed():
+    """The point of no return needs the destination's word that it loaded everything: a
+    source that reports completed (its lease released) while the destination has not does
+    not get the destination resumed; the destination's completed then does."""
+    driver, hosts = fresh()
+    start(driver)
+    cmd = until_issued(driver, hosts, Kind.CONTINUE_SWITCHOVER)
+    driver.answered.add(cmd.command_id)
+    driver.observe(
+        migration("host-a", "vm-1", "device"),
+        migration("host-a", "vm-1", "completed"),
+        *hosts.switchover("host-a", "vm-1", "completed"),
+        Observation("host-a", E.CommandSucceeded(
+            command_id=cmd.command_id, attempt=cmd.attempt, kind=cmd.kind, vm=cmd.vm)),
+    )  # fmt: skip
+    for _ in range(5):
+        issued = [e for e in driver.advance("m-1") if e.type == "CommandIssued"]
+        assert Kind.RESUME_VM not in [Kind(e.payload.kind) for e in issued]
+        answer(driver, hosts, issued)
+    assert driver.world.vms["vm-1"].lease_holder == "host-b"  # the handoff itself went on
+    driver.observe(migration("host-b", "vm-1", "completed"))
+    assert "resume-vm@host-b" in decisions(driver.advance("m-1"))
+
+
 def test_a_destination_that_died_before_its_cont_ran_falls_back_to_the_complete_source():
     """The destination's QEMU dies between the cont intent and hostd's cont: hostd refuses
     the command unexecuted. The destination never ran, so the complete, paused source is the

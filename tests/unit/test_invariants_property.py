@@ -162,3 +162,25 @@ def test_checker_names_both_ends_of_a_source_running_without_its_lease() -> None
     violations = [v for v in InvariantChecker().check(driver.log) if v.invariant == 4]
     assert [v.seq for v in violations] == [driver.log[-1].seq]
     assert f"released (since seq {release_seq})" in violations[0].message
+
+
+def test_checker_flags_a_source_seen_running_after_the_cont_intent() -> None:
+    """Invariant 3 from observation, not only from commands: the source's QMP RESUME after
+    the destination's cont intent is flagged, even though no command resumed it."""
+    driver, hosts = fresh()
+    driver.request(I.StartMigration("m-1", "vm-1", "host-b", 1, E.MigrationPolicy(), driver.now_us))
+    for _ in range(30):
+        issued = [e for e in driver.advance("m-1") if e.type == "CommandIssued"]
+        if any(Kind(e.payload.kind) == Kind.RESUME_VM for e in issued):
+            break
+        for e in issued:
+            driver.answered.add(e.payload.command_id)
+            driver.observe(*hosts.answer(e.payload))
+            driver._progress("m-1", e.payload, hosts)
+    else:
+        raise AssertionError("cont was never issued")
+    assert InvariantChecker().check(driver.log) == []
+    driver.observe(qmp("host-a", "vm-1", "RESUME"))
+    resumed_at = driver.log[-1].seq
+    flagged = [(v.seq, v.invariant) for v in InvariantChecker().check(driver.log)]
+    assert (resumed_at, 3) in flagged
