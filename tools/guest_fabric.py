@@ -283,32 +283,63 @@ class CounterWatch(threading.Thread):
 
 # QEMU (block/file-posix.c) holds a shared OFD lock on byte 100 + i of an image for each
 # permission bit i it holds; bit 1 is BLK_PERM_WRITE. A QEMU waiting for an incoming migration
-# holds none until it activates its disks.
+# holds none until it activates its disks. One QEMU may briefly hold it on two descriptors (it
+# reopens an image on a new descriptor before closing the old), so holders are counted by
+# process, from each QEMU's /proc/PID/fdinfo.
 _QEMU_WRITE_PERM_BYTE = 101
 
 
-def write_permission_holders(disk: Path) -> int:
-    """How many open files hold QEMU's write permission on `disk` now (from /proc/locks)."""
-    st = os.stat(disk)
-    device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-    holders = 0
-    with open("/proc/locks") as locks:
-        for line in locks:
-            fields = line.split()
-            # "1: OFDLCK ADVISORY  READ -1 fe:00:2146326 100 101" (a blocked waiter has "->")
-            if len(fields) < 8 or fields[1] == "->" or fields[5] != device:
+def _qemu_pids() -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/comm") as comm:
+                    if comm.read().startswith("qemu-system"):
+                        pids.append(int(entry))
+            except OSError:
+                continue  # gone meanwhile
+    return pids
+
+
+def _holds_write_permission(pid: int, disk: str) -> bool:
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") != disk:
                 continue
-            start, end = int(fields[6]), fields[7]
-            if start <= _QEMU_WRITE_PERM_BYTE and (
-                end == "EOF" or int(end) >= _QEMU_WRITE_PERM_BYTE
-            ):
-                holders += 1
-    return holders
+            with open(f"/proc/{pid}/fdinfo/{fd}") as info:
+                for line in info:
+                    # "lock:\t1: OFDLCK ADVISORY  READ -1 fe:00:2146326 100 101"
+                    fields = line.split()
+                    if fields[:1] != ["lock:"] or len(fields) < 9 or fields[2] == "->":
+                        continue
+                    start, end = int(fields[7]), fields[8]
+                    if start <= _QEMU_WRITE_PERM_BYTE and (
+                        end == "EOF" or int(end) >= _QEMU_WRITE_PERM_BYTE
+                    ):
+                        return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
+def write_permission_holders(disk: Path, pids: list[int] | None = None) -> int:
+    """How many QEMU processes hold QEMU's write permission on `disk` now."""
+    real = os.path.realpath(disk)
+    return sum(_holds_write_permission(pid, real) for pid in (pids or _qemu_pids()))
 
 
 class WriterWatch(threading.Thread):
     """Samples every millisecond how many QEMUs hold write permission on the disk: a second
     writer at any sample is two QEMUs that could write the guest's disk at once."""
+
+    # The QEMUs are looked up afresh this often: a new QEMU needs far longer than that before
+    # it activates its disks (an incoming one only after the migration).
+    RESCAN_S = 0.02
 
     def __init__(self, disk: Path) -> None:
         super().__init__(name="writer-watch", daemon=True)
@@ -316,6 +347,10 @@ class WriterWatch(threading.Thread):
         self.done = threading.Event()
 
     def run(self) -> None:
+        pids: list[int] = []
+        scanned = 0.0
         while not self.done.wait(0.001):
-            self.most = max(self.most, write_permission_holders(self.disk))
+            if time.monotonic() - scanned > self.RESCAN_S:
+                pids, scanned = _qemu_pids(), time.monotonic()
+            self.most = max(self.most, write_permission_holders(self.disk, pids))
             self.samples += 1
