@@ -181,6 +181,7 @@ class Agent:
                 # Tracked either way, until it is gone: a QEMU whose QMP is unreachable still
                 # runs the VM's disks, is reported, and is killed by a destroy.
                 self.executor.vms[runtime.name] = runtime
+                self.executor.release_network_at_exit(runtime)
                 try:
                     await runtime.attach(pid)
                     log.info("re-attached to QEMU %d of %s", pid, runtime.name)
@@ -211,6 +212,8 @@ class Agent:
                 ),
                 0,
             )
+            # Its networking may still be set up for a VM that now runs elsewhere.
+            await self.executor.release_network_of_dead(runtime)
 
     async def hello(self) -> host_pb2.Hello:
         snapshots = [await runtime.snapshot() for runtime in list(self.executor.vms.values())]

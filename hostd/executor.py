@@ -99,7 +99,7 @@ class Executor:
             if phase in ("enable", "release") and runtime.network_phase == phase:
                 return  # already (at the destination's postcopy-active, a repeat, an exit)
             await self.network.apply(phase, runtime.spec)
-            runtime.network_phase = phase
+            runtime.save_network_phase(phase)
             network_state = events_pb2.NetworkState.ValueType(state)
             await self.emit(events_pb2.NetworkChanged(vm=runtime.name, state=network_state), 0)
 
@@ -134,13 +134,21 @@ class Executor:
         except BaseException:
             await runtime.kill("could not attach QMP after launch")
             raise
-        self._background(self._release_network_at_exit(runtime))
+        self.release_network_at_exit(runtime)
         return runtime
 
-    async def _release_network_at_exit(self, runtime: VmRuntime) -> None:
+    def release_network_at_exit(self, runtime: VmRuntime) -> None:
         """Whatever ends a QEMU (a crash, a kill, a fence), the network hook hears it: a dead
-        copy must not keep the VM's networking enabled where the VM no longer runs."""
+        copy must not keep the VM's networking enabled where the VM no longer runs. Armed at
+        launch, and again for the QEMUs a restarted hostd re-attaches to."""
+        self._background(self._release_network_after(runtime))
+
+    async def _release_network_after(self, runtime: VmRuntime) -> None:
         await runtime.exited.wait()
+        await self.release_network_of_dead(runtime)
+
+    async def release_network_of_dead(self, runtime: VmRuntime) -> None:
+        """Run `release` for a QEMU that is gone, if its networking was ever set up."""
         if runtime.network_phase in ("prepare", "enable"):
             try:
                 await self._network("release", runtime, K.NETWORK_STATE_RELEASED)

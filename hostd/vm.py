@@ -94,20 +94,31 @@ class VmRuntime:
         finally:
             os.close(dir_fd)
 
+    def save_network_phase(self, phase: str) -> None:
+        """The network phase that last succeeded, kept so a restarted hostd still runs
+        `release` for a QEMU that exits (or exited) while no hostd watched."""
+        self.network_phase = phase
+        self.paths.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        dir_fd = files.open_dir(self.paths.root)
+        try:
+            fd = files.open_in(dir_fd, "network", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            with open(fd, "wb") as f:
+                f.write(phase.encode())
+        finally:
+            os.close(dir_fd)
+
     @classmethod
     def load(cls, root: Path, emit: Emit) -> VmRuntime:
         dir_fd = files.open_dir(root)
         try:
             with open(files.open_in(dir_fd, "spec.pb", os.O_RDONLY), "rb") as f:
                 spec = common_pb2.VmSpec.FromString(f.read())
-            try:
-                with open(files.open_in(dir_fd, "role", os.O_RDONLY), "rb") as f:
-                    role = f.read().decode()
-            except FileNotFoundError:
-                role = ""
+            role, network_phase = (_read_optional(dir_fd, name) for name in ("role", "network"))
         finally:
             os.close(dir_fd)
-        return cls(spec, root, emit, role)
+        runtime = cls(spec, root, emit, role)
+        runtime.network_phase = network_phase
+        return runtime
 
     def track(self, pid: int) -> None:
         """Hold QEMU `pid` (a pidfd) and report its exit once, whatever becomes of QMP."""
@@ -394,3 +405,12 @@ class VmRuntime:
         if self._pidfd >= 0:
             os.close(self._pidfd)
             self._pidfd = -1
+
+
+def _read_optional(dir_fd: int, name: str) -> str:
+    """The text of file `name` in `dir_fd`, "" when there is none (an older hostd's state)."""
+    try:
+        with open(files.open_in(dir_fd, name, os.O_RDONLY), "rb") as f:
+            return f.read().decode()
+    except FileNotFoundError:
+        return ""

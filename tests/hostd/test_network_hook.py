@@ -63,3 +63,76 @@ async def test_a_failing_armed_hook_is_an_error(
     await driver.apply("prepare", SPEC)
     with pytest.raises(NetworkError, match="network hook enable failed"):
         await driver.apply("enable", SPEC)
+
+
+def _vm_state(state_dir: Path, network_phase: str) -> Path:
+    """What a hostd that set up vm-1's networking leaves in its state dir."""
+    from hostd.vm import VmRuntime
+
+    async def emit(message: object, seq: int) -> None:
+        return None
+
+    runtime = VmRuntime(SPEC, state_dir / "vms" / "vm-1", emit, "destination")  # type: ignore[arg-type]
+    runtime.save()
+    runtime.save_network_phase(network_phase)
+    return runtime.paths.root
+
+
+async def test_a_qemu_found_gone_after_a_restart_gets_its_network_released(
+    tmp_path: Path,
+) -> None:
+    """A QEMU that died while no hostd watched, after its networking was enabled: the
+    restarted hostd reports the exit and runs `release`, so the dead copy does not keep the
+    VM's networking where it no longer runs."""
+    from hostd.agent import Agent
+
+    driver, log = hook(tmp_path)
+    _vm_state(tmp_path / "state", "enable")  # and no pidfile: the QEMU is gone
+    agent = Agent("host-b", "127.0.0.1:1", tmp_path / "state", tmp_path / "locks", "127.0.0.1",
+                  driver)  # fmt: skip
+    await agent.reattach()
+    assert [p[:2] for p in phases(log)] == [["release", "vm-1"]]
+    kinds = [e.payload.WhichOneof("kind") for e in agent.pending]
+    assert kinds[-2:] == ["qemu_exited", "network_changed"]
+    await agent.close()
+
+
+async def test_a_reattached_qemu_that_exits_gets_its_network_released(tmp_path: Path) -> None:
+    """A QEMU a restarted hostd re-attached to is watched like one it launched: when it
+    exits, `release` runs."""
+    import asyncio
+    import sys
+
+    from hostd.agent import Agent
+
+    inner, log = hook(tmp_path)
+    released = asyncio.Event()
+
+    class Watched(HookNetworkDriver):
+        async def apply(self, phase: str, spec: common_pb2.VmSpec) -> None:
+            await inner.apply(phase, spec)
+            if phase == "release":
+                released.set()
+
+    driver = Watched(tmp_path / "hook.sh", "host-b")
+    root = _vm_state(tmp_path / "state", "enable")
+    pidfile = root / "qemu.pid"
+    # Stands in for QEMU: hostd recognises its QEMU by the pidfile path on the command line.
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "import time; time.sleep(60)", str(pidfile)
+    )
+    pidfile.write_text(str(process.pid))
+    agent = Agent("host-b", "127.0.0.1:1", tmp_path / "state", tmp_path / "locks", "127.0.0.1",
+                  driver)  # fmt: skip
+    try:
+        await agent.reattach()  # its QMP never answers: tracked all the same
+        assert phases(log) == []
+        process.kill()
+        await process.wait()
+        await asyncio.wait_for(released.wait(), 10)  # beside the exit watch
+        assert [p[:2] for p in phases(log)] == [["release", "vm-1"]]
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        await agent.close()
