@@ -7,5 +7,7 @@ Run all with `make bench`, one with `make bench BENCH=log.append.100_writers` (a
 `WHIMBREL_BENCH_RUNS=N` sets the migrations per side of the switchover benches (default 100)
 and of the guest outage benches (default 50). `guest.big.auto` reports one migration of a
 1 GiB Linux guest dirtying memory faster than pre-copy sends it (no baseline: it reports how
-auto mode ended, its passes, bytes, time and pause).
+auto mode ended, its passes, bytes, time and pause). `switchover.restart.precopy` reports what
+a source hostd restart during pre-copy adds to the pause (restarted runs against undisturbed
+ones, interleaved; 20 each).
 """

@@ -6,7 +6,14 @@ import json
 import sys
 from collections.abc import Callable
 
-from tools.bench import guest_big, guest_outage, log_bench, recovery_bench, switchover
+from tools.bench import (
+    guest_big,
+    guest_outage,
+    log_bench,
+    recovery_bench,
+    restart_pause,
+    switchover,
+)
 
 Result = dict[str, object]
 # A benchmark returns one result, or several (e.g. p50 and p99 of one run).
@@ -22,6 +29,7 @@ BENCHES: dict[str, Callable[[], Result | list[Result]]] = {
     "switchover.pause.precopy": lambda: switchover.bench("precopy"),
     "switchover.flood.postcopy": lambda: switchover.flood_bench("postcopy"),
     "switchover.flood.precopy": lambda: switchover.flood_bench("precopy"),
+    "switchover.restart.precopy": restart_pause.bench,
     "guest.outage.postcopy": lambda: guest_outage.bench("postcopy"),
     "guest.outage.precopy": lambda: guest_outage.bench("precopy"),
     "guest.big.auto": guest_big.bench,
