@@ -9,5 +9,6 @@ and of the guest outage benches (default 50). `guest.big.auto` reports one migra
 1 GiB Linux guest dirtying memory faster than pre-copy sends it (no baseline: it reports how
 auto mode ended, its passes, bytes, time and pause). `switchover.restart.precopy` reports what
 a source hostd restart during pre-copy adds to the pause (restarted runs against undisturbed
-ones, interleaved; 20 each).
+ones, interleaved; 20 each); `switchover.tls.postcopy` the pause with mutual TLS on the
+control channels against the same run's insecure loopback cluster, interleaved.
 """

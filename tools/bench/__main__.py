@@ -30,6 +30,7 @@ BENCHES: dict[str, Callable[[], Result | list[Result]]] = {
     "switchover.flood.postcopy": lambda: switchover.flood_bench("postcopy"),
     "switchover.flood.precopy": lambda: switchover.flood_bench("precopy"),
     "switchover.restart.precopy": restart_pause.bench,
+    "switchover.tls.postcopy": lambda: switchover.tls_bench("postcopy"),
     "guest.outage.postcopy": lambda: guest_outage.bench("postcopy"),
     "guest.outage.precopy": lambda: guest_outage.bench("precopy"),
     "guest.big.auto": guest_big.bench,

@@ -164,12 +164,15 @@ def frozen(pids: Iterable[int]) -> Iterator[None]:
 class WhimbrelSide:
     """A coordinator and two hostds on loopback; `run` migrates the VM to the other host."""
 
-    def __init__(self, root: Path, postcopy: bool, ram: Path | None, flood: int = 0) -> None:
+    def __init__(
+        self, root: Path, postcopy: bool, ram: Path | None, flood: int = 0, tls: bool = True
+    ) -> None:
         self.postcopy = postcopy
         self.mode = (
             common_pb2.MIGRATION_MODE_POSTCOPY if postcopy else common_pb2.MIGRATION_MODE_PRECOPY
         )
-        self.cluster = Cluster(root)
+        # tls=False: the coordinator's insecure loopback mode, for the cost of mutual TLS.
+        self.cluster = Cluster(root, tls=tls)
         self.hosts = ["host-a", "host-b"]
         try:
             self._start(ram)
@@ -754,6 +757,41 @@ def flood_bench(
             "value": round(percentile(flooded, p), 2),
             "unit": "ms",
             "baseline": round(percentile(quiet, p), 2),
+        }
+        for p in (50, 99)
+    ]
+
+
+def tls_bench(mode: str, runs: int | None = None) -> list[dict[str, object]]:
+    """What mutual TLS on the control channels costs the pause: two clusters, one with TLS and
+    one in the insecure loopback mode, interleaved run by run (the idle one's guest frozen).
+    The value is the pause with TLS, the baseline the same run's pause without it."""
+    postcopy = mode == "postcopy"
+    runs = runs_wanted() if runs is None else runs
+    with_tls, without = Tally(postcopy), Tally(postcopy)
+    with tempfile.TemporaryDirectory() as tmp:
+        ram = random_ram(Path(tmp) / "ram.bin", MEMORY_MIB) if postcopy else None
+        secure = WhimbrelSide(Path(tmp) / "tls", postcopy, ram)
+        try:
+            plain = WhimbrelSide(Path(tmp) / "plain", postcopy, ram, tls=False)
+            try:
+                for i in range(runs):
+                    with plain.guest_frozen():
+                        _log("tls", i, secure.run(i)[0], with_tls)
+                    with secure.guest_frozen():
+                        _log("plain", i, plain.run(i)[0], without)
+            finally:
+                plain.close()
+        finally:
+            secure.close()
+    return [
+        {
+            "bench": f"switchover.tls.{mode}.p{p}_ms",
+            "value": round(percentile(with_tls.pauses_ms, p), 2),
+            "unit": "ms",
+            "baseline": round(percentile(without.pauses_ms, p), 2),
+            "ratio": round(percentile(with_tls.pauses_ms, p) / percentile(without.pauses_ms, p), 3),
+            "samples": {"tls": len(with_tls.pauses_ms), "plain": len(without.pauses_ms)},
         }
         for p in (50, 99)
     ]
