@@ -322,3 +322,21 @@ def test_destroys_that_keep_failing_are_bounded_in_a_fence():
     assert decisions(events).count("destroy-vm@host-b") == 3
     m = driver.world.migrations["m-1"]
     assert m.phase == Phase.FENCED and "QEMU not destroyed on host-b" in m.reason
+
+
+def test_mode_postcopy_never_becomes_a_long_stop_and_copy():
+    """Issue 12 (9): with QEMU's default downtime limit a converging guest finished mode
+    postcopy as a pre-copy with a long pause. The source is told a 1 ms downtime limit
+    (whatever the policy says), and the switch is requested as soon as migrate returned,
+    before any pass could converge."""
+    driver, hosts = fresh()
+    policy = E.MigrationPolicy(parameters=E.MigrationParameters(downtime_limit_ms=300))
+    driver.request(I.StartMigration("m-1", "vm-1", "host-b", POSTCOPY, policy, driver.now_us))
+    start_cmd = until_issued(driver, hosts, Kind.START_MIGRATION)
+    assert start_cmd.args.parameters.downtime_limit_ms == 1
+    assert start_cmd.args.postcopy
+    driver.answered.add(start_cmd.command_id)
+    answered = hosts.answer(start_cmd)
+    passes = [o for o in answered if getattr(o.payload, "event", "") == "MIGRATION_PASS"]
+    driver.observe(*[o for o in answered if o not in passes])
+    assert "start-postcopy@host-a" in decisions(driver.advance("m-1"))
