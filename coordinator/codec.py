@@ -78,8 +78,8 @@ REPLAY_COLUMNS = "seq, type, time_us, payload, origin_host"
 
 def decode_for_replay(rows: Iterable[tuple[Any, ...]]) -> Iterator[Fact]:
     """Facts for `fold` from rows in REPLAY_COLUMNS order; checks seq continuity as it goes."""
-    from coordinator.core.events import PAYLOAD_CLASSES
     from coordinator.log import CorruptLog
+    from whimbrel.protocol import PAYLOAD_CLASSES
 
     decoders = {name: cls.FromString for name, cls in PAYLOAD_CLASSES.items()}
     expected = None

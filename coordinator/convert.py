@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from coordinator.core import Event, MigrationState, VmState, World
-from coordinator.core.events import PAYLOAD_FIELDS
 from coordinator.core.state import HostState
 from coordinator.log import StoredEvent
+from whimbrel.protocol import PAYLOAD_FIELDS
 from whimbrel.v1 import common_pb2, events_pb2, host_pb2, migration_pb2, vm_pb2
 
 

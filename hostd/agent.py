@@ -22,7 +22,6 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError, Message
 
-from coordinator.core.events import PAYLOAD_FIELDS
 from hostd import qemu, tracing
 from hostd.drivers.lease import FileLeaseDriver
 from hostd.drivers.network import NetworkDriver
@@ -32,11 +31,11 @@ from hostd.guard import Guard
 from hostd.store import HostStore
 from hostd.vm import VmRuntime
 from whimbrel import failpoints
+from whimbrel.protocol import VERSION, kind_label, wrap
 from whimbrel.tls import TlsError, TlsFiles, aio_channel, check_server_principal
 from whimbrel.v1 import events_pb2, host_pb2, host_pb2_grpc
 
 log = logging.getLogger("whimbrel.hostd")
-VERSION = "0.1.0"
 # HTTP/2 pings: a coordinator that stops answering (hung, SIGSTOPped, its host gone) is noticed
 # within about three seconds, even while the stream is idle, and the next address is tried.
 KEEPALIVE = [
@@ -65,12 +64,6 @@ def reconnect_wait(delay: float) -> float:
 
 def now_us() -> int:
     return time.time_ns() // 1000
-
-
-def wrap(payload: Message) -> events_pb2.EventPayload:
-    wrapped = events_pb2.EventPayload()
-    getattr(wrapped, PAYLOAD_FIELDS[payload.DESCRIPTOR.name]).CopyFrom(payload)
-    return wrapped
 
 
 def failed(c: host_pb2.Command, error: str, **fields: Any) -> events_pb2.EventPayload:
@@ -368,8 +361,7 @@ class Agent:
             self._record(prior.result or interrupted, 0)
             return
         self.store.command_started(c.command_id)
-        kind = events_pb2.CommandKind.Name(c.kind).removeprefix("COMMAND_KIND_").lower()
-        kind = kind.replace("_", "-")
+        kind = kind_label(c.kind)
         failpoints.hit("hostd.before-execute")
         failpoints.hit(f"hostd.before-execute.{kind}")
         self._inflight.add(c.command_id)

@@ -23,6 +23,7 @@ from hostd.errors import CommandRejected, HostdError, LeaseError
 from hostd.guard import Guard, check_migration_uri, check_names
 from hostd.vm import Emit, VmRuntime
 from whimbrel import failpoints
+from whimbrel.protocol import DISARMING, DISARMING_INCOMING
 from whimbrel.v1 import common_pb2, events_pb2, host_pb2
 
 log = logging.getLogger(__name__)
@@ -400,22 +401,6 @@ class Executor:
         await self._vm(c.vm).execute("announce-self", ANNOUNCE)
         return K.CommandResult()
 
-
-# Commands after which the source must keep its lease at a later stop (a rollback's acquire
-# and cancel, a resume, the VM's end); the simulator (tools/sim.py) mirrors hostd with these.
-DISARMING = frozenset(
-    {
-        K.COMMAND_KIND_ACQUIRE_LEASE,
-        K.COMMAND_KIND_CANCEL_MIGRATION,
-        K.COMMAND_KIND_RESUME_VM,
-        K.COMMAND_KIND_STOP_VM,
-        K.COMMAND_KIND_DESTROY_VM,
-    }
-)
-
-# Commands after which a destination must not enable its networking at postcopy-active: its
-# QEMU is going away (a rollback, the VM's end).
-DISARMING_INCOMING = frozenset({K.COMMAND_KIND_STOP_VM, K.COMMAND_KIND_DESTROY_VM})
 
 _HANDLERS: dict[int, Handler] = {
     K.COMMAND_KIND_START_VM: Executor.start_vm,

@@ -1,6 +1,7 @@
 """What the coordinator and hostd must agree on beyond the generated messages: the protocol's
-version, the log's stream names, the labels of command kinds, and which commands disarm what a
-host was asked to do by itself at a switchover.
+version, the log's stream names, the payload types and their fields in `EventPayload`, the
+labels of command kinds, and which commands disarm what a host was asked to do by itself at a
+switchover.
 
 Both sides (and the tools: the simulator, the audit) import it from here; nothing here imports
 either side.
@@ -8,18 +9,23 @@ either side.
 
 from __future__ import annotations
 
+from google.protobuf.message import Message
+
 from whimbrel.v1 import events_pb2
 
 __all__ = [
     "COORDINATOR_STREAM",
     "DISARMING",
     "DISARMING_INCOMING",
+    "PAYLOAD_CLASSES",
+    "PAYLOAD_FIELDS",
     "VERSION",
     "host_stream",
     "kind_label",
     "migration_stream",
     "parse_stream",
     "vm_stream",
+    "wrap",
 ]
 
 VERSION = "0.1.0"
@@ -49,6 +55,25 @@ def parse_stream(stream: str) -> tuple[str, str] | None:
     if not sep or kind not in _STREAM_KINDS or not name or "/" in name:
         return None
     return kind, name
+
+
+# Event type name (a message name) -> payload class, and the snake_case oneof field of
+# EventPayload that carries it.
+_ONEOF = events_pb2.EventPayload.DESCRIPTOR.oneofs_by_name["kind"]
+_MESSAGES = [(field, field.message_type) for field in _ONEOF.fields]
+PAYLOAD_CLASSES: dict[str, type[Message]] = {
+    message.name: getattr(events_pb2, message.name) for _, message in _MESSAGES if message
+}
+PAYLOAD_FIELDS: dict[str, str] = {
+    message.name: field.name for field, message in _MESSAGES if message
+}
+
+
+def wrap(payload: Message) -> events_pb2.EventPayload:
+    """`payload` in an EventPayload, as hosts send observations."""
+    wrapped = events_pb2.EventPayload()
+    getattr(wrapped, PAYLOAD_FIELDS[payload.DESCRIPTOR.name]).CopyFrom(payload)
+    return wrapped
 
 
 def kind_label(kind: int) -> str:

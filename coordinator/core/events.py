@@ -11,17 +11,7 @@ from dataclasses import dataclass
 
 from google.protobuf.message import Message
 
-from whimbrel.v1 import events_pb2
-
-# Event type name -> payload class, and the snake_case oneof field of EventPayload for each.
-_ONEOF = events_pb2.EventPayload.DESCRIPTOR.oneofs_by_name["kind"]
-_MESSAGES = [(field, field.message_type) for field in _ONEOF.fields]
-PAYLOAD_CLASSES: dict[str, type[Message]] = {
-    message.name: getattr(events_pb2, message.name) for _, message in _MESSAGES if message
-}
-PAYLOAD_FIELDS: dict[str, str] = {
-    message.name: field.name for field, message in _MESSAGES if message
-}
+from whimbrel.protocol import PAYLOAD_CLASSES
 
 
 def type_name(payload: Message) -> str:

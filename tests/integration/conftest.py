@@ -179,7 +179,7 @@ class SimHostd:
             _STREAMS.get((id(self.hosts), observation.host), self).report(observation.payload)
 
     def _event(self, payload: object) -> host_pb2.HostEvent:
-        from coordinator.core.events import PAYLOAD_FIELDS
+        from whimbrel.protocol import PAYLOAD_FIELDS
 
         self.seq += 1
         wrapped = events_pb2.EventPayload()
