@@ -53,6 +53,15 @@ def failed(cmd: E.CommandIssued, error: str, *, rejected: bool = False) -> Obser
     )
 
 
+def succeeded(cmd: E.CommandIssued) -> Observation:
+    return Observation(
+        cmd.host_id,
+        E.CommandSucceeded(
+            command_id=cmd.command_id, attempt=cmd.attempt, kind=cmd.kind, vm=cmd.vm
+        ),
+    )
+
+
 def clean(driver) -> None:
     assert InvariantChecker().check_quiescent(driver.log) == []
 
@@ -144,9 +153,8 @@ def test_a_source_that_dies_after_the_destination_loaded_everything_completes():
         migration("host-a", "vm-1", "device"),
         migration("host-b", "vm-1", "completed"),
         hosts.kill("vm-1", "host-a"),
-        Observation("host-a", E.CommandSucceeded(
-            command_id=cmd.command_id, attempt=cmd.attempt, kind=cmd.kind, vm=cmd.vm)),
-    )  # fmt: skip
+        succeeded(cmd),
+    )
     events = driver.run("m-1", hosts)
     d = decisions(events)
     assert d[:3] == ["release-lease@host-a", "acquire-lease@host-b", "resume-vm@host-b"]
@@ -169,9 +177,8 @@ def test_precopy_cont_waits_for_the_destinations_own_completed():
         migration("host-a", "vm-1", "device"),
         migration("host-a", "vm-1", "completed"),
         *hosts.switchover("host-a", "vm-1", "completed"),
-        Observation("host-a", E.CommandSucceeded(
-            command_id=cmd.command_id, attempt=cmd.attempt, kind=cmd.kind, vm=cmd.vm)),
-    )  # fmt: skip
+        succeeded(cmd),
+    )
     for _ in range(5):
         issued = [e for e in driver.advance("m-1") if e.type == "CommandIssued"]
         assert Kind.RESUME_VM not in [Kind(e.payload.kind) for e in issued]
