@@ -55,6 +55,7 @@ from whimbrel.v1 import (
     vm_pb2,
     vm_pb2_grpc,
 )
+from whimbrel.validate import shown
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -346,9 +347,9 @@ def check_stream(stream: str) -> None:
         if prefix == "vm":
             return check_name("VM", name)
     except InvalidRequest as err:
-        raise InvalidRequest(f"stream {stream!r}: {err}") from None
+        raise InvalidRequest(f"stream {shown(stream)}: {err}") from None
     raise InvalidRequest(
-        f"unknown stream {stream!r}: coordinator, migration/ID, host/ID or vm/NAME"
+        f"unknown stream {shown(stream)}: coordinator, migration/ID, host/ID or vm/NAME"
     )
 
 
