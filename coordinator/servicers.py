@@ -55,11 +55,14 @@ from whimbrel.v1 import (
     vm_pb2,
     vm_pb2_grpc,
 )
+from whimbrel.validate import shown
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 # WatchMigration sends at most one update per this many seconds.
 WATCH_INTERVAL_S = 0.05
+# The largest seq a log can hold: a signed 64-bit integer.
+MAX_SEQ = 2**63 - 1
 
 _STATUS: list[tuple[type[Exception], grpc.StatusCode]] = [
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
@@ -344,9 +347,9 @@ def check_stream(stream: str) -> None:
         if prefix == "vm":
             return check_name("VM", name)
     except InvalidRequest as err:
-        raise InvalidRequest(f"stream {stream!r}: {err}") from None
+        raise InvalidRequest(f"stream {shown(stream)}: {err}") from None
     raise InvalidRequest(
-        f"unknown stream {stream!r}: coordinator, migration/ID, host/ID or vm/NAME"
+        f"unknown stream {shown(stream)}: coordinator, migration/ID, host/ID or vm/NAME"
     )
 
 
@@ -384,6 +387,10 @@ class EventLogServicer(eventlog_pb2_grpc.EventLogServiceServicer):
     ) -> AsyncIterator[events_pb2.Event]:
         try:
             check_stream(request.stream)
+            if request.from_seq > MAX_SEQ:
+                # A uint64 from the wire; the store's seqs are signed 64-bit (SQLite INTEGER),
+                # and a larger one would fail inside the read rather than be refused.
+                raise InvalidRequest(f"from_seq {request.from_seq} is beyond any seq ({MAX_SEQ})")
         except InvalidRequest as err:
             await context.abort(status_for(err), str(err))
         next_seq, sent = max(request.from_seq, 1), 0

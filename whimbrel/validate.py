@@ -4,7 +4,8 @@ Names become file names (the lease in the shared lockspace, a VM's directory in 
 and QEMU option values, so one definition serves both sides: the coordinator refuses a bad
 request, and hostd refuses a bad command even from a coordinator that let it through. A name
 never contains `/` nor starts with `.`; `fullmatch`, because `$` also matches before a final
-newline.
+newline. A refused value is shown cut to SHOWN characters: the message travels back as a gRPC
+status, whose details a client refuses beyond a few KiB of metadata.
 
 Invalid        root (a ValueError); its message names the field and the value refused
 """
@@ -24,6 +25,7 @@ __all__ = [
     "check_migration_id",
     "check_name",
     "check_spec",
+    "shown",
 ]
 
 # VMs and hosts: lowercase, so a name is also a valid DNS label and a QEMU -name.
@@ -39,23 +41,32 @@ DISK_INTERFACES = ("", "ide", "virtio")
 NIC_MODELS = ("", "virtio-net-pci", "e1000")
 MACHINES = ("", "pc", "q35")
 MEMORY_BACKINGS = ("", "ram", "file")
+SHOWN = 80
 
 
 class Invalid(ValueError):
     pass
 
 
+def shown(value: str) -> str:
+    """`value` as a message quotes it, cut to SHOWN characters."""
+    if len(value) <= SHOWN:
+        return repr(value)
+    return f"{value[:SHOWN]!r}... ({len(value)} characters)"
+
+
 def check_name(kind: str, name: str) -> None:
     if not NAME.fullmatch(name):
         raise Invalid(
-            f"{kind} name {name!r} is invalid: 1-63 characters of [a-z0-9-], starting with a letter"
+            f"{kind} name {shown(name)} is invalid: "
+            "1-63 characters of [a-z0-9-], starting with a letter"
         )
 
 
 def check_migration_id(migration_id: str) -> None:
     if not MIGRATION_ID.fullmatch(migration_id):
         raise Invalid(
-            f"migration id {migration_id!r} is invalid: 1-64 characters of [A-Za-z0-9._-], "
+            f"migration id {shown(migration_id)} is invalid: 1-64 characters of [A-Za-z0-9._-], "
             "starting with a letter or digit"
         )
 
@@ -69,31 +80,31 @@ def check_spec(spec: common_pb2.VmSpec) -> None:
     if not 1 <= spec.vcpus <= 256:
         raise Invalid(f"vcpus {spec.vcpus} is out of range 1..256")
     if spec.machine not in MACHINES:
-        raise Invalid(f"machine {spec.machine!r} is not one of pc, q35")
+        raise Invalid(f"machine {shown(spec.machine)} is not one of pc, q35")
     for disk in spec.disks:
         if not disk.path.startswith("/"):
-            raise Invalid(f"disk path {disk.path!r} must be absolute")
+            raise Invalid(f"disk path {shown(disk.path)} must be absolute")
         if disk.format not in DISK_FORMATS:
-            raise Invalid(f"disk format {disk.format!r} is not one of raw, qcow2")
+            raise Invalid(f"disk format {shown(disk.format)} is not one of raw, qcow2")
         if disk.interface not in DISK_INTERFACES:
-            raise Invalid(f"disk interface {disk.interface!r} is not one of ide, virtio")
+            raise Invalid(f"disk interface {shown(disk.interface)} is not one of ide, virtio")
     macs = set()
     for nic in spec.nics:
         if not MAC.fullmatch(nic.mac):
-            raise Invalid(f"NIC MAC {nic.mac!r} is not of the form 52:54:00:xx:xx:xx")
+            raise Invalid(f"NIC MAC {shown(nic.mac)} is not of the form 52:54:00:xx:xx:xx")
         if nic.mac in macs:
             raise Invalid(f"NIC MAC {nic.mac} appears twice")
         macs.add(nic.mac)
         if nic.model not in NIC_MODELS:
-            raise Invalid(f"NIC model {nic.model!r} is not one of virtio-net-pci, e1000")
+            raise Invalid(f"NIC model {shown(nic.model)} is not one of virtio-net-pci, e1000")
         if nic.tap and not TAP.fullmatch(nic.tap):
-            raise Invalid(f"tap name {nic.tap!r} is invalid (at most 15 of [A-Za-z0-9_-])")
+            raise Invalid(f"tap name {shown(nic.tap)} is invalid (at most 15 of [A-Za-z0-9_-])")
         if nic.bridge and not BRIDGE.fullmatch(nic.bridge):
-            raise Invalid(f"bridge name {nic.bridge!r} is not a network interface name")
+            raise Invalid(f"bridge name {shown(nic.bridge)} is not a network interface name")
     check_kernel_boot(spec)
     backing = spec.memory_backing
     if backing.kind not in MEMORY_BACKINGS:
-        raise Invalid(f"memory backing {backing.kind!r} is not one of ram, file")
+        raise Invalid(f"memory backing {shown(backing.kind)} is not one of ram, file")
     if backing.kind == "file" and not backing.path.startswith("/"):
         raise Invalid("a file memory backing needs an absolute path")
 
@@ -106,8 +117,8 @@ def check_kernel_boot(spec: common_pb2.VmSpec) -> None:
             raise Invalid("initrd and append need a kernel")
         return
     if not spec.kernel.startswith("/"):
-        raise Invalid(f"kernel path {spec.kernel!r} must be absolute")
+        raise Invalid(f"kernel path {shown(spec.kernel)} must be absolute")
     if spec.initrd and not spec.initrd.startswith("/"):
-        raise Invalid(f"initrd path {spec.initrd!r} must be absolute")
+        raise Invalid(f"initrd path {shown(spec.initrd)} must be absolute")
     if len(spec.append) > 1024 or not all(" " <= c <= "~" for c in spec.append):
         raise Invalid("append must be at most 1024 characters of printable ASCII")
