@@ -46,6 +46,7 @@ from coordinator.core.state import (
 from coordinator.core.validate import (
     check_migration_id,
     check_name,
+    check_reason,
     check_spec,
     effective_policy,
 )
@@ -266,6 +267,7 @@ def _migration(world: World, migration_id: str) -> MigrationState:
 
 
 def _abort(world: World, req: I.AbortMigration) -> list[NewEvent]:
+    check_reason(req.reason)
     m = _migration(world, req.migration_id)
     subject = f"migration {m.migration_id}"
     if m.phase.terminal or m.phase in (Phase.ROLLING_BACK, Phase.FENCING):

@@ -34,6 +34,15 @@ def check_migration_id(migration_id: str) -> None:
         raise InvalidRequest(str(err)) from err
 
 
+# An operator's reason is stored in the log and shown in timelines: a sentence, not a file.
+MAX_REASON = 512
+
+
+def check_reason(reason: str) -> None:
+    if len(reason) > MAX_REASON:
+        raise InvalidRequest(f"reason is {len(reason)} characters long; at most {MAX_REASON}")
+
+
 def check_spec(spec: common_pb2.VmSpec) -> None:
     try:
         shared.check_spec(spec)

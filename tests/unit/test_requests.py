@@ -39,6 +39,7 @@ def migrate(vm="vm-1", dest="host-b", mid="m-1", mode=1):
         (migrate(vm="Bad_Name"), InvalidRequest, "VM name"),
         (migrate(mode=7), InvalidRequest, "mode"),
         (I.AbortMigration("m-9", "", NOW), NotFound, "migration 'm-9' not found"),
+        (I.AbortMigration("m-9", "x" * 513, NOW), InvalidRequest, "reason is 513 characters"),
         (I.StartVm("vm-1", "host-b", NOW), IllegalTransition, "running"),
         (I.StopVm("nope", False, NOW), NotFound, "VM"),
     ],
