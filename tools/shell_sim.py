@@ -50,7 +50,6 @@ from coordinator.app import Coordinator
 from coordinator.authz import Role, Roles
 from coordinator.core import Event, World, evolve
 from coordinator.core import recovery as table
-from coordinator.core.events import PAYLOAD_FIELDS
 from coordinator.core.invariants import InvariantChecker
 from coordinator.core.state import CommandState, Kind, MigrationState, Phase
 from coordinator.log import SqliteEventStore
@@ -59,6 +58,7 @@ from tools.audit import timeline
 from tools.audit.cli import main as audit_main
 from tools.sim import Observation, SimHosts, migration, qmp
 from whimbrel import pki, tls
+from whimbrel.protocol import wrap
 from whimbrel.v1 import (
     common_pb2,
     events_pb2,
@@ -126,12 +126,6 @@ class Qemu:
     status: str = ""
 
 
-def _wrap(payload: Message) -> events_pb2.EventPayload:
-    wrapped = events_pb2.EventPayload()
-    getattr(wrapped, PAYLOAD_FIELDS[payload.DESCRIPTOR.name]).CopyFrom(payload)
-    return wrapped
-
-
 def _unwrap(wrapped: events_pb2.EventPayload) -> Message:
     kind = wrapped.WhichOneof("kind")
     assert kind is not None
@@ -176,7 +170,7 @@ class SimHost:
             event = host_pb2.HostEvent(
                 seq=self.seq,
                 time_us=time.time_ns() // 1000,
-                payload=_wrap(payload),
+                payload=wrap(payload),
                 generation=self.generation,
             )
             events.append(event)
@@ -445,7 +439,7 @@ class SimHost:
         ]
         if record_answer:
             for o in answer:
-                self.results[c.command_id] = _wrap(o.payload)
+                self.results[c.command_id] = wrap(o.payload)
         else:
             observations = [o for o in observations if o not in answer]
         self.cluster.observe(observations)
