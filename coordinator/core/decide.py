@@ -767,7 +767,9 @@ def _rolling_back(world: World, m: MigrationState, issue: _Issuer) -> list[Messa
                 issue(
                     Kind.RELEASE_LEASE,
                     dst.host,
-                    lease_generation=vm.lease_generation,
+                    # What it holds: the source's re-acquire may already have raised
+                    # lease_generation, and hostd releases only the generation named.
+                    lease_generation=vm.lease_holder_generation or vm.lease_generation,
                     reason="rollback",
                 )
             ]

@@ -292,6 +292,11 @@ def _qmp_event(
         vm.runstates[host] = "shutdown"  # QEMU exits next: an exit asked for by the guest
     elif name == "MIGRATION" and m is not None and side is not None:
         _set_migration_status(m, side, str(_data(p.data_json).get("status", "")), time_us)
+    elif name == "MIGRATION" and m is None and host != vm.host:
+        # A QEMU reports a migration for a VM with none open, away from its home: an incoming
+        # QEMU started by a PREPARE_INCOMING that ran after its migration had ended (its answer
+        # is moot then). It exists, so ReconcileVm destroys it as a stray copy.
+        vm.runstates.setdefault(host, "inmigrate")
     elif name == "MIGRATION_PASS" and m is not None and side is m.src:
         m.progress.pass_ = max(m.progress.pass_, int(_data(p.data_json).get("pass", 0)))
     _settle_vm_status(vm)
@@ -369,6 +374,7 @@ def _lease_acquired(
     if vm is None:
         return
     vm.lease_holder = p.holder
+    vm.lease_holder_generation = p.generation
     vm.lease_generation = max(vm.lease_generation, p.generation)
     m = _open_migration(world, p.vm)
     if m is None:
@@ -390,6 +396,7 @@ def _lease_released(
         return
     if vm.lease_holder == p.holder:
         vm.lease_holder = ""
+        vm.lease_holder_generation = 0
     m = _open_migration(world, p.vm)
     if m is not None and p.holder == m.source:
         m.src_lease_released = True
@@ -475,6 +482,8 @@ def _command_done(world: World, seq: int, command_id: str, vm: str) -> Command |
 def _command_succeeded(
     world: World, p: events_pb2.CommandSucceeded, seq: int, time_us: int, origin: str
 ) -> None:
+    if p.kind == _PREPARE:
+        _incoming_qemu_exists(world, p.vm, origin)
     command = _command_done(world, seq, p.command_id, p.vm)
     if command is None or command.state is not _ISSUED:
         return
@@ -489,7 +498,7 @@ def _command_succeeded(
         return
     m = world.migrations.get(migration_id)
     if m is None or issued.attempt != m.attempt:
-        return  # a late answer to a superseded attempt changes nothing
+        return  # a late answer to a superseded attempt changes nothing else
     kind, host = issued.kind, issued.host_id
     if kind == _PREPARE:
         m.incoming_uri = result.uri
@@ -505,6 +514,20 @@ def _command_succeeded(
             vm = world.vms.get(issued.vm)
             if vm is not None:
                 vm.runstates.pop(host, None)
+
+
+def _incoming_qemu_exists(world: World, name: str, host: str) -> None:
+    """A PREPARE_INCOMING that succeeded started a QEMU on `host`, however late its answer
+    came: a rollback or fence decided meanwhile must still destroy it, and once the migration
+    is over it is a stray copy (destroyed by ReconcileVm). Never a paused copy left behind."""
+    vm = world.vms.get(name)
+    if vm is None:
+        return
+    vm.runstates.setdefault(host, "inmigrate")
+    m = _open_migration(world, name)
+    if m is not None and host == m.dst.host and not m.dst.alive:
+        m.dst.alive = True
+        m.dst.runstate = "inmigrate"
 
 
 def _vm_command_succeeded(vm: VmState, command: Command) -> None:

@@ -173,6 +173,8 @@ class VmState:
     lease_holder: str = ""
     # Highest lease generation issued or observed: a new holder always gets more.
     lease_generation: int = 0
+    # The generation the holder holds (lease_generation may be higher: issued, not yet taken).
+    lease_holder_generation: int = 0
     migration_id: str = ""
     lost_reason: str = ""
     # host -> QEMU runstate last observed there ("running", "paused", "inmigrate", ...); a host

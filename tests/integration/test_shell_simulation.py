@@ -29,22 +29,11 @@ UNREACHED: frozenset[str] = frozenset()
 REACHABLE = ROWS - UNREACHED
 FRESH_SECONDS = 15.0
 
-# Bugs of existing code the simulation finds, by the words of their failure (each pinned by an
-# xfail test below). A fresh seed that hits one is reported, not failed: the xfail keeps it red.
-KNOWN_BUGS: dict[str, Callable[[str], bool]] = {
-    # The late answer's attempt was superseded by a rollback or a fence (seeds 9, 127).
-    "PREPARE_INCOMING answered after a rollback or fence leaves its destination QEMU": lambda t: (
-        "stray QEMU" in t.splitlines()[0]
-        and "runstate inmigrate" in t.splitlines()[0]
-        and ("rolled_back" in t or "fenced" in t)
-    ),
-    # Seed 290300497.
-    "a rollback's RELEASE_LEASE names a generation the destination does not hold": lambda t: (
-        "not settled" in t.splitlines()[0]
-        and "rolling_back" in t.splitlines()[0]
-        and "release-lease FAILED: lease of vm-1 is held by host-b at generation" in t
-    ),
-}
+# Bugs of existing code the simulation finds, by the words of their failure, while each is
+# pinned by an xfail test. A fresh seed that hits one is reported, not failed. (None open: the
+# two it found, a late PREPARE_INCOMING answer and a rollback's release generation, are fixed
+# and their seeds are regression tests below.)
+KNOWN_BUGS: dict[str, Callable[[str], bool]] = {}
 
 
 def _known(error: RunFailed) -> str:
@@ -105,41 +94,26 @@ async def test_fresh_seeds_for_a_time_box(tmp_path: Path) -> None:
     assert runs and not failures, "\n\n".join(failures)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RunFailed,
-    reason="coordinator/core/evolve.py _command_succeeded drops a PREPARE_INCOMING answer of a "
-    "superseded attempt, so decide._rolling_back never destroys the QEMU it started",
-)
 async def test_a_prepare_answered_after_the_rollback_leaves_no_destination(
     tmp_path: Path,
 ) -> None:
     """Seed 127: the coordinator restarts with the source missing, recovery rolls back while
     the destination's PREPARE_INCOMING is still running there; its success comes after, and
     the QEMU it started must be destroyed."""
-    try:
-        await simulate(127, tmp_path)
-    except RunFailed as err:
-        if _known(err):
-            raise
-        pytest.fail(f"seed 127 failed for another reason: {err}")
+    await simulate(127, tmp_path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RunFailed,
-    reason="coordinator/core/decide.py _rolling_back asks the destination to release the lease "
-    "at vm.lease_generation, already raised by the source's re-acquire, not at the generation "
-    "the destination holds; hostd refuses every retry and the rollback never ends",
-)
 async def test_a_rollback_takes_the_lease_back_from_a_late_destination(tmp_path: Path) -> None:
     """Seed 290300497: hostd on the source dies after continue-switchover, the coordinator
     restarts with both hosts missing and rolls back, issuing the source's re-acquire (generation
     3); the destination's earlier acquire (generation 2) lands when it returns, and the release
     it is then asked for must name generation 2, so the rollback can end."""
-    try:
-        await simulate(290300497, tmp_path)
-    except RunFailed as err:
-        if _known(err):
-            raise
-        pytest.fail(f"seed 290300497 failed for another reason: {err}")
+    await simulate(290300497, tmp_path)
+
+
+async def test_a_prepare_run_after_its_migration_ended_is_destroyed(tmp_path: Path) -> None:
+    """Seed 302102715: the coordinator restarts with the destination missing and rolls back;
+    the destination returns and only then runs the PREPARE_INCOMING it had received, whose
+    answer is moot by then. Its QEMU's own MIGRATION event shows it exists: it is destroyed
+    as a stray copy, never left paused."""
+    await simulate(302102715, tmp_path)
