@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hostd import qemu
+from hostd import migration_tls, qemu
 from hostd.drivers.lease import LeaseDriver
 from hostd.drivers.network import NetworkDriver
 from hostd.errors import CommandRejected, HostdError, LeaseError
 from hostd.guard import Guard, check_migration_uri, check_names
+from hostd.migration_tls import MigrationTls
 from hostd.vm import Emit, VmRuntime
 from whimbrel import failpoints
 from whimbrel.protocol import DISARMING, DISARMING_INCOMING
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 K = events_pb2
 Handler = Callable[["Executor", host_pb2.Command], Awaitable[events_pb2.CommandResult]]
 ANNOUNCE = {"initial": 50, "max": 550, "rounds": 5, "step": 100}
+# How long a post-copy resume over TLS may take to get through its handshake.
+RESUME_HANDSHAKE_LIMIT_S = 5.0
 
 
 def free_port(address: str) -> int:
@@ -59,6 +62,8 @@ class Executor:
     # What this host allows commands to use (disks, bridges), and who QEMU runs as.
     guard: Guard = field(default_factory=Guard)
     qemu_user: str = ""
+    # Migration streams over TLS (None: plaintext, as without TLS material).
+    migration_tls: MigrationTls | None = None
 
     def _incoming(self) -> tuple[str, str]:
         """(URI the destination QEMU listens on, URI the source connects to)."""
@@ -123,8 +128,14 @@ class Executor:
         runtime = VmRuntime(spec, self.state_dir / "vms" / spec.name, self.emit, role)
         runtime.save()
         incoming = role == "destination"
+        tls_dir = self.migration_tls.directory if self.migration_tls else None
         args = qemu.command_line(
-            resolved, runtime.paths, self.host_id, incoming=incoming, user=self.qemu_user
+            resolved,
+            runtime.paths,
+            self.host_id,
+            incoming=incoming,
+            user=self.qemu_user,
+            tls_dir=tls_dir,
         )
         if self.netns:
             args = ["ip", "netns", "exec", self.netns, *args]
@@ -227,6 +238,9 @@ class Executor:
             await self._network("prepare", runtime, K.NETWORK_STATE_PREPARED)
             if c.args.enable_network_at_postcopy:
                 self.enable_network_at_postcopy(runtime)
+            if self.migration_tls is not None:
+                for command, arguments in migration_tls.incoming_commands(c.args.peer_host):
+                    await runtime.execute(command, arguments)
             listen, uri = self._incoming()
             check_migration_uri(uri, runtime.name)
             await runtime.execute("migrate-incoming", {"uri": listen})
@@ -255,11 +269,17 @@ class Executor:
             capabilities.append({"capability": "postcopy-ram", "state": True})
         await runtime.execute("migrate-set-capabilities", {"capabilities": capabilities})
         await self._set_parameters(runtime, c.args.parameters)
+        await self._outgoing_tls(runtime, c.args.peer_host)
         runtime.disarm_switchover()
         if c.args.release_lease_at_switchover:
             self.arm_release_at_switchover(runtime)
         await runtime.execute("migrate", {"uri": c.args.uri})
         return K.CommandResult()
+
+    async def _outgoing_tls(self, runtime: VmRuntime, peer: str) -> None:
+        if self.migration_tls is not None:
+            parameters = migration_tls.outgoing_parameters(peer)
+            await runtime.execute("migrate-set-parameters", parameters)
 
     def arm_release_at_switchover(self, runtime: VmRuntime) -> None:
         runtime.arm_switchover(functools.partial(self._release_at_switchover, runtime.name))
@@ -317,13 +337,40 @@ class Executor:
         # Out of band: a post-copy destination whose guest touched a page that never came
         # blocks QEMU's main thread until the link is back, and so would queue this command
         # behind that for good (QEMU allows migrate-recover out of band for this reason).
+        # With migration TLS, the settings of PREPARE_INCOMING hold for the new stream too:
+        # nothing in band may come first.
         await self._vm(c.vm).execute("migrate-recover", {"uri": listen}, oob=True)
         return K.CommandResult(uri=uri)
 
     async def resume_migration(self, c: host_pb2.Command) -> events_pb2.CommandResult:
         uri = check_migration_uri(c.args.uri, c.vm)
-        await self._vm(c.vm).execute("migrate", {"uri": uri, "resume": True})
+        runtime = self._vm(c.vm)
+        # The source's main thread is not blocked by a paused post-copy, unlike the
+        # destination's: its TLS settings are set again, for the peer this command names.
+        await self._outgoing_tls(runtime, c.args.peer_host)
+        await runtime.execute("migrate", {"uri": uri, "resume": True})
+        if self.migration_tls is not None:
+            await self._until_resumed(runtime)
         return K.CommandResult()
+
+    async def _until_resumed(self, runtime: VmRuntime) -> None:
+        """Until the source has left postcopy-paused. Over TLS, QEMU 7.2 enters
+        postcopy-recover only once the handshake is done, and a failed handshake (a link still
+        down, a refused peer) leaves it in postcopy-paused without an event: without this, the
+        coordinator would wait for good on a resume that already failed."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + RESUME_HANDSHAKE_LIMIT_S
+        while True:
+            status = (await runtime.execute("query-migrate")).get("status", "")
+            if status != "postcopy-paused":
+                return
+            if loop.time() > deadline:
+                raise HostdError(
+                    f"resume not under way after {RESUME_HANDSHAKE_LIMIT_S:g} s: still "
+                    "postcopy-paused (the TLS handshake failed, or the link is down)",
+                    vm=runtime.name,
+                )
+            await asyncio.sleep(0.05)
 
     # --- handoff ---
 

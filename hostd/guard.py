@@ -41,6 +41,8 @@ def check_names(c: host_pb2.Command) -> None:
         validate.check_name("VM", c.vm)  # every command acts on one VM
         if c.migration_id:
             validate.check_migration_id(c.migration_id)
+        if c.args.peer_host:
+            validate.check_name("peer host", c.args.peer_host)  # in QEMU's TLS checks
     except validate.Invalid as err:
         raise CommandRejected(f"refused: {err}", vm=c.vm) from err
     if c.args.HasField("spec") and c.args.spec.name != c.vm:

@@ -8,10 +8,17 @@
                    [--allow-block-devices] [--allow-bridge NAME]...
                    [--qemu-user USER]
                    [--otlp-endpoint URL]
-                   [--tls-cert FILE --tls-key FILE --tls-ca FILE]
+                   [--tls-cert FILE --tls-key FILE --tls-ca FILE] [--no-migration-tls]
 
 QEMU processes outlive hostd; a restarted hostd re-attaches to them. SIGTERM stops hostd
 (exit 0) and leaves the VMs running.
+
+With TLS material, migration streams are TLS too (hostd/migration_tls.py): QEMU gets this
+host's certificate (copied into STATE-DIR/migration-tls/), verifies the peer's, and a source
+accepts only a destination whose certificate names it (the host the coordinator names, or any
+host of the cluster when it names none). The certificate must carry the DNS names whimbrel-pki
+gives host certificates (ID and hosts.whimbrel). Both ends of a migration must agree: a source
+on TLS and a plaintext destination fail the migration, which rolls back.
 """
 
 from __future__ import annotations
@@ -35,9 +42,21 @@ from hostd.drivers.network import (
 )
 from hostd.errors import CommandRejected
 from hostd.guard import Guard, check_migration_uri
+from hostd.migration_tls import MigrationTls
 from whimbrel import heap, priority, validate
 from whimbrel.otel import add_otlp_flag, otlp_endpoint
 from whimbrel.tls import TlsError, TlsFiles, add_tls_flags, tls_files
+
+MIGRATION_TLS_HELP = (
+    "Migration TLS: with --tls-cert/--tls-key/--tls-ca, migrations (pre-copy, post-copy and "
+    "post-copy recovery) run over TLS. hostd copies the material into "
+    "STATE-DIR/migration-tls/ (keys 0600); QEMU loads it when it starts, before it drops to "
+    "--qemu-user, and verifies the peer: the source accepts only a destination whose "
+    "certificate names the destination host (any host of the cluster while the coordinator "
+    "names none), the destination only a host's certificate. The certificate must carry the "
+    "DNS names whimbrel-pki gives host certificates (ID and hosts.whimbrel), or hostd exits 2. "
+    "Both ends must agree: TLS against plaintext fails the migration, which rolls back."
+)
 
 
 def check_names_of_host(ns: argparse.Namespace) -> None:
@@ -62,17 +81,21 @@ def network_driver(ns: argparse.Namespace) -> NetworkDriver:
     return NullNetworkDriver()
 
 
-async def serve(ns: argparse.Namespace, tls: TlsFiles | None = None) -> int:
+async def serve(
+    ns: argparse.Namespace, tls: TlsFiles | None = None, migration: MigrationTls | None = None
+) -> int:
     endpoint = otlp_endpoint(ns.otlp_endpoint)
     provider = tracing.setup(endpoint, ns.host_id) if endpoint else None
     try:
-        return await _serve(ns, tls)
+        return await _serve(ns, tls, migration)
     finally:
         if provider is not None:
             provider.shutdown()  # type: ignore[attr-defined]  # exports what is batched
 
 
-async def _serve(ns: argparse.Namespace, tls: TlsFiles | None) -> int:
+async def _serve(
+    ns: argparse.Namespace, tls: TlsFiles | None, migration: MigrationTls | None
+) -> int:
     agent = Agent(
         ns.host_id,
         ns.coordinator,
@@ -89,6 +112,7 @@ async def _serve(ns: argparse.Namespace, tls: TlsFiles | None) -> int:
         ),
         qemu_user=ns.qemu_user or "",
     )
+    agent.executor.migration_tls = migration
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, agent.stopping.set)
@@ -103,7 +127,9 @@ async def _serve(ns: argparse.Namespace, tls: TlsFiles | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="whimbrel-hostd", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="whimbrel-hostd", description=__doc__.split("\n")[0], epilog=MIGRATION_TLS_HELP
+    )
     parser.add_argument("--host-id", required=True)
     parser.add_argument(
         "--coordinator",
@@ -168,6 +194,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--qemu-user", help="user QEMU runs as (QEMU's -runas)")
     add_otlp_flag(parser)
     add_tls_flags(parser)
+    parser.add_argument(
+        "--no-migration-tls",
+        action="store_true",
+        help="with TLS material, migrate in plaintext all the same (every host of the cluster "
+        "must then; without TLS material migrations are plaintext anyway)",
+    )
     priority.add_priority_flag(parser)
     parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
@@ -183,10 +215,16 @@ def main(argv: list[str] | None = None) -> int:
         check_names_of_host(ns)
     except (ValueError, CommandRejected) as err:
         parser.error(str(err))
+    migration = None
+    if tls is not None and not ns.no_migration_tls:
+        try:
+            migration = MigrationTls.install(tls, Path(ns.state_dir) / "migration-tls", ns.host_id)
+        except (TlsError, OSError) as err:
+            parser.error(str(err))
     log_format = f"%(asctime)s %(levelname)s hostd[{ns.host_id}] %(name)s: %(message)s"
     logging.basicConfig(level=ns.log_level, format=log_format)
     priority.apply(ns.cpu_priority, ns.realtime_priority)
-    return asyncio.run(serve(ns, tls))
+    return asyncio.run(serve(ns, tls, migration))
 
 
 if __name__ == "__main__":

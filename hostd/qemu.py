@@ -14,6 +14,7 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
+from hostd import migration_tls
 from hostd.errors import LaunchFailed
 from whimbrel import priority
 from whimbrel.v1 import common_pb2
@@ -57,11 +58,13 @@ def command_line(
     *,
     incoming: bool,
     user: str = "",
+    tls_dir: Path | None = None,
 ) -> list[str]:
     """The QEMU command line for a VM: a fresh start, or a migration destination. Every value
     from the spec goes through `opt` (hostd's guard has checked the values themselves); QEMU
     runs under its seccomp sandbox (a deny-list: userfaultfd, which post-copy needs, stays
-    allowed), as `user` when given."""
+    allowed), as `user` when given. With `tls_dir`, it loads migration TLS credentials from
+    there (hostd/migration_tls.py)."""
     machine = spec.machine or "pc"
     args = [
         QEMU,
@@ -120,6 +123,17 @@ def command_line(
             "-device",
             f"{opt(nic.model or 'virtio-net-pci')},netdev=net{index},mac={opt(nic.mac)}",
         ]
+    if tls_dir is not None:
+        # Loaded now, as the user hostd runs as: QEMU reads no key after it dropped to `user`.
+        for object_id, endpoint in (
+            (migration_tls.SERVER, "server"),
+            (migration_tls.CLIENT, "client"),
+        ):
+            args += [
+                "-object",
+                f"tls-creds-x509,id={object_id},dir={opt(tls_dir)},endpoint={endpoint},"
+                "verify-peer=on",
+            ]
     if user:
         args += ["-runas", user]
     if incoming:

@@ -1,5 +1,6 @@
 """A TCP relay the test controls: it forwards connections to a target and can cut them all
-at once (as a network failure would), or refuse new ones."""
+at once (as a network failure would), or refuse new ones. It keeps the first bytes each client
+sent (`openings`): what the stream speaks, TLS or not."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import contextlib
 import socket
 import struct
 import threading
+
+# How a TLS stream opens: a handshake record, version 3.x (QEMU's plaintext one: "QEVM").
+TLS_HANDSHAKE = b"\x16\x03"
 
 
 class TcpProxy:
@@ -17,6 +21,7 @@ class TcpProxy:
         self._lock = threading.Lock()
         self._sockets: list[socket.socket] = []
         self.accepted = 0
+        self.openings: list[bytes] = []
         self.refusing = False
         self._thread = threading.Thread(target=self._accept, daemon=True)
 
@@ -59,12 +64,15 @@ class TcpProxy:
                 self._sockets += [client, upstream]
                 self.accepted += 1
             for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+                threading.Thread(target=self._pump, args=(a, b, a is client), daemon=True).start()
 
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, outbound: bool) -> None:
         with contextlib.suppress(OSError):
             while data := src.recv(1 << 16):
+                if outbound:
+                    with self._lock:
+                        self.openings.append(data[:8])
+                    outbound = False
                 dst.sendall(data)
         with contextlib.suppress(OSError):
             dst.shutdown(socket.SHUT_WR)

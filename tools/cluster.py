@@ -3,7 +3,9 @@ QEMU, real SQLite files; clients that wait on the log's follow stream rather tha
 
 Every channel is mutual TLS unless `tls=False`: the cluster makes its PKI once in ROOT/pki
 (`whimbrel.pki.ensure`), a certificate per hostd, and a user `admin` with the admin role
-(ROOT/authz.toml) for its own clients; `client_tls_flags()` gives those to other programs."""
+(ROOT/authz.toml) for its own clients; `client_tls_flags()` gives those to other programs.
+Migrations then run over TLS too, unless WHIMBREL_MIGRATION_TLS=off (hostd's
+--no-migration-tls on every host, for a benchmark's plaintext baseline)."""
 
 from __future__ import annotations
 
@@ -182,6 +184,8 @@ class Cluster:
             # hostd uses disks and memory files only under allowed roots: the test's own.
             "--allow-disk-root", str(self.root),
         ]  # fmt: skip
+        if self.tls and os.environ.get("WHIMBREL_MIGRATION_TLS") == "off":
+            args.append("--no-migration-tls")
         env = dict(self.env, WHIMBREL_FAILPOINTS=failpoints) if failpoints else self.env
         self.processes[host_id] = spawn(
             host_id,

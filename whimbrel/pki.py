@@ -4,9 +4,11 @@
     whimbrel-pki issue DIR --host ID | --user NAME | --coordinator [--dns NAME] [--ip IP]
 
 A principal is named by the one URI SAN of its certificate (`spiffe://whimbrel/host/ID`,
-`spiffe://whimbrel/user/NAME`, `spiffe://whimbrel/coordinator`); only coordinator certificates
-carry DNS and IP SANs (by default `localhost`, `127.0.0.1` and `::1`), so no host or user
-certificate can pass a client's hostname check for the coordinator.
+`spiffe://whimbrel/user/NAME`, `spiffe://whimbrel/coordinator`). Coordinator certificates carry
+DNS and IP SANs (by default `localhost`, `127.0.0.1` and `::1`) and the serverAuth usage; host
+certificates carry the DNS names ID and `hosts.whimbrel`, which a migration source checks the
+destination's certificate by (QEMU's tls-hostname), but no serverAuth usage; user certificates
+carry neither. So no host or user certificate passes a client's check for the coordinator.
 
 Files in DIR: `ca.pem`, `ca-key.pem`, and per principal `<name>.pem` and `<name>-key.pem`, where
 <name> is `coordinator`, `host.ID` or `user.NAME`. Every file is created exclusively (an existing
@@ -29,7 +31,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from whimbrel.tls import COORDINATOR, TlsFiles, host_principal, user_principal
+from whimbrel.tls import COORDINATOR, TlsFiles, host_dns_names, host_principal, user_principal
 
 __all__ = [
     "COORDINATOR",
@@ -207,7 +209,8 @@ def _check_name(kind: str, name: str) -> None:
 
 def issue_host(directory: Path, host_id: str, days: int = LEAF_DAYS) -> Issued:
     _check_name("host id", host_id)
-    return _issue(directory, f"host.{host_id}", host_principal(host_id), days=days)
+    principal = host_principal(host_id)
+    return _issue(directory, f"host.{host_id}", principal, host_dns_names(host_id), days=days)
 
 
 def issue_user(directory: Path, name: str, days: int = LEAF_DAYS) -> Issued:

@@ -7,6 +7,11 @@ Servers require a client certificate: a client without one fails the handshake a
 an RPC. gRPC Python shows a client nothing of the server's certificate beyond its hostname check,
 so a hostd checks the coordinator's principal with one TLS handshake of its own
 (`check_server_principal`) before it opens its stream.
+
+Host certificates also carry DNS names, for migration streams (hostd/migration_tls.py), where
+QEMU checks names, not URIs: the host id itself, and `ANY_HOST`, the name every host shares.
+They stay client-only (no serverAuth usage), so no TLS client that checks the usage, gRPC's
+included, takes one for the coordinator's whatever names it carries.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Any
 import grpc
 
 __all__ = [
+    "ANY_HOST",
     "COORDINATOR",
     "TRUST_DOMAIN",
     "TlsError",
@@ -30,6 +36,7 @@ __all__ = [
     "aio_channel",
     "channel",
     "check_server_principal",
+    "host_dns_names",
     "host_principal",
     "parse_principal",
     "peer_principal",
@@ -40,10 +47,17 @@ __all__ = [
 
 TRUST_DOMAIN = "spiffe://whimbrel"
 COORDINATOR = f"{TRUST_DOMAIN}/coordinator"
+# The DNS name every host certificate carries: never a host id (those have no dots).
+ANY_HOST = "hosts.whimbrel"
 
 
 def host_principal(host_id: str) -> str:
     return f"{TRUST_DOMAIN}/host/{host_id}"
+
+
+def host_dns_names(host_id: str) -> tuple[str, str]:
+    """The DNS names of a host's certificate: its id, then the name all hosts share."""
+    return host_id, ANY_HOST
 
 
 def user_principal(name: str) -> str:

@@ -582,6 +582,7 @@ def _forward(world: World, m: MigrationState, issue: _Issuer, now_us: int) -> li
                 postcopy=m.postcopy_allowed,
                 # The hook then runs while the lease moves, not after it, in the guest's pause.
                 enable_network_at_postcopy=m.postcopy_allowed,
+                peer_host=src.host,  # the only host whose migration stream it may accept
             )
         ]
     if prepare.state != SUCCEEDED:
@@ -600,6 +601,7 @@ def _forward(world: World, m: MigrationState, issue: _Issuer, now_us: int) -> li
                 # add a round trip to the guest's pause.
                 pause_before_switchover=m.mode != common_pb2.MIGRATION_MODE_POSTCOPY,
                 release_lease_at_switchover=True,
+                peer_host=dst.host,  # the only host it may send the guest to
             )
         ]
     out: list[Message] = []
@@ -906,7 +908,7 @@ def _recovering(world: World, m: MigrationState, issue: _Issuer) -> list[Message
         return []
     resume = m.cmd(Kind.RESUME_MIGRATION, src.host, this_attempt=True)
     if resume is None:
-        return [issue(Kind.RESUME_MIGRATION, src.host, uri=recover.result.uri)]
+        return [issue(Kind.RESUME_MIGRATION, src.host, uri=recover.result.uri, peer_host=dst.host)]
     if resume.state == FAILED:
         return _recover_or_fence(m)
     return []

@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from coordinator.log import SqliteEventStore
@@ -59,7 +60,14 @@ def test_pki_makes_files_with_private_keys_and_never_overwrites(tmp_path: Path) 
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         assert san.get_values_for_type(x509.UniformResourceIdentifier) == uris
         dns = san.get_values_for_type(x509.DNSName)
-        assert dns == (["coord.example"] if name == "coordinator.pem" else [])
+        expected_dns = {
+            "coordinator.pem": ["coord.example"],
+            "host.host-a.pem": ["host-a", tls.ANY_HOST],
+        }
+        assert dns == expected_dns.get(name, [])
+        # Only the coordinator serves gRPC: a host's DNS names make no coordinator of it.
+        usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        assert (ExtendedKeyUsageOID.SERVER_AUTH in usages) == (name == "coordinator.pem")
     key_before = (directory / "user.alice-key.pem").read_bytes()
     again = run(pki_bin, "issue", str(directory), "--user", "alice")
     assert again.returncode == 1 and "exists" in again.stderr

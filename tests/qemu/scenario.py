@@ -17,12 +17,17 @@ PHASE = common_pb2.MigrationPhase
 
 
 def start_migration(
-    cluster: Cluster, mode: int, recovery_attempt_timeout_ms: int = 0, **parameters: int
+    cluster: Cluster,
+    mode: int,
+    recovery_attempt_timeout_ms: int = 0,
+    max_recovery_attempts: int = 0,
+    **parameters: int,
 ) -> None:
     """Migration m-1 of vm-1 to host-b, with these QEMU parameters (bandwidths, ...)."""
     policy = events_pb2.MigrationPolicy(
         parameters=events_pb2.MigrationParameters(**parameters),
         recovery_attempt_timeout_ms=recovery_attempt_timeout_ms,
+        max_recovery_attempts=max_recovery_attempts,
     )
     cluster.migrations.StartMigration(migration_pb2.StartMigrationRequest(
         vm="vm-1", destination="host-b", mode=mode, policy=policy, migration_id="m-1"))  # fmt: skip

@@ -1,8 +1,9 @@
 """The migration connection breaks during post-copy (a relay the test controls cuts it): both
 ends pause, and the coordinator recovers them (migrate-recover on the destination, migrate
-resume on the source) through the same relay, then completes. (A link that stays down is only
-simulated, in tests/unit/test_recovery.py: with the relay refusing, QEMU 7.2's source sits in
-postcopy-recover and never reports the failed attempt.)"""
+resume on the source) through the same relay, then completes. A link that stays down ends in a
+fence once the bounded attempts are used: in plaintext QEMU 7.2's source sits in
+postcopy-recover and never reports the failed attempt (the coordinator times it out); over TLS
+it stays in postcopy-paused, silently too, and hostd fails the resume."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from tests.qemu.scenario import (
     start_migration,
     wait_destination_running,
 )
-from tests.tcp_proxy import TcpProxy
+from tests.tcp_proxy import TLS_HANDSHAKE, TcpProxy
 from tools.cluster import Cluster
 from tools.guest import random_ram
 from whimbrel.v1 import common_pb2, events_pb2
@@ -36,7 +37,10 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def postcopy_through_relay(
-    tmp_path: Path, recovery_attempt_timeout_ms: int = 0
+    tmp_path: Path,
+    recovery_attempt_timeout_ms: int = 0,
+    max_recovery_attempts: int = 0,
+    migration_tls: bool = True,
 ) -> Iterator[tuple[Cluster, TcpProxy, int]]:
     """Two hosts whose migration link goes through a relay (host-b listens on a fixed port and
     tells sources the relay's), and a post-copy migration of a 64 MiB random-RAM guest whose
@@ -48,12 +52,16 @@ def postcopy_through_relay(
         cluster.hostd_args["host-b"] = [
             "--migration-port", str(port), "--migration-advertise", f"127.0.0.1:{proxy.port}",
         ]  # fmt: skip
+        if not migration_tls:
+            cluster.hostd_args["host-a"] = ["--no-migration-tls"]
+            cluster.hostd_args["host-b"].append("--no-migration-tls")
         try:
             cluster.start("host-a", "host-b")
             cluster.define_and_start("vm-1", "host-a", ram_file=random_ram(tmp_path / "ram", 64))
             head = cluster.head()
             start_migration(cluster, common_pb2.MIGRATION_MODE_POSTCOPY,
                             recovery_attempt_timeout_ms=recovery_attempt_timeout_ms,
+                            max_recovery_attempts=max_recovery_attempts,
                             max_bandwidth=1 << 20, max_postcopy_bandwidth=8 << 20)  # fmt: skip
             wait_destination_running(cluster, head)
             yield cluster, proxy, head
@@ -76,18 +84,37 @@ def test_cut_during_postcopy_is_recovered(tmp_path: Path) -> None:
         }
         assert {events_pb2.COMMAND_KIND_RECOVER_INCOMING,
                 events_pb2.COMMAND_KIND_RESUME_MIGRATION} <= kinds  # fmt: skip
+        # Over TLS (the cluster's default): the first stream and the resumed one opened with a
+        # TLS handshake; tls-hostname names the destination, not the relay's address.
+        assert all(o.startswith(TLS_HANDSHAKE) for o in proxy.openings), proxy.openings
 
 
 def test_link_that_stays_down_times_out_the_recovery_and_fences(tmp_path: Path) -> None:
-    """The relay cuts the link and drops every new connection: QEMU 7.2's source then sits in
-    postcopy-recover for good. The attempt times out (policy: 2 s here), the source cannot be
-    resumed again, and once the bounded attempts are used both ends are fenced: the VM is
-    recorded lost, its memory being split between two hosts that cannot talk."""
-    with postcopy_through_relay(tmp_path, recovery_attempt_timeout_ms=2000) as (
-        cluster, proxy, head):  # fmt: skip
+    """The relay cuts the link and drops every new connection; migrations in plaintext: QEMU
+    7.2's source then sits in postcopy-recover for good. The attempt times out (policy: 2 s
+    here), the source cannot be resumed again, and once the bounded attempts are used both ends
+    are fenced: the VM is recorded lost, its memory being split between two hosts that cannot
+    talk."""
+    with postcopy_through_relay(tmp_path, recovery_attempt_timeout_ms=2000,
+                                migration_tls=False) as (cluster, proxy, head):  # fmt: skip
         proxy.refusing = True
         proxy.cut()
         final = assert_outcome(cluster, PHASE.MIGRATION_PHASE_FENCED, runs_on=None)
         assert "post-copy recovery failed" in final.reason
         stuck = cluster.wait_event(migration_status("host-a", "postcopy-recover"), from_seq=head)
         assert stuck.seq > head
+
+
+def test_link_that_stays_down_over_tls_fails_the_resume_and_fences(tmp_path: Path) -> None:
+    """The same over TLS: the source's handshake fails and QEMU 7.2 stays in postcopy-paused
+    without a word; hostd fails the resume, so the coordinator does not wait on it for good,
+    and with its attempts used (two: the policy) fences both ends."""
+    with postcopy_through_relay(tmp_path, max_recovery_attempts=2) as (cluster, proxy, _):
+        proxy.refusing = True
+        proxy.cut()
+        final = assert_outcome(cluster, PHASE.MIGRATION_PHASE_FENCED, runs_on=None)
+        assert "post-copy recovery failed" in final.reason
+        failed = [e.payload for e in cluster.events()
+                  if isinstance(e.payload, events_pb2.CommandFailed)
+                  and e.payload.kind == events_pb2.COMMAND_KIND_RESUME_MIGRATION]  # fmt: skip
+        assert failed and "still postcopy-paused" in failed[0].error

@@ -890,6 +890,7 @@ class CommandArgs(_message.Message):
     PAUSE_BEFORE_SWITCHOVER_FIELD_NUMBER: _builtins.int
     RELEASE_LEASE_AT_SWITCHOVER_FIELD_NUMBER: _builtins.int
     ENABLE_NETWORK_AT_POSTCOPY_FIELD_NUMBER: _builtins.int
+    PEER_HOST_FIELD_NUMBER: _builtins.int
     uri: _builtins.str
     """START_MIGRATION, RESUME_MIGRATION: where the destination listens."""
     lease_generation: _builtins.int
@@ -920,6 +921,12 @@ class CommandArgs(_message.Message):
     starts the hook, once (a repeat is answered without running it again). STOP_VM and
     DESTROY_VM disarm it.
     """
+    peer_host: _builtins.str
+    """With migration TLS: the host at the other end, the only one whose certificate is accepted.
+    START_MIGRATION, RESUME_MIGRATION: the destination (QEMU's tls-hostname); PREPARE_INCOMING:
+    the source (QEMU's tls-authz, which post-copy recovery reuses). Empty: any host of the
+    cluster (a certificate for hosts.whimbrel, signed by the CA).
+    """
     @_builtins.property
     def spec(self) -> _common_pb2.VmSpec:
         """START_VM, PREPARE_INCOMING: the VM to launch."""
@@ -941,10 +948,11 @@ class CommandArgs(_message.Message):
         pause_before_switchover: _builtins.bool = ...,
         release_lease_at_switchover: _builtins.bool = ...,
         enable_network_at_postcopy: _builtins.bool = ...,
+        peer_host: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["enable_network_at_postcopy", b"enable_network_at_postcopy", "force", b"force", "lease_generation", b"lease_generation", "parameters", b"parameters", "pause_before_switchover", b"pause_before_switchover", "postcopy", b"postcopy", "reason", b"reason", "release_lease_at_switchover", b"release_lease_at_switchover", "spec", b"spec", "uri", b"uri"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enable_network_at_postcopy", b"enable_network_at_postcopy", "force", b"force", "lease_generation", b"lease_generation", "parameters", b"parameters", "pause_before_switchover", b"pause_before_switchover", "peer_host", b"peer_host", "postcopy", b"postcopy", "reason", b"reason", "release_lease_at_switchover", b"release_lease_at_switchover", "spec", b"spec", "uri", b"uri"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
