@@ -265,6 +265,23 @@ async def test_names_that_could_leave_their_directory_are_refused(
         await FileLeaseDriver(tmp_path / "locks").acquire(name, "host-a", 1)
 
 
+@pytest.mark.parametrize("peer", ["host-b,tls-creds=x", "../host-b", "Host_B", "h" * 70])
+async def test_a_peer_host_that_is_not_a_host_name_is_refused(
+    tmp_path: Path, launches: list[list[str]], peer: str
+) -> None:
+    """The migration peer's name reaches QEMU's TLS checks (tls-hostname, tls-authz): anything
+    but a host name is refused before QEMU or the lockspace hear of the command."""
+    a = make_agent(tmp_path)
+    failure = await refused(
+        a,
+        command(K.COMMAND_KIND_PREPARE_INCOMING, spec=spec(), peer_host=peer),
+        "refused: peer host",
+    )
+    assert failure.rejected and launches == []
+    assert not (tmp_path / "state" / "vms").exists()
+    await a.close()
+
+
 async def test_a_migration_id_leading_with_a_dot_is_refused(tmp_path: Path) -> None:
     """Migration ids follow the shared rules too."""
     a = make_agent(tmp_path)
