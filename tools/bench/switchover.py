@@ -184,12 +184,15 @@ class WhimbrelSide:
 
     def _start(self, ram: Path | None) -> None:
         """The cluster, and the VM running on host-a."""
-        if ram is not None:
-            # hostd maps memory files from allowed roots only; the RAM file lies outside the
-            # cluster's directory, as both sides use it.
-            self.cluster.hostd_args = {
-                h: ["--allow-disk-root", str(ram.parent)] for h in self.hosts
-            }
+        for h in self.hosts:
+            # The baseline's migration stream is plaintext: so is Whimbrel's here, and the
+            # pause compares the control planes (migration.tls measures the stream's TLS).
+            args = ["--no-migration-tls"] if self.cluster.tls else []
+            if ram is not None:
+                # hostd maps memory files from allowed roots only; the RAM file lies outside
+                # the cluster's directory, as both sides use it.
+                args += ["--allow-disk-root", str(ram.parent)]
+            self.cluster.hostd_args[h] = args
         self.cluster.start(*self.hosts)
         self.cluster.define_and_start(VM, "host-a", memory_mib=MEMORY_MIB, ram_file=ram)
 
