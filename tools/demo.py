@@ -149,7 +149,8 @@ def start(cluster: Cluster) -> None:
     cluster.start("host-a", "host-b")
     say(f"coordinator on {cluster.address}, log {ROOT / 'whimbrel.db'}; hostd host-a, host-b")
     admin = cluster.identity("user", "admin").principal
-    say(f"mutual TLS on every channel: CA and certificates in {ROOT / 'pki'}, roles in "
+    say(f"mutual TLS on every channel, migration streams included: CA and certificates in "
+        f"{ROOT / 'pki'}, roles in "
         f"{ROOT / 'authz.toml'}; this demo acts as {admin}")  # fmt: skip
 
 
