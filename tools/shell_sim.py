@@ -357,14 +357,23 @@ class SimHost:
         )
 
     def _as_hostd_would(self, c: events_pb2.CommandIssued) -> list[Observation]:
-        """hostd's answer where it differs from the `SimHosts` model: a lease release, and
-        QEMU 7.2 once a migration ended by itself (failed, or completed), where the model
-        assumes one still under way: migrate-continue is refused, migrate-start-postcopy and
-        migrate_cancel succeed and change nothing. Empty: the model's answer holds."""
+        """hostd's answer where it differs from the `SimHosts` model: a lease release, a cont
+        refused because its QEMU is gone, and QEMU 7.2 once a migration ended by itself
+        (failed, or completed), where the model assumes one still under way: migrate-continue
+        is refused, migrate-start-postcopy and migrate_cancel succeed and change nothing.
+        Empty: the model's answer holds."""
         kind = Kind(c.kind)
         if kind == Kind.RELEASE_LEASE:
             return self._release_lease(c)
         qemu = self.qemus.get(c.vm)
+        if kind == Kind.RESUME_VM and qemu is None:
+            # hostd/executor.py resume_vm: no QEMU to cont, refused before anything is sent,
+            # so the coordinator knows the guest did not run here.
+            rejected = events_pb2.CommandFailed(
+                command_id=c.command_id, attempt=c.attempt, kind=c.kind, vm=c.vm,
+                error=f"cont not sent: no QEMU for {c.vm} on {self.host_id}", rejected=True,
+            )  # fmt: skip
+            return [Observation(self.host_id, rejected)]
         if qemu is None or qemu.role != "source":
             return []
         if kind == Kind.CONTINUE_SWITCHOVER and qemu.status != "pre-switchover":
@@ -956,11 +965,58 @@ def judge_log(run: Run, db: Path) -> None:
         raise RunFailed("; ".join(problems))
 
 
-async def simulate(seed: int, directory: Path) -> Run:
-    """One run, every choice drawn from `seed`; raises RunFailed (with the seed, the faults
-    and the migration's timeline) when a rule is broken."""
-    db = directory / f"sim-{seed}.db"
-    scheduler = Scheduler(seed, db)
+@dataclass(frozen=True)
+class Strike:
+    """A fault of a scripted run: the move named `fault`, taken as soon as it is possible and,
+    when `when` names another move, only while that move is possible too (e.g. the destination's
+    QEMU killed while "host-b executes resume-vm" waits: just before its cont)."""
+
+    fault: str
+    when: str = ""
+
+
+class ScriptedScheduler(Scheduler):
+    """No randomness: every step takes the first move that is not a fault (hosts execute their
+    commands and QEMU moves on, in a fixed order), except that each Strike of the script is
+    taken, in order, at the first step where it is possible. Pins one fault scenario, against
+    the real coordinator, the same on every run."""
+
+    def __init__(self, script: list[Strike], mode: int, db: Path) -> None:
+        super().__init__(0, db)
+        self.run.mode = mode
+        self.script = list(script)
+
+    async def step(self, world: World) -> bool:
+        options = self.choices(world)
+        names = {o.what for o in options}
+        move = None
+        if self.script:
+            strike = self.script[0]
+            if strike.fault in names and (not strike.when or strike.when in names):
+                move = next(o for o in options if o.what == strike.fault)
+                self.script.pop(0)
+        if move is None:
+            move = next((o for o in options if not o.fault), None)
+        if move is None:
+            return False
+        self.fault(move.what) if move.fault else self.note(move.what)
+        result = move.do()
+        if asyncio.iscoroutine(result):
+            await result
+        return True
+
+
+async def simulate_script(script: list[Strike], mode: int, directory: Path) -> Run:
+    """One scripted run (see ScriptedScheduler), judged as every run is; raises RunFailed if a
+    strike was never possible."""
+    scheduler = ScriptedScheduler(script, mode, directory / "scripted.db")
+    run = await _judged(scheduler, directory / "scripted.db")
+    if scheduler.script:
+        raise RunFailed(f"never struck: {scheduler.script}\n{run.story()}")
+    return run
+
+
+async def _judged(scheduler: Scheduler, db: Path) -> Run:
     run = scheduler.run
     try:
         await scheduler.main()
@@ -969,6 +1025,13 @@ async def simulate(seed: int, directory: Path) -> Run:
     except (RunFailed, TimeoutError, grpc.aio.AioRpcError) as err:
         raise RunFailed(f"{type(err).__name__}: {err}\n{run.story()}") from err
     return run
+
+
+async def simulate(seed: int, directory: Path) -> Run:
+    """One run, every choice drawn from `seed`; raises RunFailed (with the seed, the faults
+    and the migration's timeline) when a rule is broken."""
+    db = directory / f"sim-{seed}.db"
+    return await _judged(Scheduler(seed, db), db)
 
 
 def main(argv: list[str] | None = None) -> int:

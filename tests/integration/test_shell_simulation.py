@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from coordinator.core import recovery
-from tools.shell_sim import ROWS, Run, RunFailed, row_name, simulate
+from tools.shell_sim import ROWS, Run, RunFailed, Strike, row_name, simulate, simulate_script
+from whimbrel.v1 import common_pb2
 
 pytestmark = pytest.mark.slow
 
@@ -117,3 +118,51 @@ async def test_a_prepare_run_after_its_migration_ended_is_destroyed(tmp_path: Pa
     answer is moot by then. Its QEMU's own MIGRATION event shows it exists: it is destroyed
     as a stray copy, never left paused."""
     await simulate(302102715, tmp_path)
+
+
+# Issue 13's findings 1-3, pinned against the real coordinator by a scripted run: each fault
+# struck at its exact moment, everything else in a fixed order.
+PRECOPY = common_pb2.MIGRATION_MODE_PRECOPY
+
+
+async def test_finding_1_a_hostd_restart_after_continue_switchover_completes(
+    tmp_path: Path,
+) -> None:
+    """The source's hostd executes migrate-continue and dies before recording the answer; it
+    comes back reporting the command interrupted. Both QEMUs completed: the migration
+    completes on host-b, nothing fenced, nothing lost."""
+    run = await simulate_script(
+        [Strike("hostd on host-a dies after executing continue-switchover")], PRECOPY, tmp_path
+    )
+    assert (run.outcome, run.killed) == ("completed", False), run.story()
+    assert not [e for e in run.events if e.type in ("FencingDecided", "VmLost")]
+
+
+async def test_finding_2_a_source_failing_at_its_switchover_stop_rolls_back_with_its_lease(
+    tmp_path: Path,
+) -> None:
+    """The source has stopped for the switchover (migrate-continue waits on host-a) when its
+    migration fails and QEMU resumes it by itself: it still holds its lease (the checks of
+    every run include invariant 4), and the migration rolls back with the VM on host-a."""
+    run = await simulate_script(
+        [Strike("source migration fails on its own", when="host-a executes continue-switchover")],
+        PRECOPY,
+        tmp_path,
+    )
+    assert run.outcome == "rolled_back", run.story()
+    assert not [e for e in run.events if e.type == "LeaseReleased" and e.origin_host == "host-a"]
+
+
+async def test_finding_3_a_destination_dead_before_its_cont_falls_back_to_the_source(
+    tmp_path: Path,
+) -> None:
+    """The destination's QEMU dies while its RESUME_VM waits on host-b (cont not yet sent):
+    the destination never ran, so the complete, paused source is the VM: rolled back, the VM
+    running on host-a, not fenced and lost."""
+    run = await simulate_script(
+        [Strike("QEMU on host-b (destination) killed", when="host-b executes resume-vm")],
+        PRECOPY,
+        tmp_path,
+    )
+    assert run.outcome == "rolled_back", run.story()
+    assert not [e for e in run.events if e.type in ("FencingDecided", "VmLost")]
