@@ -18,16 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import signal
 import statistics
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from tools.bench.samples import Sample, judge
-from tools.bench.switchover import percentile, runs_wanted
+from tools.bench.switchover import frozen, percentile, runs_wanted
 from tools.cluster import Cluster
 from tools.guest import random_ram
 from whimbrel.v1 import (
@@ -120,18 +117,8 @@ class Side:
         seconds = (times["completed"] - times["setup"]) / 1e6
         return transferred / (1 << 20) / seconds
 
-    @contextlib.contextmanager
-    def frozen(self) -> Iterator[None]:
-        pids = self.cluster.qemu_pids()
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGSTOP)
-        try:
-            yield
-        finally:
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGCONT)
+    def frozen(self) -> contextlib.AbstractContextManager[None]:
+        return frozen(self.cluster.qemu_pids())
 
     def close(self) -> None:
         self.cluster.teardown()

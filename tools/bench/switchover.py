@@ -149,7 +149,8 @@ def frozen(pids: Iterable[int]) -> Iterator[None]:
     """Processes `pids` stopped (SIGSTOP) meanwhile, continued afterwards."""
     stopped = list(pids)
     for pid in stopped:
-        os.kill(pid, signal.SIGSTOP)
+        with contextlib.suppress(ProcessLookupError):  # gone meanwhile: nothing to stop
+            os.kill(pid, signal.SIGSTOP)
     try:
         yield
     finally:
