@@ -126,6 +126,15 @@ class Qemu:
     status: str = ""
 
 
+def _failed(
+    c: host_pb2.Command | events_pb2.CommandIssued, error: str, *, rejected: bool = False
+) -> events_pb2.CommandFailed:
+    return events_pb2.CommandFailed(
+        command_id=c.command_id, attempt=c.attempt, kind=c.kind, vm=c.vm, error=error,
+        rejected=rejected,
+    )  # fmt: skip
+
+
 def _unwrap(wrapped: events_pb2.EventPayload) -> Message:
     kind = wrapped.WhichOneof("kind")
     assert kind is not None
@@ -343,18 +352,18 @@ class SimHost:
         self.queue.append(command)
 
     def _answer(self, c: host_pb2.Command, error: str, *, rejected: bool = False) -> None:
-        self.record(
-            [
-                events_pb2.CommandFailed(
-                    command_id=c.command_id,
-                    attempt=c.attempt,
-                    kind=c.kind,
-                    vm=c.vm,
-                    error=error,
-                    rejected=rejected,
-                )
-            ]
+        self.record([_failed(c, error, rejected=rejected)])
+
+    def _failed(
+        self, c: events_pb2.CommandIssued, error: str, *, rejected: bool = False
+    ) -> list[Observation]:
+        return [Observation(self.host_id, _failed(c, error, rejected=rejected))]
+
+    def _succeeded(self, c: events_pb2.CommandIssued) -> list[Observation]:
+        ok = events_pb2.CommandSucceeded(
+            command_id=c.command_id, attempt=c.attempt, kind=c.kind, vm=c.vm
         )
+        return [Observation(self.host_id, ok)]
 
     def _as_hostd_would(self, c: events_pb2.CommandIssued) -> list[Observation]:
         """hostd's answer where it differs from the `SimHosts` model: a lease release, a cont
@@ -369,25 +378,15 @@ class SimHost:
         if kind == Kind.RESUME_VM and qemu is None:
             # hostd/executor.py resume_vm: no QEMU to cont, refused before anything is sent,
             # so the coordinator knows the guest did not run here.
-            rejected = events_pb2.CommandFailed(
-                command_id=c.command_id, attempt=c.attempt, kind=c.kind, vm=c.vm,
-                error=f"cont not sent: no QEMU for {c.vm} on {self.host_id}", rejected=True,
-            )  # fmt: skip
-            return [Observation(self.host_id, rejected)]
+            error = f"cont not sent: no QEMU for {c.vm} on {self.host_id}"
+            return self._failed(c, error, rejected=True)
         if qemu is None or qemu.role != "source":
             return []
         if kind == Kind.CONTINUE_SWITCHOVER and qemu.status != "pre-switchover":
-            error = f"Migration not in expected state: {qemu.status}"
-            failed = events_pb2.CommandFailed(
-                command_id=c.command_id, attempt=c.attempt, kind=c.kind, vm=c.vm, error=error
-            )
-            return [Observation(self.host_id, failed)]
+            return self._failed(c, f"Migration not in expected state: {qemu.status}")
         ended = qemu.status in ("failed", "cancelled", "completed")
         if kind in (Kind.START_POSTCOPY, Kind.CANCEL_MIGRATION) and ended:
-            ok = events_pb2.CommandSucceeded(
-                command_id=c.command_id, attempt=c.attempt, kind=c.kind, vm=c.vm
-            )
-            return [Observation(self.host_id, ok)]
+            return self._succeeded(c)
         return []
 
     def _release_lease(self, c: events_pb2.CommandIssued) -> list[Observation]:
@@ -401,22 +400,8 @@ class SimHost:
                 f"lease of {c.vm} is held by {holder} at generation {generation}, "
                 f"not {c.args.lease_generation}: not released"
             )
-            return [
-                Observation(
-                    self.host_id,
-                    events_pb2.CommandFailed(
-                        command_id=c.command_id,
-                        attempt=c.attempt,
-                        kind=c.kind,
-                        vm=c.vm,
-                        error=error,
-                    ),
-                )
-            ]
-        ok = events_pb2.CommandSucceeded(
-            command_id=c.command_id, attempt=c.attempt, kind=c.kind, vm=c.vm
-        )
-        return [Observation(self.host_id, ok)]
+            return self._failed(c, error)
+        return self._succeeded(c)
 
     def execute(self, *, record_answer: bool = True) -> host_pb2.Command:
         """Run the oldest command in flight; without `record_answer`, hostd dies after it ran
