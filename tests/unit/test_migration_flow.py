@@ -6,7 +6,7 @@ import pytest
 
 from coordinator.core import IllegalTransition, Phase, decide
 from coordinator.core import inputs as I
-from coordinator.core.decide import HOSTD_SWITCH_GRACE_US
+from coordinator.core.lifecycle import HOSTD_SWITCH_GRACE_US
 from coordinator.core.state import Kind, VmStatus
 from tests.unit.helpers import answer, decisions, fresh
 from tools.sim import Observation, SimHosts, migration, qmp

@@ -42,7 +42,7 @@ from typing import Any
 
 import grpc
 
-from coordinator.core.decide import POSTCOPY_MODE_DOWNTIME_LIMIT_MS
+from coordinator.core.lifecycle import POSTCOPY_MODE_DOWNTIME_LIMIT_MS
 from coordinator.core.validate import effective_policy
 from hostd import qemu
 from hostd.drivers.lease import FileLeaseDriver

@@ -1,0 +1,37 @@
+"""Finding what a request names, or the `CoreError` that says why it cannot be used."""
+
+from __future__ import annotations
+
+from coordinator.core.errors import HostUnavailable, NotFound
+from coordinator.core.state import MigrationState, VmState, World
+from coordinator.core.validate import check_migration_id, check_name
+
+
+def find_vm(world: World, name: str) -> VmState:
+    check_name("VM", name)
+    vm = world.vms.get(name)
+    if vm is None:
+        raise NotFound("VM", name)
+    return vm
+
+
+def find_migration(world: World, migration_id: str) -> MigrationState:
+    check_migration_id(migration_id)
+    m = world.migrations.get(migration_id)
+    if m is None:
+        raise NotFound("migration", migration_id)
+    return m
+
+
+def require_connected(world: World, host_id: str) -> None:
+    check_name("host", host_id)
+    host = world.hosts.get(host_id)
+    if host is None:
+        raise NotFound("host", host_id)
+    if not host.connected:
+        raise HostUnavailable(host_id)
+
+
+def is_connected(world: World, host_id: str) -> bool:
+    host = world.hosts.get(host_id)
+    return host is not None and host.connected
