@@ -12,36 +12,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import os
-import threading
 import time
-from collections.abc import (
-    AsyncIterator,
-    Awaitable,
-    Callable,
-    Coroutine,
-    Iterable,
-    Mapping,
-    Sequence,
-)
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 from google.protobuf.message import Message
 
-from coordinator import checkpoint, codec, host_stream
+from coordinator import codec, host_stream
+from coordinator.checkpointer import Checkpointer
+from coordinator.commit_pipeline import Commit, CommitPipeline
 from coordinator.core import Event, IllegalTransition, NewEvent, World, decide, evolve
 from coordinator.core import inputs as I
-from coordinator.core.evolve import Fact, fold
-from coordinator.core.state import Command, CommandState
+from coordinator.core.state import Command
+from coordinator.host_session import HostSession, issued_command, outstanding
 from coordinator.log import EventStore, PendingEvent, StaleEpoch, StoreError, StoreFailure
-from coordinator.log.records import Mark
+from coordinator.replay import replay
 from coordinator.telemetry import Telemetry
-from coordinator.telemetry.hub import migration_of
-from whimbrel import failpoints, protocol
+from whimbrel import protocol
 from whimbrel.v1 import common_pb2, events_pb2, host_pb2
 
 log = logging.getLogger(__name__)
@@ -50,84 +40,6 @@ T = TypeVar("T")
 
 def wall_clock_us() -> int:
     return time.time_ns() // 1000
-
-
-# A host's events are acknowledged at most this often (HostSession.acknowledge).
-ACK_INTERVAL_S = 0.02
-
-
-@dataclass
-class HostSession:
-    """One open hostd stream."""
-
-    host_id: str
-    generation: int
-    outbox: asyncio.Queue[host_pb2.CoordinatorMessage | None] = field(default_factory=asyncio.Queue)
-    # generation -> highest host seq in the log (or staged), to drop re-sent events early.
-    stored: dict[int, int] = field(default_factory=dict)
-
-    # The newest acknowledgement not sent yet, and the timer that sends it.
-    _ack: host_pb2.Ack | None = None
-    _ack_timer: asyncio.TimerHandle | None = None
-
-    def send(self, message: host_pb2.CoordinatorMessage) -> None:
-        self.outbox.put_nowait(message)
-
-    def acknowledge(self, ack: host_pb2.Ack) -> None:
-        """Acknowledge up to `ack`, at most once per ACK_INTERVAL_S: the commits of a
-        switchover come a millisecond apart, and an ack per commit woke both ends each time,
-        in the guest's pause. A later ack covers the earlier ones; one never sent (the stream
-        ended) only means hostd re-sends events the log already has, which it drops."""
-        self._ack = ack
-        if self._ack_timer is None:
-            loop = asyncio.get_running_loop()
-            self._ack_timer = loop.call_later(ACK_INTERVAL_S, self._send_ack)
-
-    def _send_ack(self) -> None:
-        self._ack_timer = None
-        if self._ack is not None:
-            self.send(host_pb2.CoordinatorMessage(ack=self._ack))
-            self._ack = None
-
-    def close(self) -> None:
-        self.outbox.put_nowait(None)
-
-
-def replay(store: EventStore, checkpoint_path: Path | None = None) -> World:
-    """The world the log describes: from a usable checkpoint plus the events after it, or by
-    folding the whole log (fast path for SQLite's raw rows)."""
-    world = checkpoint.load(checkpoint_path, store) if checkpoint_path is not None else None
-    from_seq = world.last_seq + 1 if world is not None else 1
-    world = world or World()
-    read_rows = getattr(store, "read_rows", None)
-    if read_rows is not None:
-        rows = read_rows(from_seq=from_seq, columns=codec.REPLAY_COLUMNS)
-        facts: Iterable[Fact] = codec.decode_for_replay(rows)
-    else:
-        facts = (
-            (e.seq, e.type, e.time_us, e.origin_host, e.payload)
-            for e in map(codec.from_stored, store.read(from_seq=from_seq))
-        )
-    # Replay allocates millions of objects that all live on; the cyclic collector would walk
-    # them over and over while they are being built. Nothing here makes garbage cycles.
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        fold(world, facts)
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    return world
-
-
-@dataclass
-class _Commit:
-    """A transaction queued at the log: what it holds, and its outcome to await."""
-
-    staged: list[tuple[NewEvent, Event]]
-    entered: list[str]  # phases entered, for the coordinator.entered-PHASE failpoints
-    started: float
-    marks: Awaitable[tuple[int, list[Mark]]]
 
 
 class Coordinator:
@@ -156,7 +68,6 @@ class Coordinator:
     ) -> None:
         self.store = store
         self.clock = clock
-        self.telemetry = telemetry or Telemetry()
         # Recovery after a restart: how long to wait for the hosts of open migrations.
         self.host_wait = host_wait
         self.recovered = asyncio.Event()
@@ -164,26 +75,16 @@ class Coordinator:
         self._deadline: asyncio.TimerHandle | None = None
         self._background: set[asyncio.Future[Any]] = set()
         self._ticker: asyncio.Task[None] | None = None
-        # A checkpoint of the world every `checkpoint_every` events (0: never), written by a
-        # forked child so the loop never waits for it; restarts then fold only the tail.
+        self.checkpointer = Checkpointer(checkpoint_path, checkpoint_every)
         self.checkpoint_path = checkpoint_path
-        self.checkpoint_every = checkpoint_every
-        self._checkpointed_seq = 0
-        self._checkpointer = 0
-        self.checkpoints_written = 0
         # Told each time the start waits for another writer's lock on the log.
         self.waiting_for_lock: Callable[[], None] | None = None
-        self.world = World()
         self.sessions: dict[str, HostSession] = {}
         self._lock = asyncio.Lock()
         self._changed = asyncio.Event()
-        self._staged: list[tuple[NewEvent, Event]] = []
-        # Commits queued and not yet landed; `_settled` is set whenever there are none.
-        self._in_flight = 0
-        self._settled = asyncio.Event()
-        self._settled.set()
-        # Phases entered by staged events (for the coordinator.entered-PHASE failpoints).
-        self._entered: list[str] = []
+        self.pipeline = CommitPipeline(
+            store, telemetry or Telemetry(), self._committed, self._failed
+        )
         # Set when this coordinator must stop: a newer one owns the log, or the log failed.
         self.fenced = asyncio.Event()
         self.stop_reason = ""
@@ -193,8 +94,8 @@ class Coordinator:
     async def start(self) -> None:
         """Replay the log and take it over with a new epoch (before serving anything)."""
         started = time.monotonic()
-        self.world = await asyncio.to_thread(replay, self.store, self.checkpoint_path)
-        self._checkpointed_seq = self.world.last_seq
+        self.pipeline.world = await asyncio.to_thread(replay, self.store, self.checkpoint_path)
+        self.checkpointer.replayed_up_to(self.world.last_seq)
         self.telemetry.seed(self.world)
 
         def first(epoch: int) -> PendingEvent:
@@ -217,9 +118,9 @@ class Coordinator:
                         host_id=host.host_id, generation=host.generation,
                         reason="coordinator restarted",
                     )  # fmt: skip
-                    self._stage([self._host_event(host.host_id, gone)])
+                    self.pipeline.stage([self._host_event(host.host_id, gone)])
             self._begin_recovery()
-            await self._flush()
+            await self.pipeline.flush()
         self._recovery_started = started
         self._ticker = asyncio.get_running_loop().create_task(self._tick(), name="clock-tick")
         if not self.world.awaited_hosts:
@@ -242,7 +143,7 @@ class Coordinator:
     async def _advance_open(self) -> None:
         async with self._lock:
             self._advance(self.world.open_migrations)
-            await self._flush()
+            await self.pipeline.flush()
 
     async def close(self) -> None:
         """Stop the clock tick and the recovery timer (the server and the store are the
@@ -283,7 +184,7 @@ class Coordinator:
         started = events_pb2.RecoveryStarted(
             open_migrations=open_migrations, awaited_hosts=sorted(hosts)
         )
-        self._stage([NewEvent(protocol.COORDINATOR_STREAM, started, self.clock())])
+        self.pipeline.stage([NewEvent(protocol.COORDINATOR_STREAM, started, self.clock())])
         log.info("recovery: %d open migrations, awaiting hosts %s (up to %.0f s)",
                  len(open_migrations), ", ".join(sorted(hosts)), self.host_wait)  # fmt: skip
 
@@ -295,7 +196,9 @@ class Coordinator:
         finished = events_pb2.RecoveryFinished(
             migrations_reconciled=len(self.world.open_migrations), missing_hosts=sorted(missing)
         )
-        (event,) = self._stage([NewEvent(protocol.COORDINATOR_STREAM, finished, self.clock())])
+        (event,) = self.pipeline.stage(
+            [NewEvent(protocol.COORDINATOR_STREAM, finished, self.clock())]
+        )
         if missing:
             log.warning(
                 "recovery: hosts %s did not return within %.0f s; their migrations follow "
@@ -320,83 +223,30 @@ class Coordinator:
             if self.recovered.is_set():
                 return
             self._finish_recovery(sorted(self.world.awaited_hosts))
-            await self._flush()
+            await self.pipeline.flush()
 
-    # --- staging and committing ---------------------------------------------------------------
+    @property
+    def telemetry(self) -> Telemetry:
+        return self.pipeline.telemetry
 
-    def _stage(self, new_events: Sequence[NewEvent], cause_seq: int = 0) -> list[Event]:
-        """Fold events into the world ahead of their commit. Caller holds the lock.
-        `cause_seq`: the event that led to these decisions, recorded in those that carry it."""
-        head = self.world.last_seq  # everything folded so far, committed or on its way
-        epoch = self.store.epoch
-        staged = []
-        for i, new in enumerate(new_events, start=1):
-            if cause_seq and "cause_seq" in new.payload.DESCRIPTOR.fields_by_name:
-                new.payload.cause_seq = cause_seq  # type: ignore[attr-defined]
-            event = Event(head + i, new.stream, new.type, epoch, new.time_us, new.payload,
-                          new.origin_host, new.origin_generation, new.origin_seq)  # fmt: skip
-            concerned = self.world.migrations.get(migration_of(self.world, new.payload))
-            phase_before = concerned.phase if concerned is not None else None
-            evolve(self.world, event)
-            concerned = self.world.migrations.get(migration_of(self.world, new.payload))
-            if concerned is not None and concerned.phase != phase_before:
-                self._entered.append(concerned.phase.label)
-            self.telemetry.staged(self.world, event)
-            self._staged.append((new, event))
-            staged.append(event)
-        return staged
+    @telemetry.setter
+    def telemetry(self, telemetry: Telemetry) -> None:
+        """(Tests swap in an exporter after start.)"""
+        self.pipeline.telemetry = telemetry
 
-    async def _flush(self) -> list[Event]:
-        """Commit everything staged in one transaction, then send its commands; returns once
-        nothing is in flight. Caller holds the lock."""
-        committed = await self._commit(self._queue_commit())
-        await self._settled.wait()
-        return committed
+    @property
+    def world(self) -> World:
+        """The world as folded so far: committed, or staged and on its way (see `reading`)."""
+        return self.pipeline.world
 
-    def _queue_commit(self) -> _Commit | None:
-        """Queue everything staged as the log's next transaction. Caller holds the lock."""
-        staged, self._staged = self._staged, []
-        if not staged:
-            return None
-        entered, self._entered = self._entered, []
-        try:
-            marks = self.store.submit_marks([codec.to_pending(new) for new, _ in staged])
-        except StoreError as err:
-            self._failed(err)
-            raise
-        self._in_flight += 1
-        self._settled.clear()
-        return _Commit(staged, entered, time.monotonic(), marks)
-
-    async def _commit(self, commit: _Commit | None) -> list[Event]:
-        """Wait for a queued transaction, then send its commands. Needs no lock."""
-        if commit is None:
-            return []
-        staged = commit.staged
-        try:
-            _, marks = await commit.marks
-            if [m[0] if m else None for m in marks] != [event.seq for _, event in staged]:
-                raise StoreFailure("the log assigned other seqs than were folded")
-        except StoreError as err:
-            self._failed(err)
-            raise
-        finally:
-            self._in_flight -= 1
-            if not self._in_flight:
-                self._settled.set()
-        self.telemetry.committed(len(staged), time.monotonic() - commit.started)
-        self._maybe_checkpoint()
-        failpoints.hit("coordinator.after-commit")
-        for phase in commit.entered:
-            failpoints.hit(f"coordinator.entered-{phase}")
-        if any(self._is_destination_cont(event) for _, event in staged):
-            failpoints.hit("coordinator.after-cont-intent")
-        for _, event in staged:
+    def _committed(self, events: list[Event]) -> None:
+        """A transaction is durable: checkpoint if due, send its commands, wake watchers."""
+        self.checkpointer.after_commit(self.world, self.store)
+        for event in events:
             if isinstance(event.payload, events_pb2.CommandIssued):
                 self._dispatch(event.payload)
         self._changed.set()
         self._changed = asyncio.Event()
-        return [event for _, event in staged]
 
     def _failed(self, err: StoreError) -> None:
         if isinstance(err, StaleEpoch):
@@ -404,50 +254,16 @@ class Coordinator:
         else:
             self._stop(f"the log failed, the world is ahead of it: {err}")
 
-    def _maybe_checkpoint(self) -> None:
-        """Right after a commit the world is exactly the log up to its head: if enough events
-        came since the last checkpoint, a forked child (copy-on-write, so the loop goes on at
-        once) writes this world to the checkpoint file and exits."""
-        if not self.checkpoint_path or not self.checkpoint_every or self._checkpointer:
-            return
-        seq, event_hash = self.store.head()
-        if seq - self._checkpointed_seq < self.checkpoint_every or self.world.last_seq != seq:
-            return
-        self._checkpointed_seq = seq
-        pid = os.fork()
-        if pid == 0:  # the child: write, and leave without running anything of the parent's
-            code = 0
-            try:
-                checkpoint.write(self.checkpoint_path, self.world, seq, event_hash)
-            except BaseException:
-                code = 1
-            os._exit(code)
-        self._checkpointer = pid
-        loop = asyncio.get_running_loop()
+    def _dispatch(self, issued: events_pb2.CommandIssued) -> None:
+        session = self.sessions.get(issued.host_id)
+        if session is None:
+            return  # stays in the outbox until the host connects
+        command = issued_command(self.world, issued)
+        if command is not None:
+            self._send(session, command)
 
-        def reap() -> None:
-            _, status = os.waitpid(pid, 0)
-            loop.call_soon_threadsafe(self._checkpoint_done, pid, seq, status)
-
-        threading.Thread(target=reap, name="checkpoint-reaper", daemon=True).start()
-
-    def _checkpoint_done(self, pid: int, seq: int, status: int) -> None:
-        self._checkpointer = 0
-        if os.waitstatus_to_exitcode(status) == 0:
-            log.info("checkpoint at seq %d written", seq)
-        else:
-            log.warning("checkpoint at seq %d failed (child %d: status %d)", seq, pid, status)
-        self.checkpoints_written += 1
-
-    def _is_destination_cont(self, event: Event) -> bool:
-        p = event.payload
-        if (
-            not isinstance(p, events_pb2.CommandIssued)
-            or p.kind != events_pb2.COMMAND_KIND_RESUME_VM
-        ):
-            return False
-        m = self.world.migrations.get(p.migration_id)
-        return m is not None and p.host_id == m.destination
+    def _send(self, session: HostSession, command: Command) -> None:
+        session.send_command(command, self.world.epoch, self.telemetry.command_context(command))
 
     async def _whole(self, unit: Coroutine[Any, Any, T]) -> T:
         """Run one unit of work (fold, decide, commit, then send) to its end even if the RPC
@@ -474,9 +290,9 @@ class Coordinator:
     async def _request(self, request: I.Input) -> list[Event]:
         """Decide on an operator request (raising CoreError when refused), then advance."""
         async with self._lock:
-            staged = self._stage(decide(self.world, request))
+            staged = self.pipeline.stage(decide(self.world, request))
             self._advance_touched(staged)
-            await self._flush()
+            await self.pipeline.flush()
             return staged
 
     def _advance(
@@ -495,7 +311,7 @@ class Coordinator:
                 decided = decide(self.world, I.Advance(migration_id, self.clock()))
                 if not decided:
                     break
-                cause = self._stage(decided, cause)[-1].seq
+                cause = self.pipeline.stage(decided, cause)[-1].seq
 
     def _advance_touched(self, events: Iterable[Event]) -> None:
         touched: dict[str, int] = {}  # migration id -> the newest event touching it
@@ -526,7 +342,7 @@ class Coordinator:
         for name in sorted(set(names)):
             cause = (causes or {}).get(name) or everything
             while decided := decide(self.world, I.ReconcileVm(name, self.clock())):
-                cause = self._stage(decided, cause)[-1].seq
+                cause = self.pipeline.stage(decided, cause)[-1].seq
 
     # --- hosts --------------------------------------------------------------------------------
 
@@ -540,7 +356,7 @@ class Coordinator:
         check_name("host", hello.host_id)
         async with self._lock:
             # The log's high-water mark for this host must include what is in flight.
-            await self._settled.wait()
+            await self.pipeline.settled.wait()
             refusal = host_stream.check_hello(self.world, hello)
             if refusal is not None:
                 log.warning("refused: %s", refusal)
@@ -584,15 +400,15 @@ class Coordinator:
                 snapshot = events_pb2.VmObserved(observation=observation, reason=reason)
                 new.append(NewEvent(self._stream_for(observation.vm), snapshot, now,
                                     hello.host_id, hello.generation))  # fmt: skip
-            staged = self._stage(new)
+            staged = self.pipeline.stage(new)
             if not self.recovered.is_set() and not self.world.awaited_hosts:
                 self._finish_recovery([])
             self._advance_touched(staged)
             self._advance(self.world.open_migrations, everything=staged[0].seq)
-            await self._flush()
+            await self.pipeline.flush()
             welcome = host_pb2.Welcome(epoch=self.world.epoch, last_stored_seq=last)
             session.send(host_pb2.CoordinatorMessage(welcome=welcome))
-            for command in self._outstanding(hello.host_id):
+            for command in outstanding(self.world, hello.host_id):
                 self._send(session, command)
             return session, last
 
@@ -650,9 +466,9 @@ class Coordinator:
             if len(new) < len(fresh):
                 log.info("host %s: %d events about what the world no longer tracks dropped",
                          session.host_id, len(fresh) - len(new))  # fmt: skip
-            staged = self._stage(new)
+            staged = self.pipeline.stage(new)
             self._advance_touched(staged)
-            commit = self._queue_commit()
+            commit = self.pipeline.queue()
         finished = asyncio.ensure_future(self._acknowledge(session, events, commit))
         self._background.add(finished)
         finished.add_done_callback(self._background.discard)
@@ -661,9 +477,9 @@ class Coordinator:
         return asyncio.shield(finished)
 
     async def _acknowledge(
-        self, session: HostSession, events: Sequence[host_pb2.HostEvent], commit: _Commit | None
+        self, session: HostSession, events: Sequence[host_pb2.HostEvent], commit: Commit | None
     ) -> None:
-        await self._commit(commit)
+        await self.pipeline.land(commit)
         if events:
             last = events[-1]
             generation = min(last.generation or session.generation, session.generation)
@@ -680,52 +496,15 @@ class Coordinator:
             payload = events_pb2.HostDisconnected(
                 host_id=session.host_id, generation=session.generation, reason=reason
             )
-            (event,) = self._stage([self._host_event(session.host_id, payload)])
+            (event,) = self.pipeline.stage([self._host_event(session.host_id, payload)])
             self._advance(self.world.open_migrations, everything=event.seq)
-            await self._flush()
+            await self.pipeline.flush()
 
     def _stream_for(self, vm_name: str) -> str:
         vm = self.world.vms.get(vm_name)
         if vm is not None and vm.migration_id:
             return protocol.migration_stream(vm.migration_id)
         return protocol.vm_stream(vm_name) if vm_name else protocol.COORDINATOR_STREAM
-
-    def _outstanding(self, host_id: str) -> list[Command]:
-        """Commands for `host_id` that were issued and never answered (the outbox)."""
-        commands: list[Command] = []
-        for migration_id in self.world.open_migrations:
-            m = self.world.migrations[migration_id]
-            commands += [c for c in m.commands.values() if c.host == host_id]
-        for vm in self.world.vms.values():
-            commands += [c for c in vm.commands.values() if c.host == host_id]
-        return [c for c in commands if c.state == CommandState.ISSUED]
-
-    def _dispatch(self, issued: events_pb2.CommandIssued) -> None:
-        session = self.sessions.get(issued.host_id)
-        if session is None:
-            return  # stays in the outbox until the host connects
-        owner = self.world.migrations.get(issued.migration_id) if issued.migration_id else None
-        vm = self.world.vms.get(issued.vm)
-        commands = owner.commands if owner is not None else (vm.commands if vm else {})
-        command = commands.get(issued.command_id)
-        if command is not None:
-            self._send(session, command)
-
-    def _send(self, session: HostSession, command: Command) -> None:
-        session.send(
-            host_pb2.CoordinatorMessage(
-                command=host_pb2.Command(
-                    command_id=command.command_id,
-                    migration_id=command.migration_id,
-                    attempt=command.attempt,
-                    epoch=self.world.epoch,
-                    vm=command.vm,
-                    kind=events_pb2.CommandKind.ValueType(command.kind),
-                    args=command.args,
-                    trace_context=self.telemetry.command_context(command),
-                )
-            )
-        )
 
     # --- reading and watching -----------------------------------------------------------------
 
@@ -737,8 +516,8 @@ class Coordinator:
         while it uses the world (the next unit may fold into it meanwhile). Readers never take
         the lock: a flood of them (a watcher wakes after every commit) must not queue ahead of
         the next host events in the middle of a handoff."""
-        while self._in_flight:
-            await self._settled.wait()
+        while self.pipeline.in_flight:
+            await self.pipeline.settled.wait()
         yield self.world
 
     async def wait_for_change(self, max_wait: float | None = None) -> None:

@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 
 from coordinator import checkpoint, codec
-from coordinator.app import Coordinator, replay
+from coordinator.app import Coordinator
 from coordinator.core import World, evolve
 from coordinator.core import inputs as I
 from coordinator.log import SqliteEventStore
+from coordinator.replay import replay
 from tools.sim import Driver, SimHosts, migration, running_vm, store_log
 from whimbrel.files import write_atomically
 from whimbrel.v1 import common_pb2, events_pb2
@@ -104,7 +105,7 @@ async def test_the_coordinator_writes_checkpoints_from_a_forked_child(tmp_path: 
         spec = common_pb2.VmSpec(name=f"extra-{n}", memory_mib=64, vcpus=1)
         await app.request(I.DefineVm(spec, app.clock()))
     async with asyncio.timeout(30):
-        while not app.checkpoints_written:
+        while not app.checkpointer.written:
             await app.wait_for_change(0.05)
     await app.close()
     loaded = checkpoint.load(path, store)

@@ -24,12 +24,12 @@ from pathlib import Path
 import sqlite_utils
 
 from coordinator import codec
-from coordinator.app import replay
 from coordinator.core import NewEvent
 from coordinator.core import inputs as I
 from coordinator.log import PendingEvent, SqliteEventStore
 from coordinator.log.chain import ZERO_HASH, canonical, chain_hash
 from coordinator.log.sqlite import INSERT, connect, create_schema
+from coordinator.replay import replay
 from tools.sim import Driver, SimHosts, running_vm
 from whimbrel.v1 import events_pb2
 
