@@ -24,7 +24,16 @@ from google.protobuf.message import Message
 from coordinator import codec, host_stream
 from coordinator.checkpointer import Checkpointer
 from coordinator.commit_pipeline import Commit, CommitPipeline
-from coordinator.core import Event, IllegalTransition, NewEvent, World, decide, evolve
+from coordinator.core import (
+    Event,
+    IllegalTransition,
+    NewEvent,
+    Phase,
+    World,
+    decide,
+    evolve,
+    scheduling,
+)
 from coordinator.core import inputs as I
 from coordinator.core.state import Command
 from coordinator.host_session import HostSession, issued_command, outstanding
@@ -334,6 +343,17 @@ class Coordinator:
             if m is not None:
                 vm_names[m.vm] = max(vm_names.get(m.vm, 0), seq)
         self._reconcile_vms(vm_names, vm_names)
+        self._admit_queued()
+
+    def _admit_queued(self) -> None:
+        """Start the queued migrations there is room for now (a migration ended, a limit was
+        raised, a host connected). Their cause: the newest event, which made the room."""
+        if not any(
+            self.world.migrations[mid].phase == Phase.QUEUED for mid in self.world.open_migrations
+        ):
+            return
+        ready = [mid for mid, why in scheduling.waiting(self.world).items() if not why]
+        self._advance(ready, everything=self.world.last_seq)
 
     def _reconcile_vms(
         self, names: Iterable[str], causes: Mapping[str, int] | None = None, everything: int = 0

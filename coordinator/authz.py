@@ -55,6 +55,9 @@ RULES: dict[str, Required] = {
     f"{_V1}MigrationService/StartMigration": Role.OPERATOR,
     f"{_V1}MigrationService/AbortMigration": Role.OPERATOR,
     f"{_V1}MigrationService/SwitchToPostcopy": Role.OPERATOR,
+    f"{_V1}MigrationService/GetMigrationLimits": Role.VIEWER,
+    # Cluster-wide: how many migrations every host runs at once.
+    f"{_V1}MigrationService/SetMigrationLimits": Role.ADMIN,
     f"{_V1}VmService/GetVm": Role.VIEWER,
     f"{_V1}VmService/ListVms": Role.VIEWER,
     f"{_V1}VmService/StartVm": Role.OPERATOR,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from coordinator.core import Event, MigrationState, VmState, World
 from coordinator.core.state import HostState
 from coordinator.log import StoredEvent
@@ -9,7 +11,15 @@ from whimbrel.protocol import PAYLOAD_FIELDS
 from whimbrel.v1 import common_pb2, events_pb2, host_pb2, migration_pb2, vm_pb2
 
 
-def migration_to_proto(m: MigrationState) -> migration_pb2.Migration:
+def migration_to_proto(
+    m: MigrationState, queue: Mapping[str, str] | None = None
+) -> migration_pb2.Migration:
+    """`queue`: the queued migrations in order, with what each waits for
+    (`scheduling.waiting`); needed to show a queued migration's place."""
+    position, waiting_for = 0, ""
+    if queue and m.migration_id in queue:
+        position = list(queue).index(m.migration_id) + 1
+        waiting_for = queue[m.migration_id] or "admission (there is room now)"
     return migration_pb2.Migration(
         migration_id=m.migration_id,
         vm=m.vm,
@@ -28,6 +38,8 @@ def migration_to_proto(m: MigrationState) -> migration_pb2.Migration:
         pause_us=m.pause_us,
         last_seq=m.last_seq,
         policy=m.policy,
+        queue_position=position,
+        waiting_for=waiting_for,
     )
 
 

@@ -36,6 +36,7 @@ from coordinator.core import (
     InvalidRequest,
     NotFound,
     Phase,
+    scheduling,
 )
 from coordinator.core import inputs as I
 from coordinator.core.validate import check_migration_id, check_name
@@ -45,6 +46,7 @@ from coordinator.log import StoredEvent, StoreError, verify_chain
 from coordinator.views import Views
 from whimbrel.tls import host_principal, peer_principal
 from whimbrel.v1 import (
+    common_pb2,
     eventlog_pb2,
     eventlog_pb2_grpc,
     events_pb2,
@@ -192,6 +194,25 @@ class MigrationServicer(migration_pb2_grpc.MigrationServiceServicer):
             I.SwitchToPostcopy(request.migration_id, self.app.clock(), principal(context))
         )
         return await self._get(request.migration_id)
+
+    @mapped
+    async def GetMigrationLimits(
+        self, request: migration_pb2.GetMigrationLimitsRequest, context: Any
+    ) -> common_pb2.MigrationLimits:
+        async with self.app.reading() as world:
+            return scheduling.limits(world)
+
+    @mapped
+    async def SetMigrationLimits(
+        self, request: migration_pb2.SetMigrationLimitsRequest, context: Any
+    ) -> common_pb2.MigrationLimits:
+        await self.app.request(
+            I.SetMigrationLimits(
+                request.limits, request.reason, self.app.clock(), principal(context)
+            )
+        )
+        async with self.app.reading() as world:
+            return scheduling.limits(world)
 
 
 class VmServicer(vm_pb2_grpc.VmServiceServicer):

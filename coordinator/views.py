@@ -23,7 +23,7 @@ from typing import TypeVar
 
 from coordinator import convert
 from coordinator.app import Coordinator
-from coordinator.core import NotFound, Phase, World
+from coordinator.core import NotFound, Phase, World, scheduling
 from whimbrel.v1 import host_pb2, migration_pb2, vm_pb2
 
 __all__ = ["Views"]
@@ -97,13 +97,18 @@ class Views:
             self._lists[key] = make()
         return self._lists[key]  # type: ignore[return-value]
 
+    def _queue(self, world: World) -> dict[str, str]:
+        return self._list("queue", lambda: scheduling.waiting(world))
+
     def _migration(self, world: World, migration_id: str) -> migration_pb2.Migration | None:
         view = self._migrations.get(migration_id)
         if view is None:
             m = world.migrations.get(migration_id)
             if m is None:
                 return None
-            view = self._migrations[migration_id] = convert.migration_to_proto(m)
+            view = self._migrations[migration_id] = convert.migration_to_proto(
+                m, self._queue(world)
+            )
         return view
 
     def _vm(self, world: World, name: str) -> vm_pb2.Vm | None:
@@ -130,7 +135,8 @@ class Views:
             ordered = sorted(
                 world.migrations.values(), key=lambda m: m.requested_at_us, reverse=True
             )
-            return [convert.migration_to_proto(m) for m in ordered]
+            queue = self._queue(world)
+            return [convert.migration_to_proto(m, queue) for m in ordered]
 
         return self._list("migrations", make)
 

@@ -212,6 +212,8 @@ class Ctl:
         )
         if m.postcopy:
             line += " postcopy"
+        if m.queue_position:
+            line += f" queue#{m.queue_position} (waiting for {m.waiting_for})"
         if m.pause_us:
             line += f" pause={m.pause_us / 1000:.1f}ms"
         if m.reason:
@@ -287,6 +289,23 @@ class Ctl:
         self.emit(self.migrations.SwitchToPostcopy(request), self._migration_line)
         return 0
 
+    def limits_show(self, ns: argparse.Namespace) -> int:
+        reply = self.migrations.GetMigrationLimits(migration_pb2.GetMigrationLimitsRequest())
+        self.emit(reply, _limits_line)
+        return 0
+
+    def limits_set(self, ns: argparse.Namespace) -> int:
+        current = self.migrations.GetMigrationLimits(migration_pb2.GetMigrationLimitsRequest())
+        limits = common_pb2.MigrationLimits()
+        limits.CopyFrom(current)
+        for name in ("cluster", "per_host_outbound", "per_host_inbound"):
+            value = getattr(ns, name)
+            if value is not None:
+                setattr(limits, name, value)
+        request = migration_pb2.SetMigrationLimitsRequest(limits=limits, reason=ns.reason or "")
+        self.emit(self.migrations.SetMigrationLimits(request), _limits_line)
+        return 0
+
     # --- log ---
 
     def events(self, ns: argparse.Namespace) -> int:
@@ -316,6 +335,24 @@ class Ctl:
             ),
         )
         return 0 if reply.ok else EXIT_REFUSED
+
+
+def _limits_line(limits: common_pb2.MigrationLimits) -> str:
+    def shown(n: int) -> str:
+        return str(n) if n else "no limit"
+
+    return (
+        f"cluster={shown(limits.cluster)} per-host-outbound={shown(limits.per_host_outbound)} "
+        f"per-host-inbound={shown(limits.per_host_inbound)}"
+    )
+
+
+def _count(text: str) -> int:
+    """A limit: a whole number from 0 (no limit) up."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text}: a limit is 0 (no limit) or more")
+    return value
 
 
 def _seconds(text: str) -> float:
@@ -411,6 +448,19 @@ def build_parser() -> argparse.ArgumentParser:
     lst.add_argument("--vm")
     lst.add_argument("--open", action="store_true", help="only non-terminal ones")
     lst.set_defaults(run=Ctl.migration_list)
+
+    limits = sub.add_parser(
+        "limits", help="how many migrations run at once (more wait in a fair queue)"
+    ).add_subparsers(dest="limits_command", required=True)
+    limits.add_parser("show", help="the limits in force").set_defaults(run=Ctl.limits_show)
+    set_limits = limits.add_parser("set", help="change limits (unnamed ones stay; 0: no limit)")
+    set_limits.add_argument("--cluster", type=_count, help="migrations in the whole cluster")
+    set_limits.add_argument(
+        "--per-host-outbound", type=_count, help="migrations out of any one host"
+    )
+    set_limits.add_argument("--per-host-inbound", type=_count, help="migrations into any one host")
+    set_limits.add_argument("--reason", help="why, recorded in the log")
+    set_limits.set_defaults(run=Ctl.limits_set)
 
     events = sub.add_parser("events", help="read the event log")
     events.add_argument("--since", type=int, default=1)

@@ -25,7 +25,7 @@ from coordinator.core.state import (
     VmStatus,
     World,
 )
-from whimbrel.v1 import events_pb2
+from whimbrel.v1 import common_pb2, events_pb2
 
 # handler(world, payload, seq, time_us, origin host): the envelope fields evolve needs, passed
 # bare so replay does not build an envelope object per event.
@@ -467,7 +467,8 @@ def _command_issued(
     if m.phase in _DETOURS:
         return
     forward = _FORWARD_PHASE_OF_KIND.get(kind)
-    if forward is not None and forward > m.phase:
+    # (A forward command also ends QUEUED: logs written before admission was an event.)
+    if forward is not None and (m.phase == Phase.QUEUED or forward > m.phase):
         _enter(m, forward, time_us)
 
 
@@ -598,7 +599,9 @@ def _migration_requested(
         source_was_running=p.source_was_running,
         source_lease_generation=p.source_lease_generation,
         requested_at_us=time_us,
+        phase=Phase.QUEUED,
         phase_since_us=time_us,
+        requested_seq=seq,
         last_seq=seq,
     )
     world.migrations[p.migration_id] = m
@@ -612,6 +615,24 @@ def _migration(world: World, seq: int, migration_id: str) -> MigrationState | No
     if m is not None:
         m.last_seq = seq
     return m
+
+
+@_on(events_pb2.MigrationAdmitted)
+def _migration_admitted(
+    world: World, p: events_pb2.MigrationAdmitted, seq: int, time_us: int, origin: str
+) -> None:
+    m = _migration(world, seq, p.migration_id)
+    if m is not None and m.phase == Phase.QUEUED:
+        _enter(m, Phase.PREPARING, time_us)
+
+
+@_on(events_pb2.MigrationLimitsSet)
+def _migration_limits_set(
+    world: World, p: events_pb2.MigrationLimitsSet, seq: int, time_us: int, origin: str
+) -> None:
+    limits = common_pb2.MigrationLimits()
+    limits.CopyFrom(p.limits)
+    world.migration_limits = limits
 
 
 @_on(events_pb2.PostcopyRequested)

@@ -67,6 +67,15 @@ class SwitchToPostcopy:
 
 
 @dataclass(frozen=True, slots=True)
+class SetMigrationLimits:
+    limits: common_pb2.MigrationLimits
+    reason: str
+    now_us: int
+    # Who asked: the caller's certificate principal (empty without TLS), recorded in the log.
+    principal: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Advance:
     """Take the next steps of one open migration from everything known about it."""
 
@@ -90,6 +99,7 @@ Input = (
     | StartMigration
     | AbortMigration
     | SwitchToPostcopy
+    | SetMigrationLimits
     | Advance
     | ReconcileVm
 )

@@ -1,8 +1,9 @@
 """Safety invariants of DESIGN.md, checked over a sequence of stored events.
 
 Invariants 1-4 (one running copy, the handoff order, no source after cont, leases), 6
-(commands answered or superseded) and 10 (no healthy VM fenced: a fence never names a
-destination that runs and holds the whole VM) are judged event by event; 8 (every migration
+(commands answered or superseded), 10 (no healthy VM fenced: a fence never names a
+destination that runs and holds the whole VM) and 11 (the migration limits: no migration starts
+while as many as a limit allows already run) are judged event by event; 8 (every migration
 terminal) and the rest of 6 only make sense once the log is quiescent, so
 `finish(quiescent=True)` judges them.
 Invariants 5 and 7 are properties of the stored envelopes (epochs, chain, seqs, host order):
@@ -18,7 +19,9 @@ import json
 from dataclasses import dataclass, field
 
 from coordinator.core.events import Event
+from coordinator.core.scheduling import DEFAULT_LIMITS, counted
 from coordinator.core.state import Kind
+from whimbrel.v1 import common_pb2
 from whimbrel.v1 import events_pb2 as E
 
 
@@ -76,6 +79,9 @@ class InvariantChecker:
     unanswered: dict[str, _Pending] = field(default_factory=dict)
     connected_hosts: set[str] = field(default_factory=set)
     finished: set[str] = field(default_factory=set)
+    # Invariant 11: the limits in force, and the migrations started and not finished.
+    limits: common_pb2.MigrationLimits = field(default_factory=lambda: DEFAULT_LIMITS)
+    started: set[str] = field(default_factory=set)
 
     def check(self, events: list[Event]) -> list[Violation]:
         for event in events:
@@ -123,7 +129,12 @@ class InvariantChecker:
             if m is not None and self.open_by_vm.get(m.vm) == p.migration_id:
                 del self.open_by_vm[m.vm]
             self.finished.add(p.migration_id)
+            self.started.discard(p.migration_id)
             self._finished_with_unanswered(ev, p.migration_id)
+        elif isinstance(p, E.MigrationLimitsSet):
+            self.limits = p.limits
+        elif isinstance(p, E.MigrationAdmitted):
+            self._starts(ev, p.migration_id)
         elif isinstance(p, (E.CommandSucceeded, E.CommandFailed)):
             pending = self.unanswered.pop(p.command_id, None)
             owner = self.migrations.get(pending.owner) if pending is not None else None
@@ -187,6 +198,27 @@ class InvariantChecker:
             message = (f"fence of {m.vm} names destination {m.destination}, which runs with the "
                        "whole VM (completed and resumed): a healthy VM killed")  # fmt: skip
             self._flag(ev, 10, message)
+
+    def _starts(self, ev: Event, migration_id: str) -> None:
+        """Invariant 11: a migration starts only while fewer than each limit run."""
+        m = self.migrations.get(migration_id)
+        if m is None or migration_id in self.started:
+            return
+        running = [self.migrations[mid] for mid in self.started]
+        limit = self.limits
+        counts = (
+            ("in the cluster", len(running), limit.cluster),
+            (f"out of {m.source}", sum(r.source == m.source for r in running),
+             limit.per_host_outbound),
+            (f"into {m.destination}", sum(r.destination == m.destination for r in running),
+             limit.per_host_inbound),
+        )  # fmt: skip
+        for where, count, most in counts:
+            if most and count >= most:
+                message = (f"migration {migration_id} started while "
+                           f"{counted(count, 'migration')} ran {where} (limit {most})")  # fmt: skip
+                self._flag(ev, 11, message)
+        self.started.add(migration_id)
 
     def _finished_with_unanswered(self, ev: Event, migration_id: str) -> None:
         """A migration's end supersedes the commands it still waited for on hosts that were
@@ -271,6 +303,8 @@ class InvariantChecker:
         m = self.migrations.get(p.migration_id) if p.migration_id else None
         if m is None:
             return
+        if p.migration_id not in self.started and p.migration_id not in self.finished:
+            self._starts(ev, p.migration_id)  # a command without admission starts it too
         if kind == Kind.RESUME_VM and host == m.destination:
             missing = [
                 what

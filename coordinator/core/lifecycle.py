@@ -23,7 +23,7 @@ from collections.abc import Callable
 from google.protobuf.message import Message
 
 from coordinator.core import inputs as I
-from coordinator.core import recovery
+from coordinator.core import recovery, scheduling
 from coordinator.core.errors import AlreadyExists, IllegalTransition, InvalidRequest, NotFound
 from coordinator.core.events import NewEvent
 from coordinator.core.evolve import PRECOPY_SWITCH_STATUSES
@@ -122,13 +122,19 @@ def abort(world: World, req: I.AbortMigration) -> list[NewEvent]:
     return _emit(m, req.now_us, decided)
 
 
-_ABORTABLE = ("preparing", "transferring", "switchover", "handoff (before the destination runs)")
+_ABORTABLE = (
+    "queued",
+    "preparing",
+    "transferring",
+    "switchover",
+    "handoff (before the destination runs)",
+)
 
 
 def switch_to_postcopy(world: World, req: I.SwitchToPostcopy) -> list[NewEvent]:
     m = find_migration(world, req.migration_id)
     subject = f"migration {m.migration_id}"
-    allowed = ("preparing", "transferring")
+    allowed = ("queued", "preparing", "transferring")
     if not m.postcopy_allowed:
         raise IllegalTransition(
             subject, "switch to post-copy", "in mode precopy", ["mode auto", "mode postcopy"]
@@ -138,7 +144,7 @@ def switch_to_postcopy(world: World, req: I.SwitchToPostcopy) -> list[NewEvent]:
             subject, "switch to post-copy", "already switching to post-copy", allowed
         )
     if (
-        m.phase not in (Phase.PREPARING, Phase.TRANSFERRING)
+        m.phase not in (Phase.QUEUED, Phase.PREPARING, Phase.TRANSFERRING)
         or m.src.status in PRECOPY_SWITCH_STATUSES
     ):
         raise IllegalTransition(subject, "switch to post-copy", m.phase.label, allowed)
@@ -202,11 +208,19 @@ def _forward(world: World, m: MigrationState, issue: Issuer, now_us: int) -> lis
     problem = _problem(world, m)
     if problem:
         return problem
-    for stage in (_preparing, _transferring, _switchover, _handoff):
+    for stage in (_queued, _preparing, _transferring, _switchover, _handoff):
         decided = stage(world, m, issue, now_us)
         if decided is not None:
             return decided
     return _finishing(world, m, issue)
+
+
+def _queued(world: World, m: MigrationState, issue: Issuer, now_us: int) -> list[Message] | None:
+    """QUEUED: waits for room under the migration limits, in a fair queue (`scheduling`)."""
+    if m.phase != Phase.QUEUED:
+        return None
+    admitted = scheduling.admission(world, m)
+    return [admitted] if admitted is not None else []
 
 
 def _preparing(world: World, m: MigrationState, issue: Issuer, now_us: int) -> list[Message] | None:

@@ -54,6 +54,7 @@ class Phase(enum.IntEnum):
     ROLLED_BACK = common_pb2.MIGRATION_PHASE_ROLLED_BACK
     FENCED = common_pb2.MIGRATION_PHASE_FENCED
     FENCING = common_pb2.MIGRATION_PHASE_FENCING
+    QUEUED = common_pb2.MIGRATION_PHASE_QUEUED
 
     @property
     def terminal(self) -> bool:
@@ -231,6 +232,8 @@ class MigrationState:
     source_lease_generation: int
     requested_at_us: int
     phase: Phase = Phase.PREPARING
+    # The seq of its MigrationRequested: its place in the queue of migrations waiting to start.
+    requested_seq: int = 0
     # When the current phase was entered (the time of the event that entered it).
     phase_since_us: int = 0
     attempt: int = 1
@@ -309,6 +312,8 @@ class World:
     # migrations follow the recovery table until they return).
     awaited_hosts: set[str] = field(default_factory=set)
     missing_hosts: set[str] = field(default_factory=set)
+    # The migration limits an operator set (None: the defaults, `scheduling.DEFAULT_LIMITS`).
+    migration_limits: common_pb2.MigrationLimits | None = None
 
     def copy(self) -> World:
         return copy.deepcopy(self)

@@ -201,7 +201,7 @@ def test_state_at_seq_and_time_shows_history(log_file, capsys):
     code, out = run(capsys, "state", str(log_file), "--at", str(requested.seq), "--json")
     mid = json.loads(out)
     assert code == 0 and mid["vms"]["vm-1"]["status"] == "migrating"
-    assert mid["migrations"]["m-1"]["phase"] == "preparing"
+    assert mid["migrations"]["m-1"]["phase"] == "queued"  # admitted by the next event
     latest = str(max(e.time_us for e in events))
     code, out = run(capsys, "state", str(log_file), "--at-time", latest, "--json")
     end = json.loads(out)

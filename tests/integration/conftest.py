@@ -19,6 +19,7 @@ import pytest
 
 from coordinator.app import Coordinator
 from coordinator.authz import Role, Roles
+from coordinator.limits import Limits
 from coordinator.log import SqliteEventStore
 from coordinator.main import start_server
 from tools.sim import SimHosts
@@ -88,6 +89,34 @@ async def coordinator(tmp_path: Path, pki_dir: Path) -> AsyncIterator[Running]:
     await asyncio.to_thread(store.close)
 
 
+@contextlib.asynccontextmanager
+async def serving(
+    tmp_path: Path, pki_dir: Path, limits: Limits | None = None
+) -> AsyncIterator[Running]:
+    """A coordinator like the `coordinator` fixture's (within `limits`), on the log in
+    `tmp_path`: a second one on the same directory replays what the first wrote."""
+    store = SqliteEventStore(tmp_path / "whimbrel.db")
+    app = Coordinator(store)
+    await app.start()
+    files = pki.ensure(pki_dir, "coordinator").files
+    server, port, _ = await start_server(
+        app, "127.0.0.1:0", files, Roles(ROLES), limits or Limits()
+    )
+    address = f"127.0.0.1:{port}"
+    channel = tls.aio_channel(address, pki.ensure(pki_dir, "user", "admin").files)
+    running = Running(app, channel, address, pki_dir, Roles(ROLES))
+    _RUNNING[id(channel)] = running
+    try:
+        yield running
+    finally:
+        del _RUNNING[id(channel)]
+        await running.close_channels()
+        await channel.close()
+        await server.stop(grace=None)
+        await app.close()
+        await asyncio.to_thread(store.close)
+
+
 # The connected SimHostd of each (simulated world, host id).
 _STREAMS: dict[tuple[int, str], SimHostd] = {}
 
@@ -106,6 +135,8 @@ class SimHostd:
     acked: int = 0
     acks: list[int] = field(default_factory=list)
     answer: bool = True
+    # The QEMUs its hello lists (a restarted coordinator reads a VM left out as gone).
+    vms: list[common_pb2.VmObservation] = field(default_factory=list)
     _up: asyncio.Queue[host_pb2.HostMessage | None] = field(default_factory=asyncio.Queue)
     _task: asyncio.Task[None] | None = None
     connected: asyncio.Event = field(default_factory=asyncio.Event)
@@ -120,7 +151,10 @@ class SimHostd:
         self._up.put_nowait(
             host_pb2.HostMessage(
                 hello=host_pb2.Hello(
-                    host_id=self.host_id, generation=self.generation, migration_address="127.0.0.1"
+                    host_id=self.host_id,
+                    generation=self.generation,
+                    migration_address="127.0.0.1",
+                    vms=self.vms,
                 )
             )
         )

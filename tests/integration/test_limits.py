@@ -7,23 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import grpc
 import pytest
 
 from coordinator import codec
-from coordinator.app import Coordinator
-from coordinator.authz import Roles
 from coordinator.limits import Limits
-from coordinator.log import SqliteEventStore
-from coordinator.main import start_server
 from coordinator.servicers import EventLogServicer
-from tests.integration import conftest
-from tests.integration.conftest import ROLES, SPEC, Running, SimHostd, wait_until
+from tests.integration.conftest import SPEC, Running, SimHostd, serving, wait_until
 from tools.sim import SimHosts
-from whimbrel import pki, tls
 from whimbrel.v1 import (
     common_pb2,
     eventlog_pb2,
@@ -36,29 +28,6 @@ from whimbrel.v1 import (
 )
 
 C = grpc.StatusCode
-
-
-@contextlib.asynccontextmanager
-async def serving(tmp_path: Path, pki_dir: Path, limits: Limits) -> AsyncIterator[Running]:
-    """A coordinator like the `coordinator` fixture's, within `limits`."""
-    store = SqliteEventStore(tmp_path / "whimbrel.db")
-    app = Coordinator(store)
-    await app.start()
-    files = pki.ensure(pki_dir, "coordinator").files
-    server, port, _ = await start_server(app, "127.0.0.1:0", files, Roles(ROLES), limits)
-    address = f"127.0.0.1:{port}"
-    channel = tls.aio_channel(address, pki.ensure(pki_dir, "user", "admin").files)
-    running = Running(app, channel, address, pki_dir, Roles(ROLES))
-    conftest._RUNNING[id(channel)] = running
-    try:
-        yield running
-    finally:
-        del conftest._RUNNING[id(channel)]
-        await running.close_channels()
-        await channel.close()
-        await server.stop(grace=None)
-        await app.close()
-        await asyncio.to_thread(store.close)
 
 
 def head(running: Running) -> int:

@@ -44,6 +44,7 @@ def test_precopy_completes_with_handoff_in_order(hostd_releases):
     release = [] if hostd_releases else ["release-lease@host-a"]
     assert decisions(events) == [
         "MigrationRequested",
+        "MigrationAdmitted",
         "prepare-incoming@host-b",
         "start-migration@host-a",
         "enable-network@host-b",
@@ -81,6 +82,7 @@ def test_postcopy_mode_switches_after_migrate_and_waits_for_completion(hostd_ena
     enable = [] if hostd_enables else ["enable-network@host-b"]
     assert decisions(events) == [
         "MigrationRequested",
+        "MigrationAdmitted",
         "prepare-incoming@host-b",
         "start-migration@host-a",
         "PostcopyRequested",
@@ -363,7 +365,7 @@ def test_late_result_of_superseded_attempt_is_ignored():
     """A result from before a rollback does not move the migration forward again."""
     driver, hosts = fresh()
     start(driver)
-    (prepare,) = driver.advance("m-1")
+    _admitted, prepare = driver.advance("m-1")
     driver.request(I.AbortMigration("m-1", "", driver.now_us))
     driver.observe(*hosts.answer(prepare.payload))
     m = driver.world.migrations["m-1"]

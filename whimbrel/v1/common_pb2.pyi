@@ -81,6 +81,10 @@ class _MigrationPhaseEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Migrat
     """
     MIGRATION_PHASE_FENCING: _MigrationPhase.ValueType  # 11
     """Killing the processes that must not run before the migration is recorded as fenced."""
+    MIGRATION_PHASE_QUEUED: _MigrationPhase.ValueType  # 12
+    """Waiting for room under the migration limits, in a fair queue; no host has been asked
+    anything yet. Admission (MigrationAdmitted) moves it to PREPARING.
+    """
 
 class MigrationPhase(_MigrationPhase, metaclass=_MigrationPhaseEnumTypeWrapper):
     """Where a migration stands. Terminal phases are COMPLETED, ROLLED_BACK and FENCED."""
@@ -113,6 +117,10 @@ recorded as lost with its reason.
 """
 MIGRATION_PHASE_FENCING: MigrationPhase.ValueType  # 11
 """Killing the processes that must not run before the migration is recorded as fenced."""
+MIGRATION_PHASE_QUEUED: MigrationPhase.ValueType  # 12
+"""Waiting for room under the migration limits, in a fair queue; no host has been asked
+anything yet. Admission (MigrationAdmitted) moves it to PREPARING.
+"""
 Global___MigrationPhase: _TypeAlias = MigrationPhase  # noqa: Y015
 
 class _LostVmAction:
@@ -142,6 +150,36 @@ LOST_VM_ACTION_COLD_START: LostVmAction.ValueType  # 2
 lease, or on the migration's destination when nobody holds it, once that host is connected.
 """
 Global___LostVmAction: _TypeAlias = LostVmAction  # noqa: Y015
+
+@_typing.final
+class MigrationLimits(_message.Message):
+    """How many migrations may run at once (queued ones are not counted). 0: no limit."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLUSTER_FIELD_NUMBER: _builtins.int
+    PER_HOST_OUTBOUND_FIELD_NUMBER: _builtins.int
+    PER_HOST_INBOUND_FIELD_NUMBER: _builtins.int
+    cluster: _builtins.int
+    """In the whole cluster."""
+    per_host_outbound: _builtins.int
+    """Out of any one host (as its source)."""
+    per_host_inbound: _builtins.int
+    """Into any one host (as its destination)."""
+    def __init__(
+        self,
+        *,
+        cluster: _builtins.int = ...,
+        per_host_outbound: _builtins.int = ...,
+        per_host_inbound: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster", b"cluster", "per_host_inbound", b"per_host_inbound", "per_host_outbound", b"per_host_outbound"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MigrationLimits: _TypeAlias = MigrationLimits  # noqa: Y015
 
 @_typing.final
 class Disk(_message.Message):

@@ -274,6 +274,8 @@ class EventPayload(_message.Message):
     FENCING_DECIDED_FIELD_NUMBER: _builtins.int
     MIGRATION_FINISHED_FIELD_NUMBER: _builtins.int
     VM_STOP_REQUESTED_FIELD_NUMBER: _builtins.int
+    MIGRATION_ADMITTED_FIELD_NUMBER: _builtins.int
+    MIGRATION_LIMITS_SET_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def coordinator_started(self) -> Global___CoordinatorStarted: ...
     @_builtins.property
@@ -322,6 +324,10 @@ class EventPayload(_message.Message):
     def migration_finished(self) -> Global___MigrationFinished: ...
     @_builtins.property
     def vm_stop_requested(self) -> Global___VmStopRequested: ...
+    @_builtins.property
+    def migration_admitted(self) -> Global___MigrationAdmitted: ...
+    @_builtins.property
+    def migration_limits_set(self) -> Global___MigrationLimitsSet: ...
     def __init__(
         self,
         *,
@@ -349,12 +355,14 @@ class EventPayload(_message.Message):
         fencing_decided: Global___FencingDecided | None = ...,
         migration_finished: Global___MigrationFinished | None = ...,
         vm_stop_requested: Global___VmStopRequested | None = ...,
+        migration_admitted: Global___MigrationAdmitted | None = ...,
+        migration_limits_set: Global___MigrationLimitsSet | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["command_failed", b"command_failed", "command_issued", b"command_issued", "command_succeeded", b"command_succeeded", "coordinator_started", b"coordinator_started", "fencing_decided", b"fencing_decided", "host_connected", b"host_connected", "host_disconnected", b"host_disconnected", "kind", b"kind", "lease_acquired", b"lease_acquired", "lease_released", b"lease_released", "migration_finished", b"migration_finished", "migration_requested", b"migration_requested", "migration_stats_sampled", b"migration_stats_sampled", "network_changed", b"network_changed", "postcopy_recovery_decided", b"postcopy_recovery_decided", "postcopy_requested", b"postcopy_requested", "qemu_exited", b"qemu_exited", "qmp_event_received", b"qmp_event_received", "recovery_finished", b"recovery_finished", "recovery_started", b"recovery_started", "rollback_decided", b"rollback_decided", "vm_defined", b"vm_defined", "vm_lost", b"vm_lost", "vm_observed", b"vm_observed", "vm_stop_requested", b"vm_stop_requested"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["command_failed", b"command_failed", "command_issued", b"command_issued", "command_succeeded", b"command_succeeded", "coordinator_started", b"coordinator_started", "fencing_decided", b"fencing_decided", "host_connected", b"host_connected", "host_disconnected", b"host_disconnected", "kind", b"kind", "lease_acquired", b"lease_acquired", "lease_released", b"lease_released", "migration_admitted", b"migration_admitted", "migration_finished", b"migration_finished", "migration_limits_set", b"migration_limits_set", "migration_requested", b"migration_requested", "migration_stats_sampled", b"migration_stats_sampled", "network_changed", b"network_changed", "postcopy_recovery_decided", b"postcopy_recovery_decided", "postcopy_requested", b"postcopy_requested", "qemu_exited", b"qemu_exited", "qmp_event_received", b"qmp_event_received", "recovery_finished", b"recovery_finished", "recovery_started", b"recovery_started", "rollback_decided", b"rollback_decided", "vm_defined", b"vm_defined", "vm_lost", b"vm_lost", "vm_observed", b"vm_observed", "vm_stop_requested", b"vm_stop_requested"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_failed", b"command_failed", "command_issued", b"command_issued", "command_succeeded", b"command_succeeded", "coordinator_started", b"coordinator_started", "fencing_decided", b"fencing_decided", "host_connected", b"host_connected", "host_disconnected", b"host_disconnected", "kind", b"kind", "lease_acquired", b"lease_acquired", "lease_released", b"lease_released", "migration_finished", b"migration_finished", "migration_requested", b"migration_requested", "migration_stats_sampled", b"migration_stats_sampled", "network_changed", b"network_changed", "postcopy_recovery_decided", b"postcopy_recovery_decided", "postcopy_requested", b"postcopy_requested", "qemu_exited", b"qemu_exited", "qmp_event_received", b"qmp_event_received", "recovery_finished", b"recovery_finished", "recovery_started", b"recovery_started", "rollback_decided", b"rollback_decided", "vm_defined", b"vm_defined", "vm_lost", b"vm_lost", "vm_observed", b"vm_observed", "vm_stop_requested", b"vm_stop_requested"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_failed", b"command_failed", "command_issued", b"command_issued", "command_succeeded", b"command_succeeded", "coordinator_started", b"coordinator_started", "fencing_decided", b"fencing_decided", "host_connected", b"host_connected", "host_disconnected", b"host_disconnected", "kind", b"kind", "lease_acquired", b"lease_acquired", "lease_released", b"lease_released", "migration_admitted", b"migration_admitted", "migration_finished", b"migration_finished", "migration_limits_set", b"migration_limits_set", "migration_requested", b"migration_requested", "migration_stats_sampled", b"migration_stats_sampled", "network_changed", b"network_changed", "postcopy_recovery_decided", b"postcopy_recovery_decided", "postcopy_requested", b"postcopy_requested", "qemu_exited", b"qemu_exited", "qmp_event_received", b"qmp_event_received", "recovery_finished", b"recovery_finished", "recovery_started", b"recovery_started", "rollback_decided", b"rollback_decided", "vm_defined", b"vm_defined", "vm_lost", b"vm_lost", "vm_observed", b"vm_observed", "vm_stop_requested", b"vm_stop_requested"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["coordinator_started", "recovery_started", "recovery_finished", "host_connected", "host_disconnected", "vm_defined", "vm_observed", "qmp_event_received", "migration_stats_sampled", "qemu_exited", "lease_acquired", "lease_released", "network_changed", "vm_lost", "command_issued", "command_succeeded", "command_failed", "migration_requested", "postcopy_requested", "rollback_decided", "postcopy_recovery_decided", "fencing_decided", "migration_finished", "vm_stop_requested"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["coordinator_started", "recovery_started", "recovery_finished", "host_connected", "host_disconnected", "vm_defined", "vm_observed", "qmp_event_received", "migration_stats_sampled", "qemu_exited", "lease_acquired", "lease_released", "network_changed", "vm_lost", "command_issued", "command_succeeded", "command_failed", "migration_requested", "postcopy_requested", "rollback_decided", "postcopy_recovery_decided", "fencing_decided", "migration_finished", "vm_stop_requested", "migration_admitted", "migration_limits_set"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -1189,9 +1197,80 @@ class MigrationPolicy(_message.Message):
 Global___MigrationPolicy: _TypeAlias = MigrationPolicy  # noqa: Y015
 
 @_typing.final
-class MigrationRequested(_message.Message):
-    """An operator (or a drain) asked for a migration, and the coordinator accepted it."""
+class MigrationAdmitted(_message.Message):
+    """An operator (or a drain) asked for a migration, and the coordinator accepted it.
+    A queued migration got room under the migration limits: it starts preparing now.
+    """
 
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MIGRATION_ID_FIELD_NUMBER: _builtins.int
+    RUNNING_CLUSTER_FIELD_NUMBER: _builtins.int
+    RUNNING_OUT_OF_SOURCE_FIELD_NUMBER: _builtins.int
+    RUNNING_INTO_DESTINATION_FIELD_NUMBER: _builtins.int
+    CAUSE_SEQ_FIELD_NUMBER: _builtins.int
+    migration_id: _builtins.str
+    running_cluster: _builtins.int
+    """Migrations running after this admission: in the cluster, out of the source, into the
+    destination (what the limits were judged on).
+    """
+    running_out_of_source: _builtins.int
+    running_into_destination: _builtins.int
+    cause_seq: _builtins.int
+    """The seq of the event that led to this decision (a migration that ended, a limit raised, a
+    host that connected). `whimbrel-audit why` follows these back to the start.
+    """
+    def __init__(
+        self,
+        *,
+        migration_id: _builtins.str = ...,
+        running_cluster: _builtins.int = ...,
+        running_out_of_source: _builtins.int = ...,
+        running_into_destination: _builtins.int = ...,
+        cause_seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cause_seq", b"cause_seq", "migration_id", b"migration_id", "running_cluster", b"running_cluster", "running_into_destination", b"running_into_destination", "running_out_of_source", b"running_out_of_source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MigrationAdmitted: _TypeAlias = MigrationAdmitted  # noqa: Y015
+
+@_typing.final
+class MigrationLimitsSet(_message.Message):
+    """The migration limits changed. Migrations already running go on; admissions follow the new
+    limits from here on.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIMITS_FIELD_NUMBER: _builtins.int
+    REQUESTED_BY_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    requested_by: _builtins.str
+    """The principal whose request this records."""
+    reason: _builtins.str
+    """Why, in the operator's words (may be empty)."""
+    @_builtins.property
+    def limits(self) -> _common_pb2.MigrationLimits: ...
+    def __init__(
+        self,
+        *,
+        limits: _common_pb2.MigrationLimits | None = ...,
+        requested_by: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits", "reason", b"reason", "requested_by", b"requested_by"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MigrationLimitsSet: _TypeAlias = MigrationLimitsSet  # noqa: Y015
+
+@_typing.final
+class MigrationRequested(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     MIGRATION_ID_FIELD_NUMBER: _builtins.int

@@ -126,6 +126,8 @@ class Migration(_message.Message):
     PAUSE_US_FIELD_NUMBER: _builtins.int
     LAST_SEQ_FIELD_NUMBER: _builtins.int
     POLICY_FIELD_NUMBER: _builtins.int
+    QUEUE_POSITION_FIELD_NUMBER: _builtins.int
+    WAITING_FOR_FIELD_NUMBER: _builtins.int
     migration_id: _builtins.str
     """Id."""
     vm: _builtins.str
@@ -158,6 +160,10 @@ class Migration(_message.Message):
     """
     last_seq: _builtins.int
     """Log seq of the latest event of this migration."""
+    queue_position: _builtins.int
+    """While QUEUED: its place in the queue (1: next), else 0."""
+    waiting_for: _builtins.str
+    """While QUEUED: what it waits for ("host-a: 2 outbound migrations running (limit 2)")."""
     @_builtins.property
     def progress(self) -> Global___MigrationProgress:
         """Transfer progress."""
@@ -186,10 +192,12 @@ class Migration(_message.Message):
         pause_us: _builtins.int = ...,
         last_seq: _builtins.int = ...,
         policy: _events_pb2.MigrationPolicy | None = ...,
+        queue_position: _builtins.int = ...,
+        waiting_for: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy", "progress", b"progress"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "destination", b"destination", "finished_at_us", b"finished_at_us", "last_seq", b"last_seq", "migration_id", b"migration_id", "mode", b"mode", "pause_us", b"pause_us", "phase", b"phase", "point_of_no_return_passed", b"point_of_no_return_passed", "policy", b"policy", "postcopy", b"postcopy", "progress", b"progress", "reason", b"reason", "recovery_attempts", b"recovery_attempts", "requested_at_us", b"requested_at_us", "source", b"source", "vm", b"vm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "destination", b"destination", "finished_at_us", b"finished_at_us", "last_seq", b"last_seq", "migration_id", b"migration_id", "mode", b"mode", "pause_us", b"pause_us", "phase", b"phase", "point_of_no_return_passed", b"point_of_no_return_passed", "policy", b"policy", "postcopy", b"postcopy", "progress", b"progress", "queue_position", b"queue_position", "reason", b"reason", "recovery_attempts", b"recovery_attempts", "requested_at_us", b"requested_at_us", "source", b"source", "vm", b"vm", "waiting_for", b"waiting_for"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -336,3 +344,48 @@ class SwitchToPostcopyRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SwitchToPostcopyRequest: _TypeAlias = SwitchToPostcopyRequest  # noqa: Y015
+
+@_typing.final
+class GetMigrationLimitsRequest(_message.Message):
+    """Request for GetMigrationLimits."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetMigrationLimitsRequest: _TypeAlias = GetMigrationLimitsRequest  # noqa: Y015
+
+@_typing.final
+class SetMigrationLimitsRequest(_message.Message):
+    """Request for SetMigrationLimits."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIMITS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    """Why, recorded in the log."""
+    @_builtins.property
+    def limits(self) -> _common_pb2.MigrationLimits:
+        """The new limits (0: no limit), all three at once."""
+
+    def __init__(
+        self,
+        *,
+        limits: _common_pb2.MigrationLimits | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetMigrationLimitsRequest: _TypeAlias = SetMigrationLimitsRequest  # noqa: Y015

@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from whimbrel.v1 import common_pb2 as whimbrel_dot_v1_dot_common__pb2
 from whimbrel.v1 import migration_pb2 as whimbrel_dot_v1_dot_migration__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -65,6 +66,16 @@ class MigrationServiceStub:
                 request_serializer=whimbrel_dot_v1_dot_migration__pb2.SwitchToPostcopyRequest.SerializeToString,
                 response_deserializer=whimbrel_dot_v1_dot_migration__pb2.Migration.FromString,
                 _registered_method=True)
+        self.GetMigrationLimits = channel.unary_unary(
+                '/whimbrel.v1.MigrationService/GetMigrationLimits',
+                request_serializer=whimbrel_dot_v1_dot_migration__pb2.GetMigrationLimitsRequest.SerializeToString,
+                response_deserializer=whimbrel_dot_v1_dot_common__pb2.MigrationLimits.FromString,
+                _registered_method=True)
+        self.SetMigrationLimits = channel.unary_unary(
+                '/whimbrel.v1.MigrationService/SetMigrationLimits',
+                request_serializer=whimbrel_dot_v1_dot_migration__pb2.SetMigrationLimitsRequest.SerializeToString,
+                response_deserializer=whimbrel_dot_v1_dot_common__pb2.MigrationLimits.FromString,
+                _registered_method=True)
 
 
 class MigrationServiceServicer:
@@ -118,6 +129,21 @@ class MigrationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetMigrationLimits(self, request, context):
+        """The migration limits in force (the defaults until an operator set them).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetMigrationLimits(self, request, context):
+        """Change the migration limits; recorded in the log. Running migrations go on; queued ones are
+        admitted under the new limits. INVALID_ARGUMENT for a limit above 10000.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MigrationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -150,6 +176,16 @@ def add_MigrationServiceServicer_to_server(servicer, server):
                     servicer.SwitchToPostcopy,
                     request_deserializer=whimbrel_dot_v1_dot_migration__pb2.SwitchToPostcopyRequest.FromString,
                     response_serializer=whimbrel_dot_v1_dot_migration__pb2.Migration.SerializeToString,
+            ),
+            'GetMigrationLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMigrationLimits,
+                    request_deserializer=whimbrel_dot_v1_dot_migration__pb2.GetMigrationLimitsRequest.FromString,
+                    response_serializer=whimbrel_dot_v1_dot_common__pb2.MigrationLimits.SerializeToString,
+            ),
+            'SetMigrationLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetMigrationLimits,
+                    request_deserializer=whimbrel_dot_v1_dot_migration__pb2.SetMigrationLimitsRequest.FromString,
+                    response_serializer=whimbrel_dot_v1_dot_common__pb2.MigrationLimits.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -315,6 +351,60 @@ class MigrationService:
             '/whimbrel.v1.MigrationService/SwitchToPostcopy',
             whimbrel_dot_v1_dot_migration__pb2.SwitchToPostcopyRequest.SerializeToString,
             whimbrel_dot_v1_dot_migration__pb2.Migration.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetMigrationLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/whimbrel.v1.MigrationService/GetMigrationLimits',
+            whimbrel_dot_v1_dot_migration__pb2.GetMigrationLimitsRequest.SerializeToString,
+            whimbrel_dot_v1_dot_common__pb2.MigrationLimits.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetMigrationLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/whimbrel.v1.MigrationService/SetMigrationLimits',
+            whimbrel_dot_v1_dot_migration__pb2.SetMigrationLimitsRequest.SerializeToString,
+            whimbrel_dot_v1_dot_common__pb2.MigrationLimits.FromString,
             options,
             channel_credentials,
             insecure,

@@ -5,6 +5,7 @@ Migrations: start, watch, steer and abort them."""
 
 from collections import abc as _abc
 from grpc import aio as _aio
+from whimbrel.v1 import common_pb2 as _common_pb2
 from whimbrel.v1 import migration_pb2 as _migration_pb2
 import abc as _abc_1
 import grpc as _grpc
@@ -53,6 +54,12 @@ class MigrationServiceStub:
     """Switch a migration in pre-copy to post-copy. FAILED_PRECONDITION when it cannot switch (mode
     PRECOPY, not transferring yet, or already switched).
     """
+    GetMigrationLimits: _grpc.UnaryUnaryMultiCallable[_migration_pb2.GetMigrationLimitsRequest, _common_pb2.MigrationLimits]
+    """The migration limits in force (the defaults until an operator set them)."""
+    SetMigrationLimits: _grpc.UnaryUnaryMultiCallable[_migration_pb2.SetMigrationLimitsRequest, _common_pb2.MigrationLimits]
+    """Change the migration limits; recorded in the log. Running migrations go on; queued ones are
+    admitted under the new limits. INVALID_ARGUMENT for a limit above 10000.
+    """
 
 @_typing.type_check_only
 class MigrationServiceAsyncStub(MigrationServiceStub):
@@ -78,6 +85,12 @@ class MigrationServiceAsyncStub(MigrationServiceStub):
     SwitchToPostcopy: _aio.UnaryUnaryMultiCallable[_migration_pb2.SwitchToPostcopyRequest, _migration_pb2.Migration]  # type: ignore[assignment]
     """Switch a migration in pre-copy to post-copy. FAILED_PRECONDITION when it cannot switch (mode
     PRECOPY, not transferring yet, or already switched).
+    """
+    GetMigrationLimits: _aio.UnaryUnaryMultiCallable[_migration_pb2.GetMigrationLimitsRequest, _common_pb2.MigrationLimits]  # type: ignore[assignment]
+    """The migration limits in force (the defaults until an operator set them)."""
+    SetMigrationLimits: _aio.UnaryUnaryMultiCallable[_migration_pb2.SetMigrationLimitsRequest, _common_pb2.MigrationLimits]  # type: ignore[assignment]
+    """Change the migration limits; recorded in the log. Running migrations go on; queued ones are
+    admitted under the new limits. INVALID_ARGUMENT for a limit above 10000.
     """
 
 class MigrationServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -137,6 +150,24 @@ class MigrationServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_migration_pb2.Migration, _abc.Awaitable[_migration_pb2.Migration]]:
         """Switch a migration in pre-copy to post-copy. FAILED_PRECONDITION when it cannot switch (mode
         PRECOPY, not transferring yet, or already switched).
+        """
+
+    @_abc_1.abstractmethod
+    def GetMigrationLimits(
+        self,
+        request: _migration_pb2.GetMigrationLimitsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_common_pb2.MigrationLimits, _abc.Awaitable[_common_pb2.MigrationLimits]]:
+        """The migration limits in force (the defaults until an operator set them)."""
+
+    @_abc_1.abstractmethod
+    def SetMigrationLimits(
+        self,
+        request: _migration_pb2.SetMigrationLimitsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_common_pb2.MigrationLimits, _abc.Awaitable[_common_pb2.MigrationLimits]]:
+        """Change the migration limits; recorded in the log. Running migrations go on; queued ones are
+        admitted under the new limits. INVALID_ARGUMENT for a limit above 10000.
         """
 
 def add_MigrationServiceServicer_to_server(servicer: MigrationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
