@@ -10,25 +10,40 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from google.protobuf.message import Message
+
 from coordinator.core import Event, NewEvent, payload_class
 from coordinator.core.evolve import Fact
 from coordinator.log import PendingEvent, StoredEvent
 
+# Per payload type: whether it has a migration_id, the field its VM's name comes from ("" for
+# none), and the fields that may name a host, in order. Filled on first use of each type.
+_TAG_FIELDS: dict[type[Message], tuple[bool, str, tuple[str, ...]]] = {}
+
+
+def _tag_fields(cls: type[Message]) -> tuple[bool, str, tuple[str, ...]]:
+    fields = cls.DESCRIPTOR.fields_by_name
+    vm = next((name for name in ("vm", "spec", "observation") if name in fields), "")
+    hosts = tuple(name for name in ("host_id", "holder", "destination") if name in fields)
+    _TAG_FIELDS[cls] = plan = ("migration_id" in fields, vm, hosts)
+    return plan
+
 
 def _tags(payload: Any) -> tuple[str, str, str]:
-    fields = payload.DESCRIPTOR.fields_by_name
-    migration_id = payload.migration_id if "migration_id" in fields else ""
+    cls: type[Message] = type(payload)
+    has_migration_id, vm_field, host_fields = _TAG_FIELDS.get(cls) or _tag_fields(cls)
+    migration_id = payload.migration_id if has_migration_id else ""
     vm = ""
-    if "vm" in fields:
+    if vm_field == "vm":
         vm = payload.vm
-    elif "spec" in fields:
+    elif vm_field == "spec":
         vm = payload.spec.name
-    elif "observation" in fields:
+    elif vm_field == "observation":
         vm = payload.observation.vm
     host = ""
-    for name in ("host_id", "holder", "destination"):
-        if name in fields and getattr(payload, name):
-            host = getattr(payload, name)
+    for name in host_fields:
+        if value := getattr(payload, name):
+            host = value
             break
     return migration_id, vm, host
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from coordinator.log.canonical import body_bytes
 
@@ -40,8 +40,10 @@ class StoreFailure(StoreError):
 class PendingEvent:
     """An event to append: canonical payload bytes and the plain columns people query.
 
-    `body` (the canonical bytes after seq and epoch) and `tags` are computed on creation, in the
-    submitter's thread, so the log's single writer only links seq, epoch and hash.
+    `body` (the canonical bytes after seq and epoch) and `row` (the stored columns after what
+    the writer assigns: stream, type, time_us, origin_host, origin_generation, origin_seq, then
+    the tags migration_id, vm, host, then payload) are computed on creation, in the submitter's
+    thread, so the log's single writer only links seq, epoch and hash.
     """
 
     stream: str
@@ -55,11 +57,16 @@ class PendingEvent:
     vm: str = ""
     host: str = ""
     body: bytes = field(init=False, repr=False, compare=False)
-    tags: tuple[str | None, str | None, str | None] = field(init=False, repr=False, compare=False)
+    row: tuple[Any, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "body", body_bytes(self))
-        object.__setattr__(self, "tags", _tags_with_stream(self))
+        object.__setattr__(
+            self,
+            "row",
+            (self.stream, self.type, self.time_us, self.origin_host, self.origin_generation,
+             self.origin_seq, *_tags_with_stream(self), self.payload),
+        )  # fmt: skip
 
 
 def _tags_with_stream(e: PendingEvent) -> tuple[str | None, str | None, str | None]:

@@ -11,4 +11,6 @@ auto mode ended, its passes, bytes, time and pause). `switchover.restart.precopy
 a source hostd restart during pre-copy adds to the pause (restarted runs against undisturbed
 ones, interleaved; 20 each); `switchover.tls.postcopy` the pause with mutual TLS on the
 control channels against the same run's insecure loopback cluster, interleaved.
+`ingest.grpc.100_streams` reports durable events/s from 100 hostd-like TLS streams through a
+real coordinator, with its CPU seconds and ack latency, against the log alone (`ratio`).
 """

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from tools.bench import (
     guest_big,
     guest_outage,
+    ingest_bench,
     log_bench,
     migration_tls,
     recovery_bench,
@@ -23,6 +24,7 @@ BENCHES: dict[str, Callable[[], Result | list[Result]]] = {
     "log.append.10_writers": lambda: log_bench.append_bench(10),
     "log.append.100_writers": lambda: log_bench.append_bench(100),
     "log.replay.1m": lambda: log_bench.replay_bench(1_000_000),
+    "ingest.grpc.100_streams": lambda: ingest_bench.bench(100),
     "recovery.10k": lambda: recovery_bench.bench(10_000),
     "recovery.100k": lambda: recovery_bench.bench(100_000),
     "recovery.1m": lambda: recovery_bench.bench(1_000_000),
