@@ -1,0 +1,7 @@
+"""`python -m tools.qmpsim QEMU-ARGS...`: one simulated VM (see tools/qmpsim/__init__.py)."""
+
+import sys
+
+from tools.qmpsim.main import main
+
+sys.exit(main(sys.argv[1:]))
