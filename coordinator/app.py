@@ -398,6 +398,7 @@ class Coordinator:
                 host_id=hello.host_id, generation=hello.generation,
                 highest_epoch_seen=hello.highest_epoch_seen, last_acked_seq=hello.last_acked_seq,
                 migration_address=hello.migration_address, version=hello.version,
+                capacity=hello.capacity,
             )  # fmt: skip
             now = self.clock()
             new = [

@@ -64,6 +64,9 @@ RULES: dict[str, Required] = {
     f"{_V1}VmService/StopVm": Role.OPERATOR,
     f"{_V1}VmService/DefineVm": Role.ADMIN,
     f"{_V1}HostService/ListHosts": Role.VIEWER,
+    f"{_V1}HostService/CordonHost": Role.OPERATOR,
+    f"{_V1}HostService/UncordonHost": Role.OPERATOR,
+    f"{_V1}HostService/DrainHost": Role.OPERATOR,
     f"{_V1}HostService/Connect": HOST,
     f"{_V1}EventLogService/ReadEvents": Role.VIEWER,
     # Each call reads and hashes the whole log: not for every viewer to repeat at will.

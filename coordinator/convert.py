@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from coordinator.core import Event, MigrationState, VmState, World
+from coordinator.core import Event, MigrationState, VmState, World, maintenance
 from coordinator.core.state import HostState
 from coordinator.log import StoredEvent
 from whimbrel.protocol import PAYLOAD_FIELDS
@@ -71,6 +71,7 @@ def vm_to_proto(vm: VmState) -> vm_pb2.Vm:
 
 def host_to_proto(world: World, host: HostState) -> host_pb2.Host:
     vms = sorted(vm.name for vm in world.vms.values() if vm.host == host.host_id)
+    left = maintenance.free(world, host.host_id)
     return host_pb2.Host(
         host_id=host.host_id,
         generation=host.generation,
@@ -78,6 +79,11 @@ def host_to_proto(world: World, host: HostState) -> host_pb2.Host:
         migration_address=host.migration_address,
         vms=vms,
         changed_at_us=host.changed_at_us,
+        capacity=common_pb2.HostCapacity(memory_mib=host.memory_mib, vcpus=host.vcpus),
+        free=common_pb2.HostCapacity(memory_mib=max(left.memory_mib, 0), vcpus=max(left.vcpus, 0)),
+        cordoned=host.cordoned,
+        cordon_reason=host.cordon_reason,
+        drain_migrations=host.drain_migrations,
     )
 
 

@@ -354,6 +354,49 @@ class HostServicer(host_pb2_grpc.HostServiceServicer):
     ) -> host_pb2.ListHostsResponse:
         return host_pb2.ListHostsResponse(hosts=await self.views.hosts())
 
+    async def _host(self, host_id: str) -> host_pb2.Host:
+        for host in await self.views.hosts():
+            if host.host_id == host_id:
+                return host
+        raise NotFound("host", host_id)
+
+    @mapped
+    async def CordonHost(self, request: host_pb2.CordonHostRequest, context: Any) -> host_pb2.Host:
+        cordon = I.CordonHost(
+            request.host_id, True, request.reason, self.app.clock(), principal(context)
+        )
+        await self.app.request(cordon)
+        return await self._host(request.host_id)
+
+    @mapped
+    async def UncordonHost(
+        self, request: host_pb2.UncordonHostRequest, context: Any
+    ) -> host_pb2.Host:
+        uncordon = I.CordonHost(
+            request.host_id, False, request.reason, self.app.clock(), principal(context)
+        )
+        await self.app.request(uncordon)
+        return await self._host(request.host_id)
+
+    @mapped
+    async def DrainHost(
+        self, request: host_pb2.DrainHostRequest, context: Any
+    ) -> host_pb2.DrainHostResponse:
+        if request.mode not in common_pb2.MigrationMode.values():
+            raise InvalidRequest(f"unknown migration mode {request.mode}")
+        drain = I.DrainHost(
+            request.host_id, request.mode, request.reason, self.app.clock(), principal(context)
+        )
+        recorded = await self.app.request(drain)
+        plan = next(
+            e.payload for e in recorded if isinstance(e.payload, events_pb2.HostDrainStarted)
+        )
+        return host_pb2.DrainHostResponse(
+            host=await self._host(request.host_id),
+            migration_ids=plan.migration_ids,
+            not_moved=plan.not_moved,
+        )
+
 
 def check_stream(stream: str) -> None:
     """A stream filter names one stream: `coordinator`, `migration/ID`, `host/ID`, `vm/NAME`."""

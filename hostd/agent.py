@@ -33,7 +33,7 @@ from hostd.vm import VmRuntime
 from whimbrel import failpoints
 from whimbrel.protocol import VERSION, kind_label, wrap
 from whimbrel.tls import TlsError, TlsFiles, aio_channel, check_server_principal
-from whimbrel.v1 import events_pb2, host_pb2, host_pb2_grpc
+from whimbrel.v1 import common_pb2, events_pb2, host_pb2, host_pb2_grpc
 
 log = logging.getLogger("whimbrel.hostd")
 # HTTP/2 pings: a coordinator that stops answering (hung, SIGSTOPped, its host gone) is noticed
@@ -105,8 +105,11 @@ class Agent:
         tls: TlsFiles | None = None,
         guard: Guard | None = None,
         qemu_user: str = "",
+        capacity: common_pb2.HostCapacity | None = None,
     ) -> None:
         self.host_id = host_id
+        # What this host offers its VMs, in every hello (placement reads it; 0: not reported).
+        self.capacity = capacity or common_pb2.HostCapacity()
         # With TLS material, the stream is mutual TLS and the coordinator must present
         # spiffe://whimbrel/coordinator: a host's commands come from nobody else.
         self.tls = tls
@@ -221,6 +224,7 @@ class Agent:
             vms=snapshots,
             migration_address=self.migration_address,
             version=VERSION,
+            capacity=self.capacity,
         )
 
     # --- the coordinator stream ---------------------------------------------------------------

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from hostd import tracing
 from hostd.agent import Agent
+from hostd.capacity import capacity
 from hostd.drivers.network import (
     BridgeNetworkDriver,
     HookNetworkDriver,
@@ -57,6 +58,13 @@ MIGRATION_TLS_HELP = (
     "DNS names whimbrel-pki gives host certificates (ID and hosts.whimbrel), or hostd exits 2. "
     "Both ends must agree: TLS against plaintext fails the migration, which rolls back."
 )
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if not 0 < value < 1 << 32:
+        raise argparse.ArgumentTypeError(f"{text}: a whole number from 1 up")
+    return value
 
 
 def check_names_of_host(ns: argparse.Namespace) -> None:
@@ -111,6 +119,7 @@ async def _serve(
             ns.allow_disk_root, ns.allow_bridge, ns.allow_block_devices, ns.allow_kernel_root
         ),
         qemu_user=ns.qemu_user or "",
+        capacity=capacity(ns.capacity_memory_mib, ns.capacity_vcpus),
     )
     agent.executor.migration_tls = migration
     loop = asyncio.get_running_loop()
@@ -192,6 +201,19 @@ def main(argv: list[str] | None = None) -> int:
         help="bridge a VM's NIC may name (repeatable)",
     )
     parser.add_argument("--qemu-user", help="user QEMU runs as (QEMU's -runas)")
+    parser.add_argument(
+        "--capacity-memory-mib",
+        type=_positive,
+        metavar="MIB",
+        help="guest memory this host offers, reported for placement (default: all of the "
+        "machine's)",
+    )
+    parser.add_argument(
+        "--capacity-vcpus",
+        type=_positive,
+        metavar="N",
+        help="vCPUs this host offers, reported for placement (default: the machine's CPUs)",
+    )
     add_otlp_flag(parser)
     add_tls_flags(parser)
     parser.add_argument(

@@ -15,6 +15,7 @@ import argparse
 import collections
 import json
 import sys
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -141,17 +142,69 @@ class Ctl:
         reply = self.hosts.ListHosts(host_pb2.ListHostsRequest())
 
         def table(r: host_pb2.ListHostsResponse) -> str:
-            lines = [f"{'HOST':<16} {'GEN':>4} {'STATE':<13} {'MIGRATION ADDR':<16} VMS"]
+            lines = [
+                f"{'HOST':<16} {'GEN':>4} {'STATE':<13} {'MIGRATION ADDR':<16} "
+                f"{'FREE MIB/VCPUS':<20} VMS"
+            ]
             for h in r.hosts:
                 state = "connected" if h.connected else "disconnected"
+                if h.cordoned:
+                    state += ",cordoned"
+                free = (
+                    f"{h.free.memory_mib}/{h.capacity.memory_mib} {h.free.vcpus}/{h.capacity.vcpus}"
+                )
                 lines.append(
                     f"{h.host_id:<16} {h.generation:>4} {state:<13} "
-                    f"{h.migration_address:<16} {','.join(h.vms)}"
+                    f"{h.migration_address:<16} {free:<20} {','.join(h.vms)}"
                 )
             return "\n".join(lines)
 
         self.emit(reply, table)
         return 0
+
+    def host_cordon(self, ns: argparse.Namespace) -> int:
+        request = host_pb2.CordonHostRequest(host_id=ns.host, reason=ns.reason or "")
+        self.emit(self.hosts.CordonHost(request), _host_line)
+        return 0
+
+    def host_uncordon(self, ns: argparse.Namespace) -> int:
+        request = host_pb2.UncordonHostRequest(host_id=ns.host, reason=ns.reason or "")
+        self.emit(self.hosts.UncordonHost(request), _host_line)
+        return 0
+
+    def host_drain(self, ns: argparse.Namespace) -> int:
+        request = host_pb2.DrainHostRequest(
+            host_id=ns.host, reason=ns.reason or "", mode=MODES[ns.mode]
+        )
+        plan = self.hosts.DrainHost(request)
+        self.emit(plan, _drain_plan)
+        if not ns.wait:
+            return 0
+        return self._drain_wait(ns.host, list(plan.migration_ids), list(plan.not_moved))
+
+    def _drain_wait(
+        self, host: str, migration_ids: list[str], not_moved: list[events_pb2.VmNotMoved]
+    ) -> int:
+        """Progress once a second until every migration of the drain ended, then what is left."""
+        shown = ""
+        while True:
+            ms = self.migrations.ListMigrations(migration_pb2.ListMigrationsRequest()).migrations
+            ours = [m for m in ms if m.migration_id in set(migration_ids)]
+            line = _drain_progress(host, ours)
+            if line != shown and not self.as_json:
+                print(line, flush=True)
+                shown = line
+            if all(common_pb2.MigrationPhase.Name(m.phase) in _TERMINAL for m in ours):
+                break
+            time.sleep(1.0)
+        left = next(h for h in self.hosts.ListHosts(host_pb2.ListHostsRequest()).hosts
+                    if h.host_id == host)  # fmt: skip
+        self.emit(
+            host_pb2.DrainHostResponse(host=left, migration_ids=migration_ids, not_moved=not_moved),
+            lambda r: _drain_result(r, ours),
+        )
+        moved = all(m.phase == common_pb2.MIGRATION_PHASE_COMPLETED for m in ours)
+        return 0 if moved and not not_moved else EXIT_NOT_COMPLETED
 
     def vm_define(self, ns: argparse.Namespace) -> int:
         spec = common_pb2.VmSpec(
@@ -337,6 +390,46 @@ class Ctl:
         return 0 if reply.ok else EXIT_REFUSED
 
 
+_TERMINAL = ("MIGRATION_PHASE_COMPLETED", "MIGRATION_PHASE_ROLLED_BACK", "MIGRATION_PHASE_FENCED")
+
+
+def _host_line(h: host_pb2.Host) -> str:
+    state = f"cordoned ({h.cordon_reason})" if h.cordoned else "in placement"
+    return f"{h.host_id}: {state}; VMs: {', '.join(h.vms) or 'none'}"
+
+
+def _drain_plan(r: host_pb2.DrainHostResponse) -> str:
+    lines = [f"draining {r.host.host_id}: {len(r.migration_ids)} migrations"]
+    lines += [f"  {mid}" for mid in r.migration_ids]
+    lines += [f"  cannot move {n.vm}: {n.reason}" for n in r.not_moved]
+    return "\n".join(lines)
+
+
+def _drain_progress(host: str, ms: list[migration_pb2.Migration]) -> str:
+    counts: dict[str, int] = {}
+    for m in ms:
+        counts[_phase(m.phase)] = counts.get(_phase(m.phase), 0) + 1
+    parts = ", ".join(f"{n} {phase}" for phase, n in sorted(counts.items()))
+    return f"drain {host}: {parts or 'nothing to move'}"
+
+
+def _drain_result(r: host_pb2.DrainHostResponse, ms: list[migration_pb2.Migration]) -> str:
+    lines = []
+    for m in sorted(ms, key=lambda m: m.vm):
+        if m.phase == common_pb2.MIGRATION_PHASE_COMPLETED:
+            lines.append(f"  {m.vm}: moved to {m.destination}")
+        else:
+            lines.append(f"  {m.vm}: not moved, {_phase(m.phase)} ({m.reason})")
+    lines += [f"  {n.vm}: not moved ({n.reason})" for n in r.not_moved]
+    left = list(r.host.vms)
+    end = (
+        f"{r.host.host_id} is empty"
+        if not left
+        else f"{r.host.host_id} still has {', '.join(left)}"
+    )
+    return "\n".join([*lines, end])
+
+
 def _limits_line(limits: common_pb2.MigrationLimits) -> str:
     def shown(n: int) -> str:
         return str(n) if n else "no limit"
@@ -427,6 +520,26 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("--downtime-ms", type=int, help="downtime limit, ms")
     migrate.add_argument("--postcopy-bandwidth", type=int, help="max post-copy bandwidth, bytes/s")
     migrate.set_defaults(run=Ctl.migrate)
+
+    host = sub.add_parser("host", help="host maintenance: cordon, uncordon, drain").add_subparsers(
+        dest="host_command", required=True
+    )
+    for name, fn, help_ in (
+        ("cordon", Ctl.host_cordon, "take a host out of placement (its VMs keep running)"),
+        ("uncordon", Ctl.host_uncordon, "put a host back into placement"),
+    ):
+        p = host.add_parser(name, help=help_)
+        p.add_argument("host")
+        p.add_argument("--reason", help="why, recorded in the log")
+        p.set_defaults(run=fn)
+    drain = host.add_parser("drain", help="cordon a host and migrate every VM off it")
+    drain.add_argument("host")
+    drain.add_argument("--reason", help="why, recorded in the log")
+    drain.add_argument("--mode", choices=sorted(MODES), default="precopy")
+    drain.add_argument(
+        "--wait", action="store_true", help="show progress until it ends; exit 4 unless all moved"
+    )
+    drain.set_defaults(run=Ctl.host_drain)
 
     mig = sub.add_parser("migration", help="inspect and steer migrations").add_subparsers(
         dest="migration_command", required=True

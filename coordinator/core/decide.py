@@ -1,8 +1,8 @@
 """decide(world, input) -> events: every decision the coordinator takes.
 
 A VM's decisions outside migrations are in `vm_decisions`; a migration's whole life is in
-`lifecycle`; the migration limits and the queue in `scheduling`. This module only routes
-each input to its decision.
+`lifecycle`; the migration limits and the queue in `scheduling`; cordons and drains in
+`maintenance`. This module only routes each input to its decision.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from coordinator.core import inputs as I
-from coordinator.core import lifecycle, scheduling, vm_decisions
+from coordinator.core import lifecycle, maintenance, scheduling, vm_decisions
 from coordinator.core.events import NewEvent
 from coordinator.core.state import World
 
@@ -30,5 +30,7 @@ _DECIDERS: dict[type, Callable[[World, Any], list[NewEvent]]] = {
     I.AbortMigration: lifecycle.abort,
     I.SwitchToPostcopy: lifecycle.switch_to_postcopy,
     I.SetMigrationLimits: scheduling.set_limits,
+    I.CordonHost: maintenance.cordon,
+    I.DrainHost: maintenance.drain,
     I.Advance: lifecycle.advance,
 }

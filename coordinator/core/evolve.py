@@ -122,6 +122,27 @@ def _host_connected(
     host.migration_address = p.migration_address
     host.highest_epoch_seen = max(host.highest_epoch_seen, p.highest_epoch_seen)
     host.changed_at_us = time_us
+    host.memory_mib = p.capacity.memory_mib
+    host.vcpus = p.capacity.vcpus
+
+
+@_on(events_pb2.HostCordoned)
+def _host_cordoned(
+    world: World, p: events_pb2.HostCordoned, seq: int, time_us: int, origin: str
+) -> None:
+    host = world.hosts.get(p.host_id)
+    if host is not None:
+        host.cordoned = p.cordoned
+        host.cordon_reason = p.reason if p.cordoned else ""
+
+
+@_on(events_pb2.HostDrainStarted)
+def _host_drain_started(
+    world: World, p: events_pb2.HostDrainStarted, seq: int, time_us: int, origin: str
+) -> None:
+    host = world.hosts.get(p.host_id)
+    if host is not None:
+        host.drain_migrations = tuple(p.migration_ids)
 
 
 @_on(events_pb2.HostDisconnected)

@@ -76,6 +76,26 @@ class SetMigrationLimits:
 
 
 @dataclass(frozen=True, slots=True)
+class CordonHost:
+    host: str
+    cordoned: bool  # False: uncordon
+    reason: str
+    now_us: int
+    # Who asked: the caller's certificate principal (empty without TLS), recorded in the log.
+    principal: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class DrainHost:
+    host: str
+    mode: int
+    reason: str
+    now_us: int
+    # Who asked: the caller's certificate principal (empty without TLS), recorded in the log.
+    principal: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Advance:
     """Take the next steps of one open migration from everything known about it."""
 
@@ -100,6 +120,8 @@ Input = (
     | AbortMigration
     | SwitchToPostcopy
     | SetMigrationLimits
+    | CordonHost
+    | DrainHost
     | Advance
     | ReconcileVm
 )

@@ -27,7 +27,13 @@ from coordinator.core import recovery, scheduling
 from coordinator.core.errors import AlreadyExists, IllegalTransition, InvalidRequest, NotFound
 from coordinator.core.events import NewEvent
 from coordinator.core.evolve import PRECOPY_SWITCH_STATUSES
-from coordinator.core.lookup import find_migration, find_vm, is_connected, require_connected
+from coordinator.core.lookup import (
+    find_migration,
+    find_vm,
+    is_connected,
+    refuse_cordoned,
+    require_connected,
+)
 from coordinator.core.migration_commands import Issuer, releases_at_switchover, retries, to_issue
 from coordinator.core.state import (
     Command,
@@ -88,6 +94,7 @@ def start_migration(world: World, req: I.StartMigration) -> list[NewEvent]:
         )
     require_connected(world, vm.host)
     require_connected(world, req.destination)
+    refuse_cordoned(world, req.destination, f"migrate VM {vm.name} to")
     requested = events_pb2.MigrationRequested(
         migration_id=req.migration_id,
         vm=vm.name,

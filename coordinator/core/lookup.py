@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from coordinator.core.errors import HostUnavailable, NotFound
+from coordinator.core.errors import HostUnavailable, IllegalTransition, NotFound
 from coordinator.core.state import MigrationState, VmState, World
 from coordinator.core.validate import check_migration_id, check_name
 
@@ -35,3 +35,11 @@ def require_connected(world: World, host_id: str) -> None:
 def is_connected(world: World, host_id: str) -> bool:
     host = world.hosts.get(host_id)
     return host is not None and host.connected
+
+
+def refuse_cordoned(world: World, host_id: str, action: str) -> None:
+    """A cordoned host takes no new VM: `action` ("start VM vm-1 on") is refused."""
+    host = world.hosts.get(host_id)
+    if host is not None and host.cordoned:
+        found = f"cordoned ({host.cordon_reason})" if host.cordon_reason else "cordoned"
+        raise IllegalTransition(f"host {host_id}", action, found, ["uncordoned"])

@@ -163,6 +163,14 @@ class HostState:
     migration_address: str = ""
     highest_epoch_seen: int = 0
     changed_at_us: int = 0
+    # What it offers its VMs, as its hostd last reported (0: not reported).
+    memory_mib: int = 0
+    vcpus: int = 0
+    # Out of placement: nothing is started on it or migrated to it.
+    cordoned: bool = False
+    cordon_reason: str = ""
+    # The migrations of its latest drain.
+    drain_migrations: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)

@@ -8,7 +8,7 @@ from google.protobuf.message import Message
 from coordinator.core import inputs as I
 from coordinator.core.errors import AlreadyExists, IllegalTransition
 from coordinator.core.events import NewEvent
-from coordinator.core.lookup import find_vm, is_connected, require_connected
+from coordinator.core.lookup import find_vm, is_connected, refuse_cordoned, require_connected
 from coordinator.core.state import Kind, VmState, VmStatus, World, vm_command_id
 from coordinator.core.validate import check_spec
 from whimbrel.protocol import vm_stream
@@ -51,6 +51,7 @@ def _vm_command(
 def start_vm(world: World, req: I.StartVm) -> list[NewEvent]:
     vm = find_vm(world, req.name)
     require_connected(world, req.host)
+    refuse_cordoned(world, req.host, f"start VM {vm.name} on")
     if vm.status not in (VmStatus.STOPPED, VmStatus.LOST):
         raise IllegalTransition(
             f"VM {vm.name}", "start", vm.status.name.lower(), ["stopped", "lost"]

@@ -137,6 +137,7 @@ class SimHostd:
     answer: bool = True
     # The QEMUs its hello lists (a restarted coordinator reads a VM left out as gone).
     vms: list[common_pb2.VmObservation] = field(default_factory=list)
+    capacity: common_pb2.HostCapacity | None = None
     _up: asyncio.Queue[host_pb2.HostMessage | None] = field(default_factory=asyncio.Queue)
     _task: asyncio.Task[None] | None = None
     connected: asyncio.Event = field(default_factory=asyncio.Event)
@@ -155,6 +156,7 @@ class SimHostd:
                     generation=self.generation,
                     migration_address="127.0.0.1",
                     vms=self.vms,
+                    capacity=self.capacity,
                 )
             )
         )

@@ -152,6 +152,32 @@ lease, or on the migration's destination when nobody holds it, once that host is
 Global___LostVmAction: _TypeAlias = LostVmAction  # noqa: Y015
 
 @_typing.final
+class HostCapacity(_message.Message):
+    """What a host offers its VMs (hostd reports it in its hello; 0: not reported)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEMORY_MIB_FIELD_NUMBER: _builtins.int
+    VCPUS_FIELD_NUMBER: _builtins.int
+    memory_mib: _builtins.int
+    """Memory for guests, MiB."""
+    vcpus: _builtins.int
+    """Virtual CPUs for guests."""
+    def __init__(
+        self,
+        *,
+        memory_mib: _builtins.int = ...,
+        vcpus: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["memory_mib", b"memory_mib", "vcpus", b"vcpus"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HostCapacity: _TypeAlias = HostCapacity  # noqa: Y015
+
+@_typing.final
 class MigrationLimits(_message.Message):
     """How many migrations may run at once (queued ones are not counted). 0: no limit."""
 

@@ -276,6 +276,8 @@ class EventPayload(_message.Message):
     VM_STOP_REQUESTED_FIELD_NUMBER: _builtins.int
     MIGRATION_ADMITTED_FIELD_NUMBER: _builtins.int
     MIGRATION_LIMITS_SET_FIELD_NUMBER: _builtins.int
+    HOST_CORDONED_FIELD_NUMBER: _builtins.int
+    HOST_DRAIN_STARTED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def coordinator_started(self) -> Global___CoordinatorStarted: ...
     @_builtins.property
@@ -328,6 +330,10 @@ class EventPayload(_message.Message):
     def migration_admitted(self) -> Global___MigrationAdmitted: ...
     @_builtins.property
     def migration_limits_set(self) -> Global___MigrationLimitsSet: ...
+    @_builtins.property
+    def host_cordoned(self) -> Global___HostCordoned: ...
+    @_builtins.property
+    def host_drain_started(self) -> Global___HostDrainStarted: ...
     def __init__(
         self,
         *,
@@ -357,12 +363,14 @@ class EventPayload(_message.Message):
         vm_stop_requested: Global___VmStopRequested | None = ...,
         migration_admitted: Global___MigrationAdmitted | None = ...,
         migration_limits_set: Global___MigrationLimitsSet | None = ...,
+        host_cordoned: Global___HostCordoned | None = ...,
+        host_drain_started: Global___HostDrainStarted | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["command_failed", b"command_failed", "command_issued", b"command_issued", "command_succeeded", b"command_succeeded", "coordinator_started", b"coordinator_started", "fencing_decided", b"fencing_decided", "host_connected", b"host_connected", "host_disconnected", b"host_disconnected", "kind", b"kind", "lease_acquired", b"lease_acquired", "lease_released", b"lease_released", "migration_admitted", b"migration_admitted", "migration_finished", b"migration_finished", "migration_limits_set", b"migration_limits_set", "migration_requested", b"migration_requested", "migration_stats_sampled", b"migration_stats_sampled", "network_changed", b"network_changed", "postcopy_recovery_decided", b"postcopy_recovery_decided", "postcopy_requested", b"postcopy_requested", "qemu_exited", b"qemu_exited", "qmp_event_received", b"qmp_event_received", "recovery_finished", b"recovery_finished", "recovery_started", b"recovery_started", "rollback_decided", b"rollback_decided", "vm_defined", b"vm_defined", "vm_lost", b"vm_lost", "vm_observed", b"vm_observed", "vm_stop_requested", b"vm_stop_requested"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["command_failed", b"command_failed", "command_issued", b"command_issued", "command_succeeded", b"command_succeeded", "coordinator_started", b"coordinator_started", "fencing_decided", b"fencing_decided", "host_connected", b"host_connected", "host_cordoned", b"host_cordoned", "host_disconnected", b"host_disconnected", "host_drain_started", b"host_drain_started", "kind", b"kind", "lease_acquired", b"lease_acquired", "lease_released", b"lease_released", "migration_admitted", b"migration_admitted", "migration_finished", b"migration_finished", "migration_limits_set", b"migration_limits_set", "migration_requested", b"migration_requested", "migration_stats_sampled", b"migration_stats_sampled", "network_changed", b"network_changed", "postcopy_recovery_decided", b"postcopy_recovery_decided", "postcopy_requested", b"postcopy_requested", "qemu_exited", b"qemu_exited", "qmp_event_received", b"qmp_event_received", "recovery_finished", b"recovery_finished", "recovery_started", b"recovery_started", "rollback_decided", b"rollback_decided", "vm_defined", b"vm_defined", "vm_lost", b"vm_lost", "vm_observed", b"vm_observed", "vm_stop_requested", b"vm_stop_requested"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_failed", b"command_failed", "command_issued", b"command_issued", "command_succeeded", b"command_succeeded", "coordinator_started", b"coordinator_started", "fencing_decided", b"fencing_decided", "host_connected", b"host_connected", "host_disconnected", b"host_disconnected", "kind", b"kind", "lease_acquired", b"lease_acquired", "lease_released", b"lease_released", "migration_admitted", b"migration_admitted", "migration_finished", b"migration_finished", "migration_limits_set", b"migration_limits_set", "migration_requested", b"migration_requested", "migration_stats_sampled", b"migration_stats_sampled", "network_changed", b"network_changed", "postcopy_recovery_decided", b"postcopy_recovery_decided", "postcopy_requested", b"postcopy_requested", "qemu_exited", b"qemu_exited", "qmp_event_received", b"qmp_event_received", "recovery_finished", b"recovery_finished", "recovery_started", b"recovery_started", "rollback_decided", b"rollback_decided", "vm_defined", b"vm_defined", "vm_lost", b"vm_lost", "vm_observed", b"vm_observed", "vm_stop_requested", b"vm_stop_requested"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_failed", b"command_failed", "command_issued", b"command_issued", "command_succeeded", b"command_succeeded", "coordinator_started", b"coordinator_started", "fencing_decided", b"fencing_decided", "host_connected", b"host_connected", "host_cordoned", b"host_cordoned", "host_disconnected", b"host_disconnected", "host_drain_started", b"host_drain_started", "kind", b"kind", "lease_acquired", b"lease_acquired", "lease_released", b"lease_released", "migration_admitted", b"migration_admitted", "migration_finished", b"migration_finished", "migration_limits_set", b"migration_limits_set", "migration_requested", b"migration_requested", "migration_stats_sampled", b"migration_stats_sampled", "network_changed", b"network_changed", "postcopy_recovery_decided", b"postcopy_recovery_decided", "postcopy_requested", b"postcopy_requested", "qemu_exited", b"qemu_exited", "qmp_event_received", b"qmp_event_received", "recovery_finished", b"recovery_finished", "recovery_started", b"recovery_started", "rollback_decided", b"rollback_decided", "vm_defined", b"vm_defined", "vm_lost", b"vm_lost", "vm_observed", b"vm_observed", "vm_stop_requested", b"vm_stop_requested"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["coordinator_started", "recovery_started", "recovery_finished", "host_connected", "host_disconnected", "vm_defined", "vm_observed", "qmp_event_received", "migration_stats_sampled", "qemu_exited", "lease_acquired", "lease_released", "network_changed", "vm_lost", "command_issued", "command_succeeded", "command_failed", "migration_requested", "postcopy_requested", "rollback_decided", "postcopy_recovery_decided", "fencing_decided", "migration_finished", "vm_stop_requested", "migration_admitted", "migration_limits_set"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["coordinator_started", "recovery_started", "recovery_finished", "host_connected", "host_disconnected", "vm_defined", "vm_observed", "qmp_event_received", "migration_stats_sampled", "qemu_exited", "lease_acquired", "lease_released", "network_changed", "vm_lost", "command_issued", "command_succeeded", "command_failed", "migration_requested", "postcopy_requested", "rollback_decided", "postcopy_recovery_decided", "fencing_decided", "migration_finished", "vm_stop_requested", "migration_admitted", "migration_limits_set", "host_cordoned", "host_drain_started"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -488,6 +496,7 @@ class HostConnected(_message.Message):
     LAST_ACKED_SEQ_FIELD_NUMBER: _builtins.int
     MIGRATION_ADDRESS_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    CAPACITY_FIELD_NUMBER: _builtins.int
     host_id: _builtins.str
     """Host id."""
     generation: _builtins.int
@@ -500,6 +509,10 @@ class HostConnected(_message.Message):
     """IP address on which the host accepts incoming migrations."""
     version: _builtins.str
     """The hostd version."""
+    @_builtins.property
+    def capacity(self) -> _common_pb2.HostCapacity:
+        """What the host offers its VMs."""
+
     def __init__(
         self,
         *,
@@ -509,14 +522,109 @@ class HostConnected(_message.Message):
         last_acked_seq: _builtins.int = ...,
         migration_address: _builtins.str = ...,
         version: _builtins.str = ...,
+        capacity: _common_pb2.HostCapacity | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "highest_epoch_seen", b"highest_epoch_seen", "host_id", b"host_id", "last_acked_seq", b"last_acked_seq", "migration_address", b"migration_address", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "generation", b"generation", "highest_epoch_seen", b"highest_epoch_seen", "host_id", b"host_id", "last_acked_seq", b"last_acked_seq", "migration_address", b"migration_address", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___HostConnected: _TypeAlias = HostConnected  # noqa: Y015
+
+@_typing.final
+class HostCordoned(_message.Message):
+    """A host was taken out of placement (cordoned) or put back."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_ID_FIELD_NUMBER: _builtins.int
+    CORDONED_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    REQUESTED_BY_FIELD_NUMBER: _builtins.int
+    host_id: _builtins.str
+    cordoned: _builtins.bool
+    """True: out of placement; false: back in."""
+    reason: _builtins.str
+    """Why, in the operator's words (a drain says so)."""
+    requested_by: _builtins.str
+    """The principal whose request this records."""
+    def __init__(
+        self,
+        *,
+        host_id: _builtins.str = ...,
+        cordoned: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+        requested_by: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cordoned", b"cordoned", "host_id", b"host_id", "reason", b"reason", "requested_by", b"requested_by"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HostCordoned: _TypeAlias = HostCordoned  # noqa: Y015
+
+@_typing.final
+class HostDrainStarted(_message.Message):
+    """A drain began: the host is cordoned, and these migrations move its VMs off (each recorded by
+    its own MigrationRequested, which follows); the VMs that cannot move are named with why.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_ID_FIELD_NUMBER: _builtins.int
+    MIGRATION_IDS_FIELD_NUMBER: _builtins.int
+    NOT_MOVED_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    REQUESTED_BY_FIELD_NUMBER: _builtins.int
+    host_id: _builtins.str
+    reason: _builtins.str
+    requested_by: _builtins.str
+    @_builtins.property
+    def migration_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def not_moved(self) -> _containers.RepeatedCompositeFieldContainer[Global___VmNotMoved]: ...
+    def __init__(
+        self,
+        *,
+        host_id: _builtins.str = ...,
+        migration_ids: _abc.Iterable[_builtins.str] | None = ...,
+        not_moved: _abc.Iterable[Global___VmNotMoved] | None = ...,
+        reason: _builtins.str = ...,
+        requested_by: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host_id", b"host_id", "migration_ids", b"migration_ids", "not_moved", b"not_moved", "reason", b"reason", "requested_by", b"requested_by"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HostDrainStarted: _TypeAlias = HostDrainStarted  # noqa: Y015
+
+@_typing.final
+class VmNotMoved(_message.Message):
+    """A VM a drain could not move, and why."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VM_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    vm: _builtins.str
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        vm: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "vm", b"vm"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VmNotMoved: _TypeAlias = VmNotMoved  # noqa: Y015
 
 @_typing.final
 class HostDisconnected(_message.Message):

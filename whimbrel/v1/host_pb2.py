@@ -26,7 +26,7 @@ from whimbrel.v1 import common_pb2 as whimbrel_dot_v1_dot_common__pb2
 from whimbrel.v1 import events_pb2 as whimbrel_dot_v1_dot_events__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16whimbrel/v1/host.proto\x12\x0bwhimbrel.v1\x1a\x18whimbrel/v1/common.proto\x1a\x18whimbrel/v1/events.proto\"\xb5\x01\n\x05Hello\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x04\x12\x1a\n\x12highest_epoch_seen\x18\x03 \x01(\x04\x12\x16\n\x0elast_acked_seq\x18\x04 \x01(\x04\x12\'\n\x03vms\x18\x05 \x03(\x0b\x32\x1a.whimbrel.v1.VmObservation\x12\x19\n\x11migration_address\x18\x06 \x01(\t\x12\x0f\n\x07version\x18\x07 \x01(\t\"i\n\tHostEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0f\n\x07time_us\x18\x02 \x01(\x03\x12*\n\x07payload\x18\x03 \x01(\x0b\x32\x19.whimbrel.v1.EventPayload\x12\x12\n\ngeneration\x18\x04 \x01(\x04\"\x8e\x01\n\x0bHostMessage\x12#\n\x05hello\x18\x01 \x01(\x0b\x32\x12.whimbrel.v1.HelloH\x00\x12\'\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x16.whimbrel.v1.HostEventH\x00\x12)\n\x06\x65vents\x18\x03 \x01(\x0b\x32\x17.whimbrel.v1.HostEventsH\x00\x42\x06\n\x04kind\"4\n\nHostEvents\x12&\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x16.whimbrel.v1.HostEvent\"1\n\x07Welcome\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x17\n\x0flast_stored_seq\x18\x02 \x01(\x04\"&\n\x03\x41\x63k\x12\x12\n\ngeneration\x18\x01 \x01(\x04\x12\x0b\n\x03seq\x18\x02 \x01(\x04\"\xa3\x02\n\x07\x43ommand\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\x14\n\x0cmigration_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\n\n\x02vm\x18\x05 \x01(\t\x12&\n\x04kind\x18\x06 \x01(\x0e\x32\x18.whimbrel.v1.CommandKind\x12&\n\x04\x61rgs\x18\x07 \x01(\x0b\x32\x18.whimbrel.v1.CommandArgs\x12=\n\rtrace_context\x18\x08 \x03(\x0b\x32&.whimbrel.v1.Command.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8f\x01\n\x12\x43oordinatorMessage\x12\'\n\x07welcome\x18\x01 \x01(\x0b\x32\x14.whimbrel.v1.WelcomeH\x00\x12\x1f\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x10.whimbrel.v1.AckH\x00\x12\'\n\x07\x63ommand\x18\x03 \x01(\x0b\x32\x14.whimbrel.v1.CommandH\x00\x42\x06\n\x04kind\"\x12\n\x10ListHostsRequest\"}\n\x04Host\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x04\x12\x11\n\tconnected\x18\x03 \x01(\x08\x12\x19\n\x11migration_address\x18\x04 \x01(\t\x12\x0b\n\x03vms\x18\x05 \x03(\t\x12\x15\n\rchanged_at_us\x18\x06 \x01(\x03\"5\n\x11ListHostsResponse\x12 \n\x05hosts\x18\x01 \x03(\x0b\x32\x11.whimbrel.v1.Host2\xa3\x01\n\x0bHostService\x12H\n\x07\x43onnect\x12\x18.whimbrel.v1.HostMessage\x1a\x1f.whimbrel.v1.CoordinatorMessage(\x01\x30\x01\x12J\n\tListHosts\x12\x1d.whimbrel.v1.ListHostsRequest\x1a\x1e.whimbrel.v1.ListHostsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16whimbrel/v1/host.proto\x12\x0bwhimbrel.v1\x1a\x18whimbrel/v1/common.proto\x1a\x18whimbrel/v1/events.proto\"\xe2\x01\n\x05Hello\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x04\x12\x1a\n\x12highest_epoch_seen\x18\x03 \x01(\x04\x12\x16\n\x0elast_acked_seq\x18\x04 \x01(\x04\x12\'\n\x03vms\x18\x05 \x03(\x0b\x32\x1a.whimbrel.v1.VmObservation\x12\x19\n\x11migration_address\x18\x06 \x01(\t\x12\x0f\n\x07version\x18\x07 \x01(\t\x12+\n\x08\x63\x61pacity\x18\x08 \x01(\x0b\x32\x19.whimbrel.v1.HostCapacity\"i\n\tHostEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0f\n\x07time_us\x18\x02 \x01(\x03\x12*\n\x07payload\x18\x03 \x01(\x0b\x32\x19.whimbrel.v1.EventPayload\x12\x12\n\ngeneration\x18\x04 \x01(\x04\"\x8e\x01\n\x0bHostMessage\x12#\n\x05hello\x18\x01 \x01(\x0b\x32\x12.whimbrel.v1.HelloH\x00\x12\'\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x16.whimbrel.v1.HostEventH\x00\x12)\n\x06\x65vents\x18\x03 \x01(\x0b\x32\x17.whimbrel.v1.HostEventsH\x00\x42\x06\n\x04kind\"4\n\nHostEvents\x12&\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x16.whimbrel.v1.HostEvent\"1\n\x07Welcome\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x17\n\x0flast_stored_seq\x18\x02 \x01(\x04\"&\n\x03\x41\x63k\x12\x12\n\ngeneration\x18\x01 \x01(\x04\x12\x0b\n\x03seq\x18\x02 \x01(\x04\"\xa3\x02\n\x07\x43ommand\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\x14\n\x0cmigration_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\n\n\x02vm\x18\x05 \x01(\t\x12&\n\x04kind\x18\x06 \x01(\x0e\x32\x18.whimbrel.v1.CommandKind\x12&\n\x04\x61rgs\x18\x07 \x01(\x0b\x32\x18.whimbrel.v1.CommandArgs\x12=\n\rtrace_context\x18\x08 \x03(\x0b\x32&.whimbrel.v1.Command.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8f\x01\n\x12\x43oordinatorMessage\x12\'\n\x07welcome\x18\x01 \x01(\x0b\x32\x14.whimbrel.v1.WelcomeH\x00\x12\x1f\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x10.whimbrel.v1.AckH\x00\x12\'\n\x07\x63ommand\x18\x03 \x01(\x0b\x32\x14.whimbrel.v1.CommandH\x00\x42\x06\n\x04kind\"\x12\n\x10ListHostsRequest\"\x96\x02\n\x04Host\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x04\x12\x11\n\tconnected\x18\x03 \x01(\x08\x12\x19\n\x11migration_address\x18\x04 \x01(\t\x12\x0b\n\x03vms\x18\x05 \x03(\t\x12\x15\n\rchanged_at_us\x18\x06 \x01(\x03\x12+\n\x08\x63\x61pacity\x18\x07 \x01(\x0b\x32\x19.whimbrel.v1.HostCapacity\x12\'\n\x04\x66ree\x18\x08 \x01(\x0b\x32\x19.whimbrel.v1.HostCapacity\x12\x10\n\x08\x63ordoned\x18\t \x01(\x08\x12\x15\n\rcordon_reason\x18\n \x01(\t\x12\x18\n\x10\x64rain_migrations\x18\x0b \x03(\t\"4\n\x11\x43ordonHostRequest\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"6\n\x13UncordonHostRequest\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"]\n\x10\x44rainHostRequest\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12(\n\x04mode\x18\x03 \x01(\x0e\x32\x1a.whimbrel.v1.MigrationMode\"w\n\x11\x44rainHostResponse\x12\x1f\n\x04host\x18\x01 \x01(\x0b\x32\x11.whimbrel.v1.Host\x12\x15\n\rmigration_ids\x18\x02 \x03(\t\x12*\n\tnot_moved\x18\x03 \x03(\x0b\x32\x17.whimbrel.v1.VmNotMoved\"5\n\x11ListHostsResponse\x12 \n\x05hosts\x18\x01 \x03(\x0b\x32\x11.whimbrel.v1.Host2\xf5\x02\n\x0bHostService\x12H\n\x07\x43onnect\x12\x18.whimbrel.v1.HostMessage\x1a\x1f.whimbrel.v1.CoordinatorMessage(\x01\x30\x01\x12J\n\tListHosts\x12\x1d.whimbrel.v1.ListHostsRequest\x1a\x1e.whimbrel.v1.ListHostsResponse\x12?\n\nCordonHost\x12\x1e.whimbrel.v1.CordonHostRequest\x1a\x11.whimbrel.v1.Host\x12\x43\n\x0cUncordonHost\x12 .whimbrel.v1.UncordonHostRequest\x1a\x11.whimbrel.v1.Host\x12J\n\tDrainHost\x12\x1d.whimbrel.v1.DrainHostRequest\x1a\x1e.whimbrel.v1.DrainHostResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,29 +36,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_COMMAND_TRACECONTEXTENTRY']._loaded_options = None
   _globals['_COMMAND_TRACECONTEXTENTRY']._serialized_options = b'8\001'
   _globals['_HELLO']._serialized_start=92
-  _globals['_HELLO']._serialized_end=273
-  _globals['_HOSTEVENT']._serialized_start=275
-  _globals['_HOSTEVENT']._serialized_end=380
-  _globals['_HOSTMESSAGE']._serialized_start=383
-  _globals['_HOSTMESSAGE']._serialized_end=525
-  _globals['_HOSTEVENTS']._serialized_start=527
-  _globals['_HOSTEVENTS']._serialized_end=579
-  _globals['_WELCOME']._serialized_start=581
-  _globals['_WELCOME']._serialized_end=630
-  _globals['_ACK']._serialized_start=632
-  _globals['_ACK']._serialized_end=670
-  _globals['_COMMAND']._serialized_start=673
-  _globals['_COMMAND']._serialized_end=964
-  _globals['_COMMAND_TRACECONTEXTENTRY']._serialized_start=913
-  _globals['_COMMAND_TRACECONTEXTENTRY']._serialized_end=964
-  _globals['_COORDINATORMESSAGE']._serialized_start=967
-  _globals['_COORDINATORMESSAGE']._serialized_end=1110
-  _globals['_LISTHOSTSREQUEST']._serialized_start=1112
-  _globals['_LISTHOSTSREQUEST']._serialized_end=1130
-  _globals['_HOST']._serialized_start=1132
-  _globals['_HOST']._serialized_end=1257
-  _globals['_LISTHOSTSRESPONSE']._serialized_start=1259
-  _globals['_LISTHOSTSRESPONSE']._serialized_end=1312
-  _globals['_HOSTSERVICE']._serialized_start=1315
-  _globals['_HOSTSERVICE']._serialized_end=1478
+  _globals['_HELLO']._serialized_end=318
+  _globals['_HOSTEVENT']._serialized_start=320
+  _globals['_HOSTEVENT']._serialized_end=425
+  _globals['_HOSTMESSAGE']._serialized_start=428
+  _globals['_HOSTMESSAGE']._serialized_end=570
+  _globals['_HOSTEVENTS']._serialized_start=572
+  _globals['_HOSTEVENTS']._serialized_end=624
+  _globals['_WELCOME']._serialized_start=626
+  _globals['_WELCOME']._serialized_end=675
+  _globals['_ACK']._serialized_start=677
+  _globals['_ACK']._serialized_end=715
+  _globals['_COMMAND']._serialized_start=718
+  _globals['_COMMAND']._serialized_end=1009
+  _globals['_COMMAND_TRACECONTEXTENTRY']._serialized_start=958
+  _globals['_COMMAND_TRACECONTEXTENTRY']._serialized_end=1009
+  _globals['_COORDINATORMESSAGE']._serialized_start=1012
+  _globals['_COORDINATORMESSAGE']._serialized_end=1155
+  _globals['_LISTHOSTSREQUEST']._serialized_start=1157
+  _globals['_LISTHOSTSREQUEST']._serialized_end=1175
+  _globals['_HOST']._serialized_start=1178
+  _globals['_HOST']._serialized_end=1456
+  _globals['_CORDONHOSTREQUEST']._serialized_start=1458
+  _globals['_CORDONHOSTREQUEST']._serialized_end=1510
+  _globals['_UNCORDONHOSTREQUEST']._serialized_start=1512
+  _globals['_UNCORDONHOSTREQUEST']._serialized_end=1566
+  _globals['_DRAINHOSTREQUEST']._serialized_start=1568
+  _globals['_DRAINHOSTREQUEST']._serialized_end=1661
+  _globals['_DRAINHOSTRESPONSE']._serialized_start=1663
+  _globals['_DRAINHOSTRESPONSE']._serialized_end=1782
+  _globals['_LISTHOSTSRESPONSE']._serialized_start=1784
+  _globals['_LISTHOSTSRESPONSE']._serialized_end=1837
+  _globals['_HOSTSERVICE']._serialized_start=1840
+  _globals['_HOSTSERVICE']._serialized_end=2213
 # @@protoc_insertion_point(module_scope)

@@ -33,6 +33,7 @@ class Hello(_message.Message):
     VMS_FIELD_NUMBER: _builtins.int
     MIGRATION_ADDRESS_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    CAPACITY_FIELD_NUMBER: _builtins.int
     host_id: _builtins.str
     """Host id, 1-63 characters of [a-z0-9-]."""
     generation: _builtins.int
@@ -49,6 +50,10 @@ class Hello(_message.Message):
     def vms(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.VmObservation]:
         """Live snapshot of every VM the host has a QEMU process or state for."""
 
+    @_builtins.property
+    def capacity(self) -> _common_pb2.HostCapacity:
+        """What the host offers its VMs."""
+
     def __init__(
         self,
         *,
@@ -59,10 +64,11 @@ class Hello(_message.Message):
         vms: _abc.Iterable[_common_pb2.VmObservation] | None = ...,
         migration_address: _builtins.str = ...,
         version: _builtins.str = ...,
+        capacity: _common_pb2.HostCapacity | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "highest_epoch_seen", b"highest_epoch_seen", "host_id", b"host_id", "last_acked_seq", b"last_acked_seq", "migration_address", b"migration_address", "version", b"version", "vms", b"vms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "generation", b"generation", "highest_epoch_seen", b"highest_epoch_seen", "host_id", b"host_id", "last_acked_seq", b"last_acked_seq", "migration_address", b"migration_address", "version", b"version", "vms", b"vms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -365,6 +371,11 @@ class Host(_message.Message):
     MIGRATION_ADDRESS_FIELD_NUMBER: _builtins.int
     VMS_FIELD_NUMBER: _builtins.int
     CHANGED_AT_US_FIELD_NUMBER: _builtins.int
+    CAPACITY_FIELD_NUMBER: _builtins.int
+    FREE_FIELD_NUMBER: _builtins.int
+    CORDONED_FIELD_NUMBER: _builtins.int
+    CORDON_REASON_FIELD_NUMBER: _builtins.int
+    DRAIN_MIGRATIONS_FIELD_NUMBER: _builtins.int
     host_id: _builtins.str
     """Host id."""
     generation: _builtins.int
@@ -375,9 +386,24 @@ class Host(_message.Message):
     """Its migration address."""
     changed_at_us: _builtins.int
     """When it last connected or disconnected, microseconds since the Unix epoch."""
+    cordoned: _builtins.bool
+    """Out of placement (cordoned or drained), and why."""
+    cordon_reason: _builtins.str
     @_builtins.property
     def vms(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """VMs whose authoritative copy is on this host."""
+
+    @_builtins.property
+    def capacity(self) -> _common_pb2.HostCapacity:
+        """What it offers its VMs, as its hostd reported."""
+
+    @_builtins.property
+    def free(self) -> _common_pb2.HostCapacity:
+        """What is left of it: capacity minus its VMs and the migrations coming in."""
+
+    @_builtins.property
+    def drain_migrations(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The migrations of its latest drain."""
 
     def __init__(
         self,
@@ -388,14 +414,132 @@ class Host(_message.Message):
         migration_address: _builtins.str = ...,
         vms: _abc.Iterable[_builtins.str] | None = ...,
         changed_at_us: _builtins.int = ...,
+        capacity: _common_pb2.HostCapacity | None = ...,
+        free: _common_pb2.HostCapacity | None = ...,
+        cordoned: _builtins.bool = ...,
+        cordon_reason: _builtins.str = ...,
+        drain_migrations: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "free", b"free"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed_at_us", b"changed_at_us", "connected", b"connected", "generation", b"generation", "host_id", b"host_id", "migration_address", b"migration_address", "vms", b"vms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "changed_at_us", b"changed_at_us", "connected", b"connected", "cordon_reason", b"cordon_reason", "cordoned", b"cordoned", "drain_migrations", b"drain_migrations", "free", b"free", "generation", b"generation", "host_id", b"host_id", "migration_address", b"migration_address", "vms", b"vms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Host: _TypeAlias = Host  # noqa: Y015
+
+@_typing.final
+class CordonHostRequest(_message.Message):
+    """Request for CordonHost."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    host_id: _builtins.str
+    reason: _builtins.str
+    """Why, recorded in the log."""
+    def __init__(
+        self,
+        *,
+        host_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host_id", b"host_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CordonHostRequest: _TypeAlias = CordonHostRequest  # noqa: Y015
+
+@_typing.final
+class UncordonHostRequest(_message.Message):
+    """Request for UncordonHost."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    host_id: _builtins.str
+    reason: _builtins.str
+    """Why, recorded in the log."""
+    def __init__(
+        self,
+        *,
+        host_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host_id", b"host_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UncordonHostRequest: _TypeAlias = UncordonHostRequest  # noqa: Y015
+
+@_typing.final
+class DrainHostRequest(_message.Message):
+    """Request for DrainHost."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    host_id: _builtins.str
+    reason: _builtins.str
+    """Why, recorded in the log."""
+    mode: _common_pb2.MigrationMode.ValueType
+    """Mode of the drain's migrations (UNSPECIFIED means PRECOPY)."""
+    def __init__(
+        self,
+        *,
+        host_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        mode: _common_pb2.MigrationMode.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host_id", b"host_id", "mode", b"mode", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DrainHostRequest: _TypeAlias = DrainHostRequest  # noqa: Y015
+
+@_typing.final
+class DrainHostResponse(_message.Message):
+    """Response of DrainHost: the plan, as recorded in the log."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_FIELD_NUMBER: _builtins.int
+    MIGRATION_IDS_FIELD_NUMBER: _builtins.int
+    NOT_MOVED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def host(self) -> Global___Host: ...
+    @_builtins.property
+    def migration_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """One migration per VM that can move (watch them with WatchMigration)."""
+
+    @_builtins.property
+    def not_moved(self) -> _containers.RepeatedCompositeFieldContainer[_events_pb2.VmNotMoved]:
+        """VMs that cannot move now."""
+
+    def __init__(
+        self,
+        *,
+        host: Global___Host | None = ...,
+        migration_ids: _abc.Iterable[_builtins.str] | None = ...,
+        not_moved: _abc.Iterable[_events_pb2.VmNotMoved] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["host", b"host"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host", b"host", "migration_ids", b"migration_ids", "not_moved", b"not_moved"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DrainHostResponse: _TypeAlias = DrainHostResponse  # noqa: Y015
 
 @_typing.final
 class ListHostsResponse(_message.Message):

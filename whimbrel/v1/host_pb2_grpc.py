@@ -45,6 +45,21 @@ class HostServiceStub:
                 request_serializer=whimbrel_dot_v1_dot_host__pb2.ListHostsRequest.SerializeToString,
                 response_deserializer=whimbrel_dot_v1_dot_host__pb2.ListHostsResponse.FromString,
                 _registered_method=True)
+        self.CordonHost = channel.unary_unary(
+                '/whimbrel.v1.HostService/CordonHost',
+                request_serializer=whimbrel_dot_v1_dot_host__pb2.CordonHostRequest.SerializeToString,
+                response_deserializer=whimbrel_dot_v1_dot_host__pb2.Host.FromString,
+                _registered_method=True)
+        self.UncordonHost = channel.unary_unary(
+                '/whimbrel.v1.HostService/UncordonHost',
+                request_serializer=whimbrel_dot_v1_dot_host__pb2.UncordonHostRequest.SerializeToString,
+                response_deserializer=whimbrel_dot_v1_dot_host__pb2.Host.FromString,
+                _registered_method=True)
+        self.DrainHost = channel.unary_unary(
+                '/whimbrel.v1.HostService/DrainHost',
+                request_serializer=whimbrel_dot_v1_dot_host__pb2.DrainHostRequest.SerializeToString,
+                response_deserializer=whimbrel_dot_v1_dot_host__pb2.DrainHostResponse.FromString,
+                _registered_method=True)
 
 
 class HostServiceServicer:
@@ -67,6 +82,31 @@ class HostServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CordonHost(self, request, context):
+        """Take a host out of placement: no VM is started on it nor migrated to it. Its VMs keep
+        running. NOT_FOUND for an unknown host.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UncordonHost(self, request, context):
+        """Put a cordoned host back into placement.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DrainHost(self, request, context):
+        """Cordon a host and migrate every VM off it, each to the host with the most free memory that
+        fits it (migrations wait in the queue under the migration limits). Returns the plan: the
+        migrations started and the VMs that cannot move, with why. NOT_FOUND for an unknown host,
+        FAILED_PRECONDITION while an earlier drain of it still has migrations open.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_HostServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -79,6 +119,21 @@ def add_HostServiceServicer_to_server(servicer, server):
                     servicer.ListHosts,
                     request_deserializer=whimbrel_dot_v1_dot_host__pb2.ListHostsRequest.FromString,
                     response_serializer=whimbrel_dot_v1_dot_host__pb2.ListHostsResponse.SerializeToString,
+            ),
+            'CordonHost': grpc.unary_unary_rpc_method_handler(
+                    servicer.CordonHost,
+                    request_deserializer=whimbrel_dot_v1_dot_host__pb2.CordonHostRequest.FromString,
+                    response_serializer=whimbrel_dot_v1_dot_host__pb2.Host.SerializeToString,
+            ),
+            'UncordonHost': grpc.unary_unary_rpc_method_handler(
+                    servicer.UncordonHost,
+                    request_deserializer=whimbrel_dot_v1_dot_host__pb2.UncordonHostRequest.FromString,
+                    response_serializer=whimbrel_dot_v1_dot_host__pb2.Host.SerializeToString,
+            ),
+            'DrainHost': grpc.unary_unary_rpc_method_handler(
+                    servicer.DrainHost,
+                    request_deserializer=whimbrel_dot_v1_dot_host__pb2.DrainHostRequest.FromString,
+                    response_serializer=whimbrel_dot_v1_dot_host__pb2.DrainHostResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -136,6 +191,87 @@ class HostService:
             '/whimbrel.v1.HostService/ListHosts',
             whimbrel_dot_v1_dot_host__pb2.ListHostsRequest.SerializeToString,
             whimbrel_dot_v1_dot_host__pb2.ListHostsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CordonHost(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/whimbrel.v1.HostService/CordonHost',
+            whimbrel_dot_v1_dot_host__pb2.CordonHostRequest.SerializeToString,
+            whimbrel_dot_v1_dot_host__pb2.Host.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UncordonHost(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/whimbrel.v1.HostService/UncordonHost',
+            whimbrel_dot_v1_dot_host__pb2.UncordonHostRequest.SerializeToString,
+            whimbrel_dot_v1_dot_host__pb2.Host.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DrainHost(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/whimbrel.v1.HostService/DrainHost',
+            whimbrel_dot_v1_dot_host__pb2.DrainHostRequest.SerializeToString,
+            whimbrel_dot_v1_dot_host__pb2.DrainHostResponse.FromString,
             options,
             channel_credentials,
             insecure,

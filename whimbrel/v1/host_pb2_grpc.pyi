@@ -40,6 +40,18 @@ class HostServiceStub:
     """
     ListHosts: _grpc.UnaryUnaryMultiCallable[_host_pb2.ListHostsRequest, _host_pb2.ListHostsResponse]
     """Every host the coordinator has seen."""
+    CordonHost: _grpc.UnaryUnaryMultiCallable[_host_pb2.CordonHostRequest, _host_pb2.Host]
+    """Take a host out of placement: no VM is started on it nor migrated to it. Its VMs keep
+    running. NOT_FOUND for an unknown host.
+    """
+    UncordonHost: _grpc.UnaryUnaryMultiCallable[_host_pb2.UncordonHostRequest, _host_pb2.Host]
+    """Put a cordoned host back into placement."""
+    DrainHost: _grpc.UnaryUnaryMultiCallable[_host_pb2.DrainHostRequest, _host_pb2.DrainHostResponse]
+    """Cordon a host and migrate every VM off it, each to the host with the most free memory that
+    fits it (migrations wait in the queue under the migration limits). Returns the plan: the
+    migrations started and the VMs that cannot move, with why. NOT_FOUND for an unknown host,
+    FAILED_PRECONDITION while an earlier drain of it still has migrations open.
+    """
 
 @_typing.type_check_only
 class HostServiceAsyncStub(HostServiceStub):
@@ -53,6 +65,18 @@ class HostServiceAsyncStub(HostServiceStub):
     """
     ListHosts: _aio.UnaryUnaryMultiCallable[_host_pb2.ListHostsRequest, _host_pb2.ListHostsResponse]  # type: ignore[assignment]
     """Every host the coordinator has seen."""
+    CordonHost: _aio.UnaryUnaryMultiCallable[_host_pb2.CordonHostRequest, _host_pb2.Host]  # type: ignore[assignment]
+    """Take a host out of placement: no VM is started on it nor migrated to it. Its VMs keep
+    running. NOT_FOUND for an unknown host.
+    """
+    UncordonHost: _aio.UnaryUnaryMultiCallable[_host_pb2.UncordonHostRequest, _host_pb2.Host]  # type: ignore[assignment]
+    """Put a cordoned host back into placement."""
+    DrainHost: _aio.UnaryUnaryMultiCallable[_host_pb2.DrainHostRequest, _host_pb2.DrainHostResponse]  # type: ignore[assignment]
+    """Cordon a host and migrate every VM off it, each to the host with the most free memory that
+    fits it (migrations wait in the queue under the migration limits). Returns the plan: the
+    migrations started and the VMs that cannot move, with why. NOT_FOUND for an unknown host,
+    FAILED_PRECONDITION while an earlier drain of it still has migrations open.
+    """
 
 class HostServiceServicer(metaclass=_abc_1.ABCMeta):
     """Hosts: the bidirectional stream hostd keeps open, and what operators see of hosts."""
@@ -75,5 +99,35 @@ class HostServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_host_pb2.ListHostsResponse, _abc.Awaitable[_host_pb2.ListHostsResponse]]:
         """Every host the coordinator has seen."""
+
+    @_abc_1.abstractmethod
+    def CordonHost(
+        self,
+        request: _host_pb2.CordonHostRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_host_pb2.Host, _abc.Awaitable[_host_pb2.Host]]:
+        """Take a host out of placement: no VM is started on it nor migrated to it. Its VMs keep
+        running. NOT_FOUND for an unknown host.
+        """
+
+    @_abc_1.abstractmethod
+    def UncordonHost(
+        self,
+        request: _host_pb2.UncordonHostRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_host_pb2.Host, _abc.Awaitable[_host_pb2.Host]]:
+        """Put a cordoned host back into placement."""
+
+    @_abc_1.abstractmethod
+    def DrainHost(
+        self,
+        request: _host_pb2.DrainHostRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_host_pb2.DrainHostResponse, _abc.Awaitable[_host_pb2.DrainHostResponse]]:
+        """Cordon a host and migrate every VM off it, each to the host with the most free memory that
+        fits it (migrations wait in the queue under the migration limits). Returns the plan: the
+        migrations started and the VMs that cannot move, with why. NOT_FOUND for an unknown host,
+        FAILED_PRECONDITION while an earlier drain of it still has migrations open.
+        """
 
 def add_HostServiceServicer_to_server(servicer: HostServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,77 @@
+"""Cordon and drain through the real coordinator's gRPC API: roles, status codes, the
+capacity a host reports in its hello, and the plan a drain returns."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import pytest
+
+from tests.integration.conftest import SimHostd, serving, wait_until
+from tools.sim import SimHosts
+from whimbrel.v1 import common_pb2, host_pb2, host_pb2_grpc, vm_pb2, vm_pb2_grpc
+
+C = grpc.StatusCode
+CAPACITY = common_pb2.HostCapacity(memory_mib=1024, vcpus=2)
+
+
+async def test_cordon_and_drain_over_grpc(tmp_path: Path, pki_dir: Path) -> None:
+    sim_hosts = SimHosts()
+    async with serving(tmp_path, pki_dir) as running:
+        hosts = [
+            SimHostd(h, running.channel, sim_hosts, capacity=CAPACITY) for h in ("host-a", "host-b")
+        ]
+        for host in hosts:
+            await host.start()
+        vms = vm_pb2_grpc.VmServiceStub(running.channel)
+        for name, memory in (("vm-1", 256), ("vm-2", 2048)):
+            spec = common_pb2.VmSpec(name=name, memory_mib=memory, vcpus=1)
+            await vms.DefineVm(vm_pb2.DefineVmRequest(spec=spec))
+            await vms.StartVm(vm_pb2.StartVmRequest(name=name, host="host-a"))
+        await wait_until(
+            lambda: all(vm.status == 3 for vm in running.app.world.vms.values()),
+            running.app,
+            *hosts,
+        )
+        as_admin = host_pb2_grpc.HostServiceStub(running.channel)
+        listed = {
+            h.host_id: h for h in (await as_admin.ListHosts(host_pb2.ListHostsRequest())).hosts
+        }
+        assert listed["host-b"].capacity == CAPACITY
+        assert listed["host-a"].free == common_pb2.HostCapacity(memory_mib=0, vcpus=0)
+
+        head = running.app.store.head()[0]
+        viewer = host_pb2_grpc.HostServiceStub(running.channel_as("user", "viewer"))
+        for call, code in (
+            (viewer.CordonHost(host_pb2.CordonHostRequest(host_id="host-b")), C.PERMISSION_DENIED),
+            (as_admin.CordonHost(host_pb2.CordonHostRequest(host_id="host-z")), C.NOT_FOUND),
+            (as_admin.DrainHost(host_pb2.DrainHostRequest(host_id="Bad!")), C.INVALID_ARGUMENT),
+            (
+                as_admin.DrainHost(host_pb2.DrainHostRequest(host_id="host-a", mode=99)),  # type: ignore[arg-type]
+                C.INVALID_ARGUMENT,
+            ),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await call
+            assert refused.value.code() == code
+        assert running.app.store.head()[0] == head  # refusals append nothing
+
+        operator = host_pb2_grpc.HostServiceStub(running.channel_as("user", "operator"))
+        plan = await operator.DrainHost(
+            host_pb2.DrainHostRequest(host_id="host-a", reason="firmware")
+        )
+        assert plan.host.cordoned and plan.host.cordon_reason == "drain: firmware"
+        (migration_id,) = plan.migration_ids
+        assert running.app.world.migrations[migration_id].vm == "vm-1"
+        assert [(n.vm, n.reason) for n in plan.not_moved] == [
+            ("vm-2", "no host has 2048 MiB and 1 vCPU free (most: host-b with 768 MiB, 1 vCPU)")
+        ]
+        again = operator.DrainHost(host_pb2.DrainHostRequest(host_id="host-a"))
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await again
+        assert refused.value.code() == C.FAILED_PRECONDITION
+        uncordoned = await operator.UncordonHost(host_pb2.UncordonHostRequest(host_id="host-a"))
+        assert not uncordoned.cordoned
+        for host in hosts:
+            await host.stop()
