@@ -1306,9 +1306,7 @@ Global___MigrationPolicy: _TypeAlias = MigrationPolicy  # noqa: Y015
 
 @_typing.final
 class MigrationAdmitted(_message.Message):
-    """An operator (or a drain) asked for a migration, and the coordinator accepted it.
-    A queued migration got room under the migration limits: it starts preparing now.
-    """
+    """A queued migration got room under the migration limits: it starts preparing now."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1379,6 +1377,8 @@ Global___MigrationLimitsSet: _TypeAlias = MigrationLimitsSet  # noqa: Y015
 
 @_typing.final
 class MigrationRequested(_message.Message):
+    """An operator (or a drain) asked for a migration, and the coordinator accepted it."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MIGRATION_ID_FIELD_NUMBER: _builtins.int
