@@ -56,6 +56,12 @@ RULES: dict[str, Required] = {
     f"{_V1}MigrationService/AbortMigration": Role.OPERATOR,
     f"{_V1}MigrationService/SwitchToPostcopy": Role.OPERATOR,
     f"{_V1}MigrationService/GetMigrationLimits": Role.VIEWER,
+    f"{_V1}MigrationService/SetMigrationParameters": Role.OPERATOR,
+    f"{_V1}MigrationService/CompleteMigration": Role.OPERATOR,
+    f"{_V1}MigrationService/ListPolicies": Role.VIEWER,
+    # Cluster-wide: how every later migration converges.
+    f"{_V1}MigrationService/DefinePolicy": Role.ADMIN,
+    f"{_V1}MigrationService/SetDefaultPolicy": Role.ADMIN,
     # Cluster-wide: how many migrations every host runs at once.
     f"{_V1}MigrationService/SetMigrationLimits": Role.ADMIN,
     f"{_V1}VmService/GetVm": Role.VIEWER,

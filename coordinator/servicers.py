@@ -36,6 +36,7 @@ from coordinator.core import (
     InvalidRequest,
     NotFound,
     Phase,
+    policies,
     scheduling,
 )
 from coordinator.core import inputs as I
@@ -60,6 +61,7 @@ from whimbrel.v1 import (
 from whimbrel.validate import shown
 
 log = logging.getLogger(__name__)
+EMPTY_POLICY = events_pb2.MigrationPolicy()
 T = TypeVar("T")
 # WatchMigration sends at most one update per this many seconds.
 WATCH_INTERVAL_S = 0.05
@@ -130,6 +132,7 @@ class MigrationServicer(migration_pb2_grpc.MigrationServiceServicer):
                 request.policy,
                 self.app.clock(),
                 principal(context),
+                request.policy_name,
             )
         )
         return await self._get(migration_id)
@@ -194,6 +197,65 @@ class MigrationServicer(migration_pb2_grpc.MigrationServiceServicer):
             I.SwitchToPostcopy(request.migration_id, self.app.clock(), principal(context))
         )
         return await self._get(request.migration_id)
+
+    @mapped
+    async def SetMigrationParameters(
+        self, request: migration_pb2.SetMigrationParametersRequest, context: Any
+    ) -> migration_pb2.Migration:
+        await self.app.request(
+            I.TuneMigration(
+                request.migration_id, request.max_bandwidth, request.max_postcopy_bandwidth,
+                request.reason, self.app.clock(), principal(context),
+            )
+        )  # fmt: skip
+        return await self._get(request.migration_id)
+
+    @mapped
+    async def CompleteMigration(
+        self, request: migration_pb2.CompleteMigrationRequest, context: Any
+    ) -> migration_pb2.Migration:
+        await self.app.request(
+            I.CompleteMigration(
+                request.migration_id, request.reason, self.app.clock(), principal(context)
+            )
+        )
+        return await self._get(request.migration_id)
+
+    @mapped
+    async def DefinePolicy(
+        self, request: migration_pb2.DefinePolicyRequest, context: Any
+    ) -> migration_pb2.NamedPolicy:
+        await self.app.request(
+            I.DefinePolicy(
+                request.name, request.policy, request.reason, self.app.clock(), principal(context)
+            )
+        )
+        listed = await self.ListPolicies(migration_pb2.ListPoliciesRequest(), context)
+        return next(p for p in listed.policies if p.name == request.name)
+
+    @mapped
+    async def ListPolicies(
+        self, request: migration_pb2.ListPoliciesRequest, context: Any
+    ) -> migration_pb2.ListPoliciesResponse:
+        async with self.app.reading() as world:
+            named = [
+                migration_pb2.NamedPolicy(
+                    name=name, policy=policy, effective=policies.resolve(world, name, EMPTY_POLICY)
+                )
+                for name, policy in sorted(world.policies.items())
+            ]
+            return migration_pb2.ListPoliciesResponse(
+                policies=named, default_name=world.default_policy
+            )
+
+    @mapped
+    async def SetDefaultPolicy(
+        self, request: migration_pb2.SetDefaultPolicyRequest, context: Any
+    ) -> migration_pb2.ListPoliciesResponse:
+        await self.app.request(
+            I.SetDefaultPolicy(request.name, request.reason, self.app.clock(), principal(context))
+        )
+        return await self.ListPolicies(migration_pb2.ListPoliciesRequest(), context)
 
     @mapped
     async def GetMigrationLimits(

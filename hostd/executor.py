@@ -267,6 +267,10 @@ class Executor:
             capabilities.append({"capability": "pause-before-switchover", "state": True})
         if c.args.postcopy:
             capabilities.append({"capability": "postcopy-ram", "state": True})
+        if c.args.parameters.auto_converge:
+            # Throttles the guest's vCPUs while pre-copy does not converge (a capability: it
+            # can be set only before the migration starts).
+            capabilities.append({"capability": "auto-converge", "state": True})
         await runtime.execute("migrate-set-capabilities", {"capabilities": capabilities})
         await self._set_parameters(runtime, c.args.parameters)
         await self._outgoing_tls(runtime, c.args.peer_host)
@@ -312,6 +316,10 @@ class Executor:
             parameters["downtime-limit"] = p.downtime_limit_ms
         if p.max_postcopy_bandwidth:
             parameters["max-postcopy-bandwidth"] = p.max_postcopy_bandwidth
+        if p.cpu_throttle_initial:
+            parameters["cpu-throttle-initial"] = p.cpu_throttle_initial
+        if p.cpu_throttle_increment:
+            parameters["cpu-throttle-increment"] = p.cpu_throttle_increment
         if parameters:
             await runtime.execute("migrate-set-parameters", parameters)
 

@@ -288,6 +288,7 @@ class Ctl:
                 mode=MODES[ns.mode],
                 policy=policy,
                 migration_id=ns.id or "",
+                policy_name=ns.policy or "",
             )
         )
         if not ns.wait:
@@ -340,6 +341,55 @@ class Ctl:
     def migration_postcopy(self, ns: argparse.Namespace) -> int:
         request = migration_pb2.SwitchToPostcopyRequest(migration_id=ns.id)
         self.emit(self.migrations.SwitchToPostcopy(request), self._migration_line)
+        return 0
+
+    def migration_set(self, ns: argparse.Namespace) -> int:
+        request = migration_pb2.SetMigrationParametersRequest(
+            migration_id=ns.id,
+            max_bandwidth=ns.bandwidth or 0,
+            max_postcopy_bandwidth=ns.postcopy_bandwidth or 0,
+            reason=ns.reason or "",
+        )
+        self.emit(self.migrations.SetMigrationParameters(request), self._migration_line)
+        return 0
+
+    def migration_complete(self, ns: argparse.Namespace) -> int:
+        request = migration_pb2.CompleteMigrationRequest(migration_id=ns.id, reason=ns.reason or "")
+        self.emit(self.migrations.CompleteMigration(request), self._migration_line)
+        return 0
+
+    def policy_define(self, ns: argparse.Namespace) -> int:
+        p = events_pb2.MigrationPolicy(
+            downtime_steps_ms=ns.downtime_steps or [],
+            stall_passes=ns.stall_passes or 0,
+            on_stall=events_pb2.STALL_ACTION_ABORT
+            if ns.on_stall == "abort"
+            else events_pb2.STALL_ACTION_UNSPECIFIED,
+            completion_timeout_s_per_gib=ns.timeout_per_gib or 0,
+            max_downtime_ms=ns.max_downtime_ms or 0,
+            auto_postcopy_max_passes=ns.postcopy_after_passes or 0,
+        )
+        params = p.parameters
+        params.max_bandwidth = ns.bandwidth or 0
+        params.downtime_limit_ms = ns.downtime_ms or 0
+        params.max_postcopy_bandwidth = ns.postcopy_bandwidth or 0
+        params.auto_converge = ns.auto_converge
+        params.cpu_throttle_initial = ns.throttle_initial or 0
+        params.cpu_throttle_increment = ns.throttle_increment or 0
+        request = migration_pb2.DefinePolicyRequest(name=ns.name, policy=p, reason=ns.reason or "")
+        self.emit(self.migrations.DefinePolicy(request), _policy_text)
+        return 0
+
+    def policy_list(self, ns: argparse.Namespace) -> int:
+        reply = self.migrations.ListPolicies(migration_pb2.ListPoliciesRequest())
+        self.emit(reply, _policies_text)
+        return 0
+
+    def policy_default(self, ns: argparse.Namespace) -> int:
+        request = migration_pb2.SetDefaultPolicyRequest(
+            name="" if ns.name == "none" else ns.name, reason=ns.reason or ""
+        )
+        self.emit(self.migrations.SetDefaultPolicy(request), _policies_text)
         return 0
 
     def limits_show(self, ns: argparse.Namespace) -> int:
@@ -428,6 +478,43 @@ def _drain_result(r: host_pb2.DrainHostResponse, ms: list[migration_pb2.Migratio
         else f"{r.host.host_id} still has {', '.join(left)}"
     )
     return "\n".join([*lines, end])
+
+
+def _policy_text(p: migration_pb2.NamedPolicy) -> str:
+    e = p.effective
+    params = e.parameters
+    parts = [
+        f"bandwidth={_bytes(params.max_bandwidth) + '/s' if params.max_bandwidth else 'qemu'}",
+        f"downtime={params.downtime_limit_ms}ms",
+    ]
+    if e.downtime_steps_ms:
+        parts.append("steps=" + ",".join(str(d) for d in e.downtime_steps_ms))
+    if params.auto_converge:
+        parts.append(f"auto-converge({params.cpu_throttle_initial or 20}%+"
+                     f"{params.cpu_throttle_increment or 10}%)")  # fmt: skip
+    if e.stall_passes:
+        action = "abort" if e.on_stall == events_pb2.STALL_ACTION_ABORT else "postcopy-or-abort"
+        parts.append(f"stall={e.stall_passes}->{action}")
+    if e.completion_timeout_s_per_gib:
+        parts.append(f"timeout={e.completion_timeout_s_per_gib}s/GiB")
+    parts.append(f"max-downtime={e.max_downtime_ms or 2000}ms")
+    return f"{p.name}: {' '.join(parts)}"
+
+
+def _policies_text(r: migration_pb2.ListPoliciesResponse) -> str:
+    lines = [_policy_text(p) for p in r.policies] or ["no policies"]
+    lines.append(f"default: {r.default_name or 'built-in'}")
+    return "\n".join(lines)
+
+
+def _steps(text: str) -> list[int]:
+    try:
+        steps = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text}: milliseconds, comma-separated") from None
+    if any(step <= 0 for step in steps):
+        raise argparse.ArgumentTypeError(f"{text}: each step above 0 ms")
+    return steps
 
 
 def _limits_line(limits: common_pb2.MigrationLimits) -> str:
@@ -519,6 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("--bandwidth", type=int, help="max bandwidth, bytes/s")
     migrate.add_argument("--downtime-ms", type=int, help="downtime limit, ms")
     migrate.add_argument("--postcopy-bandwidth", type=int, help="max post-copy bandwidth, bytes/s")
+    migrate.add_argument("--policy", help="a stored policy (default: the cluster's)")
     migrate.set_defaults(run=Ctl.migrate)
 
     host = sub.add_parser("host", help="host maintenance: cordon, uncordon, drain").add_subparsers(
@@ -557,10 +645,57 @@ def build_parser() -> argparse.ArgumentParser:
     abort.add_argument("id")
     abort.add_argument("--reason")
     abort.set_defaults(run=Ctl.migration_abort)
+    tune = mig.add_parser("set", help="change a running migration's bandwidth")
+    tune.add_argument("id")
+    tune.add_argument("--bandwidth", type=int, help="max bandwidth, bytes/s")
+    tune.add_argument("--postcopy-bandwidth", type=int, help="max post-copy bandwidth, bytes/s")
+    tune.add_argument("--reason", help="why, recorded in the log")
+    tune.set_defaults(run=Ctl.migration_set)
+    force = mig.add_parser(
+        "complete", help="force-complete: post-copy if allowed, else the largest downtime"
+    )
+    force.add_argument("id")
+    force.add_argument("--reason", help="why, recorded in the log")
+    force.set_defaults(run=Ctl.migration_complete)
     lst = mig.add_parser("list", help="list migrations")
     lst.add_argument("--vm")
     lst.add_argument("--open", action="store_true", help="only non-terminal ones")
     lst.set_defaults(run=Ctl.migration_list)
+
+    pol = sub.add_parser("policy", help="named convergence policies").add_subparsers(
+        dest="policy_command", required=True
+    )
+    define = pol.add_parser("define", help="store a policy (unset values: the defaults)")
+    define.add_argument("name")
+    define.add_argument("--bandwidth", type=int, help="max bandwidth, bytes/s")
+    define.add_argument("--downtime-ms", type=int, help="downtime limit at the start, ms")
+    define.add_argument(
+        "--downtime-steps", type=_steps, metavar="MS,MS,...",
+        help="downtime limit from pass 2 on, one per pass (the last holds)",
+    )  # fmt: skip
+    define.add_argument("--max-downtime-ms", type=int, help="largest downtime (force-complete)")
+    define.add_argument("--postcopy-bandwidth", type=int, help="max post-copy bandwidth, bytes/s")
+    define.add_argument("--auto-converge", action="store_true", help="throttle a busy guest")
+    define.add_argument("--throttle-initial", type=int, help="auto-converge first throttle, %%")
+    define.add_argument("--throttle-increment", type=int, help="auto-converge step, %%")
+    define.add_argument(
+        "--stall-passes", type=int, help="passes without a new minimum of remaining bytes"
+    )
+    define.add_argument(
+        "--on-stall", choices=["postcopy", "abort"], default="postcopy",
+        help="after a stall or timeout: post-copy where the mode allows (else abort), or abort",
+    )  # fmt: skip
+    define.add_argument("--timeout-per-gib", type=int, help="pre-copy seconds per GiB of RAM")
+    define.add_argument(
+        "--postcopy-after-passes", type=int, help="mode auto: post-copy after this many passes"
+    )
+    define.add_argument("--reason", help="why, recorded in the log")
+    define.set_defaults(run=Ctl.policy_define)
+    pol.add_parser("list", help="stored policies and the default").set_defaults(run=Ctl.policy_list)
+    default = pol.add_parser("default", help="set the cluster default ('none': built-in)")
+    default.add_argument("name")
+    default.add_argument("--reason", help="why, recorded in the log")
+    default.set_defaults(run=Ctl.policy_default)
 
     limits = sub.add_parser(
         "limits", help="how many migrations run at once (more wait in a fair queue)"

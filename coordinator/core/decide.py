@@ -1,7 +1,8 @@
 """decide(world, input) -> events: every decision the coordinator takes.
 
 A VM's decisions outside migrations are in `vm_decisions`; a migration's whole life is in
-`lifecycle`; the migration limits and the queue in `scheduling`; cordons and drains in
+`lifecycle`, which asks `convergence` what a pre-copy's policy decides; stored policies are in
+`policies`, the migration limits and the queue in `scheduling`, cordons and drains in
 `maintenance`. This module only routes each input to its decision.
 """
 
@@ -10,8 +11,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from coordinator.core import (
+    convergence,
+    lifecycle,
+    maintenance,
+    policies,
+    scheduling,
+    vm_decisions,
+)
 from coordinator.core import inputs as I
-from coordinator.core import lifecycle, maintenance, scheduling, vm_decisions
 from coordinator.core.events import NewEvent
 from coordinator.core.state import World
 
@@ -32,5 +40,9 @@ _DECIDERS: dict[type, Callable[[World, Any], list[NewEvent]]] = {
     I.SetMigrationLimits: scheduling.set_limits,
     I.CordonHost: maintenance.cordon,
     I.DrainHost: maintenance.drain,
+    I.DefinePolicy: policies.define,
+    I.SetDefaultPolicy: policies.set_default,
+    I.TuneMigration: convergence.tune,
+    I.CompleteMigration: convergence.complete,
     I.Advance: lifecycle.advance,
 }

@@ -347,6 +347,9 @@ def _stats(
         # A new pass: where the previous one ended is the policy's convergence yardstick.
         progress.previous_remaining_bytes = progress.remaining_bytes
         progress.sampled_pass = sample_pass
+        if not progress.min_at_pass or p.remaining_bytes < progress.min_remaining_bytes:
+            progress.min_remaining_bytes = p.remaining_bytes
+            progress.min_at_pass = sample_pass
     progress.pass_ = max(progress.pass_, sample_pass)
     progress.total_bytes = p.total_bytes
     progress.transferred_bytes = p.transferred_bytes
@@ -625,6 +628,7 @@ def _migration_requested(
         requested_seq=seq,
         last_seq=seq,
     )
+    m.parameters.CopyFrom(p.policy.parameters)
     world.migrations[p.migration_id] = m
     world.open_migrations.add(p.migration_id)
     vm.migration_id = p.migration_id
@@ -654,6 +658,31 @@ def _migration_limits_set(
     limits = common_pb2.MigrationLimits()
     limits.CopyFrom(p.limits)
     world.migration_limits = limits
+
+
+@_on(events_pb2.MigrationTuned)
+def _migration_tuned(
+    world: World, p: events_pb2.MigrationTuned, seq: int, time_us: int, origin: str
+) -> None:
+    m = _migration(world, seq, p.migration_id)
+    if m is not None:
+        m.parameters.CopyFrom(p.parameters)
+
+
+@_on(events_pb2.PolicyDefined)
+def _policy_defined(
+    world: World, p: events_pb2.PolicyDefined, seq: int, time_us: int, origin: str
+) -> None:
+    policy = events_pb2.MigrationPolicy()
+    policy.CopyFrom(p.policy)
+    world.policies[p.name] = policy
+
+
+@_on(events_pb2.DefaultPolicySet)
+def _default_policy_set(
+    world: World, p: events_pb2.DefaultPolicySet, seq: int, time_us: int, origin: str
+) -> None:
+    world.default_policy = p.name
 
 
 @_on(events_pb2.PostcopyRequested)

@@ -47,6 +47,8 @@ class StartMigration:
     now_us: int
     # Who asked: the caller's certificate principal (empty without TLS), recorded in the log.
     principal: str = ""
+    # A stored policy to start from ("": the cluster default); `policy` overrides its fields.
+    policy_name: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +98,45 @@ class DrainHost:
 
 
 @dataclass(frozen=True, slots=True)
+class DefinePolicy:
+    name: str
+    policy: events_pb2.MigrationPolicy
+    reason: str
+    now_us: int
+    principal: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SetDefaultPolicy:
+    name: str  # "": the built-in defaults
+    reason: str
+    now_us: int
+    principal: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TuneMigration:
+    """An operator's change of a running migration's bandwidth (non-zero fields change)."""
+
+    migration_id: str
+    max_bandwidth: int
+    max_postcopy_bandwidth: int
+    reason: str
+    now_us: int
+    principal: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class CompleteMigration:
+    """Force-complete: post-copy where allowed, else the policy's largest downtime limit."""
+
+    migration_id: str
+    reason: str
+    now_us: int
+    principal: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Advance:
     """Take the next steps of one open migration from everything known about it."""
 
@@ -122,6 +163,10 @@ Input = (
     | SetMigrationLimits
     | CordonHost
     | DrainHost
+    | DefinePolicy
+    | SetDefaultPolicy
+    | TuneMigration
+    | CompleteMigration
     | Advance
     | ReconcileVm
 )

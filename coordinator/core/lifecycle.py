@@ -22,8 +22,8 @@ from collections.abc import Callable
 
 from google.protobuf.message import Message
 
+from coordinator.core import convergence, policies, recovery, scheduling
 from coordinator.core import inputs as I
-from coordinator.core import recovery, scheduling
 from coordinator.core.errors import AlreadyExists, IllegalTransition, InvalidRequest, NotFound
 from coordinator.core.events import NewEvent
 from coordinator.core.evolve import PRECOPY_SWITCH_STATUSES
@@ -44,7 +44,7 @@ from coordinator.core.state import (
     VmStatus,
     World,
 )
-from coordinator.core.validate import check_migration_id, check_name, check_reason, effective_policy
+from coordinator.core.validate import check_migration_id, check_name, check_reason
 from whimbrel.protocol import migration_stream
 from whimbrel.v1 import common_pb2, events_pb2
 
@@ -77,7 +77,7 @@ def start_migration(world: World, req: I.StartMigration) -> list[NewEvent]:
     if req.mode not in common_pb2.MigrationMode.values():
         raise InvalidRequest(f"unknown migration mode {req.mode}")
     mode = req.mode or common_pb2.MIGRATION_MODE_PRECOPY
-    policy = effective_policy(req.policy)
+    policy = policies.resolve(world, req.policy_name, req.policy)
     if req.destination not in world.hosts:
         raise NotFound("host", req.destination)
     if vm.migration_id:
@@ -284,6 +284,9 @@ def _transferring(
             return [
                 events_pb2.PostcopyRequested(migration_id=m.migration_id, by="policy", reason=why)
             ]
+        decided = convergence.policy_step(world, m, issue, now_us)
+        if decided:
+            return decided
     if not switching:
         start = m.cmd(Kind.START_MIGRATION, src.host)
         if (
@@ -413,7 +416,7 @@ def _finishing(world: World, m: MigrationState, issue: Issuer) -> list[Message]:
 
 def _transfer_parameters(m: MigrationState) -> events_pb2.MigrationParameters:
     parameters = events_pb2.MigrationParameters()
-    parameters.CopyFrom(m.policy.parameters)
+    parameters.CopyFrom(m.parameters)  # the policy's, or as tuned before the start
     if m.mode == common_pb2.MIGRATION_MODE_POSTCOPY:
         parameters.downtime_limit_ms = POSTCOPY_MODE_DOWNTIME_LIMIT_MS
     return parameters

@@ -226,6 +226,10 @@ class Progress:
     # The pass of the latest stats sample, and the remaining bytes of the sample before it.
     sampled_pass: int = 0
     previous_remaining_bytes: int = 0
+    # The fewest bytes ever left at a sample, and the pass of that sample: a pre-copy that
+    # finds no new minimum for some passes is not converging (the policy's stall_passes).
+    min_remaining_bytes: int = 0
+    min_at_pass: int = 0
 
 
 @dataclass(slots=True)
@@ -266,6 +270,11 @@ class MigrationState:
     # The source went back to postcopy-paused after trying to resume (the link is still down).
     recovery_failed: bool = False
     progress: Progress = field(default_factory=Progress)
+    # QEMU's migration parameters in force: the policy's at the start, then as tuned
+    # (MigrationTuned: an operator's bandwidth, a policy's downtime step).
+    parameters: events_pb2.MigrationParameters = field(
+        default_factory=events_pb2.MigrationParameters
+    )
 
     @property
     def source(self) -> str:
@@ -322,6 +331,9 @@ class World:
     missing_hosts: set[str] = field(default_factory=set)
     # The migration limits an operator set (None: the defaults, `scheduling.DEFAULT_LIMITS`).
     migration_limits: common_pb2.MigrationLimits | None = None
+    # Stored convergence policies by name, as given, and the cluster default's name ("": none).
+    policies: dict[str, events_pb2.MigrationPolicy] = field(default_factory=dict)
+    default_policy: str = ""
 
     def copy(self) -> World:
         return copy.deepcopy(self)

@@ -50,25 +50,74 @@ def check_spec(spec: common_pb2.VmSpec) -> None:
         raise InvalidRequest(str(err)) from err
 
 
-def effective_policy(requested: events_pb2.MigrationPolicy) -> events_pb2.MigrationPolicy:
-    """The requested policy with every unset field taken from the defaults."""
+# QEMU's own bound on downtime-limit is far above what a live migration may pause a guest for.
+MAX_DOWNTIME_MS = 2000
+_SCALARS = (
+    "auto_postcopy_min_passes",
+    "min_shrink_percent",
+    "auto_postcopy_max_passes",
+    "max_recovery_attempts",
+    "recovery_attempt_timeout_ms",
+    "stall_passes",
+    "on_stall",
+    "completion_timeout_s_per_gib",
+    "max_downtime_ms",
+    "name",
+)
+_PARAMETERS = (
+    "max_bandwidth",
+    "downtime_limit_ms",
+    "max_postcopy_bandwidth",
+    "auto_converge",
+    "cpu_throttle_initial",
+    "cpu_throttle_increment",
+)
+
+
+def overlay(
+    base: events_pb2.MigrationPolicy, over: events_pb2.MigrationPolicy
+) -> events_pb2.MigrationPolicy:
+    """`base` with every field set (non-zero) in `over` taking its place."""
     policy = events_pb2.MigrationPolicy()
-    policy.CopyFrom(DEFAULT_POLICY)
-    params = requested.parameters
-    for name in ("max_bandwidth", "downtime_limit_ms", "max_postcopy_bandwidth"):
-        if getattr(params, name):
-            setattr(policy.parameters, name, getattr(params, name))
-    for name in (
-        "auto_postcopy_min_passes",
-        "min_shrink_percent",
-        "auto_postcopy_max_passes",
-        "max_recovery_attempts",
-        "recovery_attempt_timeout_ms",
-    ):
-        if getattr(requested, name):
-            setattr(policy, name, getattr(requested, name))
+    policy.CopyFrom(base)
+    for name in _PARAMETERS:
+        if getattr(over.parameters, name):
+            setattr(policy.parameters, name, getattr(over.parameters, name))
+    for name in _SCALARS:
+        if getattr(over, name):
+            setattr(policy, name, getattr(over, name))
+    if over.downtime_steps_ms:
+        policy.ClearField("downtime_steps_ms")
+        policy.downtime_steps_ms.extend(over.downtime_steps_ms)
+    return policy
+
+
+def effective_policy(requested: events_pb2.MigrationPolicy) -> events_pb2.MigrationPolicy:
+    """The requested policy with every unset field taken from the defaults, checked."""
+    policy = overlay(DEFAULT_POLICY, requested)
+    check_policy(policy)
+    return policy
+
+
+def check_policy(policy: events_pb2.MigrationPolicy) -> None:
     if policy.min_shrink_percent > 100:
         raise InvalidRequest("min_shrink_percent must be at most 100")
-    if policy.parameters.downtime_limit_ms > 2000:
-        raise InvalidRequest("downtime_limit_ms must be at most 2000")
-    return policy
+    downtimes = [policy.parameters.downtime_limit_ms, policy.max_downtime_ms]
+    downtimes += list(policy.downtime_steps_ms)
+    if any(d > MAX_DOWNTIME_MS for d in downtimes):
+        raise InvalidRequest(f"a downtime limit must be at most {MAX_DOWNTIME_MS} ms")
+    if len(policy.downtime_steps_ms) > 32 or 0 in policy.downtime_steps_ms:
+        raise InvalidRequest("downtime_steps_ms: at most 32 steps, each above 0 ms")
+    for name in ("cpu_throttle_initial", "cpu_throttle_increment"):
+        if getattr(policy.parameters, name) > 99:
+            raise InvalidRequest(f"{name} must be at most 99 (percent)")
+    if policy.stall_passes > 1000 or policy.completion_timeout_s_per_gib > 86_400:
+        raise InvalidRequest("stall_passes at most 1000, completion_timeout_s_per_gib 86400")
+    if policy.on_stall not in events_pb2.StallAction.values():
+        raise InvalidRequest(f"unknown on_stall action {policy.on_stall}")
+    if policy.name:
+        check_name("policy", policy.name)
+
+
+def largest_downtime_ms(policy: events_pb2.MigrationPolicy) -> int:
+    return policy.max_downtime_ms or MAX_DOWNTIME_MS

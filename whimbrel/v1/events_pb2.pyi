@@ -150,6 +150,26 @@ COMMAND_KIND_SET_MIGRATION_PARAMETERS: CommandKind.ValueType  # 16
 """Source: migrate-set-parameters with args.parameters."""
 Global___CommandKind: _TypeAlias = CommandKind  # noqa: Y015
 
+class _StallAction:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _StallActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_StallAction.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    STALL_ACTION_UNSPECIFIED: _StallAction.ValueType  # 0
+    """Post-copy where the mode allows it, else abort."""
+    STALL_ACTION_ABORT: _StallAction.ValueType  # 1
+    """Abort (roll back), even where post-copy is allowed."""
+
+class StallAction(_StallAction, metaclass=_StallActionEnumTypeWrapper):
+    """What a stalled (or timed-out) pre-copy leads to."""
+
+STALL_ACTION_UNSPECIFIED: StallAction.ValueType  # 0
+"""Post-copy where the mode allows it, else abort."""
+STALL_ACTION_ABORT: StallAction.ValueType  # 1
+"""Abort (roll back), even where post-copy is allowed."""
+Global___StallAction: _TypeAlias = StallAction  # noqa: Y015
+
 @_typing.final
 class Origin(_message.Message):
     """Where an observation came from. Empty for the coordinator's own events."""
@@ -278,6 +298,9 @@ class EventPayload(_message.Message):
     MIGRATION_LIMITS_SET_FIELD_NUMBER: _builtins.int
     HOST_CORDONED_FIELD_NUMBER: _builtins.int
     HOST_DRAIN_STARTED_FIELD_NUMBER: _builtins.int
+    POLICY_DEFINED_FIELD_NUMBER: _builtins.int
+    DEFAULT_POLICY_SET_FIELD_NUMBER: _builtins.int
+    MIGRATION_TUNED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def coordinator_started(self) -> Global___CoordinatorStarted: ...
     @_builtins.property
@@ -334,6 +357,12 @@ class EventPayload(_message.Message):
     def host_cordoned(self) -> Global___HostCordoned: ...
     @_builtins.property
     def host_drain_started(self) -> Global___HostDrainStarted: ...
+    @_builtins.property
+    def policy_defined(self) -> Global___PolicyDefined: ...
+    @_builtins.property
+    def default_policy_set(self) -> Global___DefaultPolicySet: ...
+    @_builtins.property
+    def migration_tuned(self) -> Global___MigrationTuned: ...
     def __init__(
         self,
         *,
@@ -365,12 +394,15 @@ class EventPayload(_message.Message):
         migration_limits_set: Global___MigrationLimitsSet | None = ...,
         host_cordoned: Global___HostCordoned | None = ...,
         host_drain_started: Global___HostDrainStarted | None = ...,
+        policy_defined: Global___PolicyDefined | None = ...,
+        default_policy_set: Global___DefaultPolicySet | None = ...,
+        migration_tuned: Global___MigrationTuned | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["command_failed", b"command_failed", "command_issued", b"command_issued", "command_succeeded", b"command_succeeded", "coordinator_started", b"coordinator_started", "fencing_decided", b"fencing_decided", "host_connected", b"host_connected", "host_cordoned", b"host_cordoned", "host_disconnected", b"host_disconnected", "host_drain_started", b"host_drain_started", "kind", b"kind", "lease_acquired", b"lease_acquired", "lease_released", b"lease_released", "migration_admitted", b"migration_admitted", "migration_finished", b"migration_finished", "migration_limits_set", b"migration_limits_set", "migration_requested", b"migration_requested", "migration_stats_sampled", b"migration_stats_sampled", "network_changed", b"network_changed", "postcopy_recovery_decided", b"postcopy_recovery_decided", "postcopy_requested", b"postcopy_requested", "qemu_exited", b"qemu_exited", "qmp_event_received", b"qmp_event_received", "recovery_finished", b"recovery_finished", "recovery_started", b"recovery_started", "rollback_decided", b"rollback_decided", "vm_defined", b"vm_defined", "vm_lost", b"vm_lost", "vm_observed", b"vm_observed", "vm_stop_requested", b"vm_stop_requested"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["command_failed", b"command_failed", "command_issued", b"command_issued", "command_succeeded", b"command_succeeded", "coordinator_started", b"coordinator_started", "default_policy_set", b"default_policy_set", "fencing_decided", b"fencing_decided", "host_connected", b"host_connected", "host_cordoned", b"host_cordoned", "host_disconnected", b"host_disconnected", "host_drain_started", b"host_drain_started", "kind", b"kind", "lease_acquired", b"lease_acquired", "lease_released", b"lease_released", "migration_admitted", b"migration_admitted", "migration_finished", b"migration_finished", "migration_limits_set", b"migration_limits_set", "migration_requested", b"migration_requested", "migration_stats_sampled", b"migration_stats_sampled", "migration_tuned", b"migration_tuned", "network_changed", b"network_changed", "policy_defined", b"policy_defined", "postcopy_recovery_decided", b"postcopy_recovery_decided", "postcopy_requested", b"postcopy_requested", "qemu_exited", b"qemu_exited", "qmp_event_received", b"qmp_event_received", "recovery_finished", b"recovery_finished", "recovery_started", b"recovery_started", "rollback_decided", b"rollback_decided", "vm_defined", b"vm_defined", "vm_lost", b"vm_lost", "vm_observed", b"vm_observed", "vm_stop_requested", b"vm_stop_requested"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_failed", b"command_failed", "command_issued", b"command_issued", "command_succeeded", b"command_succeeded", "coordinator_started", b"coordinator_started", "fencing_decided", b"fencing_decided", "host_connected", b"host_connected", "host_cordoned", b"host_cordoned", "host_disconnected", b"host_disconnected", "host_drain_started", b"host_drain_started", "kind", b"kind", "lease_acquired", b"lease_acquired", "lease_released", b"lease_released", "migration_admitted", b"migration_admitted", "migration_finished", b"migration_finished", "migration_limits_set", b"migration_limits_set", "migration_requested", b"migration_requested", "migration_stats_sampled", b"migration_stats_sampled", "network_changed", b"network_changed", "postcopy_recovery_decided", b"postcopy_recovery_decided", "postcopy_requested", b"postcopy_requested", "qemu_exited", b"qemu_exited", "qmp_event_received", b"qmp_event_received", "recovery_finished", b"recovery_finished", "recovery_started", b"recovery_started", "rollback_decided", b"rollback_decided", "vm_defined", b"vm_defined", "vm_lost", b"vm_lost", "vm_observed", b"vm_observed", "vm_stop_requested", b"vm_stop_requested"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_failed", b"command_failed", "command_issued", b"command_issued", "command_succeeded", b"command_succeeded", "coordinator_started", b"coordinator_started", "default_policy_set", b"default_policy_set", "fencing_decided", b"fencing_decided", "host_connected", b"host_connected", "host_cordoned", b"host_cordoned", "host_disconnected", b"host_disconnected", "host_drain_started", b"host_drain_started", "kind", b"kind", "lease_acquired", b"lease_acquired", "lease_released", b"lease_released", "migration_admitted", b"migration_admitted", "migration_finished", b"migration_finished", "migration_limits_set", b"migration_limits_set", "migration_requested", b"migration_requested", "migration_stats_sampled", b"migration_stats_sampled", "migration_tuned", b"migration_tuned", "network_changed", b"network_changed", "policy_defined", b"policy_defined", "postcopy_recovery_decided", b"postcopy_recovery_decided", "postcopy_requested", b"postcopy_requested", "qemu_exited", b"qemu_exited", "qmp_event_received", b"qmp_event_received", "recovery_finished", b"recovery_finished", "recovery_started", b"recovery_started", "rollback_decided", b"rollback_decided", "vm_defined", b"vm_defined", "vm_lost", b"vm_lost", "vm_observed", b"vm_observed", "vm_stop_requested", b"vm_stop_requested"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["coordinator_started", "recovery_started", "recovery_finished", "host_connected", "host_disconnected", "vm_defined", "vm_observed", "qmp_event_received", "migration_stats_sampled", "qemu_exited", "lease_acquired", "lease_released", "network_changed", "vm_lost", "command_issued", "command_succeeded", "command_failed", "migration_requested", "postcopy_requested", "rollback_decided", "postcopy_recovery_decided", "fencing_decided", "migration_finished", "vm_stop_requested", "migration_admitted", "migration_limits_set", "host_cordoned", "host_drain_started"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["coordinator_started", "recovery_started", "recovery_finished", "host_connected", "host_disconnected", "vm_defined", "vm_observed", "qmp_event_received", "migration_stats_sampled", "qemu_exited", "lease_acquired", "lease_released", "network_changed", "vm_lost", "command_issued", "command_succeeded", "command_failed", "migration_requested", "postcopy_requested", "rollback_decided", "postcopy_recovery_decided", "fencing_decided", "migration_finished", "vm_stop_requested", "migration_admitted", "migration_limits_set", "host_cordoned", "host_drain_started", "policy_defined", "default_policy_set", "migration_tuned"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -969,22 +1001,33 @@ class MigrationParameters(_message.Message):
     MAX_BANDWIDTH_FIELD_NUMBER: _builtins.int
     DOWNTIME_LIMIT_MS_FIELD_NUMBER: _builtins.int
     MAX_POSTCOPY_BANDWIDTH_FIELD_NUMBER: _builtins.int
+    AUTO_CONVERGE_FIELD_NUMBER: _builtins.int
+    CPU_THROTTLE_INITIAL_FIELD_NUMBER: _builtins.int
+    CPU_THROTTLE_INCREMENT_FIELD_NUMBER: _builtins.int
     max_bandwidth: _builtins.int
     """max-bandwidth, bytes per second (0: leave QEMU's default)."""
     downtime_limit_ms: _builtins.int
     """downtime-limit, milliseconds (0: leave QEMU's default)."""
     max_postcopy_bandwidth: _builtins.int
     """max-postcopy-bandwidth, bytes per second (0: unlimited)."""
+    auto_converge: _builtins.bool
+    """QEMU's auto-converge: the guest's vCPUs are throttled while pre-copy does not converge."""
+    cpu_throttle_initial: _builtins.int
+    """cpu-throttle-initial and cpu-throttle-increment, percent (0: QEMU's defaults, 20 and 10)."""
+    cpu_throttle_increment: _builtins.int
     def __init__(
         self,
         *,
         max_bandwidth: _builtins.int = ...,
         downtime_limit_ms: _builtins.int = ...,
         max_postcopy_bandwidth: _builtins.int = ...,
+        auto_converge: _builtins.bool = ...,
+        cpu_throttle_initial: _builtins.int = ...,
+        cpu_throttle_increment: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["downtime_limit_ms", b"downtime_limit_ms", "max_bandwidth", b"max_bandwidth", "max_postcopy_bandwidth", b"max_postcopy_bandwidth"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auto_converge", b"auto_converge", "cpu_throttle_increment", b"cpu_throttle_increment", "cpu_throttle_initial", b"cpu_throttle_initial", "downtime_limit_ms", b"downtime_limit_ms", "max_bandwidth", b"max_bandwidth", "max_postcopy_bandwidth", b"max_postcopy_bandwidth"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1268,6 +1311,12 @@ class MigrationPolicy(_message.Message):
     AUTO_POSTCOPY_MAX_PASSES_FIELD_NUMBER: _builtins.int
     MAX_RECOVERY_ATTEMPTS_FIELD_NUMBER: _builtins.int
     RECOVERY_ATTEMPT_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    DOWNTIME_STEPS_MS_FIELD_NUMBER: _builtins.int
+    STALL_PASSES_FIELD_NUMBER: _builtins.int
+    ON_STALL_FIELD_NUMBER: _builtins.int
+    COMPLETION_TIMEOUT_S_PER_GIB_FIELD_NUMBER: _builtins.int
+    MAX_DOWNTIME_MS_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
     auto_postcopy_min_passes: _builtins.int
     """Mode AUTO: switch to post-copy once this many passes were made without the remaining bytes
     shrinking by at least min_shrink_percent since the previous pass.
@@ -1282,9 +1331,29 @@ class MigrationPolicy(_message.Message):
     """How long a post-copy recovery attempt may sit in "postcopy-recover" before it counts as
     failed: QEMU 7.2's source stays there for good when the link is still down.
     """
+    stall_passes: _builtins.int
+    """After this many passes without a new minimum of the remaining bytes, the migration stalls:
+    on_stall decides (0: never).
+    """
+    on_stall: Global___StallAction.ValueType
+    """What a stall (or the completion timeout) leads to."""
+    completion_timeout_s_per_gib: _builtins.int
+    """Pre-copy may run this many seconds per GiB of guest RAM; then as on_stall (0: no limit)."""
+    max_downtime_ms: _builtins.int
+    """The largest downtime limit allowed, ms: what a force-complete raises the limit to when
+    post-copy is not allowed (0: 2000).
+    """
+    name: _builtins.str
+    """The stored policy this was resolved from ("": none)."""
     @_builtins.property
     def parameters(self) -> Global___MigrationParameters:
         """Parameters given to QEMU when the migration starts."""
+
+    @_builtins.property
+    def downtime_steps_ms(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The downtime limit per memory pass: pass 2 gets the first, pass 3 the second, and so on;
+        the last holds from then on (empty: parameters.downtime_limit_ms throughout).
+        """
 
     def __init__(
         self,
@@ -1295,14 +1364,128 @@ class MigrationPolicy(_message.Message):
         auto_postcopy_max_passes: _builtins.int = ...,
         max_recovery_attempts: _builtins.int = ...,
         recovery_attempt_timeout_ms: _builtins.int = ...,
+        downtime_steps_ms: _abc.Iterable[_builtins.int] | None = ...,
+        stall_passes: _builtins.int = ...,
+        on_stall: Global___StallAction.ValueType = ...,
+        completion_timeout_s_per_gib: _builtins.int = ...,
+        max_downtime_ms: _builtins.int = ...,
+        name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["auto_postcopy_max_passes", b"auto_postcopy_max_passes", "auto_postcopy_min_passes", b"auto_postcopy_min_passes", "max_recovery_attempts", b"max_recovery_attempts", "min_shrink_percent", b"min_shrink_percent", "parameters", b"parameters", "recovery_attempt_timeout_ms", b"recovery_attempt_timeout_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auto_postcopy_max_passes", b"auto_postcopy_max_passes", "auto_postcopy_min_passes", b"auto_postcopy_min_passes", "completion_timeout_s_per_gib", b"completion_timeout_s_per_gib", "downtime_steps_ms", b"downtime_steps_ms", "max_downtime_ms", b"max_downtime_ms", "max_recovery_attempts", b"max_recovery_attempts", "min_shrink_percent", b"min_shrink_percent", "name", b"name", "on_stall", b"on_stall", "parameters", b"parameters", "recovery_attempt_timeout_ms", b"recovery_attempt_timeout_ms", "stall_passes", b"stall_passes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___MigrationPolicy: _TypeAlias = MigrationPolicy  # noqa: Y015
+
+@_typing.final
+class PolicyDefined(_message.Message):
+    """A named convergence policy was stored (a new one, or a new version of it). Migrations
+    started later with this name take it; running ones keep theirs.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    REQUESTED_BY_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    requested_by: _builtins.str
+    reason: _builtins.str
+    @_builtins.property
+    def policy(self) -> Global___MigrationPolicy:
+        """As given: unset fields take the coordinator's defaults when a migration uses it."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        policy: Global___MigrationPolicy | None = ...,
+        requested_by: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "policy", b"policy", "reason", b"reason", "requested_by", b"requested_by"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PolicyDefined: _TypeAlias = PolicyDefined  # noqa: Y015
+
+@_typing.final
+class DefaultPolicySet(_message.Message):
+    """The cluster's default policy changed: migrations that name none take it ("": the built-in
+    defaults).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    REQUESTED_BY_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    requested_by: _builtins.str
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        requested_by: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "reason", b"reason", "requested_by", b"requested_by"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DefaultPolicySet: _TypeAlias = DefaultPolicySet  # noqa: Y015
+
+@_typing.final
+class MigrationTuned(_message.Message):
+    """A running migration's QEMU parameters changed: by an operator (bandwidth, force-complete)
+    or by its policy (a downtime step). The SET_MIGRATION_PARAMETERS command that applies it
+    follows.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MIGRATION_ID_FIELD_NUMBER: _builtins.int
+    PARAMETERS_FIELD_NUMBER: _builtins.int
+    BY_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    REQUESTED_BY_FIELD_NUMBER: _builtins.int
+    CAUSE_SEQ_FIELD_NUMBER: _builtins.int
+    migration_id: _builtins.str
+    by: _builtins.str
+    """"operator" or "policy"."""
+    reason: _builtins.str
+    requested_by: _builtins.str
+    cause_seq: _builtins.int
+    """The seq of the event that led to this decision (0: an operator's request)."""
+    @_builtins.property
+    def parameters(self) -> Global___MigrationParameters:
+        """The parameters in force from now on, all of them."""
+
+    def __init__(
+        self,
+        *,
+        migration_id: _builtins.str = ...,
+        parameters: Global___MigrationParameters | None = ...,
+        by: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        requested_by: _builtins.str = ...,
+        cause_seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["by", b"by", "cause_seq", b"cause_seq", "migration_id", b"migration_id", "parameters", b"parameters", "reason", b"reason", "requested_by", b"requested_by"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MigrationTuned: _TypeAlias = MigrationTuned  # noqa: Y015
 
 @_typing.final
 class MigrationAdmitted(_message.Message):

@@ -31,6 +31,7 @@ class StartMigrationRequest(_message.Message):
     MODE_FIELD_NUMBER: _builtins.int
     POLICY_FIELD_NUMBER: _builtins.int
     MIGRATION_ID_FIELD_NUMBER: _builtins.int
+    POLICY_NAME_FIELD_NUMBER: _builtins.int
     vm: _builtins.str
     """VM name."""
     destination: _builtins.str
@@ -39,6 +40,8 @@ class StartMigrationRequest(_message.Message):
     """Mode (UNSPECIFIED means PRECOPY)."""
     migration_id: _builtins.str
     """Optional client-chosen id, 1-64 characters of [A-Za-z0-9._-]; generated when empty."""
+    policy_name: _builtins.str
+    """A stored policy to start from ("": the cluster default); fields set in `policy` override it."""
     @_builtins.property
     def policy(self) -> _events_pb2.MigrationPolicy:
         """Policy; unset fields take the coordinator's defaults."""
@@ -51,10 +54,11 @@ class StartMigrationRequest(_message.Message):
         mode: _common_pb2.MigrationMode.ValueType = ...,
         policy: _events_pb2.MigrationPolicy | None = ...,
         migration_id: _builtins.str = ...,
+        policy_name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["destination", b"destination", "migration_id", b"migration_id", "mode", b"mode", "policy", b"policy", "vm", b"vm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["destination", b"destination", "migration_id", b"migration_id", "mode", b"mode", "policy", b"policy", "policy_name", b"policy_name", "vm", b"vm"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -389,3 +393,191 @@ class SetMigrationLimitsRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SetMigrationLimitsRequest: _TypeAlias = SetMigrationLimitsRequest  # noqa: Y015
+
+@_typing.final
+class DefinePolicyRequest(_message.Message):
+    """Request for DefinePolicy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """1-63 characters of [a-z0-9-]."""
+    reason: _builtins.str
+    """Why, recorded in the log."""
+    @_builtins.property
+    def policy(self) -> _events_pb2.MigrationPolicy: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        policy: _events_pb2.MigrationPolicy | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "policy", b"policy", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DefinePolicyRequest: _TypeAlias = DefinePolicyRequest  # noqa: Y015
+
+@_typing.final
+class NamedPolicy(_message.Message):
+    """A stored policy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    EFFECTIVE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    @_builtins.property
+    def policy(self) -> _events_pb2.MigrationPolicy:
+        """As stored (unset fields take the defaults)."""
+
+    @_builtins.property
+    def effective(self) -> _events_pb2.MigrationPolicy:
+        """As a migration would get it now, defaults filled in."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        policy: _events_pb2.MigrationPolicy | None = ...,
+        effective: _events_pb2.MigrationPolicy | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["effective", b"effective", "policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["effective", b"effective", "name", b"name", "policy", b"policy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NamedPolicy: _TypeAlias = NamedPolicy  # noqa: Y015
+
+@_typing.final
+class ListPoliciesRequest(_message.Message):
+    """Request for ListPolicies."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPoliciesRequest: _TypeAlias = ListPoliciesRequest  # noqa: Y015
+
+@_typing.final
+class ListPoliciesResponse(_message.Message):
+    """Response of ListPolicies (and SetDefaultPolicy)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICIES_FIELD_NUMBER: _builtins.int
+    DEFAULT_NAME_FIELD_NUMBER: _builtins.int
+    default_name: _builtins.str
+    """The cluster default ("": the built-in defaults)."""
+    @_builtins.property
+    def policies(self) -> _containers.RepeatedCompositeFieldContainer[Global___NamedPolicy]: ...
+    def __init__(
+        self,
+        *,
+        policies: _abc.Iterable[Global___NamedPolicy] | None = ...,
+        default_name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_name", b"default_name", "policies", b"policies"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPoliciesResponse: _TypeAlias = ListPoliciesResponse  # noqa: Y015
+
+@_typing.final
+class SetDefaultPolicyRequest(_message.Message):
+    """Request for SetDefaultPolicy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetDefaultPolicyRequest: _TypeAlias = SetDefaultPolicyRequest  # noqa: Y015
+
+@_typing.final
+class SetMigrationParametersRequest(_message.Message):
+    """Request for SetMigrationParameters: the fields set (non-zero) change, the others stay."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MIGRATION_ID_FIELD_NUMBER: _builtins.int
+    MAX_BANDWIDTH_FIELD_NUMBER: _builtins.int
+    MAX_POSTCOPY_BANDWIDTH_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    migration_id: _builtins.str
+    max_bandwidth: _builtins.int
+    """max-bandwidth, bytes per second."""
+    max_postcopy_bandwidth: _builtins.int
+    """max-postcopy-bandwidth, bytes per second."""
+    reason: _builtins.str
+    """Why, recorded in the log."""
+    def __init__(
+        self,
+        *,
+        migration_id: _builtins.str = ...,
+        max_bandwidth: _builtins.int = ...,
+        max_postcopy_bandwidth: _builtins.int = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_bandwidth", b"max_bandwidth", "max_postcopy_bandwidth", b"max_postcopy_bandwidth", "migration_id", b"migration_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetMigrationParametersRequest: _TypeAlias = SetMigrationParametersRequest  # noqa: Y015
+
+@_typing.final
+class CompleteMigrationRequest(_message.Message):
+    """Request for CompleteMigration."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MIGRATION_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    migration_id: _builtins.str
+    reason: _builtins.str
+    """Why, recorded in the log."""
+    def __init__(
+        self,
+        *,
+        migration_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["migration_id", b"migration_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompleteMigrationRequest: _TypeAlias = CompleteMigrationRequest  # noqa: Y015

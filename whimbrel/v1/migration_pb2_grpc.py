@@ -66,6 +66,31 @@ class MigrationServiceStub:
                 request_serializer=whimbrel_dot_v1_dot_migration__pb2.SwitchToPostcopyRequest.SerializeToString,
                 response_deserializer=whimbrel_dot_v1_dot_migration__pb2.Migration.FromString,
                 _registered_method=True)
+        self.DefinePolicy = channel.unary_unary(
+                '/whimbrel.v1.MigrationService/DefinePolicy',
+                request_serializer=whimbrel_dot_v1_dot_migration__pb2.DefinePolicyRequest.SerializeToString,
+                response_deserializer=whimbrel_dot_v1_dot_migration__pb2.NamedPolicy.FromString,
+                _registered_method=True)
+        self.ListPolicies = channel.unary_unary(
+                '/whimbrel.v1.MigrationService/ListPolicies',
+                request_serializer=whimbrel_dot_v1_dot_migration__pb2.ListPoliciesRequest.SerializeToString,
+                response_deserializer=whimbrel_dot_v1_dot_migration__pb2.ListPoliciesResponse.FromString,
+                _registered_method=True)
+        self.SetDefaultPolicy = channel.unary_unary(
+                '/whimbrel.v1.MigrationService/SetDefaultPolicy',
+                request_serializer=whimbrel_dot_v1_dot_migration__pb2.SetDefaultPolicyRequest.SerializeToString,
+                response_deserializer=whimbrel_dot_v1_dot_migration__pb2.ListPoliciesResponse.FromString,
+                _registered_method=True)
+        self.SetMigrationParameters = channel.unary_unary(
+                '/whimbrel.v1.MigrationService/SetMigrationParameters',
+                request_serializer=whimbrel_dot_v1_dot_migration__pb2.SetMigrationParametersRequest.SerializeToString,
+                response_deserializer=whimbrel_dot_v1_dot_migration__pb2.Migration.FromString,
+                _registered_method=True)
+        self.CompleteMigration = channel.unary_unary(
+                '/whimbrel.v1.MigrationService/CompleteMigration',
+                request_serializer=whimbrel_dot_v1_dot_migration__pb2.CompleteMigrationRequest.SerializeToString,
+                response_deserializer=whimbrel_dot_v1_dot_migration__pb2.Migration.FromString,
+                _registered_method=True)
         self.GetMigrationLimits = channel.unary_unary(
                 '/whimbrel.v1.MigrationService/GetMigrationLimits',
                 request_serializer=whimbrel_dot_v1_dot_migration__pb2.GetMigrationLimitsRequest.SerializeToString,
@@ -129,6 +154,43 @@ class MigrationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DefinePolicy(self, request, context):
+        """Store a named convergence policy (a new version replaces the old for later migrations).
+        INVALID_ARGUMENT for a bad name or value.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPolicies(self, request, context):
+        """The stored policies, and the cluster default.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetDefaultPolicy(self, request, context):
+        """Make a stored policy the cluster default ("": the built-in defaults). NOT_FOUND if unknown.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetMigrationParameters(self, request, context):
+        """Change a running migration's bandwidth. FAILED_PRECONDITION once it switched over.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CompleteMigration(self, request, context):
+        """Force-complete: post-copy where the mode allows it, else the policy's largest downtime
+        limit. FAILED_PRECONDITION once it switched over.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetMigrationLimits(self, request, context):
         """The migration limits in force (the defaults until an operator set them).
         """
@@ -175,6 +237,31 @@ def add_MigrationServiceServicer_to_server(servicer, server):
             'SwitchToPostcopy': grpc.unary_unary_rpc_method_handler(
                     servicer.SwitchToPostcopy,
                     request_deserializer=whimbrel_dot_v1_dot_migration__pb2.SwitchToPostcopyRequest.FromString,
+                    response_serializer=whimbrel_dot_v1_dot_migration__pb2.Migration.SerializeToString,
+            ),
+            'DefinePolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.DefinePolicy,
+                    request_deserializer=whimbrel_dot_v1_dot_migration__pb2.DefinePolicyRequest.FromString,
+                    response_serializer=whimbrel_dot_v1_dot_migration__pb2.NamedPolicy.SerializeToString,
+            ),
+            'ListPolicies': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPolicies,
+                    request_deserializer=whimbrel_dot_v1_dot_migration__pb2.ListPoliciesRequest.FromString,
+                    response_serializer=whimbrel_dot_v1_dot_migration__pb2.ListPoliciesResponse.SerializeToString,
+            ),
+            'SetDefaultPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetDefaultPolicy,
+                    request_deserializer=whimbrel_dot_v1_dot_migration__pb2.SetDefaultPolicyRequest.FromString,
+                    response_serializer=whimbrel_dot_v1_dot_migration__pb2.ListPoliciesResponse.SerializeToString,
+            ),
+            'SetMigrationParameters': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetMigrationParameters,
+                    request_deserializer=whimbrel_dot_v1_dot_migration__pb2.SetMigrationParametersRequest.FromString,
+                    response_serializer=whimbrel_dot_v1_dot_migration__pb2.Migration.SerializeToString,
+            ),
+            'CompleteMigration': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompleteMigration,
+                    request_deserializer=whimbrel_dot_v1_dot_migration__pb2.CompleteMigrationRequest.FromString,
                     response_serializer=whimbrel_dot_v1_dot_migration__pb2.Migration.SerializeToString,
             ),
             'GetMigrationLimits': grpc.unary_unary_rpc_method_handler(
@@ -350,6 +437,141 @@ class MigrationService:
             target,
             '/whimbrel.v1.MigrationService/SwitchToPostcopy',
             whimbrel_dot_v1_dot_migration__pb2.SwitchToPostcopyRequest.SerializeToString,
+            whimbrel_dot_v1_dot_migration__pb2.Migration.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DefinePolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/whimbrel.v1.MigrationService/DefinePolicy',
+            whimbrel_dot_v1_dot_migration__pb2.DefinePolicyRequest.SerializeToString,
+            whimbrel_dot_v1_dot_migration__pb2.NamedPolicy.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPolicies(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/whimbrel.v1.MigrationService/ListPolicies',
+            whimbrel_dot_v1_dot_migration__pb2.ListPoliciesRequest.SerializeToString,
+            whimbrel_dot_v1_dot_migration__pb2.ListPoliciesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetDefaultPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/whimbrel.v1.MigrationService/SetDefaultPolicy',
+            whimbrel_dot_v1_dot_migration__pb2.SetDefaultPolicyRequest.SerializeToString,
+            whimbrel_dot_v1_dot_migration__pb2.ListPoliciesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetMigrationParameters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/whimbrel.v1.MigrationService/SetMigrationParameters',
+            whimbrel_dot_v1_dot_migration__pb2.SetMigrationParametersRequest.SerializeToString,
+            whimbrel_dot_v1_dot_migration__pb2.Migration.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompleteMigration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/whimbrel.v1.MigrationService/CompleteMigration',
+            whimbrel_dot_v1_dot_migration__pb2.CompleteMigrationRequest.SerializeToString,
             whimbrel_dot_v1_dot_migration__pb2.Migration.FromString,
             options,
             channel_credentials,

@@ -54,6 +54,20 @@ class MigrationServiceStub:
     """Switch a migration in pre-copy to post-copy. FAILED_PRECONDITION when it cannot switch (mode
     PRECOPY, not transferring yet, or already switched).
     """
+    DefinePolicy: _grpc.UnaryUnaryMultiCallable[_migration_pb2.DefinePolicyRequest, _migration_pb2.NamedPolicy]
+    """Store a named convergence policy (a new version replaces the old for later migrations).
+    INVALID_ARGUMENT for a bad name or value.
+    """
+    ListPolicies: _grpc.UnaryUnaryMultiCallable[_migration_pb2.ListPoliciesRequest, _migration_pb2.ListPoliciesResponse]
+    """The stored policies, and the cluster default."""
+    SetDefaultPolicy: _grpc.UnaryUnaryMultiCallable[_migration_pb2.SetDefaultPolicyRequest, _migration_pb2.ListPoliciesResponse]
+    """Make a stored policy the cluster default ("": the built-in defaults). NOT_FOUND if unknown."""
+    SetMigrationParameters: _grpc.UnaryUnaryMultiCallable[_migration_pb2.SetMigrationParametersRequest, _migration_pb2.Migration]
+    """Change a running migration's bandwidth. FAILED_PRECONDITION once it switched over."""
+    CompleteMigration: _grpc.UnaryUnaryMultiCallable[_migration_pb2.CompleteMigrationRequest, _migration_pb2.Migration]
+    """Force-complete: post-copy where the mode allows it, else the policy's largest downtime
+    limit. FAILED_PRECONDITION once it switched over.
+    """
     GetMigrationLimits: _grpc.UnaryUnaryMultiCallable[_migration_pb2.GetMigrationLimitsRequest, _common_pb2.MigrationLimits]
     """The migration limits in force (the defaults until an operator set them)."""
     SetMigrationLimits: _grpc.UnaryUnaryMultiCallable[_migration_pb2.SetMigrationLimitsRequest, _common_pb2.MigrationLimits]
@@ -85,6 +99,20 @@ class MigrationServiceAsyncStub(MigrationServiceStub):
     SwitchToPostcopy: _aio.UnaryUnaryMultiCallable[_migration_pb2.SwitchToPostcopyRequest, _migration_pb2.Migration]  # type: ignore[assignment]
     """Switch a migration in pre-copy to post-copy. FAILED_PRECONDITION when it cannot switch (mode
     PRECOPY, not transferring yet, or already switched).
+    """
+    DefinePolicy: _aio.UnaryUnaryMultiCallable[_migration_pb2.DefinePolicyRequest, _migration_pb2.NamedPolicy]  # type: ignore[assignment]
+    """Store a named convergence policy (a new version replaces the old for later migrations).
+    INVALID_ARGUMENT for a bad name or value.
+    """
+    ListPolicies: _aio.UnaryUnaryMultiCallable[_migration_pb2.ListPoliciesRequest, _migration_pb2.ListPoliciesResponse]  # type: ignore[assignment]
+    """The stored policies, and the cluster default."""
+    SetDefaultPolicy: _aio.UnaryUnaryMultiCallable[_migration_pb2.SetDefaultPolicyRequest, _migration_pb2.ListPoliciesResponse]  # type: ignore[assignment]
+    """Make a stored policy the cluster default ("": the built-in defaults). NOT_FOUND if unknown."""
+    SetMigrationParameters: _aio.UnaryUnaryMultiCallable[_migration_pb2.SetMigrationParametersRequest, _migration_pb2.Migration]  # type: ignore[assignment]
+    """Change a running migration's bandwidth. FAILED_PRECONDITION once it switched over."""
+    CompleteMigration: _aio.UnaryUnaryMultiCallable[_migration_pb2.CompleteMigrationRequest, _migration_pb2.Migration]  # type: ignore[assignment]
+    """Force-complete: post-copy where the mode allows it, else the policy's largest downtime
+    limit. FAILED_PRECONDITION once it switched over.
     """
     GetMigrationLimits: _aio.UnaryUnaryMultiCallable[_migration_pb2.GetMigrationLimitsRequest, _common_pb2.MigrationLimits]  # type: ignore[assignment]
     """The migration limits in force (the defaults until an operator set them)."""
@@ -150,6 +178,50 @@ class MigrationServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_migration_pb2.Migration, _abc.Awaitable[_migration_pb2.Migration]]:
         """Switch a migration in pre-copy to post-copy. FAILED_PRECONDITION when it cannot switch (mode
         PRECOPY, not transferring yet, or already switched).
+        """
+
+    @_abc_1.abstractmethod
+    def DefinePolicy(
+        self,
+        request: _migration_pb2.DefinePolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_migration_pb2.NamedPolicy, _abc.Awaitable[_migration_pb2.NamedPolicy]]:
+        """Store a named convergence policy (a new version replaces the old for later migrations).
+        INVALID_ARGUMENT for a bad name or value.
+        """
+
+    @_abc_1.abstractmethod
+    def ListPolicies(
+        self,
+        request: _migration_pb2.ListPoliciesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_migration_pb2.ListPoliciesResponse, _abc.Awaitable[_migration_pb2.ListPoliciesResponse]]:
+        """The stored policies, and the cluster default."""
+
+    @_abc_1.abstractmethod
+    def SetDefaultPolicy(
+        self,
+        request: _migration_pb2.SetDefaultPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_migration_pb2.ListPoliciesResponse, _abc.Awaitable[_migration_pb2.ListPoliciesResponse]]:
+        """Make a stored policy the cluster default ("": the built-in defaults). NOT_FOUND if unknown."""
+
+    @_abc_1.abstractmethod
+    def SetMigrationParameters(
+        self,
+        request: _migration_pb2.SetMigrationParametersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_migration_pb2.Migration, _abc.Awaitable[_migration_pb2.Migration]]:
+        """Change a running migration's bandwidth. FAILED_PRECONDITION once it switched over."""
+
+    @_abc_1.abstractmethod
+    def CompleteMigration(
+        self,
+        request: _migration_pb2.CompleteMigrationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_migration_pb2.Migration, _abc.Awaitable[_migration_pb2.Migration]]:
+        """Force-complete: post-copy where the mode allows it, else the policy's largest downtime
+        limit. FAILED_PRECONDITION once it switched over.
         """
 
     @_abc_1.abstractmethod

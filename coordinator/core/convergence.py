@@ -1,0 +1,195 @@
+"""A pre-copy's convergence, by its policy and by its operator.
+
+While the source sends memory with the guest running, each decision may, by the policy:
+- raise the downtime limit to the step of the current pass (downtime_steps_ms; only upwards,
+  so a force-complete is never undone);
+- find the migration stalled (no new minimum of the remaining bytes for stall_passes passes)
+  or over its completion timeout (seconds per GiB of guest RAM). Either switches to post-copy
+  where the mode allows it and on_stall does not say abort, else rolls back; the reason says
+  which rule, with its numbers. Progress is judged on remaining bytes, never on wall-clock
+  progress alone (Nova and oVirt dropped their progress timeouts after false failures).
+
+An operator may change a migration's bandwidth until it switches over, or force it to
+complete: post-copy where allowed, else the policy's largest downtime limit.
+
+Every change of QEMU's parameters is a MigrationTuned event (who, why, the new parameters),
+followed by the SET_MIGRATION_PARAMETERS command that applies it to the source.
+"""
+
+from __future__ import annotations
+
+from google.protobuf.message import Message
+
+from coordinator.core import inputs as I
+from coordinator.core.errors import IllegalTransition, InvalidRequest
+from coordinator.core.events import NewEvent
+from coordinator.core.evolve import PRECOPY_SWITCH_STATUSES
+from coordinator.core.lookup import find_migration
+from coordinator.core.migration_commands import Issuer
+from coordinator.core.state import CommandState, Kind, MigrationState, Phase, World
+from coordinator.core.validate import check_reason, largest_downtime_ms
+from whimbrel.protocol import migration_stream
+from whimbrel.v1 import common_pb2, events_pb2
+
+GIB = 1 << 30
+
+
+def policy_step(world: World, m: MigrationState, issue: Issuer, now_us: int) -> list[Message]:
+    """What the policy decides now for a migration in pre-copy (empty: nothing)."""
+    start = m.cmd(Kind.START_MIGRATION, m.source)
+    if start is None or start.state != CommandState.SUCCEEDED or m.src.status != "active":
+        return []
+    given_up = _stalled(m) or _timed_out(world, m, start.issued_at_us, now_us)
+    if given_up:
+        if m.postcopy_allowed and m.policy.on_stall != events_pb2.STALL_ACTION_ABORT:
+            return [
+                events_pb2.PostcopyRequested(
+                    migration_id=m.migration_id, by="policy", reason=given_up
+                )
+            ]
+        return [
+            events_pb2.RollbackDecided(migration_id=m.migration_id, reason=f"policy: {given_up}")
+        ]
+    step = _downtime_step(m)
+    if step and m.mode != common_pb2.MIGRATION_MODE_POSTCOPY and not _tuning_in_flight(m):
+        parameters = events_pb2.MigrationParameters()
+        parameters.CopyFrom(m.parameters)
+        was = parameters.downtime_limit_ms
+        parameters.downtime_limit_ms = step
+        why = f"pass {m.progress.pass_}: downtime limit {was} -> {step} ms"
+        return _tuned(m, issue, parameters, "policy", why)
+    return []
+
+
+def _stalled(m: MigrationState) -> str:
+    passes, progress = m.policy.stall_passes, m.progress
+    if not passes or not progress.min_at_pass:
+        return ""
+    since = progress.sampled_pass - progress.min_at_pass
+    if since < passes:
+        return ""
+    return (
+        f"stalled: no new minimum of remaining bytes for {since} passes (fewest "
+        f"{progress.min_remaining_bytes} at pass {progress.min_at_pass}; limit {passes})"
+    )
+
+
+def _timed_out(world: World, m: MigrationState, started_us: int, now_us: int) -> str:
+    per_gib = m.policy.completion_timeout_s_per_gib
+    if not per_gib:
+        return ""
+    memory = world.vms[m.vm].spec.memory_mib << 20
+    allowed_s = per_gib * max(memory, GIB) / GIB
+    ran_s = (now_us - started_us) / 1e6
+    if ran_s <= allowed_s:
+        return ""
+    return (
+        f"completion timeout: pre-copy ran {ran_s:.0f} s, over {allowed_s:.0f} s "
+        f"({per_gib} s per GiB of {memory >> 20} MiB)"
+    )
+
+
+def _downtime_step(m: MigrationState) -> int:
+    """The raised downtime limit the current pass calls for, or 0."""
+    steps, n = m.policy.downtime_steps_ms, m.progress.pass_
+    if not steps or n < 2:
+        return 0
+    step = steps[min(n - 2, len(steps) - 1)]
+    return step if step > m.parameters.downtime_limit_ms else 0
+
+
+def _tuning_in_flight(m: MigrationState) -> bool:
+    command = m.cmd(Kind.SET_MIGRATION_PARAMETERS, m.source)
+    return command is not None and command.state == CommandState.ISSUED
+
+
+def _tuned(
+    m: MigrationState,
+    issue: Issuer,
+    parameters: events_pb2.MigrationParameters,
+    by: str,
+    reason: str,
+    principal: str = "",
+) -> list[Message]:
+    """The change recorded, and applied to the source once it is sending (before that,
+    START_MIGRATION carries the parameters in force)."""
+    tuned = events_pb2.MigrationTuned(
+        migration_id=m.migration_id, parameters=parameters, by=by, reason=reason,
+        requested_by=principal,
+    )  # fmt: skip
+    out: list[Message] = [tuned]
+    if m.cmd(Kind.START_MIGRATION, m.source) is not None:
+        out.append(
+            issue(Kind.SET_MIGRATION_PARAMETERS, m.source, parameters=parameters, reason=reason)
+        )
+    return out
+
+
+# --- the operator's requests ------------------------------------------------------------------
+
+_TUNABLE = ("queued", "preparing", "transferring (before the switch)")
+
+
+def _before_the_switch(m: MigrationState, action: str) -> None:
+    switching = m.postcopy_started or m.src.status in PRECOPY_SWITCH_STATUSES
+    if m.phase not in (Phase.QUEUED, Phase.PREPARING, Phase.TRANSFERRING) or switching:
+        found = "switching over" if switching else m.phase.label
+        raise IllegalTransition(f"migration {m.migration_id}", action, found, _TUNABLE)
+
+
+def tune(world: World, req: I.TuneMigration) -> list[NewEvent]:
+    check_reason(req.reason)
+    m = find_migration(world, req.migration_id)
+    if not req.max_bandwidth and not req.max_postcopy_bandwidth:
+        raise InvalidRequest("nothing to change: give a bandwidth or a post-copy bandwidth")
+    _before_the_switch(m, "change the bandwidth of")
+    parameters = events_pb2.MigrationParameters()
+    parameters.CopyFrom(m.parameters)
+    if req.max_bandwidth:
+        parameters.max_bandwidth = req.max_bandwidth
+    if req.max_postcopy_bandwidth:
+        parameters.max_postcopy_bandwidth = req.max_postcopy_bandwidth
+    if parameters == m.parameters:
+        return []
+    reason = req.reason or "bandwidth changed by operator"
+    decided = _tuned(m, Issuer(m), parameters, "operator", reason, req.principal)
+    return _emit(m, req.now_us, decided)
+
+
+def complete(world: World, req: I.CompleteMigration) -> list[NewEvent]:
+    check_reason(req.reason)
+    m = find_migration(world, req.migration_id)
+    action = "force-complete"
+    if m.phase == Phase.QUEUED:
+        raise IllegalTransition(
+            f"migration {m.migration_id}", action, "queued (it has not started)", _TUNABLE[1:]
+        )
+    _before_the_switch(m, action)
+    why = f"force-complete: {req.reason}" if req.reason else "force-complete"
+    if m.postcopy_allowed:
+        if m.postcopy_requested:
+            raise IllegalTransition(
+                f"migration {m.migration_id}", action, "already switching to post-copy",
+                _TUNABLE[1:],
+            )  # fmt: skip
+        requested = events_pb2.PostcopyRequested(
+            migration_id=m.migration_id, by="operator", reason=why, requested_by=req.principal
+        )
+        return _emit(m, req.now_us, [requested])
+    largest = largest_downtime_ms(m.policy)
+    if m.parameters.downtime_limit_ms >= largest:
+        raise IllegalTransition(
+            f"migration {m.migration_id}", action,
+            f"already at its largest downtime limit ({largest} ms)", ["below it"],
+        )  # fmt: skip
+    parameters = events_pb2.MigrationParameters()
+    parameters.CopyFrom(m.parameters)
+    parameters.downtime_limit_ms = largest
+    reason = f"{why}: downtime limit {m.parameters.downtime_limit_ms} -> {largest} ms"
+    decided = _tuned(m, Issuer(m), parameters, "operator", reason, req.principal)
+    return _emit(m, req.now_us, decided)
+
+
+def _emit(m: MigrationState, now_us: int, payloads: list[Message]) -> list[NewEvent]:
+    stream = migration_stream(m.migration_id)
+    return [NewEvent(stream, p, now_us) for p in payloads]

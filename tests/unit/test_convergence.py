@@ -1,0 +1,199 @@
+"""Convergence policies (coordinator.core.policies, coordinator.core.convergence): stored and
+resolved policies, downtime steps per pass, stalls judged on remaining bytes, the completion
+timeout, and an operator's bandwidth change and force-complete."""
+
+from __future__ import annotations
+
+import pytest
+
+from coordinator.core import IllegalTransition, InvalidRequest, NotFound, Phase
+from coordinator.core import inputs as I
+from coordinator.core.invariants import InvariantChecker
+from coordinator.core.state import Kind
+from tests.unit.helpers import fresh
+from tools.sim import Observation, qmp
+from whimbrel.v1 import common_pb2 as C
+from whimbrel.v1 import events_pb2 as E
+
+PRECOPY, AUTO = C.MIGRATION_MODE_PRECOPY, C.MIGRATION_MODE_AUTO
+
+
+def start(driver, mode=PRECOPY, policy_name="", policy=None):  # type: ignore[no-untyped-def]
+    request = I.StartMigration(
+        "m-1", "vm-1", "host-b", mode, policy or E.MigrationPolicy(), driver.now_us,
+        policy_name=policy_name,
+    )  # fmt: skip
+    driver.request(request)
+    return driver.world.migrations["m-1"]
+
+
+def transferring(driver, hosts, mode=PRECOPY, **kwargs):  # type: ignore[no-untyped-def]
+    """The migration sending memory (START_MIGRATION answered), no pass reported yet."""
+    hosts.converge_after_passes = 0
+    m = start(driver, mode, **kwargs)
+    for _ in range(2):  # prepare, then start
+        for e in driver.advance("m-1"):
+            if e.type == "CommandIssued":
+                driver.observe(*hosts.answer(e.payload))
+    driver.observe(Observation("host-a", E.QmpEventReceived(
+        vm="vm-1", event="MIGRATION", data_json='{"status": "active"}')))  # fmt: skip
+    assert m.phase == Phase.TRANSFERRING
+    return m
+
+
+def pass_(driver, n: int, remaining: int) -> list:  # type: ignore[type-arg]
+    """QEMU's pass `n` with `remaining` bytes left, then what the coordinator decides."""
+    driver.observe(
+        qmp("host-a", "vm-1", "MIGRATION_PASS", **{"pass": n}),
+        Observation("host-a", E.MigrationStatsSampled(
+            vm="vm-1", status="active", total_bytes=1 << 30, remaining_bytes=remaining,
+            **{"pass": n},
+        )),
+    )  # fmt: skip
+    return driver.advance("m-1")
+
+
+def define(driver, name: str, **fields) -> None:  # type: ignore[no-untyped-def]
+    driver.request(I.DefinePolicy(name, E.MigrationPolicy(**fields), "", driver.now_us))
+
+
+def test_a_named_policy_is_resolved_once_and_request_fields_override_it():
+    driver, _ = fresh()
+    parameters = E.MigrationParameters(max_bandwidth=10 << 20, downtime_limit_ms=100)
+    define(driver, "slow-link", stall_passes=4, parameters=parameters)
+    driver.request(I.SetDefaultPolicy("slow-link", "", driver.now_us))
+    override = E.MigrationPolicy(parameters=E.MigrationParameters(downtime_limit_ms=50))
+    m = start(driver, policy=override)
+    assert m.policy.name == "slow-link" and m.policy.stall_passes == 4
+    assert (m.policy.parameters.max_bandwidth, m.policy.parameters.downtime_limit_ms) == (
+        10 << 20,
+        50,
+    )
+    assert m.policy.max_recovery_attempts == 3  # the built-in default fills what is unset
+    # A new version of the stored policy leaves the running migration's alone.
+    define(driver, "slow-link", stall_passes=9)
+    assert driver.world.migrations["m-1"].policy.stall_passes == 4
+
+
+def test_bad_policies_are_refused_and_record_nothing():
+    driver, _ = fresh()
+    head = len(driver.log)
+    for fields, match in (
+        ({"downtime_steps_ms": [100, 5000]}, "at most 2000 ms"),
+        ({"downtime_steps_ms": [0]}, "each above 0 ms"),
+        ({"parameters": E.MigrationParameters(cpu_throttle_initial=100)}, "at most 99"),
+        ({"on_stall": 7}, "unknown on_stall"),
+    ):
+        with pytest.raises(InvalidRequest, match=match):
+            define(driver, "bad", **fields)
+    with pytest.raises(InvalidRequest, match="policy name"):
+        define(driver, "Bad Name")
+    with pytest.raises(NotFound):
+        driver.request(I.SetDefaultPolicy("nope", "", driver.now_us))
+    with pytest.raises(NotFound):
+        start(driver, policy_name="nope")
+    assert len(driver.log) == head
+
+
+def test_the_downtime_limit_steps_up_per_pass_and_each_change_is_recorded():
+    """Steps only raise the limit (a force-complete is never undone): pass 2's 200 ms is
+    below the policy's 300 ms and changes nothing; pass 3's 500 ms does."""
+    driver, hosts = fresh()
+    m = transferring(driver, hosts, policy=E.MigrationPolicy(downtime_steps_ms=[200, 500]))
+    assert pass_(driver, 1, 900 << 20) == []
+    assert pass_(driver, 2, 800 << 20) == []
+    tuned, command = pass_(driver, 3, 700 << 20)
+    assert (tuned.payload.by, tuned.payload.reason) == (
+        "policy",
+        "pass 3: downtime limit 300 -> 500 ms",
+    )
+    assert command.payload.kind == Kind.SET_MIGRATION_PARAMETERS
+    assert command.payload.args.parameters.downtime_limit_ms == 500
+    assert m.parameters.downtime_limit_ms == 500
+
+
+def test_downtime_steps_only_raise_the_limit():
+    driver, hosts = fresh()
+    m = transferring(driver, hosts, policy=E.MigrationPolicy(downtime_steps_ms=[400, 600]))
+    (tuned, command) = pass_(driver, 2, 800 << 20)
+    assert tuned.payload.reason == "pass 2: downtime limit 300 -> 400 ms"
+    driver.observe(*hosts.answer(command.payload))
+    (tuned, _) = pass_(driver, 3, 700 << 20)
+    assert m.parameters.downtime_limit_ms == 600
+    assert pass_(driver, 4, 600 << 20) == []  # the last step holds
+
+
+def test_a_stall_rolls_back_a_precopy_with_the_numbers():
+    driver, hosts = fresh()
+    transferring(driver, hosts, policy=E.MigrationPolicy(stall_passes=3))
+    pass_(driver, 1, 500 << 20)
+    pass_(driver, 2, 400 << 20)  # the minimum
+    assert pass_(driver, 3, 450 << 20) == [] and pass_(driver, 4, 420 << 20) == []
+    decided = pass_(driver, 5, 410 << 20)
+    assert decided[0].type == "RollbackDecided"
+    assert decided[0].payload.reason == (
+        "policy: stalled: no new minimum of remaining bytes for 3 passes "
+        f"(fewest {400 << 20} at pass 2; limit 3)"
+    )
+
+
+def test_a_stall_switches_to_postcopy_where_the_mode_allows_unless_told_to_abort():
+    driver, hosts = fresh()
+    m = transferring(driver, hosts, AUTO, policy=E.MigrationPolicy(
+        stall_passes=1, auto_postcopy_min_passes=100, auto_postcopy_max_passes=100))  # fmt: skip
+    pass_(driver, 1, 500 << 20)
+    decided = pass_(driver, 2, 600 << 20)
+    assert decided[0].type == "PostcopyRequested" and "stalled" in decided[0].payload.reason
+    assert m.postcopy_requested
+    driver, hosts = fresh()
+    transferring(driver, hosts, AUTO, policy=E.MigrationPolicy(
+        stall_passes=1, on_stall=E.STALL_ACTION_ABORT, auto_postcopy_min_passes=100,
+        auto_postcopy_max_passes=100))  # fmt: skip
+    pass_(driver, 1, 500 << 20)
+    assert pass_(driver, 2, 600 << 20)[0].type == "RollbackDecided"
+
+
+def test_the_completion_timeout_scales_with_guest_memory():
+    driver, hosts = fresh()  # a 128 MiB guest: counted as one GiB, the least
+    transferring(driver, hosts, policy=E.MigrationPolicy(completion_timeout_s_per_gib=30))
+    assert pass_(driver, 1, 500 << 20) == []
+    driver.now_us += 31_000_000
+    decided = pass_(driver, 2, 400 << 20)
+    assert decided[0].type == "RollbackDecided"
+    assert "completion timeout: pre-copy ran 31 s, over 30 s (30 s per GiB of 128 MiB)" in (
+        decided[0].payload.reason
+    )
+
+
+def test_an_operator_changes_the_bandwidth_until_the_switch():
+    driver, hosts = fresh()
+    m = transferring(driver, hosts)
+    decided = driver.request(I.TuneMigration("m-1", 50 << 20, 0, "", driver.now_us, "alice"))
+    tuned, command = decided
+    assert tuned.payload.by == "operator" and tuned.payload.requested_by == "alice"
+    assert command.payload.args.parameters.max_bandwidth == 50 << 20
+    assert command.payload.args.parameters.downtime_limit_ms == 300  # the rest stays
+    assert driver.request(I.TuneMigration("m-1", 50 << 20, 0, "", driver.now_us)) == []
+    with pytest.raises(InvalidRequest, match="nothing to change"):
+        driver.request(I.TuneMigration("m-1", 0, 0, "", driver.now_us))
+    driver.observe(qmp("host-a", "vm-1", "STOP"), Observation("host-a", E.QmpEventReceived(
+        vm="vm-1", event="MIGRATION", data_json='{"status": "pre-switchover"}')))  # fmt: skip
+    with pytest.raises(IllegalTransition, match="it is switching over"):
+        driver.request(I.TuneMigration("m-1", 1 << 30, 0, "", driver.now_us))
+    assert m.parameters.max_bandwidth == 50 << 20
+
+
+def test_force_complete_raises_the_downtime_in_precopy_and_switches_where_allowed():
+    driver, hosts = fresh()
+    m = transferring(driver, hosts, policy=E.MigrationPolicy(max_downtime_ms=1500))
+    tuned, command = driver.request(I.CompleteMigration("m-1", "window closes", driver.now_us))
+    assert tuned.payload.reason == "force-complete: window closes: downtime limit 300 -> 1500 ms"
+    assert command.payload.args.parameters.downtime_limit_ms == 1500
+    with pytest.raises(IllegalTransition, match="already at its largest downtime limit"):
+        driver.request(I.CompleteMigration("m-1", "", driver.now_us))
+    driver, hosts = fresh()
+    m = transferring(driver, hosts, AUTO)
+    (requested,) = driver.request(I.CompleteMigration("m-1", "", driver.now_us))
+    assert requested.type == "PostcopyRequested" and requested.payload.by == "operator"
+    assert m.postcopy_requested
+    assert InvariantChecker().check(driver.log) == []
