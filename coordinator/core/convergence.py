@@ -39,7 +39,7 @@ def policy_step(world: World, m: MigrationState, issue: Issuer, now_us: int) -> 
     start = m.cmd(Kind.START_MIGRATION, m.source)
     if start is None or start.state != CommandState.SUCCEEDED or m.src.status != "active":
         return []
-    given_up = _stalled(m) or _timed_out(world, m, start.issued_at_us, now_us)
+    given_up = given_up_reason(m, world.vms[m.vm].spec.memory_mib, start.issued_at_us, now_us)
     if given_up:
         if m.postcopy_allowed and m.policy.on_stall != events_pb2.STALL_ACTION_ABORT:
             return [
@@ -50,7 +50,7 @@ def policy_step(world: World, m: MigrationState, issue: Issuer, now_us: int) -> 
         return [
             events_pb2.RollbackDecided(migration_id=m.migration_id, reason=f"policy: {given_up}")
         ]
-    step = _downtime_step(m)
+    step = downtime_step(m)
     if step and m.mode != common_pb2.MIGRATION_MODE_POSTCOPY and not _tuning_in_flight(m):
         parameters = events_pb2.MigrationParameters()
         parameters.CopyFrom(m.parameters)
@@ -59,6 +59,31 @@ def policy_step(world: World, m: MigrationState, issue: Issuer, now_us: int) -> 
         why = f"pass {m.progress.pass_}: downtime limit {was} -> {step} ms"
         return _tuned(m, issue, parameters, "policy", why)
     return []
+
+
+# The judgements below read only the migration's policy, progress and parameters (and the
+# guest's size and the clock), so `whimbrel-audit whatif` replays recorded passes through them.
+
+
+def auto_postcopy_reason(m: MigrationState) -> str:
+    """Why mode AUTO should switch to post-copy now, or "" (judged on passes and bytes)."""
+    p, progress = m.policy, m.progress
+    if p.auto_postcopy_max_passes and progress.pass_ >= p.auto_postcopy_max_passes:
+        return f"pass {progress.pass_} reached the limit of {p.auto_postcopy_max_passes}"
+    if progress.sampled_pass < max(p.auto_postcopy_min_passes, 2):
+        return ""
+    before, now = progress.previous_remaining_bytes, progress.remaining_bytes
+    if before and now * 100 > before * (100 - p.min_shrink_percent):
+        return (
+            f"pass {progress.sampled_pass}: {now} bytes remain, down from {before} "
+            f"(less than {p.min_shrink_percent}%)"
+        )
+    return ""
+
+
+def given_up_reason(m: MigrationState, memory_mib: int, started_us: int, now_us: int) -> str:
+    """Why the policy gives up on pre-copy now (a stall, the completion timeout), or ""."""
+    return _stalled(m) or _timed_out(m, memory_mib, started_us, now_us)
 
 
 def _stalled(m: MigrationState) -> str:
@@ -74,11 +99,11 @@ def _stalled(m: MigrationState) -> str:
     )
 
 
-def _timed_out(world: World, m: MigrationState, started_us: int, now_us: int) -> str:
+def _timed_out(m: MigrationState, memory_mib: int, started_us: int, now_us: int) -> str:
     per_gib = m.policy.completion_timeout_s_per_gib
     if not per_gib:
         return ""
-    memory = world.vms[m.vm].spec.memory_mib << 20
+    memory = memory_mib << 20
     allowed_s = per_gib * max(memory, GIB) / GIB
     ran_s = (now_us - started_us) / 1e6
     if ran_s <= allowed_s:
@@ -89,7 +114,7 @@ def _timed_out(world: World, m: MigrationState, started_us: int, now_us: int) ->
     )
 
 
-def _downtime_step(m: MigrationState) -> int:
+def downtime_step(m: MigrationState) -> int:
     """The raised downtime limit the current pass calls for, or 0."""
     steps, n = m.policy.downtime_steps_ms, m.progress.pass_
     if not steps or n < 2:

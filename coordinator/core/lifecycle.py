@@ -279,7 +279,7 @@ def _transferring(
         if m.mode == common_pb2.MIGRATION_MODE_POSTCOPY:
             why = "mode postcopy"
         elif m.mode == common_pb2.MIGRATION_MODE_AUTO and src.status == "active":
-            why = _not_converging(m)
+            why = convergence.auto_postcopy_reason(m)
         if why:
             return [
                 events_pb2.PostcopyRequested(migration_id=m.migration_id, by="policy", reason=why)
@@ -420,22 +420,6 @@ def _transfer_parameters(m: MigrationState) -> events_pb2.MigrationParameters:
     if m.mode == common_pb2.MIGRATION_MODE_POSTCOPY:
         parameters.downtime_limit_ms = POSTCOPY_MODE_DOWNTIME_LIMIT_MS
     return parameters
-
-
-def _not_converging(m: MigrationState) -> str:
-    """Why mode AUTO should switch to post-copy now, or "" (judged on passes and bytes)."""
-    p, progress = m.policy, m.progress
-    if p.auto_postcopy_max_passes and progress.pass_ >= p.auto_postcopy_max_passes:
-        return f"pass {progress.pass_} reached the limit of {p.auto_postcopy_max_passes}"
-    if progress.sampled_pass < max(p.auto_postcopy_min_passes, 2):
-        return ""
-    before, now = progress.previous_remaining_bytes, progress.remaining_bytes
-    if before and now * 100 > before * (100 - p.min_shrink_percent):
-        return (
-            f"pass {progress.sampled_pass}: {now} bytes remain, down from {before} "
-            f"(less than {p.min_shrink_percent}%)"
-        )
-    return ""
 
 
 # --- changes of course -----------------------------------------------------------------------

@@ -120,7 +120,10 @@ def _why_waiting(
 
 
 def counted(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+    """ "1 migration", "2 migrations", "3 passes"."""
+    if n == 1:
+        return f"{n} {noun}"
+    return f"{n} {noun}es" if noun.endswith("s") else f"{n} {noun}s"
 
 
 def position(world: World, migration_id: str) -> int:

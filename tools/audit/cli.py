@@ -9,6 +9,8 @@ whimbrel-audit timeline DB --migration ID [--json]  a migration's story, pause a
 whimbrel-audit state DB --at SEQ | --at-time T      derived state at that point of history
 whimbrel-audit export DB --format jsonl             every event as one JSON object per line
 whimbrel-audit why DB SEQ [--json]                  the chain of causes behind an event
+whimbrel-audit whatif DB --migration ID --policy NAME|FILE [--json]
+                                                    a recorded migration under another policy
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from pathlib import Path
 from google.protobuf import json_format
 
 from coordinator import codec
-from tools.audit import state, timeline, why
+from coordinator.core import CoreError
+from tools.audit import state, timeline, whatif, why
 from tools.audit.checks import Unreadable, open_log, stored_events, verify, verify_events
 from tools.audit.remote import remote_events
 from whimbrel.tls import add_tls_flags, tls_files
@@ -86,6 +89,18 @@ def cmd_timeline(ns: argparse.Namespace) -> int:
         print(json.dumps(dataclasses.asdict(t)))
     else:
         print(timeline.render(t))
+    return EXIT_CLEAN
+
+
+def cmd_whatif(ns: argparse.Namespace) -> int:
+    conn = open_log(Path(ns.db))
+    events = [codec.from_stored(s) for s in stored_events(conn)]
+    try:
+        result = whatif.whatif(events, ns.migration, ns.policy)
+    except CoreError as err:  # an unknown or invalid policy
+        print(f"whimbrel-audit: {err}", file=sys.stderr)
+        return EXIT_VIOLATIONS
+    print(whatif.as_json(result) if ns.json else whatif.render(result))
     return EXIT_CLEAN
 
 
@@ -179,6 +194,12 @@ def main(argv: list[str] | None = None) -> int:
     when.add_argument("--at-time", help="at this time (ISO 8601, or microseconds since 1970)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(run=cmd_state)
+    wi = sub.add_parser("whatif", help="a recorded migration replayed under another policy")
+    wi.add_argument("db")
+    wi.add_argument("--migration", required=True)
+    wi.add_argument("--policy", required=True, help="a policy stored in the log, or a JSON file")
+    wi.add_argument("--json", action="store_true")
+    wi.set_defaults(run=cmd_whatif)
     x = sub.add_parser("export", help="export every event")
     x.add_argument("db")
     x.add_argument("--format", choices=["jsonl"], default="jsonl")

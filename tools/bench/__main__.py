@@ -15,6 +15,7 @@ from tools.bench import (
     recovery_bench,
     restart_pause,
     switchover,
+    whatif_error,
 )
 
 Result = dict[str, object]
@@ -35,6 +36,7 @@ BENCHES: dict[str, Callable[[], Result | list[Result]]] = {
     "switchover.restart.precopy": restart_pause.bench,
     "switchover.tls.postcopy": lambda: switchover.tls_bench("postcopy"),
     "migration.tls": migration_tls.bench,
+    "whatif.model_error": whatif_error.bench,
     "guest.outage.postcopy": lambda: guest_outage.bench("postcopy"),
     "guest.outage.precopy": lambda: guest_outage.bench("precopy"),
     "guest.big.auto": guest_big.bench,

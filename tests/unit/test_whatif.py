@@ -1,0 +1,64 @@
+"""The what-if model (tools.audit.whatif.predict) on environments whose arithmetic can be
+followed by hand, with the coordinator's own policy judgements deciding."""
+
+from __future__ import annotations
+
+import pytest
+
+from coordinator.core.validate import effective_policy
+from tools.audit.whatif import Recorded, predict
+from whimbrel.v1 import common_pb2 as C
+from whimbrel.v1 import events_pb2 as E
+
+MIB = 1 << 20
+PRECOPY, AUTO = C.MIGRATION_MODE_PRECOPY, C.MIGRATION_MODE_AUTO
+
+
+def environment(dirty_mib_s: float, link_mib_s: float = 100) -> Recorded:
+    return Recorded(
+        migration_id="m-1", vm="vm-1", mode="precopy", policy="default", memory_mib=1024,
+        passes=0, total_s=0, pause_ms=0, postcopy=False, outcome="completed",
+        link_bytes_s=link_mib_s * MIB, capped_at=0, dirty_bytes_s=[dirty_mib_s * MIB],
+    )  # fmt: skip
+
+
+def policy(**fields) -> E.MigrationPolicy:  # type: ignore[no-untyped-def]
+    return effective_policy(E.MigrationPolicy(**fields))
+
+
+def test_a_guest_dirtying_at_half_the_link_converges_as_the_halving_says():
+    """1 GiB at 100 MiB/s, dirtying 50 MiB/s: each round leaves half the last (512, 256, ...
+    16 MiB); 16 MiB fits 300 ms x 100 MiB/s. Eight passes, counting the final sync."""
+    p = predict(environment(50), policy(), PRECOPY)
+    assert (p.outcome, p.passes, p.postcopy) == ("completed", 8, False)
+    assert p.total_s == pytest.approx(10.24 * (2 - 1 / 32) + 0.16, rel=1e-6)  # 1024..32, 16
+    assert p.pause_ms == pytest.approx(160, rel=1e-6)
+
+
+def test_a_guest_dirtying_faster_than_the_link_stalls_then_aborts_or_switches():
+    stall = {"stall_passes": 2, "auto_postcopy_max_passes": 100, "auto_postcopy_min_passes": 100}
+    aborted = predict(environment(150), policy(**stall), PRECOPY)
+    assert aborted.outcome == "rolled back" and aborted.reason.startswith("stalled")
+    switched = predict(environment(150), policy(**stall), AUTO)
+    assert switched.postcopy and switched.outcome == "completed"
+    assert "stalled" in switched.reason
+
+
+def test_the_completion_timeout_falls_inside_a_round():
+    p = predict(environment(50), policy(completion_timeout_s_per_gib=5), PRECOPY)
+    assert (p.outcome, p.total_s) == ("rolled back", 5.0)
+    assert p.reason.startswith("completion timeout: pre-copy ran 5 s, over 5 s")
+
+
+def test_auto_converge_throttles_a_guest_into_converging():
+    fast = environment(150)
+    never = predict(fast, policy(), PRECOPY)
+    assert never.outcome == "never converges"
+    throttled = predict(fast, policy(parameters=E.MigrationParameters(auto_converge=True)), PRECOPY)
+    assert throttled.outcome == "completed" and not throttled.postcopy
+
+
+def test_downtime_steps_let_a_migration_finish_sooner():
+    steady = predict(environment(50), policy(), PRECOPY)
+    stepped = predict(environment(50), policy(downtime_steps_ms=[1000, 2000]), PRECOPY)
+    assert stepped.passes < steady.passes and stepped.total_s < steady.total_s
