@@ -1,0 +1,99 @@
+"""The fork server: one process that has imported qmpsim once and forks every simulated VM,
+so a thousand VMs share one interpreter's pages rather than each loading its own.
+
+`python -S -m tools.qmpsim.forkserver SOCKET [ROOM]` listens on the unix socket SOCKET. The
+launcher (`launch`, what the qemu-system-x86_64 script runs when WHIMBREL_QMPSIM_FORKSERVER
+names SOCKET) sends its argv, environment and working directory as one JSON object, then
+shuts its side down. The server forks a child that becomes the daemon as -daemonize would
+make it (a session of its own, umask 027, stdio to /dev/null) and runs `main` with the
+connection as its readiness pipe; the launcher exits as QEMU's launching process does.
+
+The child rewrites its command line in place (the server's own argv, which ROOM pads), so
+/proc/PID/cmdline shows the VM's QEMU arguments: hostd recognises its QEMU by the pidfile
+path in there, when it re-attaches or refuses to start a VM twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import json
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from tools.qmpsim import daemon
+from tools.qmpsim.main import main
+
+__all__ = ["ROOM", "serve"]
+
+# Bytes of command line the children may write: hostd's QEMU arguments with long paths.
+ROOM = 16384
+
+
+def _set_cmdline(argv: list[str]) -> None:
+    """Write `argv` over this process's original argument area (truncated to its size)."""
+    fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+    start, end = int(fields[45]), int(fields[46])  # arg_start, arg_end (fields 48, 49)
+    data = b"\0".join(a.encode() for a in argv)[: end - start - 1]
+    ctypes.memmove(start, data.ljust(end - start, b"\0"), end - start)
+
+
+def _receive(conn: socket.socket) -> dict[str, Any]:
+    chunks = []
+    while chunk := conn.recv(65536):
+        chunks.append(chunk)
+    request: dict[str, Any] = json.loads(b"".join(chunks))
+    return request
+
+
+def _become_vm(conn: socket.socket, request: dict[str, Any]) -> int:
+    """In the forked child: detach as -daemonize does, then run the VM."""
+    os.setsid()
+    os.umask(0o027)
+    for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    argv: list[str] = request["argv"]
+    _set_cmdline(["qemu-system-x86_64", *argv])
+    daemon.quiet_stdio()
+    return main(argv, daemon.Readiness(conn.detach()))
+
+
+def serve(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(128)
+    # Children are reaped by the kernel: the server never waits for a VM.
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    # Everything imported so far stays out of the children's collections: a collection
+    # touching those objects would copy the pages they share.
+    gc.freeze()
+    print(f"qmpsim fork server on {path}", flush=True)
+    while True:
+        conn, _ = listener.accept()
+        try:
+            request = _receive(conn)
+        except (OSError, ValueError):
+            conn.close()
+            continue
+        if os.fork() == 0:
+            code = 1
+            try:
+                listener.close()
+                code = _become_vm(conn, request)
+            finally:
+                os._exit(code)
+        conn.close()
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1])
