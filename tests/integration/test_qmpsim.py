@@ -324,18 +324,29 @@ async def test_fork_server_launches_the_same_daemon(
         kill(sim)
 
 
-def test_fork_server_fails_the_launch_of_a_daemon_that_cannot_start(
-    tmp_path: Path, forks: ForkServer
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["-pidfile", "{tmp}/missing/vm.pid"], "cannot create PID file"),
+        (["-pidfile", "{tmp}/vm.pid", "-bogus"], "-bogus: invalid option"),
+    ],
+)
+def test_fork_server_fails_a_launch_as_qemu_does(
+    tmp_path: Path, forks: ForkServer, extra: list[str], message: str
 ) -> None:
-    """A forked daemon that cannot write its pidfile fails its launcher with QEMU's message."""
-    qmp = f"unix:{tmp_path}/vm.sock,server=on,wait=off"
-    pidfile = tmp_path / "missing" / "vm.pid"
-    failed = subprocess.run(
-        [str(LAUNCHER), "-name", "vm", "-qmp", qmp, "-daemonize", "-pidfile", str(pidfile)],
-        capture_output=True, check=False, env=sim_env(forkserver=str(forks.socket)),
-        timeout=LIMIT_S, text=True,
-    )  # fmt: skip
-    assert failed.returncode == 1 and "cannot create PID file" in failed.stderr
+    """A daemon that cannot start (its pidfile, a bad option) fails its launcher with the
+    message and status a launch without the server gives."""
+    args = [str(LAUNCHER), "-name", "vm", "-qmp", f"unix:{tmp_path}/vm.sock,server=on,wait=off",
+            "-daemonize", *(a.format(tmp=tmp_path) for a in extra)]  # fmt: skip
+    outcomes = []
+    for env in (sim_env(forkserver=str(forks.socket)), sim_env()):
+        done = subprocess.run(
+            args, capture_output=True, check=False, env=env, timeout=LIMIT_S, text=True
+        )
+        # Without the server the daemon's message can come twice (its launcher repeats it).
+        outcomes.append((done.returncode, set(done.stderr.splitlines())))
+    assert outcomes[0] == outcomes[1] and outcomes[0][0] == 1, outcomes
+    assert any(message in line for line in outcomes[0][1]), outcomes
 
 
 async def _readable(fd: int) -> None:

@@ -3,10 +3,11 @@ so a thousand VMs share one interpreter's pages rather than each loading its own
 
 `python -S -m tools.qmpsim.forkserver SOCKET [ROOM]` listens on the unix socket SOCKET. The
 launcher (`launch`, what the qemu-system-x86_64 script runs when WHIMBREL_QMPSIM_FORKSERVER
-names SOCKET) sends its argv, environment and working directory as one JSON object, then
+names SOCKET) sends its working directory, argv and environment (`launch.encode`), then
 shuts its side down. The server forks a child that becomes the daemon as -daemonize would
-make it (a session of its own, umask 027, stdio to /dev/null) and runs `main` with the
-connection as its readiness pipe; the launcher exits as QEMU's launching process does.
+make it (a session of its own, umask 027, stdio to /dev/null), checks the command line as
+`main` would (its error goes back over the connection), and runs `main` with the connection
+as its readiness pipe; the launcher exits as QEMU's launching process does.
 
 The child rewrites its command line in place (the server's own argv, which ROOM pads), so
 /proc/PID/cmdline shows the VM's QEMU arguments: hostd recognises its QEMU by the pidfile
@@ -18,15 +19,16 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
-import json
 import os
 import signal
 import socket
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from tools.qmpsim import daemon
+from tools.qmpsim.cmdline import PROGRAM, CmdlineError, parse
+from tools.qmpsim.knobs import KnobsError, load
 from tools.qmpsim.main import main
 
 __all__ = ["ROOM", "serve"]
@@ -43,27 +45,43 @@ def _set_cmdline(argv: list[str]) -> None:
     ctypes.memmove(start, data.ljust(end - start, b"\0"), end - start)
 
 
-def _receive(conn: socket.socket) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Request:
+    cwd: str
+    argv: list[str]
+    env: dict[str, str]
+
+
+def _receive(conn: socket.socket) -> Request:
+    """The inverse of `launch.encode`."""
     chunks = []
     while chunk := conn.recv(65536):
         chunks.append(chunk)
-    request: dict[str, Any] = json.loads(b"".join(chunks))
-    return request
+    fields = [os.fsdecode(f) for f in b"".join(chunks).split(b"\0")]
+    argc = int(fields[1])
+    env = dict(item.split("=", 1) for item in fields[2 + argc :] if "=" in item)
+    return Request(fields[0], fields[2 : 2 + argc], env)
 
 
-def _become_vm(conn: socket.socket, request: dict[str, Any]) -> int:
+def _become_vm(conn: socket.socket, request: Request) -> int:
     """In the forked child: detach as -daemonize does, then run the VM."""
     os.setsid()
     os.umask(0o027)
     for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, signal.SIG_DFL)
-    os.chdir(request["cwd"])
+    os.chdir(request.cwd)
     os.environ.clear()
-    os.environ.update(request["env"])
-    argv: list[str] = request["argv"]
-    _set_cmdline(["qemu-system-x86_64", *argv])
+    os.environ.update(request.env)
+    _set_cmdline([PROGRAM, *request.argv])
     daemon.quiet_stdio()
-    return main(argv, daemon.Readiness(conn.detach()))
+    readiness = daemon.Readiness(conn.detach())
+    try:
+        load(parse(request.argv).name)
+    except (CmdlineError, KnobsError) as err:
+        # What main would print on the launcher's stderr, had it run there.
+        readiness.fail(f"{PROGRAM}: {err}")
+        return 1
+    return main(request.argv, readiness)
 
 
 def serve(path: str) -> None:
@@ -82,7 +100,7 @@ def serve(path: str) -> None:
         conn, _ = listener.accept()
         try:
             request = _receive(conn)
-        except (OSError, ValueError):
+        except (OSError, ValueError, IndexError):
             conn.close()
             continue
         if os.fork() == 0:
