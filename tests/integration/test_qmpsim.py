@@ -23,6 +23,7 @@ import pytest
 from tests.qemu.scenario import assert_outcome, qmp_event, start_migration
 from tests.qemu.test_migrations import assert_safe_handoff
 from tools.cluster import Cluster
+from tools.fleet import ForkServer
 from tools.qmpsim.wire import GREETING
 from whimbrel.v1 import common_pb2, migration_pb2
 
@@ -288,6 +289,64 @@ async def test_daemonizes_and_ends_like_qemu(tmp_path: Path, qmp_clients: list[R
         assert not sim.pidfile.exists() and not sim.qmp.exists()
     finally:
         kill(sim)
+
+
+@pytest.fixture
+def forks(tmp_path: Path) -> Iterator[ForkServer]:
+    """A qmpsim fork server, stopped after the test (the VMs it forked are the test's)."""
+    server = ForkServer(tmp_path).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def test_fork_server_launches_the_same_daemon(
+    tmp_path: Path, forks: ForkServer, qmp_clients: list[RawQmp]
+) -> None:
+    """Through the fork server a launch ends as it does without: the launcher exits once the
+    daemon listens, the daemon's command line names its pidfile, it answers QMP, SIGTERM ends
+    it and removes its files."""
+    sim = launch(tmp_path, "vm", env=sim_env(forkserver=str(forks.socket)))
+    try:
+        cmdline = Path(f"/proc/{sim.pid}/cmdline").read_bytes().split(b"\0")  # noqa: ASYNC240
+        assert str(sim.pidfile).encode() in cmdline and sim.pid != forks.pid
+        client = await RawQmp.connect(sim.qmp)
+        qmp_clients.append(client)
+        assert (await client.execute("query-status"))["return"]["status"] == "running"
+        os.kill(sim.pid, signal.SIGTERM)
+        await client.until(lambda: {"eof": True} in client.untagged)
+        pidfd = os.pidfd_open(sim.pid)
+        await asyncio.wait_for(_readable(pidfd), LIMIT_S)
+        os.close(pidfd)
+        assert not sim.pidfile.exists() and not sim.qmp.exists()
+    finally:
+        kill(sim)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["-pidfile", "{tmp}/missing/vm.pid"], "cannot create PID file"),
+        (["-pidfile", "{tmp}/vm.pid", "-bogus"], "-bogus: invalid option"),
+    ],
+)
+def test_fork_server_fails_a_launch_as_qemu_does(
+    tmp_path: Path, forks: ForkServer, extra: list[str], message: str
+) -> None:
+    """A daemon that cannot start (its pidfile, a bad option) fails its launcher with the
+    message and status a launch without the server gives."""
+    args = [str(LAUNCHER), "-name", "vm", "-qmp", f"unix:{tmp_path}/vm.sock,server=on,wait=off",
+            "-daemonize", *(a.format(tmp=tmp_path) for a in extra)]  # fmt: skip
+    outcomes = []
+    for env in (sim_env(forkserver=str(forks.socket)), sim_env()):
+        done = subprocess.run(
+            args, capture_output=True, check=False, env=env, timeout=LIMIT_S, text=True
+        )
+        # Without the server the daemon's message can come twice (its launcher repeats it).
+        outcomes.append((done.returncode, set(done.stderr.splitlines())))
+    assert outcomes[0] == outcomes[1] and outcomes[0][0] == 1, outcomes
+    assert any(message in line for line in outcomes[0][1]), outcomes
 
 
 async def _readable(fd: int) -> None:

@@ -13,4 +13,8 @@ ones, interleaved; 20 each); `switchover.tls.postcopy` the pause with mutual TLS
 control channels against the same run's insecure loopback cluster, interleaved.
 `ingest.grpc.100_streams` reports durable events/s from 100 hostd-like TLS streams through a
 real coordinator, with its CPU seconds and ack latency, against the log alone (`ratio`).
+`scale.drain.1000vms` drains 10 of 50 hostd (1,000 VMs on qmpsim) at once under migration
+limits and reports the drain's time, the coordinator's CPU, events/s, command latency, memory,
+the audit's verdict and a recount of the limits, with `met` per target of issue 15;
+`scale.drain.100vms` is the same at 10 hosts of 10 VMs, 2 drained, for a quick run.
 """

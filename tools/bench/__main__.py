@@ -14,6 +14,7 @@ from tools.bench import (
     migration_tls,
     recovery_bench,
     restart_pause,
+    scale_drain,
     switchover,
     whatif_error,
 )
@@ -40,6 +41,8 @@ BENCHES: dict[str, Callable[[], Result | list[Result]]] = {
     "guest.outage.postcopy": lambda: guest_outage.bench("postcopy"),
     "guest.outage.precopy": lambda: guest_outage.bench("precopy"),
     "guest.big.auto": guest_big.bench,
+    "scale.drain.1000vms": scale_drain.bench,
+    "scale.drain.100vms": lambda: scale_drain.bench(hosts=10, vms_per_host=10, drained=2),
 }
 
 

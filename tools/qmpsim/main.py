@@ -80,7 +80,9 @@ async def serve(launch: Launch, knobs: Knobs, qmp: socket.socket, files: daemon.
     return code
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], launched: daemon.Readiness | None = None) -> int:
+    """`launched`: this process is already the daemon, forked by the fork server, which
+    reports readiness to the launcher through it (so -daemonize forks no more)."""
     try:
         launch = parse(argv)
         knobs = load(launch.name)
@@ -90,7 +92,10 @@ def main(argv: list[str]) -> int:
     if launch.version:
         print(VERSION)
         return 0
-    readiness = daemon.detach() if launch.daemonize else daemon.Readiness()
+    if launched is not None:
+        readiness = launched
+    else:
+        readiness = daemon.detach() if launch.daemonize else daemon.Readiness()
     files = daemon.Files()
     try:
         if launch.pidfile:

@@ -1,0 +1,117 @@
+"""The fork server: one process that has imported qmpsim once and forks every simulated VM,
+so a thousand VMs share one interpreter's pages rather than each loading its own.
+
+`python -S -m tools.qmpsim.forkserver SOCKET [ROOM]` listens on the unix socket SOCKET. The
+launcher (`launch`, what the qemu-system-x86_64 script runs when WHIMBREL_QMPSIM_FORKSERVER
+names SOCKET) sends its working directory, argv and environment (`launch.encode`), then
+shuts its side down. The server forks a child that becomes the daemon as -daemonize would
+make it (a session of its own, umask 027, stdio to /dev/null), checks the command line as
+`main` would (its error goes back over the connection), and runs `main` with the connection
+as its readiness pipe; the launcher exits as QEMU's launching process does.
+
+The child rewrites its command line in place (the server's own argv, which ROOM pads), so
+/proc/PID/cmdline shows the VM's QEMU arguments: hostd recognises its QEMU by the pidfile
+path in there, when it re-attaches or refuses to start a VM twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import os
+import signal
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from tools.qmpsim import daemon
+from tools.qmpsim.cmdline import PROGRAM, CmdlineError, parse
+from tools.qmpsim.knobs import KnobsError, load
+from tools.qmpsim.main import main
+
+__all__ = ["ROOM", "serve"]
+
+# Bytes of command line the children may write: hostd's QEMU arguments with long paths.
+ROOM = 16384
+
+
+def _set_cmdline(argv: list[str]) -> None:
+    """Write `argv` over this process's original argument area (truncated to its size)."""
+    fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+    start, end = int(fields[45]), int(fields[46])  # arg_start, arg_end (fields 48, 49)
+    data = b"\0".join(a.encode() for a in argv)[: end - start - 1]
+    ctypes.memmove(start, data.ljust(end - start, b"\0"), end - start)
+
+
+@dataclass(frozen=True)
+class Request:
+    cwd: str
+    argv: list[str]
+    env: dict[str, str]
+
+
+def _receive(conn: socket.socket) -> Request:
+    """The inverse of `launch.encode`."""
+    chunks = []
+    while chunk := conn.recv(65536):
+        chunks.append(chunk)
+    fields = [os.fsdecode(f) for f in b"".join(chunks).split(b"\0")]
+    argc = int(fields[1])
+    env = dict(item.split("=", 1) for item in fields[2 + argc :] if "=" in item)
+    return Request(fields[0], fields[2 : 2 + argc], env)
+
+
+def _become_vm(conn: socket.socket, request: Request) -> int:
+    """In the forked child: detach as -daemonize does, then run the VM."""
+    os.setsid()
+    os.umask(0o027)
+    for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
+    os.chdir(request.cwd)
+    os.environ.clear()
+    os.environ.update(request.env)
+    _set_cmdline([PROGRAM, *request.argv])
+    daemon.quiet_stdio()
+    readiness = daemon.Readiness(conn.detach())
+    try:
+        load(parse(request.argv).name)
+    except (CmdlineError, KnobsError) as err:
+        # What main would print on the launcher's stderr, had it run there.
+        readiness.fail(f"{PROGRAM}: {err}")
+        return 1
+    return main(request.argv, readiness)
+
+
+def serve(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(128)
+    # Children are reaped by the kernel: the server never waits for a VM.
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    # Everything imported so far stays out of the children's collections: a collection
+    # touching those objects would copy the pages they share.
+    gc.freeze()
+    print(f"qmpsim fork server on {path}", flush=True)
+    while True:
+        conn, _ = listener.accept()
+        try:
+            request = _receive(conn)
+        except (OSError, ValueError, IndexError):
+            conn.close()
+            continue
+        if os.fork() == 0:
+            code = 1
+            try:
+                listener.close()
+                code = _become_vm(conn, request)
+            finally:
+                os._exit(code)
+        conn.close()
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1])
