@@ -91,6 +91,7 @@ class Coordinator:
         self.sessions: dict[str, HostSession] = {}
         self._lock = asyncio.Lock()
         self._changed = asyncio.Event()
+        self._queue_judged_at = -1
         self.pipeline = CommitPipeline(
             store, telemetry or Telemetry(), self._committed, self._failed
         )
@@ -150,8 +151,14 @@ class Coordinator:
                 await self._whole(self._advance_open())
 
     async def _advance_open(self) -> None:
+        # A queued migration has nothing that time alone decides; room for it is judged when
+        # an event makes some (`_admit_queued`).
         async with self._lock:
-            self._advance(self.world.open_migrations)
+            world = self.world
+            started = [
+                m for m in world.open_migrations if world.migrations[m].phase != Phase.QUEUED
+            ]
+            self._advance(started)
             await self.pipeline.flush()
 
     async def close(self) -> None:
@@ -347,7 +354,12 @@ class Coordinator:
 
     def _admit_queued(self) -> None:
         """Start the queued migrations there is room for now (a migration ended, a limit was
-        raised, a host connected). Their cause: the newest event, which made the room."""
+        raised, a host connected). Their cause: the newest event, which made the room. The
+        queue is judged again only after such an event (`World.queue_changes`): judging it is
+        linear in the open migrations, and most host events change nothing of it."""
+        if self.world.queue_changes == self._queue_judged_at:
+            return
+        self._queue_judged_at = self.world.queue_changes
         if not any(
             self.world.migrations[mid].phase == Phase.QUEUED for mid in self.world.open_migrations
         ):

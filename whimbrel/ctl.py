@@ -173,38 +173,52 @@ class Ctl:
         return 0
 
     def host_drain(self, ns: argparse.Namespace) -> int:
-        request = host_pb2.DrainHostRequest(
-            host_id=ns.host, reason=ns.reason or "", mode=MODES[ns.mode]
-        )
-        plan = self.hosts.DrainHost(request)
-        self.emit(plan, _drain_plan)
+        hosts: list[str] = list(dict.fromkeys(ns.hosts))
+        reason = f"drain: {ns.reason}" if ns.reason else "drain"
+        if len(hosts) > 1:
+            # All out of placement before any is planned: a drain never sends a VM to a host
+            # that is about to be drained as well.
+            for host in hosts:
+                self.hosts.CordonHost(host_pb2.CordonHostRequest(host_id=host, reason=reason))
+        plans = []
+        for host in hosts:
+            request = host_pb2.DrainHostRequest(
+                host_id=host, reason=ns.reason or "", mode=MODES[ns.mode]
+            )
+            plan = self.hosts.DrainHost(request)
+            self.emit(plan, _drain_plan)
+            plans.append(plan)
         if not ns.wait:
             return 0
-        return self._drain_wait(ns.host, list(plan.migration_ids), list(plan.not_moved))
+        return self._drain_wait(plans)
 
-    def _drain_wait(
-        self, host: str, migration_ids: list[str], not_moved: list[events_pb2.VmNotMoved]
-    ) -> int:
-        """Progress once a second until every migration of the drain ended, then what is left."""
+    def _drain_wait(self, plans: list[host_pb2.DrainHostResponse]) -> int:
+        """Progress once a second until every migration of the drains ended, then what is
+        left on each host."""
+        ids = {mid for plan in plans for mid in plan.migration_ids}
+        hosts = ", ".join(plan.host.host_id for plan in plans)
         shown = ""
         while True:
             ms = self.migrations.ListMigrations(migration_pb2.ListMigrationsRequest()).migrations
-            ours = [m for m in ms if m.migration_id in set(migration_ids)]
-            line = _drain_progress(host, ours)
+            ours = [m for m in ms if m.migration_id in ids]
+            line = _drain_progress(hosts, ours)
             if line != shown and not self.as_json:
                 print(line, flush=True)
                 shown = line
             if all(common_pb2.MigrationPhase.Name(m.phase) in _TERMINAL for m in ours):
                 break
             time.sleep(1.0)
-        left = next(h for h in self.hosts.ListHosts(host_pb2.ListHostsRequest()).hosts
-                    if h.host_id == host)  # fmt: skip
-        self.emit(
-            host_pb2.DrainHostResponse(host=left, migration_ids=migration_ids, not_moved=not_moved),
-            lambda r: _drain_result(r, ours),
-        )
+        now = {h.host_id: h for h in self.hosts.ListHosts(host_pb2.ListHostsRequest()).hosts}
+        for plan in plans:
+            host = plan.host.host_id
+            mine = [m for m in ours if m.migration_id in set(plan.migration_ids)]
+            result = host_pb2.DrainHostResponse(
+                host=now[host], migration_ids=plan.migration_ids, not_moved=plan.not_moved
+            )
+            self.emit(result, lambda r, mine=mine: _drain_result(r, mine))  # type: ignore[misc]
         moved = all(m.phase == common_pb2.MIGRATION_PHASE_COMPLETED for m in ours)
-        return 0 if moved and not not_moved else EXIT_NOT_COMPLETED
+        unmoved = any(plan.not_moved for plan in plans)
+        return 0 if moved and not unmoved else EXIT_NOT_COMPLETED
 
     def vm_define(self, ns: argparse.Namespace) -> int:
         spec = common_pb2.VmSpec(
@@ -620,8 +634,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("host")
         p.add_argument("--reason", help="why, recorded in the log")
         p.set_defaults(run=fn)
-    drain = host.add_parser("drain", help="cordon a host and migrate every VM off it")
-    drain.add_argument("host")
+    drain = host.add_parser(
+        "drain", help="cordon hosts and migrate every VM off them (all cordoned first)"
+    )
+    drain.add_argument("hosts", nargs="+", metavar="HOST")
     drain.add_argument("--reason", help="why, recorded in the log")
     drain.add_argument("--mode", choices=sorted(MODES), default="precopy")
     drain.add_argument(

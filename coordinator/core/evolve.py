@@ -117,6 +117,7 @@ def _host_connected(
         host = world.hosts[p.host_id] = HostState(p.host_id)
     host.generation = p.generation
     host.connected = True
+    world.queue_changes += 1
     world.awaited_hosts.discard(p.host_id)
     world.missing_hosts.discard(p.host_id)
     host.migration_address = p.migration_address
@@ -631,6 +632,7 @@ def _migration_requested(
     m.parameters.CopyFrom(p.policy.parameters)
     world.migrations[p.migration_id] = m
     world.open_migrations.add(p.migration_id)
+    world.queue_changes += 1
     vm.migration_id = p.migration_id
     vm.status = VmStatus.MIGRATING
 
@@ -658,6 +660,7 @@ def _migration_limits_set(
     limits = common_pb2.MigrationLimits()
     limits.CopyFrom(p.limits)
     world.migration_limits = limits
+    world.queue_changes += 1
 
 
 @_on(events_pb2.MigrationTuned)
@@ -740,6 +743,7 @@ def _migration_finished(
     m.reason = p.reason
     m.finished_at_us = time_us
     world.open_migrations.discard(p.migration_id)
+    world.queue_changes += 1
     # Nothing is decided on a finished migration any more: its commands are history (the log
     # keeps them), not state. Dropping them keeps a long-lived coordinator's memory, and its
     # checkpoints, proportional to what is still open.

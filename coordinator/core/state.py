@@ -331,6 +331,9 @@ class World:
     missing_hosts: set[str] = field(default_factory=set)
     # The migration limits an operator set (None: the defaults, `scheduling.DEFAULT_LIMITS`).
     migration_limits: common_pb2.MigrationLimits | None = None
+    # Bumped by every event that may let a queued migration start (a migration requested or
+    # ended, new limits, a host connected): the shell re-judges the queue only then.
+    queue_changes: int = 0
     # Stored convergence policies by name, as given, and the cluster default's name ("": none).
     policies: dict[str, events_pb2.MigrationPolicy] = field(default_factory=dict)
     default_policy: str = ""

@@ -109,7 +109,8 @@ def test_event_spliced_under_an_old_epoch(copy: Path, capsys):
 def test_why_follows_causes_back_to_the_request_and_to_observations(
     real_log: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """`why` on the first command leads back to the operator's request and its principal; on
+    """`why` on the first command leads back, through the migration's admission under the
+    limits, to the operator's request and its principal; on
     the migration's end it leads, seq by seq backwards, to a host's observation."""
     from coordinator import codec
     from tools.audit import why
@@ -118,7 +119,11 @@ def test_why_follows_causes_back_to_the_request_and_to_observations(
     events = [codec.from_stored(s) for s in stored_events(open_log(real_log))]
     prepare = next(e for e in events if e.type == "CommandIssued" and e.payload.migration_id)
     links = why.chain(events, prepare.seq)
-    assert [link.type for link in links] == ["CommandIssued", "MigrationRequested"]
+    assert [link.type for link in links] == [
+        "CommandIssued",
+        "MigrationAdmitted",
+        "MigrationRequested",
+    ]
     assert links[-1].who == "spiffe://whimbrel/user/admin"
     finished = next(e for e in events if e.type == "MigrationFinished")
     links = why.chain(events, finished.seq)

@@ -101,7 +101,8 @@ class HostServiceServicer:
         """Cordon a host and migrate every VM off it, each to the host with the most free memory that
         fits it (migrations wait in the queue under the migration limits). Returns the plan: the
         migrations started and the VMs that cannot move, with why. NOT_FOUND for an unknown host,
-        FAILED_PRECONDITION while an earlier drain of it still has migrations open.
+        FAILED_PRECONDITION while an earlier drain of it still has migrations open. To drain
+        several hosts at once, cordon them all first, so none receives another's VMs.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

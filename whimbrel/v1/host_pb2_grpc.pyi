@@ -50,7 +50,8 @@ class HostServiceStub:
     """Cordon a host and migrate every VM off it, each to the host with the most free memory that
     fits it (migrations wait in the queue under the migration limits). Returns the plan: the
     migrations started and the VMs that cannot move, with why. NOT_FOUND for an unknown host,
-    FAILED_PRECONDITION while an earlier drain of it still has migrations open.
+    FAILED_PRECONDITION while an earlier drain of it still has migrations open. To drain
+    several hosts at once, cordon them all first, so none receives another's VMs.
     """
 
 @_typing.type_check_only
@@ -75,7 +76,8 @@ class HostServiceAsyncStub(HostServiceStub):
     """Cordon a host and migrate every VM off it, each to the host with the most free memory that
     fits it (migrations wait in the queue under the migration limits). Returns the plan: the
     migrations started and the VMs that cannot move, with why. NOT_FOUND for an unknown host,
-    FAILED_PRECONDITION while an earlier drain of it still has migrations open.
+    FAILED_PRECONDITION while an earlier drain of it still has migrations open. To drain
+    several hosts at once, cordon them all first, so none receives another's VMs.
     """
 
 class HostServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -127,7 +129,8 @@ class HostServiceServicer(metaclass=_abc_1.ABCMeta):
         """Cordon a host and migrate every VM off it, each to the host with the most free memory that
         fits it (migrations wait in the queue under the migration limits). Returns the plan: the
         migrations started and the VMs that cannot move, with why. NOT_FOUND for an unknown host,
-        FAILED_PRECONDITION while an earlier drain of it still has migrations open.
+        FAILED_PRECONDITION while an earlier drain of it still has migrations open. To drain
+        several hosts at once, cordon them all first, so none receives another's VMs.
         """
 
 def add_HostServiceServicer_to_server(servicer: HostServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
