@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from coordinator.core.errors import HostUnavailable, IllegalTransition, NotFound
-from coordinator.core.state import MigrationState, VmState, World
+from coordinator.core.state import HostState, MigrationState, VmState, World
 from coordinator.core.validate import check_migration_id, check_name
 
 
@@ -23,12 +23,16 @@ def find_migration(world: World, migration_id: str) -> MigrationState:
     return m
 
 
-def require_connected(world: World, host_id: str) -> None:
+def find_host(world: World, host_id: str) -> HostState:
     check_name("host", host_id)
     host = world.hosts.get(host_id)
     if host is None:
         raise NotFound("host", host_id)
-    if not host.connected:
+    return host
+
+
+def require_connected(world: World, host_id: str) -> None:
+    if not find_host(world, host_id).connected:
         raise HostUnavailable(host_id)
 
 

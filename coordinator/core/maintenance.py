@@ -12,11 +12,12 @@ from dataclasses import dataclass
 
 from coordinator.core import inputs as I
 from coordinator.core import lifecycle
-from coordinator.core.errors import CoreError, IllegalTransition, NotFound
+from coordinator.core.errors import CoreError, IllegalTransition
 from coordinator.core.events import NewEvent
+from coordinator.core.lookup import find_host
 from coordinator.core.scheduling import counted
 from coordinator.core.state import HostState, VmState, VmStatus, World
-from coordinator.core.validate import check_name, check_reason
+from coordinator.core.validate import check_reason
 from whimbrel.protocol import host_stream
 from whimbrel.v1 import events_pb2
 
@@ -76,18 +77,10 @@ def place(world: World, vm: VmState, left: dict[str, Free]) -> tuple[str, str]:
     return min(fitting, key=lambda h: (-left[h].memory_mib, h)), ""
 
 
-def _host(world: World, host_id: str) -> HostState:
-    check_name("host", host_id)
-    host = world.hosts.get(host_id)
-    if host is None:
-        raise NotFound("host", host_id)
-    return host
-
-
 def cordon(world: World, req: I.CordonHost) -> list[NewEvent]:
     """Take a host out of placement, or put it back; nothing is recorded when nothing changes."""
     check_reason(req.reason)
-    host = _host(world, req.host)
+    host = find_host(world, req.host)
     if host.cordoned == req.cordoned:
         return []
     changed = events_pb2.HostCordoned(
@@ -99,7 +92,7 @@ def cordon(world: World, req: I.CordonHost) -> list[NewEvent]:
 
 def drain(world: World, req: I.DrainHost) -> list[NewEvent]:
     check_reason(req.reason)
-    host = _host(world, req.host)
+    host = find_host(world, req.host)
     still_open = [m for m in host.drain_migrations if m in world.open_migrations]
     if still_open:
         raise IllegalTransition(

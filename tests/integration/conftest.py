@@ -70,23 +70,8 @@ _RUNNING: dict[int, Running] = {}
 
 @pytest.fixture
 async def coordinator(tmp_path: Path, pki_dir: Path) -> AsyncIterator[Running]:
-    store = SqliteEventStore(tmp_path / "whimbrel.db")
-    app = Coordinator(store)
-    await app.start()
-    roles = Roles(ROLES)
-    files = pki.ensure(pki_dir, "coordinator").files
-    server, port, _ = await start_server(app, "127.0.0.1:0", files, roles)
-    address = f"127.0.0.1:{port}"
-    channel = tls.aio_channel(address, pki.ensure(pki_dir, "user", "admin").files)
-    running = Running(app, channel, address, pki_dir, roles)
-    _RUNNING[id(channel)] = running
-    yield running
-    del _RUNNING[id(channel)]
-    await running.close_channels()
-    await channel.close()
-    await server.stop(grace=None)
-    await app.close()
-    await asyncio.to_thread(store.close)
+    async with serving(tmp_path, pki_dir) as running:
+        yield running
 
 
 @contextlib.asynccontextmanager
