@@ -84,12 +84,11 @@ async def serving(
     app = Coordinator(store)
     await app.start()
     files = pki.ensure(pki_dir, "coordinator").files
-    server, port, _ = await start_server(
-        app, "127.0.0.1:0", files, Roles(ROLES), limits or Limits()
-    )
+    roles = Roles(ROLES)  # the server's own: a test changes roles in place, as a reload does
+    server, port, _ = await start_server(app, "127.0.0.1:0", files, roles, limits or Limits())
     address = f"127.0.0.1:{port}"
     channel = tls.aio_channel(address, pki.ensure(pki_dir, "user", "admin").files)
-    running = Running(app, channel, address, pki_dir, Roles(ROLES))
+    running = Running(app, channel, address, pki_dir, roles)
     _RUNNING[id(channel)] = running
     try:
         yield running

@@ -28,6 +28,11 @@ class Readiness:
     def __init__(self, fd: int = -1) -> None:
         self._fd = fd
 
+    @property
+    def reports(self) -> bool:
+        """A launcher waits on this end and prints a failure itself."""
+        return self._fd >= 0
+
     def ok(self) -> None:
         self._send(b"\0")
 

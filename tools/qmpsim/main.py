@@ -107,8 +107,10 @@ def main(argv: list[str], launched: daemon.Readiness | None = None) -> int:
     except daemon.DaemonError as err:
         files.remove()
         message = f"{PROGRAM}: {err}"
+        if not readiness.reports:
+            # (Else the launcher prints it: two writers on one stderr interleave.)
+            print(message, file=sys.stderr)
         readiness.fail(message)
-        print(message, file=sys.stderr)
         return 1
     if launch.daemonize:
         _quiet_stdio(launch.log)
