@@ -43,6 +43,8 @@ SOURCE_STATE_HERE_STATUSES = ("postcopy-active", "postcopy-paused", "postcopy-re
 CONT_WAIT_LIMIT_S = 30.0
 # How long attaching waits for QMP's greeting (a QEMU that is stopped or hung never sends it).
 QMP_CONNECT_LIMIT_S = 10.0
+# QEMU's error-desc sent with a failed migration, at most (the coordinator bounds it too).
+MAX_ERROR_TEXT = 256
 log = logging.getLogger(__name__)
 
 
@@ -240,6 +242,10 @@ class VmRuntime:
         await self._until(lambda: self.running, "the guest runs", limit)
 
     async def _on_event(self, name: str, data: dict[str, Any], time_us: int) -> None:
+        if name == "MIGRATION" and data.get("status") == "failed":
+            # Why, in QEMU's words, reaches the log before the failure it explains, so the
+            # coordinator's decision on it can say so (a TLS certificate refused, a peer gone).
+            await self._report_failure()
         payload = events_pb2.QmpEventReceived(
             vm=self.name, event=name, data_json=json.dumps(data, sort_keys=True)
         )
@@ -342,6 +348,18 @@ class VmRuntime:
         )
         setattr(stats, "pass", pass_)
         await self.emit(stats, 0)
+
+    async def _report_failure(self) -> None:
+        try:
+            info = await self.execute("query-migrate")
+        except HostdError:
+            return
+        error = str(info.get("error-desc", ""))[:MAX_ERROR_TEXT]
+        if error:
+            failed = events_pb2.MigrationStatsSampled(
+                vm=self.name, status="failed", error_desc=error
+            )
+            await self.emit(failed, 0)
 
     async def _watch_exit(self) -> None:
         if self._pidfd >= 0:

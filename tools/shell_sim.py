@@ -56,7 +56,7 @@ from coordinator.log import SqliteEventStore
 from coordinator.main import start_server
 from tools.audit import timeline
 from tools.audit.cli import main as audit_main
-from tools.sim import Observation, SimHosts, migration, qmp
+from tools.sim import Observation, SimHosts, migration, qmp, sampled_pass
 from whimbrel import pki, tls
 from whimbrel.protocol import wrap
 from whimbrel.v1 import (
@@ -674,7 +674,7 @@ class Scheduler:
                     transferred_bytes=n << 27,
                     remaining_bytes=remaining,
                     mbps=800.0,
-                    **{"pass": n},
+                    **sampled_pass(n),
                 ),
             ),
         ]

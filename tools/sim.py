@@ -13,7 +13,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf.message import Message
 
@@ -360,7 +360,7 @@ class Driver:
                         transferred_bytes=n << 27,
                         remaining_bytes=remaining,
                         mbps=800.0,
-                        **{"pass": n},
+                        **sampled_pass(n),
                     ),
                 )
             )
@@ -375,6 +375,11 @@ class Driver:
                 )
                 return out
         return out
+
+
+def sampled_pass(n: int) -> dict[str, Any]:
+    """`pass` is a Python keyword: a sample's pass, as keyword arguments."""
+    return {"pass": n}
 
 
 def running_vm(driver: Driver, name: str = "vm-1", host: str = "host-a") -> None:

@@ -340,6 +340,11 @@ def _stats(
     world: World, p: events_pb2.MigrationStatsSampled, seq: int, time_us: int, origin: str
 ) -> None:
     m = _open_migration(world, p.vm)
+    if m is not None and p.error_desc:
+        side = m.side(origin)
+        if side is not None:
+            side.error = _printable(p.error_desc)
+        return
     if m is None or origin != m.source:
         return
     progress = m.progress
@@ -357,6 +362,14 @@ def _stats(
     progress.remaining_bytes = p.remaining_bytes
     progress.mbps = p.mbps
     progress.dirty_pages_rate = p.dirty_pages_rate
+
+
+# QEMU's error text goes into reasons, logs and terminals: a line of printable characters.
+MAX_ERROR_TEXT = 256
+
+
+def _printable(text: str) -> str:
+    return "".join(c if c.isprintable() else "?" for c in text[:MAX_ERROR_TEXT])
 
 
 @_on(events_pb2.QemuExited)

@@ -461,9 +461,10 @@ def _problem(world: World, m: MigrationState) -> list[Message]:
     if not m.postcopy_started and not m.point_of_no_return_passed:
         # QEMU ended the source's migration by itself (a destination it cannot reach, a failed
         # load reported on the return path): it resumes the source if it was running.
-        for side, status in (("source", src.status), ("destination", dst.status)):
-            if status in ("failed", "cancelled") and (side == "destination" or src.alive):
-                return _rollback(m, f"{side} migration {status} in QEMU")
+        for side, end in (("source", src), ("destination", dst)):
+            if end.status in ("failed", "cancelled") and (side == "destination" or src.alive):
+                said = f": {end.error}" if end.error else ""
+                return _rollback(m, f"{side} migration {end.status} in QEMU{said}")
     if m.postcopy_started and src.status == dst.status == "postcopy-paused":
         # Both ends must have noticed the break: migrate-recover is refused by a destination
         # that is still postcopy-active (QEMU 7.2), and each refusal would use up an attempt.

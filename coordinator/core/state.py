@@ -213,6 +213,8 @@ class Side:
     alive: bool = False
     stopped_at_us: int = 0
     resumed_at_us: int = 0
+    # Why its migration failed, in QEMU's words (query-migrate's error-desc), if it said.
+    error: str = ""
 
 
 @dataclass(slots=True)

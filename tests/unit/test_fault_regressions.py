@@ -90,6 +90,26 @@ def test_a_source_migration_that_fails_on_its_own_rolls_back(status):
     clean(driver)
 
 
+def test_qemus_own_words_on_a_failure_reach_the_rollback_reason():
+    """hostd sends query-migrate's error-desc before the MIGRATION "failed" it explains (a TLS
+    certificate refused, say): the reason says it, as one printable line."""
+    driver, hosts = fresh()
+    start(driver)
+    until_issued(driver, hosts, Kind.START_MIGRATION)
+    answer(driver, hosts, [driver.log[-1]])
+    said = E.MigrationStatsSampled(
+        vm="vm-1", status="failed", error_desc="TLS handshake failed:\x1b[31m bad cert\n"
+    )
+    driver.observe(Observation("host-a", said), migration("host-a", "vm-1", "failed"))
+    events = driver.run("m-1", hosts)
+    rollback = next(e.payload for e in events if e.type == "RollbackDecided")
+    assert (
+        rollback.reason == "source migration failed in QEMU: TLS handshake failed:?[31m bad cert?"
+    )
+    assert driver.world.migrations["m-1"].progress.total_bytes == 0  # not taken as progress
+    clean(driver)
+
+
 def test_a_precopy_source_keeps_its_lease_until_qemu_can_no_longer_resume_it():
     """QEMU 7.2 resumes a pre-copy source by itself when its migration fails, even from
     pre-switchover: hostd releases the source's lease only at completed (postmigrate), so a

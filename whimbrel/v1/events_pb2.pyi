@@ -832,6 +832,7 @@ class MigrationStatsSampled(_message.Message):
     DIRTY_PAGES_RATE_FIELD_NUMBER: _builtins.int
     MBPS_FIELD_NUMBER: _builtins.int
     EXPECTED_DOWNTIME_MS_FIELD_NUMBER: _builtins.int
+    ERROR_DESC_FIELD_NUMBER: _builtins.int
     vm: _builtins.str
     """VM name."""
     status: _builtins.str
@@ -848,6 +849,10 @@ class MigrationStatsSampled(_message.Message):
     """ram.mbps, megabits per second."""
     expected_downtime_ms: _builtins.int
     """expected-downtime, milliseconds."""
+    error_desc: _builtins.str
+    """error-desc, QEMU's own words on a failed migration (status "failed"; the other fields are
+    then not set). Sent before the MIGRATION "failed" event it explains.
+    """
     def __init__(
         self,
         *,
@@ -859,10 +864,11 @@ class MigrationStatsSampled(_message.Message):
         dirty_pages_rate: _builtins.int = ...,
         mbps: _builtins.float = ...,
         expected_downtime_ms: _builtins.int = ...,
+        error_desc: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dirty_pages_rate", b"dirty_pages_rate", "expected_downtime_ms", b"expected_downtime_ms", "mbps", b"mbps", "pass", b"pass", "remaining_bytes", b"remaining_bytes", "status", b"status", "total_bytes", b"total_bytes", "transferred_bytes", b"transferred_bytes", "vm", b"vm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dirty_pages_rate", b"dirty_pages_rate", "error_desc", b"error_desc", "expected_downtime_ms", b"expected_downtime_ms", "mbps", b"mbps", "pass", b"pass", "remaining_bytes", b"remaining_bytes", "status", b"status", "total_bytes", b"total_bytes", "transferred_bytes", b"transferred_bytes", "vm", b"vm"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
