@@ -62,3 +62,35 @@ def test_downtime_steps_let_a_migration_finish_sooner():
     steady = predict(environment(50), policy(), PRECOPY)
     stepped = predict(environment(50), policy(downtime_steps_ms=[1000, 2000]), PRECOPY)
     assert stepped.passes < steady.passes and stepped.total_s < steady.total_s
+
+
+def test_the_cli_refuses_a_bad_policy_file_and_an_unknown_migration(tmp_path, capsys):
+    """A recorded migration (the core's simulated hosts, a real SQLite log): a policy file that
+    is not a MigrationPolicy exits 2 naming it (like an unreadable log), an invalid policy and
+    an unknown migration exit 1 with why (like `timeline`); a good file predicts."""
+    from coordinator.core import inputs as I
+    from tests.unit.helpers import fresh
+    from tools.audit.cli import main
+    from tools.sim import store_log
+
+    driver, hosts = fresh()
+    driver.request(I.StartMigration("m-1", "vm-1", "host-b", PRECOPY, E.MigrationPolicy(),
+                                    driver.now_us))  # fmt: skip
+    driver.run("m-1", hosts)
+    store_log(driver.log, tmp_path / "log.db").close()
+    db = str(tmp_path / "log.db")
+    garbage = tmp_path / "garbage.json"
+    garbage.write_text('{"parameters": {"max_bandwidth": "lots"}}')
+    invalid = tmp_path / "invalid.json"
+    invalid.write_text('{"downtime_steps_ms": [9000]}')
+    good = tmp_path / "good.json"
+    good.write_text('{"parameters": {"max_bandwidth": "1048576"}}')
+    capsys.readouterr()
+    assert main(["whatif", db, "--migration", "m-1", "--policy", str(garbage)]) == 2
+    assert f"policy file {garbage}" in capsys.readouterr().err
+    assert main(["whatif", db, "--migration", "m-1", "--policy", str(invalid)]) == 1
+    assert "at most 2000 ms" in capsys.readouterr().err
+    assert main(["whatif", db, "--migration", "m-9", "--policy", str(good)]) == 1
+    assert "no migration 'm-9'" in capsys.readouterr().err
+    assert main(["whatif", db, "--migration", "m-1", "--policy", str(good)]) == 0
+    assert "what if good.json:" in capsys.readouterr().out

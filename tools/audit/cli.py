@@ -97,9 +97,12 @@ def cmd_whatif(ns: argparse.Namespace) -> int:
     events = [codec.from_stored(s) for s in stored_events(conn)]
     try:
         result = whatif.whatif(events, ns.migration, ns.policy)
-    except CoreError as err:  # an unknown or invalid policy
+    except (CoreError, ValueError) as err:  # a policy, or a migration, it cannot replay
         print(f"whimbrel-audit: {err}", file=sys.stderr)
         return EXIT_VIOLATIONS
+    except (json_format.ParseError, OSError, UnicodeDecodeError) as err:
+        print(f"whimbrel-audit: policy file {ns.policy}: {err}", file=sys.stderr)
+        return EXIT_UNREADABLE
     print(whatif.as_json(result) if ns.json else whatif.render(result))
     return EXIT_CLEAN
 
