@@ -37,7 +37,7 @@ from coordinator.core import (
 from coordinator.core import inputs as I
 from coordinator.core.state import Command
 from coordinator.host_session import HostSession, issued_command, outstanding
-from coordinator.log import EventStore, PendingEvent, StaleEpoch, StoreError, StoreFailure
+from coordinator.log import EventStore, LogLocked, PendingEvent, StaleEpoch, StoreError
 from coordinator.replay import replay
 from coordinator.telemetry import Telemetry
 from whimbrel import protocol
@@ -179,9 +179,7 @@ class Coordinator:
         while True:
             try:
                 return await asyncio.to_thread(self.store.begin_epoch, first)
-            except StoreFailure as err:
-                if "locked" not in str(err):
-                    raise
+            except LogLocked:
                 log.warning("the log is locked by another writer (a hung coordinator?); waiting")
                 if self.waiting_for_lock is not None:
                     self.waiting_for_lock()

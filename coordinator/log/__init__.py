@@ -7,6 +7,7 @@ Errors:
     ├── StaleEpoch          a newer coordinator took over; this writer may append nothing more
     ├── CorruptLog          seq gap or broken hash chain found while reading
     └── StoreFailure        the database failed (disk full, I/O error); the batch was not stored
+        └── LogLocked       another writer holds the write lock (a hung coordinator)
 """
 
 from coordinator.log.chain import VerifyResult, verify_chain
@@ -14,6 +15,7 @@ from coordinator.log.memory import MemoryDatabase, MemoryEventStore
 from coordinator.log.records import (
     CorruptLog,
     EventStore,
+    LogLocked,
     PendingEvent,
     StaleEpoch,
     StoredEvent,
@@ -25,6 +27,7 @@ from coordinator.log.sqlite import SqliteEventStore
 __all__ = [
     "CorruptLog",
     "EventStore",
+    "LogLocked",
     "MemoryDatabase",
     "MemoryEventStore",
     "PendingEvent",

@@ -36,6 +36,11 @@ class StoreFailure(StoreError):
     """The database failed; nothing of the batch was stored."""
 
 
+class LogLocked(StoreFailure):
+    """Another writer holds the log's write lock (a hung coordinator, say); nothing of the
+    batch was stored. Taking the log over can wait and try again."""
+
+
 @dataclass(frozen=True, slots=True)
 class PendingEvent:
     """An event to append: canonical payload bytes and the plain columns people query.

@@ -28,6 +28,7 @@ from coordinator.log.canonical import SEQ_EPOCH
 from coordinator.log.chain import ZERO_HASH
 from coordinator.log.records import (
     AppendResult,
+    LogLocked,
     Mark,
     PendingEvent,
     StaleEpoch,
@@ -71,9 +72,14 @@ BEGIN SELECT RAISE(ABORT, 'events are append-only: DELETE is not allowed'); END;
 """
 
 
+# Only another coordinator would hold the write lock: wait this long, then report it (LogLocked).
+BUSY_TIMEOUT_S = 5.0
+
+
 def connect(path: str | Path) -> sqlite3.Connection:
-    # Only another coordinator would hold the write lock: wait a little, then report it.
-    conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=5)
+    conn = sqlite3.connect(
+        str(path), isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_S
+    )
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     # Checkpoints run beside the writer (whimbrel.walcheckpoint), never inside a commit.
@@ -400,7 +406,7 @@ class SqliteEventStore:
             return
         except sqlite3.Error as err:
             self._rollback()
-            failure = StoreFailure(f"append failed: {err}")
+            failure = _failure(err)
             # Appends queued behind this one may rest on it (a decision on a fact that did not
             # commit): every later one fails too, until a new epoch starts over.
             self._fenced = failure
@@ -430,6 +436,13 @@ class SqliteEventStore:
             self._conn.execute("ROLLBACK")
         except sqlite3.Error:
             log.debug("rollback failed", exc_info=True)
+
+
+def _failure(err: sqlite3.Error) -> StoreFailure:
+    """The store's error for SQLite's, typed here, at the transaction's edge."""
+    if getattr(err, "sqlite_errorcode", None) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+        return LogLocked(f"append failed: the log is locked by another writer ({err})")
+    return StoreFailure(f"append failed: {err}")
 
 
 def _settle(batches: list[_Batch], outcome: list[list[Mark]] | StoreError, epoch: int) -> None:

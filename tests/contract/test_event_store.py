@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from coordinator.log import (
+    LogLocked,
     MemoryDatabase,
     MemoryEventStore,
     PendingEvent,
@@ -118,6 +119,29 @@ def test_new_epoch_follows_what_the_old_writer_committed_after_the_open(backend:
     assert [e.seq for e in new.read()] == [1, 2, 3, 4]
     assert new.head()[0] == 4
     assert verify_chain(new.read()).ok
+
+
+def test_a_log_locked_by_another_writer_is_reported_as_such(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process holding the write lock (a hung coordinator mid-transaction) is a typed
+    LogLocked, not a failure to read from its text: the coordinator's takeover waits on it."""
+    from coordinator.log import sqlite as sqlite_log
+
+    monkeypatch.setattr(sqlite_log, "BUSY_TIMEOUT_S", 0.2)
+    path = tmp_path / "log.db"
+    SqliteEventStore(path).close()
+    holder = sqlite3.connect(str(path), isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    store = SqliteEventStore(path)
+    try:
+        with pytest.raises(LogLocked, match="locked by another writer"):
+            store.begin_epoch(started)
+        holder.execute("ROLLBACK")
+        assert store.begin_epoch(started) == 1  # once it lets go, the takeover goes through
+    finally:
+        holder.close()
+        store.close()
 
 
 def test_concurrent_appenders_all_acknowledged_once(backend: Backend) -> None:
