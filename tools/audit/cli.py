@@ -25,10 +25,11 @@ from google.protobuf import json_format
 
 from coordinator import codec
 from coordinator.core import CoreError
-from tools.audit import state, timeline, whatif, why
-from tools.audit.checks import Unreadable, open_log, stored_events, verify, verify_events
-from tools.audit.remote import remote_events
 from whimbrel.tls import add_tls_flags, tls_files
+
+from . import state, timeline, whatif, why
+from .checks import Unreadable, open_log, stored_events, verify, verify_events
+from .remote import remote_events
 
 EXIT_CLEAN, EXIT_VIOLATIONS, EXIT_UNREADABLE = 0, 1, 2
 

@@ -7,9 +7,10 @@ from collections.abc import Iterator
 import grpc
 
 from coordinator.log import StoredEvent
-from tools.audit.checks import Unreadable
 from whimbrel.tls import TlsError, TlsFiles, channel
 from whimbrel.v1 import eventlog_pb2, eventlog_pb2_grpc
+
+from .checks import Unreadable
 
 
 def remote_events(

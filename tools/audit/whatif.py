@@ -3,7 +3,7 @@
 The log holds, per pass of the source, what QEMU measured: the guest's dirty rate, the
 throughput, and at the end the bytes sent. Those are the migration's environment: its dirty
 rate per pass, and the throughput it achieved on average (bytes sent over transfer time).
-The prediction runs them through qmpsim's pre-copy model (`tools.qmpsim.model`) and, after
+The prediction runs them through qmpsim's pre-copy model (`whimbrel.precopy_model`) and, after
 every pass, through the coordinator's own policy judgements (`coordinator.core.convergence`:
 downtime steps, stalls, the completion timeout, mode auto's switch), so it decides as the
 coordinator would have. The same prediction
@@ -27,7 +27,7 @@ from coordinator.core.lifecycle import POSTCOPY_MODE_DOWNTIME_LIMIT_MS
 from coordinator.core.scheduling import counted
 from coordinator.core.state import MigrationState, Side
 from coordinator.core.validate import effective_policy
-from tools.qmpsim import model
+from whimbrel import precopy_model as model
 from whimbrel.v1 import common_pb2, events_pb2
 
 MAX_PASSES = 1000

@@ -13,8 +13,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from coordinator.core import Event
-from tools.audit.timeline import summary
 from whimbrel.v1 import events_pb2
+
+from .timeline import summary
 
 
 @dataclass(frozen=True)

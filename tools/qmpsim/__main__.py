@@ -2,6 +2,6 @@
 
 import sys
 
-from tools.qmpsim.main import main
+from .main import main
 
 sys.exit(main(sys.argv[1:]))

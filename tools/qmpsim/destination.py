@@ -18,11 +18,11 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from tools.qmpsim import link
-from tools.qmpsim.cmdline import Launch
-from tools.qmpsim.machine import Machine
-from tools.qmpsim.settings import Settings
-from tools.qmpsim.wire import QmpError
+from . import link
+from .cmdline import Launch
+from .machine import Machine
+from .settings import Settings
+from .wire import QmpError
 
 __all__ = ["Destination"]
 

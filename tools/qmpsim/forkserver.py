@@ -26,10 +26,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from tools.qmpsim import daemon
-from tools.qmpsim.cmdline import PROGRAM, CmdlineError, parse
-from tools.qmpsim.knobs import KnobsError, load
-from tools.qmpsim.main import main
+from . import daemon
+from .cmdline import PROGRAM, CmdlineError, parse
+from .knobs import KnobsError, load
+from .main import main
 
 __all__ = ["ROOM", "serve"]
 

@@ -30,7 +30,7 @@ def encode(argv: list[str], env: dict[str, str], cwd: str) -> bytes:
 
 def launch(argv: list[str]) -> int:
     if "-daemonize" not in argv or {"-version", "-h", "-help"} & set(argv):
-        from tools.qmpsim.main import main
+        from .main import main
 
         return main(argv)
     path = os.environ[SERVER]

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from tools.qmpsim.cmdline import Launch
-from tools.qmpsim.wire import Command, QmpError, param
+from .cmdline import Launch
+from .wire import Command, QmpError, param
 
 __all__ = ["Machine"]
 

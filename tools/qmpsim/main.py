@@ -13,12 +13,12 @@ import signal
 import socket
 import sys
 
-from tools.qmpsim import daemon
-from tools.qmpsim.cmdline import PROGRAM, VERSION, CmdlineError, Launch, parse
-from tools.qmpsim.knobs import Knobs, KnobsError, load
-from tools.qmpsim.machine import Machine
-from tools.qmpsim.migration import Migration
-from tools.qmpsim.wire import Monitor
+from . import daemon
+from .cmdline import PROGRAM, VERSION, CmdlineError, Launch, parse
+from .knobs import Knobs, KnobsError, load
+from .machine import Machine
+from .migration import Migration
+from .wire import Monitor
 
 __all__ = ["main"]
 

@@ -7,13 +7,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from tools.qmpsim.cmdline import Launch
-from tools.qmpsim.destination import Destination
-from tools.qmpsim.knobs import Clock, Knobs
-from tools.qmpsim.machine import Emit, Machine
-from tools.qmpsim.settings import PARAMETERS, Settings
-from tools.qmpsim.source import IN_PROGRESS, Source
-from tools.qmpsim.wire import Command, QmpError, param
+from .cmdline import Launch
+from .destination import Destination
+from .knobs import Clock, Knobs
+from .machine import Emit, Machine
+from .settings import PARAMETERS, Settings
+from .source import IN_PROGRESS, Source
+from .wire import Command, QmpError, param
 
 __all__ = ["Migration"]
 

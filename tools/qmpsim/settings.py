@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tools.qmpsim.wire import QmpError
+from .wire import QmpError
 
 __all__ = ["CAPABILITIES", "Settings"]
 

@@ -20,13 +20,13 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from tools.qmpsim import link
-from tools.qmpsim.cmdline import Launch
-from tools.qmpsim.knobs import Clock, Knobs
-from tools.qmpsim.machine import Machine
-from tools.qmpsim.settings import Settings
-from tools.qmpsim.transfer import Transfer
-from tools.qmpsim.wire import QmpError
+from . import link
+from .cmdline import Launch
+from .knobs import Clock, Knobs
+from .machine import Machine
+from .settings import Settings
+from .transfer import Transfer
+from .wire import QmpError
 
 __all__ = ["IN_PROGRESS", "Source"]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from tools.qmpsim.knobs import Clock
+from .knobs import Clock
 
 __all__ = ["Transfer"]
 

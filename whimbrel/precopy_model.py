@@ -1,11 +1,12 @@
-"""qmpsim's pre-copy model as pure arithmetic, for `whimbrel-audit whatif` to predict with.
+"""The pre-copy model as pure arithmetic: what qmpsim (tools/qmpsim) simulates, and what
+`whimbrel-audit whatif` predicts with.
 
 A round sends what the last dirty-log sync found (the first round: all of RAM) at the
 bandwidth (max-bandwidth within what the link carries); the running guest dirties at its rate
 meanwhile, at most all of RAM. A sync that finds no more than bandwidth x downtime-limit
 switches over, and that remainder is the guest's pause; QEMU takes its first measurement after
-100 ms, so a first round shorter than that switches at once. `source.py` runs the same rules on
-simulated time.
+100 ms, so a first round shorter than that switches at once. qmpsim's `source.py` runs the same
+rules on simulated time.
 
 Auto-converge follows QEMU 7.2: after a sync whose period dirtied more than half of what it
 sent, twice in a row, the vCPUs are throttled by cpu-throttle-initial percent, and by
