@@ -54,3 +54,25 @@ def test_drain_moves_every_vm_and_leaves_the_host_empty(tmp_path: Path) -> None:
     finally:
         cluster.teardown()
     assert audit_main(["verify", str(cluster.db), "--final"]) == 0
+
+
+def test_draining_two_hosts_at_once_sends_nothing_to_either(tmp_path: Path) -> None:
+    """`host drain host-a host-b` cordons both before planning: host-a's VM cannot be sent to
+    host-b (the roomiest host, ties by id) only to be stranded there; both VMs end on host-c."""
+    hosts = ("host-a", "host-b", "host-c")
+    cluster = Cluster(tmp_path, hostd_args={h: CAPACITY for h in hosts})
+    try:
+        cluster.start(*hosts)
+        cluster.define_and_start("vm-1", "host-a")
+        cluster.define_and_start("vm-2", "host-b")
+        drained = ctl(cluster, "host", "drain", "host-a", "host-b", "--wait")
+        assert drained.returncode == 0, drained.stdout + drained.stderr
+        assert "host-a is empty" in drained.stdout and "host-b is empty" in drained.stdout
+        vms = json.loads(ctl(cluster, "--json", "vm", "list").stdout)["vms"]
+        assert {vm["spec"]["name"]: vm["host"] for vm in vms} == {
+            "vm-1": "host-c",
+            "vm-2": "host-c",
+        }
+    finally:
+        cluster.teardown()
+    assert audit_main(["verify", str(cluster.db), "--final"]) == 0
