@@ -68,13 +68,16 @@ class CommitPipeline:
                 new.payload.cause_seq = cause_seq  # type: ignore[attr-defined]
             event = Event(head + i, new.stream, new.type, epoch, new.time_us, new.payload,
                           new.origin_host, new.origin_generation, new.origin_seq)  # fmt: skip
-            concerned = world.migrations.get(migration_of(world, new.payload))
+            # Which migration the event concerns does not change by folding it (a request names
+            # its own id), so it is looked up once, on the hot path of every host event.
+            migration_id = migration_of(world, new.payload)
+            concerned = world.migrations.get(migration_id)
             phase_before = concerned.phase if concerned is not None else None
             evolve(world, event)
-            concerned = world.migrations.get(migration_of(world, new.payload))
+            concerned = world.migrations.get(migration_id)
             if concerned is not None and concerned.phase != phase_before:
                 self._entered.append(concerned.phase.label)
-            self.telemetry.staged(world, event)
+            self.telemetry.staged(world, event, migration_id)
             self._staged.append((new, event))
             staged.append(event)
         return staged

@@ -12,14 +12,13 @@ from whimbrel.v1 import common_pb2, events_pb2, host_pb2, migration_pb2, vm_pb2
 
 
 def migration_to_proto(
-    m: MigrationState, queue: Mapping[str, str] | None = None
+    m: MigrationState, places: Mapping[str, tuple[int, str]] | None = None
 ) -> migration_pb2.Migration:
-    """`queue`: the queued migrations in order, with what each waits for
-    (`scheduling.waiting`); needed to show a queued migration's place."""
-    position, waiting_for = 0, ""
-    if queue and m.migration_id in queue:
-        position = list(queue).index(m.migration_id) + 1
-        waiting_for = queue[m.migration_id] or "admission (there is room now)"
+    """`places`: the queued migrations' places and what each waits for (`scheduling.places`);
+    needed to show a queued migration's place."""
+    position, waiting_for = (places or {}).get(m.migration_id, (0, ""))
+    if position and not waiting_for:
+        waiting_for = "admission (there is room now)"
     return migration_pb2.Migration(
         migration_id=m.migration_id,
         vm=m.vm,

@@ -97,8 +97,8 @@ class Views:
             self._lists[key] = make()
         return self._lists[key]  # type: ignore[return-value]
 
-    def _queue(self, world: World) -> dict[str, str]:
-        return self._list("queue", lambda: scheduling.waiting(world))
+    def _queue(self, world: World) -> dict[str, tuple[int, str]]:
+        return self._list("queue", lambda: scheduling.places(world))
 
     def _migration(self, world: World, migration_id: str) -> migration_pb2.Migration | None:
         view = self._migrations.get(migration_id)

@@ -99,18 +99,24 @@ def _stalled(m: MigrationState) -> str:
     )
 
 
-def _timed_out(m: MigrationState, memory_mib: int, started_us: int, now_us: int) -> str:
-    per_gib = m.policy.completion_timeout_s_per_gib
+def completion_deadline_s(policy: events_pb2.MigrationPolicy, memory_mib: int) -> float:
+    """How long pre-copy may run by the policy: seconds per GiB of guest RAM, a GiB at least
+    (infinite without a completion timeout)."""
+    per_gib = policy.completion_timeout_s_per_gib
     if not per_gib:
-        return ""
-    memory = memory_mib << 20
-    allowed_s = per_gib * max(memory, GIB) / GIB
+        return float("inf")
+    return per_gib * max(memory_mib << 20, GIB) / GIB
+
+
+def _timed_out(m: MigrationState, memory_mib: int, started_us: int, now_us: int) -> str:
+    allowed_s = completion_deadline_s(m.policy, memory_mib)
     ran_s = (now_us - started_us) / 1e6
     if ran_s <= allowed_s:
         return ""
+    per_gib = m.policy.completion_timeout_s_per_gib
     return (
         f"completion timeout: pre-copy ran {ran_s:.0f} s, over {allowed_s:.0f} s "
-        f"({per_gib} s per GiB of {memory >> 20} MiB)"
+        f"({per_gib} s per GiB of {memory_mib} MiB)"
     )
 
 

@@ -350,12 +350,7 @@ def _stats(
     progress = m.progress
     sample_pass = getattr(p, "pass")  # "pass" is a Python keyword
     if sample_pass > progress.sampled_pass:
-        # A new pass: where the previous one ended is the policy's convergence yardstick.
-        progress.previous_remaining_bytes = progress.remaining_bytes
-        progress.sampled_pass = sample_pass
-        if not progress.min_at_pass or p.remaining_bytes < progress.min_remaining_bytes:
-            progress.min_remaining_bytes = p.remaining_bytes
-            progress.min_at_pass = sample_pass
+        progress.start_pass(sample_pass, p.remaining_bytes)
     progress.pass_ = max(progress.pass_, sample_pass)
     progress.total_bytes = p.total_bytes
     progress.transferred_bytes = p.transferred_bytes

@@ -126,12 +126,9 @@ def counted(n: int, noun: str) -> str:
     return f"{n} {noun}es" if noun.endswith("s") else f"{n} {noun}s"
 
 
-def position(world: World, migration_id: str) -> int:
-    """1 for the next queued migration, 0 for one not queued."""
-    for i, m in enumerate(queue(world), start=1):
-        if m.migration_id == migration_id:
-            return i
-    return 0
+def places(world: World) -> dict[str, tuple[int, str]]:
+    """Every queued migration's place (1: next) and what it waits for ("": room now)."""
+    return {mid: (n, why) for n, (mid, why) in enumerate(waiting(world).items(), start=1)}
 
 
 def set_limits(world: World, req: I.SetMigrationLimits) -> list[NewEvent]:

@@ -233,6 +233,14 @@ class Progress:
     min_remaining_bytes: int = 0
     min_at_pass: int = 0
 
+    def start_pass(self, n: int, remaining: int) -> None:
+        """A sample of a new pass `n`: where the previous one ended becomes the yardstick of
+        convergence, and a new minimum of remaining bytes is noted."""
+        self.previous_remaining_bytes = self.remaining_bytes
+        self.sampled_pass = n
+        if not self.min_at_pass or remaining < self.min_remaining_bytes:
+            self.min_remaining_bytes, self.min_at_pass = remaining, n
+
 
 @dataclass(slots=True)
 class MigrationState:

@@ -40,10 +40,8 @@ class Telemetry:
             if part is not None:
                 part.seed(world)
 
-    def staged(self, world: World, event: Event) -> None:
-        if self.tracer is None and self.metrics is None:
-            return
-        migration_id = migration_of(world, event.payload)
+    def staged(self, world: World, event: Event, migration_id: str) -> None:
+        """`migration_id`: the migration the event concerns (`migration_of`), or ""."""
         if self.tracer is not None:
             self.tracer.staged(world, event, migration_id)
         if self.metrics is not None:

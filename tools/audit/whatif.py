@@ -175,7 +175,7 @@ def predict(rec: Recorded, policy: events_pb2.MigrationPolicy, mode: int) -> Pre
         params.cpu_throttle_initial or model.THROTTLE_INITIAL,
         params.cpu_throttle_increment or model.THROTTLE_INCREMENT,
     )
-    deadline_s = _deadline_s(policy, rec.memory_mib)
+    deadline_s = convergence.completion_deadline_s(policy, rec.memory_mib)
     elapsed, to_send, n = 0.0, ram, 1
     while n < MAX_PASSES:
         rate = model.bandwidth(params.max_bandwidth, link)
@@ -215,13 +215,6 @@ def predict(rec: Recorded, policy: events_pb2.MigrationPolicy, mode: int) -> Pre
     return Prediction(n, elapsed, 0.0, False, "never converges", f"{MAX_PASSES} passes")
 
 
-def _deadline_s(policy: events_pb2.MigrationPolicy, memory_mib: int) -> float:
-    per_gib = policy.completion_timeout_s_per_gib
-    if not per_gib:
-        return float("inf")
-    return per_gib * max(memory_mib << 20, convergence.GIB) / convergence.GIB
-
-
 def _give_up(
     rec: Recorded,
     policy: events_pb2.MigrationPolicy,
@@ -246,12 +239,8 @@ def _give_up(
 
 def _record_pass(m: MigrationState, n: int, remaining: int) -> None:
     """What the coordinator folds from a pass and its sample (evolve's `_stats`)."""
-    progress = m.progress
-    progress.previous_remaining_bytes = progress.remaining_bytes
-    progress.sampled_pass = progress.pass_ = n
-    progress.remaining_bytes = remaining
-    if not progress.min_at_pass or remaining < progress.min_remaining_bytes:
-        progress.min_remaining_bytes, progress.min_at_pass = remaining, n
+    m.progress.start_pass(n, remaining)
+    m.progress.pass_, m.progress.remaining_bytes = n, remaining
 
 
 def _postcopy(
