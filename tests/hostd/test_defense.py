@@ -422,6 +422,8 @@ async def test_release_lease_releases_only_the_generation_it_names(tmp_path: Pat
         (["--host-id", "../host"], "host name '../host' is invalid"),
         (["--host-id", "host-a", "--migration-advertise", "relay.example:4444"], "refused"),
         (["--host-id", "host-a", "--migration-address", "localhost"], "refused"),
+        (["--host-id", "host-a", "--capacity-vcpus", "0"], "a whole number from 1 up"),
+        (["--host-id", "host-a", "--capacity-memory-mib", "4294967296"], "from 1 up"),
     ],
 )
 def test_hostd_will_not_start_with_settings_it_would_refuse(
