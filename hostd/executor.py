@@ -435,10 +435,10 @@ class Executor:
                 # fail; or it only arms autostart. The guest could not run before that state.
                 await vm.until_source_state_here()
                 self._holding_lease(c)  # still, after the wait
-            if vm.exited.is_set() or (vm.pid and not qemu.alive(vm.pid)):
-                # A QEMU that exited (even one whose migration had completed) cannot run the
-                # guest: say so before writing to its dead socket, so the coordinator knows cont
-                # never ran and may still fall back to the other side.
+            if vm.exited.is_set() or (vm.pid and not qemu.can_still_act(vm.pid)):
+                # A QEMU that exited or is being killed (even one whose migration had
+                # completed) cannot run the guest: say so before writing to its socket, so the
+                # coordinator knows cont never ran and may still fall back to the other side.
                 raise CommandRejected(f"QEMU of {c.vm} has exited", vm=c.vm)
         except CommandRejected:
             raise

@@ -208,6 +208,25 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+def can_still_act(pid: int) -> bool:
+    """Whether QEMU `pid` could still act on a command written to it now: alive, and no
+    SIGKILL sent to it yet. A killed process dies in the kernel before it runs another
+    instruction of its own, but stays alive (not yet a zombie) for a moment after the kill:
+    in that moment a command sent to it is lost for certain, not "maybe run"."""
+    if not alive(pid):
+        return False
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    sigkill = 1 << (signal.SIGKILL - 1)
+    for line in status.splitlines():
+        name, _, value = line.partition(":")
+        if name in ("SigPnd", "ShdPnd") and int(value.strip() or "0", 16) & sigkill:
+            return False
+    return True
+
+
 async def wait_exit(pid: int, limit: float | None = None) -> bool:
     """Wait until process `pid` has exited (pidfd: woken by the kernel, no polling)."""
     try:
