@@ -20,8 +20,8 @@ from hostd.drivers.network import NullNetworkDriver
 from hostd.executor import Executor
 from hostd.migration_tls import MigrationTls
 from tests.qemu.scenario import PHASE, assert_outcome, start_migration
-from tests.tcp_proxy import TLS_HANDSHAKE, TcpProxy
 from tools.cluster import Cluster
+from tools.tcp_proxy import TLS_HANDSHAKE, TcpProxy
 from whimbrel import pki
 from whimbrel.v1 import common_pb2, events_pb2, host_pb2, migration_pb2
 

@@ -21,9 +21,9 @@ from tests.qemu.scenario import (
     start_migration,
     wait_destination_running,
 )
-from tests.tcp_proxy import TLS_HANDSHAKE, TcpProxy
 from tools.cluster import Cluster
 from tools.guest import random_ram
+from tools.tcp_proxy import TLS_HANDSHAKE, TcpProxy
 from whimbrel.v1 import common_pb2, events_pb2
 
 pytestmark = pytest.mark.qemu
