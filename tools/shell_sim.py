@@ -34,6 +34,7 @@ import argparse
 import asyncio
 import contextlib
 import io
+import json
 import os
 import random
 import re
@@ -92,9 +93,10 @@ PRECOPY, POSTCOPY = common_pb2.MIGRATION_MODE_PRECOPY, common_pb2.MIGRATION_MODE
 HOST_WAIT_S = 30.0
 # ... and this long when the run keeps a host away on purpose.
 MISSING_HOST_WAIT_S = 0.5
-# Nothing happening for this long (no commit, no freeze) while the migration is open fails the
-# run; so does a settle that does not end within its limit.
-STALL_LIMIT_S = 20.0
+# The migration not ending (and no hostd freezing) within this fails the run; so does a settle
+# that does not end within its limit. Beyond hostd's own longest wait (a destination's cont
+# waits up to 30 s for the source's state), so a run fails only where nothing would end it.
+STALL_LIMIT_S = 40.0
 SETTLE_LIMIT_S = 45.0
 MAX_FAULTS = 3
 # Failpoints armed per hostd start while faults remain.
@@ -687,7 +689,7 @@ class Scheduler:
         strays = [h for h in alive if h != vm.host]
         if strays:
             raise RunFailed(f"a QEMU of the VM is left on {strays} after {m.phase.label}")
-        if self.run.killed:
+        if self.run.killed or _postcopy_cut_at_its_start(self.run.events):
             return
         lease = FileLeaseDriver(self.cluster.lockspace).read(VM).holder
         if alive != [vm.host] or running != [vm.host] or lease != vm.host:
@@ -695,6 +697,24 @@ class Scheduler:
                 f"a healthy VM was lost: QEMU alive on {alive}, running on {running}, the "
                 f"log's host {vm.host!r}, lease on {lease!r} ({m.phase.label}: {m.reason})"
             )
+
+
+def _postcopy_cut_at_its_start(events: list[Event]) -> bool:
+    """The source paused its post-copy while the destination never entered it: the link broke
+    as post-copy began. QEMU 7.2 can neither recover that (migrate-recover needs a paused
+    destination) nor resume the source (a cancel leaves a paused source in `cancelling`): the
+    VM is lost by QEMU's limits, and fencing it is the right end."""
+    source_paused = destination_entered = False
+    for e in events:
+        p = e.payload
+        if not isinstance(p, events_pb2.QmpEventReceived) or p.event != "MIGRATION":
+            continue
+        status = json.loads(p.data_json).get("status")
+        if e.origin_host == SOURCE and status == "postcopy-paused":
+            source_paused = True
+        if e.origin_host == DESTINATION and status in ("postcopy-active", "postcopy-paused"):
+            destination_entered = True
+    return source_paused and not destination_entered
 
 
 class ScriptedScheduler(Scheduler):
@@ -761,62 +781,38 @@ def judge_log(run: Run, db: Path) -> None:
 
 
 # Scripts that reach each row of the recovery table: a hostd frozen where the log pins the
-# migration's stage, and the coordinator restarted with the row's host missing.
-def _restart(missing: str) -> str:
-    return f"coordinator restarts, {missing} missing"
+# migration's stage, and the coordinator restarted with the row's host(s) missing.
+_FREEZE_AT_STAGE = {
+    # The destination has not prepared yet: nothing is sent.
+    table.Stage.BEFORE_SWITCH: (PRECOPY, DESTINATION, "hostd.before-execute.prepare-incoming"),
+    # The source stopped in pre-switchover, its migrate-continue not yet sent.
+    table.Stage.SWITCHING: (PRECOPY, SOURCE, "hostd.before-execute.continue-switchover"),
+    # Post-copy started; the destination waits to take the lease before it may run.
+    table.Stage.POSTCOPY: (POSTCOPY, DESTINATION, "hostd.before-execute.acquire-lease"),
+    # The destination's cont is logged, not yet sent; post-copy pages still flow.
+    table.Stage.AFTER_CONT: (POSTCOPY, DESTINATION, "hostd.before-execute.resume-vm"),
+}
+_MISSING_HOSTS = {
+    table.Missing.SOURCE: SOURCE,
+    table.Missing.DESTINATION: DESTINATION,
+    table.Missing.BOTH: f"{SOURCE}, {DESTINATION}",
+}
 
 
-_BOTH = f"{SOURCE}, {DESTINATION}"
+def _restart(missing: table.Missing) -> str:
+    return f"coordinator restarts, {_MISSING_HOSTS[missing]} missing"
+
+
 ROW_SCRIPTS: dict[str, tuple[int, Strike]] = {
-    # Before the switch: the destination frozen before it prepares, or the source before it
-    # starts the migration (QEMU has not begun to send).
-    "BEFORE_SWITCH/SOURCE": (
-        PRECOPY, Strike(SOURCE, "hostd.before-execute.start-migration", _restart(SOURCE))
-    ),
-    "BEFORE_SWITCH/DESTINATION": (
-        PRECOPY,
-        Strike(DESTINATION, "hostd.before-execute.prepare-incoming", _restart(DESTINATION)),
-    ),
-    "BEFORE_SWITCH/BOTH": (
-        PRECOPY, Strike(DESTINATION, "hostd.before-execute.prepare-incoming", _restart(_BOTH))
-    ),
-    # Switching: the source stopped in pre-switchover, its migrate-continue not yet sent.
-    "SWITCHING/SOURCE": (
-        PRECOPY, Strike(SOURCE, "hostd.before-execute.continue-switchover", _restart(SOURCE))
-    ),
-    "SWITCHING/DESTINATION": (
-        PRECOPY,
-        Strike(SOURCE, "hostd.before-execute.continue-switchover", _restart(DESTINATION)),
-    ),
-    "SWITCHING/BOTH": (
-        PRECOPY, Strike(SOURCE, "hostd.before-execute.continue-switchover", _restart(_BOTH))
-    ),
-    # Post-copy started, the destination not yet resumed: it waits to take the lease.
-    "POSTCOPY/SOURCE": (
-        POSTCOPY, Strike(DESTINATION, "hostd.before-execute.acquire-lease", _restart(SOURCE))
-    ),
-    "POSTCOPY/DESTINATION": (
-        POSTCOPY,
-        Strike(DESTINATION, "hostd.before-execute.acquire-lease", _restart(DESTINATION)),
-    ),
-    "POSTCOPY/BOTH": (
-        POSTCOPY, Strike(DESTINATION, "hostd.before-execute.acquire-lease", _restart(_BOTH))
-    ),
-    # After the cont intent: the destination's cont is logged, not yet sent.
-    "AFTER_CONT/SOURCE": (
-        POSTCOPY, Strike(DESTINATION, "hostd.before-execute.resume-vm", _restart(SOURCE))
-    ),
-    "AFTER_CONT/DESTINATION": (
-        PRECOPY, Strike(DESTINATION, "hostd.before-execute.resume-vm", _restart(DESTINATION))
-    ),
-    "AFTER_CONT/BOTH": (
-        PRECOPY, Strike(DESTINATION, "hostd.before-execute.resume-vm", _restart(_BOTH))
-    ),
-    # The destination ran and has everything; the source is about to be destroyed.
-    "AFTER_CONT/SOURCE/transfer-completed": (
-        PRECOPY, Strike(SOURCE, "hostd.before-execute.destroy-vm", _restart(SOURCE))
-    ),
-}  # fmt: skip
+    row_name(stage, missing): (mode, Strike(host, failpoint, _restart(missing)))
+    for stage, (mode, host, failpoint) in _FREEZE_AT_STAGE.items()
+    for missing in table.Missing
+}
+# The destination ran and has everything; the source is about to be destroyed.
+ROW_SCRIPTS[row_name(table.Stage.AFTER_CONT, table.Missing.SOURCE, completed=True)] = (
+    PRECOPY,
+    Strike(SOURCE, "hostd.before-execute.destroy-vm", _restart(table.Missing.SOURCE)),
+)
 
 
 async def _judged(scheduler: Scheduler) -> Run:
