@@ -7,43 +7,25 @@ host events. A view is keyed by the world's last seq: fifty watchers of one migr
 the same commit convert it once, and a ListMigrations loop converts each migration once per
 change, not once per call.
 
-Reads also keep out of a guest's pause: while a migration is switching over (post-copy
-requested, or the source stopped and the destination's `cont` not yet issued) the coordinator's
-loop is on the guest's critical path, so a read waits until no migration is (at most HOLD_S),
-then is served. One gate task follows the commits meanwhile; the readers it holds cost nothing.
+Reads also keep out of a guest's pause: each waits at the coordinator's read gate
+(`coordinator.read_gate`), shut while a migration is in its switchover, before it is served.
 
 Errors: NotFound (coordinator.core) for an unknown migration or VM.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from typing import TypeVar
 
 from coordinator import convert
 from coordinator.app import Coordinator
-from coordinator.core import NotFound, Phase, World, scheduling
+from coordinator.core import NotFound, World, scheduling
 from whimbrel.v1 import host_pb2, migration_pb2, vm_pb2
 
 __all__ = ["Views"]
 
 T = TypeVar("T")
-
-# The longest a read waits for the switchovers under way to pass. A handoff takes milliseconds;
-# one that hangs (a host that does not answer) must not stall every reader with it.
-HOLD_S = 0.5
-_SWITCHING = frozenset({Phase.SWITCHOVER, Phase.HANDOFF})
-
-
-def switching(world: World) -> bool:
-    """Whether some migration is in or about to enter its guest's pause, with the coordinator
-    on the critical path (until the destination's `cont` is issued)."""
-    for migration_id in world.open_migrations:
-        m = world.migrations[migration_id]
-        if m.phase in _SWITCHING or (m.phase == Phase.TRANSFERRING and m.postcopy_requested):
-            return True
-    return False
 
 
 class Views:
@@ -55,42 +37,26 @@ class Views:
         self._migrations: dict[str, migration_pb2.Migration] = {}
         self._vms: dict[str, vm_pb2.Vm] = {}
         self._lists: dict[str, object] = {}
-        self._gate: asyncio.Task[None] | None = None
-        self._quiet = asyncio.Event()
 
     async def quiet(self) -> None:
-        """Return once no migration is switching over, or once the gate has held HOLD_S."""
-        async with self.app.reading() as world:
-            if not switching(world):
-                return
-        if self._gate is None:
-            self._quiet = asyncio.Event()
-            self._gate = asyncio.get_running_loop().create_task(self._hold(), name="read-gate")
-        await self._quiet.wait()
-
-    async def _hold(self) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + HOLD_S
-        try:
-            while (left := deadline - loop.time()) > 0:
-                await self.app.wait_for_change(left)
-                async with self.app.reading() as world:
-                    if not switching(world):
-                        break
-        finally:
-            self._gate = None
-            self._quiet.set()
+        """Return once the read gate is open: no migration is in its switchover, or the gate
+        has been shut for as long as it may be."""
+        await self.app.read_gate.opened()
 
     async def _world(self) -> World:
         """The committed world, with the caches of its version. Use it before the next await."""
-        await self.quiet()
-        async with self.app.reading() as world:
-            if world.last_seq != self._seq:
-                self._seq = world.last_seq
-                self._migrations.clear()
-                self._vms.clear()
-                self._lists.clear()
-            return world
+        while True:
+            await self.quiet()
+            async with self.app.reading() as world:
+                # A commit landing while this waited for it may have shut the gate again.
+                if not self.app.read_gate.is_open:
+                    continue
+                if world.last_seq != self._seq:
+                    self._seq = world.last_seq
+                    self._migrations.clear()
+                    self._vms.clear()
+                    self._lists.clear()
+                return world
 
     def _list(self, key: str, make: Callable[[], T]) -> T:
         if key not in self._lists:
