@@ -148,13 +148,7 @@ class MigrationServicer(migration_pb2_grpc.MigrationServiceServicer):
     async def ListMigrations(
         self, request: migration_pb2.ListMigrationsRequest, context: Any
     ) -> migration_pb2.ListMigrationsResponse:
-        ms = [
-            m
-            for m in await self.views.migrations()
-            if (not request.vm or m.vm == request.vm)
-            and (not request.open_only or not Phase(m.phase).terminal)
-        ]
-        return migration_pb2.ListMigrationsResponse(migrations=ms)
+        return await self.views.migration_list(request.vm, request.open_only)
 
     async def WatchMigration(
         self, request: migration_pb2.WatchMigrationRequest, context: Any
@@ -317,7 +311,7 @@ class VmServicer(vm_pb2_grpc.VmServiceServicer):
 
     @mapped
     async def ListVms(self, request: vm_pb2.ListVmsRequest, context: Any) -> vm_pb2.ListVmsResponse:
-        return vm_pb2.ListVmsResponse(vms=await self.views.vms())
+        return await self.views.vm_list()
 
 
 class HostServicer(host_pb2_grpc.HostServiceServicer):
@@ -420,7 +414,7 @@ class HostServicer(host_pb2_grpc.HostServiceServicer):
     async def ListHosts(
         self, request: host_pb2.ListHostsRequest, context: Any
     ) -> host_pb2.ListHostsResponse:
-        return host_pb2.ListHostsResponse(hosts=await self.views.hosts())
+        return await self.views.host_list()
 
     async def _host(self, host_id: str) -> host_pb2.Host:
         for host in await self.views.hosts():

@@ -4,8 +4,8 @@ Every read (List*, Get*, WatchMigration) is served from here, never under the co
 lock: a view is taken while the world is exactly the log (no commit in flight) and is immutable
 from then on, so readers and watchers, however many, never hold up the folding and committing of
 host events. A view is keyed by the world's last seq: fifty watchers of one migration woken by
-the same commit convert it once, and a ListMigrations loop converts each migration once per
-change, not once per call.
+the same commit convert it once, and a ListMigrations loop gets the same response message,
+built once per change, not once per call (building it copies every migration's message).
 
 Reads also keep out of a guest's pause: each waits at the coordinator's read gate
 (`coordinator.read_gate`), shut while a migration is in its switchover, before it is served.
@@ -20,7 +20,7 @@ from typing import TypeVar
 
 from coordinator import convert
 from coordinator.app import Coordinator
-from coordinator.core import NotFound, World, scheduling
+from coordinator.core import NotFound, Phase, World, scheduling
 from whimbrel.v1 import host_pb2, migration_pb2, vm_pb2
 
 __all__ = ["Views"]
@@ -36,7 +36,7 @@ class Views:
         self._seq = -1
         self._migrations: dict[str, migration_pb2.Migration] = {}
         self._vms: dict[str, vm_pb2.Vm] = {}
-        self._lists: dict[str, object] = {}
+        self._lists: dict[object, object] = {}
 
     async def quiet(self) -> None:
         """Return once the read gate is open: no migration is in its switchover, or the gate
@@ -58,7 +58,7 @@ class Views:
                     self._lists.clear()
                 return world
 
-    def _list(self, key: str, make: Callable[[], T]) -> T:
+    def _list(self, key: object, make: Callable[[], T]) -> T:
         if key not in self._lists:
             self._lists[key] = make()
         return self._lists[key]  # type: ignore[return-value]
@@ -106,6 +106,28 @@ class Views:
 
         return self._list("migrations", make)
 
+    async def migration_list(
+        self, vm: str = "", open_only: bool = False
+    ) -> migration_pb2.ListMigrationsResponse:
+        """ListMigrations' answer: every migration (of `vm`, if given; only open ones, if
+        `open_only`), newest request first. The answers for every VM are shared until the next
+        change; one for a single VM is built per call (a cache keyed by whatever name callers
+        send would grow with what they send)."""
+        migrations = await self.migrations()
+
+        def make() -> migration_pb2.ListMigrationsResponse:
+            return migration_pb2.ListMigrationsResponse(
+                migrations=[
+                    m
+                    for m in migrations
+                    if (not vm or m.vm == vm) and (not open_only or not Phase(m.phase).terminal)
+                ]
+            )
+
+        if vm:
+            return make()
+        return self._list(("migration_list", open_only), make)
+
     async def vm(self, name: str) -> vm_pb2.Vm:
         world = await self._world()
         view = self._vm(world, name)
@@ -122,6 +144,11 @@ class Views:
 
         return self._list("vms", make)
 
+    async def vm_list(self) -> vm_pb2.ListVmsResponse:
+        """ListVms' answer, shared until the next change."""
+        vms = await self.vms()
+        return self._list("vm_list", lambda: vm_pb2.ListVmsResponse(vms=vms))
+
     async def hosts(self) -> list[host_pb2.Host]:
         """Every host, by id."""
         world = await self._world()
@@ -130,3 +157,8 @@ class Views:
             return [convert.host_to_proto(world, world.hosts[h]) for h in sorted(world.hosts)]
 
         return self._list("hosts", make)
+
+    async def host_list(self) -> host_pb2.ListHostsResponse:
+        """ListHosts' answer, shared until the next change."""
+        hosts = await self.hosts()
+        return self._list("host_list", lambda: host_pb2.ListHostsResponse(hosts=hosts))

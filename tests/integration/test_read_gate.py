@@ -179,3 +179,32 @@ async def test_a_switchover_that_does_not_end_holds_reads_for_the_bound_once(
     assert updates[-1].phase == PHASE.MIGRATION_PHASE_COMPLETED and updates[-1].pause_us > 0
     for host in (source, destination):
         await host.stop()
+
+
+async def test_shared_list_answers_follow_each_change_and_filters(coordinator, sim_hosts):
+    """ListMigrations' shared answers (all, open only) are rebuilt after each change, and a
+    VM filter still selects: an open migration is listed by both, then only by `all` once it
+    completed; another VM's filter lists none."""
+    coordinator.app.read_gate.hold_s = 0.05  # the held cont must not slow the reads down
+    source, destination = await _in_switchover(coordinator, sim_hosts)
+    migrations = migration_pb2_grpc.MigrationServiceStub(coordinator.channel)
+
+    async def listed(**request: object) -> list[tuple[str, int]]:
+        answer = await migrations.ListMigrations(migration_pb2.ListMigrationsRequest(**request))
+        return [(m.migration_id, m.phase) for m in answer.migrations]
+
+    finishing = [("m-1", PHASE.MIGRATION_PHASE_FINISHING)]
+    assert await listed() == finishing
+    assert await listed(open_only=True) == finishing
+    assert await listed(vm="vm-1") == finishing
+    assert await listed(vm="vm-2") == []
+    destination.release()
+    _transfer_completes(source, destination)
+    await wait_until(
+        lambda: coordinator.app.world.migrations["m-1"].phase.terminal, coordinator.app
+    )
+    assert await listed() == [("m-1", PHASE.MIGRATION_PHASE_COMPLETED)]
+    assert await listed(open_only=True) == []
+    assert await listed(vm="vm-1", open_only=True) == []
+    for host in (source, destination):
+        await host.stop()
