@@ -38,6 +38,7 @@ from coordinator.core import inputs as I
 from coordinator.core.state import Command
 from coordinator.host_session import HostSession, issued_command, outstanding
 from coordinator.log import EventStore, LogLocked, PendingEvent, StaleEpoch, StoreError
+from coordinator.read_gate import ReadGate
 from coordinator.replay import replay
 from coordinator.telemetry import Telemetry
 from whimbrel import protocol
@@ -91,6 +92,8 @@ class Coordinator:
         self.sessions: dict[str, HostSession] = {}
         self._lock = asyncio.Lock()
         self._changed = asyncio.Event()
+        # Shut while a guest is in its switchover: reads and watchers wait at it (read_gate).
+        self.read_gate = ReadGate()
         self._queue_judged_at = -1
         self.pipeline = CommitPipeline(
             store, telemetry or Telemetry(), self._committed, self._failed
@@ -162,8 +165,9 @@ class Coordinator:
             await self.pipeline.flush()
 
     async def close(self) -> None:
-        """Stop the clock tick and the recovery timer (the server and the store are the
-        caller's)."""
+        """Stop the clock tick and the recovery timer, and open the read gate for good (the
+        server and the store are the caller's)."""
+        self.read_gate.close()
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
@@ -259,6 +263,8 @@ class Coordinator:
         for event in events:
             if isinstance(event.payload, events_pb2.CommandIssued):
                 self._dispatch(event.payload)
+        # After the sends: a reader let go by this commit runs behind them, not ahead.
+        self.read_gate.judge(self.world)
         self._changed.set()
         self._changed = asyncio.Event()
 

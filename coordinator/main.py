@@ -101,7 +101,7 @@ def build_server(
         servicers.HostServicer(app, views, limits.host_queue_events), server
     )
     eventlog_pb2_grpc.add_EventLogServiceServicer_to_server(
-        servicers.EventLogServicer(app, limits, views), server
+        servicers.EventLogServicer(app, limits), server
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

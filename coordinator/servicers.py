@@ -7,7 +7,8 @@ This module alone chooses status codes:
     StreamRefused -> PERMISSION_DENIED (a host sent what it may not: the stream ends)
 gRPC itself answers RESOURCE_EXHAUSTED beyond the server's limits (`coordinator.limits`).
 
-Reads and watches are served from `coordinator.views`, never under the application's lock.
+Reads and watches are served from `coordinator.views`, never under the application's lock, and
+wait at the read gate (`coordinator.read_gate`) while a guest is in its switchover.
 
 Who may call what is decided before a servicer runs (`coordinator.authz`); here requests only
 carry the caller's principal into the log, and a host stream's Hello must name the host of the
@@ -147,13 +148,7 @@ class MigrationServicer(migration_pb2_grpc.MigrationServiceServicer):
     async def ListMigrations(
         self, request: migration_pb2.ListMigrationsRequest, context: Any
     ) -> migration_pb2.ListMigrationsResponse:
-        ms = [
-            m
-            for m in await self.views.migrations()
-            if (not request.vm or m.vm == request.vm)
-            and (not request.open_only or not Phase(m.phase).terminal)
-        ]
-        return migration_pb2.ListMigrationsResponse(migrations=ms)
+        return await self.views.migration_list(request.vm, request.open_only)
 
     async def WatchMigration(
         self, request: migration_pb2.WatchMigrationRequest, context: Any
@@ -162,20 +157,25 @@ class MigrationServicer(migration_pb2_grpc.MigrationServiceServicer):
             current = await self._get(request.migration_id)
         except CoreError as err:
             await context.abort(status_for(err), str(err))
+        gate = self.app.read_gate
         last = None
         loop = asyncio.get_running_loop()
         sent_at = -WATCH_INTERVAL_S
         while True:
+            # Taken before the read: a change committed while the update is sent still wakes
+            # this watcher.
+            change = gate.next_change()
             current = await self._get(request.migration_id)
             if current != last:
                 yield current
                 last, sent_at = current, loop.time()
             if Phase(current.phase).terminal:
                 return
-            await self.app.wait_for_change(max_wait=5)
-            # At most one update per interval: the commits of a switchover come a millisecond
-            # apart, and a watcher woken by each would take the coordinator's loop from the
-            # guest's pause every time. The latest state is sent; the end is never skipped.
+            # Woken by changes only while the read gate is open: the commits of a switchover
+            # wake no watcher, and its end wakes each once, for the latest state.
+            await gate.wait(change, max_wait=5)
+            # And at most one update per interval otherwise: a busy migration's commits come
+            # milliseconds apart. The latest state is sent; the end is never skipped.
             await asyncio.sleep(max(0.0, sent_at + WATCH_INTERVAL_S - loop.time()))
 
     @mapped
@@ -311,7 +311,7 @@ class VmServicer(vm_pb2_grpc.VmServiceServicer):
 
     @mapped
     async def ListVms(self, request: vm_pb2.ListVmsRequest, context: Any) -> vm_pb2.ListVmsResponse:
-        return vm_pb2.ListVmsResponse(vms=await self.views.vms())
+        return await self.views.vm_list()
 
 
 class HostServicer(host_pb2_grpc.HostServiceServicer):
@@ -414,7 +414,7 @@ class HostServicer(host_pb2_grpc.HostServiceServicer):
     async def ListHosts(
         self, request: host_pb2.ListHostsRequest, context: Any
     ) -> host_pb2.ListHostsResponse:
-        return host_pb2.ListHostsResponse(hosts=await self.views.hosts())
+        return await self.views.host_list()
 
     async def _host(self, host_id: str) -> host_pb2.Host:
         for host in await self.views.hosts():
@@ -480,12 +480,9 @@ def check_stream(stream: str) -> None:
 
 
 class EventLogServicer(eventlog_pb2_grpc.EventLogServiceServicer):
-    def __init__(
-        self, app: Coordinator, limits: Limits | None = None, views: Views | None = None
-    ) -> None:
+    def __init__(self, app: Coordinator, limits: Limits | None = None) -> None:
         self.app = app
         self.limits = limits or Limits()
-        self.views = views or Views(app)
         # One verification at a time: each reads and hashes the whole log.
         self._verifying = asyncio.Lock()
 
@@ -519,8 +516,12 @@ class EventLogServicer(eventlog_pb2_grpc.EventLogServiceServicer):
                 raise InvalidRequest(f"from_seq {request.from_seq} is beyond any seq ({MAX_SEQ})")
         except InvalidRequest as err:
             await context.abort(status_for(err), str(err))
+        gate = self.app.read_gate
         next_seq, sent = max(request.from_seq, 1), 0
         while True:
+            change = gate.next_change()  # before the read: a commit after it is not missed
+            # Every batch waits while a guest is in its switchover (coordinator.read_gate).
+            await gate.opened()
             batch = await asyncio.to_thread(self._read_batch, next_seq, request.stream)
             for stored in batch:
                 next_seq = stored.seq + 1
@@ -531,8 +532,7 @@ class EventLogServicer(eventlog_pb2_grpc.EventLogServiceServicer):
             if not batch:
                 if not request.follow:
                     return
-                await self.app.wait_for_change(max_wait=1)
-                await self.views.quiet()
+                await gate.wait(change, max_wait=1)
 
     @mapped
     async def VerifyLog(

@@ -4,20 +4,17 @@ Every read (List*, Get*, WatchMigration) is served from here, never under the co
 lock: a view is taken while the world is exactly the log (no commit in flight) and is immutable
 from then on, so readers and watchers, however many, never hold up the folding and committing of
 host events. A view is keyed by the world's last seq: fifty watchers of one migration woken by
-the same commit convert it once, and a ListMigrations loop converts each migration once per
-change, not once per call.
+the same commit convert it once, and a ListMigrations loop gets the same response message,
+built once per change, not once per call (building it copies every migration's message).
 
-Reads also keep out of a guest's pause: while a migration is switching over (post-copy
-requested, or the source stopped and the destination's `cont` not yet issued) the coordinator's
-loop is on the guest's critical path, so a read waits until no migration is (at most HOLD_S),
-then is served. One gate task follows the commits meanwhile; the readers it holds cost nothing.
+Reads also keep out of a guest's pause: each waits at the coordinator's read gate
+(`coordinator.read_gate`), shut while a migration is in its switchover, before it is served.
 
 Errors: NotFound (coordinator.core) for an unknown migration or VM.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -30,21 +27,6 @@ __all__ = ["Views"]
 
 T = TypeVar("T")
 
-# The longest a read waits for the switchovers under way to pass. A handoff takes milliseconds;
-# one that hangs (a host that does not answer) must not stall every reader with it.
-HOLD_S = 0.5
-_SWITCHING = frozenset({Phase.SWITCHOVER, Phase.HANDOFF})
-
-
-def switching(world: World) -> bool:
-    """Whether some migration is in or about to enter its guest's pause, with the coordinator
-    on the critical path (until the destination's `cont` is issued)."""
-    for migration_id in world.open_migrations:
-        m = world.migrations[migration_id]
-        if m.phase in _SWITCHING or (m.phase == Phase.TRANSFERRING and m.postcopy_requested):
-            return True
-    return False
-
 
 class Views:
     """Views of one coordinator's committed world (see the module's docstring)."""
@@ -54,45 +36,29 @@ class Views:
         self._seq = -1
         self._migrations: dict[str, migration_pb2.Migration] = {}
         self._vms: dict[str, vm_pb2.Vm] = {}
-        self._lists: dict[str, object] = {}
-        self._gate: asyncio.Task[None] | None = None
-        self._quiet = asyncio.Event()
+        self._lists: dict[object, object] = {}
 
     async def quiet(self) -> None:
-        """Return once no migration is switching over, or once the gate has held HOLD_S."""
-        async with self.app.reading() as world:
-            if not switching(world):
-                return
-        if self._gate is None:
-            self._quiet = asyncio.Event()
-            self._gate = asyncio.get_running_loop().create_task(self._hold(), name="read-gate")
-        await self._quiet.wait()
-
-    async def _hold(self) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + HOLD_S
-        try:
-            while (left := deadline - loop.time()) > 0:
-                await self.app.wait_for_change(left)
-                async with self.app.reading() as world:
-                    if not switching(world):
-                        break
-        finally:
-            self._gate = None
-            self._quiet.set()
+        """Return once the read gate is open: no migration is in its switchover, or the gate
+        has been shut for as long as it may be."""
+        await self.app.read_gate.opened()
 
     async def _world(self) -> World:
         """The committed world, with the caches of its version. Use it before the next await."""
-        await self.quiet()
-        async with self.app.reading() as world:
-            if world.last_seq != self._seq:
-                self._seq = world.last_seq
-                self._migrations.clear()
-                self._vms.clear()
-                self._lists.clear()
-            return world
+        while True:
+            await self.quiet()
+            async with self.app.reading() as world:
+                # A commit landing while this waited for it may have shut the gate again.
+                if not self.app.read_gate.is_open:
+                    continue
+                if world.last_seq != self._seq:
+                    self._seq = world.last_seq
+                    self._migrations.clear()
+                    self._vms.clear()
+                    self._lists.clear()
+                return world
 
-    def _list(self, key: str, make: Callable[[], T]) -> T:
+    def _list(self, key: object, make: Callable[[], T]) -> T:
         if key not in self._lists:
             self._lists[key] = make()
         return self._lists[key]  # type: ignore[return-value]
@@ -140,6 +106,28 @@ class Views:
 
         return self._list("migrations", make)
 
+    async def migration_list(
+        self, vm: str = "", open_only: bool = False
+    ) -> migration_pb2.ListMigrationsResponse:
+        """ListMigrations' answer: every migration (of `vm`, if given; only open ones, if
+        `open_only`), newest request first. The answers for every VM are shared until the next
+        change; one for a single VM is built per call (a cache keyed by whatever name callers
+        send would grow with what they send)."""
+        migrations = await self.migrations()
+
+        def make() -> migration_pb2.ListMigrationsResponse:
+            return migration_pb2.ListMigrationsResponse(
+                migrations=[
+                    m
+                    for m in migrations
+                    if (not vm or m.vm == vm) and (not open_only or not Phase(m.phase).terminal)
+                ]
+            )
+
+        if vm:
+            return make()
+        return self._list(("migration_list", open_only), make)
+
     async def vm(self, name: str) -> vm_pb2.Vm:
         world = await self._world()
         view = self._vm(world, name)
@@ -156,6 +144,11 @@ class Views:
 
         return self._list("vms", make)
 
+    async def vm_list(self) -> vm_pb2.ListVmsResponse:
+        """ListVms' answer, shared until the next change."""
+        vms = await self.vms()
+        return self._list("vm_list", lambda: vm_pb2.ListVmsResponse(vms=vms))
+
     async def hosts(self) -> list[host_pb2.Host]:
         """Every host, by id."""
         world = await self._world()
@@ -164,3 +157,8 @@ class Views:
             return [convert.host_to_proto(world, world.hosts[h]) for h in sorted(world.hosts)]
 
         return self._list("hosts", make)
+
+    async def host_list(self) -> host_pb2.ListHostsResponse:
+        """ListHosts' answer, shared until the next change."""
+        hosts = await self.hosts()
+        return self._list("host_list", lambda: host_pb2.ListHostsResponse(hosts=hosts))

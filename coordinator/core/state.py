@@ -66,6 +66,9 @@ class Phase(enum.IntEnum):
 
 
 TERMINAL_PHASES = frozenset({Phase.COMPLETED, Phase.ROLLED_BACK, Phase.FENCED})
+# The forward path from the source's stop to the destination running (FINISHING begins with
+# the destination's cont issued, before QEMU has resumed it).
+_SWITCHOVER_PHASES = frozenset({Phase.SWITCHOVER, Phase.HANDOFF, Phase.FINISHING})
 
 
 class VmStatus(enum.IntEnum):
@@ -299,6 +302,19 @@ class MigrationState:
         return self.cont_issued
 
     @property
+    def in_switchover(self) -> bool:
+        """Whether the guest is in its switchover pause, or about to be, with the coordinator
+        on the critical path: from the switch to post-copy being requested (QEMU stops the
+        source within a pass) or the source's stop, until the destination is seen running.
+        Every step in between waits on the coordinator: a host's report folded and committed,
+        the next command (lease, network, the destination's cont) written to a host."""
+        if self.dst_resumed:
+            return False
+        if self.phase in _SWITCHOVER_PHASES:
+            return True
+        return self.phase == Phase.TRANSFERRING and self.postcopy_requested
+
+    @property
     def postcopy_allowed(self) -> bool:
         return self.mode != common_pb2.MIGRATION_MODE_PRECOPY
 
@@ -350,6 +366,11 @@ class World:
 
     def copy(self) -> World:
         return copy.deepcopy(self)
+
+    def switching_over(self) -> bool:
+        """Whether some open migration is in its switchover (`MigrationState.in_switchover`)."""
+        migrations = self.migrations
+        return any(migrations[m].in_switchover for m in self.open_migrations)
 
     def qemus_believed_on(self, host: str) -> set[str]:
         """VMs the log says have a QEMU on `host`: a runstate observed there, or a side of an

@@ -10,7 +10,9 @@ and of the guest outage benches (default 50). `guest.big.auto` reports one migra
 auto mode ended, its passes, bytes, time and pause). `switchover.restart.precopy` reports what
 a source hostd restart during pre-copy adds to the pause (restarted runs against undisturbed
 ones, interleaved; 20 each); `switchover.tls.postcopy` the pause with mutual TLS on the
-control channels against the same run's insecure loopback cluster, interleaved.
+control channels against the same run's insecure loopback cluster, interleaved;
+`switchover.flood.postcopy` (and `.precopy`) the pause under a flood of reads (50 watchers and a
+ListMigrations loop) against the same cluster's pause with none in flight, interleaved.
 `ingest.grpc.100_streams` reports durable events/s from 100 hostd-like TLS streams through a
 real coordinator, with its CPU seconds and ack latency, against the log alone (`ratio`).
 `scale.drain.1000vms` drains 10 of 50 hostd (1,000 VMs on qmpsim) at once under migration

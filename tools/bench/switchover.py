@@ -35,7 +35,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -165,9 +165,7 @@ def frozen(pids: Iterable[int]) -> Iterator[None]:
 class WhimbrelSide:
     """A coordinator and two hostds on loopback; `run` migrates the VM to the other host."""
 
-    def __init__(
-        self, root: Path, postcopy: bool, ram: Path | None, flood: int = 0, tls: bool = True
-    ) -> None:
+    def __init__(self, root: Path, postcopy: bool, ram: Path | None, tls: bool = True) -> None:
         self.postcopy = postcopy
         self.mode = (
             common_pb2.MIGRATION_MODE_POSTCOPY if postcopy else common_pb2.MIGRATION_MODE_PRECOPY
@@ -177,8 +175,6 @@ class WhimbrelSide:
         self.hosts = ["host-a", "host-b"]
         try:
             self._start(ram)
-            # With `flood` watchers, every migration runs under a ReadFlood.
-            self.reads = ReadFlood(self.cluster, flood).start() if flood else None
         except BaseException:
             self.cluster.teardown()
             raise
@@ -262,11 +258,7 @@ class WhimbrelSide:
             yield
 
     def close(self) -> None:
-        try:
-            if self.reads is not None:
-                self.reads.stop()
-        finally:
-            self.cluster.teardown()
+        self.cluster.teardown()
 
 
 # --- the direct baseline ---
@@ -559,14 +551,11 @@ def _log(side: str, i: int, sample: Sample, tally: Tally) -> None:
     print(f"  {side} {i}: {what}", file=sys.stderr, flush=True)
 
 
-def whimbrel_pauses(
-    mode: int, runs: int, root: Path, ram: Path | None = None, flood: int = 0
-) -> list[float]:
-    """Whimbrel alone, `runs` migrations (with `flood` watchers, under a ReadFlood): the
-    accepted pauses."""
+def whimbrel_pauses(mode: int, runs: int, root: Path, ram: Path | None = None) -> list[float]:
+    """Whimbrel alone, `runs` migrations: the accepted pauses (for a look at one side)."""
     postcopy = mode == common_pb2.MIGRATION_MODE_POSTCOPY
     tally = Tally(postcopy)
-    side = WhimbrelSide(root, postcopy, ram, flood)
+    side = WhimbrelSide(root, postcopy, ram)
     try:
         for i in range(runs):
             _log("whimbrel", i, side.run(i)[0], tally)
@@ -650,12 +639,23 @@ def bench(mode: str, runs: int | None = None) -> list[dict[str, object]]:
 
 # Watchers of the migration under way in the flood bench (issue 11: reads must not lengthen it).
 FLOOD_WATCHERS = 50
+# Pairs of the flood bench alternate their order (flooded then quiet, quiet then flooded), so
+# each side migrates host-a -> host-b as often as back, and neither always follows the other.
+_FLOODED_FIRST = (True, False, False, True)
+_TERMINAL = frozenset(
+    {
+        common_pb2.MIGRATION_PHASE_COMPLETED,
+        common_pb2.MIGRATION_PHASE_ROLLED_BACK,
+        common_pb2.MIGRATION_PHASE_FENCED,
+    }
+)
 
 
 class ReadFlood:
-    """Reads against a cluster's coordinator, from a thread of their own: `watchers`
-    WatchMigration streams on whichever migration is open (each re-watches the next one) and a
-    ListMigrations loop, one call after another, for as long as it runs."""
+    """Reads against a cluster's coordinator from a thread of their own, while it flows:
+    `watchers` WatchMigration streams on whichever migration is open (each re-watches the next
+    one) and a ListMigrations loop, one call after another. Between `resume` and `pause` only:
+    `pause` returns once every call it made has ended, so a quiet run has none in flight."""
 
     def __init__(self, cluster: Cluster, watchers: int = FLOOD_WATCHERS) -> None:
         self.address = cluster.address
@@ -665,29 +665,58 @@ class ReadFlood:
         self.updates = 0
         self.watches = 0
         self.errors = 0
+        self.flowing_s = 0.0
         self._open = ""  # the open migration the last ListMigrations showed
-        self._started = 0.0
-        self._elapsed = 0.0
+        self._opened: asyncio.Event | None = None  # set (and replaced) when `_open` changes
+        self._since = 0.0
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stub: migration_pb2_grpc.MigrationServiceAsyncStub | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._main, name="read-flood", daemon=True)
 
     def start(self) -> ReadFlood:
+        """The flood's thread and channel, not flowing yet."""
         self._thread.start()
-        self._ready.wait(10)
+        if not self._ready.wait(10):
+            raise RuntimeError("the read flood's thread did not start")
         return self
+
+    def resume(self) -> None:
+        self._call(self._resume())
+
+    def pause(self) -> None:
+        self._call(self._pause())
+
+    @contextlib.contextmanager
+    def flowing(self) -> Iterator[None]:
+        """The flood flowing meanwhile, and no call of it in flight afterwards."""
+        self.resume()
+        try:
+            yield
+        finally:
+            self.pause()
 
     def stop(self) -> None:
         if self._loop is not None and self._stop is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(10)
-        rate = self.lists / self._elapsed if self._elapsed else 0.0
-        print(
-            f"  flood: {self.watchers} watchers, {self.watches} watches, {self.updates} updates; "
-            f"{self.lists} ListMigrations ({rate:.0f}/s); {self.errors} errors",
-            file=sys.stderr, flush=True,
-        )  # fmt: skip
+
+    def summary(self) -> dict[str, float]:
+        rate = self.lists / self.flowing_s if self.flowing_s else 0.0
+        return {
+            "watchers": self.watchers,
+            "watches": self.watches,
+            "updates": self.updates,
+            "lists": self.lists,
+            "lists_per_s": round(rate),
+            "errors": self.errors,
+        }
+
+    def _call(self, step: Coroutine[Any, Any, None]) -> None:
+        assert self._loop is not None, "start the flood first"
+        asyncio.run_coroutine_threadsafe(step, self._loop).result(30)
 
     def _main(self) -> None:
         asyncio.run(self._run())
@@ -696,17 +725,36 @@ class ReadFlood:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         channel = tls.aio_channel(self.address, self.files)
-        stub = migration_pb2_grpc.MigrationServiceStub(channel)
-        self._started = time.monotonic()
-        tasks = [asyncio.create_task(self._list(stub))]
-        tasks += [asyncio.create_task(self._watch(stub)) for _ in range(self.watchers)]
+        self._stub = migration_pb2_grpc.MigrationServiceStub(channel)
         self._ready.set()
         await self._stop.wait()
-        self._elapsed = time.monotonic() - self._started
+        await self._pause()
+        await channel.close()
+
+    async def _resume(self) -> None:
+        assert self._stub is not None
+        if self._tasks:
+            return
+        self._open, self._opened = "", asyncio.Event()
+        self._since = time.monotonic()
+        self._tasks = [asyncio.create_task(self._list(self._stub))]
+        self._tasks += [asyncio.create_task(self._watch(self._stub)) for _ in range(self.watchers)]
+
+    async def _pause(self) -> None:
+        tasks, self._tasks = self._tasks, []
+        if not tasks:
+            return
         for task in tasks:
             task.cancel()
+        # A cancelled task has cancelled its call: nothing of the flood is in flight after this.
         await asyncio.gather(*tasks, return_exceptions=True)
-        await channel.close()
+        self.flowing_s += time.monotonic() - self._since
+
+    def _set_open(self, migration_id: str) -> None:
+        if migration_id != self._open and self._opened is not None:
+            self._open = migration_id
+            self._opened.set()
+            self._opened = asyncio.Event()
 
     async def _list(self, stub: migration_pb2_grpc.MigrationServiceAsyncStub) -> None:
         while True:
@@ -714,23 +762,18 @@ class ReadFlood:
                 listed = await stub.ListMigrations(migration_pb2.ListMigrationsRequest())
             except grpc.aio.AioRpcError:
                 self.errors += 1
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(0.1)  # a back-off, not a wait for something
                 continue
             self.lists += 1
-            terminal = {
-                common_pb2.MIGRATION_PHASE_COMPLETED,
-                common_pb2.MIGRATION_PHASE_ROLLED_BACK,
-                common_pb2.MIGRATION_PHASE_FENCED,
-            }
-            opened = [m.migration_id for m in listed.migrations if m.phase not in terminal]
-            self._open = opened[0] if opened else ""
+            opened = [m.migration_id for m in listed.migrations if m.phase not in _TERMINAL]
+            self._set_open(opened[0] if opened else "")
 
     async def _watch(self, stub: migration_pb2_grpc.MigrationServiceAsyncStub) -> None:
         watched = ""
         while True:
-            if not self._open or self._open == watched:
-                await asyncio.sleep(0.01)
-                continue
+            while not self._open or self._open == watched:
+                assert self._opened is not None
+                await self._opened.wait()
             watched = self._open
             self.watches += 1
             request = migration_pb2.WatchMigrationRequest(migration_id=watched)
@@ -741,29 +784,64 @@ class ReadFlood:
                 self.errors += 1
 
 
+def flooded_first(i: int) -> bool:
+    """Whether run `i` of the flood bench is flooded (else quiet): pairs alternate their order,
+    flooded-quiet then quiet-flooded."""
+    return _FLOODED_FIRST[i % len(_FLOODED_FIRST)]
+
+
 def flood_bench(
     mode: str, runs: int | None = None, watchers: int = FLOOD_WATCHERS
 ) -> list[dict[str, object]]:
-    """Whimbrel's pauses without, then with, a ReadFlood (no direct baseline): the value is the
-    pause under the flood, the baseline the same cluster's pause without it."""
+    """Whimbrel's pauses with and without a ReadFlood, on one cluster, interleaved run by run
+    (no direct baseline): the value is the pause under the flood, the baseline the same
+    cluster's pause with no read of the flood in flight. `runs` migrations per side."""
     postcopy = mode == "postcopy"
     runs = runs_wanted() if runs is None else runs
-    pb_mode = common_pb2.MIGRATION_MODE_POSTCOPY if postcopy else common_pb2.MIGRATION_MODE_PRECOPY
+    flooded, quiet = Tally(postcopy), Tally(postcopy)
     with tempfile.TemporaryDirectory() as tmp:
         ram = random_ram(Path(tmp) / "ram.bin", MEMORY_MIB) if postcopy else None
-        quiet = whimbrel_pauses(pb_mode, runs, Path(tmp) / "quiet", ram)
-        flooded = whimbrel_pauses(pb_mode, runs, Path(tmp) / "flooded", ram, flood=watchers)
-    print(f"  {mode}: quiet   pauses ms {sorted(round(p, 1) for p in quiet)}", file=sys.stderr)
-    print(f"  {mode}: flooded pauses ms {sorted(round(p, 1) for p in flooded)}", file=sys.stderr)
-    return [
-        {
-            "bench": f"switchover.flood.{mode}.p{p}_ms",
-            "value": round(percentile(flooded, p), 2),
-            "unit": "ms",
-            "baseline": round(percentile(quiet, p), 2),
-        }
-        for p in (50, 99)
-    ]
+        side = WhimbrelSide(Path(tmp) / "whimbrel", postcopy, ram)
+        try:
+            reads = ReadFlood(side.cluster, watchers).start()
+            try:
+                for i in range(2 * runs):
+                    if flooded_first(i):
+                        with reads.flowing():
+                            sample, _ = side.run(i)
+                        _log("flooded", i, sample, flooded)
+                    else:
+                        _log("quiet", i, side.run(i)[0], quiet)
+            finally:
+                reads.stop()
+        finally:
+            side.close()
+    for side_name, tally in (("flooded", flooded), ("quiet", quiet)):
+        print(f"  {mode}: {side_name} pauses ms {sorted(round(p, 1) for p in tally.pauses_ms)}; "
+              f"rejected {tally.rejected_counts()}", file=sys.stderr)  # fmt: skip
+        if not tally.pauses_ms:
+            raise RuntimeError(f"{mode}: every {side_name} sample was rejected")
+    flood = reads.summary()
+    print(f"  {mode}: flood {flood}", file=sys.stderr, flush=True)
+    out: list[dict[str, object]] = []
+    for p in (50, 99):
+        value, baseline = percentile(flooded.pauses_ms, p), percentile(quiet.pauses_ms, p)
+        out.append(
+            {
+                "bench": f"switchover.flood.{mode}.p{p}_ms",
+                "value": round(value, 2),
+                "unit": "ms",
+                "baseline": round(baseline, 2),
+                "ratio": round(value / baseline, 3),
+                "samples": {"flooded": len(flooded.pauses_ms), "quiet": len(quiet.pauses_ms)},
+                "rejected": {
+                    "flooded": flooded.rejected_counts(),
+                    "quiet": quiet.rejected_counts(),
+                },
+                "flood": flood,
+            }
+        )
+    return out
 
 
 def tls_bench(mode: str, runs: int | None = None) -> list[dict[str, object]]:
