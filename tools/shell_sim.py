@@ -56,7 +56,7 @@ from coordinator.authz import Role, Roles
 from coordinator.core import Event, World, evolve
 from coordinator.core import recovery as table
 from coordinator.core.invariants import InvariantChecker
-from coordinator.core.state import CommandState, Phase
+from coordinator.core.state import CommandState, MigrationState, Phase
 from coordinator.log import SqliteEventStore
 from coordinator.main import start_server
 from hostd import qemu
@@ -68,6 +68,7 @@ from tools.cluster import BIN
 from tools.fleet import QMPSIM, ForkServer
 from tools.tcp_proxy import TcpProxy
 from whimbrel import pki, tls
+from whimbrel.protocol import migration_stream
 from whimbrel.v1 import (
     common_pb2,
     events_pb2,
@@ -79,9 +80,14 @@ from whimbrel.v1 import (
 
 __all__ = ["ROWS", "ROW_SCRIPTS", "Run", "RunFailed", "Strike", "row_name", "simulate"]
 
-SOURCE, DESTINATION = "host-a", "host-b"
-HOSTS = (SOURCE, DESTINATION)
-VM, MIGRATION = "vm-1", "m-1"
+# A run moves the VM twice, along three hosts: m-1 from host-a to host-b, then m-2 from
+# wherever m-1 left it to host-c (unless the VM was lost). Faults of the first can leave copies
+# for the second to meet: a destination prepared late, a source destroyed only when its host
+# returns.
+SOURCE, DESTINATION, THIRD = "host-a", "host-b", "host-c"
+HOSTS = (SOURCE, DESTINATION, THIRD)
+VM = "vm-1"
+MIGRATIONS = ("m-1", "m-2")
 MODES = (
     common_pb2.MIGRATION_MODE_PRECOPY,
     common_pb2.MIGRATION_MODE_POSTCOPY,
@@ -98,7 +104,7 @@ MISSING_HOST_WAIT_S = 0.5
 # waits up to 30 s for the source's state), so a run fails only where nothing would end it.
 STALL_LIMIT_S = 40.0
 SETTLE_LIMIT_S = 45.0
-MAX_FAULTS = 3
+MAX_FAULTS = 4
 # Failpoints armed per hostd start while faults remain.
 ARMED_PER_START = 2
 
@@ -409,6 +415,7 @@ def _pki_dir() -> Path:
 class Run:
     seed: int
     mode: int
+    migrations: list[str] = field(default_factory=list)
     actions: list[str] = field(default_factory=list)
     faults: list[str] = field(default_factory=list)
     killed: bool = False
@@ -423,8 +430,8 @@ class Run:
         mode = common_pb2.MigrationMode.Name(self.mode)  # type: ignore[arg-type]
         lines = [f"seed {self.seed}, mode {mode}, files in {self.root}"]
         lines += [f"  {a}" for a in self.actions]
-        if any(e.type == "MigrationRequested" for e in self.events):
-            lines.append(timeline.render(timeline.build(self.events, MIGRATION)))
+        for mid in self.migrations:
+            lines.append(timeline.render(timeline.build(self.events, mid)))
         lines.append("the whole log:")
         lines += [
             f"  {e.seq:>4} e{e.epoch} {e.origin_host or 'coordinator':<12} "
@@ -459,6 +466,9 @@ class Scheduler:
         self.rng = random.Random(seed)
         self.cluster = Cluster(root)
         self.run = Run(seed, self.rng.choice(MODES), root=root)
+        # How many migrations the run makes, and the one under way.
+        self.chain = len(MIGRATIONS)
+        self.migration = MIGRATIONS[0]
 
     def note(self, what: str) -> None:
         self.run.actions.append(what)
@@ -485,8 +495,8 @@ class Scheduler:
     def moves(self, world: World, frozen: Hostd) -> list[Move]:
         """What may happen while `frozen` waits at its failpoint."""
         h = frozen.host_id
-        other = DESTINATION if h == SOURCE else SOURCE
-        open_ = not world.migrations[MIGRATION].phase.terminal
+        m = world.migrations[self.migration]
+        open_ = not m.phase.terminal
         out = [Move(f"{h} goes on", 6, self._go_on(frozen), fault=False)]
         if not self.striking:
             return out
@@ -498,7 +508,8 @@ class Scheduler:
             out.append(Move("migration link cut", 3, self._cut_link(frozen)))
             out.append(Move("operator aborts", 1, self._abort(frozen)))
         out.append(Move(f"stream of {h} cut", 1, self._cut_stream(frozen)))
-        for missing in ((), (h,), (other,), HOSTS):
+        choices = ((), (h,), (m.source,), (m.destination,), (m.source, m.destination))
+        for missing in dict.fromkeys(tuple(sorted(c)) for c in choices):
             what = f"coordinator restarts, {', '.join(missing) or 'no host'} missing"
             out.append(Move(what, 2, self._restart_coordinator(frozen, missing)))
         return out
@@ -545,7 +556,7 @@ class Scheduler:
     def _abort(self, frozen: Hostd) -> Callable[[], Awaitable[None]]:
         async def do() -> None:
             stub = migration_pb2_grpc.MigrationServiceStub(self.cluster.admin)
-            request = migration_pb2.AbortMigrationRequest(migration_id=MIGRATION, reason="sim")
+            request = migration_pb2.AbortMigrationRequest(migration_id=self.migration, reason="sim")
             try:
                 await stub.AbortMigration(request)
             except grpc.aio.AioRpcError as err:
@@ -591,14 +602,40 @@ class Scheduler:
     def _frozen(self) -> Hostd | None:
         return next((h for h in self.cluster.hosts.values() if h.frozen_at), None)
 
-    async def _until_frozen_or_ended(self) -> tuple[World, Hostd | None]:
+    async def _drive(self, done: Callable[[World], bool], what: str) -> World:
+        """Strike at every freeze until `done(world)` holds."""
+        while True:
+            world = await self.cluster.until(
+                lambda w: self._frozen() is not None or done(w), STALL_LIMIT_S, what
+            )
+            frozen = self._frozen()
+            if frozen is None:
+                return world
+            await self.strike(world, frozen)
+
+    async def _migrate(self, migration_id: str, source: str, destination: str) -> World:
+        """Start a migration once both hosts are connected, and drive it to its end."""
         cluster = self.cluster
-        world = await cluster.until(
-            lambda w: self._frozen() is not None or w.migrations[MIGRATION].phase.terminal,
-            STALL_LIMIT_S,
-            "the migration stalled",
+        await self._drive(
+            lambda w: cluster.connected(w, source) and cluster.connected(w, destination),
+            f"{source} and {destination} connect",
         )
-        return world, self._frozen()
+        self.migration = migration_id
+        self.run.migrations.append(migration_id)
+        self.note(f"{migration_id}: {VM} {source} -> {destination}")
+        migrations = migration_pb2_grpc.MigrationServiceStub(cluster.admin)
+        await migrations.StartMigration(
+            migration_pb2.StartMigrationRequest(
+                vm=VM,
+                destination=destination,
+                mode=self.run.mode,  # type: ignore[arg-type]
+                policy=POLICY,
+                migration_id=migration_id,
+            )
+        )
+        return await self._drive(
+            lambda w: w.migrations[migration_id].phase.terminal, f"{migration_id} stalled"
+        )
 
     async def main(self) -> Run:
         cluster = self.cluster
@@ -608,29 +645,23 @@ class Scheduler:
             for host in HOSTS:
                 await self.start_hostd(host)
             await self._start_vm()
-            migrations = migration_pb2_grpc.MigrationServiceStub(cluster.admin)
-            await migrations.StartMigration(
-                migration_pb2.StartMigrationRequest(
-                    vm=VM,
-                    destination=DESTINATION,
-                    mode=self.run.mode,  # type: ignore[arg-type]
-                    policy=POLICY,
-                    migration_id=MIGRATION,
-                )
-            )
-            while True:
-                world, frozen = await self._until_frozen_or_ended()
-                if frozen is None:
-                    break
-                await self.strike(world, frozen)
+            world = await self._migrate(MIGRATIONS[0], SOURCE, DESTINATION)
+            vm = world.vms[VM]
+            if self.chain > 1 and vm.host and world.migrations[MIGRATIONS[0]].phase != Phase.FENCED:
+                await self._migrate(MIGRATIONS[1], vm.host, THIRD)
             world = await self.settle()
+            self.run.events = self._read_log()
             self.judge(world)
         finally:
-            if cluster.store is not None:
-                self.run.events = [codec.from_stored(s) for s in cluster.store.read()]
+            if cluster.store is not None and not self.run.events:
+                self.run.events = self._read_log()
             await cluster.close()
         self.run.seconds = time.monotonic() - started
         return self.run
+
+    def _read_log(self) -> list[Event]:
+        store = self.cluster.store
+        return [codec.from_stored(s) for s in store.read()] if store is not None else []
 
     async def _start_vm(self) -> None:
         cluster = self.cluster
@@ -666,12 +697,12 @@ class Scheduler:
                     await host.start()
             async with cluster.coordinator.reading() as world:
                 if (
-                    world.migrations[MIGRATION].phase.terminal
+                    all(world.migrations[mid].phase.terminal for mid in self.run.migrations)
                     and all(cluster.connected(world, h) for h in HOSTS)
                     and not cluster.outstanding(world)
                 ):
                     return world
-                phase = world.migrations[MIGRATION].phase.label
+                phase = world.migrations[self.migration].phase.label
             if loop.time() > deadline:
                 raise RunFailed(f"not settled within {SETTLE_LIMIT_S:.0f} s: {phase}")
             await cluster.wait_for_change(1.0)
@@ -679,7 +710,7 @@ class Scheduler:
     def judge(self, world: World) -> None:
         """No split brain ever; no QEMU left that is not the VM; and unless a fault killed a
         QEMU, the VM runs on exactly one host, the one the log names, which holds its lease."""
-        m = world.migrations[MIGRATION]
+        m = world.migrations[self.migration]
         self.run.outcome, self.run.reason = m.phase.label, m.reason
         alive = [h for h, host in self.cluster.hosts.items() if host.qemu_pid()]
         vm = world.vms[VM]
@@ -689,7 +720,7 @@ class Scheduler:
         strays = [h for h in alive if h != vm.host]
         if strays:
             raise RunFailed(f"a QEMU of the VM is left on {strays} after {m.phase.label}")
-        if self.run.killed or _postcopy_cut_at_its_start(self.run.events):
+        if self.run.killed or _postcopy_cut_at_its_start(self.run.events, m):
             return
         lease = FileLeaseDriver(self.cluster.lockspace).read(VM).holder
         if alive != [vm.host] or running != [vm.host] or lease != vm.host:
@@ -699,20 +730,23 @@ class Scheduler:
             )
 
 
-def _postcopy_cut_at_its_start(events: list[Event]) -> bool:
-    """The source paused its post-copy while the destination never entered it: the link broke
-    as post-copy began. QEMU 7.2 can neither recover that (migrate-recover needs a paused
-    destination) nor resume the source (a cancel leaves a paused source in `cancelling`): the
-    VM is lost by QEMU's limits, and fencing it is the right end."""
+def _postcopy_cut_at_its_start(events: list[Event], m: MigrationState) -> bool:
+    """The source of `m` paused its post-copy while the destination never entered it: the
+    link broke as post-copy began. QEMU 7.2 can neither recover that (migrate-recover needs a
+    paused destination) nor resume the source (a cancel leaves a paused source in
+    `cancelling`): the VM is lost by QEMU's limits, and fencing it is the right end."""
+    requested = next(
+        (e.seq for e in events if e.stream == migration_stream(m.migration_id)), len(events)
+    )
     source_paused = destination_entered = False
-    for e in events:
+    for e in events[requested:]:
         p = e.payload
         if not isinstance(p, events_pb2.QmpEventReceived) or p.event != "MIGRATION":
             continue
         status = json.loads(p.data_json).get("status")
-        if e.origin_host == SOURCE and status == "postcopy-paused":
+        if e.origin_host == m.source and status == "postcopy-paused":
             source_paused = True
-        if e.origin_host == DESTINATION and status in ("postcopy-active", "postcopy-paused"):
+        if e.origin_host == m.destination and status in ("postcopy-active", "postcopy-paused"):
             destination_entered = True
     return source_paused and not destination_entered
 
@@ -724,6 +758,7 @@ class ScriptedScheduler(Scheduler):
     def __init__(self, script: list[Strike], mode: int, root: Path) -> None:
         super().__init__(0, root)
         self.run.mode = mode
+        self.chain = 1
         self.script = list(script)
 
     def arm(self, host: str) -> list[str]:

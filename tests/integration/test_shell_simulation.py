@@ -70,8 +70,9 @@ async def test_fixed_seeds_end_clean() -> None:
         try:
             print(_line(await simulate(seed)))
         except RunFailed as err:
-            failures.append(str(err))
-    assert not failures, "\n\n".join(failures)
+            failures.append((seed, str(err)))
+    failed = [seed for seed, _ in failures]
+    assert not failures, f"failed seeds {failed}\n" + "\n\n".join(s for _, s in failures)
 
 
 async def test_fresh_seeds_for_a_time_box() -> None:
@@ -84,10 +85,14 @@ async def test_fresh_seeds_for_a_time_box() -> None:
         try:
             print(_line(await simulate(seed)))
         except RunFailed as err:
-            failures.append(str(err))
+            failures.append((seed, str(err)))
         seed, runs = seed + 1, runs + 1
     print(f"{runs} fresh runs, seeds {first}..{seed - 1}")
-    assert runs and not failures, "\n\n".join(failures)
+    failed = [seed for seed, _ in failures]
+    stories = "\n\n".join(story for _, story in failures)
+    assert runs and not failures, (
+        f"failed seeds {failed} (replay: python -m tools.shell_sim --seed N)\n{stories}"
+    )
 
 
 # Faults pinned at their exact moment against the real coordinator and hostd.
