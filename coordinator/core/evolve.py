@@ -270,6 +270,8 @@ def _set_migration_status(m: MigrationState, side: Side, status: str, time_us: i
         and status == "postcopy-paused"
     ):
         m.recovery_failed = True
+    if status == "cancelling" and side.status == "postcopy-paused":
+        side.cancel_stuck = True
     side.status = status
     if status in POSTCOPY_STATUSES:
         m.postcopy_started = True

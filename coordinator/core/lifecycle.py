@@ -612,18 +612,27 @@ def _rolling_back(world: World, m: MigrationState, issue: Issuer, now_us: int) -
         and m.cmd(Kind.CANCEL_MIGRATION, src.host, this_attempt=True) is None
     ):
         out.append(issue(Kind.CANCEL_MIGRATION, src.host, reason="rollback"))
+    cancel = m.cmd(Kind.CANCEL_MIGRATION, src.host, this_attempt=True)
+    cancelling = bool(out) or (cancel is not None and cancel.state == ISSUED)
     prepared = m.cmd(Kind.PREPARE_INCOMING, dst.host) is not None
     destroy = m.cmd(Kind.DESTROY_VM, dst.host, this_attempt=True)
     # A destination that never ran and cannot be destroyed stays paused (-S) and without the
     # lease: the source may run; the copy is destroyed later as a stray (ReconcileVm).
     abandoned = retries(m, Kind.DESTROY_VM, dst.host, this_attempt=True) >= MAX_COMMAND_RETRIES
-    if prepared and dst.alive and not abandoned and (destroy is None or destroy.state == FAILED):
+    # Once post-copy may have begun, the destination goes only after the source's cancel is
+    # in: a source whose peer vanishes first pauses its post-copy, and QEMU (7.2) leaves a
+    # paused post-copy that is then cancelled in `cancelling` for good: a VM lost.
+    wait_for_cancel = cancelling and (m.postcopy_requested or m.postcopy_started)
+    if (
+        prepared
+        and dst.alive
+        and not abandoned
+        and not wait_for_cancel
+        and (destroy is None or destroy.state == FAILED)
+    ):
         out.append(issue(Kind.DESTROY_VM, dst.host, force=True, reason="rollback"))
-    if out:
+    if out or cancelling:
         return out
-    cancel = m.cmd(Kind.CANCEL_MIGRATION, src.host, this_attempt=True)
-    if cancel is not None and cancel.state == ISSUED:
-        return []
     if dst.alive and prepared and dst.host not in world.missing_hosts and not abandoned:
         return []  # (a missing destination never ran and never will; destroyed on its return)
     if not src.alive:
@@ -639,6 +648,9 @@ def _rolling_back(world: World, m: MigrationState, issue: Issuer, now_us: int) -
         # is gone: part of the guest's state went with it.
         return _fence(m, [m.source], "post-copy paused and the destination is gone: the "
                                      "source can neither finish nor be resumed")  # fmt: skip
+    if src.status == "cancelling" and src.cancel_stuck:
+        return _fence(m, [m.source], "the source's post-copy was paused when its cancel came: "
+                                     "QEMU 7.2 leaves it cancelling for good")  # fmt: skip
     if src.status == "cancelling":
         return []  # wait for QEMU to settle the cancel before touching the CPUs
     if lease_lost:

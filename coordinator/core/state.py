@@ -218,6 +218,8 @@ class Side:
     resumed_at_us: int = 0
     # Why its migration failed, in QEMU's words (query-migrate's error-desc), if it said.
     error: str = ""
+    # Cancelled while its post-copy was paused: QEMU (7.2) stays in `cancelling` for good.
+    cancel_stuck: bool = False
 
 
 @dataclass(slots=True)

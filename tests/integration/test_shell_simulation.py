@@ -31,6 +31,7 @@ from whimbrel.v1 import common_pb2
 pytestmark = pytest.mark.slow
 
 PRECOPY = common_pb2.MIGRATION_MODE_PRECOPY
+POSTCOPY = common_pb2.MIGRATION_MODE_POSTCOPY
 # Seeds whose runs together strike every kind of fault in every mode (see `_line` output).
 FIXED_SEEDS = [2, 3, 5, 9, 10, 11, 13, 16, 19, 21, 23]
 FRESH_SECONDS = 20.0
@@ -159,3 +160,16 @@ async def test_finding_3_a_destination_killed_before_its_cont_falls_back_to_the_
     run = await simulate_script([strike], PRECOPY, "finding-3")
     assert run.outcome == "rolled_back", run.story()
     assert not [e for e in run.events if e.type in ("FencingDecided", "VmLost")]
+
+
+async def test_an_abort_as_post_copy_begins_cancels_the_source_before_the_destination_goes() -> (
+    None
+):
+    """The operator aborts while post-copy is starting (the source's hostd frozen just after
+    its STOP). The rollback cancels the source and destroys the destination: were the
+    destination destroyed first, the source would pause its post-copy, the cancel would leave it
+    in `cancelling` for good, and the migration would never end. It rolls back, the VM running
+    on host-a."""
+    strike = Strike(SOURCE, "hostd.after-qmp-event.STOP", "operator aborts")
+    run = await simulate_script([strike], POSTCOPY, "abort-at-postcopy")
+    assert run.outcome == "rolled_back", run.story()

@@ -367,3 +367,62 @@ def test_mode_postcopy_never_becomes_a_long_stop_and_copy():
     passes = [o for o in answered if getattr(o.payload, "event", "") == "MIGRATION_PASS"]
     driver.observe(*[o for o in answered if o not in passes])
     assert "start-postcopy@host-a" in decisions(driver.advance("m-1"))
+
+
+def _issued(driver, kind):
+    (issued,) = [
+        e for e in driver.log if e.type == "CommandIssued" and Kind(e.payload.kind) == kind
+    ]
+    return issued
+
+
+def _abort_as_post_copy_begins(driver, hosts):
+    """A post-copy migration aborted once its source reported post-copy (found by the seeded
+    simulation, seed 2009); returns what the rollback issued, every command but the source's
+    cancel answered."""
+    start(driver, POSTCOPY)
+    until_issued(driver, hosts, Kind.START_MIGRATION)
+    answer(driver, hosts, [_issued(driver, Kind.START_MIGRATION)])
+    (start_postcopy,) = [e for e in driver.advance("m-1") if e.type == "CommandIssued"]
+    assert Kind(start_postcopy.payload.kind) == Kind.START_POSTCOPY
+    answer(driver, hosts, [start_postcopy])
+    driver.observe(migration("host-a", "vm-1", "postcopy-active"), qmp("host-a", "vm-1", "STOP"))
+    issued = driver.request(I.AbortMigration("m-1", "test", driver.now_us, "spiffe://t"))
+    for _ in range(10):
+        new = [e for e in driver.advance("m-1") if e.type == "CommandIssued"]
+        issued += new
+        answer(driver, hosts, [e for e in new if Kind(e.payload.kind) != Kind.CANCEL_MIGRATION])
+        if not new:
+            break
+    return decisions(issued)
+
+
+def test_a_post_copy_rollback_cancels_the_source_before_it_destroys_the_destination():
+    """Destroying the destination first would pause the source's post-copy, and QEMU 7.2
+    leaves a paused post-copy that is then cancelled in `cancelling` for good: the destination
+    goes only once the source's cancel is answered."""
+    driver, hosts = fresh()
+    issued = _abort_as_post_copy_begins(driver, hosts)
+    assert "cancel-migration@host-a" in issued
+    assert "destroy-vm@host-b" not in issued
+    answer(driver, hosts, [_issued(driver, Kind.CANCEL_MIGRATION)])
+    assert "destroy-vm@host-b" in decisions(driver.advance("m-1"))
+
+
+def test_a_source_left_cancelling_after_its_post_copy_paused_is_fenced():
+    """The destination died anyway (a crash, not the rollback) before the cancel arrived: the
+    source paused its post-copy, then took the cancel and stays `cancelling`. It will never run
+    again, and the rollback must not wait for it forever: fenced, the VM lost."""
+    driver, hosts = fresh()
+    _abort_as_post_copy_begins(driver, hosts)
+    cancel = _issued(driver, Kind.CANCEL_MIGRATION).payload
+    driver.observe(
+        migration("host-a", "vm-1", "postcopy-paused"),
+        migration("host-a", "vm-1", "cancelling"),
+        succeeded(cancel),
+    )
+    driver.answered.add(cancel.command_id)
+    driver.run("m-1", hosts)
+    m = driver.world.migrations["m-1"]
+    assert (m.phase, "cancelling for good" in m.reason) == (Phase.FENCED, True), m.reason
+    clean(driver)
