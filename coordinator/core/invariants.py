@@ -154,10 +154,17 @@ class InvariantChecker:
         elif isinstance(p, E.VmObserved):
             obs = p.observation
             hosts = self.running.setdefault(obs.vm, set())
-            if obs.process_alive and obs.runstate == "running":
+            running = obs.process_alive and obs.runstate == "running"
+            if running:
                 self._runs(ev, obs.vm, ev.origin_host)
             else:
                 hosts.discard(ev.origin_host)
+            # A hostd that restarted reports its VMs as they are: the source's STOP may have
+            # come while no hostd listened, and this observation is then the only word of it.
+            m = self._open(obs.vm)
+            known = obs.runstate or not obs.process_alive  # alive with QMP unreachable: unknown
+            if m is not None and ev.origin_host == m.source and known:
+                m.source_stopped = not running
         elif isinstance(p, E.LeaseAcquired):
             holder = self.lease_holder.get(p.vm, "")
             if holder and holder != p.holder:

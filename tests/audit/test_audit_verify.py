@@ -14,7 +14,7 @@ from coordinator.log.chain import canonical, chain_hash
 from coordinator.log.sqlite import _TRIGGERS, COLUMNS
 from tools.audit.cli import main
 from tools.sim import Driver, SimHosts, running_vm, store_log
-from whimbrel.v1 import events_pb2
+from whimbrel.v1 import common_pb2, events_pb2
 
 
 @pytest.fixture
@@ -262,3 +262,49 @@ def test_invariant_6_commands_answered_or_superseded() -> None:
     assert InvariantChecker().check(in_flight) == []  # type: ignore[arg-type]
     final = InvariantChecker().check_quiescent(in_flight)  # type: ignore[arg-type]
     assert sorted((v.seq, v.invariant) for v in final) == [(3, 8), (4, 6)]
+
+
+def _observed(seq: int, host: str, *, alive: bool, runstate: str) -> object:
+    from coordinator.core.events import Event
+
+    observation = common_pb2.VmObservation(vm="vm-1", process_alive=alive, runstate=runstate)
+    payload = events_pb2.VmObserved(observation=observation, reason="hello")
+    return Event(seq, f"host/{host}", "VmObserved", 1, seq, payload, origin_host=host)
+
+
+@pytest.mark.parametrize(
+    ("alive", "runstate", "violated"),
+    [
+        (True, "finish-migrate", False),
+        (False, "", False),
+        (True, "running", True),
+        (True, "", True),
+    ],
+)
+def test_invariant_2_reads_a_restarted_hosts_word_that_the_source_stopped(
+    alive: bool, runstate: str, violated: bool
+) -> None:
+    """A hostd that restarted mid-switchover missed the source's STOP; its hello's observation
+    is then the only word that the source stopped. Running, or alive with QMP unreachable
+    (unknown), is no such word."""
+    from coordinator.core.events import Event
+    from coordinator.core.invariants import InvariantChecker
+
+    def ev(seq: int, payload: object, origin: str = "") -> Event:
+        return Event(seq, "migration/m-1", type(payload).__name__, 1, seq, payload,
+                     origin_host=origin)  # fmt: skip
+
+    log = [
+        ev(1, events_pb2.MigrationRequested(migration_id="m-1", vm="vm-1", source="host-a",
+                                            destination="host-b", source_lease_generation=1)),
+        _observed(2, "host-a", alive=alive, runstate=runstate),
+        ev(3, events_pb2.LeaseReleased(vm="vm-1", holder="host-a", generation=1), "host-a"),
+        ev(4, events_pb2.LeaseAcquired(vm="vm-1", holder="host-b", generation=2), "host-b"),
+        ev(5, events_pb2.NetworkChanged(vm="vm-1", state=events_pb2.NETWORK_STATE_ENABLED),
+           "host-b"),
+        _issued(6, "m-1/1/1-resume", "host-b", events_pb2.COMMAND_KIND_RESUME_VM),
+    ]  # fmt: skip
+    violations = InvariantChecker().check(log)  # type: ignore[arg-type]
+    found = [(v.seq, v.message) for v in violations if v.invariant == 2]
+    expected = [(6, "cont on destination host-b before: source stopped")] if violated else []
+    assert found == expected
