@@ -220,6 +220,8 @@ def _settle_vm_status(vm: VmState) -> None:
         vm.status = VmStatus.RUNNING
     else:
         vm.status = VmStatus.PAUSED
+    if vm.status != VmStatus.PAUSED:
+        vm.resume_owed = False
 
 
 @_on(events_pb2.VmObserved)
@@ -577,6 +579,9 @@ def _vm_command_succeeded(vm: VmState, command: Command) -> None:
         vm.host = ""
     elif command.kind == Kind.DESTROY_VM:
         vm.runstates.pop(command.host, None)
+    elif command.kind == Kind.RESUME_VM:
+        vm.runstates[command.host] = "running"  # hostd answers once the guest runs
+        _settle_vm_status(vm)
     del vm.commands[command.command_id]
 
 
@@ -608,6 +613,8 @@ def _command_failed(
     if vm is None:
         return
     del vm.commands[command.command_id]
+    if command.kind in (Kind.ACQUIRE_LEASE, Kind.RESUME_VM):
+        vm.resume_owed = False  # tried once; the VM stays paused, the failure in the log says why
     if command.kind == Kind.START_VM and vm.status == VmStatus.STARTING:
         vm.status = VmStatus.STOPPED
         vm.host = ""
@@ -623,6 +630,7 @@ def _migration_requested(
     world: World, p: events_pb2.MigrationRequested, seq: int, time_us: int, origin: str
 ) -> None:
     vm = world.vms[p.vm]
+    vm.resume_owed = False  # the migration decides now whether the VM runs after it
     src_runstate = vm.runstates.get(p.source, "running" if p.source_was_running else "paused")
     m = MigrationState(
         migration_id=p.migration_id,
@@ -769,6 +777,7 @@ def _migration_finished(
     elif m.phase == Phase.ROLLED_BACK:
         vm.host = m.source
         vm.status = VmStatus.MIGRATING
+        vm.resume_owed = m.source_was_running
     else:
         vm.status = VmStatus.LOST
         vm.host = ""

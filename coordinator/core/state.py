@@ -196,6 +196,9 @@ class VmState:
     commands: dict[str, Command] = field(default_factory=dict)
     # How many commands outside migrations were ever issued for this VM (their ids count up).
     commands_issued: int = 0
+    # A rollback left the VM paused at home only because its destination held the lease: once
+    # the lease is free again (the stray copy destroyed) the VM takes it back and runs.
+    resume_owed: bool = False
 
     @property
     def name(self) -> str:

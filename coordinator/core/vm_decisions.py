@@ -107,6 +107,8 @@ def reconcile_vm(world: World, req: I.ReconcileVm) -> list[NewEvent]:
             out.append(_vm_command(vm, host, Kind.DESTROY_VM, args, nth=len(out) + 1))
     if out:
         return [NewEvent(vm_stream(vm.name), p, req.now_us) for p in out]
+    if vm.resume_owed and not in_flight:
+        return [NewEvent(vm_stream(vm.name), p, req.now_us) for p in _owed_resume(world, vm)]
     if (
         vm.status == VmStatus.LOST
         and vm.spec.on_lost == common_pb2.LOST_VM_ACTION_COLD_START
@@ -123,6 +125,28 @@ def reconcile_vm(world: World, req: I.ReconcileVm) -> list[NewEvent]:
             issued = _vm_command(vm, host, Kind.START_VM, args)
             return [NewEvent(vm_stream(vm.name), issued, req.now_us)]
     return []
+
+
+def _owed_resume(world: World, vm: VmState) -> list[Message]:
+    """A VM a rollback left paused at home because its destination held the lease: once no
+    other copy exists and the lease is free, home takes it under a new generation, then runs.
+    Each step is tried once (a failure clears `resume_owed`; the VM stays paused)."""
+    home = vm.host
+    if vm.status != VmStatus.PAUSED or set(vm.runstates) != {home} or not is_connected(world, home):
+        return []
+    if not vm.lease_holder:
+        args = events_pb2.CommandArgs(
+            lease_generation=vm.lease_generation + 1,
+            reason="rolled back while its destination held the lease, now free: run again",
+        )
+        return [_vm_command(vm, home, Kind.ACQUIRE_LEASE, args)]
+    if vm.lease_holder == home:
+        args = events_pb2.CommandArgs(
+            lease_generation=vm.lease_holder_generation,
+            reason="rolled back while its destination held the lease: run again",
+        )
+        return [_vm_command(vm, home, Kind.RESUME_VM, args)]
+    return []  # another host holds it: nothing may run the VM here
 
 
 def _cold_start_host(world: World, vm: VmState) -> str:

@@ -12,7 +12,7 @@ from coordinator.core import NewEvent, recovery
 from coordinator.core import inputs as I
 from coordinator.core.invariants import InvariantChecker
 from coordinator.core.state import Kind, Phase
-from tests.unit.helpers import decisions, fresh
+from tests.unit.helpers import answer, decisions, fresh
 from tools.sim import Driver, Observation, SimHosts, migration, qmp
 from whimbrel.v1 import common_pb2
 from whimbrel.v1 import events_pb2 as E
@@ -240,3 +240,81 @@ def test_a_recovery_attempt_stuck_in_postcopy_recover_times_out_then_fences() ->
     driver.run("m-1", hosts)
     assert m.phase == Phase.FENCED and "recovery failed 3 times" in m.reason
     assert InvariantChecker().check_quiescent(driver.log) == []
+
+
+def _destination_takes_the_lease_unheard(driver: Driver, hosts: SimHosts) -> list[Observation]:
+    """Pre-copy up to the destination's acquire, which takes the lease while its hostd is cut
+    off: what it would report is returned, unheard. Its networking is never enabled, so the
+    cont (the point of no return) is not issued."""
+    hosts.converge_after_passes = 2
+    start(driver)
+    pending: list[E.CommandIssued] = []
+    for _ in range(40):
+        pending += [e.payload for e in driver.advance("m-1") if e.type == "CommandIssued"]
+        assert pending, "the destination's acquire was never issued"
+        cmd = pending.pop(0)
+        if Kind(cmd.kind) == Kind.ENABLE_NETWORK:
+            continue
+        driver.answered.add(cmd.command_id)
+        if (Kind(cmd.kind), cmd.host_id) == (Kind.ACQUIRE_LEASE, "host-b"):
+            return hosts.answer(cmd)
+        driver.observe(*hosts.answer(cmd))
+        progress = driver._progress("m-1", cmd, hosts)
+        pending += [e.payload for e in progress if e.type == "CommandIssued"]
+    raise AssertionError("the destination's acquire was never issued")
+
+
+def _roll_back_without(driver: Driver, hosts: SimHosts, missing: str) -> None:
+    """Decide and answer until the migration ends; `missing` never answers."""
+    for _ in range(40):
+        decided = driver.advance("m-1")
+        if driver.world.migrations["m-1"].phase.terminal:
+            return
+        answer(driver, hosts, [e for e in decided if getattr(e.payload, "host_id", "") != missing])
+        driver.now_us += 10_000_000  # retries wait for time to pass
+    raise AssertionError("the rollback never ended")
+
+
+def test_a_rollback_left_paused_by_the_destinations_lease_runs_once_it_is_free() -> None:
+    """The destination took the lease unheard, then missed recovery: the rollback's attempts to
+    take the lease back fail against it and the source stays paused. When the destination
+    returns, its copy is a stray: destroyed, its lease released; then the source takes the
+    lease under a new generation and runs. The VM is not left paused for an operator to find."""
+    driver, hosts = fresh()
+    unheard = _destination_takes_the_lease_unheard(driver, hosts)
+    restart(driver, missing=("host-b",))
+    _roll_back_without(driver, hosts, "host-b")
+    m, vm = driver.world.migrations["m-1"], driver.world.vms["vm-1"]
+    assert m.phase == Phase.ROLLED_BACK and "could not take its lease back" in m.reason
+    assert (vm.status.name, vm.host, vm.resume_owed) == ("PAUSED", "host-a", True)
+    driver.connect("host-b")
+    driver.observe(*unheard)
+    assert reconcile(driver) == ["destroy-vm@host-b"]  # not yet the source: host-b holds it
+    steps = ["destroy-vm@host-b"]
+    answer(driver, hosts, [driver.log[-1]])
+    for _ in range(3):
+        decided = driver.request(I.ReconcileVm("vm-1", driver.now_us))
+        steps += decisions(decided)
+        answer(driver, hosts, decided)
+    assert steps == ["destroy-vm@host-b", "acquire-lease@host-a", "resume-vm@host-a"]
+    assert (vm.status.name, vm.lease_holder, vm.resume_owed) == ("RUNNING", "host-a", False)
+    assert InvariantChecker().check(driver.log) == []
+
+
+def test_an_owed_resume_is_tried_once() -> None:
+    """The source's acquire fails even after the lease came free (another fault): the VM stays
+    paused with the failure in the log, not retried on every event."""
+    driver, hosts = fresh()
+    unheard = _destination_takes_the_lease_unheard(driver, hosts)
+    restart(driver, missing=("host-b",))
+    _roll_back_without(driver, hosts, "host-b")
+    driver.connect("host-b")
+    driver.observe(*unheard)
+    answer(driver, hosts, driver.request(I.ReconcileVm("vm-1", driver.now_us)))  # the stray
+    hosts.fail_kinds.add(Kind.ACQUIRE_LEASE)
+    decided = driver.request(I.ReconcileVm("vm-1", driver.now_us))
+    assert decisions(decided) == ["acquire-lease@host-a"]
+    answer(driver, hosts, decided)
+    assert reconcile(driver) == []
+    vm = driver.world.vms["vm-1"]
+    assert (vm.status.name, vm.resume_owed) == ("PAUSED", False)
