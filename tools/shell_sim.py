@@ -616,23 +616,34 @@ class Scheduler:
     async def _migrate(self, migration_id: str, source: str, destination: str) -> World:
         """Start a migration once both hosts are connected, and drive it to its end."""
         cluster = self.cluster
-        await self._drive(
-            lambda w: cluster.connected(w, source) and cluster.connected(w, destination),
-            f"{source} and {destination} connect",
-        )
-        self.migration = migration_id
-        self.run.migrations.append(migration_id)
+
+        def ready(w: World) -> bool:
+            # A VM a rollback left paused without its lease moves once it took it back (or
+            # will not: the request is then refused, as the operator's would be).
+            vm = w.vms[VM]
+            settled = vm.lease_holder == vm.host or not vm.resume_owed
+            return settled and cluster.connected(w, source) and cluster.connected(w, destination)
+
+        world = await self._drive(ready, f"{source} and {destination} connect")
         self.note(f"{migration_id}: {VM} {source} -> {destination}")
         migrations = migration_pb2_grpc.MigrationServiceStub(cluster.admin)
-        await migrations.StartMigration(
-            migration_pb2.StartMigrationRequest(
-                vm=VM,
-                destination=destination,
-                mode=self.run.mode,  # type: ignore[arg-type]
-                policy=POLICY,
-                migration_id=migration_id,
+        try:
+            await migrations.StartMigration(
+                migration_pb2.StartMigrationRequest(
+                    vm=VM,
+                    destination=destination,
+                    mode=self.run.mode,  # type: ignore[arg-type]
+                    policy=POLICY,
+                    migration_id=migration_id,
+                )
             )
-        )
+        except grpc.aio.AioRpcError as err:
+            if err.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                raise
+            self.note(f"  refused: {err.details()}")
+            return world
+        self.migration = migration_id
+        self.run.migrations.append(migration_id)
         return await self._drive(
             lambda w: w.migrations[migration_id].phase.terminal, f"{migration_id} stalled"
         )

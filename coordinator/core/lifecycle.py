@@ -92,6 +92,13 @@ def start_migration(world: World, req: I.StartMigration) -> list[NewEvent]:
         raise InvalidRequest(
             f"VM {vm.name} already runs on {vm.host}: source and destination are the same"
         )
+    if vm.lease_holder != vm.host:
+        # The migration hands over the lease its source holds (invariant 4): a VM paused at
+        # home without it (a rollback that could not take it back) moves once it is back.
+        held = f"held by {vm.lease_holder}" if vm.lease_holder else "held by no host"
+        raise IllegalTransition(
+            f"VM {vm.name}", "migrate", f"its lease {held}", [f"its lease held by {vm.host}"]
+        )
     require_connected(world, vm.host)
     require_connected(world, req.destination)
     refuse_cordoned(world, req.destination, f"migrate VM {vm.name} to")

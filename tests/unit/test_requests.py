@@ -65,6 +65,21 @@ def test_migrating_vm_cannot_migrate_again_or_stop():
         decide(driver.world, migrate())
 
 
+@pytest.mark.parametrize("holder", ["", "host-b"])
+def test_a_vm_whose_host_does_not_hold_its_lease_cannot_migrate(holder):
+    """A migration hands over the lease its source holds: a VM paused at home without it (a
+    rollback that could not take it back from its destination) is refused, naming the holder,
+    until home holds it again."""
+    driver, _ = fresh()
+    driver.observe(Observation("host-a", E.LeaseReleased(vm="vm-1", holder="host-a", generation=1)))
+    if holder:
+        driver.observe(Observation(holder, E.LeaseAcquired(vm="vm-1", holder=holder, generation=2)))
+    before = driver.world.copy()
+    with pytest.raises(IllegalTransition, match=f"its lease held by {holder or 'no host'}"):
+        decide(driver.world, migrate())
+    assert driver.world == before
+
+
 def test_disconnected_destination_is_unavailable():
     """A destination without an open stream makes StartMigration fail as unavailable."""
     driver, _ = fresh()
