@@ -520,9 +520,11 @@ def _command_done(world: World, seq: int, command_id: str, vm: str) -> Command |
 def _command_succeeded(
     world: World, p: events_pb2.CommandSucceeded, seq: int, time_us: int, origin: str
 ) -> None:
-    if p.kind == _PREPARE:
-        _incoming_qemu_exists(world, p.vm, origin)
     command = _command_done(world, seq, p.command_id, p.vm)
+    if p.kind == _PREPARE and (command is None or command.state is _ISSUED):
+        # (A repeat of an answer already in, as hostd gives to a command sent again after a
+        # restart, says nothing new: that QEMU may be destroyed since.)
+        _incoming_qemu_exists(world, p.vm, origin)
     if command is None or command.state is not _ISSUED:
         return
     command.state = _SUCCEEDED

@@ -426,3 +426,22 @@ def test_a_source_left_cancelling_after_its_post_copy_paused_is_fenced():
     m = driver.world.migrations["m-1"]
     assert (m.phase, "cancelling for good" in m.reason) == (Phase.FENCED, True), m.reason
     clean(driver)
+
+
+def test_a_repeated_prepare_answer_does_not_revive_a_destroyed_destination():
+    """After a coordinator restart the unanswered PREPARE_INCOMING is sent again and hostd
+    repeats its stored answer, after the fence had destroyed that QEMU: the repeat says
+    nothing new, and the fence ends (it waited forever for a copy it believed alive)."""
+    driver, hosts = fresh()
+    start(driver)
+    driver.advance("m-1")
+    prepare = _issued(driver, Kind.PREPARE_INCOMING).payload
+    driver.observe(hosts.kill("vm-1", "host-a"))  # the source dies before the answer
+    answer(driver, hosts, [_issued(driver, Kind.PREPARE_INCOMING)])
+    destroy = until_issued(driver, hosts, Kind.DESTROY_VM)
+    driver.observe(*hosts.answer(destroy))
+    driver.observe(*hosts.answer(prepare)[-1:], succeeded(destroy))  # the repeats
+    driver.advance("m-1")
+    m = driver.world.migrations["m-1"]
+    assert (m.phase, m.dst.alive) == (Phase.FENCED, False), m.reason
+    clean(driver)
