@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import signal
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -177,6 +178,9 @@ class VmRuntime:
             migration_role=self.role,
         )
         if alive and self.qmp is not None:
+            # QEMU stamps its events with the same wall clock: one stamped before this is
+            # reflected in the answers below, however late it is delivered.
+            queried_at_us = time.time_ns() // 1000
             try:
                 status = await self.qmp.execute("query-status")
                 migrate = await self.qmp.execute("query-migrate")
@@ -188,6 +192,7 @@ class VmRuntime:
                 self.stopped = not self.running
                 self.migration_status = observation.migration_status
                 observation.qmp_reachable = True
+                observation.queried_at_us = queried_at_us
             except HostdError as err:
                 self.log.warning("snapshot incomplete: %s", err)
         return observation

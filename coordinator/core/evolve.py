@@ -257,6 +257,7 @@ def _vm_observed(
         if obs.process_alive and obs.qmp_reachable:
             side.runstate = obs.runstate
             _set_migration_status(m, side, obs.migration_status, time_us)
+            side.snapshot_us = max(side.snapshot_us, obs.queried_at_us)
     _settle_vm_status(vm)
 
 
@@ -299,6 +300,14 @@ def _qmp_event(
     m = _open_migration(world, p.vm)
     side = m.side(host) if m is not None else None
     name = p.event
+    if side is not None and time_us < side.snapshot_us and name in ("STOP", "RESUME", "MIGRATION"):
+        # Older than the snapshot its host reported since: applying it would step back (a
+        # stale postcopy-active read as a recovery that worked). That the destination ran
+        # stays a fact.
+        if name == "RESUME" and m is not None and side is m.dst:
+            side.resumed_at_us = side.resumed_at_us or time_us
+            m.dst_resumed = True
+        return
     if name == "STOP":
         vm.runstates[host] = "paused"
         if side is not None:

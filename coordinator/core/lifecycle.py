@@ -335,14 +335,22 @@ def _switchover(
     hostd_may_still_report = (
         0 < now_us - src.stopped_at_us < HOSTD_SWITCH_GRACE_US and not died_after_transfer
     )
+    # A rollback that took the lease back, then learnt post-copy had begun and recovered it
+    # (a paused post-copy source can never run), leaves the source holding a newer one.
+    vm = world.vms[m.vm]
+    taken_back = m.src_lease_reacquired and vm.lease_holder == src.host
+    release = m.cmd(Kind.RELEASE_LEASE, src.host)
     releasing = (
         source_let_go
-        and to_issue(m, Kind.RELEASE_LEASE, src.host)
-        and not m.src_lease_released
+        and (
+            (to_issue(m, Kind.RELEASE_LEASE, src.host) and not m.src_lease_released)
+            or (taken_back and (release is None or release.attempt != m.attempt))
+        )
         and not (hostd_may_still_report and releases_at_switchover(m))
     )
     if releasing:
-        out.append(issue(Kind.RELEASE_LEASE, src.host, lease_generation=m.source_lease_generation))
+        generation = vm.lease_holder_generation if taken_back else m.source_lease_generation
+        out.append(issue(Kind.RELEASE_LEASE, src.host, lease_generation=generation))
     if to_issue(m, Kind.ENABLE_NETWORK, dst.host) and not m.dst_network_enabled:
         out.append(issue(Kind.ENABLE_NETWORK, dst.host))
     if (
@@ -351,7 +359,7 @@ def _switchover(
         and to_issue(m, Kind.CONTINUE_SWITCHOVER, src.host)
     ):
         out.append(issue(Kind.CONTINUE_SWITCHOVER, src.host))
-    if not m.src_lease_released:
+    if not m.src_lease_released or m.src_lease_reacquired:
         return out
     # The destination takes the lease (networking is under way since the stop).
     if to_issue(m, Kind.ACQUIRE_LEASE, dst.host) and not m.dst_lease_generation:
@@ -367,6 +375,7 @@ def _handoff(world: World, m: MigrationState, issue: Issuer, now_us: int) -> lis
     src, dst = m.src, m.dst
     ready = (
         m.src_lease_released
+        and not m.src_lease_reacquired
         and m.dst_lease_generation > m.source_lease_generation
         and m.dst_network_enabled
         and src.runstate != "running"
@@ -609,6 +618,15 @@ def _rolling_back(world: World, m: MigrationState, issue: Issuer, now_us: int) -
         return []
     # 2. Stop the transfer (never after the point of no return; rollback is never decided
     # then) and destroy the destination.
+    if src.status == "postcopy-paused" and dst.alive and not src.cancel_stuck:
+        # Post-copy began after all (the rollback was decided not knowing) and then broke: a
+        # paused post-copy source can be neither cancelled nor resumed (QEMU 7.2), so the
+        # destination is the VM's only way on. Recover it once both ends noticed the break
+        # (and a cancel already sent was answered); destroying it would lose the VM.
+        cancel = m.cmd(Kind.CANCEL_MIGRATION, src.host, this_attempt=True)
+        if dst.status != "postcopy-paused" or (cancel is not None and cancel.state == ISSUED):
+            return []
+        return _recover_or_fence(m)
     out: list[Message] = []
     started = m.cmd(Kind.START_MIGRATION, src.host) is not None
     if (

@@ -16,13 +16,13 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from coordinator.core.state import MigrationState, World
+from coordinator.core.state import Kind, MigrationState, World
 
 
 class Stage(enum.Enum):
     BEFORE_SWITCH = "before the switch (source running, transfer in progress)"
     SWITCHING = "switching, pre-copy (source stopped, destination never resumed)"
-    POSTCOPY = "post-copy started, destination not yet resumed"
+    POSTCOPY = "post-copy started or asked for, destination not yet resumed"
     AFTER_CONT = "past the point of no return (destination's cont logged)"
 
 
@@ -83,7 +83,10 @@ COMPLETED_TRANSFER = Rule(Action.COMPLETE, "the destination has all the memory a
 def stage(m: MigrationState) -> Stage:
     if m.cont_issued:
         return Stage.AFTER_CONT
-    if m.postcopy_started:
+    # QEMU answers migrate-start-postcopy before it switches, and a hostd restart can lose
+    # both the answer and the status: once asked for, post-copy may have begun (however the
+    # command ended), and a source in post-copy can never be resumed.
+    if m.postcopy_started or m.cmd(Kind.START_POSTCOPY, m.source) is not None:
         return Stage.POSTCOPY
     if m.src.status in ("pre-switchover", "device", "completed") or m.src_lease_released:
         return Stage.SWITCHING

@@ -223,6 +223,9 @@ class Side:
     error: str = ""
     # Cancelled while its post-copy was paused: QEMU (7.2) stays in `cancelling` for good.
     cancel_stuck: bool = False
+    # When its host last queried it for a snapshot (query-status, query-migrate): QMP events
+    # stamped earlier, delivered after (a hostd that was stalled), are history it already holds.
+    snapshot_us: int = 0
 
 
 @dataclass(slots=True)

@@ -445,3 +445,36 @@ def test_a_repeated_prepare_answer_does_not_revive_a_destroyed_destination():
     m = driver.world.migrations["m-1"]
     assert (m.phase, m.dst.alive) == (Phase.FENCED, False), m.reason
     clean(driver)
+
+
+def test_a_rollback_that_finds_post_copy_paused_recovers_it_instead_of_losing_the_vm():
+    """The rollback was decided as post-copy began; its cancel never ran (hostd restarted) and
+    the link broke: both ends paused. A paused post-copy source can be neither cancelled nor
+    resumed, so destroying the destination would lose the VM: the post-copy is recovered and
+    completes, the lease the rollback had taken back moving to the destination once more."""
+    driver, hosts = fresh()
+    _abort_as_post_copy_begins(driver, hosts)
+    assert driver.world.migrations["m-1"].src_lease_reacquired
+    cancel = _issued(driver, Kind.CANCEL_MIGRATION).payload
+    driver.answered.add(cancel.command_id)
+    driver.observe(
+        migration("host-a", "vm-1", "postcopy-paused"),
+        failed(cancel, "interrupted by a hostd restart; not executed again"),
+    )
+    assert "destroy-vm@host-b" not in decisions(driver.advance("m-1"))  # waits for host-b
+    driver.observe(migration("host-b", "vm-1", "postcopy-paused"))
+    assert decisions(driver.advance("m-1"))[:2] == [
+        "PostcopyRecoveryDecided",
+        "recover-incoming@host-b",
+    ]
+    driver.run("m-1", hosts)
+    m = driver.world.migrations["m-1"]
+    assert (m.phase, m.dst_resumed) == (Phase.FINISHING, True), m.reason
+    driver.observe(
+        migration("host-a", "vm-1", "completed"), migration("host-b", "vm-1", "completed")
+    )
+    driver.run("m-1", hosts)
+    vm = driver.world.vms["vm-1"]
+    assert m.phase == Phase.COMPLETED, m.reason
+    assert (vm.host, vm.lease_holder, vm.lease_holder_generation) == ("host-b", "host-b", 3)
+    clean(driver)

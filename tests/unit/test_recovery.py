@@ -318,3 +318,47 @@ def test_an_owed_resume_is_tried_once() -> None:
     assert reconcile(driver) == []
     vm = driver.world.vms["vm-1"]
     assert (vm.status.name, vm.resume_owed) == ("PAUSED", False)
+
+
+def test_post_copy_asked_for_but_unseen_waits_for_missing_hosts() -> None:
+    """migrate-start-postcopy was sent (its answer and the statuses lost with the hosts); the
+    source may be in post-copy, where it can never be resumed: a rollback would destroy the
+    only copy that can go on. The migration waits for its hosts (sim seed 3042)."""
+    driver, hosts = fresh()
+    start(driver, common_pb2.MIGRATION_MODE_POSTCOPY)
+    for _ in range(10):
+        issued = [e for e in driver.advance("m-1") if e.type == "CommandIssued"]
+        if any(Kind(e.payload.kind) == Kind.START_POSTCOPY for e in issued):
+            break
+        answer(driver, hosts, issued)
+    m = driver.world.migrations["m-1"]
+    assert not m.postcopy_started and recovery.stage(m) == recovery.Stage.POSTCOPY
+    restart(driver, missing=("host-a", "host-b"))
+    assert driver.advance("m-1") == []
+    assert m.phase == Phase.TRANSFERRING
+
+
+def test_qmp_events_older_than_a_snapshot_do_not_step_back() -> None:
+    """A hostd stalled with QMP events unread reports a snapshot at its hello, then reads the
+    old events: post-copy paused now, and a postcopy-active from before the break. Read in
+    arrival order, that stale status looked like a recovery that worked (sim seed 3042: the
+    recovery was decided again and again, and the VM fenced)."""
+    driver, _ = _paused_postcopy()
+    m = driver.world.migrations["m-1"]
+    driver.advance("m-1")
+    assert m.phase == Phase.POSTCOPY_PAUSED
+    stale_at = driver.now_us + 500  # QEMU's stamp: before hostd's query below
+    snapshot = common_pb2.VmObservation(
+        vm="vm-1", process_alive=True, runstate="finish-migrate", qmp_reachable=True,
+        migration_status="postcopy-paused", migration_role="source", queried_at_us=stale_at + 1,
+    )  # fmt: skip
+    driver.observe(Observation("host-a", E.VmObserved(observation=snapshot, reason="hello")))
+    stale = E.QmpEventReceived(
+        vm="vm-1", event="MIGRATION", data_json='{"status": "postcopy-active"}'
+    )
+    driver.append([NewEvent("host/host-a", stale, stale_at, "host-a", 1, 99)])
+    assert (m.phase, m.src.status) == (Phase.POSTCOPY_PAUSED, "postcopy-paused")
+    fresh_event = E.QmpEventReceived(vm="vm-1", event="MIGRATION",
+                                     data_json='{"status": "postcopy-active"}')  # fmt: skip
+    driver.append([NewEvent("host/host-a", fresh_event, stale_at + 2, "host-a", 1, 100)])
+    assert (m.phase, m.src.status) == (Phase.FINISHING, "postcopy-active")  # it worked

@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18whimbrel/v1/common.proto\x12\x0bwhimbrel.v1\"1\n\x0cHostCapacity\x12\x12\n\nmemory_mib\x18\x01 \x01(\r\x12\r\n\x05vcpus\x18\x02 \x01(\r\"W\n\x0fMigrationLimits\x12\x0f\n\x07\x63luster\x18\x01 \x01(\r\x12\x19\n\x11per_host_outbound\x18\x02 \x01(\r\x12\x18\n\x10per_host_inbound\x18\x03 \x01(\r\"7\n\x04\x44isk\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\x12\x11\n\tinterface\x18\x03 \x01(\t\">\n\x03Nic\x12\x0b\n\x03mac\x18\x01 \x01(\t\x12\x0e\n\x06\x62ridge\x18\x02 \x01(\t\x12\x0b\n\x03tap\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\"+\n\rMemoryBacking\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"\x9c\x02\n\x06VmSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nmemory_mib\x18\x02 \x01(\r\x12\r\n\x05vcpus\x18\x03 \x01(\r\x12\x0f\n\x07machine\x18\x04 \x01(\t\x12 \n\x05\x64isks\x18\x05 \x03(\x0b\x32\x11.whimbrel.v1.Disk\x12\x1e\n\x04nics\x18\x06 \x03(\x0b\x32\x10.whimbrel.v1.Nic\x12\x32\n\x0ememory_backing\x18\x07 \x01(\x0b\x32\x1a.whimbrel.v1.MemoryBacking\x12*\n\x07on_lost\x18\x08 \x01(\x0e\x32\x19.whimbrel.v1.LostVmAction\x12\x0e\n\x06kernel\x18\t \x01(\t\x12\x0e\n\x06initrd\x18\n \x01(\t\x12\x0e\n\x06\x61ppend\x18\x0b \x01(\t\"\x9a\x01\n\rVmObservation\x12\n\n\x02vm\x18\x01 \x01(\t\x12\x15\n\rprocess_alive\x18\x02 \x01(\x08\x12\x0b\n\x03pid\x18\x03 \x01(\r\x12\x10\n\x08runstate\x18\x04 \x01(\t\x12\x18\n\x10migration_status\x18\x05 \x01(\t\x12\x16\n\x0emigration_role\x18\x06 \x01(\t\x12\x15\n\rqmp_reachable\x18\x07 \x01(\x08*\x81\x01\n\rMigrationMode\x12\x1e\n\x1aMIGRATION_MODE_UNSPECIFIED\x10\x00\x12\x1a\n\x16MIGRATION_MODE_PRECOPY\x10\x01\x12\x1b\n\x17MIGRATION_MODE_POSTCOPY\x10\x02\x12\x17\n\x13MIGRATION_MODE_AUTO\x10\x03*\xaa\x03\n\x0eMigrationPhase\x12\x1f\n\x1bMIGRATION_PHASE_UNSPECIFIED\x10\x00\x12\x1d\n\x19MIGRATION_PHASE_PREPARING\x10\x01\x12 \n\x1cMIGRATION_PHASE_TRANSFERRING\x10\x02\x12\x1e\n\x1aMIGRATION_PHASE_SWITCHOVER\x10\x03\x12\x1b\n\x17MIGRATION_PHASE_HANDOFF\x10\x04\x12\x1d\n\x19MIGRATION_PHASE_FINISHING\x10\x05\x12#\n\x1fMIGRATION_PHASE_POSTCOPY_PAUSED\x10\x06\x12 \n\x1cMIGRATION_PHASE_ROLLING_BACK\x10\x07\x12\x1d\n\x19MIGRATION_PHASE_COMPLETED\x10\x08\x12\x1f\n\x1bMIGRATION_PHASE_ROLLED_BACK\x10\t\x12\x1a\n\x16MIGRATION_PHASE_FENCED\x10\n\x12\x1b\n\x17MIGRATION_PHASE_FENCING\x10\x0b\x12\x1a\n\x16MIGRATION_PHASE_QUEUED\x10\x0c*n\n\x0cLostVmAction\x12\x1e\n\x1aLOST_VM_ACTION_UNSPECIFIED\x10\x00\x12\x1f\n\x1bLOST_VM_ACTION_STAY_STOPPED\x10\x01\x12\x1d\n\x19LOST_VM_ACTION_COLD_START\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18whimbrel/v1/common.proto\x12\x0bwhimbrel.v1\"1\n\x0cHostCapacity\x12\x12\n\nmemory_mib\x18\x01 \x01(\r\x12\r\n\x05vcpus\x18\x02 \x01(\r\"W\n\x0fMigrationLimits\x12\x0f\n\x07\x63luster\x18\x01 \x01(\r\x12\x19\n\x11per_host_outbound\x18\x02 \x01(\r\x12\x18\n\x10per_host_inbound\x18\x03 \x01(\r\"7\n\x04\x44isk\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\x12\x11\n\tinterface\x18\x03 \x01(\t\">\n\x03Nic\x12\x0b\n\x03mac\x18\x01 \x01(\t\x12\x0e\n\x06\x62ridge\x18\x02 \x01(\t\x12\x0b\n\x03tap\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\"+\n\rMemoryBacking\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"\x9c\x02\n\x06VmSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nmemory_mib\x18\x02 \x01(\r\x12\r\n\x05vcpus\x18\x03 \x01(\r\x12\x0f\n\x07machine\x18\x04 \x01(\t\x12 \n\x05\x64isks\x18\x05 \x03(\x0b\x32\x11.whimbrel.v1.Disk\x12\x1e\n\x04nics\x18\x06 \x03(\x0b\x32\x10.whimbrel.v1.Nic\x12\x32\n\x0ememory_backing\x18\x07 \x01(\x0b\x32\x1a.whimbrel.v1.MemoryBacking\x12*\n\x07on_lost\x18\x08 \x01(\x0e\x32\x19.whimbrel.v1.LostVmAction\x12\x0e\n\x06kernel\x18\t \x01(\t\x12\x0e\n\x06initrd\x18\n \x01(\t\x12\x0e\n\x06\x61ppend\x18\x0b \x01(\t\"\xb1\x01\n\rVmObservation\x12\n\n\x02vm\x18\x01 \x01(\t\x12\x15\n\rprocess_alive\x18\x02 \x01(\x08\x12\x0b\n\x03pid\x18\x03 \x01(\r\x12\x10\n\x08runstate\x18\x04 \x01(\t\x12\x18\n\x10migration_status\x18\x05 \x01(\t\x12\x16\n\x0emigration_role\x18\x06 \x01(\t\x12\x15\n\rqmp_reachable\x18\x07 \x01(\x08\x12\x15\n\rqueried_at_us\x18\x08 \x01(\x03*\x81\x01\n\rMigrationMode\x12\x1e\n\x1aMIGRATION_MODE_UNSPECIFIED\x10\x00\x12\x1a\n\x16MIGRATION_MODE_PRECOPY\x10\x01\x12\x1b\n\x17MIGRATION_MODE_POSTCOPY\x10\x02\x12\x17\n\x13MIGRATION_MODE_AUTO\x10\x03*\xaa\x03\n\x0eMigrationPhase\x12\x1f\n\x1bMIGRATION_PHASE_UNSPECIFIED\x10\x00\x12\x1d\n\x19MIGRATION_PHASE_PREPARING\x10\x01\x12 \n\x1cMIGRATION_PHASE_TRANSFERRING\x10\x02\x12\x1e\n\x1aMIGRATION_PHASE_SWITCHOVER\x10\x03\x12\x1b\n\x17MIGRATION_PHASE_HANDOFF\x10\x04\x12\x1d\n\x19MIGRATION_PHASE_FINISHING\x10\x05\x12#\n\x1fMIGRATION_PHASE_POSTCOPY_PAUSED\x10\x06\x12 \n\x1cMIGRATION_PHASE_ROLLING_BACK\x10\x07\x12\x1d\n\x19MIGRATION_PHASE_COMPLETED\x10\x08\x12\x1f\n\x1bMIGRATION_PHASE_ROLLED_BACK\x10\t\x12\x1a\n\x16MIGRATION_PHASE_FENCED\x10\n\x12\x1b\n\x17MIGRATION_PHASE_FENCING\x10\x0b\x12\x1a\n\x16MIGRATION_PHASE_QUEUED\x10\x0c*n\n\x0cLostVmAction\x12\x1e\n\x1aLOST_VM_ACTION_UNSPECIFIED\x10\x00\x12\x1f\n\x1bLOST_VM_ACTION_STAY_STOPPED\x10\x01\x12\x1d\n\x19LOST_VM_ACTION_COLD_START\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'whimbrel.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MIGRATIONMODE']._serialized_start=792
-  _globals['_MIGRATIONMODE']._serialized_end=921
-  _globals['_MIGRATIONPHASE']._serialized_start=924
-  _globals['_MIGRATIONPHASE']._serialized_end=1350
-  _globals['_LOSTVMACTION']._serialized_start=1352
-  _globals['_LOSTVMACTION']._serialized_end=1462
+  _globals['_MIGRATIONMODE']._serialized_start=815
+  _globals['_MIGRATIONMODE']._serialized_end=944
+  _globals['_MIGRATIONPHASE']._serialized_start=947
+  _globals['_MIGRATIONPHASE']._serialized_end=1373
+  _globals['_LOSTVMACTION']._serialized_start=1375
+  _globals['_LOSTVMACTION']._serialized_end=1485
   _globals['_HOSTCAPACITY']._serialized_start=41
   _globals['_HOSTCAPACITY']._serialized_end=90
   _globals['_MIGRATIONLIMITS']._serialized_start=92
@@ -50,5 +50,5 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_VMSPEC']._serialized_start=348
   _globals['_VMSPEC']._serialized_end=632
   _globals['_VMOBSERVATION']._serialized_start=635
-  _globals['_VMOBSERVATION']._serialized_end=789
+  _globals['_VMOBSERVATION']._serialized_end=812
 # @@protoc_insertion_point(module_scope)

@@ -382,6 +382,7 @@ class VmObservation(_message.Message):
     MIGRATION_STATUS_FIELD_NUMBER: _builtins.int
     MIGRATION_ROLE_FIELD_NUMBER: _builtins.int
     QMP_REACHABLE_FIELD_NUMBER: _builtins.int
+    QUERIED_AT_US_FIELD_NUMBER: _builtins.int
     vm: _builtins.str
     """VM name."""
     process_alive: _builtins.bool
@@ -398,6 +399,10 @@ class VmObservation(_message.Message):
     """The migration role the host gave this QEMU: "source", "destination", or empty."""
     qmp_reachable: _builtins.bool
     """Whether QMP answered."""
+    queried_at_us: _builtins.int
+    """The host's wall clock (microseconds since the epoch) just before it queried QEMU: a QMP
+    event QEMU stamped earlier is already reflected here. 0 when QMP was not queried.
+    """
     def __init__(
         self,
         *,
@@ -408,10 +413,11 @@ class VmObservation(_message.Message):
         migration_status: _builtins.str = ...,
         migration_role: _builtins.str = ...,
         qmp_reachable: _builtins.bool = ...,
+        queried_at_us: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["migration_role", b"migration_role", "migration_status", b"migration_status", "pid", b"pid", "process_alive", b"process_alive", "qmp_reachable", b"qmp_reachable", "runstate", b"runstate", "vm", b"vm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["migration_role", b"migration_role", "migration_status", b"migration_status", "pid", b"pid", "process_alive", b"process_alive", "qmp_reachable", b"qmp_reachable", "queried_at_us", b"queried_at_us", "runstate", b"runstate", "vm", b"vm"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
