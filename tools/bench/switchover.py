@@ -611,28 +611,37 @@ def bench(mode: str, runs: int | None = None) -> list[dict[str, object]]:
                 whimbrel.close()
         finally:
             direct.close()
-    for side, tally in (("whimbrel", ours), ("direct", base)):
+    scheduling = compared_scheduling(mode, ours_sched, base_sched)
+    rows = pause_rows(f"switchover.pause.{mode}", mode, ("whimbrel", ours), ("direct", base))
+    return [{**row, "scheduling": scheduling} for row in rows]
+
+
+def pause_rows(
+    bench: str, mode: str, measured: tuple[str, Tally], baseline: tuple[str, Tally]
+) -> list[dict[str, object]]:
+    """p50 and p99 of the measured side's pauses against the baseline side's of the same run;
+    every sample printed to stderr, and a side with no sample left is an error."""
+    for side, tally in (measured, baseline):
         print(f"  {mode}: {side} pauses ms {sorted(round(p, 1) for p in tally.pauses_ms)}; "
               f"rejected {tally.rejected_counts()}", file=sys.stderr)  # fmt: skip
         if not tally.pauses_ms:
             raise RuntimeError(f"{mode}: every {side} sample was rejected")
-    scheduling = compared_scheduling(mode, ours_sched, base_sched)
-    out: list[dict[str, object]] = []
+    (name, ours), (base_name, base) = measured, baseline
+    rows: list[dict[str, object]] = []
     for p in (50, 99):
-        value, baseline = percentile(ours.pauses_ms, p), percentile(base.pauses_ms, p)
-        out.append(
+        value, reference = percentile(ours.pauses_ms, p), percentile(base.pauses_ms, p)
+        rows.append(
             {
-                "bench": f"switchover.pause.{mode}.p{p}_ms",
+                "bench": f"{bench}.p{p}_ms",
                 "value": round(value, 2),
                 "unit": "ms",
-                "baseline": round(baseline, 2),
-                "ratio": round(value / baseline, 3),
-                "samples": {"whimbrel": len(ours.pauses_ms), "direct": len(base.pauses_ms)},
-                "rejected": {"whimbrel": ours.rejected_counts(), "direct": base.rejected_counts()},
-                "scheduling": scheduling,
+                "baseline": round(reference, 2),
+                "ratio": round(value / reference, 3),
+                "samples": {name: len(ours.pauses_ms), base_name: len(base.pauses_ms)},
+                "rejected": {name: ours.rejected_counts(), base_name: base.rejected_counts()},
             }
         )
-    return out
+    return rows
 
 
 # --- under a flood of reads ---------------------------------------------------------------------
@@ -816,32 +825,10 @@ def flood_bench(
                 reads.stop()
         finally:
             side.close()
-    for side_name, tally in (("flooded", flooded), ("quiet", quiet)):
-        print(f"  {mode}: {side_name} pauses ms {sorted(round(p, 1) for p in tally.pauses_ms)}; "
-              f"rejected {tally.rejected_counts()}", file=sys.stderr)  # fmt: skip
-        if not tally.pauses_ms:
-            raise RuntimeError(f"{mode}: every {side_name} sample was rejected")
+    rows = pause_rows(f"switchover.flood.{mode}", mode, ("flooded", flooded), ("quiet", quiet))
     flood = reads.summary()
     print(f"  {mode}: flood {flood}", file=sys.stderr, flush=True)
-    out: list[dict[str, object]] = []
-    for p in (50, 99):
-        value, baseline = percentile(flooded.pauses_ms, p), percentile(quiet.pauses_ms, p)
-        out.append(
-            {
-                "bench": f"switchover.flood.{mode}.p{p}_ms",
-                "value": round(value, 2),
-                "unit": "ms",
-                "baseline": round(baseline, 2),
-                "ratio": round(value / baseline, 3),
-                "samples": {"flooded": len(flooded.pauses_ms), "quiet": len(quiet.pauses_ms)},
-                "rejected": {
-                    "flooded": flooded.rejected_counts(),
-                    "quiet": quiet.rejected_counts(),
-                },
-                "flood": flood,
-            }
-        )
-    return out
+    return [{**row, "flood": flood} for row in rows]
 
 
 def tls_bench(mode: str, runs: int | None = None) -> list[dict[str, object]]:
@@ -866,14 +853,4 @@ def tls_bench(mode: str, runs: int | None = None) -> list[dict[str, object]]:
                 plain.close()
         finally:
             secure.close()
-    return [
-        {
-            "bench": f"switchover.tls.{mode}.p{p}_ms",
-            "value": round(percentile(with_tls.pauses_ms, p), 2),
-            "unit": "ms",
-            "baseline": round(percentile(without.pauses_ms, p), 2),
-            "ratio": round(percentile(with_tls.pauses_ms, p) / percentile(without.pauses_ms, p), 3),
-            "samples": {"tls": len(with_tls.pauses_ms), "plain": len(without.pauses_ms)},
-        }
-        for p in (50, 99)
-    ]
+    return pause_rows(f"switchover.tls.{mode}", mode, ("tls", with_tls), ("plain", without))
