@@ -618,12 +618,12 @@ def _rolling_back(world: World, m: MigrationState, issue: Issuer, now_us: int) -
         return []
     # 2. Stop the transfer (never after the point of no return; rollback is never decided
     # then) and destroy the destination.
+    cancel = m.cmd(Kind.CANCEL_MIGRATION, src.host, this_attempt=True)
     if src.status == "postcopy-paused" and dst.alive and not src.cancel_stuck:
         # Post-copy began after all (the rollback was decided not knowing) and then broke: a
         # paused post-copy source can be neither cancelled nor resumed (QEMU 7.2), so the
         # destination is the VM's only way on. Recover it once both ends noticed the break
         # (and a cancel already sent was answered); destroying it would lose the VM.
-        cancel = m.cmd(Kind.CANCEL_MIGRATION, src.host, this_attempt=True)
         if dst.status != "postcopy-paused" or (cancel is not None and cancel.state == ISSUED):
             return []
         return _recover_or_fence(m)
@@ -634,10 +634,9 @@ def _rolling_back(world: World, m: MigrationState, issue: Issuer, now_us: int) -
         and src.alive
         and src.status in CANCELLABLE_STATUSES
         and not m.point_of_no_return_passed
-        and m.cmd(Kind.CANCEL_MIGRATION, src.host, this_attempt=True) is None
+        and cancel is None
     ):
         out.append(issue(Kind.CANCEL_MIGRATION, src.host, reason="rollback"))
-    cancel = m.cmd(Kind.CANCEL_MIGRATION, src.host, this_attempt=True)
     cancelling = bool(out) or (cancel is not None and cancel.state == ISSUED)
     prepared = m.cmd(Kind.PREPARE_INCOMING, dst.host) is not None
     destroy = m.cmd(Kind.DESTROY_VM, dst.host, this_attempt=True)
