@@ -393,7 +393,7 @@ class Coordinator:
         async with self._lock:
             # The log's high-water mark for this host must include what is in flight.
             await self.pipeline.settled.wait()
-            refusal = host_stream.check_hello(self.world, hello)
+            refusal = host_stream.check_hello(self.world, hello, self.clock())
             if refusal is not None:
                 log.warning("refused: %s", refusal)
                 raise host_stream.StreamRefused(refusal)
@@ -483,7 +483,9 @@ class Coordinator:
                 if kind is None:
                     continue
                 fresh.append((host_event, generation, getattr(host_event.payload, kind)))
-            refusal = host_stream.check_batch(self.world, session.host_id, [p for *_, p in fresh])
+            refusal = host_stream.check_stamps(
+                session.host_id, [e for e, *_ in fresh], self.clock()
+            ) or host_stream.check_batch(self.world, session.host_id, [p for *_, p in fresh])
             if refusal is not None:
                 log.warning("refused: %s", refusal)
                 raise host_stream.StreamRefused(refusal)

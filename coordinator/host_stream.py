@@ -26,6 +26,11 @@ unacknowledged event on each reconnect.
 
 A Hello may raise its host's generation by at most `MAX_GENERATION_JUMP`: a forged huge
 generation would otherwise lock the real hostd out (lower generations are refused).
+
+A host's stamps (an event's time, the moment a snapshot queried QEMU) may lead the coordinator's
+clock by at most `MAX_CLOCK_LEAD_US`, and are never negative: the fold ignores a host's QMP events
+stamped before its latest snapshot, so one snapshot stamped far ahead would make every later
+event of that host read as history and stall its migration.
 """
 
 from __future__ import annotations
@@ -42,16 +47,22 @@ from whimbrel.v1 import events_pb2, host_pb2
 
 __all__ = [
     "ALLOWED",
+    "MAX_CLOCK_LEAD_US",
     "MAX_GENERATION_JUMP",
     "Refusal",
     "StreamRefused",
     "check_batch",
     "check_hello",
+    "check_stamps",
     "moot",
 ]
 
 # hostd bumps its generation by one per start; a million restarts is beyond any real host.
 MAX_GENERATION_JUMP = 1_000_000
+
+# NTP keeps hosts within milliseconds of each other; a minute leaves room for a clock being
+# stepped back into line without refusing an honest host.
+MAX_CLOCK_LEAD_US = 60_000_000
 
 # What hostd returns for PREPARE_INCOMING and RECOVER_INCOMING: tcp:ADDRESS:PORT.
 _MIGRATION_URI = re.compile(r"tcp:[^\s,]+:[0-9]{1,5}")
@@ -215,8 +226,40 @@ def moot(world: World, payload: Message) -> bool:
     return _vm_name(payload) not in world.vms
 
 
-def check_hello(world: World, hello: host_pb2.Hello) -> Refusal | None:
-    """A Hello's generation may not leap beyond the host's stored one by more than the bound."""
+def _stamp_fault(stamp_us: int, now_us: int) -> str | None:
+    if stamp_us < 0:
+        return f"its time {stamp_us} µs is negative"
+    if stamp_us > now_us + MAX_CLOCK_LEAD_US:
+        lead_s = (stamp_us - now_us) / 1e6
+        return (
+            f"its time leads the coordinator's clock by {lead_s:.1f} s "
+            f"(at most {MAX_CLOCK_LEAD_US // 1_000_000} s)"
+        )
+    return None
+
+
+def check_stamps(host_id: str, events: Sequence[host_pb2.HostEvent], now_us: int) -> Refusal | None:
+    """The first event whose own time, or whose snapshot's query time, is negative or leads
+    `now_us` by more than the bound (see the module docstring)."""
+    for event in events:
+        kind = event.payload.WhichOneof("kind")
+        payload = getattr(event.payload, kind) if kind is not None else None
+        type_ = payload.DESCRIPTOR.name if payload is not None else "HostEvent"
+        stamps = [event.time_us]
+        if isinstance(payload, events_pb2.VmObserved):
+            stamps.append(payload.observation.queried_at_us)
+        for stamp in stamps:
+            if (fault := _stamp_fault(stamp, now_us)) is not None:
+                return Refusal(host_id, type_, f"seq {event.seq}: {fault}")
+    return None
+
+
+def check_hello(world: World, hello: host_pb2.Hello, now_us: int) -> Refusal | None:
+    """A Hello's generation may not leap beyond the host's stored one by more than the bound,
+    and its snapshots' query times are checked as any stamp is."""
+    for observation in hello.vms:
+        if (fault := _stamp_fault(observation.queried_at_us, now_us)) is not None:
+            return Refusal(hello.host_id, "Hello", f"the snapshot of {observation.vm}: {fault}")
     host = world.hosts.get(hello.host_id)
     stored = host.generation if host is not None else 0
     if hello.generation > stored + MAX_GENERATION_JUMP:

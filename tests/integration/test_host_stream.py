@@ -4,6 +4,8 @@ PERMISSION_DENIED over real gRPC, and nothing of the refused batch reaches the l
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import pytest
 from google.protobuf.message import Message
@@ -209,6 +211,22 @@ async def test_a_lease_generation_above_any_handed_out_is_refused(
     details = await _refused(coordinator, hosts[0], forged)
     assert "above the highest handed out (1)" in details
     assert coordinator.app.world.vms["vm-1"].lease_generation == 1
+    await _stop(hosts)
+
+
+async def test_a_snapshot_stamped_beyond_the_clock_bound_is_refused(
+    coordinator: Running, sim_hosts: SimHosts
+) -> None:
+    """The VM's own host may not stamp a snapshot an hour ahead: its later QMP events would be
+    read as older than it and ignored."""
+    hosts = await _running_vm(coordinator, sim_hosts)
+    ahead_us = time.time_ns() // 1000 + 3600 * 1_000_000
+    observation = common_pb2.VmObservation(
+        vm="vm-1", process_alive=True, qmp_reachable=True, runstate="running",
+        queried_at_us=ahead_us,
+    )  # fmt: skip
+    details = await _refused(coordinator, hosts[0], events_pb2.VmObserved(observation=observation))
+    assert "leads the coordinator's clock by 3600" in details
     await _stop(hosts)
 
 

@@ -6,9 +6,16 @@ from __future__ import annotations
 
 from coordinator.core import inputs as I
 from coordinator.core.state import World
-from coordinator.host_stream import MAX_GENERATION_JUMP, check_batch, check_hello, moot
+from coordinator.host_stream import (
+    MAX_CLOCK_LEAD_US,
+    MAX_GENERATION_JUMP,
+    check_batch,
+    check_hello,
+    check_stamps,
+    moot,
+)
 from tools.sim import Driver, SimHosts, migration, running_vm
-from whimbrel.v1 import events_pb2, host_pb2
+from whimbrel.v1 import common_pb2, events_pb2, host_pb2
 
 
 def completed_migration() -> World:
@@ -69,7 +76,49 @@ def test_a_hello_may_raise_the_generation_by_the_bound_and_no_more() -> None:
     world = completed_migration()
     stored = world.hosts["host-a"].generation
     near = host_pb2.Hello(host_id="host-a", generation=stored + MAX_GENERATION_JUMP)
-    assert check_hello(world, near) is None
+    assert check_hello(world, near, NOW_US) is None
     far = host_pb2.Hello(host_id="host-a", generation=stored + MAX_GENERATION_JUMP + 1)
-    refusal = check_hello(world, far)
+    refusal = check_hello(world, far, NOW_US)
     assert refusal is not None and "leaps beyond" in str(refusal)
+
+
+NOW_US = 1_800_000_000_000_000
+
+
+def observed(queried_at_us: int) -> events_pb2.VmObserved:
+    observation = common_pb2.VmObservation(
+        vm="vm-1", process_alive=True, qmp_reachable=True, queried_at_us=queried_at_us
+    )
+    return events_pb2.VmObserved(observation=observation)
+
+
+def stamped(seq: int, time_us: int, payload: events_pb2.VmObserved) -> host_pb2.HostEvent:
+    return host_pb2.HostEvent(
+        seq=seq, time_us=time_us, payload=events_pb2.EventPayload(vm_observed=payload)
+    )
+
+
+def test_a_stamp_may_lead_the_clock_by_the_bound_and_no_more() -> None:
+    """A snapshot stamped far ahead would make the host's later QMP events read as history."""
+    limit = NOW_US + MAX_CLOCK_LEAD_US
+    assert check_stamps("host-a", [stamped(1, limit, observed(limit))], NOW_US) is None
+    # Old stamps are fine: a reconnecting hostd re-sends what it recorded long ago.
+    assert check_stamps("host-a", [stamped(1, 1, observed(1))], NOW_US) is None
+    ahead_query = check_stamps("host-a", [stamped(7, NOW_US, observed(limit + 1))], NOW_US)
+    assert ahead_query is not None and ahead_query.payload_type == "VmObserved"
+    assert "seq 7: its time leads the coordinator's clock by 60.0 s" in ahead_query.reason
+    ahead_event = check_stamps("host-a", [stamped(3, limit + 1, observed(0))], NOW_US)
+    assert ahead_event is not None and "seq 3" in ahead_event.reason
+    negative = check_stamps("host-a", [stamped(2, NOW_US, observed(-1))], NOW_US)
+    assert negative is not None and "negative" in negative.reason
+
+
+def test_a_hellos_snapshots_are_held_to_the_same_bound() -> None:
+    world = completed_migration()
+    generation = world.hosts["host-a"].generation
+    ahead = observed(NOW_US + MAX_CLOCK_LEAD_US + 1).observation
+    hello = host_pb2.Hello(host_id="host-a", generation=generation, vms=[ahead])
+    refusal = check_hello(world, hello, NOW_US)
+    assert refusal is not None and "the snapshot of vm-1: its time leads" in refusal.reason
+    hello.vms[0].queried_at_us = NOW_US
+    assert check_hello(world, hello, NOW_US) is None
