@@ -10,8 +10,8 @@ script. The guest, told its settings on the kernel command line (`whimbrel.ip=AD
   sync after each write, continuing from what the disk holds, and reports each value on its
   serial console as `COUNTER_TAG N`;
 - optionally dirties memory by rewriting LOAD MiB in /dev/shm with /dev/urandom in a loop
-  (`whimbrel.load=MIB`), or, much faster, by copying DIRTY MiB of random bytes over and over,
-  one copier per vCPU (`whimbrel.dirty=MIB`).
+  (`whimbrel.load=MIB`), or, much faster, by writing to every page of DIRTY MiB over and over,
+  one writer per vCPU (`whimbrel.dirty=MIB`, tools/guest_dirtier.py).
 
 `counter_disk` creates the disk; `read_counter` reads the value an image holds.
 """
@@ -24,6 +24,8 @@ import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+
+from tools import guest_dirtier
 
 __all__ = [
     "COUNTER_TAG",
@@ -70,12 +72,12 @@ if [ -n "$LOAD" ] && [ "$LOAD" -gt 0 ]; then
   ( while true; do dd if=/dev/urandom of=/dev/shm/load bs=1M count="$LOAD" 2>/dev/null; done ) &
 fi
 if [ -n "$DIRTY" ] && [ "$DIRTY" -gt 0 ]; then
-  # Random bytes made once, then copied over and over: dirtying at memory-copy speed, with
-  # pages QEMU cannot send as zero pages.
-  # One copier per vCPU.
-  dd if=/dev/urandom of=/dev/shm/seed bs=1M count="$DIRTY" 2>/dev/null
   for cpu in $(seq "$(nproc)"); do
-    ( while true; do cp /dev/shm/seed "/dev/shm/dirty$cpu"; done ) &
+    /bin/dirty-pages "$DIRTY" > "/tmp/swept$cpu" &
+  done
+  # Up (and the disk counter going) only once every writer has made its memory real.
+  for cpu in $(seq "$(nproc)"); do
+    until [ -s "/tmp/swept$cpu" ]; do sleep 0.1; done
   done
 fi
 echo "whimbrel-guest up ip=$IP load=$LOAD dirty=$DIRTY"
@@ -168,7 +170,10 @@ def build(build_dir: Path = DEFAULT_BUILD_DIR) -> Guest:
     version = kernel_version()
     modules = _module_paths(version)
     init = INIT.replace("@PORT@", str(ECHO_PORT)).replace("@TAG@", COUNTER_TAG)
-    key = hashlib.sha256("\0".join([version, init, *map(str, modules)]).encode()).hexdigest()[:12]
+    dirtier = guest_dirtier.elf()
+    key = hashlib.sha256(
+        "\0".join([version, init, dirtier.hex(), *map(str, modules)]).encode()
+    ).hexdigest()[:12]
     initrd = build_dir / f"initramfs-{version}-{key}.cpio"
     kernel = Path("/boot") / f"vmlinuz-{version}"
     if initrd.exists():
@@ -180,6 +185,7 @@ def build(build_dir: Path = DEFAULT_BUILD_DIR) -> Guest:
     ]
     entries.append(("bin/busybox", executable, BUSYBOX.read_bytes()))
     entries.append(("init", executable, init.encode()))
+    entries.append(("bin/dirty-pages", executable, dirtier))
     order = []
     for module in modules:
         entries.append((f"lib/modules/{module.name}", regular, module.read_bytes()))

@@ -75,8 +75,8 @@ def auto_postcopy_reason(m: MigrationState) -> str:
     before, now = progress.previous_remaining_bytes, progress.remaining_bytes
     if before and now * 100 > before * (100 - p.min_shrink_percent):
         return (
-            f"pass {progress.sampled_pass}: {now} bytes remain, down from {before} "
-            f"(less than {p.min_shrink_percent}%)"
+            f"pass {progress.sampled_pass}: {now} bytes remain against {before} a pass "
+            f"before (shrunk by less than {p.min_shrink_percent}%)"
         )
     return ""
 
