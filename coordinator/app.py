@@ -492,7 +492,9 @@ class Coordinator:
             session.stored.update(stored)
             new = [
                 NewEvent(
-                    self._stream_for(getattr(payload, "vm", "")),
+                    self._stream_for(getattr(payload, "vm", ""))
+                    if not isinstance(payload, events_pb2.HostCapacityChanged)
+                    else protocol.host_stream(session.host_id),
                     payload,
                     host_event.time_us or self.clock(),
                     session.host_id,

@@ -16,7 +16,8 @@ refuses the whole batch, so nothing of it reaches the log:
   released, a lease it held released) may be about any defined VM: it takes nothing from
   another host, and hostd reports those after the coordinator may already have moved on;
 - a lease fact names this host as the holder, and an acquired generation never exceeds the
-  highest one the coordinator handed out.
+  highest one the coordinator handed out;
+- a capacity change is the reporting host's own, and offers at least one MiB and one vCPU.
 
 Payloads about what the world does not know (a VM never defined, a command the world no longer
 tracks: an answer repeated after a reconnect, a late answer to a finished migration) are `moot`:
@@ -187,6 +188,17 @@ def _command_result(
     return None
 
 
+def _capacity_changed(
+    world: World, host_id: str, payload: events_pb2.HostCapacityChanged
+) -> str | None:
+    if payload.capacity.memory_mib < 1 or payload.capacity.vcpus < 1:
+        return (
+            f"capacity of {payload.capacity.memory_mib} MiB and {payload.capacity.vcpus} vCPUs: "
+            "a host offers at least 1 of each"
+        )
+    return None
+
+
 # The payload types a host may send, each with the check of its origin.
 _CHECKS: dict[type[Message], Check] = {
     events_pb2.VmObserved: _vm_observed,
@@ -198,6 +210,7 @@ _CHECKS: dict[type[Message], Check] = {
     events_pb2.NetworkChanged: _network_changed,
     events_pb2.CommandSucceeded: _command_result,
     events_pb2.CommandFailed: _command_result,
+    events_pb2.HostCapacityChanged: _capacity_changed,
 }
 _NOT_AN_OBSERVATION = "not an observation: only the coordinator makes this event"
 ALLOWED = frozenset(cls.DESCRIPTOR.name for cls in _CHECKS)
@@ -223,6 +236,8 @@ def moot(world: World, payload: Message) -> bool:
     cannot be judged, so it is dropped (see the module docstring)."""
     if isinstance(payload, (events_pb2.CommandSucceeded, events_pb2.CommandFailed)):
         return world.command(payload.command_id, payload.vm) is None
+    if isinstance(payload, events_pb2.HostCapacityChanged):
+        return False  # about the host itself, which the world knows once it said hello
     return _vm_name(payload) not in world.vms
 
 

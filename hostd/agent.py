@@ -144,6 +144,16 @@ class Agent:
         """Durably record an observation; it is sent now and re-sent until acknowledged."""
         self._record(wrap(payload), time_us)
 
+    async def report_capacity(self, capacity: common_pb2.HostCapacity) -> None:
+        """A capacity read again: if it changed, it is reported as any observation is
+        (durably, re-sent until acknowledged) and later hellos carry it."""
+        if capacity == self.capacity:
+            return
+        log.info("capacity now %d MiB, %d vCPUs (was %d MiB, %d vCPUs)", capacity.memory_mib,
+                 capacity.vcpus, self.capacity.memory_mib, self.capacity.vcpus)  # fmt: skip
+        self.capacity = capacity
+        await self.emit(events_pb2.HostCapacityChanged(capacity=capacity), 0)
+
     def _record(self, wrapped: events_pb2.EventPayload, time_us: int) -> None:
         self.pending.append(self.store.record(wrapped, time_us or now_us()))
         self._new_event.set()

@@ -32,9 +32,8 @@ import signal
 import sys
 from pathlib import Path
 
-from hostd import tracing
+from hostd import capacity, tracing
 from hostd.agent import Agent
-from hostd.capacity import capacity
 from hostd.drivers.network import (
     BridgeNetworkDriver,
     HookNetworkDriver,
@@ -47,6 +46,7 @@ from hostd.migration_tls import MigrationTls
 from whimbrel import heap, priority, validate
 from whimbrel.otel import add_otlp_flag, otlp_endpoint
 from whimbrel.tls import TlsError, TlsFiles, add_tls_flags, tls_files
+from whimbrel.v1 import common_pb2
 
 MIGRATION_TLS_HELP = (
     "Migration TLS: with --tls-cert/--tls-key/--tls-ca, migrations (pre-copy, post-copy and "
@@ -104,6 +104,9 @@ async def serve(
 async def _serve(
     ns: argparse.Namespace, tls: TlsFiles | None, migration: MigrationTls | None
 ) -> int:
+    def read_capacity() -> common_pb2.HostCapacity:
+        return capacity.capacity(ns.capacity_memory_mib, ns.capacity_vcpus)
+
     agent = Agent(
         ns.host_id,
         ns.coordinator,
@@ -119,7 +122,7 @@ async def _serve(
             ns.allow_disk_root, ns.allow_bridge, ns.allow_block_devices, ns.allow_kernel_root
         ),
         qemu_user=ns.qemu_user or "",
-        capacity=capacity(ns.capacity_memory_mib, ns.capacity_vcpus),
+        capacity=read_capacity(),
     )
     agent.executor.migration_tls = migration
     loop = asyncio.get_running_loop()
@@ -127,10 +130,14 @@ async def _serve(
         loop.add_signal_handler(sig, agent.stopping.set)
     heap.freeze_startup_objects()
     runner = asyncio.create_task(agent.run(), name="hostd-agent")
+    capacity_watch = asyncio.create_task(
+        capacity.watch(read_capacity, agent.report_capacity, agent.stopping), name="capacity"
+    )
     await agent.stopping.wait()
     runner.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await runner
+    await capacity_watch
     await agent.close()
     return 0
 

@@ -127,6 +127,19 @@ def _host_connected(
     host.vcpus = p.capacity.vcpus
 
 
+@_on(events_pb2.HostCapacityChanged)
+def _host_capacity_changed(
+    world: World, p: events_pb2.HostCapacityChanged, seq: int, time_us: int, origin: str
+) -> None:
+    host = world.hosts.get(origin)
+    if host is None:
+        return
+    host.memory_mib = p.capacity.memory_mib
+    host.vcpus = p.capacity.vcpus
+    host.changed_at_us = time_us
+    world.queue_changes += 1  # a queued migration may fit now
+
+
 @_on(events_pb2.HostCordoned)
 def _host_cordoned(
     world: World, p: events_pb2.HostCordoned, seq: int, time_us: int, origin: str

@@ -301,6 +301,7 @@ class EventPayload(_message.Message):
     POLICY_DEFINED_FIELD_NUMBER: _builtins.int
     DEFAULT_POLICY_SET_FIELD_NUMBER: _builtins.int
     MIGRATION_TUNED_FIELD_NUMBER: _builtins.int
+    HOST_CAPACITY_CHANGED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def coordinator_started(self) -> Global___CoordinatorStarted: ...
     @_builtins.property
@@ -363,6 +364,8 @@ class EventPayload(_message.Message):
     def default_policy_set(self) -> Global___DefaultPolicySet: ...
     @_builtins.property
     def migration_tuned(self) -> Global___MigrationTuned: ...
+    @_builtins.property
+    def host_capacity_changed(self) -> Global___HostCapacityChanged: ...
     def __init__(
         self,
         *,
@@ -397,12 +400,13 @@ class EventPayload(_message.Message):
         policy_defined: Global___PolicyDefined | None = ...,
         default_policy_set: Global___DefaultPolicySet | None = ...,
         migration_tuned: Global___MigrationTuned | None = ...,
+        host_capacity_changed: Global___HostCapacityChanged | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["command_failed", b"command_failed", "command_issued", b"command_issued", "command_succeeded", b"command_succeeded", "coordinator_started", b"coordinator_started", "default_policy_set", b"default_policy_set", "fencing_decided", b"fencing_decided", "host_connected", b"host_connected", "host_cordoned", b"host_cordoned", "host_disconnected", b"host_disconnected", "host_drain_started", b"host_drain_started", "kind", b"kind", "lease_acquired", b"lease_acquired", "lease_released", b"lease_released", "migration_admitted", b"migration_admitted", "migration_finished", b"migration_finished", "migration_limits_set", b"migration_limits_set", "migration_requested", b"migration_requested", "migration_stats_sampled", b"migration_stats_sampled", "migration_tuned", b"migration_tuned", "network_changed", b"network_changed", "policy_defined", b"policy_defined", "postcopy_recovery_decided", b"postcopy_recovery_decided", "postcopy_requested", b"postcopy_requested", "qemu_exited", b"qemu_exited", "qmp_event_received", b"qmp_event_received", "recovery_finished", b"recovery_finished", "recovery_started", b"recovery_started", "rollback_decided", b"rollback_decided", "vm_defined", b"vm_defined", "vm_lost", b"vm_lost", "vm_observed", b"vm_observed", "vm_stop_requested", b"vm_stop_requested"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["command_failed", b"command_failed", "command_issued", b"command_issued", "command_succeeded", b"command_succeeded", "coordinator_started", b"coordinator_started", "default_policy_set", b"default_policy_set", "fencing_decided", b"fencing_decided", "host_capacity_changed", b"host_capacity_changed", "host_connected", b"host_connected", "host_cordoned", b"host_cordoned", "host_disconnected", b"host_disconnected", "host_drain_started", b"host_drain_started", "kind", b"kind", "lease_acquired", b"lease_acquired", "lease_released", b"lease_released", "migration_admitted", b"migration_admitted", "migration_finished", b"migration_finished", "migration_limits_set", b"migration_limits_set", "migration_requested", b"migration_requested", "migration_stats_sampled", b"migration_stats_sampled", "migration_tuned", b"migration_tuned", "network_changed", b"network_changed", "policy_defined", b"policy_defined", "postcopy_recovery_decided", b"postcopy_recovery_decided", "postcopy_requested", b"postcopy_requested", "qemu_exited", b"qemu_exited", "qmp_event_received", b"qmp_event_received", "recovery_finished", b"recovery_finished", "recovery_started", b"recovery_started", "rollback_decided", b"rollback_decided", "vm_defined", b"vm_defined", "vm_lost", b"vm_lost", "vm_observed", b"vm_observed", "vm_stop_requested", b"vm_stop_requested"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_failed", b"command_failed", "command_issued", b"command_issued", "command_succeeded", b"command_succeeded", "coordinator_started", b"coordinator_started", "default_policy_set", b"default_policy_set", "fencing_decided", b"fencing_decided", "host_connected", b"host_connected", "host_cordoned", b"host_cordoned", "host_disconnected", b"host_disconnected", "host_drain_started", b"host_drain_started", "kind", b"kind", "lease_acquired", b"lease_acquired", "lease_released", b"lease_released", "migration_admitted", b"migration_admitted", "migration_finished", b"migration_finished", "migration_limits_set", b"migration_limits_set", "migration_requested", b"migration_requested", "migration_stats_sampled", b"migration_stats_sampled", "migration_tuned", b"migration_tuned", "network_changed", b"network_changed", "policy_defined", b"policy_defined", "postcopy_recovery_decided", b"postcopy_recovery_decided", "postcopy_requested", b"postcopy_requested", "qemu_exited", b"qemu_exited", "qmp_event_received", b"qmp_event_received", "recovery_finished", b"recovery_finished", "recovery_started", b"recovery_started", "rollback_decided", b"rollback_decided", "vm_defined", b"vm_defined", "vm_lost", b"vm_lost", "vm_observed", b"vm_observed", "vm_stop_requested", b"vm_stop_requested"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_failed", b"command_failed", "command_issued", b"command_issued", "command_succeeded", b"command_succeeded", "coordinator_started", b"coordinator_started", "default_policy_set", b"default_policy_set", "fencing_decided", b"fencing_decided", "host_capacity_changed", b"host_capacity_changed", "host_connected", b"host_connected", "host_cordoned", b"host_cordoned", "host_disconnected", b"host_disconnected", "host_drain_started", b"host_drain_started", "kind", b"kind", "lease_acquired", b"lease_acquired", "lease_released", b"lease_released", "migration_admitted", b"migration_admitted", "migration_finished", b"migration_finished", "migration_limits_set", b"migration_limits_set", "migration_requested", b"migration_requested", "migration_stats_sampled", b"migration_stats_sampled", "migration_tuned", b"migration_tuned", "network_changed", b"network_changed", "policy_defined", b"policy_defined", "postcopy_recovery_decided", b"postcopy_recovery_decided", "postcopy_requested", b"postcopy_requested", "qemu_exited", b"qemu_exited", "qmp_event_received", b"qmp_event_received", "recovery_finished", b"recovery_finished", "recovery_started", b"recovery_started", "rollback_decided", b"rollback_decided", "vm_defined", b"vm_defined", "vm_lost", b"vm_lost", "vm_observed", b"vm_observed", "vm_stop_requested", b"vm_stop_requested"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["coordinator_started", "recovery_started", "recovery_finished", "host_connected", "host_disconnected", "vm_defined", "vm_observed", "qmp_event_received", "migration_stats_sampled", "qemu_exited", "lease_acquired", "lease_released", "network_changed", "vm_lost", "command_issued", "command_succeeded", "command_failed", "migration_requested", "postcopy_requested", "rollback_decided", "postcopy_recovery_decided", "fencing_decided", "migration_finished", "vm_stop_requested", "migration_admitted", "migration_limits_set", "host_cordoned", "host_drain_started", "policy_defined", "default_policy_set", "migration_tuned"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["coordinator_started", "recovery_started", "recovery_finished", "host_connected", "host_disconnected", "vm_defined", "vm_observed", "qmp_event_received", "migration_stats_sampled", "qemu_exited", "lease_acquired", "lease_released", "network_changed", "vm_lost", "command_issued", "command_succeeded", "command_failed", "migration_requested", "postcopy_requested", "rollback_decided", "postcopy_recovery_decided", "fencing_decided", "migration_finished", "vm_stop_requested", "migration_admitted", "migration_limits_set", "host_cordoned", "host_drain_started", "policy_defined", "default_policy_set", "migration_tuned", "host_capacity_changed"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -563,6 +567,31 @@ class HostConnected(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___HostConnected: _TypeAlias = HostConnected  # noqa: Y015
+
+@_typing.final
+class HostCapacityChanged(_message.Message):
+    """A connected host's capacity changed (memory or CPUs added or taken away): reported by the
+    host, on its own stream, with the host as the event's origin. Its hello carries the capacity
+    it starts with.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAPACITY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def capacity(self) -> _common_pb2.HostCapacity: ...
+    def __init__(
+        self,
+        *,
+        capacity: _common_pb2.HostCapacity | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HostCapacityChanged: _TypeAlias = HostCapacityChanged  # noqa: Y015
 
 @_typing.final
 class HostCordoned(_message.Message):
