@@ -502,7 +502,7 @@ class Coordinator:
                     host_event.seq,
                 )
                 for host_event, generation, payload in fresh
-                if not host_stream.moot(self.world, payload)
+                if not host_stream.moot(self.world, session.host_id, payload)
             ]
             if len(new) < len(fresh):
                 log.info("host %s: %d events about what the world no longer tracks dropped",

@@ -23,7 +23,11 @@ Payloads about what the world does not know (a VM never defined, a command the w
 tracks: an answer repeated after a reconnect, a late answer to a finished migration) are `moot`:
 they would change nothing and their origin cannot be judged, so they are dropped rather than
 appended. Refusing them would lock a legitimate hostd out for good, since it re-sends every
-unacknowledged event on each reconnect.
+unacknowledged event on each reconnect. So are the claims of a host that is no longer
+involved with a VM but was a side of one of its migrations: what it recorded then (QMP events,
+samples, networking) reaches the coordinator only after a newer migration of the VM began
+elsewhere, when it can no longer be placed. Its snapshot of a live QEMU is logged (a stray to
+destroy), and a lease it claims is still judged.
 
 A Hello may raise its host's generation by at most `MAX_GENERATION_JUMP`: a forged huge
 generation would otherwise lock the real hostd out (lower generations are refused).
@@ -137,7 +141,12 @@ def _giving_up(world: World, host_id: str, payload: Any) -> str | None:
 def _vm_observed(world: World, host_id: str, payload: events_pb2.VmObserved) -> str | None:
     if not payload.observation.process_alive:
         return _giving_up(world, host_id, payload)
-    return _claim(world, host_id, payload)
+    reason = _claim(world, host_id, payload)
+    if reason is not None and _former_side(world, host_id, payload.observation.vm):
+        # A QEMU there (a late PREPARE_INCOMING's, say) is a stray the coordinator must know
+        # of to destroy it; an old snapshot read as one costs a destroy that finds nothing.
+        return None
+    return reason
 
 
 def _network_changed(world: World, host_id: str, payload: events_pb2.NetworkChanged) -> str | None:
@@ -224,21 +233,45 @@ def check_batch(world: World, host_id: str, payloads: Sequence[Message]) -> Refu
         check = _BY_NAME.get(type_)
         if check is None:
             return Refusal(host_id, type_, _NOT_AN_OBSERVATION)
-        if moot(world, payload):
+        if moot(world, host_id, payload):
             continue
         if (reason := check(world, host_id, payload)) is not None:
             return Refusal(host_id, type_, reason)
     return None
 
 
-def moot(world: World, payload: Message) -> bool:
-    """An allowed payload about something the world does not know: it would change nothing and
-    cannot be judged, so it is dropped (see the module docstring)."""
+def moot(world: World, host_id: str, payload: Message) -> bool:
+    """An allowed payload `host_id` sent about something the world does not know, or a former
+    side's late report: it would change nothing and cannot be judged, so it is dropped (see the
+    module docstring)."""
     if isinstance(payload, (events_pb2.CommandSucceeded, events_pb2.CommandFailed)):
         return world.command(payload.command_id, payload.vm) is None
     if isinstance(payload, events_pb2.HostCapacityChanged):
         return False  # about the host itself, which the world knows once it said hello
-    return _vm_name(payload) not in world.vms
+    vm_name = _vm_name(payload)
+    if vm_name not in world.vms:
+        return True
+    return (
+        _late_claim(payload)
+        and not _involved(world, host_id, vm_name)
+        and _former_side(world, host_id, vm_name)
+    )
+
+
+def _late_claim(payload: Message) -> bool:
+    """A late report that claims something (what gives up is allowed from anyone anyway; a
+    snapshot of a live QEMU is judged, see `_vm_observed`)."""
+    if isinstance(payload, events_pb2.NetworkChanged):
+        return payload.state not in _GIVING_UP_NETWORK
+    return isinstance(payload, (events_pb2.QmpEventReceived, events_pb2.MigrationStatsSampled))
+
+
+def _former_side(world: World, host_id: str, vm_name: str) -> bool:
+    """Whether `host_id` was the source or destination of any migration of the VM (rare path:
+    only a host not involved now is asked)."""
+    return any(
+        m.vm == vm_name and host_id in (m.source, m.destination) for m in world.migrations.values()
+    )
 
 
 def _stamp_fault(stamp_us: int, now_us: int) -> str | None:

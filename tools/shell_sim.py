@@ -811,10 +811,17 @@ def rows_reached(events: list[Event]) -> set[str]:
 
 
 def judge_log(run: Run, db: Path) -> None:
-    """The checks every run must pass: terminal, invariants clean, audit clean."""
+    """The checks every run must pass: terminal, invariants clean, audit clean, and no stream
+    refused (every hostd here is a real one: a refusal locks an honest host out)."""
     problems = []
     if run.outcome not in {p.label for p in (Phase.COMPLETED, Phase.ROLLED_BACK, Phase.FENCED)}:
         problems.append(f"migration ended {run.outcome!r}")
+    problems += [
+        f"an honest host was refused: {e.payload.reason}"
+        for e in run.events
+        if isinstance(e.payload, events_pb2.HostDisconnected)
+        and e.payload.reason.startswith("stream refused")
+    ]
     violations = InvariantChecker().check_quiescent(run.events)
     problems += [f"invariant {v}" for v in violations]
     out = io.StringIO()

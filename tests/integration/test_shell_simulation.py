@@ -32,8 +32,10 @@ pytestmark = pytest.mark.slow
 
 PRECOPY = common_pb2.MIGRATION_MODE_PRECOPY
 POSTCOPY = common_pb2.MIGRATION_MODE_POSTCOPY
-# Seeds whose runs together strike every kind of fault in every mode (see `_line` output).
-FIXED_SEEDS = [2, 3, 5, 9, 10, 11, 13, 16, 19, 21, 23]
+# Seeds whose runs together strike every kind of fault in every mode (see `_line` output),
+# and 4221: a destination missing at recovery returns during the next migration, its outbox
+# full of that first migration's reports (once refused, locking the host out).
+FIXED_SEEDS = [2, 3, 5, 9, 10, 11, 13, 16, 19, 21, 23, 4221]
 FRESH_SECONDS = 20.0
 
 

@@ -20,6 +20,10 @@ from whimbrel.v1 import common_pb2, events_pb2, host_pb2
 
 def completed_migration() -> World:
     """vm-1 migrated from host-a to host-b, completed; host-c connected and never involved."""
+    return completed_migration_driver().world
+
+
+def completed_migration_driver() -> Driver:
     driver = Driver()
     driver.connect("host-a", "host-b", "host-c")
     running_vm(driver)
@@ -31,7 +35,7 @@ def completed_migration() -> World:
     driver.observe(*[migration(h, "vm-1", "completed") for h in ("host-a", "host-b")])
     driver.run("m-1", hosts)
     assert "m-1" not in driver.world.open_migrations
-    return driver.world
+    return driver
 
 
 def stop(vm: str = "vm-1") -> events_pb2.QmpEventReceived:
@@ -67,9 +71,49 @@ def test_payloads_about_what_the_world_does_not_know_are_moot() -> None:
     unknown_vm = stop("vm-never-defined")
     unknown_command = events_pb2.CommandSucceeded(command_id="m-1/1/99-resume-vm", vm="vm-1")
     for payload in (unknown_vm, unknown_command):
-        assert moot(world, payload)
+        assert moot(world, "host-c", payload)
         assert check_batch(world, "host-c", [payload]) is None
-    assert not moot(world, stop())
+    assert not moot(world, "host-c", stop())
+
+
+def second_migration_open() -> World:
+    """After completed_migration: vm-1 on host-b, migrating on to host-c (open)."""
+    driver = completed_migration_driver()
+    driver.connect("host-d")
+    policy = events_pb2.MigrationPolicy()
+    driver.request(I.StartMigration("m-2", "vm-1", "host-c", 2, policy, driver.now_us))
+    assert driver.world.vms["vm-1"].migration_id == "m-2"
+    return driver.world
+
+
+def test_a_former_sides_late_reports_are_moot_not_refused() -> None:
+    """host-a was m-1's source; its hostd re-sends what it recorded then (its outbox after a
+    reconnect) while m-2 runs between other hosts. Refusing would lock host-a out for good, as
+    it re-sends them on every reconnect: they are dropped. A snapshot of a live QEMU is logged;
+    a host never involved is still refused, and a lease taken is never dropped unseen."""
+    world = second_migration_open()
+    stale = [
+        stop(),
+        events_pb2.MigrationStatsSampled(vm="vm-1", status="completed"),
+        events_pb2.NetworkChanged(vm="vm-1", state=events_pb2.NETWORK_STATE_ENABLED),
+    ]
+    for payload in stale:
+        assert moot(world, "host-a", payload), payload
+        assert check_batch(world, "host-a", [payload]) is None
+    # A live QEMU there is logged: a stray the coordinator destroys, not one it never hears of.
+    alive = events_pb2.VmObserved(
+        observation=common_pb2.VmObservation(vm="vm-1", process_alive=True, runstate="inmigrate")
+    )
+    assert not moot(world, "host-a", alive)
+    assert check_batch(world, "host-a", [alive]) is None
+    assert check_batch(world, "host-d", [alive]) is not None
+    exited = events_pb2.VmObserved(observation=common_pb2.VmObservation(vm="vm-1"))
+    assert not moot(world, "host-a", exited)  # giving up is logged, as from anyone
+    assert not moot(world, "host-d", stop())
+    assert check_batch(world, "host-d", [stop()]) is not None
+    grab = events_pb2.LeaseAcquired(vm="vm-1", holder="host-a", generation=2)
+    assert not moot(world, "host-a", grab)
+    assert check_batch(world, "host-a", [grab]) is not None
 
 
 def test_a_hello_may_raise_the_generation_by_the_bound_and_no_more() -> None:
