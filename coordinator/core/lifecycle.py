@@ -488,12 +488,6 @@ def _problem(world: World, m: MigrationState) -> list[Message]:
     failed = _failed_forward_command(m)
     if failed is None:
         return []
-    if failed.kind in (Kind.ANNOUNCE, Kind.SET_MIGRATION_PARAMETERS):
-        return []  # advisory: the migration goes on without them
-    if failed.kind == Kind.START_POSTCOPY and src.status in PRECOPY_SWITCH_STATUSES:
-        return []  # pre-copy reached its switchover first; it simply finishes as pre-copy
-    if failed.kind in (Kind.RESUME_VM, Kind.DESTROY_VM) and m.point_of_no_return_passed:
-        return []  # retried by the forward step, never a reason to go back
     if m.point_of_no_return_passed:
         return _fence(
             m,
@@ -511,16 +505,29 @@ def _problem(world: World, m: MigrationState) -> list[Message]:
 
 def _failed_forward_command(m: MigrationState) -> Command | None:
     """A failure of the current attempt that still matters: one whose effect the hosts have
-    not reported anyway. A command reported failed because its hostd restarted may have acted
-    before it died; the QEMUs' own reports say whether it did."""
+    not reported anyway, and that the migration cannot do without. A command reported failed
+    because its hostd restarted may have acted before it died; the QEMUs' own reports say
+    whether it did. Every failure is looked at: one that does not matter must not hide one
+    that does."""
     for command in m.commands.values():
         if (
             command.attempt == m.attempt
             and command.state == FAILED
             and not _took_effect(m, command)
+            and not _harmless_failure(m, command)
         ):
             return command
     return None
+
+
+def _harmless_failure(m: MigrationState, command: Command) -> bool:
+    if command.kind in (Kind.ANNOUNCE, Kind.SET_MIGRATION_PARAMETERS):
+        return True  # advisory: the migration goes on without them
+    if command.kind == Kind.START_POSTCOPY and m.src.status in PRECOPY_SWITCH_STATUSES:
+        return True  # pre-copy reached its switchover first; it simply finishes as pre-copy
+    # A cont or destroy after the point of no return is retried by the forward step, never a
+    # reason to go back.
+    return command.kind in (Kind.RESUME_VM, Kind.DESTROY_VM) and m.point_of_no_return_passed
 
 
 def _took_effect(m: MigrationState, command: Command) -> bool:

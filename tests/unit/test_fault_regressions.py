@@ -478,3 +478,38 @@ def test_a_rollback_that_finds_post_copy_paused_recovers_it_instead_of_losing_th
     assert m.phase == Phase.COMPLETED, m.reason
     assert (vm.host, vm.lease_holder, vm.lease_holder_generation) == ("host-b", "host-b", 3)
     clean(driver)
+
+
+def test_a_failed_continue_switchover_is_not_hidden_by_a_failed_start_postcopy():
+    """Shell simulation seed 4453: auto mode asks for post-copy at the pass limit just as the
+    source stops in pre-switchover; its hostd is killed before it sends either command, and
+    on its return reports both "interrupted". The post-copy request not taking effect is
+    harmless (pre-copy reached its switchover first), but it was the first failure found and
+    its verdict, "nothing to do", hid the failed continue: the migration stalled for good."""
+    driver, hosts = fresh()
+    policy = E.MigrationPolicy(auto_postcopy_max_passes=2)
+    driver.request(
+        I.StartMigration("m-1", "vm-1", "host-b", C.MIGRATION_MODE_AUTO, policy, driver.now_us)
+    )
+    started = until_issued(driver, hosts, Kind.START_MIGRATION)
+    answer(driver, hosts, [e for e in driver.log if e.payload is started])
+    driver.observe(
+        migration("host-a", "vm-1", "active"),
+        qmp("host-a", "vm-1", "MIGRATION_PASS", **{"pass": 2}),
+    )
+    (postcopy,) = [
+        e.payload
+        for e in driver.advance("m-1")
+        if isinstance(e.payload, E.CommandIssued) and e.payload.kind == Kind.START_POSTCOPY
+    ]
+    driver.observe(qmp("host-a", "vm-1", "STOP"), migration("host-a", "vm-1", "pre-switchover"))
+    cont = until_issued(driver, hosts, Kind.CONTINUE_SWITCHOVER)
+    driver.answered |= {postcopy.command_id, cont.command_id}
+    interrupted = "interrupted by a hostd restart; not executed again"
+    driver.observe(failed(postcopy, interrupted), failed(cont, interrupted))
+    events = driver.run("m-1", hosts)
+    assert "RollbackDecided" in decisions(events)
+    assert driver.world.migrations["m-1"].phase == Phase.ROLLED_BACK
+    vm = driver.world.vms["vm-1"]
+    assert (vm.host, vm.status) == ("host-a", VmStatus.RUNNING)
+    clean(driver)
