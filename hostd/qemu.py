@@ -201,11 +201,21 @@ def alive(pid: int) -> bool:
     except PermissionError:
         return True
     # A zombie is dead for our purposes.
+    stat = _proc_text(pid, "stat")
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError):
+        state = stat.rsplit(")", 1)[1].split()[0] if stat is not None else "gone"
+    except IndexError:
         return False
-    return state != "Z"
+    return state not in ("Z", "gone")
+
+
+def _proc_text(pid: int, name: str) -> str | None:
+    """/proc/PID/NAME, or None once the process is gone: its directory missing, or (ESRCH)
+    the process exiting while the file is read."""
+    try:
+        return Path(f"/proc/{pid}/{name}").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
 
 
 def can_still_act(pid: int) -> bool:
@@ -215,9 +225,8 @@ def can_still_act(pid: int) -> bool:
     in that moment a command sent to it is lost for certain, not "maybe run"."""
     if not alive(pid):
         return False
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
+    status = _proc_text(pid, "status")
+    if status is None:
         return False
     sigkill = 1 << (signal.SIGKILL - 1)
     for line in status.splitlines():
