@@ -8,7 +8,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tests.integration.conftest import SimHostd, serving, wait_until
+from tests.integration.conftest import Running, SimHostd, serving, wait_until
 from tools.sim import SimHosts
 from whimbrel.v1 import common_pb2, events_pb2, host_pb2, host_pb2_grpc, vm_pb2, vm_pb2_grpc
 
@@ -16,14 +16,20 @@ C = grpc.StatusCode
 CAPACITY = common_pb2.HostCapacity(memory_mib=1024, vcpus=2)
 
 
-async def test_cordon_and_drain_over_grpc(tmp_path: Path, pki_dir: Path) -> None:
+async def _two_hosts(running: Running) -> list[SimHostd]:
+    """host-a and host-b connected, each offering CAPACITY."""
     sim_hosts = SimHosts()
+    hosts = [
+        SimHostd(h, running.channel, sim_hosts, capacity=CAPACITY) for h in ("host-a", "host-b")
+    ]
+    for host in hosts:
+        await host.start()
+    return hosts
+
+
+async def test_cordon_and_drain_over_grpc(tmp_path: Path, pki_dir: Path) -> None:
     async with serving(tmp_path, pki_dir) as running:
-        hosts = [
-            SimHostd(h, running.channel, sim_hosts, capacity=CAPACITY) for h in ("host-a", "host-b")
-        ]
-        for host in hosts:
-            await host.start()
+        hosts = await _two_hosts(running)
         vms = vm_pb2_grpc.VmServiceStub(running.channel)
         for name, memory in (("vm-1", 256), ("vm-2", 2048)):
             spec = common_pb2.VmSpec(name=name, memory_mib=memory, vcpus=1)
@@ -82,13 +88,8 @@ async def test_a_capacity_change_reaches_placement_and_a_zero_capacity_is_refuse
 ) -> None:
     """A host reports more memory while connected: ListHosts shows it and a drain places on it
     the VM that did not fit before. A host offering nothing is refused and nothing is logged."""
-    sim_hosts = SimHosts()
     async with serving(tmp_path, pki_dir) as running:
-        hosts = [
-            SimHostd(h, running.channel, sim_hosts, capacity=CAPACITY) for h in ("host-a", "host-b")
-        ]
-        for host in hosts:
-            await host.start()
+        hosts = await _two_hosts(running)
         vms = vm_pb2_grpc.VmServiceStub(running.channel)
         spec = common_pb2.VmSpec(name="vm-2", memory_mib=2048, vcpus=1)
         await vms.DefineVm(vm_pb2.DefineVmRequest(spec=spec))
