@@ -175,3 +175,21 @@ async def test_an_abort_as_post_copy_begins_cancels_the_source_before_the_destin
     strike = Strike(SOURCE, "hostd.after-qmp-event.STOP", "operator aborts")
     run = await simulate_script([strike], POSTCOPY, "abort-at-postcopy")
     assert run.outcome == "rolled_back", run.story()
+
+
+async def test_a_resume_lost_to_a_source_restart_is_recovered_by_a_second_migrate_recover() -> None:
+    """Shell simulation seed 4575: post-copy pauses on a cut link; the destination listens
+    again (migrate-recover) and the source's hostd is killed before it runs the resume. The
+    next attempt's migrate-recover must be accepted, as real QEMU 7.2 accepts it: the QMP
+    simulator refused it ("triggered already"), each attempt failed, and the VM was fenced."""
+    strikes = [
+        Strike(SOURCE, "hostd.after-qmp-event.MIGRATION.postcopy-active", "migration link cut"),
+        Strike(
+            SOURCE,
+            "hostd.before-execute.resume-migration",
+            f"hostd on {SOURCE} killed and restarted",
+        ),
+    ]
+    run = await simulate_script(strikes, POSTCOPY, "resume-lost-to-restart")
+    assert run.outcome == "completed", run.story()
+    assert not [e for e in run.events if e.type in ("FencingDecided", "VmLost")]

@@ -118,3 +118,33 @@ def test_link_that_stays_down_over_tls_fails_the_resume_and_fences(tmp_path: Pat
                   if isinstance(e.payload, events_pb2.CommandFailed)
                   and e.payload.kind == events_pb2.COMMAND_KIND_RESUME_MIGRATION]  # fmt: skip
         assert failed and "still postcopy-paused" in failed[0].error
+
+
+def test_a_resume_lost_to_a_source_restart_is_recovered_by_a_second_migrate_recover(
+    tmp_path: Path,
+) -> None:
+    """The link is cut during post-copy; the destination listens again (migrate-recover) and
+    the source's hostd is killed before it runs the resume. The next attempt's migrate-recover
+    is accepted by QEMU 7.2 (it gives up the earlier listener first, so the same port serves
+    again), the restarted source resumes there, and the migration completes. The QMP simulator
+    refused that second migrate-recover, which made its runs fence this VM (shell simulation
+    seed 4575): this is the ground truth it now follows."""
+    with postcopy_through_relay(tmp_path) as (cluster, proxy, _):
+        at_resume = cluster.head()
+        cluster.processes["host-a"].stop()
+        cluster.start_hostd("host-a", failpoints="hostd.before-execute.resume-migration=stop")
+        cluster.wait_hosts("host-a", from_seq=at_resume + 1)
+        proxy.cut()
+        cluster.wait_frozen("host-a")
+        cluster.kill_process("host-a")
+        cluster.start_hostd("host-a")
+        final = assert_outcome(cluster, PHASE.MIGRATION_PHASE_COMPLETED, runs_on="host-b")
+        assert final.postcopy
+        recovers = [
+            e.payload
+            for e in cluster.events()
+            if isinstance(e.payload, events_pb2.CommandSucceeded)
+            and e.payload.kind == events_pb2.COMMAND_KIND_RECOVER_INCOMING
+        ]
+        # Both attempts listened, on host-b's one migration port (behind the relay).
+        assert len(recovers) >= 2 and recovers[-1].result.uri == recovers[0].result.uri

@@ -82,7 +82,10 @@ class Destination:
         if self.status != "postcopy-paused":
             raise QmpError("Migrate recover can only be run when postcopy is paused.")
         if self._recovering:
-            raise QmpError("Migrate recovery is triggered already")
+            # Again before any source came (its resume lost, say): QEMU 7.2.22 accepts it,
+            # giving up the earlier listener first, so the same port can serve again
+            # (tests/qemu/test_postcopy_recovery.py).
+            self._stop_listening()
         # QEMU says setup in an event (whatever the events capability says) while
         # query-migrate still says postcopy-paused.
         self.emit("MIGRATION", {"status": "setup"})
