@@ -65,7 +65,8 @@ class SimHosts:
     dead: set[tuple[str, str]] = field(default_factory=set)
     # The migration link is down: a source's resume falls back to postcopy-paused.
     link_down: bool = False
-    # VMs whose destination listens after migrate-recover (QEMU refuses a second one).
+    # VMs whose destination is in postcopy-recover after migrate-recover (QEMU refuses
+    # another migrate-recover there: it runs only when post-copy is paused).
     listening: set[str] = field(default_factory=set)
     # QEMU 7.2 as observed with a relay that drops every new connection: the source's resume
     # sits in postcopy-recover for good, and refuses another resume.

@@ -729,8 +729,9 @@ def _recovering(world: World, m: MigrationState, issue: Issuer, now_us: int) -> 
             and listening.state == SUCCEEDED
             and listening.result is not None
         ):
-            # The destination still listens from the previous attempt (QEMU refuses a second
-            # migrate-recover then): only the source tries again.
+            # The destination is in postcopy-recover from the previous attempt, where QEMU
+            # refuses migrate-recover (it runs only when post-copy is paused): only the source
+            # tries again.
             recover = listening
         else:
             return [issue(Kind.RECOVER_INCOMING, dst.host)]
