@@ -18,7 +18,8 @@ freezes a hostd, the seed picks what happens at that instant:
 - the coordinator restarted on its log, with no host, this one, the other or both missing:
   a missing host stays frozen, or its connections are refused, until recovery has ended.
 Then nothing more strikes, every host returns, and the run is judged: the migration terminal,
-the invariant checker and `whimbrel-audit verify --final` clean over the log, the VM's QEMU
+no host's stream ever refused (every hostd here is honest: a refusal would lock one out), the
+invariant checker and `whimbrel-audit verify --final` clean over the log, the VM's QEMU
 alive on exactly the host the log names and nowhere else (unless a fault killed a QEMU: then
 on no other host), running there, that host holding the lease on the shared lockspace.
 
