@@ -202,11 +202,13 @@ def alive(pid: int) -> bool:
         return True
     # A zombie is dead for our purposes.
     stat = _proc_text(pid, "stat")
+    if stat is None:
+        return False
     try:
-        state = stat.rsplit(")", 1)[1].split()[0] if stat is not None else "gone"
+        state = stat.rsplit(")", 1)[1].split()[0]
     except IndexError:
         return False
-    return state not in ("Z", "gone")
+    return state != "Z"
 
 
 def _proc_text(pid: int, name: str) -> str | None:
