@@ -107,7 +107,8 @@ def test_random_host_behaviour_never_breaks_invariants_1_to_4(data: st.DataObjec
         elif action == "reconnect":
             driver.connect(data.draw(st.sampled_from(["host-a", "host-b"])))
     event(f"ended {m.phase.label}{', past the point of no return' if m.cont_issued else ''}")
-    violations = InvariantChecker().check(driver.log)
+    checker = InvariantChecker()
+    violations = checker.check(driver.log) + checker.unsettled_acquires()
     assert violations == [], "\n".join(
         f"{e.seq} {e.origin_host} {e.type} {e.payload}".replace("\n", " ") for e in driver.log
     )
@@ -184,3 +185,27 @@ def test_checker_flags_a_source_seen_running_after_the_cont_intent() -> None:
     resumed_at = driver.log[-1].seq
     flagged = [(v.seq, v.invariant) for v in InvariantChecker().check(driver.log)]
     assert (resumed_at, 3) in flagged
+
+
+def test_an_acquire_logged_before_the_holders_release_is_settled_by_it() -> None:
+    """Shell simulation seed 5390: the lockspace refuses a held lease, so host-a's acquire
+    came after host-c's release; host-c's stream delivered that release later than host-a's
+    stream delivered the acquire. The release settles it; without one it is a violation."""
+    driver, _hosts = fresh()
+    held = E.LeaseReleased(vm="vm-1", holder="host-a", generation=1)
+    c_acquired = E.LeaseAcquired(vm="vm-1", holder="host-c", generation=4)
+    a_acquired = E.LeaseAcquired(vm="vm-1", holder="host-a", generation=5)
+    driver.observe(Observation("host-a", held), Observation("host-c", c_acquired))
+    driver.observe(Observation("host-a", a_acquired))
+    acquire_seq = driver.log[-1].seq
+    unsettled = InvariantChecker()
+    assert unsettled.check(driver.log) == []
+    assert [(v.seq, v.invariant) for v in unsettled.finish(quiescent=True) if v.invariant == 4] == [
+        (acquire_seq, 4)
+    ]
+    assert "host-a acquired the lease of vm-1 held by host-c" in unsettled.violations[0].message
+    c_released = E.LeaseReleased(vm="vm-1", holder="host-c", generation=4)
+    driver.observe(Observation("host-c", c_released))
+    settled = InvariantChecker()
+    settled.check(driver.log)
+    assert [v for v in settled.finish(quiescent=True) if v.invariant == 4] == []
