@@ -545,6 +545,10 @@ def _took_effect(m: MigrationState, command: Command) -> bool:
         return m.dst_network_enabled
     if kind == Kind.RESUME_VM and host == dst.host:
         return m.dst_resumed
+    if kind in (Kind.RECOVER_INCOMING, Kind.RESUME_MIGRATION):
+        # Issued only while post-copy was paused (or stuck recovering): an end running
+        # post-copy again, or done, shows the recovery went through.
+        return not {src.status, dst.status}.isdisjoint(("postcopy-active", "completed"))
     return False
 
 

@@ -513,3 +513,39 @@ def test_a_failed_continue_switchover_is_not_hidden_by_a_failed_start_postcopy()
     vm = driver.world.vms["vm-1"]
     assert (vm.host, vm.status) == ("host-a", VmStatus.RUNNING)
     clean(driver)
+
+
+def test_a_post_copy_resume_interrupted_after_it_took_effect_completes():
+    """Shell simulation seed 5577: the link broke in post-copy and the recovery's resume ran
+    (both ends back in postcopy-active, the destination resumed), then the source's hostd was
+    killed before it answered, and on its return it reported the resume "interrupted". QEMU's
+    own reports say it took effect; fencing both ends for it lost a healthy VM."""
+    driver, hosts = fresh()
+    start(driver, POSTCOPY)
+    until_issued(driver, hosts, Kind.START_MIGRATION)
+    answer(driver, hosts, [_issued(driver, Kind.START_MIGRATION)])
+    answer(driver, hosts, [e for e in driver.advance("m-1") if e.type == "CommandIssued"])
+    driver.observe(migration("host-a", "vm-1", "postcopy-active"), qmp("host-a", "vm-1", "STOP"))
+    driver.observe(
+        migration("host-a", "vm-1", "postcopy-paused"),
+        migration("host-b", "vm-1", "postcopy-paused"),
+    )
+    resume = until_issued(driver, hosts, Kind.RESUME_MIGRATION)
+    driver.answered.add(resume.command_id)
+    driver.observe(
+        migration("host-a", "vm-1", "postcopy-active"),
+        migration("host-b", "vm-1", "postcopy-active"),
+    )
+    driver.run("m-1", hosts)
+    m = driver.world.migrations["m-1"]
+    assert (m.phase, m.dst_resumed) == (Phase.FINISHING, True), m.reason
+    driver.observe(failed(resume, "interrupted by a hostd restart; not executed again"))
+    assert "FencingDecided" not in decisions(driver.advance("m-1"))
+    driver.observe(
+        migration("host-a", "vm-1", "completed"), migration("host-b", "vm-1", "completed")
+    )
+    driver.run("m-1", hosts)
+    vm = driver.world.vms["vm-1"]
+    assert m.phase == Phase.COMPLETED, m.reason
+    assert (vm.host, vm.status) == ("host-b", VmStatus.RUNNING)
+    clean(driver)
