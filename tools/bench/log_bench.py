@@ -99,7 +99,7 @@ def _store_append(path: Path, events: list[list[PendingEvent]]) -> tuple[float, 
 
         async def write(mine: list[PendingEvent]) -> None:
             for e in mine:
-                await store.append_marks([e])
+                await store.submit_marks([e])
 
         async def run_writers() -> float:
             start = time.perf_counter()
