@@ -265,6 +265,12 @@ def _vm_observed(
         vm.lost_reason = f"QEMU on {host} found gone, unasked ({p.reason or 'observed'})"
         vm.host = ""
     side = m.side(host) if m is not None else None
+    if side is not None and 0 < obs.queried_at_us < side.snapshot_us:
+        # QEMU's answers older than a snapshot its host reported since (hostd re-sends its
+        # unacknowledged events after its hello): applying them would step back, e.g. a stale
+        # postcopy-active read over a post-copy that paused since. (A QEMU found gone carries
+        # no query time and always applies.)
+        side = None
     if m is not None and side is not None:
         side.alive = obs.process_alive
         if obs.process_alive and obs.qmp_reachable:

@@ -549,3 +549,38 @@ def test_a_post_copy_resume_interrupted_after_it_took_effect_completes():
     assert m.phase == Phase.COMPLETED, m.reason
     assert (vm.host, vm.status) == ("host-b", VmStatus.RUNNING)
     clean(driver)
+
+
+def _post_copy_paused_until_resume(driver, hosts):
+    """Post-copy whose link broke: both ends paused, the recovery's resume issued to the
+    source and kept unanswered (returned)."""
+    start(driver, POSTCOPY)
+    until_issued(driver, hosts, Kind.START_MIGRATION)
+    answer(driver, hosts, [_issued(driver, Kind.START_MIGRATION)])
+    answer(driver, hosts, [e for e in driver.advance("m-1") if e.type == "CommandIssued"])
+    driver.observe(migration("host-a", "vm-1", "postcopy-active"), qmp("host-a", "vm-1", "STOP"))
+    driver.observe(
+        migration("host-a", "vm-1", "postcopy-paused"),
+        migration("host-b", "vm-1", "postcopy-paused"),
+    )
+    resume = until_issued(driver, hosts, Kind.RESUME_MIGRATION)
+    driver.answered.add(resume.command_id)
+    return resume
+
+
+def test_a_stale_snapshot_does_not_undo_a_newer_one():
+    """hostd re-sends its unacknowledged events after its hello: a snapshot taken before the
+    hello's (QEMU then in postcopy-active) must not step the source back from the paused
+    post-copy the hello reported, as if a recovery had worked."""
+    driver, hosts = fresh()
+    _post_copy_paused_until_resume(driver, hosts)
+    m = driver.world.migrations["m-1"]
+
+    def snapshot(status: str, queried_at_us: int) -> Observation:
+        return Observation("host-a", E.VmObserved(observation=C.VmObservation(
+            vm="vm-1", process_alive=True, qmp_reachable=True, runstate="finish-migrate",
+            migration_status=status, queried_at_us=queried_at_us), reason="hello"))  # fmt: skip
+
+    driver.observe(snapshot("postcopy-paused", driver.now_us))
+    driver.observe(snapshot("postcopy-active", driver.now_us - 1_000_000))
+    assert (m.phase, m.src.status) == (Phase.POSTCOPY_PAUSED, "postcopy-paused")
