@@ -294,6 +294,8 @@ def _set_migration_status(m: MigrationState, side: Side, status: str, time_us: i
         m.recovery_failed = True
     if status == "cancelling" and side.status == "postcopy-paused":
         side.cancel_stuck = True
+    if side is m.src and status == "postcopy-recover" and side.status != status:
+        m.src_recover_attempt = m.attempt
     side.status = status
     if status in POSTCOPY_STATUSES:
         m.postcopy_started = True

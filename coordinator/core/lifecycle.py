@@ -546,8 +546,9 @@ def _took_effect(m: MigrationState, command: Command) -> bool:
     if kind == Kind.RESUME_VM and host == dst.host:
         return m.dst_resumed
     if kind in (Kind.RECOVER_INCOMING, Kind.RESUME_MIGRATION):
-        # Issued only while post-copy was paused (or stuck recovering): an end running
-        # post-copy again, or done, shows the recovery went through.
+        # Issued only while post-copy was paused (or stuck recovering), and judged here
+        # only once the forward path took over again: an end running post-copy again, or
+        # done, shows the recovery went through.
         return not {src.status, dst.status}.isdisjoint(("postcopy-active", "completed"))
     return False
 
@@ -746,19 +747,31 @@ def _recovering(world: World, m: MigrationState, issue: Issuer, now_us: int) -> 
     resume = m.cmd(Kind.RESUME_MIGRATION, src.host, this_attempt=True)
     if resume is None:
         return [issue(Kind.RESUME_MIGRATION, src.host, uri=recover.result.uri, peer_host=dst.host)]
-    if resume.state == FAILED:
+    if resume.state == FAILED and not _resume_may_be_under_way(m):
         return _recover_or_fence(m)
     return []
 
 
+def _resume_may_be_under_way(m: MigrationState) -> bool:
+    """A resume reported failed (its hostd restarted after sending it) while the source went
+    into postcopy-recover in this attempt was taken: it is given the attempt's time, as a
+    resume that succeeded is, rather than spending an attempt on a recovery that may be
+    working. A source still in postcopy-recover from an earlier attempt refuses a resume."""
+    return (
+        m.src.status == "postcopy-recover"
+        and m.src_recover_attempt == m.attempt
+        and m.policy.recovery_attempt_timeout_ms > 0
+    )
+
+
 def _recovery_attempt_stuck(m: MigrationState, now_us: int) -> bool:
-    """The source took the resume and has sat in postcopy-recover longer than the policy
-    allows (QEMU 7.2 never leaves that state while the link is down)."""
+    """The source took the resume (or may have) and has sat in postcopy-recover longer than
+    the policy allows (QEMU 7.2 never leaves that state while the link is down)."""
     resume = m.cmd(Kind.RESUME_MIGRATION, m.source, this_attempt=True)
     timeout_us = m.policy.recovery_attempt_timeout_ms * 1000
     return (
         resume is not None
-        and resume.state == SUCCEEDED
+        and resume.state != ISSUED
         and m.src.status == "postcopy-recover"
         and timeout_us > 0
         and now_us - resume.issued_at_us > timeout_us

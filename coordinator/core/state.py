@@ -290,6 +290,8 @@ class MigrationState:
     recovery_attempts: int = 0
     # The source went back to postcopy-paused after trying to resume (the link is still down).
     recovery_failed: bool = False
+    # The attempt during which the source last entered postcopy-recover (a resume took).
+    src_recover_attempt: int = 0
     progress: Progress = field(default_factory=Progress)
     # QEMU's migration parameters in force: the policy's at the start, then as tuned
     # (MigrationTuned: an operator's bandwidth, a policy's downtime step).

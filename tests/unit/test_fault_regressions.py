@@ -568,6 +568,30 @@ def _post_copy_paused_until_resume(driver, hosts):
     return resume
 
 
+def test_a_post_copy_resume_interrupted_while_it_recovers_is_given_its_time():
+    """The source took the resume (postcopy-recover) and its hostd was killed before it
+    answered: the "interrupted" resume is not a failed attempt while the source recovers; a
+    new attempt would be refused by a source in postcopy-recover and use up the bound."""
+    driver, hosts = fresh()
+    resume = _post_copy_paused_until_resume(driver, hosts)
+    m = driver.world.migrations["m-1"]
+    driver.observe(migration("host-a", "vm-1", "postcopy-recover"))
+    driver.observe(failed(resume, "interrupted by a hostd restart; not executed again"))
+    assert decisions(driver.advance("m-1")) == []
+    assert (m.phase, m.recovery_attempts) == (Phase.POSTCOPY_PAUSED, 1)
+    driver.observe(
+        migration("host-a", "vm-1", "postcopy-active"),
+        migration("host-b", "vm-1", "postcopy-active"),
+    )
+    driver.run("m-1", hosts)
+    driver.observe(
+        migration("host-a", "vm-1", "completed"), migration("host-b", "vm-1", "completed")
+    )
+    driver.run("m-1", hosts)
+    assert m.phase == Phase.COMPLETED, m.reason
+    clean(driver)
+
+
 def test_a_stale_snapshot_does_not_undo_a_newer_one():
     """hostd re-sends its unacknowledged events after its hello: a snapshot taken before the
     hello's (QEMU then in postcopy-active) must not step the source back from the paused
