@@ -515,12 +515,9 @@ def test_a_failed_continue_switchover_is_not_hidden_by_a_failed_start_postcopy()
     clean(driver)
 
 
-def test_a_post_copy_resume_interrupted_after_it_took_effect_completes():
-    """Shell simulation seed 5577: the link broke in post-copy and the recovery's resume ran
-    (both ends back in postcopy-active, the destination resumed), then the source's hostd was
-    killed before it answered, and on its return it reported the resume "interrupted". QEMU's
-    own reports say it took effect; fencing both ends for it lost a healthy VM."""
-    driver, hosts = fresh()
+def _post_copy_paused_until_resume(driver, hosts):
+    """Post-copy whose link broke: both ends paused, the recovery's resume issued to the
+    source and kept unanswered (returned)."""
     start(driver, POSTCOPY)
     until_issued(driver, hosts, Kind.START_MIGRATION)
     answer(driver, hosts, [_issued(driver, Kind.START_MIGRATION)])
@@ -532,6 +529,16 @@ def test_a_post_copy_resume_interrupted_after_it_took_effect_completes():
     )
     resume = until_issued(driver, hosts, Kind.RESUME_MIGRATION)
     driver.answered.add(resume.command_id)
+    return resume
+
+
+def test_a_post_copy_resume_interrupted_after_it_took_effect_completes():
+    """Shell simulation seed 5577: the link broke in post-copy and the recovery's resume ran
+    (both ends back in postcopy-active, the destination resumed), then the source's hostd was
+    killed before it answered, and on its return it reported the resume "interrupted". QEMU's
+    own reports say it took effect; fencing both ends for it lost a healthy VM."""
+    driver, hosts = fresh()
+    resume = _post_copy_paused_until_resume(driver, hosts)
     driver.observe(
         migration("host-a", "vm-1", "postcopy-active"),
         migration("host-b", "vm-1", "postcopy-active"),
@@ -549,23 +556,6 @@ def test_a_post_copy_resume_interrupted_after_it_took_effect_completes():
     assert m.phase == Phase.COMPLETED, m.reason
     assert (vm.host, vm.status) == ("host-b", VmStatus.RUNNING)
     clean(driver)
-
-
-def _post_copy_paused_until_resume(driver, hosts):
-    """Post-copy whose link broke: both ends paused, the recovery's resume issued to the
-    source and kept unanswered (returned)."""
-    start(driver, POSTCOPY)
-    until_issued(driver, hosts, Kind.START_MIGRATION)
-    answer(driver, hosts, [_issued(driver, Kind.START_MIGRATION)])
-    answer(driver, hosts, [e for e in driver.advance("m-1") if e.type == "CommandIssued"])
-    driver.observe(migration("host-a", "vm-1", "postcopy-active"), qmp("host-a", "vm-1", "STOP"))
-    driver.observe(
-        migration("host-a", "vm-1", "postcopy-paused"),
-        migration("host-b", "vm-1", "postcopy-paused"),
-    )
-    resume = until_issued(driver, hosts, Kind.RESUME_MIGRATION)
-    driver.answered.add(resume.command_id)
-    return resume
 
 
 def test_a_post_copy_resume_interrupted_while_it_recovers_is_given_its_time():
