@@ -641,12 +641,19 @@ def _rolling_back(world: World, m: MigrationState, issue: Issuer, now_us: int) -
         return _recover_or_fence(m)
     out: list[Message] = []
     started = m.cmd(Kind.START_MIGRATION, src.host) is not None
+    # A cancel that failed (a hostd restart interrupts it) is sent again while QEMU still
+    # migrates: a source left in pre-switchover refuses cont, and would stay paused.
+    cancel_again = (
+        cancel is not None
+        and cancel.state == FAILED
+        and retries(m, Kind.CANCEL_MIGRATION, src.host, this_attempt=True) < MAX_COMMAND_RETRIES
+    )
     if (
         started
         and src.alive
         and src.status in CANCELLABLE_STATUSES
         and not m.point_of_no_return_passed
-        and cancel is None
+        and (cancel is None or cancel_again)
     ):
         out.append(issue(Kind.CANCEL_MIGRATION, src.host, reason="rollback"))
     cancelling = bool(out) or (cancel is not None and cancel.state == ISSUED)

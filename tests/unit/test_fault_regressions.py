@@ -90,6 +90,33 @@ def test_a_source_migration_that_fails_on_its_own_rolls_back(status):
     clean(driver)
 
 
+def test_a_rollback_sends_an_interrupted_cancel_again():
+    """Shell simulation seed 7191: the link broke while the source sat in pre-switchover; the
+    rollback's cancel was interrupted by a hostd restart and never ran. A source still in
+    pre-switchover refuses cont ("Migration is not finalized yet"), so the rollback ended
+    with the VM paused for good. The cancel is sent again while QEMU still migrates."""
+    driver, hosts = fresh()
+    start(driver)
+    until_issued(driver, hosts, Kind.START_MIGRATION)
+    answer(driver, hosts, [_issued(driver, Kind.START_MIGRATION)])
+    driver.observe(
+        qmp("host-a", "vm-1", "STOP"),
+        migration("host-a", "vm-1", "pre-switchover"),
+        migration("host-b", "vm-1", "failed"),
+    )
+    cancel = until_issued(driver, hosts, Kind.CANCEL_MIGRATION)
+    driver.answered.add(cancel.command_id)
+    driver.observe(failed(cancel, "interrupted by a hostd restart; not executed again"))
+    again = [e.payload for e in driver.advance("m-1") if e.type == "CommandIssued"]
+    assert [Kind(c.kind) for c in again] == [Kind.CANCEL_MIGRATION]
+    driver.run("m-1", hosts)
+    m = driver.world.migrations["m-1"]
+    vm = driver.world.vms["vm-1"]
+    assert m.phase == Phase.ROLLED_BACK, m.reason
+    assert (vm.host, vm.status, vm.lease_holder) == ("host-a", VmStatus.RUNNING, "host-a")
+    clean(driver)
+
+
 def test_qemus_own_words_on_a_failure_reach_the_rollback_reason():
     """hostd sends query-migrate's error-desc before the MIGRATION "failed" it explains (a TLS
     certificate refused, say): the reason says it, as one printable line."""
