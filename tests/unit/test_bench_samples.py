@@ -31,7 +31,9 @@ DESTINATION: list[QmpEvent] = [
 def test_a_complete_postcopy_sample_counts_from_first_stop_to_first_resume() -> None:
     """Source STOP at 10.5 ms and destination RESUME at 19.5 ms make a 9 ms post-copy pause."""
     sample = Sample.from_events(POSTCOPY_SOURCE, DESTINATION)
-    assert sample == Sample(stop_us=10_500, resume_us=19_500, source_postcopy=True)
+    assert sample == Sample(
+        stop_us=10_500, resume_us=19_500, source_postcopy=True, state_here_us=11_000
+    )
     assert sample.pause_ms == 9.0
     assert judge(sample, postcopy=True) is None
 
@@ -96,3 +98,22 @@ def test_the_tally_keeps_only_accepted_pauses_and_counts_every_reason(postcopy: 
     expected = {"total": 3} | dict.fromkeys((r.value for r in Rejection), 0)
     expected |= {"no_stop": 1, "no_resume": 1, wrong_mode: 1}
     assert tally.rejected_counts() == expected
+
+
+def test_state_here_is_the_destinations_first_status_with_the_sources_state() -> None:
+    """The destination's postcopy-active at 11 ms, 0.5 ms after the source's STOP: the pause's
+    share that QEMU's own switch takes; a destination that never reports it leaves it unknown,
+    and the tally keeps only what accepted samples say."""
+    sample = Sample.from_events(POSTCOPY_SOURCE, DESTINATION)
+    assert sample.state_here_ms == 0.5
+    precopy = Sample.from_events(PRECOPY_SOURCE, [("MIGRATION", {"status": "active"}, 10_000),
+                                                 ("MIGRATION", {"status": "completed"}, 12_500),
+                                                 ("RESUME", {}, 13_000)])  # fmt: skip
+    assert precopy.state_here_ms == 2.0
+    silent = Sample.from_events(POSTCOPY_SOURCE, [("RESUME", {}, 19_500)])
+    assert silent.state_here_ms is None
+    tally = Tally(postcopy=True)
+    for s in (sample, silent, Sample.from_events(PRECOPY_SOURCE, DESTINATION)):
+        tally.add(s)
+    assert tally.pauses_ms == [9.0, 9.0]
+    assert tally.state_here_ms == [0.5]

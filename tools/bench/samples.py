@@ -2,7 +2,10 @@
 samples a benchmark rejects instead of counting.
 
 A sample is the source's STOP and the destination's RESUME, by QEMU's clocks, and whether the
-source reported `postcopy-active`. Both sides of the switchover bench (Whimbrel, read from its
+source reported `postcopy-active`. It also says when the destination had the state the source
+sends once stopped (its `postcopy-active`, or `completed` in pre-copy): the guest cannot run
+before that, whatever the control plane does, so it tells QEMU's share of a pause from the
+control plane's. Both sides of the switchover bench (Whimbrel, read from its
 log; the direct baseline, from its own QMP sessions) build their samples here from the same
 events, and are judged by the same rules: a sample missing its STOP or its RESUME has no pause
 (counting it as 0 ms would flatter whichever side lost an event), and a post-copy run whose
@@ -16,6 +19,8 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from hostd.vm import SOURCE_STATE_HERE_STATUSES
 
 __all__ = ["QmpEvent", "Rejection", "Sample", "Tally", "judge"]
 
@@ -42,11 +47,15 @@ class Sample:
     stop_us: int | None
     resume_us: int | None
     source_postcopy: bool
+    # The destination's first status saying the source's state is there (hostd's cont waits
+    # for it): postcopy-active, or completed in pre-copy.
+    state_here_us: int | None = None
 
     @classmethod
     def from_events(cls, source: Iterable[QmpEvent], destination: Iterable[QmpEvent]) -> Sample:
-        """The first STOP of the source, the first RESUME of the destination, and whether the
-        source reported postcopy-active, from each side's events of this migration only."""
+        """The first STOP of the source, the first RESUME of the destination, whether the
+        source reported postcopy-active, and when the destination had the source's state, from
+        each side's events of this migration only."""
         stop_us: int | None = None
         source_postcopy = False
         for name, data, time_us in source:
@@ -55,13 +64,25 @@ class Sample:
             elif name == "MIGRATION" and data.get("status") == "postcopy-active":
                 source_postcopy = True
         resume_us = next((t for name, _, t in destination if name == "RESUME"), None)
-        return cls(stop_us, resume_us, source_postcopy)
+        state_here_us = next(
+            (t for name, data, t in destination
+             if name == "MIGRATION" and data.get("status") in SOURCE_STATE_HERE_STATUSES),
+            None,
+        )  # fmt: skip
+        return cls(stop_us, resume_us, source_postcopy, state_here_us)
 
     @property
     def pause_ms(self) -> float | None:
         if self.stop_us is None or self.resume_us is None:
             return None
         return (self.resume_us - self.stop_us) / 1000
+
+    @property
+    def state_here_ms(self) -> float | None:
+        """From the source's STOP until the destination had the source's state."""
+        if self.stop_us is None or self.state_here_us is None:
+            return None
+        return (self.state_here_us - self.stop_us) / 1000
 
 
 def judge(sample: Sample, *, postcopy: bool) -> Rejection | None:
@@ -86,6 +107,8 @@ class Tally:
 
     postcopy: bool
     pauses_ms: list[float] = field(default_factory=list)
+    # Of the accepted samples that have it: STOP until the destination had the source's state.
+    state_here_ms: list[float] = field(default_factory=list)
     rejected: Counter[Rejection] = field(default_factory=Counter)
 
     def add(self, sample: Sample) -> Rejection | None:
@@ -97,6 +120,8 @@ class Tally:
         pause = sample.pause_ms
         assert pause is not None  # judge() accepts only samples with both events
         self.pauses_ms.append(pause)
+        if sample.state_here_ms is not None:
+            self.state_here_ms.append(sample.state_here_ms)
         return None
 
     def rejected_counts(self) -> dict[str, int]:

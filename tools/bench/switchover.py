@@ -19,6 +19,11 @@ Equal terms:
 - a sample missing its STOP or RESUME, or a post-copy run that never went post-copy, is
   rejected and counted, never averaged in (`tools.bench.samples`).
 
+Besides the pause's p50 and p99, `state_here_p50_ms` times, on both sides, the source's STOP
+until the destination had the source's state (its postcopy-active, or completed in pre-copy):
+QEMU's own share of the pause, which the guest waits for whatever the control plane does, and
+which lengthens when the daemons' work takes the CPUs QEMU would switch on.
+
 `WHIMBREL_BENCH_RUNS` overrides the number of migrations per side.
 """
 
@@ -613,7 +618,25 @@ def bench(mode: str, runs: int | None = None) -> list[dict[str, object]]:
             direct.close()
     scheduling = compared_scheduling(mode, ours_sched, base_sched)
     rows = pause_rows(f"switchover.pause.{mode}", mode, ("whimbrel", ours), ("direct", base))
+    rows.append(state_here_row(f"switchover.pause.{mode}", ours, base))
     return [{**row, "scheduling": scheduling} for row in rows]
+
+
+def state_here_row(bench: str, ours: Tally, base: Tally) -> dict[str, object]:
+    """p50 of the time from the source's STOP until the destination had the source's state
+    (what hostd's cont waits for), both sides: how much of the pause is QEMU's own switch and
+    how much it is slowed by what else runs then."""
+    if not ours.state_here_ms or not base.state_here_ms:
+        raise RuntimeError(f"{bench}: no sample says when the destination had the state")
+    value, reference = percentile(ours.state_here_ms, 50), percentile(base.state_here_ms, 50)
+    return {
+        "bench": f"{bench}.state_here_p50_ms",
+        "value": round(value, 2),
+        "unit": "ms",
+        "baseline": round(reference, 2),
+        "ratio": round(value / reference, 3),
+        "samples": {"whimbrel": len(ours.state_here_ms), "direct": len(base.state_here_ms)},
+    }
 
 
 def pause_rows(
