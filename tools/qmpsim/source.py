@@ -303,7 +303,9 @@ class Source:
                 self._resumed()
             else:
                 self._begin()
-        elif kind == "loaded":
+        elif kind == "loaded" and self.status != "cancelling":
+            # A cancel wins over a destination that loaded the state meanwhile: QEMU's
+            # completion finds the status changed, and the source runs again.
             self._completed()
 
     def _check_destination(self, welcome: dict[str, Any]) -> str:
