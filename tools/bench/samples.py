@@ -2,14 +2,15 @@
 samples a benchmark rejects instead of counting.
 
 A sample is the source's STOP and the destination's RESUME, by QEMU's clocks, and whether the
-source reported `postcopy-active`. It also says when the destination had the state the source
-sends once stopped (its `postcopy-active`, or `completed` in pre-copy): the guest cannot run
-before that, whatever the control plane does, so it tells QEMU's share of a pause from the
-control plane's. Both sides of the switchover bench (Whimbrel, read from its
+source reported `postcopy-active`. Both sides of the switchover bench (Whimbrel, read from its
 log; the direct baseline, from its own QMP sessions) build their samples here from the same
 events, and are judged by the same rules: a sample missing its STOP or its RESUME has no pause
 (counting it as 0 ms would flatter whichever side lost an event), and a post-copy run whose
 source never went post-copy measured a stop-and-copy, not a post-copy switchover.
+
+A sample also says when the destination had the state the source sends once stopped (its
+`postcopy-active`, or `completed` in pre-copy): the guest cannot run before that, whatever the
+control plane does, so it tells QEMU's share of a pause from the control plane's.
 """
 
 from __future__ import annotations
