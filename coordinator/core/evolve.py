@@ -468,6 +468,10 @@ def _lease_released(
     if m is not None and p.holder == m.source:
         m.src_lease_released = True
         m.src_lease_reacquired = False
+    elif m is not None and p.holder == m.destination and p.generation == m.dst_lease_generation:
+        # A rollback took it back: the destination holds no lease now, and may run only once
+        # it has taken one again.
+        m.dst_lease_generation = 0
 
 
 @_on(events_pb2.NetworkChanged)

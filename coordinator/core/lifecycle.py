@@ -361,8 +361,13 @@ def _switchover(
         out.append(issue(Kind.CONTINUE_SWITCHOVER, src.host))
     if not m.src_lease_released or m.src_lease_reacquired:
         return out
-    # The destination takes the lease (networking is under way since the stop).
-    if to_issue(m, Kind.ACQUIRE_LEASE, dst.host) and not m.dst_lease_generation:
+    # The destination takes the lease (networking is under way since the stop), again if a
+    # rollback took back what it took in an earlier attempt (the post-copy was then recovered).
+    acquired = m.cmd(Kind.ACQUIRE_LEASE, dst.host)
+    given_back = (
+        acquired is not None and acquired.state == SUCCEEDED and acquired.attempt != m.attempt
+    )
+    if (to_issue(m, Kind.ACQUIRE_LEASE, dst.host) or given_back) and not m.dst_lease_generation:
         lease_generation = world.vms[m.vm].lease_generation + 1
         out.append(issue(Kind.ACQUIRE_LEASE, dst.host, lease_generation=lease_generation))
     return out or None

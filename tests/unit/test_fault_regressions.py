@@ -625,3 +625,43 @@ def test_a_stale_snapshot_does_not_undo_a_newer_one():
     driver.observe(snapshot("postcopy-paused", driver.now_us))
     driver.observe(snapshot("postcopy-active", driver.now_us - 1_000_000))
     assert (m.phase, m.src.status) == (Phase.POSTCOPY_PAUSED, "postcopy-paused")
+
+
+def test_a_destination_lease_given_back_in_a_rollback_is_acquired_again():
+    """Shell simulation seed 10627: in post-copy the destination acquired the lease while its
+    enable-network was interrupted by a hostd restart; the rollback that followed took the
+    lease back from it, then found post-copy paused and recovered it instead. The destination's
+    acquire of the first attempt had succeeded, so none was issued again: the migration
+    stalled with nobody holding the lease and the guest paused on both ends."""
+    driver, hosts = fresh()
+    hosts.enable_at_postcopy = False  # the destination's hostd restarted and forgot
+    start(driver, POSTCOPY)
+    until_issued(driver, hosts, Kind.START_MIGRATION)
+    answer(driver, hosts, [_issued(driver, Kind.START_MIGRATION)])
+    enable = until_issued(driver, hosts, Kind.ENABLE_NETWORK)
+    assert _issued(driver, Kind.ACQUIRE_LEASE).payload.host_id == "host-b"
+    driver.answered.add(enable.command_id)
+    driver.observe(failed(enable, "interrupted by a hostd restart; not executed again"))
+    for _ in range(10):
+        new = [e for e in driver.advance("m-1") if e.type == "CommandIssued"]
+        answer(driver, hosts, [e for e in new if Kind(e.payload.kind) != Kind.CANCEL_MIGRATION])
+        if not new:
+            break
+    m = driver.world.migrations["m-1"]
+    assert (m.phase, driver.world.vms["vm-1"].lease_holder) == (Phase.ROLLING_BACK, "host-a")
+    cancel = _issued(driver, Kind.CANCEL_MIGRATION).payload
+    driver.answered.add(cancel.command_id)
+    driver.observe(
+        migration("host-a", "vm-1", "postcopy-paused"),
+        migration("host-b", "vm-1", "postcopy-paused"),
+        failed(cancel, "interrupted by a hostd restart; not executed again"),
+    )
+    driver.run("m-1", hosts)
+    driver.observe(
+        migration("host-a", "vm-1", "completed"), migration("host-b", "vm-1", "completed")
+    )
+    driver.run("m-1", hosts)
+    vm = driver.world.vms["vm-1"]
+    assert m.phase == Phase.COMPLETED, (m.phase, m.reason)
+    assert (vm.host, vm.lease_holder, vm.status) == ("host-b", "host-b", VmStatus.RUNNING)
+    clean(driver)
