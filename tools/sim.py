@@ -86,6 +86,12 @@ class SimHosts:
         self.dead.add((vm, host))
         return self._exited(host, vm, -1, signal=9)
 
+    def _postcopy(self, host: str, vm: str) -> list[Observation]:
+        """The source switches to post-copy: postcopy-active, then its STOP."""
+        out = [migration(host, vm, "postcopy-active"), qmp(host, vm, "STOP")]
+        out += self.switchover(host, vm, "postcopy-active")
+        return out + self._on_destination(vm, "postcopy-active")
+
     def switchover(self, host: str, vm: str, status: str) -> list[Observation]:
         """What hostd does by itself once the stopped source reports `status`: it releases
         the lease where QEMU can no longer resume the source by itself."""
@@ -135,11 +141,11 @@ class SimHosts:
                 qmp(h, vm, "MIGRATION_PASS", **{"pass": 1}),
             ]
             out += [migration(h, vm, "active")]
+            if cmd.args.start_postcopy:
+                out += self._postcopy(h, vm)
             return out
         elif kind == Kind.START_POSTCOPY:
-            out += [migration(h, vm, "postcopy-active"), qmp(h, vm, "STOP")]
-            out += self.switchover(h, vm, "postcopy-active")
-            out += self._on_destination(vm, "postcopy-active")
+            out += self._postcopy(h, vm)
         elif kind == Kind.RELEASE_LEASE:
             out += self._release(h, vm)
         elif kind == Kind.ACQUIRE_LEASE:

@@ -63,6 +63,14 @@ HOSTD_SWITCH_GRACE_US = 1_000_000
 # converges meanwhile would otherwise finish as a stop-and-copy, its pause bounded only by the
 # downtime limit (QEMU completes once what remains fits it, before a requested switch).
 POSTCOPY_MODE_DOWNTIME_LIMIT_MS = 1
+# A start that carries the switch to post-copy throttles pre-copy to this many bytes/s. QEMU 7.2
+# measures no bandwidth in a migration's first 100 ms and meanwhile completes as soon as
+# nothing is pending, so unthrottled a mostly-zero guest, its first pass done in milliseconds,
+# completed as pre-copy whenever migrate-start-postcopy reached QEMU after the migration
+# thread's first look. Throttled, the first pass sends a tenth of this per 100 ms window (a
+# few MiB of zero pages), and the switch comes by the next window at the latest; post-copy
+# itself runs at max-postcopy-bandwidth.
+POSTCOPY_SWITCH_PRECOPY_BANDWIDTH = 100_000
 
 
 # --- the operator's requests ------------------------------------------------------------------
@@ -256,6 +264,11 @@ def _preparing(world: World, m: MigrationState, issue: Issuer, now_us: int) -> l
     if prepare.state != SUCCEEDED:
         return []
     if m.cmd(Kind.START_MIGRATION, src.host) is None:
+        if m.mode == common_pb2.MIGRATION_MODE_POSTCOPY and not m.postcopy_requested:
+            why = "mode postcopy"
+            return [
+                events_pb2.PostcopyRequested(migration_id=m.migration_id, by="policy", reason=why)
+            ]
         return [
             issue(
                 Kind.START_MIGRATION,
@@ -267,6 +280,9 @@ def _preparing(world: World, m: MigrationState, issue: Issuer, now_us: int) -> l
                 # source lease can move at postcopy-active; the pre-switchover stop would only
                 # add a round trip to the guest's pause.
                 pause_before_switchover=m.mode != common_pb2.MIGRATION_MODE_POSTCOPY,
+                # Post-copy asked for before the start switches with it: hostd sends
+                # migrate-start-postcopy right after migrate, before any pass can converge.
+                start_postcopy=m.postcopy_requested,
                 release_lease_at_switchover=True,
                 peer_host=dst.host,  # the only host it may send the guest to
             )
@@ -303,7 +319,7 @@ def _transferring(
             # QEMU accepts migrate-start-postcopy once migrate returned; waiting for the
             # "active" event would let a small guest finish pre-copy first.
             and src.status in ("", "setup", "active")
-            and m.cmd(Kind.START_POSTCOPY, src.host) is None
+            and not m.postcopy_switch_sent
         ):
             return [issue(Kind.START_POSTCOPY, src.host)]
         return []
@@ -440,6 +456,9 @@ def _transfer_parameters(m: MigrationState) -> events_pb2.MigrationParameters:
     parameters.CopyFrom(m.parameters)  # the policy's, or as tuned before the start
     if m.mode == common_pb2.MIGRATION_MODE_POSTCOPY:
         parameters.downtime_limit_ms = POSTCOPY_MODE_DOWNTIME_LIMIT_MS
+    if m.postcopy_requested:
+        asked = parameters.max_bandwidth or POSTCOPY_SWITCH_PRECOPY_BANDWIDTH
+        parameters.max_bandwidth = min(asked, POSTCOPY_SWITCH_PRECOPY_BANDWIDTH)
     return parameters
 
 

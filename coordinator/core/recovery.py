@@ -16,7 +16,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from coordinator.core.state import Kind, MigrationState, World
+from coordinator.core.state import MigrationState, World
 
 
 class Stage(enum.Enum):
@@ -84,9 +84,9 @@ def stage(m: MigrationState) -> Stage:
     if m.cont_issued:
         return Stage.AFTER_CONT
     # QEMU answers migrate-start-postcopy before it switches, and a hostd restart can lose
-    # both the answer and the status: once asked for, post-copy may have begun (however the
+    # both the answer and the status: once sent, post-copy may have begun (however the
     # command ended), and a source in post-copy can never be resumed.
-    if m.postcopy_started or m.cmd(Kind.START_POSTCOPY, m.source) is not None:
+    if m.postcopy_started or m.postcopy_switch_sent:
         return Stage.POSTCOPY
     if m.src.status in ("pre-switchover", "device", "completed") or m.src_lease_released:
         return Stage.SWITCHING

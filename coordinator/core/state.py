@@ -325,6 +325,15 @@ class MigrationState:
         return self.phase == Phase.TRANSFERRING and self.postcopy_requested
 
     @property
+    def postcopy_switch_sent(self) -> bool:
+        """Whether migrate-start-postcopy went to the source's QEMU, or may have: a
+        START_POSTCOPY, or a START_MIGRATION that carried the switch (mode postcopy)."""
+        if self.cmd(Kind.START_POSTCOPY, self.source) is not None:
+            return True
+        start = self.cmd(Kind.START_MIGRATION, self.source)
+        return start is not None and start.issued.args.start_postcopy
+
+    @property
     def postcopy_allowed(self) -> bool:
         return self.mode != common_pb2.MIGRATION_MODE_PRECOPY
 

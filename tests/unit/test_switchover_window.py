@@ -1,6 +1,6 @@
 """A migration's switchover window (`MigrationState.in_switchover`, what the read gate shuts
-on): it opens at the request for post-copy, or at the source's stop in pre-copy, holds the
-destination's cont, and closes only with the destination seen running."""
+on): it opens with the transfer once post-copy is requested, or at the source's stop in
+pre-copy, holds the destination's cont, and closes only with the destination seen running."""
 
 from __future__ import annotations
 
@@ -58,17 +58,19 @@ def _opens_and_closes(steps: list[tuple[str, bool, Phase]]) -> tuple[int, int]:
 
 @pytest.mark.parametrize("mode", [C.MIGRATION_MODE_PRECOPY, C.MIGRATION_MODE_POSTCOPY])
 def test_the_window_holds_the_cont_and_closes_with_the_destination_running(mode: int) -> None:
-    """The window opens at the request for post-copy (QEMU stops the source within a pass of
-    it), or in pre-copy with the switchover phase (the source stopped to switch over); the
-    destination's cont is issued inside it; it closes with the destination's RESUME, not with
-    the cont's intent."""
+    """The window opens with the transfer once post-copy is requested (QEMU stops the source
+    within a pass of it), or in pre-copy with the switchover phase (the source stopped to
+    switch over); the destination's cont is issued inside it; it closes with the
+    destination's RESUME, not with the cont's intent."""
     steps = window(mode)
     first, closed = _opens_and_closes(steps)
     inside = [label for label, _, _ in steps[first:closed]]
     assert "RESUME_VM@host-b" in inside
     assert steps[closed][0] == "RESUME@host-b"
     if mode == C.MIGRATION_MODE_POSTCOPY:
-        assert steps[first][0] == "PostcopyRequested"
+        # Mode postcopy's start carries the switch (START_MIGRATION.start_postcopy).
+        assert steps[first][0] == "START_MIGRATION@host-a"
+        assert steps[first - 1][0] == "PostcopyRequested"
     else:
         assert steps[first][2] == Phase.SWITCHOVER and steps[first - 1][2] == Phase.TRANSFERRING
         assert "STOP@host-a" in [label for label, _, _ in steps[: first + 1]]

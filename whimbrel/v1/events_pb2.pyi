@@ -1085,6 +1085,7 @@ class CommandArgs(_message.Message):
     RELEASE_LEASE_AT_SWITCHOVER_FIELD_NUMBER: _builtins.int
     ENABLE_NETWORK_AT_POSTCOPY_FIELD_NUMBER: _builtins.int
     PEER_HOST_FIELD_NUMBER: _builtins.int
+    START_POSTCOPY_FIELD_NUMBER: _builtins.int
     uri: _builtins.str
     """START_MIGRATION, RESUME_MIGRATION: where the destination listens."""
     lease_generation: _builtins.int
@@ -1121,6 +1122,13 @@ class CommandArgs(_message.Message):
     the source (QEMU's tls-authz, which post-copy recovery reuses). Empty: any host of the
     cluster (a certificate for hosts.whimbrel, signed by the CA).
     """
+    start_postcopy: _builtins.bool
+    """START_MIGRATION (mode postcopy): hostd sends migrate-start-postcopy right after migrate,
+    before QEMU's migration thread runs its first pass. Sent as a separate command a round
+    trip later, the switch lost to a pre-copy completion whenever a small or mostly-zero
+    guest finished its first pass first. Recovery reads the command as post-copy asked for:
+    the source may be in post-copy however the command ended.
+    """
     @_builtins.property
     def spec(self) -> _common_pb2.VmSpec:
         """START_VM, PREPARE_INCOMING: the VM to launch."""
@@ -1143,10 +1151,11 @@ class CommandArgs(_message.Message):
         release_lease_at_switchover: _builtins.bool = ...,
         enable_network_at_postcopy: _builtins.bool = ...,
         peer_host: _builtins.str = ...,
+        start_postcopy: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["enable_network_at_postcopy", b"enable_network_at_postcopy", "force", b"force", "lease_generation", b"lease_generation", "parameters", b"parameters", "pause_before_switchover", b"pause_before_switchover", "peer_host", b"peer_host", "postcopy", b"postcopy", "reason", b"reason", "release_lease_at_switchover", b"release_lease_at_switchover", "spec", b"spec", "uri", b"uri"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enable_network_at_postcopy", b"enable_network_at_postcopy", "force", b"force", "lease_generation", b"lease_generation", "parameters", b"parameters", "pause_before_switchover", b"pause_before_switchover", "peer_host", b"peer_host", "postcopy", b"postcopy", "reason", b"reason", "release_lease_at_switchover", b"release_lease_at_switchover", "spec", b"spec", "start_postcopy", b"start_postcopy", "uri", b"uri"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
