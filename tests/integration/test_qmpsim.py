@@ -314,9 +314,10 @@ async def test_fork_server_launches_the_same_daemon(
         client = await RawQmp.connect(sim.qmp)
         qmp_clients.append(client)
         assert (await client.execute("query-status"))["return"]["status"] == "running"
+        # Opened first: once gone, the daemon is reaped by the fork server, its pid unusable.
+        pidfd = os.pidfd_open(sim.pid)
         os.kill(sim.pid, signal.SIGTERM)
         await client.until(lambda: {"eof": True} in client.untagged)
-        pidfd = os.pidfd_open(sim.pid)
         await asyncio.wait_for(_readable(pidfd), LIMIT_S)
         os.close(pidfd)
         assert not sim.pidfile.exists() and not sim.qmp.exists()
