@@ -349,6 +349,8 @@ class Driver:
         """QEMU's own progress after START_MIGRATION: passes until pre-copy converges."""
         if Kind(cmd.kind) != Kind.START_MIGRATION or Kind.START_MIGRATION in hosts.fail_kinds:
             return []
+        if cmd.args.start_postcopy:
+            return []  # it switched at once, in its answer: no pre-copy passes follow
         m = self.world.migrations[migration_id]
         src, dst, vm = m.source, m.destination, m.vm
         out = self.observe(migration(dst, vm, "active"))

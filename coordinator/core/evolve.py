@@ -499,9 +499,10 @@ _FORWARD_PHASE_OF_KIND: dict[int, Phase] = {
 
 
 # Plain ints for the hot handlers below (enum member lookups cost more than int compares).
-_START_VM, _PREPARE, _RESUME, _DESTROY = (
+_START_VM, _PREPARE, _START_MIGRATION, _RESUME, _DESTROY = (
     int(Kind.START_VM),
     int(Kind.PREPARE_INCOMING),
+    int(Kind.START_MIGRATION),
     int(Kind.RESUME_VM),
     int(Kind.DESTROY_VM),
 )
@@ -535,6 +536,10 @@ def _command_issued(
     m.last_seq = seq
     if kind == _RESUME and host == m.dst.host:
         m.cont_issued = True
+    elif kind == _START_MIGRATION:
+        # What the source's QEMU was told, the start's own settings included (mode
+        # postcopy's downtime limit, a post-copy start's throttle): a later tuning builds on it.
+        m.parameters.CopyFrom(p.args.parameters)
     if m.phase in _DETOURS:
         return
     forward = _FORWARD_PHASE_OF_KIND.get(kind)

@@ -561,6 +561,9 @@ def _took_effect(m: MigrationState, command: Command) -> bool:
         return src.status in ("device", "completed") or dst.status == "completed"
     if kind == Kind.START_POSTCOPY:
         return m.postcopy_started
+    if kind == Kind.START_MIGRATION and command.issued.args.start_postcopy:
+        # It carried the switch, which QEMU may have taken before hostd lost the answer.
+        return m.postcopy_started
     if kind == Kind.RELEASE_LEASE and host == src.host:
         return m.src_lease_released
     if kind == Kind.ACQUIRE_LEASE and host == dst.host:

@@ -293,8 +293,8 @@ class MigrationState:
     # The attempt during which the source last entered postcopy-recover (a resume took).
     src_recover_attempt: int = 0
     progress: Progress = field(default_factory=Progress)
-    # QEMU's migration parameters in force: the policy's at the start, then as tuned
-    # (MigrationTuned: an operator's bandwidth, a policy's downtime step).
+    # QEMU's migration parameters in force: the policy's, then as START_MIGRATION sent them,
+    # then as tuned (MigrationTuned: an operator's bandwidth, a policy's downtime step).
     parameters: events_pb2.MigrationParameters = field(
         default_factory=events_pb2.MigrationParameters
     )
@@ -327,7 +327,8 @@ class MigrationState:
     @property
     def postcopy_switch_sent(self) -> bool:
         """Whether migrate-start-postcopy went to the source's QEMU, or may have: a
-        START_POSTCOPY, or a START_MIGRATION that carried the switch (mode postcopy)."""
+        START_POSTCOPY, or a START_MIGRATION that carried the switch (post-copy asked for
+        before the transfer: mode postcopy, or an operator's early switch)."""
         if self.cmd(Kind.START_POSTCOPY, self.source) is not None:
             return True
         start = self.cmd(Kind.START_MIGRATION, self.source)

@@ -405,6 +405,33 @@ def test_mode_postcopy_never_becomes_a_long_stop_and_copy():
     assert m.phase == Phase.COMPLETED and m.postcopy_started, m.reason
 
 
+@pytest.mark.parametrize("cont_first", [False, True])
+def test_an_interrupted_start_that_switched_to_post_copy_goes_on(cont_first):
+    """QEMU took migrate and migrate-start-postcopy, then the source's hostd restarted before
+    its answer: the start comes back "interrupted", but the source is in post-copy. That
+    failure took effect: the migration goes on. Read as a failure, it was rolled back (a
+    post-copy source cancelled), or, once the destination's cont was logged, fenced."""
+    driver, hosts = fresh()
+    driver.request(I.StartMigration("m-1", "vm-1", "host-b", POSTCOPY, E.MigrationPolicy(),
+                                    driver.now_us))  # fmt: skip
+    start_cmd = until_issued(driver, hosts, Kind.START_MIGRATION)
+    driver.answered.add(start_cmd.command_id)
+    switched = [o for o in hosts.answer(start_cmd) if not isinstance(o.payload, E.CommandSucceeded)]
+    driver.observe(*switched)
+    interrupted = failed(start_cmd, "interrupted by a hostd restart; not executed again")
+    if cont_first:
+        until_issued(driver, hosts, Kind.RESUME_VM)
+        assert driver.world.migrations["m-1"].cont_issued
+    driver.observe(interrupted)
+    events = driver.run("m-1", hosts)
+    driver.observe(*(migration(h, "vm-1", "completed") for h in ("host-a", "host-b")))
+    events += driver.run("m-1", hosts)
+    m = driver.world.migrations["m-1"]
+    assert not {"RollbackDecided", "FencingDecided"} & set(decisions(events)), decisions(events)
+    assert m.phase == Phase.COMPLETED, m.reason
+    clean(driver)
+
+
 def test_a_switch_asked_for_before_the_start_goes_with_it():
     """Mode auto, post-copy asked for by an operator before the transfer began: the start
     carries the switch (and the throttle), as mode postcopy's does; no START_POSTCOPY follows.

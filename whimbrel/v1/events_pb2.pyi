@@ -1123,11 +1123,13 @@ class CommandArgs(_message.Message):
     cluster (a certificate for hosts.whimbrel, signed by the CA).
     """
     start_postcopy: _builtins.bool
-    """START_MIGRATION (mode postcopy): hostd sends migrate-start-postcopy right after migrate,
-    before QEMU's migration thread runs its first pass. Sent as a separate command a round
-    trip later, the switch lost to a pre-copy completion whenever a small or mostly-zero
-    guest finished its first pass first. Recovery reads the command as post-copy asked for:
-    the source may be in post-copy however the command ended.
+    """START_MIGRATION, when post-copy was asked for before the transfer (mode postcopy, or an
+    operator's early switch): hostd writes migrate-start-postcopy together with migrate, so
+    QEMU takes it before its migration thread runs a pass (its parameters then throttle
+    pre-copy, in case it does not). Sent as a separate command a round trip later, the switch
+    lost to a pre-copy completion whenever a mostly-zero guest finished its first pass first.
+    Recovery reads the command as post-copy asked for: the source may be in post-copy
+    however the command ended.
     """
     @_builtins.property
     def spec(self) -> _common_pb2.VmSpec:
