@@ -35,6 +35,29 @@ ANNOUNCE = {"initial": 50, "max": 550, "rounds": 5, "step": 100}
 RESUME_HANDSHAKE_LIMIT_S = 5.0
 
 
+# QEMU 7.2's own values of the migration parameters the coordinator may set; a field it
+# leaves 0 means this.
+QEMU_DEFAULT_PARAMETERS = {
+    "max-bandwidth": 128 << 20,
+    "downtime-limit": 300,
+    "max-postcopy-bandwidth": 0,  # no limit
+    "cpu-throttle-initial": 20,
+    "cpu-throttle-increment": 10,
+}
+
+
+def _qmp_parameters(p: events_pb2.MigrationParameters) -> dict[str, int]:
+    """The parameters `p` sets (its non-zero fields), in QMP's names."""
+    fields = {
+        "max-bandwidth": p.max_bandwidth,
+        "downtime-limit": p.downtime_limit_ms,
+        "max-postcopy-bandwidth": p.max_postcopy_bandwidth,
+        "cpu-throttle-initial": p.cpu_throttle_initial,
+        "cpu-throttle-increment": p.cpu_throttle_increment,
+    }
+    return {name: value for name, value in fields.items() if value}
+
+
 def free_port(address: str) -> int:
     """A TCP port free on `address` now (QEMU binds it right after)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -258,21 +281,23 @@ class Executor:
         # return-path: the source completes only once the destination has loaded the state,
         # so "completed" means loaded, not sent (a destination failing to load fails the
         # source's migration before its lease is given up).
-        capabilities = [
-            {"capability": "events", "state": True},
-            {"capability": "return-path", "state": True},
-        ]
-        if c.args.pause_before_switchover:
+        # Each capability and parameter is set either way: QEMU keeps them for the life of the
+        # process, and a migration after one that was rolled back must not inherit its choices
+        # (a post-copy start's throttled bandwidth, a pre-copy's pause-before-switchover).
+        chosen = {
+            "events": True,
+            "return-path": True,
             # The source stops in pre-switchover so its lease moves before the switch completes.
-            capabilities.append({"capability": "pause-before-switchover", "state": True})
-        if c.args.postcopy:
-            capabilities.append({"capability": "postcopy-ram", "state": True})
-        if c.args.parameters.auto_converge:
+            "pause-before-switchover": c.args.pause_before_switchover,
+            "postcopy-ram": c.args.postcopy,
             # Throttles the guest's vCPUs while pre-copy does not converge (a capability: it
             # can be set only before the migration starts).
-            capabilities.append({"capability": "auto-converge", "state": True})
+            "auto-converge": c.args.parameters.auto_converge,
+        }
+        capabilities = [{"capability": name, "state": on} for name, on in chosen.items()]
         await runtime.execute("migrate-set-capabilities", {"capabilities": capabilities})
-        await self._set_parameters(runtime, c.args.parameters)
+        parameters = {**QEMU_DEFAULT_PARAMETERS, **_qmp_parameters(c.args.parameters)}
+        await runtime.execute("migrate-set-parameters", parameters)
         await self._outgoing_tls(runtime, c.args.peer_host)
         runtime.disarm_switchover()
         if c.args.release_lease_at_switchover:
@@ -285,12 +310,12 @@ class Executor:
         # pass switches. Sent on migrate's answer, it lost to a mostly-zero guest whose first
         # pass ended first: with no bandwidth measured yet QEMU completes as soon as nothing is
         # pending, and the pause then takes the whole final sync.
-        started, switched = await asyncio.gather(
+        outcomes: list[object] = await asyncio.gather(
             runtime.execute("migrate", {"uri": c.args.uri}),
             runtime.execute("migrate-start-postcopy"),
             return_exceptions=True,
         )
-        for outcome in (started, switched):
+        for outcome in outcomes:  # migrate's error first: the switch fails without a migration
             if isinstance(outcome, BaseException):
                 raise outcome
         return K.CommandResult()
@@ -323,23 +348,10 @@ class Executor:
             log.error("%s: networking not enabled at postcopy-active (the coordinator's enable "
                       "command follows): %s", runtime.name, err)  # fmt: skip
 
-    async def _set_parameters(self, runtime: VmRuntime, p: events_pb2.MigrationParameters) -> None:
-        parameters: dict[str, int] = {}
-        if p.max_bandwidth:
-            parameters["max-bandwidth"] = p.max_bandwidth
-        if p.downtime_limit_ms:
-            parameters["downtime-limit"] = p.downtime_limit_ms
-        if p.max_postcopy_bandwidth:
-            parameters["max-postcopy-bandwidth"] = p.max_postcopy_bandwidth
-        if p.cpu_throttle_initial:
-            parameters["cpu-throttle-initial"] = p.cpu_throttle_initial
-        if p.cpu_throttle_increment:
-            parameters["cpu-throttle-increment"] = p.cpu_throttle_increment
-        if parameters:
-            await runtime.execute("migrate-set-parameters", parameters)
-
     async def set_parameters(self, c: host_pb2.Command) -> events_pb2.CommandResult:
-        await self._set_parameters(self._vm(c.vm), c.args.parameters)
+        parameters = _qmp_parameters(c.args.parameters)
+        if parameters:
+            await self._vm(c.vm).execute("migrate-set-parameters", parameters)
         return K.CommandResult()
 
     async def start_postcopy(self, c: host_pb2.Command) -> events_pb2.CommandResult:

@@ -1,10 +1,11 @@
-"""A START_MIGRATION that carries the switch to post-copy (mode postcopy), with real QEMU and
-hostd's executor on both ends: the switch wins even over a guest whose first pass ends within
-milliseconds."""
+"""START_MIGRATION with real QEMU and hostd's executor on both ends: a start that carries the
+switch to post-copy wins over a guest whose first pass ends within milliseconds, and a start
+after a rolled-back one inherits none of its capabilities or parameters."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from pathlib import Path
 
@@ -37,6 +38,11 @@ class Host:
             NullNetworkDriver(), self.emit,
         )  # fmt: skip
         self.ended = asyncio.Event()
+        self.ids = itertools.count(1)
+
+    def restart_watch(self) -> None:
+        self.statuses.clear()
+        self.ended.clear()
 
     async def emit(self, payload: Message, time_us: int) -> None:
         if isinstance(payload, K.QmpEventReceived) and payload.event == "MIGRATION":
@@ -47,7 +53,8 @@ class Host:
 
     async def run(self, kind: int, **args: object) -> events_pb2.CommandResult:
         command = host_pb2.Command(
-            command_id=f"c-{kind}", vm="vm-1", kind=events_pb2.CommandKind.ValueType(kind),
+            command_id=f"c-{next(self.ids)}", vm="vm-1",
+            kind=events_pb2.CommandKind.ValueType(kind),
             args=events_pb2.CommandArgs(**args),  # type: ignore[arg-type]
         )  # fmt: skip
         return await self.executor.run(command)
@@ -82,6 +89,42 @@ async def test_the_switch_sent_with_the_start_wins_over_a_first_pass_that_conver
         await asyncio.wait_for(source.ended.wait(), WAIT_S)
         assert source.statuses[-1] == "completed", source.statuses
         assert "postcopy-active" in source.statuses, source.statuses
+    finally:
+        await source.close()
+        await destination.close()
+
+
+async def test_a_start_after_a_rolled_back_one_inherits_none_of_its_choices(
+    tmp_path: Path,
+) -> None:
+    """QEMU keeps migration capabilities and parameters for the life of the process: a
+    throttled pre-copy start with pause-before-switchover, cancelled, left both in force, and
+    the next start from the same source, with the policy's defaults, ran at 100 kB/s."""
+    source, destination = Host(tmp_path, "host-a"), Host(tmp_path, "host-b")
+    try:
+        await source.run(K.COMMAND_KIND_START_VM, spec=SPEC, lease_generation=1)
+        throttled = events_pb2.MigrationParameters(max_bandwidth=100_000, downtime_limit_ms=1)
+        prepared = await destination.run(K.COMMAND_KIND_PREPARE_INCOMING, spec=SPEC)
+        await source.run(
+            K.COMMAND_KIND_START_MIGRATION, uri=prepared.uri, parameters=throttled,
+            pause_before_switchover=True,
+        )  # fmt: skip
+        await source.run(K.COMMAND_KIND_CANCEL_MIGRATION)
+        await asyncio.wait_for(source.ended.wait(), WAIT_S)
+        assert source.statuses[-1] == "cancelled", source.statuses
+        await destination.run(K.COMMAND_KIND_DESTROY_VM, force=True)
+        source.restart_watch()
+        prepared = await destination.run(K.COMMAND_KIND_PREPARE_INCOMING, spec=SPEC)
+        await source.run(K.COMMAND_KIND_START_MIGRATION, uri=prepared.uri)
+        runtime = source.executor.vms["vm-1"]
+        parameters = await runtime.execute("query-migrate-parameters")
+        capabilities = {
+            c["capability"]: c["state"] for c in await runtime.execute("query-migrate-capabilities")
+        }
+        assert (parameters["max-bandwidth"], parameters["downtime-limit"]) == (128 << 20, 300)
+        assert capabilities["pause-before-switchover"] is False
+        await asyncio.wait_for(source.ended.wait(), WAIT_S)
+        assert source.statuses[-1] == "completed", source.statuses
     finally:
         await source.close()
         await destination.close()
