@@ -558,7 +558,11 @@ def _took_effect(m: MigrationState, command: Command) -> bool:
     src, dst = m.src, m.dst
     kind, host = command.kind, command.host
     if kind == Kind.CONTINUE_SWITCHOVER:
-        return src.status in ("device", "completed") or dst.status == "completed"
+        # Past pre-switchover: to "device" in pre-copy, or post-copy begun (mode auto's switch
+        # also stops in pre-switchover first).
+        return (
+            src.status in ("device", "completed") or dst.status == "completed" or m.postcopy_started
+        )
     if kind == Kind.START_POSTCOPY:
         return m.postcopy_started
     if kind == Kind.START_MIGRATION and command.issued.args.start_postcopy:

@@ -432,6 +432,40 @@ def test_an_interrupted_start_that_switched_to_post_copy_goes_on(cont_first):
     clean(driver)
 
 
+@pytest.mark.parametrize("cont_first", [False, True])
+def test_an_interrupted_continue_that_let_post_copy_begin_goes_on(cont_first):
+    """Mode auto stops a source switching to post-copy in pre-switchover; QEMU took the
+    migrate-continue and went postcopy-active, and hostd restarted before its answer. The
+    continue took effect: the migration goes on. Read as a failure, it was rolled back, or,
+    once the destination's cont was logged, fenced: a healthy migration's VM lost."""
+    driver, hosts = fresh()
+    driver.request(I.StartMigration("m-1", "vm-1", "host-b", C.MIGRATION_MODE_AUTO,
+                                    E.MigrationPolicy(), driver.now_us))  # fmt: skip
+    start_cmd = until_issued(driver, hosts, Kind.START_MIGRATION)
+    answer(driver, hosts, [e for e in driver.log if e.payload is start_cmd])
+    driver.observe(migration("host-a", "vm-1", "active"))
+    driver.request(I.SwitchToPostcopy("m-1", driver.now_us, "spiffe://t"))
+    switch = until_issued(driver, hosts, Kind.START_POSTCOPY)
+    driver.answered.add(switch.command_id)
+    driver.observe(succeeded(switch), qmp("host-a", "vm-1", "STOP"),
+                   migration("host-a", "vm-1", "pre-switchover"),
+                   *hosts._release("host-a", "vm-1"))  # fmt: skip
+    cont = until_issued(driver, hosts, Kind.CONTINUE_SWITCHOVER)
+    driver.answered.add(cont.command_id)
+    driver.observe(*(migration(h, "vm-1", "postcopy-active") for h in ("host-a", "host-b")))
+    if cont_first:
+        until_issued(driver, hosts, Kind.RESUME_VM)
+        assert driver.world.migrations["m-1"].cont_issued
+    driver.observe(failed(cont, "interrupted by a hostd restart; not executed again"))
+    events = driver.run("m-1", hosts)
+    driver.observe(*(migration(h, "vm-1", "completed") for h in ("host-a", "host-b")))
+    events += driver.run("m-1", hosts)
+    m = driver.world.migrations["m-1"]
+    assert not {"RollbackDecided", "FencingDecided"} & set(decisions(events)), decisions(events)
+    assert m.phase == Phase.COMPLETED, m.reason
+    clean(driver)
+
+
 def test_a_switch_asked_for_before_the_start_goes_with_it():
     """Mode auto, post-copy asked for by an operator before the transfer began: the start
     carries the switch (and the throttle), as mode postcopy's does; no START_POSTCOPY follows.
