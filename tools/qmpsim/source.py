@@ -85,6 +85,8 @@ class Source:
         self._setup_ms = self._downtime_ms = 0
         self._final_bytes = 0.0
         self._postcopy_wanted = self._in_postcopy = self._resuming = False
+        # Stopped in pre-switchover on the way to post-copy (not to a pre-copy's completion).
+        self._postcopy_after_pause = False
         self._postcopy_from = 0.0
         self._peer_lost = False
         self._refusal = ""
@@ -376,6 +378,12 @@ class Source:
     def _device(self) -> None:
         if self.status != "pre-switchover" and self.settings["pause-before-switchover"]:
             return  # cancelled meanwhile
+        if self._postcopy_after_pause:
+            if self._peer_lost or self._link is None:
+                self._fail("")
+            else:
+                self._switch_to_postcopy(self._final_bytes)
+            return
         if self.settings["pause-before-switchover"]:
             self._set("device")
         self._final_bytes += self._sync()
@@ -405,11 +413,27 @@ class Source:
         self._start_postcopy(self._transfer.stop())
 
     def _start_postcopy(self, remaining: float) -> None:
-        """Switch to post-copy with `remaining` bytes unsent before its sync."""
+        """Switch to post-copy with `remaining` bytes unsent before its sync. With
+        pause-before-switchover, QEMU 7.2 stops in pre-switchover first, as for a pre-copy's
+        completion, and goes postcopy-active only at migrate-continue."""
+        self._stopped_at = self.clock.now()
+        if self.settings["pause-before-switchover"]:
+            self.machine.stop_for_migration()
+            self._final_bytes, self._postcopy_after_pause = remaining, True
+            self._set("pre-switchover")
+            return
+        self._in_postcopy = True
+        self._set("postcopy-active")  # before its STOP, as QEMU 7.2 reports them
+        self.machine.stop_for_migration()
+        self._send_postcopy(remaining)
+
+    def _switch_to_postcopy(self, remaining: float) -> None:
+        """From pre-switchover, at migrate-continue: the guest stopped already."""
         self._in_postcopy = True
         self._set("postcopy-active")
-        self._stopped_at = self.clock.now()
-        self.machine.stop_for_migration()
+        self._send_postcopy(remaining)
+
+    def _send_postcopy(self, remaining: float) -> None:
         remaining += self._sync()
         self._postcopy_from = self._transfer.sent()
         if self._link is not None:
