@@ -6,7 +6,9 @@
   acknowledges it as durable, re-sent after any reconnect or restart (it survives a hostd
   crash; see the synchronous setting for power cuts);
 - executed commands: "started" is durable before a command acts and its result after, so a
-  command id is executed at most once and repeats are answered with the stored result.
+  command id is executed at most once and repeats are answered with the stored result. A
+  command a previous generation left "started" is "interrupted" from this start on: "started"
+  then always means running in this process.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ CREATE TABLE IF NOT EXISTS commands (
 
 @dataclass(frozen=True)
 class StoredCommand:
-    state: str  # "started" or "done"
+    state: str  # "started", "done" or "interrupted" (by a restart; no result)
     result: events_pb2.EventPayload | None
 
 
@@ -54,6 +56,7 @@ class HostStore:
         with self._tx():
             generation = self._meta("generation") + 1
             self._set_meta("generation", generation)
+            self._db.execute("UPDATE commands SET state = 'interrupted' WHERE state = 'started'")
         self.generation = generation
         self.highest_epoch = self._meta("highest_epoch")
         row = self._db.execute(

@@ -52,11 +52,15 @@ async def test_stale_epoch_is_refused_without_acting(tmp_path: Path) -> None:
 
 
 async def test_command_interrupted_by_restart_is_reported_not_rerun(tmp_path: Path) -> None:
-    """A command marked started but never finished (hostd died) fails on its repeat."""
+    """A command marked started but never finished (hostd died) is interrupted from the next
+    start on, and fails on its repeat."""
     a = agent(tmp_path)
     a.store.command_started("c-1")
     await a.close()
     restarted = agent(tmp_path)
+    # "started" means running in this process (the shell simulation waits on it).
+    stored = restarted.store.command("c-1")
+    assert stored is not None and (stored.state, stored.result) == ("interrupted", None)
     await restarted._handle(acquire("c-1", 1, epoch=1))
     failure = restarted.pending[-1].payload.command_failed
     assert "interrupted by a hostd restart" in failure.error
