@@ -41,6 +41,7 @@ import random
 import re
 import shutil
 import signal
+import sqlite3
 import sys
 import tempfile
 import time
@@ -245,6 +246,20 @@ class Hostd:
         if self._reader is not None:
             await self._reader
         self.frozen_at = ""
+
+    def running_commands(self) -> list[str]:
+        """Commands this hostd started and has not finished (its store's record): one the
+        coordinator no longer tracks may still act, as a stale PREPARE_INCOMING that
+        launches a QEMU after its migration ended."""
+        path = self.state_dir / "hostd.db"
+        if not path.exists():
+            return []
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            rows = db.execute("SELECT command_id FROM commands WHERE state = 'started'")
+            return [command_id for (command_id,) in rows]
+        finally:
+            db.close()
 
     def qemu_pid(self) -> int:
         """The pid of the VM's QEMU alive on this host, else 0."""
@@ -712,6 +727,7 @@ class Scheduler:
                     all(world.migrations[mid].phase.terminal for mid in self.run.migrations)
                     and all(cluster.connected(world, h) for h in HOSTS)
                     and not cluster.outstanding(world)
+                    and not any(host.running_commands() for host in cluster.hosts.values())
                 ):
                     return world
                 phase = world.migrations[self.migration].phase.label
