@@ -565,9 +565,12 @@ def _took_effect(m: MigrationState, command: Command) -> bool:
         )
     if kind == Kind.START_POSTCOPY:
         return m.postcopy_started
-    if kind == Kind.START_MIGRATION and command.issued.args.start_postcopy:
-        # It carried the switch, which QEMU may have taken before hostd lost the answer.
-        return m.postcopy_started
+    if kind == Kind.START_MIGRATION:
+        # Past the point of no return the destination runs on the state this migrate sent,
+        # whatever its answer said. Before it, a start that carried the switch took effect
+        # once post-copy began; a plain one is undone by the rollback, which is safe.
+        carried_switch = command.issued.args.start_postcopy
+        return m.point_of_no_return_passed or (carried_switch and m.postcopy_started)
     if kind == Kind.RELEASE_LEASE and host == src.host:
         return m.src_lease_released
     if kind == Kind.ACQUIRE_LEASE and host == dst.host:

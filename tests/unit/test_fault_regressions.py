@@ -432,6 +432,30 @@ def test_an_interrupted_start_that_switched_to_post_copy_goes_on(cont_first):
     clean(driver)
 
 
+def test_a_start_reported_interrupted_after_the_point_of_no_return_changes_nothing():
+    """Shell simulation seed 11681: the source's hostd restarted after it sent migrate; the
+    migration went on, the destination's cont was issued, and only then came the start's
+    answer, "interrupted by a hostd restart". The destination runs on the state that migrate
+    sent: it took effect. Read as a failure after the point of no return, it fenced both
+    hosts, and a VM that had moved was lost."""
+    driver, hosts = fresh()
+    start(driver, PRECOPY)
+    start_cmd = until_issued(driver, hosts, Kind.START_MIGRATION)
+    driver.answered.add(start_cmd.command_id)
+    driver.observe(
+        *[o for o in hosts.answer(start_cmd) if not isinstance(o.payload, E.CommandSucceeded)]
+    )
+    driver._progress("m-1", start_cmd, hosts)
+    until_issued(driver, hosts, Kind.RESUME_VM)
+    m = driver.world.migrations["m-1"]
+    assert m.point_of_no_return_passed
+    driver.observe(failed(start_cmd, "interrupted by a hostd restart; not executed again"))
+    events = driver.run("m-1", hosts)
+    assert not {"RollbackDecided", "FencingDecided"} & set(decisions(events)), decisions(events)
+    assert m.phase == Phase.COMPLETED, m.reason
+    clean(driver)
+
+
 @pytest.mark.parametrize("cont_first", [False, True])
 def test_an_interrupted_continue_that_let_post_copy_begin_goes_on(cont_first):
     """Mode auto stops a source switching to post-copy in pre-switchover; QEMU took the
