@@ -645,9 +645,12 @@ def _command_failed(
             and command.host == m.dst.host
             and command is m.latest.get((_RESUME, command.host))
             and not m.dst_resumed
+            and m.dst.runstate != "running"
+            and not _another_cont_may_have_acted(m, command)
         ):
-            # The destination's hostd refused the cont before it reached QEMU: the guest never
-            # ran there, so the point of no return was not passed after all.
+            # The destination's hostd refused the cont before it reached QEMU, and no other
+            # cont could have: the guest never ran there, so the point of no return was not
+            # passed after all.
             m.cont_issued = False
         return
     vm = world.vms.get(command.vm)
@@ -661,6 +664,15 @@ def _command_failed(
         vm.host = ""
     elif command.kind == Kind.STOP_VM and vm.status == VmStatus.STOPPING:
         vm.status = VmStatus.RUNNING if vm.runstates.get(vm.host) == "running" else VmStatus.PAUSED
+
+
+def _another_cont_may_have_acted(m: MigrationState, refused: Command) -> bool:
+    """Whether a cont to the destination other than `refused` may have reached QEMU: any
+    that hostd did not refuse before acting (one interrupted by a restart may have run)."""
+    return any(
+        c is not refused and c.kind == _RESUME and c.host == m.dst.host and not c.rejected
+        for c in m.commands.values()
+    )
 
 
 # --- migrations -------------------------------------------------------------------------------

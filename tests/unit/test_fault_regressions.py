@@ -432,6 +432,42 @@ def test_an_interrupted_start_that_switched_to_post_copy_goes_on(cont_first):
     clean(driver)
 
 
+def test_a_refused_retry_of_the_cont_does_not_undo_one_that_ran():
+    """The destination's cont ran, but its hostd restarted before the answer (and the RESUME
+    event): its hello says the guest runs. The cont is sent again; the destination QEMU exits
+    before it, and hostd refuses the repeat without acting. That refusal proves nothing about
+    the first cont: the point of no return stays passed and the source must never run again.
+    Read as "the cont never happened", the rollback resumed the source after the destination
+    had run (invariant 3)."""
+    driver, hosts = fresh()
+    start(driver, PRECOPY)
+    cont = until_issued(driver, hosts, Kind.RESUME_VM)
+    driver.answered.add(cont.command_id)
+    hello = E.VmObserved(
+        observation=C.VmObservation(vm="vm-1", process_alive=True, qmp_reachable=True,
+                                    runstate="running", migration_status="completed",
+                                    queried_at_us=driver.now_us),
+        reason="hello",
+    )  # fmt: skip
+    driver.observe(Observation("host-b", hello))
+    driver.observe(failed(cont, "interrupted by a hostd restart; not executed again"))
+    (again,) = [
+        e.payload
+        for e in driver.advance("m-1")
+        if e.type == "CommandIssued" and Kind(e.payload.kind) == Kind.RESUME_VM
+    ]
+    driver.answered.add(again.command_id)
+    driver.observe(hosts.kill("vm-1", "host-b"))
+    driver.observe(failed(again, "QEMU of vm-1 has exited", rejected=True))
+    m = driver.world.migrations["m-1"]
+    assert m.point_of_no_return_passed
+    events = driver.run("m-1", hosts)
+    assert "RollbackDecided" not in decisions(events), decisions(events)
+    assert "resume-vm@host-a" not in decisions(events), decisions(events)
+    assert m.phase == Phase.FENCED, m.reason
+    assert InvariantChecker().check(driver.log) == []
+
+
 def test_a_start_reported_interrupted_after_the_point_of_no_return_changes_nothing():
     """Shell simulation seed 11681: the source's hostd restarted after it sent migrate; the
     migration went on, the destination's cont was issued, and only then came the start's
