@@ -519,11 +519,10 @@ def _problem(world: World, m: MigrationState) -> list[Message]:
             f"{failed.kind_name} failed after the point of no return: {failed.error}",
         )
     if m.postcopy_started and src.status == "postcopy-paused":
-        return _fence(
-            m,
-            [m.source, m.destination],
-            f"{failed.kind_name} failed while post-copy was paused: {failed.error}",
-        )
+        # Neither resumed nor cancelled, a paused post-copy source waits for its destination
+        # to notice the break too (it is alive: see above); the recovery then decided on both
+        # paused issues again what this failure left undone.
+        return []
     return _rollback(m, f"{failed.kind_name} on {failed.host} failed: {failed.error}")
 
 

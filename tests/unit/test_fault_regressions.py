@@ -468,6 +468,34 @@ def test_a_refused_retry_of_the_cont_does_not_undo_one_that_ran():
     assert InvariantChecker().check(driver.log) == []
 
 
+@pytest.mark.parametrize("kind", [Kind.ENABLE_NETWORK, Kind.ACQUIRE_LEASE])
+def test_a_failure_read_while_only_the_source_saw_post_copy_pause_waits(kind):
+    """Post-copy before the cont: the destination's enable (or acquire) is interrupted without
+    acting, the link breaks, and the source reports postcopy-paused before the destination
+    does. Fenced there, the VM was lost; read once both ends report the pause (moments later),
+    the same failure leads to a recovery and the migration completes. It waits for that."""
+    driver, hosts = fresh()
+    hosts.enable_at_postcopy = False  # the coordinator's enable command is the one that counts
+    start(driver, POSTCOPY)
+    cmd = until_issued(driver, hosts, kind)
+    if cmd.host_id != "host-b":
+        cmd = until_issued(driver, hosts, kind)
+    driver.answered.add(cmd.command_id)
+    driver.observe(migration("host-a", "vm-1", "postcopy-paused"))
+    driver.observe(failed(cmd, "interrupted by a hostd restart; not executed again"))
+    events = driver.advance("m-1")
+    assert "FencingDecided" not in decisions(events), decisions(events)
+    driver.observe(migration("host-b", "vm-1", "postcopy-paused"))
+    events += driver.run("m-1", hosts)
+    m = driver.world.migrations["m-1"]
+    if not m.phase.terminal and m.dst_resumed:
+        driver.observe(*(migration(h, "vm-1", "completed") for h in ("host-a", "host-b")))
+        events += driver.run("m-1", hosts)
+    assert "FencingDecided" not in decisions(events), decisions(events)
+    assert m.phase == Phase.COMPLETED, m.reason
+    clean(driver)
+
+
 def test_a_start_reported_interrupted_after_the_point_of_no_return_changes_nothing():
     """Shell simulation seed 11681: the source's hostd restarted after it sent migrate; the
     migration went on, the destination's cont was issued, and only then came the start's
