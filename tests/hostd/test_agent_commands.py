@@ -22,6 +22,13 @@ def acquire(command_id: str, generation: int, epoch: int) -> host_pb2.Command:
     )  # fmt: skip
 
 
+def release(command_id: str, generation: int, epoch: int) -> host_pb2.Command:
+    return host_pb2.Command(
+        command_id=command_id, epoch=epoch, vm="vm-1", kind=events_pb2.COMMAND_KIND_RELEASE_LEASE,
+        args=events_pb2.CommandArgs(lease_generation=generation),
+    )  # fmt: skip
+
+
 def kinds(a: Agent) -> list[str]:
     return [str(e.payload.WhichOneof("kind")) for e in a.pending]
 
@@ -78,3 +85,21 @@ async def test_unacknowledged_events_survive_a_restart(tmp_path: Path) -> None:
     assert [(e.generation, e.seq) for e in restarted.pending] == [(1, 2)]
     assert restarted.pending[0].payload.WhichOneof("kind") == "command_succeeded"
     await restarted.close()
+
+
+async def test_a_release_repeated_after_its_report_was_lost_reports_it(tmp_path: Path) -> None:
+    """The release acted (the lease file is free) but hostd died before recording it; the
+    repeat (a new command id: the coordinator's retry) finds nothing held. It reports the
+    release of the generation named, or the coordinator waits for it for good. A host that
+    holds a later generation refuses, reports no release, and keeps it."""
+    a = agent(tmp_path)
+    await a._handle(acquire("c-1", 1, epoch=1))
+    await a.executor.lease.release("vm-1", "host-a", 1)  # acted; its report lost with hostd
+    await a._handle(release("c-2", 1, epoch=1))
+    assert kinds(a)[-2:] == ["lease_released", "command_succeeded"]
+    assert a.pending[-2].payload.lease_released.generation == 1
+    await a._handle(acquire("c-3", 2, epoch=1))
+    await a._handle(release("c-4", 1, epoch=1))  # a late release of the old generation
+    assert kinds(a)[-2:] == ["command_succeeded", "command_failed"]  # (c-3's answer first)
+    assert a.executor.lease.read("vm-1").generation == 2
+    await a.close()
