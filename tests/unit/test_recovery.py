@@ -190,14 +190,16 @@ def _paused_postcopy() -> tuple[Driver, SimHosts]:
 
 
 def test_postcopy_recovery_retries_while_the_link_is_down_then_fences() -> None:
-    """A resume that falls back to postcopy-paused is a failed attempt; the destination keeps
-    listening, so only the source retries; after max_recovery_attempts both ends are fenced."""
+    """A resume that falls back to postcopy-paused is a failed attempt; after
+    max_recovery_attempts both ends are fenced."""
     driver, hosts = _paused_postcopy()
     hosts.link_down = True
     events = driver.run("m-1", hosts)
     d = decisions(events)
     assert d.count("PostcopyRecoveryDecided") == 3
-    assert d.count("recover-incoming@host-b") == 1  # later attempts reuse the listener
+    # The destination stays postcopy-paused when no source reaches it: each attempt listens
+    # again, and QEMU 7.2 accepts the repeat (the earlier listener given up).
+    assert d.count("recover-incoming@host-b") == 3
     assert d.count("resume-migration@host-a") == 3
     m = driver.world.migrations["m-1"]
     assert m.phase == Phase.FENCED and "recovery failed 3 times" in m.reason
@@ -362,3 +364,25 @@ def test_qmp_events_older_than_a_snapshot_do_not_step_back() -> None:
                                      data_json='{"status": "postcopy-active"}')  # fmt: skip
     driver.append([NewEvent("host/host-a", fresh_event, stale_at + 2, "host-a", 1, 100)])
     assert (m.phase, m.src.status) == (Phase.FINISHING, "postcopy-active")  # it worked
+
+
+def test_an_interrupted_migrate_recover_is_sent_again() -> None:
+    """migrate-recover ran on the destination (its "setup" event came) but its hostd restarted
+    before answering: the attempt is spent, and the next one listens again, which QEMU 7.2
+    accepts on a destination still postcopy-paused. The recovery completes."""
+    driver, hosts = _paused_postcopy()
+    m = driver.world.migrations["m-1"]
+    driver.advance("m-1")
+    (recover,) = [c.issued for c in m.commands.values() if c.kind == Kind.RECOVER_INCOMING]
+    driver.answered.add(recover.command_id)
+    interrupted = E.CommandFailed(
+        command_id=recover.command_id, attempt=recover.attempt, kind=recover.kind, vm="vm-1",
+        error="interrupted by a hostd restart; not executed again",
+    )  # fmt: skip
+    driver.observe(migration("host-b", "vm-1", "setup"), Observation("host-b", interrupted))
+    events = driver.run("m-1", hosts)
+    assert decisions(events).count("recover-incoming@host-b") == 1  # the next attempt's
+    driver.observe(*(migration(h, "vm-1", "completed") for h in ("host-a", "host-b")))
+    driver.run("m-1", hosts)
+    assert m.phase == Phase.COMPLETED, m.reason
+    assert InvariantChecker().check_quiescent(driver.log) == []
