@@ -518,10 +518,11 @@ def _problem(world: World, m: MigrationState) -> list[Message]:
             [m.source, m.destination],
             f"{failed.kind_name} failed after the point of no return: {failed.error}",
         )
-    if m.postcopy_started and src.status == "postcopy-paused":
-        # Neither resumed nor cancelled, a paused post-copy source waits for its destination
-        # to notice the break too (it is alive: see above); the recovery then decided on both
-        # paused issues again what this failure left undone.
+    if m.postcopy_started and "postcopy-paused" in (src.status, dst.status):
+        # One end saw the link break: the other notices too (both are alive: see above), and
+        # the recovery then decided on both paused issues again what this failure left
+        # undone. A paused source can be neither resumed nor cancelled (a cancel leaves it in
+        # `cancelling` for good), so no rollback races its pause.
         return []
     return _rollback(m, f"{failed.kind_name} on {failed.host} failed: {failed.error}")
 
