@@ -228,7 +228,7 @@ Stage = Callable[[World, MigrationState, Issuer, int], "list[Message] | None"]
 
 def _forward(world: World, m: MigrationState, issue: Issuer, now_us: int) -> list[Message]:
     problem = _problem(world, m)
-    if problem:
+    if problem is not None:
         return problem
     for stage in (_queued, _preparing, _transferring, _switchover, _handoff):
         decided = stage(world, m, issue, now_us)
@@ -465,8 +465,9 @@ def _transfer_parameters(m: MigrationState) -> events_pb2.MigrationParameters:
 # --- changes of course -----------------------------------------------------------------------
 
 
-def _problem(world: World, m: MigrationState) -> list[Message]:
-    """A change of course forced by what was observed, or nothing."""
+def _problem(world: World, m: MigrationState) -> list[Message] | None:
+    """A change of course forced by what was observed; [] to hold the forward path until more
+    is known; None when nothing is wrong."""
     src, dst = m.src, m.dst
     if not src.alive and "completed" not in (src.status, dst.status):
         if m.postcopy_started or m.point_of_no_return_passed:
@@ -511,20 +512,38 @@ def _problem(world: World, m: MigrationState) -> list[Message]:
         return _recover_or_fence(m)
     failed = _failed_forward_command(m)
     if failed is None:
-        return []
+        return None
     if m.point_of_no_return_passed:
         return _fence(
             m,
             [m.source, m.destination],
             f"{failed.kind_name} failed after the point of no return: {failed.error}",
         )
-    if m.postcopy_started and "postcopy-paused" in (src.status, dst.status):
-        # One end saw the link break: the other notices too (both are alive: see above), and
-        # the recovery then decided on both paused issues again what this failure left
-        # undone. A paused source can be neither resumed nor cancelled (a cancel leaves it in
-        # `cancelling` for good), so no rollback races its pause.
+    if m.postcopy_started and _the_other_end_may_pause_too(world, m):
+        # One end saw the link break, and the other, still in post-copy on a connected host,
+        # will notice too: the recovery then decided on both paused issues again what this
+        # failure left undone. A paused source can be neither resumed nor cancelled (a cancel
+        # leaves it in `cancelling` for good), so neither a fence nor a rollback racing the
+        # pause is the answer; nothing moves meanwhile.
         return []
+    if m.postcopy_started and src.status == "postcopy-paused":
+        return _fence(
+            m,
+            [m.source, m.destination],
+            f"{failed.kind_name} failed while post-copy was paused: {failed.error}",
+        )
     return _rollback(m, f"{failed.kind_name} on {failed.host} failed: {failed.error}")
+
+
+def _the_other_end_may_pause_too(world: World, m: MigrationState) -> bool:
+    """One end reports postcopy-paused, and the other is in post-copy still, on a connected
+    host, so it can be expected to report the break as well."""
+    for paused, other in ((m.src, m.dst), (m.dst, m.src)):
+        if paused.status == "postcopy-paused":
+            host = world.hosts.get(other.host)
+            following = other.status in ("postcopy-active", "postcopy-recover")
+            return following and host is not None and host.connected
+    return False
 
 
 def _failed_forward_command(m: MigrationState) -> Command | None:

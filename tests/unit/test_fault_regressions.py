@@ -507,6 +507,23 @@ def test_a_failure_read_while_one_end_saw_post_copy_pause_waits(kind, first):
     clean(driver)
 
 
+def test_a_failure_read_while_the_destination_paused_and_the_source_is_gone_rolls_back():
+    """As above, the destination paused first, but the source's host is disconnected: nothing
+    may report the source's pause, so the migration does not wait for it. Before the cont the
+    source is the VM: it rolls back, as it did before the wait was added."""
+    driver, hosts = fresh()
+    hosts.enable_at_postcopy = False
+    start(driver, POSTCOPY)
+    cmd = until_issued(driver, hosts, Kind.ENABLE_NETWORK)
+    driver.answered.add(cmd.command_id)
+    driver.observe(
+        migration("host-b", "vm-1", "postcopy-paused"),
+        Observation("host-a", E.HostDisconnected(host_id="host-a", generation=1)),
+        failed(cmd, "interrupted by a hostd restart; not executed again"),
+    )
+    assert decisions(driver.advance("m-1"))[:1] == ["RollbackDecided"]
+
+
 def test_a_start_reported_interrupted_after_the_point_of_no_return_changes_nothing():
     """Shell simulation seed 11681: the source's hostd restarted after it sent migrate; the
     migration went on, the destination's cont was issued, and only then came the start's
