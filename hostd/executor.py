@@ -412,17 +412,16 @@ class Executor:
     async def release_lease(self, c: host_pb2.Command) -> events_pb2.CommandResult:
         # Only the generation named: a late or forged release must not take a lease this host
         # has taken again since (a rollback's acquire).
-        released = await self.lease.release(c.vm, self.host_id, c.args.lease_generation)
+        named = c.args.lease_generation
+        released = await self.lease.release(c.vm, self.host_id, named)
         generation = released.generation if released is not None else 0
-        if (
-            released is None
-            and c.args.lease_generation
-            and self.lease.read(c.vm).holder != self.host_id
-        ):
+        current = self.lease.read(c.vm)
+        if released is None and named and current.holder != self.host_id:
             # A repeat of a release that acted but whose report died with a previous hostd:
-            # this host holds none, so the generation named is released. Unreported, the
-            # coordinator would wait for it for good (a rollback taking the lease back).
-            generation = c.args.lease_generation
+            # this host holds none, so the generation named (one handed out already) is
+            # released. Unreported, the coordinator would wait for it for good (a rollback
+            # taking the lease back).
+            generation = named if current.generation >= named else 0
         if generation:
             await self.emit(K.LeaseReleased(vm=c.vm, holder=self.host_id, generation=generation), 0)
         return K.CommandResult()

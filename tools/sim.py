@@ -65,9 +65,6 @@ class SimHosts:
     dead: set[tuple[str, str]] = field(default_factory=set)
     # The migration link is down: a source's resume falls back to postcopy-paused.
     link_down: bool = False
-    # VMs whose destination is in postcopy-recover after migrate-recover (QEMU refuses
-    # another migrate-recover there: it runs only when post-copy is paused).
-    listening: set[str] = field(default_factory=set)
     # QEMU 7.2 as observed with a relay that drops every new connection: the source's resume
     # sits in postcopy-recover for good, and refuses another resume.
     resume_hangs: bool = False
@@ -172,7 +169,6 @@ class SimHosts:
         elif kind == Kind.RECOVER_INCOMING:
             # QEMU 7.2 says setup in an event while the destination stays postcopy-paused
             # until a source connects; a repeat (its resume lost, say) is accepted.
-            self.listening.add(vm)
             return [migration(h, vm, "setup"), self._ok(cmd, uri="tcp:127.0.0.1:49153")]
         elif kind == Kind.RESUME_MIGRATION:
             if vm in self.stuck:
@@ -183,7 +179,6 @@ class SimHosts:
             if self.link_down:
                 out += [migration(h, vm, "postcopy-recover"), migration(h, vm, "postcopy-paused")]
                 return [*out, self._ok(cmd)]
-            self.listening.discard(vm)
             out += [migration(h, vm, "postcopy-recover"), migration(h, vm, "postcopy-active")]
             out += self._on_destination(vm, "postcopy-active")
         return [*out, self._ok(cmd)]

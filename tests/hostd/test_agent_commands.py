@@ -91,15 +91,18 @@ async def test_a_release_repeated_after_its_report_was_lost_reports_it(tmp_path:
     """The release acted (the lease file is free) but hostd died before recording it; the
     repeat (a new command id: the coordinator's retry) finds nothing held. It reports the
     release of the generation named, or the coordinator waits for it for good. A host that
-    holds a later generation refuses, reports no release, and keeps it."""
+    holds a later generation refuses, reports no release, and keeps it; a generation never
+    handed out is not reported released."""
     a = agent(tmp_path)
     await a._handle(acquire("c-1", 1, epoch=1))
     await a.executor.lease.release("vm-1", "host-a", 1)  # acted; its report lost with hostd
     await a._handle(release("c-2", 1, epoch=1))
     assert kinds(a)[-2:] == ["lease_released", "command_succeeded"]
     assert a.pending[-2].payload.lease_released.generation == 1
-    await a._handle(acquire("c-3", 2, epoch=1))
+    await a._handle(release("c-3", 9, epoch=1))  # a generation never handed out
+    assert kinds(a)[-1] == "command_succeeded" and kinds(a)[-2] != "lease_released"
+    await a._handle(acquire("c-5", 2, epoch=1))
     await a._handle(release("c-4", 1, epoch=1))  # a late release of the old generation
-    assert kinds(a)[-2:] == ["command_succeeded", "command_failed"]  # (c-3's answer first)
+    assert kinds(a)[-2:] == ["command_succeeded", "command_failed"]  # (c-5's answer first)
     assert a.executor.lease.read("vm-1").generation == 2
     await a.close()
