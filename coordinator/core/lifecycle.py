@@ -280,8 +280,8 @@ def _preparing(world: World, m: MigrationState, issue: Issuer, now_us: int) -> l
                 # source lease can move at postcopy-active; the pre-switchover stop would only
                 # add a round trip to the guest's pause.
                 pause_before_switchover=m.mode != common_pb2.MIGRATION_MODE_POSTCOPY,
-                # Post-copy asked for before the start switches with it: hostd sends
-                # migrate-start-postcopy right after migrate, before any pass can converge.
+                # Post-copy asked for before the start switches with it: hostd writes
+                # migrate-start-postcopy together with migrate, before any pass can converge.
                 start_postcopy=m.postcopy_requested,
                 release_lease_at_switchover=True,
                 peer_host=dst.host,  # the only host it may send the guest to
