@@ -359,7 +359,7 @@ def _switchover(
     releasing = (
         source_let_go
         and (
-            (to_issue(m, Kind.RELEASE_LEASE, src.host) and not m.src_lease_released)
+            (_send(m, Kind.RELEASE_LEASE, src.host) and not m.src_lease_released)
             or (taken_back and (release is None or release.attempt != m.attempt))
         )
         and not (hostd_may_still_report and releases_at_switchover(m))
@@ -367,7 +367,7 @@ def _switchover(
     if releasing:
         generation = vm.lease_holder_generation if taken_back else m.source_lease_generation
         out.append(issue(Kind.RELEASE_LEASE, src.host, lease_generation=generation))
-    if to_issue(m, Kind.ENABLE_NETWORK, dst.host) and not m.dst_network_enabled:
+    if _send(m, Kind.ENABLE_NETWORK, dst.host) and not m.dst_network_enabled:
         out.append(issue(Kind.ENABLE_NETWORK, dst.host))
     if (
         not m.postcopy_started
@@ -383,10 +383,37 @@ def _switchover(
     given_back = (
         acquired is not None and acquired.state == SUCCEEDED and acquired.attempt != m.attempt
     )
-    if (to_issue(m, Kind.ACQUIRE_LEASE, dst.host) or given_back) and not m.dst_lease_generation:
+    if (_send(m, Kind.ACQUIRE_LEASE, dst.host) or given_back) and not m.dst_lease_generation:
         lease_generation = world.vms[m.vm].lease_generation + 1
         out.append(issue(Kind.ACQUIRE_LEASE, dst.host, lease_generation=lease_generation))
     return out or None
+
+
+def _send(m: MigrationState, kind: int, host: str) -> bool:
+    """Whether a handoff command (the source's release, the destination's enable or acquire)
+    is to be sent: never sent, or failed and to be tried again (`_handoff_retry_left`)."""
+    if to_issue(m, kind, host):
+        return True
+    command = m.cmd(kind, host)
+    return command is not None and command.state == FAILED and _handoff_retry_left(m, command)
+
+
+def _handoff_retry_left(m: MigrationState, command: Command) -> bool:
+    """A handoff command of this attempt that failed after post-copy began, before the
+    destination's cont, with retries left. The way out would be a rollback, which must cancel
+    a post-copy source, and a source whose link breaks before that cancel stays `cancelling`
+    for good (QEMU 7.2): the VM lost. So the command is tried again first."""
+    kind, host = command.kind, command.host
+    handoff = (kind == Kind.RELEASE_LEASE and host == m.source) or (
+        kind in (Kind.ENABLE_NETWORK, Kind.ACQUIRE_LEASE) and host == m.destination
+    )
+    return (
+        handoff
+        and command.attempt == m.attempt
+        and m.postcopy_started
+        and not m.point_of_no_return_passed
+        and retries(m, kind, host, this_attempt=True) < MAX_COMMAND_RETRIES
+    )
 
 
 def _handoff(world: World, m: MigrationState, issue: Issuer, now_us: int) -> list[Message] | None:
@@ -568,6 +595,8 @@ def _harmless_failure(m: MigrationState, command: Command) -> bool:
         return True  # advisory: the migration goes on without them
     if command.kind == Kind.START_POSTCOPY and m.src.status in PRECOPY_SWITCH_STATUSES:
         return True  # pre-copy reached its switchover first; it simply finishes as pre-copy
+    if _handoff_retry_left(m, command):
+        return True  # sent again by the forward step
     # A cont or destroy after the point of no return is retried by the forward step, never a
     # reason to go back.
     return command.kind in (Kind.RESUME_VM, Kind.DESTROY_VM) and m.point_of_no_return_passed

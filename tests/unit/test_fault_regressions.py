@@ -9,7 +9,7 @@ import pytest
 from coordinator.core import IllegalTransition, Phase, recovery
 from coordinator.core import inputs as I
 from coordinator.core.invariants import InvariantChecker
-from coordinator.core.lifecycle import POSTCOPY_SWITCH_PRECOPY_BANDWIDTH
+from coordinator.core.lifecycle import MAX_COMMAND_RETRIES, POSTCOPY_SWITCH_PRECOPY_BANDWIDTH
 from coordinator.core.state import Kind, VmStatus
 from tests.unit.helpers import answer, decisions, fresh
 from tools.sim import Observation, migration, qmp
@@ -495,7 +495,7 @@ def test_a_failure_read_while_one_end_saw_post_copy_pause_waits(kind, first):
     driver.observe(migration(first, "vm-1", "postcopy-paused"))
     driver.observe(failed(cmd, "interrupted by a hostd restart; not executed again"))
     events = driver.advance("m-1")
-    assert decisions(events) == [], decisions(events)
+    assert not {"RollbackDecided", "FencingDecided"} & set(decisions(events)), decisions(events)
     driver.observe(migration(second, "vm-1", "postcopy-paused"))
     events += driver.run("m-1", hosts)
     m = driver.world.migrations["m-1"]
@@ -509,18 +509,60 @@ def test_a_failure_read_while_one_end_saw_post_copy_pause_waits(kind, first):
 
 def test_a_failure_read_while_the_destination_paused_and_the_source_is_gone_rolls_back():
     """As above, the destination paused first, but the source's host is disconnected: nothing
-    may report the source's pause, so the migration does not wait for it. Before the cont the
-    source is the VM: it rolls back, as it did before the wait was added."""
+    may report the source's pause, so the migration does not hold for it. Once the command's
+    retries are spent, it rolls back (the source is the VM before the cont)."""
     driver, hosts = fresh()
     hosts.enable_at_postcopy = False
     start(driver, POSTCOPY)
     cmd = until_issued(driver, hosts, Kind.ENABLE_NETWORK)
-    driver.answered.add(cmd.command_id)
     driver.observe(
         migration("host-b", "vm-1", "postcopy-paused"),
         Observation("host-a", E.HostDisconnected(host_id="host-a", generation=1)),
-        failed(cmd, "interrupted by a hostd restart; not executed again"),
     )
+    for _ in range(MAX_COMMAND_RETRIES):
+        driver.answered.add(cmd.command_id)
+        driver.observe(failed(cmd, "the network hook failed"))
+        decided = [e.payload for e in driver.advance("m-1")]
+        if not isinstance(decided[0], E.CommandIssued):
+            break
+        (cmd,) = decided
+        assert Kind(cmd.kind) == Kind.ENABLE_NETWORK
+    assert isinstance(decided[0], E.RollbackDecided), decided
+
+
+@pytest.mark.parametrize("kind", [Kind.ACQUIRE_LEASE, Kind.ENABLE_NETWORK])
+def test_a_post_copy_handoff_command_that_never_ran_is_sent_again(kind):
+    """Shell simulation seed 12194: post-copy had begun and the destination's acquire was
+    interrupted by a hostd restart before it ran. The rollback that followed had to cancel the
+    post-copy source; the link broke as the cancel went out, and a paused post-copy source
+    that takes a cancel stays `cancelling` for good: the VM was lost. In post-copy a rollback
+    is the risky way out, so the command is sent again (up to MAX_COMMAND_RETRIES)."""
+    driver, hosts = fresh()
+    hosts.enable_at_postcopy = False  # the coordinator's enable command is the one that counts
+    start(driver, POSTCOPY)
+    cmd = until_issued(driver, hosts, kind)
+    driver.answered.add(cmd.command_id)
+    driver.observe(failed(cmd, "interrupted by a hostd restart; not executed again"))
+    events = driver.run("m-1", hosts)
+    assert "RollbackDecided" not in decisions(events), decisions(events)
+    assert decisions(events)[0] == f"{kind.label}@host-b"
+    driver.observe(*(migration(h, "vm-1", "completed") for h in ("host-a", "host-b")))
+    driver.run("m-1", hosts)
+    m = driver.world.migrations["m-1"]
+    assert m.phase == Phase.COMPLETED, m.reason
+    clean(driver)
+
+
+def test_a_post_copy_handoff_command_that_keeps_failing_rolls_back():
+    """The retries are bounded: a destination whose acquire fails every time is given up on
+    after MAX_COMMAND_RETRIES failures, and the migration rolls back as before."""
+    driver, hosts = fresh()
+    start(driver, POSTCOPY)
+    for _ in range(MAX_COMMAND_RETRIES):
+        cmd = until_issued(driver, hosts, Kind.ACQUIRE_LEASE)
+        assert cmd.host_id == "host-b"
+        driver.answered.add(cmd.command_id)
+        driver.observe(failed(cmd, "lease store unreachable"))
     assert decisions(driver.advance("m-1"))[:1] == ["RollbackDecided"]
 
 
@@ -823,7 +865,9 @@ def test_a_destination_lease_given_back_in_a_rollback_is_acquired_again():
     enable-network was interrupted by a hostd restart; the rollback that followed took the
     lease back from it, then found post-copy paused and recovered it instead. The destination's
     acquire of the first attempt had succeeded, so none was issued again: the migration
-    stalled with nobody holding the lease and the guest paused on both ends."""
+    stalled with nobody holding the lease and the guest paused on both ends. (An interrupted
+    enable is now sent again rather than rolled back on; an operator's abort makes the same
+    rollback here.)"""
     driver, hosts = fresh()
     hosts.enable_at_postcopy = False  # the destination's hostd restarted and forgot
     start(driver, POSTCOPY)
@@ -832,6 +876,7 @@ def test_a_destination_lease_given_back_in_a_rollback_is_acquired_again():
     enable = until_issued(driver, hosts, Kind.ENABLE_NETWORK)
     assert _issued(driver, Kind.ACQUIRE_LEASE).payload.host_id == "host-b"
     driver.answered.add(enable.command_id)
+    driver.request(I.AbortMigration("m-1", "operator", driver.now_us, "spiffe://t"))
     driver.observe(failed(enable, "interrupted by a hostd restart; not executed again"))
     for _ in range(10):
         new = [e for e in driver.advance("m-1") if e.type == "CommandIssued"]
