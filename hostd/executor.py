@@ -125,12 +125,17 @@ class Executor:
 
     async def _network(self, phase: str, runtime: VmRuntime, state: int) -> None:
         async with runtime.network_lock:
-            if phase in ("enable", "release") and runtime.network_phase == phase:
+            repeat = phase in ("enable", "release") and runtime.network_phase == phase
+            if repeat and runtime.network_phase_reported == phase:
                 return  # already (at the destination's postcopy-active, a repeat, an exit)
-            await self.network.apply(phase, runtime.spec)
-            runtime.save_network_phase(phase)
+            if not repeat:
+                await self.network.apply(phase, runtime.spec)
+                runtime.save_network_phase(phase)
+            # A repeat of a phase a previous hostd applied but died before reporting is
+            # reported now: unreported, the coordinator waits for it for good.
             network_state = events_pb2.NetworkState.ValueType(state)
             await self.emit(events_pb2.NetworkChanged(vm=runtime.name, state=network_state), 0)
+            runtime.network_phase_reported = phase
 
     def _checked(self, command: host_pb2.Command) -> common_pb2.VmSpec:
         """The command's spec with its files resolved, if this host allows all of it and no

@@ -82,6 +82,9 @@ class VmRuntime:
         # Network phases run one at a time; the last one that succeeded here.
         self.network_lock = asyncio.Lock()
         self.network_phase = ""
+        # The phase this hostd process reported (a phase read back from disk at a restart may
+        # have died unreported with the previous one).
+        self.network_phase_reported = ""
         self.log = log.getChild(self.name)
 
     def save(self) -> None:

@@ -93,3 +93,18 @@ async def test_without_arming_only_the_command_enables(tmp_path: Path) -> None:
     assert host.phases() == ["prepare"]
     await host.command(events_pb2.COMMAND_KIND_ENABLE_NETWORK)
     assert host.phases() == ["prepare", "enable"]
+
+
+async def test_an_enable_applied_by_a_hostd_that_died_unreported_is_reported(
+    tmp_path: Path,
+) -> None:
+    """A previous hostd ran the hook and saved the phase, then died before it reported the
+    change: the repeated command runs no hook but reports the networking enabled, or the
+    coordinator waits for that report for good (the destination's cont needs it)."""
+    host = Host(tmp_path)
+    host.runtime.save_network_phase("enable")  # as read back from disk at the restart
+    await host.command(events_pb2.COMMAND_KIND_ENABLE_NETWORK)
+    assert host.phases() == []
+    assert host.enabled_reports() == 1
+    await host.command(events_pb2.COMMAND_KIND_ENABLE_NETWORK)  # reported once is enough
+    assert host.enabled_reports() == 1
