@@ -280,6 +280,9 @@ class Executor:
 
     async def start_migration(self, c: host_pb2.Command) -> events_pb2.CommandResult:
         check_migration_uri(c.args.uri, c.vm)
+        if c.args.start_postcopy and not c.args.postcopy:
+            # QEMU would start the migration, then refuse the switch: refused before either.
+            raise CommandRejected("start_postcopy without postcopy (postcopy-ram)", vm=c.vm)
         runtime = self._vm(c.vm)
         runtime.role = "source"
         runtime.save()

@@ -111,9 +111,9 @@ def test_tcp_to_an_ip_and_port_is_accepted(uri: str) -> None:
     assert check_migration_uri(uri) == uri
 
 
-async def test_exec_uri_is_refused_before_qemu_hears_of_it(tmp_path: Path) -> None:
-    """START_MIGRATION and RESUME_MIGRATION to exec: fail before any QMP command is sent."""
-    a = make_agent(tmp_path)
+def recording_qmp(a: Agent, tmp_path: Path) -> tuple[VmRuntime, list[str]]:
+    """A VM runtime of `a` whose QMP commands are only recorded (for refusals that must come
+    before any reaches QEMU)."""
     sent: list[str] = []
     runtime = VmRuntime(spec(), tmp_path / "state" / "vms" / "vm-1", a.emit, role="")
 
@@ -123,9 +123,31 @@ async def test_exec_uri_is_refused_before_qemu_hears_of_it(tmp_path: Path) -> No
 
     runtime.execute = execute  # type: ignore[method-assign]
     a.executor.vms["vm-1"] = runtime
+    return runtime, sent
+
+
+async def test_exec_uri_is_refused_before_qemu_hears_of_it(tmp_path: Path) -> None:
+    """START_MIGRATION and RESUME_MIGRATION to exec: fail before any QMP command is sent."""
+    a = make_agent(tmp_path)
+    runtime, sent = recording_qmp(a, tmp_path)
     evil = "exec:sh -c 'touch /tmp/pwned'"
     await refused(a, command(K.COMMAND_KIND_START_MIGRATION, uri=evil), "refused migration URI")
     await refused(a, command(K.COMMAND_KIND_RESUME_MIGRATION, uri=evil), "refused migration URI")
+    assert sent == [] and runtime.role == ""
+    await a.close()
+
+
+async def test_a_switch_without_post_copy_is_refused_before_qemu_hears_of_it(
+    tmp_path: Path,
+) -> None:
+    """START_MIGRATION asking for the switch to post-copy without the postcopy-ram capability:
+    QEMU would start the migration and then refuse the switch, leaving a migration running
+    under a failed command. Refused before any QMP command."""
+    a = make_agent(tmp_path)
+    runtime, sent = recording_qmp(a, tmp_path)
+    start = command(K.COMMAND_KIND_START_MIGRATION, uri="tcp:127.0.0.1:4444", start_postcopy=True)
+    failure = await refused(a, start, "start_postcopy without postcopy")
+    assert failure.rejected
     assert sent == [] and runtime.role == ""
     await a.close()
 
