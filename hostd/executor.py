@@ -423,13 +423,14 @@ class Executor:
         named = c.args.lease_generation
         released = await self.lease.release(c.vm, self.host_id, named)
         generation = released.generation if released is not None else 0
-        current = self.lease.read(c.vm)
-        if released is None and named and current.holder != self.host_id:
-            # A repeat of a release that acted but whose report died with a previous hostd:
-            # this host holds none, so the generation named (one handed out already) is
-            # released. Unreported, the coordinator would wait for it for good (a rollback
+        if released is None and named:
+            # Perhaps a repeat of a release that acted but whose report died with a previous
+            # hostd: if this host holds none, the generation named (one handed out already)
+            # is released. Unreported, the coordinator would wait for it for good (a rollback
             # taking the lease back).
-            generation = named if current.generation >= named else 0
+            current = self.lease.read(c.vm)
+            if current.holder != self.host_id and current.generation >= named:
+                generation = named
         if generation:
             await self.emit(K.LeaseReleased(vm=c.vm, holder=self.host_id, generation=generation), 0)
         return K.CommandResult()
