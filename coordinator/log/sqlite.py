@@ -55,7 +55,7 @@ READ_COLUMNS = (
 INSERT = f"INSERT INTO events ({COLUMNS}) VALUES ({', '.join('?' * 14)})"
 # The writer's insert: what the writer assigns first, then PendingEvent.row (same table, same
 # values; only the order of the column list differs).
-_APPEND = (
+STORE_INSERT = (
     "INSERT INTO events (seq, epoch, prev_hash, hash, stream, type, time_us, origin_host, "
     "origin_generation, origin_seq, migration_id, vm, host, payload) "
     f"VALUES ({', '.join('?' * 14)})"
@@ -396,7 +396,7 @@ class SqliteEventStore:
                     add_mark((seq, prev, digest))
                     prev = digest
                 results.append(marks)
-            self._conn.executemany(_APPEND, rows)
+            self._conn.executemany(STORE_INSERT, rows)
             self._conn.execute("COMMIT")
         except StaleEpoch as err:
             self._rollback()

@@ -29,8 +29,8 @@ from coordinator import codec
 from coordinator.core import NewEvent
 from coordinator.core import inputs as I
 from coordinator.log import PendingEvent, SqliteEventStore
-from coordinator.log.chain import ZERO_HASH, canonical, chain_hash
-from coordinator.log.sqlite import INSERT, connect, create_schema
+from coordinator.log.chain import ZERO_HASH, canonical, chain_hash, link
+from coordinator.log.sqlite import INSERT, STORE_INSERT, connect, create_schema
 from coordinator.replay import replay
 from tools.sim import Driver, SimHosts, running_vm
 from whimbrel.v1 import events_pb2
@@ -67,9 +67,7 @@ def append_bench(writers: int, rounds: int = 3) -> dict[str, object]:
         for n in range(rounds):
             rate, batches = _store_append(Path(tmp) / f"bench-{n}.db", events)
             batch_size = max(1, round(total / batches))
-            raw = _raw_append(
-                Path(tmp) / f"raw-{n}.db", [e for mine in events for e in mine], batch_size
-            )
+            raw = _raw_append(Path(tmp) / f"raw-{n}.db", _commit_order(events), batch_size)
             stores.append(rate)
             raws.append(raw)
             batch_counts.append(batches)
@@ -114,33 +112,27 @@ def _store_append(path: Path, events: list[list[PendingEvent]]) -> tuple[float, 
         store.close()
 
 
+def _commit_order(events: list[list[PendingEvent]]) -> list[PendingEvent]:
+    """The writers' events in the order the store commits them: each writer has one append in
+    flight, so every transaction holds the next event of each writer."""
+    return [mine[i] for i in range(len(events[0])) for mine in events]
+
+
 def _raw_append(path: Path, events: list[PendingEvent], batch_size: int) -> float:
-    """Raw sqlite3: the same rows, same schema, one transaction per batch."""
+    """Raw sqlite3: the rows the store writes (its column values, tags and hash chain, computed
+    before the clock starts), same schema, one transaction per batch."""
     conn = connect(path)
     create_schema(sqlite_utils.Database(conn))
-    rows = [
-        (
-            i + 1,
-            e.stream,
-            e.type,
-            1,
-            e.time_us,
-            e.origin_host,
-            e.origin_generation,
-            i + 1,
-            e.migration_id or None,
-            e.vm or None,
-            e.host or None,
-            e.payload,
-            ZERO_HASH,
-            ZERO_HASH,
-        )
-        for i, e in enumerate(events)
-    ]
+    rows = []
+    prev = ZERO_HASH
+    for seq, e in enumerate(events, start=1):
+        digest = link(prev, seq, 1, e.body)
+        rows.append((seq, 1, prev, digest, *e.row))
+        prev = digest
     start = time.perf_counter()
     for i in range(0, len(rows), batch_size):
         conn.execute("BEGIN IMMEDIATE")
-        conn.executemany(INSERT, rows[i : i + batch_size])
+        conn.executemany(STORE_INSERT, rows[i : i + batch_size])
         conn.execute("COMMIT")
     elapsed = time.perf_counter() - start
     conn.close()
