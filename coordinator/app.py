@@ -485,7 +485,12 @@ class Coordinator:
                 fresh.append((host_event, generation, getattr(host_event.payload, kind)))
             refusal = host_stream.check_stamps(
                 session.host_id, [e for e, *_ in fresh], self.clock()
-            ) or host_stream.check_batch(self.world, session.host_id, [p for *_, p in fresh])
+            )
+            moots: list[bool] = []
+            if refusal is None:
+                refusal, moots = host_stream.judge_batch(
+                    self.world, session.host_id, [p for *_, p in fresh]
+                )
             if refusal is not None:
                 log.warning("refused: %s", refusal)
                 raise host_stream.StreamRefused(refusal)
@@ -501,8 +506,8 @@ class Coordinator:
                     generation,
                     host_event.seq,
                 )
-                for host_event, generation, payload in fresh
-                if not host_stream.moot(self.world, session.host_id, payload)
+                for (host_event, generation, payload), moot in zip(fresh, moots, strict=True)
+                if not moot
             ]
             if len(new) < len(fresh):
                 log.info("host %s: %d events about what the world no longer tracks dropped",

@@ -59,6 +59,7 @@ __all__ = [
     "check_batch",
     "check_hello",
     "check_stamps",
+    "judge_batch",
     "moot",
 ]
 
@@ -228,16 +229,25 @@ _BY_NAME: dict[str, Check] = {cls.DESCRIPTOR.name: check for cls, check in _CHEC
 
 def check_batch(world: World, host_id: str, payloads: Sequence[Message]) -> Refusal | None:
     """The first payload of the batch that `host_id` may not send, or None when all may be."""
+    return judge_batch(world, host_id, payloads)[0]
+
+
+def judge_batch(
+    world: World, host_id: str, payloads: Sequence[Message]
+) -> tuple[Refusal | None, list[bool]]:
+    """The first payload of the batch that `host_id` may not send (or None when all may be), and
+    which of them are `moot`, judged once: this runs for every event a host sends."""
+    moots: list[bool] = []
     for payload in payloads:
         type_ = payload.DESCRIPTOR.name
         check = _BY_NAME.get(type_)
         if check is None:
-            return Refusal(host_id, type_, _NOT_AN_OBSERVATION)
-        if moot(world, host_id, payload):
-            continue
-        if (reason := check(world, host_id, payload)) is not None:
-            return Refusal(host_id, type_, reason)
-    return None
+            return Refusal(host_id, type_, _NOT_AN_OBSERVATION), moots
+        is_moot = moot(world, host_id, payload)
+        moots.append(is_moot)
+        if not is_moot and (reason := check(world, host_id, payload)) is not None:
+            return Refusal(host_id, type_, reason), moots
+    return None, moots
 
 
 def moot(world: World, host_id: str, payload: Message) -> bool:
