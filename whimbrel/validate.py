@@ -24,6 +24,7 @@ __all__ = [
     "Invalid",
     "check_migration_id",
     "check_name",
+    "check_path",
     "check_spec",
     "shown",
 ]
@@ -42,6 +43,12 @@ NIC_MODELS = ("", "virtio-net-pci", "e1000")
 MACHINES = ("", "pc", "q35")
 MEMORY_BACKINGS = ("", "ram", "file")
 SHOWN = 80
+# Linux's PATH_MAX. Paths reach QEMU's command line and every listing of the VM.
+MAX_PATH = 4096
+# Far beyond a real VM (QEMU's IDE bus takes 4 disks), small enough that a listing of every VM
+# stays within a gRPC message.
+MAX_DISKS = 32
+MAX_NICS = 32
 
 
 class Invalid(ValueError):
@@ -71,6 +78,17 @@ def check_migration_id(migration_id: str) -> None:
         )
 
 
+def check_path(kind: str, path: str) -> None:
+    """An absolute path of printable characters (no NUL, newline or escape: a path reaches a
+    QEMU option, a log line and an operator's terminal), at most MAX_PATH long."""
+    if len(path) > MAX_PATH:
+        raise Invalid(f"{kind} path {shown(path)} is longer than {MAX_PATH} characters")
+    if not path.startswith("/"):
+        raise Invalid(f"{kind} path {shown(path)} must be absolute")
+    if not path.isprintable():
+        raise Invalid(f"{kind} path {shown(path)} contains control characters")
+
+
 def check_spec(spec: common_pb2.VmSpec) -> None:
     """Every field of a VM spec that reaches a file name or a QEMU option. Whether its paths
     may be used on a host is that host's own decision (hostd's allowed roots)."""
@@ -81,9 +99,14 @@ def check_spec(spec: common_pb2.VmSpec) -> None:
         raise Invalid(f"vcpus {spec.vcpus} is out of range 1..256")
     if spec.machine not in MACHINES:
         raise Invalid(f"machine {shown(spec.machine)} is not one of pc, q35")
+    if spec.on_lost not in common_pb2.LostVmAction.values():
+        raise Invalid(f"on_lost {spec.on_lost} is not a LostVmAction")
+    if len(spec.disks) > MAX_DISKS or len(spec.nics) > MAX_NICS:
+        raise Invalid(
+            f"{len(spec.disks)} disks and {len(spec.nics)} NICs: at most {MAX_DISKS} and {MAX_NICS}"
+        )
     for disk in spec.disks:
-        if not disk.path.startswith("/"):
-            raise Invalid(f"disk path {shown(disk.path)} must be absolute")
+        check_path("disk", disk.path)
         if disk.format not in DISK_FORMATS:
             raise Invalid(f"disk format {shown(disk.format)} is not one of raw, qcow2")
         if disk.interface not in DISK_INTERFACES:
@@ -105,8 +128,10 @@ def check_spec(spec: common_pb2.VmSpec) -> None:
     backing = spec.memory_backing
     if backing.kind not in MEMORY_BACKINGS:
         raise Invalid(f"memory backing {shown(backing.kind)} is not one of ram, file")
-    if backing.kind == "file" and not backing.path.startswith("/"):
-        raise Invalid("a file memory backing needs an absolute path")
+    if backing.kind == "file":
+        check_path("memory backing", backing.path)
+    elif backing.path:
+        raise Invalid("a memory backing path needs kind file")
 
 
 def check_kernel_boot(spec: common_pb2.VmSpec) -> None:
@@ -116,9 +141,8 @@ def check_kernel_boot(spec: common_pb2.VmSpec) -> None:
         if spec.initrd or spec.append:
             raise Invalid("initrd and append need a kernel")
         return
-    if not spec.kernel.startswith("/"):
-        raise Invalid(f"kernel path {shown(spec.kernel)} must be absolute")
-    if spec.initrd and not spec.initrd.startswith("/"):
-        raise Invalid(f"initrd path {shown(spec.initrd)} must be absolute")
+    check_path("kernel", spec.kernel)
+    if spec.initrd:
+        check_path("initrd", spec.initrd)
     if len(spec.append) > 1024 or not all(" " <= c <= "~" for c in spec.append):
         raise Invalid("append must be at most 1024 characters of printable ASCII")

@@ -9,18 +9,25 @@ stored policy never changes a migration already under way.
 from __future__ import annotations
 
 from coordinator.core import inputs as I
-from coordinator.core.errors import NotFound
+from coordinator.core.errors import InvalidRequest, NotFound
 from coordinator.core.events import NewEvent
 from coordinator.core.state import World
 from coordinator.core.validate import check_name, check_reason, effective_policy, overlay
 from whimbrel.protocol import COORDINATOR_STREAM
 from whimbrel.v1 import events_pb2
+from whimbrel.validate import shown
 
 
 def resolve(
     world: World, name: str, requested: events_pb2.MigrationPolicy
 ) -> events_pb2.MigrationPolicy:
     """The policy a migration gets (raises InvalidRequest, NotFound)."""
+    if requested.name:
+        # The resolved policy's name says which stored policy it came from: the coordinator's.
+        raise InvalidRequest(
+            f"policy.name {shown(requested.name)} is not for requests: name a stored policy "
+            "with policy_name"
+        )
     name = name or world.default_policy
     base = events_pb2.MigrationPolicy()
     if name:

@@ -39,8 +39,12 @@ MAX_REASON = 512
 
 
 def check_reason(reason: str) -> None:
+    """One line of printable text: a newline or an escape in it would forge lines of the
+    timelines and listings that show it."""
     if len(reason) > MAX_REASON:
         raise InvalidRequest(f"reason is {len(reason)} characters long; at most {MAX_REASON}")
+    if not reason.isprintable():
+        raise InvalidRequest(f"reason {shared.shown(reason)} contains control characters")
 
 
 def check_spec(spec: common_pb2.VmSpec) -> None:
@@ -52,6 +56,11 @@ def check_spec(spec: common_pb2.VmSpec) -> None:
 
 # QEMU's own bound on downtime-limit is far above what a live migration may pause a guest for.
 MAX_DOWNTIME_MS = 2000
+# A post-copy recovery that has not succeeded in this many attempts, or within an hour per
+# attempt, will not: the VM is fenced instead of waiting for days.
+MAX_RECOVERY_ATTEMPTS = 100
+MAX_RECOVERY_ATTEMPT_TIMEOUT_MS = 3_600_000
+MAX_PASSES = 1000
 _SCALARS = (
     "auto_postcopy_min_passes",
     "min_shrink_percent",
@@ -93,8 +102,13 @@ def overlay(
 
 
 def effective_policy(requested: events_pb2.MigrationPolicy) -> events_pb2.MigrationPolicy:
-    """The requested policy with every unset field taken from the defaults, checked."""
+    """The requested policy with every unset field taken from the defaults, checked. The
+    default downtime limit never exceeds the largest downtime the policy allows."""
     policy = overlay(DEFAULT_POLICY, requested)
+    if not requested.parameters.downtime_limit_ms and policy.max_downtime_ms:
+        policy.parameters.downtime_limit_ms = min(
+            policy.parameters.downtime_limit_ms, policy.max_downtime_ms
+        )
     check_policy(policy)
     return policy
 
@@ -102,17 +116,33 @@ def effective_policy(requested: events_pb2.MigrationPolicy) -> events_pb2.Migrat
 def check_policy(policy: events_pb2.MigrationPolicy) -> None:
     if policy.min_shrink_percent > 100:
         raise InvalidRequest("min_shrink_percent must be at most 100")
-    downtimes = [policy.parameters.downtime_limit_ms, policy.max_downtime_ms]
-    downtimes += list(policy.downtime_steps_ms)
-    if any(d > MAX_DOWNTIME_MS for d in downtimes):
+    downtimes = [policy.parameters.downtime_limit_ms, *policy.downtime_steps_ms]
+    if any(d > MAX_DOWNTIME_MS for d in [*downtimes, policy.max_downtime_ms]):
         raise InvalidRequest(f"a downtime limit must be at most {MAX_DOWNTIME_MS} ms")
+    if policy.max_downtime_ms and any(d > policy.max_downtime_ms for d in downtimes):
+        raise InvalidRequest(
+            f"downtime_limit_ms and every downtime step must be at most max_downtime_ms "
+            f"({policy.max_downtime_ms} ms)"
+        )
     if len(policy.downtime_steps_ms) > 32 or 0 in policy.downtime_steps_ms:
         raise InvalidRequest("downtime_steps_ms: at most 32 steps, each above 0 ms")
     for name in ("cpu_throttle_initial", "cpu_throttle_increment"):
         if getattr(policy.parameters, name) > 99:
             raise InvalidRequest(f"{name} must be at most 99 (percent)")
-    if policy.stall_passes > 1000 or policy.completion_timeout_s_per_gib > 86_400:
-        raise InvalidRequest("stall_passes at most 1000, completion_timeout_s_per_gib 86400")
+    if policy.stall_passes > MAX_PASSES or policy.completion_timeout_s_per_gib > 86_400:
+        raise InvalidRequest(
+            f"stall_passes at most {MAX_PASSES}, completion_timeout_s_per_gib 86400"
+        )
+    if max(policy.auto_postcopy_min_passes, policy.auto_postcopy_max_passes) > MAX_PASSES:
+        raise InvalidRequest(f"auto_postcopy_min/max_passes: at most {MAX_PASSES}")
+    if (
+        policy.max_recovery_attempts > MAX_RECOVERY_ATTEMPTS
+        or policy.recovery_attempt_timeout_ms > MAX_RECOVERY_ATTEMPT_TIMEOUT_MS
+    ):
+        raise InvalidRequest(
+            f"max_recovery_attempts at most {MAX_RECOVERY_ATTEMPTS}, "
+            f"recovery_attempt_timeout_ms at most {MAX_RECOVERY_ATTEMPT_TIMEOUT_MS}"
+        )
     if policy.on_stall not in events_pb2.StallAction.values():
         raise InvalidRequest(f"unknown on_stall action {policy.on_stall}")
     if policy.name:

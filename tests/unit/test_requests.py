@@ -40,6 +40,34 @@ def migrate(vm="vm-1", dest="host-b", mid="m-1", mode=1):
         (migrate(mode=7), InvalidRequest, "mode"),
         (I.AbortMigration("m-9", "", NOW), NotFound, "migration 'm-9' not found"),
         (I.AbortMigration("m-9", "x" * 513, NOW), InvalidRequest, "reason is 513 characters"),
+        (I.AbortMigration("m-9", "ok\nm-2 completed", NOW), InvalidRequest, "control char"),
+        (
+            I.StartMigration("m-1", "vm-1", "host-b", 1, E.MigrationPolicy(name="fast"), NOW),
+            InvalidRequest,
+            "policy.name 'fast' is not for requests",
+        ),
+        (
+            I.StartMigration(
+                "m-1",
+                "vm-1",
+                "host-b",
+                1,
+                E.MigrationPolicy(
+                    max_downtime_ms=1,
+                    parameters=E.MigrationParameters(downtime_limit_ms=2000),
+                ),
+                NOW,
+            ),
+            InvalidRequest,
+            "at most max_downtime_ms",
+        ),
+        (
+            I.StartMigration(
+                "m-1", "vm-1", "host-b", 1, E.MigrationPolicy(max_recovery_attempts=2**32 - 1), NOW
+            ),
+            InvalidRequest,
+            "max_recovery_attempts at most 100",
+        ),
         (I.StartVm("vm-1", "host-b", NOW), IllegalTransition, "running"),
         (I.StopVm("nope", False, NOW), NotFound, "VM"),
     ],
@@ -117,6 +145,32 @@ def test_stale_disconnect_does_not_mark_newer_stream_down():
         (C.VmSpec(name="vm-2", memory_mib=128, vcpus=1, initrd="/i"), "need a kernel"),
         (C.VmSpec(name="vm-2", memory_mib=128, vcpus=1, kernel="/k", append="a\nb"), "append"),
         (C.VmSpec(name="vm-1", memory_mib=128, vcpus=1), "already exists"),
+        # Paths reach QEMU's command line, logs and terminals: printable, bounded.
+        (
+            C.VmSpec(name="vm-2", memory_mib=128, vcpus=1, disks=[C.Disk(path="/a\n\x1b[31m")]),
+            "control characters",
+        ),
+        (C.VmSpec(name="vm-2", memory_mib=128, vcpus=1, kernel="/k\x00"), "control characters"),
+        (
+            C.VmSpec(name="vm-2", memory_mib=128, vcpus=1, disks=[C.Disk(path="/" + "d" * 4096)]),
+            "longer than 4096",
+        ),
+        (
+            C.VmSpec(
+                name="vm-2",
+                memory_mib=128,
+                vcpus=1,
+                disks=[C.Disk(path=f"/d{i}", format="raw") for i in range(33)],
+            ),
+            "at most 32",
+        ),
+        (C.VmSpec(name="vm-2", memory_mib=128, vcpus=1, on_lost=99), "on_lost 99"),
+        (
+            C.VmSpec(
+                name="vm-2", memory_mib=128, vcpus=1, memory_backing=C.MemoryBacking(path="/m")
+            ),
+            "needs kind file",
+        ),
     ],
 )
 def test_define_vm_validates_spec(spec, text):
@@ -166,3 +220,13 @@ def test_core_imports_nothing_with_io():
                 names = [node.module]
             found += [f"{path.name}: {n}" for n in names if n.split(".")[0] in forbidden]
     assert found == []
+
+
+def test_a_policy_capping_the_downtime_lowers_the_default_limit_to_its_cap():
+    """max_downtime_ms below the built-in default downtime limit: the migration starts at the
+    cap rather than being refused for a limit the operator never set."""
+    driver, _ = fresh()
+    policy = E.MigrationPolicy(max_downtime_ms=50)
+    decided = decide(driver.world, I.StartMigration("m-1", "vm-1", "host-b", 1, policy, NOW))
+    requested = next(e.payload for e in decided if type(e.payload).__name__ == "MigrationRequested")
+    assert requested.policy.parameters.downtime_limit_ms == 50
