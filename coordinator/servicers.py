@@ -120,10 +120,6 @@ class MigrationServicer(migration_pb2_grpc.MigrationServiceServicer):
         self, request: migration_pb2.StartMigrationRequest, context: Any
     ) -> migration_pb2.Migration:
         migration_id = request.migration_id or f"m-{uuid.uuid4().hex[:12]}"
-        # A caller that sent W3C trace context in the gRPC metadata (any OpenTelemetry-
-        # instrumented client does) gets its span linked from the migration's trace.
-        metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
-        self.app.telemetry.requested_by(migration_id, metadata)
         await self.app.request(
             I.StartMigration(
                 migration_id,
@@ -136,6 +132,12 @@ class MigrationServicer(migration_pb2_grpc.MigrationServiceServicer):
                 request.policy_name,
             )
         )
+        # A caller that sent W3C trace context in the gRPC metadata (any OpenTelemetry-
+        # instrumented client does) gets its span linked from the migration's trace (its root
+        # span leaves when the migration ends). Only once the request was accepted: a refused
+        # one changes nothing, not even the link of the migration it named.
+        metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+        self.app.telemetry.requested_by(migration_id, metadata)
         return await self._get(migration_id)
 
     @mapped
@@ -148,6 +150,8 @@ class MigrationServicer(migration_pb2_grpc.MigrationServiceServicer):
     async def ListMigrations(
         self, request: migration_pb2.ListMigrationsRequest, context: Any
     ) -> migration_pb2.ListMigrationsResponse:
+        if request.vm:
+            check_name("VM", request.vm)
         return await self.views.migration_list(request.vm, request.open_only)
 
     async def WatchMigration(
@@ -460,6 +464,26 @@ class HostServicer(host_pb2_grpc.HostServiceServicer):
         )
 
 
+def _anchor(seq: int, head_hash: str) -> bytes:
+    """The head a VerifyLog request anchors the log to: none, or a seq with its 32-byte hash
+    (64 hex digits). Half an anchor is refused rather than ignored or reported as tampering."""
+    if not seq and not head_hash:
+        return b""
+    if not seq or not head_hash:
+        raise InvalidRequest("expect_seq and expect_head_hash anchor the log together: set both")
+    if seq > MAX_SEQ:
+        raise InvalidRequest(f"expect_seq {seq} is beyond any seq ({MAX_SEQ})")
+    try:
+        digest = bytes.fromhex(head_hash)
+    except ValueError:
+        digest = b""
+    if len(digest) != 32:
+        raise InvalidRequest(
+            f"expect_head_hash {shown(head_hash)} is not a SHA-256 hash (64 hex digits)"
+        )
+    return digest
+
+
 def check_stream(stream: str) -> None:
     """A stream filter names one stream: `coordinator`, `migration/ID`, `host/ID`, `vm/NAME`."""
     if stream in ("", "coordinator"):
@@ -538,12 +562,7 @@ class EventLogServicer(eventlog_pb2_grpc.EventLogServiceServicer):
     async def VerifyLog(
         self, request: eventlog_pb2.VerifyLogRequest, context: Any
     ) -> eventlog_pb2.VerifyLogResponse:
-        try:
-            expect = bytes.fromhex(request.expect_head_hash)
-        except ValueError:
-            raise InvalidRequest(
-                f"expect_head_hash {request.expect_head_hash[:80]!r} is not hex"
-            ) from None
+        expect = _anchor(request.expect_seq, request.expect_head_hash)
         async with self._verifying:
             result = await asyncio.to_thread(
                 verify_chain, self.app.store.read(), request.expect_seq, expect

@@ -278,7 +278,8 @@ async def test_caller_trace_context_in_grpc_metadata_is_linked_from_the_migratio
     coordinator, sim_hosts
 ):
     """A client that sends W3C `traceparent` metadata with StartMigration finds its span
-    linked from the migration's root span (whose trace id is the migration's own)."""
+    linked from the migration's root span (whose trace id is the migration's own); a refused
+    request for the same id does not replace the link."""
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -301,6 +302,13 @@ async def test_caller_trace_context_in_grpc_metadata_is_linked_from_the_migratio
         ),
         metadata=metadata,
     )  # fmt: skip
+    # A refused request naming the same migration changes nothing, not even its caller link.
+    imposter = (("traceparent", f"00-{0xBAD:032x}-{0xBAD:016x}-01"),)
+    again = migrations.StartMigration(
+        migration_pb2.StartMigrationRequest(vm="vm-1", destination="host-b", migration_id="m-1"),
+        metadata=imposter,
+    )
+    assert await _code(again) == grpc.StatusCode.ALREADY_EXISTS
     await wait_until(
         lambda: coordinator.app.world.migrations["m-1"].phase == PHASE.MIGRATION_PHASE_FINISHING,
         coordinator.app,

@@ -205,3 +205,36 @@ async def test_reads_do_not_wait_for_a_unit_holding_the_lock(coordinator, sim_ho
         )
     assert [vm.spec.name for vm in listed.vms] == ["vm-1"] and got.host == "host-a"
     assert list(none.migrations) == []
+
+
+@pytest.mark.parametrize(
+    ("request_", "text"),
+    [
+        (eventlog_pb2.VerifyLogRequest(expect_head_hash="00" * 32), "set both"),
+        (eventlog_pb2.VerifyLogRequest(expect_seq=3), "set both"),
+        (eventlog_pb2.VerifyLogRequest(expect_seq=3, expect_head_hash="ab"), "64 hex digits"),
+        (eventlog_pb2.VerifyLogRequest(expect_seq=3, expect_head_hash="zz" * 32), "64 hex"),
+        (
+            eventlog_pb2.VerifyLogRequest(expect_seq=2**64 - 1, expect_head_hash="00" * 32),
+            "beyond any seq",
+        ),
+    ],
+)
+async def test_verify_log_refuses_half_or_malformed_anchors(coordinator, request_, text):
+    """An anchor is a seq and its 64-hex-digit hash: half of one was ignored (a clean answer to
+    a question not asked) and a short hash read as tampering; both are now refused."""
+    admin = eventlog_pb2_grpc.EventLogServiceStub(coordinator.channel)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await admin.VerifyLog(request_)
+    assert refused.value.code() == C.INVALID_ARGUMENT
+    assert text in str(refused.value.details())
+    seq, digest = coordinator.app.store.head()
+    anchored = eventlog_pb2.VerifyLogRequest(expect_seq=seq, expect_head_hash=digest.hex())
+    assert (await admin.VerifyLog(anchored)).ok
+
+
+async def test_list_migrations_refuses_a_malformed_vm_filter(coordinator):
+    migrations = migration_pb2_grpc.MigrationServiceStub(coordinator.channel)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await migrations.ListMigrations(migration_pb2.ListMigrationsRequest(vm="../\n"))
+    assert refused.value.code() == C.INVALID_ARGUMENT
