@@ -526,8 +526,8 @@ def _steps(text: str) -> list[int]:
         steps = [int(part) for part in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text}: milliseconds, comma-separated") from None
-    if any(step <= 0 for step in steps):
-        raise argparse.ArgumentTypeError(f"{text}: each step above 0 ms")
+    if any(not 0 < step < 2**32 for step in steps):
+        raise argparse.ArgumentTypeError(f"{text}: each step above 0 ms, below 2**32")
     return steps
 
 
@@ -541,12 +541,29 @@ def _limits_line(limits: common_pb2.MigrationLimits) -> str:
     )
 
 
+def _whole(text: str, bits: int) -> int:
+    """A whole number that fits the request's unsigned field of `bits` bits: out of range is a
+    usage error (exit 2) rather than a traceback from protobuf."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value < 2**bits:
+        raise argparse.ArgumentTypeError(f"{text}: a whole number from 0 to {2**bits - 1}")
+    return value
+
+
+def _u32(text: str) -> int:
+    return _whole(text, 32)
+
+
+def _u64(text: str) -> int:
+    return _whole(text, 64)
+
+
 def _count(text: str) -> int:
     """A limit: a whole number from 0 (no limit) up."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text}: a limit is 0 (no limit) or more")
-    return value
+    return _u32(text)
 
 
 def _seconds(text: str) -> float:
@@ -584,8 +601,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     define = vm.add_parser("define", help="define a VM")
     define.add_argument("name")
-    define.add_argument("--memory", type=int, default=128, help="MiB (default %(default)s)")
-    define.add_argument("--vcpus", type=int, default=1)
+    define.add_argument("--memory", type=_u32, default=128, help="MiB (default %(default)s)")
+    define.add_argument("--vcpus", type=_u32, default=1)
     define.add_argument("--machine", default="pc")
     define.add_argument(
         "--disk", action="append", help="absolute path on shared storage (repeatable)"
@@ -617,9 +634,9 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("--mode", choices=sorted(MODES), default="precopy")
     migrate.add_argument("--wait", action="store_true", help="show live progress until it ends")
     migrate.add_argument("--id", help="migration id (generated when omitted)")
-    migrate.add_argument("--bandwidth", type=int, help="max bandwidth, bytes/s")
-    migrate.add_argument("--downtime-ms", type=int, help="downtime limit, ms")
-    migrate.add_argument("--postcopy-bandwidth", type=int, help="max post-copy bandwidth, bytes/s")
+    migrate.add_argument("--bandwidth", type=_u64, help="max bandwidth, bytes/s")
+    migrate.add_argument("--downtime-ms", type=_u64, help="downtime limit, ms")
+    migrate.add_argument("--postcopy-bandwidth", type=_u64, help="max post-copy bandwidth, bytes/s")
     migrate.add_argument("--policy", help="a stored policy (default: the cluster's)")
     migrate.set_defaults(run=Ctl.migrate)
 
@@ -663,8 +680,8 @@ def build_parser() -> argparse.ArgumentParser:
     abort.set_defaults(run=Ctl.migration_abort)
     tune = mig.add_parser("set", help="change a running migration's bandwidth")
     tune.add_argument("id")
-    tune.add_argument("--bandwidth", type=int, help="max bandwidth, bytes/s")
-    tune.add_argument("--postcopy-bandwidth", type=int, help="max post-copy bandwidth, bytes/s")
+    tune.add_argument("--bandwidth", type=_u64, help="max bandwidth, bytes/s")
+    tune.add_argument("--postcopy-bandwidth", type=_u64, help="max post-copy bandwidth, bytes/s")
     tune.add_argument("--reason", help="why, recorded in the log")
     tune.set_defaults(run=Ctl.migration_set)
     force = mig.add_parser(
@@ -683,27 +700,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     define = pol.add_parser("define", help="store a policy (unset values: the defaults)")
     define.add_argument("name")
-    define.add_argument("--bandwidth", type=int, help="max bandwidth, bytes/s")
-    define.add_argument("--downtime-ms", type=int, help="downtime limit at the start, ms")
+    define.add_argument("--bandwidth", type=_u64, help="max bandwidth, bytes/s")
+    define.add_argument("--downtime-ms", type=_u64, help="downtime limit at the start, ms")
     define.add_argument(
         "--downtime-steps", type=_steps, metavar="MS,MS,...",
         help="downtime limit from pass 2 on, one per pass (the last holds)",
     )  # fmt: skip
-    define.add_argument("--max-downtime-ms", type=int, help="largest downtime (force-complete)")
-    define.add_argument("--postcopy-bandwidth", type=int, help="max post-copy bandwidth, bytes/s")
+    define.add_argument("--max-downtime-ms", type=_u32, help="largest downtime (force-complete)")
+    define.add_argument("--postcopy-bandwidth", type=_u64, help="max post-copy bandwidth, bytes/s")
     define.add_argument("--auto-converge", action="store_true", help="throttle a busy guest")
-    define.add_argument("--throttle-initial", type=int, help="auto-converge first throttle, %%")
-    define.add_argument("--throttle-increment", type=int, help="auto-converge step, %%")
+    define.add_argument("--throttle-initial", type=_u32, help="auto-converge first throttle, %%")
+    define.add_argument("--throttle-increment", type=_u32, help="auto-converge step, %%")
     define.add_argument(
-        "--stall-passes", type=int, help="passes without a new minimum of remaining bytes"
+        "--stall-passes", type=_u32, help="passes without a new minimum of remaining bytes"
     )
     define.add_argument(
         "--on-stall", choices=["postcopy", "abort"], default="postcopy",
         help="after a stall or timeout: post-copy where the mode allows (else abort), or abort",
     )  # fmt: skip
-    define.add_argument("--timeout-per-gib", type=int, help="pre-copy seconds per GiB of RAM")
+    define.add_argument("--timeout-per-gib", type=_u32, help="pre-copy seconds per GiB of RAM")
     define.add_argument(
-        "--postcopy-after-passes", type=int, help="mode auto: post-copy after this many passes"
+        "--postcopy-after-passes", type=_u32, help="mode auto: post-copy after this many passes"
     )
     define.add_argument("--reason", help="why, recorded in the log")
     define.set_defaults(run=Ctl.policy_define)
@@ -727,10 +744,10 @@ def build_parser() -> argparse.ArgumentParser:
     set_limits.set_defaults(run=Ctl.limits_set)
 
     events = sub.add_parser("events", help="read the event log")
-    events.add_argument("--since", type=int, default=1)
+    events.add_argument("--since", type=_u64, default=1)
     events.add_argument("--follow", action="store_true")
     events.add_argument("--stream")
-    events.add_argument("--limit", type=int, default=0)
+    events.add_argument("--limit", type=_u64, default=0)
     events.set_defaults(run=Ctl.events)
     sub.add_parser("verify", help="verify the live log's hash chain").set_defaults(run=Ctl.verify)
     return parser

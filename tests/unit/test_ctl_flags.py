@@ -11,7 +11,16 @@ from whimbrel.ctl import main
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["limits", "set", "--cluster", "-1"], "--cluster: -1: a limit is 0 (no limit) or more"),
+        (["limits", "set", "--cluster", "-1"], "--cluster: -1: a whole number from 0 to"),
+        # Out of a request field's range: a usage error, not a traceback from protobuf.
+        (["vm", "define", "vm-x", "--memory", "-1"], "--memory: -1: a whole number from 0"),
+        (["vm", "define", "vm-x", "--vcpus", "5000000000"], "to 4294967295"),
+        (["migrate", "vm-1", "--to", "host-b", "--bandwidth", "-1"], "--bandwidth: -1"),
+        (["events", "--since", "-1"], "--since: -1"),
+        (["events", "--limit", "-5"], "--limit: -5"),
+        (["policy", "define", "p", "--downtime-steps", "5000000000"], "below 2**32"),
+        (["migration", "set", "m-1", "--bandwidth", "-5"], "--bandwidth: -5"),
+        (["vm", "define", "vm-x", "--memory", "lots"], "'lots' is not a whole number"),
         (["policy", "define", "p", "--downtime-steps", "100,x"], "milliseconds, comma-separated"),
         (["policy", "define", "p", "--downtime-steps", "100,0"], "each step above 0 ms"),
         (["host", "drain"], "the following arguments are required: HOST"),
