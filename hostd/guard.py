@@ -22,6 +22,7 @@ import ipaddress
 import os
 import re
 import stat
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ from whimbrel.v1 import common_pb2, host_pb2
 __all__ = ["Guard", "check_migration_uri", "check_names"]
 
 _PORT = re.compile(r"[0-9]{1,5}")
+_IP_TEXT = re.compile(r"[0-9A-Fa-f.:]+")
 
 
 def check_names(c: host_pb2.Command) -> None:
@@ -59,7 +61,15 @@ def check_migration_uri(uri: str, vm: str = "") -> str:
         host = host[1:-1]
     try:
         ipaddress.ip_address(host)
-        ok = scheme == "tcp" and bool(sep) and bool(_PORT.fullmatch(port)) and 0 < int(port) < 65536
+        # Digits, dots and colons only: Python takes anything after a `%` as an IPv6 scope,
+        # where QEMU would read `]`, `,` and options of its own.
+        ok = (
+            scheme == "tcp"
+            and bool(_IP_TEXT.fullmatch(host))
+            and bool(sep)
+            and bool(_PORT.fullmatch(port))
+            and 0 < int(port) < 65536
+        )
     except ValueError:
         ok = False
     if not ok:
@@ -103,6 +113,8 @@ class Guard:
         resolved.CopyFrom(spec)
         for disk in resolved.disks:
             disk.path = self._file(disk.path, "disk", spec.name, self.allow_block_devices)
+            if disk.format == "qcow2":
+                _refuse_other_files(disk.path, spec.name)
         backing = resolved.memory_backing
         if backing.kind == "file" and not incoming:
             backing.path = self._file(backing.path, "memory file", spec.name, block=False)
@@ -152,3 +164,36 @@ class Guard:
 
 def _resolved(roots: Iterable[str]) -> tuple[Path, ...]:
     return tuple(Path(os.path.realpath(root)) for root in roots)
+
+
+# qcow2's header (docs/interop/qcow2.txt): magic, version, backing file offset (0: none), and
+# from version 3 the incompatible features, whose bit 2 says the data lives in another file.
+_QCOW2 = struct.Struct(">4sIQ")
+_QCOW2_MAGIC = b"QFI\xfb"
+_QCOW2_FEATURES = struct.Struct(">Q")
+_QCOW2_FEATURES_AT = 72
+_QCOW2_EXTERNAL_DATA = 1 << 2
+
+
+def _refuse_other_files(path: str, vm: str) -> None:
+    """A qcow2 image names its files itself: a backing file or an external data file would
+    have QEMU open (and the guest write) a file no allowed root covers. Images standing alone
+    only."""
+    try:
+        with open(path, "rb") as image:
+            header = image.read(_QCOW2_FEATURES_AT + _QCOW2_FEATURES.size)
+    except OSError as err:
+        raise CommandRejected(f"refused: disk {path!r}: {err.strerror}", vm=vm) from err
+    if len(header) < _QCOW2.size or header[:4] != _QCOW2_MAGIC:
+        raise CommandRejected(f"refused: disk {path!r} is not a qcow2 image", vm=vm)
+    _magic, version, backing_offset = _QCOW2.unpack_from(header)
+    external = False
+    if version >= 3 and len(header) >= _QCOW2_FEATURES_AT + _QCOW2_FEATURES.size:
+        (features,) = _QCOW2_FEATURES.unpack_from(header, _QCOW2_FEATURES_AT)
+        external = bool(features & _QCOW2_EXTERNAL_DATA)
+    if backing_offset or external:
+        what = "a backing file" if backing_offset else "an external data file"
+        raise CommandRejected(
+            f"refused: qcow2 disk {path!r} names {what}, which no allowed root covers",
+            vm=vm,
+        )

@@ -8,6 +8,7 @@ import asyncio
 import logging
 import os
 import stat
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,10 @@ async def refused(a: Agent, c: host_pb2.Command, message: str) -> K.CommandFaile
         "tcp:127.0.0.1",
         "rdma:127.0.0.1:4444",
         "tcp:127.0.0.1:٤٤",
+        # Python reads all after `%` as an IPv6 scope; QEMU would connect to port 34459 with
+        # an option of the coordinator's choosing.
+        "tcp:[::1%1]:34459,ipv6=on,]:4444",
+        "tcp:[fe80::1%eth0]:4444",
     ],
 )
 def test_only_tcp_to_an_ip_and_port_is_a_migration_uri(uri: str) -> None:
@@ -201,6 +206,37 @@ def test_block_devices_only_when_allowed(tmp_path: Path) -> None:
     with pytest.raises(CommandRejected, match="is a block device"):
         Guard.of(["/dev"], []).spec(disk)
     assert Guard.of(["/dev"], [], allow_block_devices=True).spec(disk).disks[0].path == str(device)
+
+
+def test_a_qcow2_disk_naming_files_outside_the_roots_is_refused(tmp_path: Path) -> None:
+    """A qcow2 image names other files itself: with a backing file or an external data file
+    outside the allowed root, QEMU opened them and the guest wrote one. Refused; a plain qcow2
+    image passes. Real images, made by qemu-img."""
+    root, outside = tmp_path / "disks", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+
+    def img(*args: str) -> None:
+        subprocess.run(["qemu-img", "create", "-q", *args], check=True)
+
+    img("-f", "raw", str(outside / "secret.raw"), "1M")
+    img("-f", "qcow2", "-b", str(outside / "secret.raw"), "-F", "raw", str(root / "b.qcow2"))
+    img("-f", "qcow2", "-o", f"data_file={outside / 'victim.raw'}", str(root / "d.qcow2"), "1M")
+    img("-f", "qcow2", str(root / "plain.qcow2"), "1M")
+    guard = Guard.of([str(root)], [])
+
+    def qcow2(name: str) -> common_pb2.VmSpec:
+        disk = common_pb2.Disk(path=str(root / name), format="qcow2")
+        return common_pb2.VmSpec(name="vm-1", memory_mib=64, vcpus=1, disks=[disk])
+
+    with pytest.raises(CommandRejected, match="names a backing file"):
+        guard.spec(qcow2("b.qcow2"))
+    with pytest.raises(CommandRejected, match="names an external data file"):
+        guard.spec(qcow2("d.qcow2"))
+    assert guard.spec(qcow2("plain.qcow2")).disks[0].path == str(root / "plain.qcow2")
+    (root / "raw.img").write_bytes(bytes(4096))  # called qcow2, it is not one
+    with pytest.raises(CommandRejected, match="is not a qcow2 image"):
+        guard.spec(qcow2("raw.img"))
 
 
 async def test_a_memory_file_outside_the_roots_is_refused(
