@@ -34,7 +34,11 @@ def open_in(dir_fd: int, name: str, flags: int, mode: int = 0o600) -> int:
     if not name or "/" in name or name.startswith(".") or "\0" in name:
         raise UnsafeFile(errno.EINVAL, f"{name!r} is not a plain file name")
     try:
-        fd = os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dir_fd)
+        # O_NONBLOCK: opening a FIFO planted in its place would otherwise wait for a writer
+        # (it is refused below); on a regular file the flag changes nothing.
+        fd = os.open(
+            name, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, mode, dir_fd=dir_fd
+        )
     except OSError as err:
         if err.errno == errno.ELOOP:
             raise UnsafeFile(errno.ELOOP, f"{name} is a symlink, refused") from err

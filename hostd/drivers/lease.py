@@ -17,6 +17,7 @@ the lockspace's descriptor with O_NOFOLLOW (whimbrel.files), and VM names are ch
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import fcntl
@@ -25,10 +26,10 @@ import os
 import struct
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from hostd.errors import LeaseError
 from whimbrel import files, validate
@@ -39,6 +40,19 @@ MAGIC = b"WBLEASE1"
 _HEAD = struct.Struct("<8sQQQH")
 _CRC = struct.Struct("<I")
 MAX_HOLDER = SECTOR - _HEAD.size - _CRC.size
+MAX_VERSION = 2**64 - 1
+# Another host holds a VM's lock for well under a millisecond; one held this long is held by
+# something else (a stuck or hostile process on the shared storage), and the change fails
+# rather than freezing this hostd. Waits are asyncio sleeps: every other VM is served meanwhile.
+LOCK_WAIT_S = 1.0
+LOCK_RETRY_S = 0.002
+
+
+T = TypeVar("T")
+
+
+class _LockBusy(Exception):
+    pass
 
 
 @dataclass(frozen=True)
@@ -114,7 +128,10 @@ class FileLeaseDriver:
         except OSError as err:
             raise LeaseError(f"lock file of {vm} refused: {err}", vm=vm) from err
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise _LockBusy() from None
             yield
         finally:
             os.close(fd)
@@ -159,6 +176,8 @@ class FileLeaseDriver:
         """Overwrite the sector `newest` is not in with a record one version newer,
         synchronously."""
         version = newest.version + 1 if newest else 1
+        if version > MAX_VERSION:
+            raise LeaseError(f"lease file of {vm} is at its last record version: refused", vm=vm)
         name = self._name(vm)
         created = False
         try:
@@ -218,9 +237,22 @@ class FileLeaseDriver:
 
     # Run inline: a lease change is a lock, a read and one synchronous sector write (well under
     # a millisecond here), while a hop to a worker thread costs more than that on a busy host,
-    # right in the guest's pause.
+    # right in the guest's pause. The lock is only ever tried, never waited for in a call.
     async def acquire(self, vm: str, holder: str, generation: int) -> Lease:
-        return self._acquire(vm, holder, generation)
+        return await self._unlocked(vm, lambda: self._acquire(vm, holder, generation))
 
     async def release(self, vm: str, holder: str, generation: int | None = None) -> Lease | None:
-        return self._release(vm, holder, generation)
+        return await self._unlocked(vm, lambda: self._release(vm, holder, generation))
+
+    async def _unlocked(self, vm: str, change: Callable[[], T]) -> T:
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
+            try:
+                return change()
+            except _LockBusy:
+                if time.monotonic() >= deadline:
+                    raise LeaseError(
+                        f"the lock of {vm}'s lease was held elsewhere for {LOCK_WAIT_S:g} s",
+                        vm=vm,
+                    ) from None
+                await asyncio.sleep(LOCK_RETRY_S)

@@ -3,11 +3,23 @@ crash mid-write cannot lose (two sectors, each with its CRC)."""
 
 from __future__ import annotations
 
+import asyncio
+import fcntl
+import os
+from collections.abc import Awaitable
 from pathlib import Path
 
 import pytest
 
-from hostd.drivers.lease import SECTOR, FileLeaseDriver, Lease, decode
+from hostd.drivers.lease import (
+    LOCK_WAIT_S,
+    MAX_VERSION,
+    SECTOR,
+    FileLeaseDriver,
+    Lease,
+    decode,
+    encode,
+)
 from hostd.errors import LeaseError
 
 
@@ -76,3 +88,65 @@ async def test_a_lease_file_without_a_valid_record_is_an_error(tmp_path: Path) -
         leases.read("vm-1")
     with pytest.raises(LeaseError, match="no valid lease record"):
         await leases.acquire("vm-1", "host-b", 2)
+
+
+async def _ticks_while(work: Awaitable[object]) -> tuple[int, BaseException | None]:
+    """How often a 10 ms heartbeat ran while `work` ran, and what it raised: a driver that
+    blocks the event loop starves every other VM of this host."""
+    ticks = 0
+
+    async def heartbeat() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    beating = asyncio.create_task(heartbeat())
+    try:
+        await asyncio.wait_for(work, 5)
+        error = None
+    except LeaseError as err:
+        error = err
+    finally:
+        beating.cancel()
+    return ticks, error
+
+
+async def test_a_lock_held_elsewhere_fails_the_change_without_freezing_hostd(
+    tmp_path: Path,
+) -> None:
+    """A process on the shared storage that holds a VM's lock for good: the change fails after
+    LOCK_WAIT_S, and the event loop runs meanwhile (a blocking flock froze it for good)."""
+    leases = FileLeaseDriver(tmp_path)
+    await leases.acquire("vm-1", "host-a", 1)
+    holder = os.open(tmp_path / "vm-1.lock", os.O_RDWR)
+    fcntl.flock(holder, fcntl.LOCK_EX)  # another open file: conflicts as another process would
+    try:
+        ticks, error = await _ticks_while(leases.release("vm-1", "host-a"))
+    finally:
+        os.close(holder)
+    assert isinstance(error, LeaseError) and "held elsewhere" in str(error)
+    assert ticks >= LOCK_WAIT_S / 0.01 / 2
+    assert leases.read("vm-1").holder == "host-a"  # nothing changed
+    assert await leases.release("vm-1", "host-a") is not None  # and once free, it works
+
+
+async def test_a_fifo_planted_as_the_lease_file_is_refused_at_once(tmp_path: Path) -> None:
+    """Opening a FIFO for reading waits for a writer: it froze hostd. It is refused now."""
+    leases = FileLeaseDriver(tmp_path)
+    os.mkfifo(tmp_path / "vm-1.lease")
+    _, error = await _ticks_while(leases.acquire("vm-1", "host-a", 1))
+    assert isinstance(error, LeaseError) and "not a regular file" in str(error)
+    with pytest.raises(LeaseError, match="not a regular file"):
+        leases.read("vm-1")
+
+
+async def test_a_record_at_its_last_version_is_refused_not_overflowed(tmp_path: Path) -> None:
+    """A forged record (valid CRC) at the largest version: the next write would overflow the
+    format (struct.error escaped and stopped a VM's event forwarding); it is a LeaseError."""
+    leases = FileLeaseDriver(tmp_path)
+    (tmp_path / "vm-1.lease").write_bytes(
+        encode(MAX_VERSION, Lease("host-a", 3), 0) + bytes(SECTOR)
+    )
+    with pytest.raises(LeaseError, match="last record version"):
+        await leases.release("vm-1", "host-a")
