@@ -90,6 +90,16 @@ def _put_batches(
             up.put_nowait(host_pb2.HostMessage(events=host_pb2.HostEvents(events=chunk)))
 
 
+def _answered(
+    result: events_pb2.EventPayload | None,
+) -> events_pb2.CommandSucceeded | events_pb2.CommandFailed | None:
+    if result is None:
+        return None
+    kind = result.WhichOneof("kind")
+    answer = getattr(result, kind) if kind in ("command_succeeded", "command_failed") else None
+    return answer
+
+
 class Agent:
     def __init__(
         self,
@@ -222,7 +232,9 @@ class Agent:
             await self.executor.release_network_of_dead(runtime)
 
     async def hello(self) -> host_pb2.Hello:
-        snapshots = [await runtime.snapshot() for runtime in list(self.executor.vms.values())]
+        # Concurrently: each is bounded (SNAPSHOT_LIMIT_S), and the hello waits for them all.
+        runtimes = list(self.executor.vms.values())
+        snapshots = await asyncio.gather(*(runtime.snapshot() for runtime in runtimes))
         last_acked = (
             max((e.seq for e in self.pending if e.generation == self.generation), default=0) - 1
         )
@@ -371,6 +383,14 @@ class Agent:
             return  # a repeat of a command still running here; its result will come
         prior = self.store.command(c.command_id)
         if prior is not None:
+            earlier = _answered(prior.result)
+            if earlier is not None and (earlier.kind, earlier.vm) != (c.kind, c.vm):
+                # An id is one command forever: another command under it gets no stored result
+                # of a command it is not.
+                error = (f"command id {c.command_id} was {kind_label(earlier.kind)} of VM "
+                         f"{earlier.vm} here: refused")  # fmt: skip
+                self._record(failed(c, error, rejected=True), 0)
+                return
             interrupted = failed(c, "interrupted by a hostd restart; not executed again")
             self._record(prior.result or interrupted, 0)
             return

@@ -404,7 +404,7 @@ class Executor:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + RESUME_HANDSHAKE_LIMIT_S
         while True:
-            status = (await runtime.execute("query-migrate")).get("status", "")
+            status = (await runtime.query("query-migrate")).get("status", "")
             if status != "postcopy-paused":
                 return
             if loop.time() > deadline:

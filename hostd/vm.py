@@ -22,7 +22,7 @@ from typing import Any
 from google.protobuf.message import Message
 
 from hostd import qemu
-from hostd.errors import HostdError, QmpUnavailable
+from hostd.errors import HostdError, QmpError, QmpUnavailable
 from hostd.qmp import QmpSession
 from whimbrel import failpoints, files
 from whimbrel.v1 import common_pb2, events_pb2
@@ -46,6 +46,12 @@ CONT_WAIT_LIMIT_S = 30.0
 QMP_CONNECT_LIMIT_S = 10.0
 # QEMU's error-desc sent with a failed migration, at most (the coordinator bounds it too).
 MAX_ERROR_TEXT = 256
+# A snapshot of a QEMU whose main thread is stuck (storage, a missing post-copy page) must not
+# hold up the host's hello or a report: past this it says "QMP unreachable".
+SNAPSHOT_LIMIT_S = 2.0
+# QEMU's own events are a few hundred bytes; one larger comes from a broken or hostile QEMU and
+# is logged as a marker, so it cannot fill this host's outbox or the coordinator's log.
+MAX_EVENT_DATA = 65536
 log = logging.getLogger(__name__)
 
 
@@ -185,8 +191,7 @@ class VmRuntime:
             # reflected in the answers below, however late it is delivered.
             queried_at_us = time.time_ns() // 1000
             try:
-                status = await self.qmp.execute("query-status")
-                migrate = await self.qmp.execute("query-migrate")
+                status, migrate = await asyncio.wait_for(self._state(), SNAPSHOT_LIMIT_S)
                 observation.runstate = str(status.get("status", ""))
                 observation.migration_status = str(migrate.get("status", ""))
                 # What QEMU says now, for a hostd that restarted (events lost meanwhile); any
@@ -198,7 +203,24 @@ class VmRuntime:
                 observation.queried_at_us = queried_at_us
             except HostdError as err:
                 self.log.warning("snapshot incomplete: %s", err)
+            except TimeoutError:
+                self.log.warning("snapshot incomplete: QMP did not answer in %g s",
+                                 SNAPSHOT_LIMIT_S)  # fmt: skip
         return observation
+
+    async def _state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        return await self.query("query-status"), await self.query("query-migrate")
+
+    async def query(self, command: str) -> dict[str, Any]:
+        """A query's answer, which QEMU always gives as an object: anything else is refused as
+        QEMU's error, so a broken QEMU cannot crash what reads it."""
+        reply = await self.execute(command)
+        if not isinstance(reply, dict):
+            raise QmpError(
+                f"{command}: QEMU answered {type(reply).__name__}, not an object",
+                vm=self.name, command=command, error_class="", reply=reply,
+            )  # fmt: skip
+        return reply
 
     async def execute(
         self, command: str, arguments: dict[str, Any] | None = None, *, oob: bool = False
@@ -254,9 +276,12 @@ class VmRuntime:
             # Why, in QEMU's words, reaches the log before the failure it explains, so the
             # coordinator's decision on it can say so (a TLS certificate refused, a peer gone).
             await self._report_failure()
-        payload = events_pb2.QmpEventReceived(
-            vm=self.name, event=name, data_json=json.dumps(data, sort_keys=True)
-        )
+        data_json = json.dumps(data, sort_keys=True)
+        if len(data_json) > MAX_EVENT_DATA:
+            self.log.warning("QMP event %s with %d bytes of data logged without it", name,
+                             len(data_json))  # fmt: skip
+            data, data_json = {}, json.dumps({"whimbrel_dropped_bytes": len(data_json)})
+        payload = events_pb2.QmpEventReceived(vm=self.name, event=name, data_json=data_json)
         await self.emit(payload, time_us)
         failpoints.hit(f"hostd.after-qmp-event.{name}.{data.get('status', '')}".rstrip("."))
         if name == "MIGRATION":
@@ -340,7 +365,7 @@ class VmRuntime:
 
     async def _sample(self, pass_: int) -> None:
         try:
-            info = await self.execute("query-migrate")
+            info = await self.query("query-migrate")
         except HostdError:
             return
         ram = info.get("ram", {})
@@ -359,7 +384,7 @@ class VmRuntime:
 
     async def _report_failure(self) -> None:
         try:
-            info = await self.execute("query-migrate")
+            info = await self.query("query-migrate")
         except HostdError:
             return
         error = str(info.get("error-desc", ""))[:MAX_ERROR_TEXT]

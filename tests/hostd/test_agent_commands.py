@@ -44,6 +44,22 @@ async def test_command_runs_once_and_repeats_get_the_stored_result(tmp_path: Pat
     await a.close()
 
 
+async def test_an_id_reused_for_another_command_gets_a_refusal_not_its_result(
+    tmp_path: Path,
+) -> None:
+    """Command ids are unique forever; a coordinator that reuses one for another command (kind
+    or VM) was answered with the first command's stored result, and the second one never ran.
+    Now it is refused, naming what the id was."""
+    a = agent(tmp_path)
+    await a._handle(acquire("c-1", 1, epoch=1))
+    await a._handle(release("c-1", 1, epoch=1))
+    refused = a.pending[-1].payload.command_failed
+    assert refused.rejected and refused.kind == events_pb2.COMMAND_KIND_RELEASE_LEASE
+    assert "c-1 was acquire-lease of VM vm-1 here" in refused.error
+    assert a.executor.lease.read("vm-1").holder == "host-a"  # the release did not run
+    await a.close()
+
+
 async def test_stale_epoch_is_refused_without_acting(tmp_path: Path) -> None:
     """After epoch 3 was seen (and stored), an epoch-2 command is rejected and changes nothing."""
     a = agent(tmp_path)

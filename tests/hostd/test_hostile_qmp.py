@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from google.protobuf.message import Message
 
-from hostd.errors import HostdError, QmpUnavailable
+from hostd import vm as vm_module
+from hostd.errors import HostdError, QmpError, QmpUnavailable
 from hostd.vm import VmRuntime
 from whimbrel.v1 import common_pb2, events_pb2
 
@@ -62,6 +63,9 @@ async def _misbehave(mode: str, reader: asyncio.StreamReader, writer: asyncio.St
     writer.write(line(GREETING))
     negotiation = await request(reader)
     writer.write(line({"return": {}, "id": negotiation.get("id")}))
+    if mode in _POLITE:
+        await _POLITE[mode](reader, writer)
+        return
     if mode == "malformed-events":
         for event in ({"event": "STOP", "timestamp": "soon"}, {"event": "MIGRATION", "data": [1]},
                       {"event": "RESUME", "timestamp": {"seconds": "x"}}):  # fmt: skip
@@ -76,6 +80,42 @@ async def _misbehave(mode: str, reader: asyncio.StreamReader, writer: asyncio.St
         writer.write(b'["an", "array"]\n')
     # "closed": the socket closes in the middle of the command.
     await writer.drain()
+
+
+async def _answers_arrays(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Well-formed QMP whose answers are arrays where QEMU always gives objects."""
+    while True:
+        command = await request(reader)
+        writer.write(line({"return": [], "id": command.get("id")}))
+        await writer.drain()
+
+
+async def _never_answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A QEMU whose main thread is stuck: the socket stays open, nothing is answered."""
+    await reader.read()
+
+
+def _event(name: str, data: object) -> bytes:
+    return line({"event": name, "data": data, "timestamp": {"seconds": 1, "microseconds": 0}})
+
+
+async def _odd_events(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answers commands; after the first, a pass numbered "x" (the handler cannot take it), a
+    100 kB event, then a plain STOP."""
+    sent = False
+    while True:
+        command = await request(reader)
+        writer.write(line({"return": {}, "id": command.get("id")}))
+        if not sent:
+            writer.write(_event("MIGRATION", {"status": "active"}))
+            writer.write(_event("MIGRATION_PASS", {"pass": "x"}))
+            writer.write(_event("BLOCK_JOB_ERROR", {"device": "d" * 100_000}))
+            writer.write(_event("STOP", {}))
+            sent = True
+        await writer.drain()
+
+
+_POLITE = {"arrays": _answers_arrays, "silent": _never_answers, "odd-events": _odd_events}
 
 
 class Reported:
@@ -187,3 +227,71 @@ async def test_a_qemu_that_goes_away_is_no_error_in_hostd_log(
     server.close()
     errors = [r for r in caplog.records if r.levelno >= 40 and r.name.startswith("qemu.qmp")]
     assert errors == []
+
+
+@contextlib.asynccontextmanager
+async def attached(
+    tmp_path: Path, process: asyncio.subprocess.Process, mode: str, reported: Reported
+) -> AsyncIterator[VmRuntime]:
+    runtime = VmRuntime(common_pb2.VmSpec(name="vm-1"), tmp_path / "vm", reported.emit)
+    runtime.paths.root.mkdir()
+    server = await asyncio.start_unix_server(
+        lambda r, w: hostile_peer(mode, r, w), path=str(runtime.paths.qmp)
+    )
+    try:
+        await runtime.attach(process.pid)
+        yield runtime
+    finally:
+        server.close()
+        await runtime.close()
+
+
+async def test_an_answer_that_is_not_an_object_is_qemus_error_not_a_crash(
+    tmp_path: Path, process: asyncio.subprocess.Process
+) -> None:
+    """query-status answered with an array crashed the snapshot (AttributeError), and with it
+    hostd's reattach and every hello: the whole host went dark. Now it is a QMP error of this
+    VM: the snapshot says QMP unreachable."""
+    reported = Reported()
+    async with attached(tmp_path, process, "arrays", reported) as runtime:
+        with pytest.raises(QmpError, match="answered list, not an object"):
+            await runtime.query("query-migrate")
+        observation = await runtime.snapshot()
+        assert observation.process_alive and not observation.qmp_reachable
+
+
+async def test_a_qemu_that_never_answers_gives_a_snapshot_within_its_limit(
+    tmp_path: Path, process: asyncio.subprocess.Process, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A QEMU whose main thread is stuck held hostd's hello for good (the snapshots were taken
+    one by one, unbounded). Each is bounded now: QMP unreachable after the limit."""
+    monkeypatch.setattr(vm_module, "SNAPSHOT_LIMIT_S", 0.2)
+    reported = Reported()
+    async with attached(tmp_path, process, "silent", reported) as runtime:
+        observation = await asyncio.wait_for(runtime.snapshot(), 5)
+        assert observation.process_alive and not observation.qmp_reachable
+
+
+async def test_an_event_the_handler_fails_on_leaves_later_events_flowing(
+    tmp_path: Path, process: asyncio.subprocess.Process
+) -> None:
+    """One event hostd could not handle ended the VM's event forwarding for good: a later STOP
+    (or SHUTDOWN) never reached the coordinator. And a 100 kB event is logged without its data,
+    which would otherwise fill the outbox and the log."""
+    reported = Reported()
+    async with attached(tmp_path, process, "odd-events", reported) as runtime:
+        runtime.role = "source"
+
+        def events() -> list[events_pb2.QmpEventReceived]:
+            return [p for p in reported.payloads if isinstance(p, events_pb2.QmpEventReceived)]
+
+        for _ in range(500):
+            if any(e.event == "STOP" for e in events()):
+                break
+            await asyncio.sleep(0.01)
+        names = [e.event for e in events()]
+        assert names == ["MIGRATION", "MIGRATION_PASS", "BLOCK_JOB_ERROR", "STOP"], names
+        huge = events()[2]
+        assert json.loads(huge.data_json) == {
+            "whimbrel_dropped_bytes": len(json.dumps({"device": "d" * 100_000}))
+        }
