@@ -8,6 +8,8 @@ refuses the whole batch, so nothing of it reaches the log:
 - a command result answers a command issued to this very host, with its attempt, kind and VM,
   and a URI it returns (where a source will send the guest's memory) is a plain `tcp:HOST:PORT`:
   never `exec:` (a shell on the source), `unix:`, `fd:` or options after a comma;
+- a QMP event's data is a JSON object of bounded size, as hostd forwards it
+  (`whimbrel.protocol.qmp_event_data`);
 - a fact that claims something of a VM (its QEMU runs or paused here, a QMP event, a stats
   sample, the lease taken, networking prepared or enabled) is about a VM this host is involved
   with: its home, its lease holder, a host with a QEMU for it, a host with a command for it, or
@@ -48,6 +50,7 @@ from typing import Any
 from google.protobuf.message import Message
 
 from coordinator.core.state import World
+from whimbrel.protocol import MAX_QMP_EVENT_DATA, qmp_event_data
 from whimbrel.v1 import events_pb2, host_pb2
 
 __all__ = [
@@ -135,6 +138,17 @@ def _claim(world: World, host_id: str, payload: Any) -> str | None:
     return None
 
 
+def _qmp_event(world: World, host_id: str, payload: Any) -> str | None:
+    """A QMP event of a VM this host is involved with, its data a JSON object as hostd
+    forwards it (the fold reads statuses and pass numbers from it)."""
+    if qmp_event_data(payload.data_json) is None:
+        return (
+            f"its data is not a JSON object of at most {MAX_QMP_EVENT_DATA} characters "
+            f"({len(payload.data_json)} characters)"
+        )
+    return _claim(world, host_id, payload)
+
+
 def _giving_up(world: World, host_id: str, payload: Any) -> str | None:
     return None  # only ever takes the host's own claims away (see the module docstring)
 
@@ -212,7 +226,7 @@ def _capacity_changed(
 # The payload types a host may send, each with the check of its origin.
 _CHECKS: dict[type[Message], Check] = {
     events_pb2.VmObserved: _vm_observed,
-    events_pb2.QmpEventReceived: _claim,
+    events_pb2.QmpEventReceived: _qmp_event,
     events_pb2.MigrationStatsSampled: _claim,
     events_pb2.QemuExited: _giving_up,
     events_pb2.LeaseAcquired: _lease_acquired,

@@ -24,7 +24,7 @@ from google.protobuf.message import Message
 from hostd import qemu
 from hostd.errors import HostdError, QmpError, QmpUnavailable
 from hostd.qmp import QmpSession
-from whimbrel import failpoints, files
+from whimbrel import failpoints, files, protocol
 from whimbrel.v1 import common_pb2, events_pb2
 
 Emit = Callable[[Message, int], Awaitable[None]]
@@ -51,7 +51,7 @@ MAX_ERROR_TEXT = 256
 SNAPSHOT_LIMIT_S = 2.0
 # QEMU's own events are a few hundred bytes; one larger comes from a broken or hostile QEMU and
 # is logged as a marker, so it cannot fill this host's outbox or the coordinator's log.
-MAX_EVENT_DATA = 65536
+MAX_EVENT_DATA = protocol.MAX_QMP_EVENT_DATA
 log = logging.getLogger(__name__)
 
 

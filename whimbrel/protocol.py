@@ -9,6 +9,10 @@ either side.
 
 from __future__ import annotations
 
+import functools
+import json
+from typing import Any
+
 from google.protobuf.message import Message
 
 from whimbrel.v1 import events_pb2
@@ -17,6 +21,7 @@ __all__ = [
     "COORDINATOR_STREAM",
     "DISARMING",
     "DISARMING_INCOMING",
+    "MAX_QMP_EVENT_DATA",
     "PAYLOAD_CLASSES",
     "PAYLOAD_FIELDS",
     "VERSION",
@@ -24,11 +29,31 @@ __all__ = [
     "kind_label",
     "migration_stream",
     "parse_stream",
+    "qmp_event_data",
     "vm_stream",
     "wrap",
 ]
 
 VERSION = "0.1.0"
+
+# A QMP event's data as hostd forwards it: QEMU's own are a few hundred bytes; hostd replaces
+# larger ones with {"whimbrel_dropped_bytes": N}, and the coordinator refuses them.
+MAX_QMP_EVENT_DATA = 65536
+
+
+@functools.lru_cache(maxsize=4096)
+def qmp_event_data(data_json: str) -> dict[str, Any] | None:
+    """A QMP event's data (QmpEventReceived.data_json) as the object hostd forwards, or None
+    when it is not a JSON object within MAX_QMP_EVENT_DATA. The few distinct strings
+    (statuses, pass numbers) parse once."""
+    if len(data_json) > MAX_QMP_EVENT_DATA:
+        return None
+    try:
+        data = json.loads(data_json) if data_json else {}
+    except (ValueError, RecursionError):
+        return None
+    return data if isinstance(data, dict) else None
+
 
 COORDINATOR_STREAM = "coordinator"
 _STREAM_KINDS = ("migration", "vm", "host")

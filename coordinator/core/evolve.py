@@ -7,8 +7,6 @@ the unexpected, and `decide` judges it.
 
 from __future__ import annotations
 
-import functools
-import json
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -25,6 +23,7 @@ from coordinator.core.state import (
     VmStatus,
     World,
 )
+from whimbrel.protocol import qmp_event_data
 from whimbrel.v1 import common_pb2, events_pb2
 
 # handler(world, payload, seq, time_us, origin host): the envelope fields evolve needs, passed
@@ -354,19 +353,19 @@ def _qmp_event(
         # is moot then). It exists, so ReconcileVm destroys it as a stray copy.
         vm.runstates.setdefault(host, "inmigrate")
     elif name == "MIGRATION_PASS" and m is not None and side is m.src:
-        m.progress.pass_ = max(m.progress.pass_, int(_data(p.data_json).get("pass", 0)))
+        m.progress.pass_ = max(m.progress.pass_, _pass_number(_data(p.data_json)))
     _settle_vm_status(vm)
 
 
-@functools.lru_cache(maxsize=4096)
-def _parsed(data_json: str) -> dict[str, Any]:
-    data = json.loads(data_json)
-    return data if isinstance(data, dict) else {}
-
-
 def _data(data_json: str) -> dict[str, Any]:
-    """A QMP event's data; the few distinct strings (statuses, pass numbers) parse once."""
-    return _parsed(data_json)
+    """A QMP event's data; none when it is not an object (the host stream refuses those; a log
+    written before it did is still folded)."""
+    return qmp_event_data(data_json) or {}
+
+
+def _pass_number(data: dict[str, Any]) -> int:
+    value = data.get("pass", 0)
+    return value if type(value) is int and 0 <= value < 2**31 else 0
 
 
 @_on(events_pb2.MigrationStatsSampled)

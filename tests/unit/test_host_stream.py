@@ -14,7 +14,7 @@ from coordinator.host_stream import (
     check_stamps,
     moot,
 )
-from tools.sim import Driver, SimHosts, migration, running_vm
+from tools.sim import Driver, Observation, SimHosts, migration, running_vm
 from whimbrel.v1 import common_pb2, events_pb2, host_pb2
 
 
@@ -166,3 +166,36 @@ def test_a_hellos_snapshots_are_held_to_the_same_bound() -> None:
     assert refusal is not None and "the snapshot of vm-1: its time leads" in refusal.reason
     hello.vms[0].queried_at_us = NOW_US
     assert check_hello(world, hello, NOW_US) is None
+
+
+def test_a_qmp_event_whose_data_is_not_a_bounded_json_object_is_refused() -> None:
+    """The fold reads statuses and pass numbers from a QMP event's data; data hostd never
+    sends (not JSON, not an object, beyond the bound) made it raise in the coordinator's fold.
+    The stream refuses it, naming it, as it refuses any payload a host may not send."""
+    world = completed_migration()
+    for data_json in ("not json", "[1, 2]", '"x"', "{" * 5000, '{"d": "' + "x" * 70_000 + '"}'):
+        payload = events_pb2.QmpEventReceived(vm="vm-1", event="MIGRATION", data_json=data_json)
+        refusal = check_batch(world, "host-b", [payload])
+        assert refusal is not None and "not a JSON object" in refusal.reason, data_json[:20]
+    assert check_batch(world, "host-b", [stop()]) is None
+
+
+def test_the_fold_takes_odd_qmp_data_without_raising() -> None:
+    """A log written before the stream refused such data still replays: odd data reads as
+    none, an odd pass number as no pass."""
+    driver = Driver()
+    driver.connect("host-a", "host-b")
+    running_vm(driver)
+    hosts = SimHosts()
+    hosts.leases["vm-1"] = ("host-a", 1)
+    driver.request(I.StartMigration("m-1", "vm-1", "host-b", 1, events_pb2.MigrationPolicy(),
+                                    driver.now_us))  # fmt: skip
+    for data_json in ("not json", "[1]", '{"pass": "x"}', '{"pass": 1e400}', '{"pass": true}'):
+        for event in ("MIGRATION", "MIGRATION_PASS"):
+            driver.observe(
+                Observation(
+                    "host-a",
+                    events_pb2.QmpEventReceived(vm="vm-1", event=event, data_json=data_json),
+                )
+            )
+    assert driver.world.migrations["m-1"].progress.pass_ == 0
