@@ -10,19 +10,35 @@ Invariants 5 and 7 are properties of the stored envelopes (epochs, chain, seqs, 
 the audit tool checks those, because they are not visible in decoded events.
 
 The checker derives what it needs on its own, from observations and intents, without trusting
-`MigrationState`: it is the independent witness that tests and the audit tool consult.
+`MigrationState`: it is the independent witness that tests and the audit tool consult. It reads
+a host's QMP data as an object or as nothing; a command of a kind no coordinator issues raises
+`UncheckableEvent` (after its bookkeeping for invariant 6), for the caller to report at its seq.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
+from typing import Any
 
 from coordinator.core.events import Event
 from coordinator.core.scheduling import DEFAULT_LIMITS, counted
 from coordinator.core.state import Kind
+from whimbrel.protocol import qmp_event_data
 from whimbrel.v1 import common_pb2
 from whimbrel.v1 import events_pb2 as E
+
+
+class UncheckableEvent(ValueError):
+    """An event holds a value no coordinator writes, so the checker cannot judge it."""
+
+    def __init__(self, seq: int, problem: str) -> None:
+        super().__init__(problem)
+        self.seq = seq
+
+
+def qmp_data(data_json: str) -> dict[str, Any]:
+    """A QMP event's data: a JSON object, or nothing (hosts send what QEMU sent)."""
+    return qmp_event_data(data_json) or {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,20 +311,25 @@ class InvariantChecker:
             if m is not None and ev.origin_host == m.source and p.event == "STOP":
                 m.source_stopped = True
         elif p.event == "MIGRATION" and m is not None and ev.origin_host == m.source:
-            status = json.loads(p.data_json).get("status")
+            status = qmp_data(p.data_json).get("status")
             if status in ("pre-switchover", "postcopy-active", "completed"):
                 m.source_stopped = True
         elif p.event == "MIGRATION" and m is not None and ev.origin_host == m.destination:
-            m.destination_status = str(json.loads(p.data_json).get("status", ""))
+            m.destination_status = str(qmp_data(p.data_json).get("status", ""))
 
     def _command(self, ev: Event, p: E.CommandIssued) -> None:
-        kind, host, vm = Kind(p.kind), p.host_id, p.vm
+        host, vm = p.host_id, p.vm
         owner = p.migration_id or f"vm/{vm}"
         # A new command of the same kind for the same owner and host supersedes an unanswered one.
         for command_id, pending in list(self.unanswered.items()):
             if (pending.owner, pending.host, pending.kind) == (owner, host, p.kind):
                 del self.unanswered[command_id]
         self.unanswered[p.command_id] = _Pending(ev.seq, host, p.kind, owner)
+        try:
+            kind = Kind(p.kind)
+        except ValueError:
+            message = f"command {p.command_id} on {host} has unknown kind {p.kind}"
+            raise UncheckableEvent(ev.seq, message) from None
         generation = p.args.lease_generation
         if kind in (Kind.ACQUIRE_LEASE, Kind.START_VM):
             floor = max(self.issued_generation.get(vm, 0), self.observed_generation.get(vm, 0))

@@ -8,28 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.core import inputs as I
 from coordinator.log import SqliteEventStore
 from coordinator.log.chain import canonical, chain_hash
 from coordinator.log.sqlite import _TRIGGERS, COLUMNS
 from tools.audit.cli import main
-from tools.sim import Driver, SimHosts, running_vm, store_log
 from whimbrel.v1 import common_pb2, events_pb2
-
-
-@pytest.fixture
-def log_file(tmp_path: Path) -> Path:
-    """A real SQLite log of one completed post-copy migration (simulated hosts)."""
-    driver = Driver()
-    driver.connect("host-a", "host-b")
-    running_vm(driver)
-    hosts = SimHosts()
-    hosts.leases["vm-1"] = ("host-a", 1)
-    driver.request(I.StartMigration("m-1", "vm-1", "host-b", 2, events_pb2.MigrationPolicy(), 1))
-    driver.run("m-1", hosts)
-    path = tmp_path / "log.db"
-    store_log(driver.log, path).close()
-    return path
 
 
 def tamper(path: Path, *sql: str, keep_triggers_off: bool = False) -> None:

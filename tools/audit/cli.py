@@ -23,15 +23,21 @@ from pathlib import Path
 
 from google.protobuf import json_format
 
-from coordinator import codec
 from coordinator.core import CoreError
 from whimbrel.tls import add_tls_flags, tls_files
 
 from . import state, timeline, whatif, why
-from .checks import Unreadable, open_log, stored_events, verify, verify_events
+from .checks import verify, verify_events
+from .display import joined, printable
+from .logfile import Unreadable, checked_events, head, open_log, read_events
 from .remote import remote_events
 
 EXIT_CLEAN, EXIT_VIOLATIONS, EXIT_UNREADABLE = 0, 1, 2
+
+
+def complain(message: str) -> None:
+    """One line on stderr; what it quotes of the log cannot start another."""
+    print(printable(f"whimbrel-audit: {message}"), file=sys.stderr)
 
 
 def cmd_verify(ns: argparse.Namespace) -> int:
@@ -61,30 +67,29 @@ def cmd_verify(ns: argparse.Namespace) -> int:
             )
         )
     elif report.ok:
-        print(f"ok: {report.events} events, head {report.head_seq}:{report.head_hash.hex()}")
+        lines = [f"ok: {report.events} events, head {report.head_seq}:{report.head_hash.hex()}"]
         if report.in_flight:
-            print(f"in flight: {', '.join(report.in_flight)}")
+            lines.append(f"in flight: {', '.join(report.in_flight)}")
+        print(joined(lines))
     else:
-        first = report.findings[0]
-        print(f"VIOLATION at seq {first.seq}: {first.what}")
-        for finding in report.findings[1:]:
-            print(f"  also at seq {finding.seq}: {finding.what}")
+        first, *more = report.findings
+        lines = [f"VIOLATION at seq {first.seq}: {first.what}"]
+        lines += [f"  also at seq {finding.seq}: {finding.what}" for finding in more]
+        print(joined(lines))
     return EXIT_CLEAN if report.ok else EXIT_VIOLATIONS
 
 
 def cmd_head(ns: argparse.Namespace) -> int:
-    conn = open_log(Path(ns.db))
-    row = conn.execute("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1").fetchone()
-    print(f"{row[0]}:{row[1].hex()}" if row else "0:" + "00" * 32)
+    last = head(open_log(Path(ns.db)))
+    print(f"{last.seq}:{last.hash.hex()}" if last else "0:" + "00" * 32)
     return EXIT_CLEAN
 
 
 def cmd_timeline(ns: argparse.Namespace) -> int:
-    conn = open_log(Path(ns.db))
-    events = [codec.from_stored(s) for s in stored_events(conn)]
+    events = list(read_events(open_log(Path(ns.db))))
     t = timeline.build(events, ns.migration)
     if not t.entries:
-        print(f"whimbrel-audit: no migration {ns.migration!r} in {ns.db}", file=sys.stderr)
+        complain(f"no migration {ns.migration!r} in {ns.db}")
         return EXIT_VIOLATIONS
     if ns.json:
         print(json.dumps(dataclasses.asdict(t)))
@@ -94,23 +99,21 @@ def cmd_timeline(ns: argparse.Namespace) -> int:
 
 
 def cmd_whatif(ns: argparse.Namespace) -> int:
-    conn = open_log(Path(ns.db))
-    events = [codec.from_stored(s) for s in stored_events(conn)]
+    events = list(read_events(open_log(Path(ns.db))))
     try:
         result = whatif.whatif(events, ns.migration, ns.policy)
     except (CoreError, ValueError) as err:  # a policy, or a migration, it cannot replay
-        print(f"whimbrel-audit: {err}", file=sys.stderr)
+        complain(str(err))
         return EXIT_VIOLATIONS
     except (json_format.ParseError, OSError, UnicodeDecodeError) as err:
-        print(f"whimbrel-audit: policy file {ns.policy}: {err}", file=sys.stderr)
+        complain(f"policy file {ns.policy}: {err}")
         return EXIT_UNREADABLE
     print(whatif.as_json(result) if ns.json else whatif.render(result))
     return EXIT_CLEAN
 
 
 def cmd_state(ns: argparse.Namespace) -> int:
-    conn = open_log(Path(ns.db))
-    events = (codec.from_stored(s) for s in stored_events(conn))
+    events = read_events(open_log(Path(ns.db)))
     world = state.at(events, seq=ns.at or 0,
                      time_us=state.parse_time(ns.at_time) if ns.at_time else 0)  # fmt: skip
     described = state.describe(world)
@@ -119,9 +122,7 @@ def cmd_state(ns: argparse.Namespace) -> int:
 
 
 def cmd_export(ns: argparse.Namespace) -> int:
-    conn = open_log(Path(ns.db))
-    for stored in stored_events(conn):
-        event = codec.from_stored(stored)
+    for stored, event in checked_events(open_log(Path(ns.db))):
         print(
             json.dumps(
                 {
@@ -149,10 +150,9 @@ def cmd_export(ns: argparse.Namespace) -> int:
 
 
 def cmd_why(ns: argparse.Namespace) -> int:
-    conn = open_log(Path(ns.db))
-    links = why.chain((codec.from_stored(s) for s in stored_events(conn)), ns.seq)
+    links = why.chain(read_events(open_log(Path(ns.db))), ns.seq)
     if not links:
-        print(f"whimbrel-audit: no event {ns.seq} in {ns.db}", file=sys.stderr)
+        complain(f"no event {ns.seq} in {ns.db}")
         return EXIT_VIOLATIONS
     if ns.json:
         print(json.dumps([dataclasses.asdict(link) for link in links]))
@@ -212,10 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(ns.run(ns))
     except Unreadable as err:
-        print(f"whimbrel-audit: unreadable: {err}", file=sys.stderr)
+        complain(f"unreadable: {err}")
         return EXIT_UNREADABLE
     except ValueError as err:
-        print(f"whimbrel-audit: {err}", file=sys.stderr)
+        complain(str(err))
         return EXIT_UNREADABLE
 
 

@@ -10,7 +10,7 @@ from coordinator.log import StoredEvent
 from whimbrel.tls import TlsError, TlsFiles, channel
 from whimbrel.v1 import eventlog_pb2, eventlog_pb2_grpc
 
-from .checks import Unreadable
+from .logfile import Unreadable
 
 
 def remote_events(

@@ -7,7 +7,10 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-from coordinator.core import Event, World, evolve
+from coordinator.core import Event, World
+
+from .display import joined
+from .logfile import fold
 
 
 def at(events: Iterable[Event], seq: int = 0, time_us: int = 0) -> World:
@@ -18,7 +21,7 @@ def at(events: Iterable[Event], seq: int = 0, time_us: int = 0) -> World:
             break
         if time_us and event.time_us > time_us:
             continue  # host clocks may disagree a little: keep folding later seqs up to time
-        evolve(world, event)
+        fold(world, event)
     return world
 
 
@@ -63,4 +66,4 @@ def render(state: dict[str, Any]) -> str:
         lines.append(f"  {mid:<16} {m['vm']} {m['source']}->{m['destination']} {m['phase']}"
                      + (" (past the point of no return)" if m["point_of_no_return_passed"]
                         else ""))  # fmt: skip
-    return "\n".join(lines)
+    return joined(lines)

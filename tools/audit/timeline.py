@@ -5,16 +5,19 @@ abort (the principals of their certificates; "unknown" for a coordinator served 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from google.protobuf import json_format
 
-from coordinator.core import Event, World, evolve
+from coordinator.core import Event, World
+from coordinator.core.invariants import qmp_data
 from coordinator.core.state import Kind, Phase
 from whimbrel.protocol import migration_stream
 from whimbrel.v1 import events_pb2
+
+from .display import joined
+from .logfile import fold
 
 
 @dataclass
@@ -38,19 +41,27 @@ def _who(principal: str) -> str:
     return principal or "unknown"
 
 
+def _label(kind: int) -> str:
+    """A command kind's name; a kind no coordinator issues by its number."""
+    try:
+        return Kind(kind).label
+    except ValueError:
+        return f"kind {kind}"
+
+
 def summary(event: Event) -> str:
     """One line saying what `event` is, for people."""
     p = event.payload
     if isinstance(p, events_pb2.QmpEventReceived):
-        data = json.loads(p.data_json)
+        data = qmp_data(p.data_json)
         return f"QMP {p.event} {data if data else ''}".strip()
     if isinstance(p, events_pb2.CommandIssued):
-        return f"issue {Kind(p.kind).label} -> {p.host_id}"
+        return f"issue {_label(p.kind)} -> {p.host_id}"
     if isinstance(p, events_pb2.CommandSucceeded):
         result = json_format.MessageToDict(p.result)
-        return f"{Kind(p.kind).label} succeeded {result if result else ''}".strip()
+        return f"{_label(p.kind)} succeeded {result if result else ''}".strip()
     if isinstance(p, events_pb2.CommandFailed):
-        return f"{Kind(p.kind).label} FAILED: {p.error}"
+        return f"{_label(p.kind)} FAILED: {p.error}"
     fields = json_format.MessageToDict(p, preserving_proto_field_name=True)
     fields.pop("migration_id", None)
     fields.pop("vm", None)
@@ -69,7 +80,7 @@ def build(events: list[Event], migration_id: str) -> Timeline:
     phase_since = 0
     issued: dict[str, Event] = {}
     for event in events:
-        evolve(world, event)
+        fold(world, event)
         m = world.migrations.get(migration_id)
         if m is None or event.stream != stream:
             continue
@@ -99,7 +110,7 @@ def build(events: list[Event], migration_id: str) -> Timeline:
             if start is not None:
                 timeline.commands.append(
                     {
-                        "command": Kind(p.kind).label,
+                        "command": _label(p.kind),
                         "host": event.origin_host,
                         "ok": isinstance(p, events_pb2.CommandSucceeded),
                         "ms": round((event.time_us - start.time_us) / 1000, 3),
@@ -144,4 +155,4 @@ def render(t: Timeline) -> str:
             f"({t.destination} RESUME minus {t.source} STOP, QEMU clocks)"
         )
     lines.append(f"outcome: {t.outcome or 'still open'}" + (f" ({t.reason})" if t.reason else ""))
-    return "\n".join(lines)
+    return joined(lines)

@@ -22,13 +22,17 @@ from pathlib import Path
 
 from google.protobuf import json_format
 
-from coordinator.core import Event, World, convergence, evolve, policies
+from coordinator.core import Event, World, convergence, policies
+from coordinator.core.invariants import qmp_data
 from coordinator.core.lifecycle import POSTCOPY_MODE_DOWNTIME_LIMIT_MS
 from coordinator.core.scheduling import counted
 from coordinator.core.state import MigrationState, Side
 from coordinator.core.validate import effective_policy
 from whimbrel import precopy_model as model
 from whimbrel.v1 import common_pb2, events_pb2
+
+from .display import joined
+from .logfile import fold
 
 MAX_PASSES = 1000
 # A sample taken while pre-copy still ran (hostd samples at each pass; the sync that converges
@@ -83,7 +87,7 @@ def recorded(events: list[Event], migration_id: str) -> tuple[Recorded, Migratio
     rates: dict[int, float] = {}
     sent, peak = 0, 0.0
     for event in events:
-        evolve(world, event)
+        fold(world, event)
         m = world.migrations.get(migration_id)
         if m is None:
             continue
@@ -98,9 +102,9 @@ def recorded(events: list[Event], migration_id: str) -> tuple[Recorded, Migratio
         if event.origin_host != m.source or getattr(p, "vm", "") != m.vm:
             continue
         if isinstance(p, events_pb2.QmpEventReceived):
-            data = json.loads(p.data_json or "{}")
+            data = qmp_data(p.data_json)
             if p.event == "MIGRATION_PASS":
-                passes = max(passes, int(data.get("pass", 0)))
+                passes = max(passes, _count(data.get("pass")))
             elif p.event == "MIGRATION" and data.get("status") == "active":
                 first_active_us = first_active_us or event.time_us
             elif p.event == "MIGRATION" and data.get("status") == "completed":
@@ -143,6 +147,11 @@ def recorded(events: list[Event], migration_id: str) -> tuple[Recorded, Migratio
     )
 
 
+def _count(value: object) -> int:
+    """A pass number from QMP data: a number, or nothing."""
+    return int(value) if isinstance(value, int | float) and 0 <= value < 2**63 else 0
+
+
 def policy_from(world_events: list[Event], spec: str) -> events_pb2.MigrationPolicy:
     """A stored policy's name (as the log last defined it), or a JSON file of a
     MigrationPolicy; resolved as the coordinator resolves a migration's."""
@@ -153,7 +162,7 @@ def policy_from(world_events: list[Event], spec: str) -> events_pb2.MigrationPol
     world = World()
     for event in world_events:
         if isinstance(event.payload, (events_pb2.PolicyDefined, events_pb2.DefaultPolicySet)):
-            evolve(world, event)
+            fold(world, event)
     return policies.resolve(world, spec, events_pb2.MigrationPolicy())
 
 
@@ -317,7 +326,7 @@ def render(w: WhatIf) -> str:
         + " MiB/s per pass",
     ]
     lines += [f"  note: {n}" for n in w.notes]
-    return "\n".join(lines)
+    return joined(lines)
 
 
 def as_json(w: WhatIf) -> str:

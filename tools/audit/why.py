@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from coordinator.core import Event
 from whimbrel.v1 import events_pb2
 
+from .display import joined
 from .timeline import summary
 
 
@@ -75,4 +76,4 @@ def render(links: list[Link]) -> str:
         start = links[-1]
         kind = "an observation" if "generation" in start.who else "a request or decision"
         lines.append(f"(the chain starts at {kind}, seq {start.seq})")
-    return "\n".join(lines)
+    return joined(lines)
