@@ -10,8 +10,9 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import socket
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,17 +158,19 @@ class Executor:
         runtime.save()
         incoming = role == "destination"
         tls_dir = self.migration_tls.directory if self.migration_tls else None
-        args = qemu.command_line(
-            resolved,
-            runtime.paths,
-            self.host_id,
-            incoming=incoming,
-            user=self.qemu_user,
-            tls_dir=tls_dir,
-        )
-        if self.netns:
-            args = ["ip", "netns", "exec", self.netns, *args]
-        pid = await qemu.launch(args, runtime.paths, spec.name)
+        with self._opened_disks(resolved) as disk_fds:
+            args = qemu.command_line(
+                resolved,
+                runtime.paths,
+                self.host_id,
+                incoming=incoming,
+                user=self.qemu_user,
+                tls_dir=tls_dir,
+                disk_fds=disk_fds,
+            )
+            if self.netns:
+                args = ["ip", "netns", "exec", self.netns, *args]
+            pid = await qemu.launch(args, runtime.paths, spec.name, pass_fds=disk_fds)
         self.vms[spec.name] = runtime
         try:
             await runtime.attach(pid)
@@ -176,6 +179,18 @@ class Executor:
             raise
         self.release_network_at_exit(runtime)
         return runtime
+
+    @contextlib.contextmanager
+    def _opened_disks(self, resolved: common_pb2.VmSpec) -> Iterator[list[int]]:
+        """The spec's disks opened for QEMU (Guard.open_disk), closed here once it has them."""
+        fds: list[int] = []
+        try:
+            for disk in resolved.disks:
+                fds.append(self.guard.open_disk(disk.path, resolved.name))
+            yield fds
+        finally:
+            for fd in fds:
+                os.close(fd)
 
     def release_network_at_exit(self, runtime: VmRuntime) -> None:
         """Whatever ends a QEMU (a crash, a kill, a fence), the network hook hears it: a dead

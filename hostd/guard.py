@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hostd.errors import CommandRejected
-from whimbrel import validate
+from whimbrel import files, validate
 from whimbrel.v1 import common_pb2, host_pb2
 
 __all__ = ["Guard", "check_migration_uri", "check_names"]
@@ -133,6 +133,19 @@ class Guard:
                     vm=spec.name,
                 )
         return resolved
+
+    def open_disk(self, path: str, vm: str) -> int:
+        """A descriptor of disk `path` (as `spec` resolved it) for QEMU to open again through
+        /proc/self/fd: opened beneath its allowed root without following a symlink, so a
+        directory swapped for one since the check cannot send QEMU elsewhere."""
+        real = Path(path)
+        root = next((r for r in self.disk_roots if real.is_relative_to(r)), None)
+        if root is None:
+            raise CommandRejected(f"refused: disk {path!r} is not under an allowed root", vm=vm)
+        try:
+            return files.open_beneath(root, real, os.O_RDWR, block=self.allow_block_devices)
+        except OSError as err:
+            raise CommandRejected(f"refused: disk {path!r}: {err.strerror or err}", vm=vm) from err
 
     def _file(
         self,

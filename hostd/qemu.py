@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import os
 import signal
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +60,7 @@ def command_line(
     incoming: bool,
     user: str = "",
     tls_dir: Path | None = None,
+    disk_fds: Sequence[int] = (),
 ) -> list[str]:
     """The QEMU command line for a VM: a fresh start, or a migration destination. Every value
     from the spec goes through `opt` (hostd's guard has checked the values themselves); QEMU
@@ -105,9 +107,12 @@ def command_line(
     else:
         args += ["-object", f"memory-backend-ram,id=mem,size={size}"]
     args += ["-machine", "memory-backend=mem"]
-    for disk in spec.disks:
+    for index, disk in enumerate(spec.disks):
         interface = disk.interface or "ide"
-        drive = f"file={opt(disk.path)},format={opt(disk.format or 'raw')},if={opt(interface)}"
+        # A descriptor hostd opened (Guard.open_disk), passed to QEMU: its /proc/self/fd link
+        # opens that very file again, whatever its path leads to by now.
+        path = f"/proc/self/fd/{disk_fds[index]}" if disk_fds else opt(disk.path)
+        drive = f"file={path},format={opt(disk.format or 'raw')},if={opt(interface)}"
         args += ["-drive", drive]
     if spec.kernel:
         args += ["-kernel", spec.kernel]
@@ -142,8 +147,9 @@ def command_line(
     return args
 
 
-async def launch(args: list[str], paths: VmPaths, vm: str) -> int:
-    """Start QEMU daemonized; returns its pid once the pidfile exists."""
+async def launch(args: list[str], paths: VmPaths, vm: str, pass_fds: Sequence[int] = ()) -> int:
+    """Start QEMU daemonized, with the descriptors `pass_fds` open at the same numbers; returns
+    its pid once the pidfile exists."""
     paths.root.mkdir(mode=0o700, parents=True, exist_ok=True)
     running = read_pid(paths)
     if running is not None and alive(running) and started_with(running, paths):
@@ -162,6 +168,7 @@ async def launch(args: list[str], paths: VmPaths, vm: str) -> int:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
         start_new_session=True,
+        pass_fds=tuple(pass_fds),
     )
     output, _ = await proc.communicate()
     if proc.returncode != 0:

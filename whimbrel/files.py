@@ -16,7 +16,7 @@ import secrets
 import stat
 from pathlib import Path
 
-__all__ = ["UnsafeFile", "open_dir", "open_in", "write_atomically"]
+__all__ = ["UnsafeFile", "open_beneath", "open_dir", "open_in", "write_atomically"]
 
 
 class UnsafeFile(OSError):
@@ -49,6 +49,40 @@ def open_in(dir_fd: int, name: str, flags: int, mode: int = 0o600) -> int:
         os.close(fd)
         what = "has other hard links" if stat.S_ISREG(st.st_mode) else "is not a regular file"
         raise UnsafeFile(errno.EPERM, f"{name} {what}, refused")
+    return fd
+
+
+def open_beneath(root: Path, path: Path, flags: int, *, block: bool = False) -> int:
+    """Open `path`, which lies under the directory `root`, one component at a time from `root`
+    and never through a symlink: a directory swapped for a symlink after `path` was checked
+    (on storage others write to) is refused, not followed out of `root`. Only a regular file
+    with one link, or with `block` a block device."""
+    parts = path.relative_to(root).parts
+    if not parts or any(part in (".", "..") for part in parts):
+        raise UnsafeFile(errno.EINVAL, f"{path} is not a file under {root}")
+    directory = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in parts[:-1]:
+            below = os.open(
+                part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory
+            )
+            os.close(directory)
+            directory = below
+        # O_NONBLOCK: a FIFO in the file's place must not hold the open (it is refused below).
+        fd = os.open(
+            parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=directory
+        )
+    except OSError as err:
+        if err.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise UnsafeFile(err.errno, f"{path}: a symlink on the way, refused") from err
+        raise
+    finally:
+        os.close(directory)
+    st = os.fstat(fd)
+    regular = stat.S_ISREG(st.st_mode) and st.st_nlink == 1
+    if not (regular or (block and stat.S_ISBLK(st.st_mode))):
+        os.close(fd)
+        raise UnsafeFile(errno.EPERM, f"{path} is no longer the file that was checked, refused")
     return fd
 
 

@@ -239,6 +239,34 @@ def test_a_qcow2_disk_naming_files_outside_the_roots_is_refused(tmp_path: Path) 
         guard.spec(qcow2("raw.img"))
 
 
+def test_a_disk_directory_swapped_for_a_symlink_after_the_check_is_refused(
+    tmp_path: Path,
+) -> None:
+    """The check resolves the path once; QEMU opened it by name later, so a writer of the
+    shared disk root who swapped a directory for a symlink in between sent QEMU (and the
+    guest's writes) outside the root. hostd now opens the disk itself, beneath its root and
+    never through a symlink, and QEMU reopens that descriptor through /proc/self/fd."""
+    root, outside = tmp_path / "disks", tmp_path / "outside"
+    (root / "vm-1").mkdir(parents=True)
+    outside.mkdir()
+    (root / "vm-1" / "disk.img").write_bytes(b"guest disk")
+    (outside / "disk.img").write_bytes(b"precious")
+    guard = Guard.of([str(root)], [])
+    resolved = guard.spec(spec(disk=str(root / "vm-1" / "disk.img")))
+    fd = guard.open_disk(resolved.disks[0].path, "vm-1")
+    try:
+        assert os.read(fd, 10) == b"guest disk"
+    finally:
+        os.close(fd)
+    (root / "vm-1").rename(root / "vm-1.old")
+    (root / "vm-1").symlink_to(outside)  # the swap, between the check and the open
+    with pytest.raises(CommandRejected, match="a symlink on the way"):
+        guard.open_disk(resolved.disks[0].path, "vm-1")
+    args = qemu.command_line(resolved, qemu.VmPaths(tmp_path / "state"), "host-a", incoming=False,
+                        disk_fds=[7])  # fmt: skip
+    assert "file=/proc/self/fd/7,format=raw,if=ide" in args
+
+
 async def test_a_memory_file_outside_the_roots_is_refused(
     tmp_path: Path, launches: list[list[str]]
 ) -> None:
