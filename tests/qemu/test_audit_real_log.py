@@ -61,7 +61,8 @@ def test_untouched_real_log_verifies_as_final(copy: Path, capsys):
 
 def test_edited_payload(copy: Path, capsys):
     seq = seq_of(copy, "type = 'LeaseAcquired' AND origin_host = 'host-b'")
-    tamper(copy, f"UPDATE events SET payload = payload || x'00' WHERE seq = {seq}")
+    # CAST: SQLite's || yields text, which the audit reports as a malformed row before any hash.
+    tamper(copy, f"UPDATE events SET payload = CAST(payload || x'00' AS BLOB) WHERE seq = {seq}")
     line = first_violation(copy, capsys)
     assert line.startswith(f"VIOLATION at seq {seq}:") and "hash does not match" in line
 
