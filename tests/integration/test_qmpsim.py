@@ -59,14 +59,25 @@ class Sim:
         return self.root / f"{self.name}.pid"
 
 
-def launch(root: Path, name: str, *extra: str, env: dict[str, str] | None = None) -> Sim:
+def launch(
+    root: Path,
+    name: str,
+    *extra: str,
+    env: dict[str, str] | None = None,
+    pass_fds: tuple[int, ...] = (),
+) -> Sim:
     sim = Sim(root, name)
     args = [str(LAUNCHER), "-name", name, "-machine", "pc,accel=tcg", "-m", "64M",
             "-nodefaults", "-display", "none", "-sandbox", "on",
             "-qmp", f"unix:{sim.qmp},server=on,wait=off", "-daemonize",
             "-pidfile", str(sim.pidfile), *extra]  # fmt: skip
     done = subprocess.run(
-        args, capture_output=True, check=False, env=env or sim_env(), timeout=LIMIT_S
+        args,
+        capture_output=True,
+        check=False,
+        env=env or sim_env(),
+        timeout=LIMIT_S,
+        pass_fds=pass_fds,
     )
     assert done.returncode == 0, done.stderr
     sim.pid = int(sim.pidfile.read_text())
@@ -321,6 +332,37 @@ async def test_fork_server_launches_the_same_daemon(
         await asyncio.wait_for(_readable(pidfd), LIMIT_S)
         os.close(pidfd)
         assert not sim.pidfile.exists() and not sim.qmp.exists()
+    finally:
+        kill(sim)
+
+
+@pytest.mark.parametrize("through_server", [True, False])
+def test_a_disk_passed_as_a_descriptor_reaches_the_daemon(
+    tmp_path: Path, forks: ForkServer, through_server: bool
+) -> None:
+    """hostd opens each disk and names it file=/proc/self/fd/N: the daemon holds that very
+    file at N, whether the fork server forked it or the launcher did. The descriptor number
+    is one the fork server does not have open itself."""
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(4096))
+    opened = os.open(disk, os.O_RDWR)
+    number = 200
+    os.dup2(opened, number)
+    os.close(opened)
+    env = sim_env(forkserver=str(forks.socket)) if through_server else sim_env()
+    try:
+        sim = launch(
+            tmp_path,
+            "vm",
+            "-drive",
+            f"file=/proc/self/fd/{number},format=raw,if=ide",
+            env=env,
+            pass_fds=(number,),
+        )
+    finally:
+        os.close(number)
+    try:
+        assert os.readlink(f"/proc/{sim.pid}/fd/{number}") == str(disk)
     finally:
         kill(sim)
 

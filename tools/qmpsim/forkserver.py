@@ -7,7 +7,8 @@ names SOCKET) sends its working directory, argv and environment (`launch.encode`
 shuts its side down. The server forks a child that becomes the daemon as -daemonize would
 make it (a session of its own, umask 027, stdio to /dev/null), checks the command line as
 `main` would (its error goes back over the connection), and runs `main` with the connection
-as its readiness pipe; the launcher exits as QEMU's launching process does.
+as its readiness pipe; the launcher exits as QEMU's launching process does. Descriptors the
+launcher passed (`launch.named_descriptors`) are put back at their numbers in the child.
 
 The child rewrites its command line in place (the server's own argv, which ROOM pads), so
 /proc/PID/cmdline shows the VM's QEMU arguments: hostd recognises its QEMU by the pidfile
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import gc
 import os
 import signal
@@ -29,6 +31,7 @@ from pathlib import Path
 from . import daemon
 from .cmdline import PROGRAM, CmdlineError, parse
 from .knobs import KnobsError, load
+from .launch import MAX_FDS
 from .main import main
 
 __all__ = ["ROOM", "serve"]
@@ -50,17 +53,54 @@ class Request:
     cwd: str
     argv: list[str]
     env: dict[str, str]
+    # The launcher's descriptor numbers, each with the descriptor received for it here.
+    fds: dict[int, int]
+
+    def close_fds(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
 
 
 def _receive(conn: socket.socket) -> Request:
-    """The inverse of `launch.encode`."""
-    chunks = []
-    while chunk := conn.recv(65536):
-        chunks.append(chunk)
-    fields = [os.fsdecode(f) for f in b"".join(chunks).split(b"\0")]
-    argc = int(fields[1])
-    env = dict(item.split("=", 1) for item in fields[2 + argc :] if "=" in item)
-    return Request(fields[0], fields[2 : 2 + argc], env)
+    """The inverse of `launch.encode` and `launch._send`."""
+    first, ancillary, flags, _ = conn.recvmsg(65536, socket.CMSG_SPACE(MAX_FDS * 4))
+    received = [
+        int.from_bytes(data[i : i + 4], sys.byteorder)
+        for level, kind, data in ancillary
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
+        for i in range(0, len(data) - len(data) % 4, 4)
+    ]
+    try:
+        chunks = [first]
+        while chunk := conn.recv(65536):
+            chunks.append(chunk)
+        fields = [os.fsdecode(f) for f in b"".join(chunks).split(b"\0")]
+        argc = int(fields[1])
+        numbers = [int(n) for n in fields[2 + argc].split(",") if n]
+        if flags & socket.MSG_CTRUNC or len(numbers) != len(received):
+            raise ValueError("the descriptors do not match their numbers")
+        env = dict(item.split("=", 1) for item in fields[3 + argc :] if "=" in item)
+    except BaseException:
+        for fd in received:
+            os.close(fd)
+        raise
+    return Request(fields[0], fields[2 : 2 + argc], env, dict(zip(numbers, received, strict=True)))
+
+
+def _place(fds: dict[int, int], keep: int) -> int:
+    """In the child: each received descriptor moved to its launcher's number, inheritable as
+    QEMU's would be; returns where `keep` (the connection) now is, clear of those numbers."""
+    clear = max([keep, 2, *fds, *fds.values()]) + 1
+    moved = fcntl.fcntl(keep, fcntl.F_DUPFD_CLOEXEC, clear)
+    os.close(keep)
+    staged = {}
+    for number, fd in fds.items():
+        staged[number] = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, clear)
+        os.close(fd)
+    for number, fd in staged.items():
+        os.dup2(fd, number, inheritable=True)
+        os.close(fd)
+    return moved
 
 
 def _become_vm(conn: socket.socket, request: Request) -> int:
@@ -74,7 +114,7 @@ def _become_vm(conn: socket.socket, request: Request) -> int:
     os.environ.update(request.env)
     _set_cmdline([PROGRAM, *request.argv])
     daemon.quiet_stdio()
-    readiness = daemon.Readiness(conn.detach())
+    readiness = daemon.Readiness(_place(request.fds, conn.detach()))
     try:
         load(parse(request.argv).name)
     except (CmdlineError, KnobsError) as err:
@@ -111,6 +151,7 @@ def serve(path: str) -> None:
             finally:
                 os._exit(code)
         conn.close()
+        request.close_fds()
 
 
 if __name__ == "__main__":
