@@ -634,10 +634,11 @@ class Scheduler:
         cluster = self.cluster
 
         def ready(w: World) -> bool:
-            # A VM a rollback left paused without its lease moves once it took it back (or
-            # will not: the request is then refused, as the operator's would be).
+            # A VM a rollback left paused without its lease moves once it took it back and
+            # runs (or will not: the request is then refused, as the operator's would be);
+            # a VM with a command in flight is refused until it is answered.
             vm = w.vms[VM]
-            settled = vm.lease_holder == vm.host or not vm.resume_owed
+            settled = not vm.resume_owed and not vm.commands
             return settled and cluster.connected(w, source) and cluster.connected(w, destination)
 
         world = await self._drive(ready, f"{source} and {destination} connect")

@@ -96,6 +96,13 @@ def start_migration(world: World, req: I.StartMigration) -> list[NewEvent]:
         raise IllegalTransition(
             f"VM {vm.name}", "migrate", vm.status.name.lower(), ["running", "paused"]
         )
+    if vm.commands:
+        # Its answer would change what the migration starts from: a resume in flight makes
+        # a "paused" source one that runs, so a rollback would leave it paused for good.
+        pending = ", ".join(sorted(f"{c.kind_name} on {c.host}" for c in vm.commands.values()))
+        raise IllegalTransition(
+            f"VM {vm.name}", "migrate", f"{pending} in flight", ["no VM command in flight"]
+        )
     if req.destination == vm.host:
         raise InvalidRequest(
             f"VM {vm.name} already runs on {vm.host}: source and destination are the same"
@@ -117,7 +124,8 @@ def start_migration(world: World, req: I.StartMigration) -> list[NewEvent]:
         destination=req.destination,
         mode=common_pb2.MigrationMode.ValueType(mode),
         policy=policy,
-        source_was_running=vm.status == VmStatus.RUNNING,
+        # A VM a rollback left paused only for want of its lease is owed a run (vm_decisions).
+        source_was_running=vm.status == VmStatus.RUNNING or vm.resume_owed,
         source_lease_generation=vm.lease_generation,
         requested_by=req.principal,
     )

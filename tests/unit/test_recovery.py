@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.core import NewEvent, recovery
+from coordinator.core import IllegalTransition, NewEvent, decide, recovery
 from coordinator.core import inputs as I
 from coordinator.core.invariants import InvariantChecker
 from coordinator.core.state import Kind, Phase
@@ -301,6 +301,32 @@ def test_a_rollback_left_paused_by_the_destinations_lease_runs_once_it_is_free()
     assert steps == ["destroy-vm@host-b", "acquire-lease@host-a", "resume-vm@host-a"]
     assert (vm.status.name, vm.lease_holder, vm.resume_owed) == ("RUNNING", "host-a", False)
     assert InvariantChecker().check(driver.log) == []
+
+
+def test_a_migration_of_a_vm_owed_a_resume_keeps_it_running() -> None:
+    """A VM a rollback left paused only for want of its lease is meant to run: a migration
+    asked for while its resume is in flight is refused, naming it (its answer changes what
+    the migration starts from; sim seed 14176 took the VM as paused, and the next rollback
+    left it paused); one asked for before the resume is issued counts it as running."""
+    driver, hosts = fresh()
+    unheard = _destination_takes_the_lease_unheard(driver, hosts)
+    restart(driver, missing=("host-b",))
+    _roll_back_without(driver, hosts, "host-b")
+    driver.connect("host-b")
+    driver.observe(*unheard)
+    answer(driver, hosts, driver.request(I.ReconcileVm("vm-1", driver.now_us)))  # the stray
+    answer(driver, hosts, driver.request(I.ReconcileVm("vm-1", driver.now_us)))  # the lease
+    vm = driver.world.vms["vm-1"]
+    assert (vm.status.name, vm.lease_holder, vm.resume_owed) == ("PAUSED", "host-a", True)
+    owed = driver.world.copy()
+    assert reconcile(driver) == ["resume-vm@host-a"]
+    before = driver.world.copy()
+    second = I.StartMigration("m-2", "vm-1", "host-b", 1, E.MigrationPolicy(), driver.now_us)
+    with pytest.raises(IllegalTransition, match="resume-vm on host-a in flight"):
+        decide(driver.world, second)
+    assert driver.world == before
+    (requested,) = decide(owed, second)
+    assert requested.payload.source_was_running
 
 
 def test_an_owed_resume_is_tried_once() -> None:
