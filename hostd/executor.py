@@ -186,7 +186,7 @@ class Executor:
         fds: list[int] = []
         try:
             for disk in resolved.disks:
-                fds.append(self.guard.open_disk(disk.path, resolved.name))
+                fds.append(self.guard.open_disk(disk.path, resolved.name, disk.format))
             yield fds
         finally:
             for fd in fds:

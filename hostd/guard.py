@@ -114,7 +114,7 @@ class Guard:
         for disk in resolved.disks:
             disk.path = self._file(disk.path, "disk", spec.name, self.allow_block_devices)
             if disk.format == "qcow2":
-                _refuse_other_files(disk.path, spec.name)
+                os.close(self.open_disk(disk.path, spec.name, disk.format, os.O_RDONLY))
         backing = resolved.memory_backing
         if backing.kind == "file" and not incoming:
             backing.path = self._file(backing.path, "memory file", spec.name, block=False)
@@ -134,18 +134,26 @@ class Guard:
                 )
         return resolved
 
-    def open_disk(self, path: str, vm: str) -> int:
+    def open_disk(self, path: str, vm: str, fmt: str, flags: int = os.O_RDWR) -> int:
         """A descriptor of disk `path` (as `spec` resolved it) for QEMU to open again through
         /proc/self/fd: opened beneath its allowed root without following a symlink, so a
-        directory swapped for one since the check cannot send QEMU elsewhere."""
+        directory swapped for one since the check cannot send QEMU elsewhere. A qcow2 image
+        is checked through the descriptor, so the header judged is the one QEMU reads."""
         real = Path(path)
         root = next((r for r in self.disk_roots if real.is_relative_to(r)), None)
         if root is None:
             raise CommandRejected(f"refused: disk {path!r} is not under an allowed root", vm=vm)
         try:
-            return files.open_beneath(root, real, os.O_RDWR, block=self.allow_block_devices)
+            fd = files.open_beneath(root, real, flags, block=self.allow_block_devices)
         except OSError as err:
             raise CommandRejected(f"refused: disk {path!r}: {err.strerror or err}", vm=vm) from err
+        if fmt == "qcow2":
+            try:
+                _refuse_other_files(fd, path, vm)
+            except BaseException:
+                os.close(fd)
+                raise
+        return fd
 
     def _file(
         self,
@@ -188,13 +196,12 @@ _QCOW2_FEATURES_AT = 72
 _QCOW2_EXTERNAL_DATA = 1 << 2
 
 
-def _refuse_other_files(path: str, vm: str) -> None:
+def _refuse_other_files(fd: int, path: str, vm: str) -> None:
     """A qcow2 image names its files itself: a backing file or an external data file would
     have QEMU open (and the guest write) a file no allowed root covers. Images standing alone
-    only."""
+    only. `fd`: the image, opened as `path`."""
     try:
-        with open(path, "rb") as image:
-            header = image.read(_QCOW2_FEATURES_AT + _QCOW2_FEATURES.size)
+        header = os.pread(fd, _QCOW2_FEATURES_AT + _QCOW2_FEATURES.size, 0)
     except OSError as err:
         raise CommandRejected(f"refused: disk {path!r}: {err.strerror}", vm=vm) from err
     if len(header) < _QCOW2.size or header[:4] != _QCOW2_MAGIC:

@@ -208,6 +208,10 @@ def test_block_devices_only_when_allowed(tmp_path: Path) -> None:
     assert Guard.of(["/dev"], [], allow_block_devices=True).spec(disk).disks[0].path == str(device)
 
 
+def _qemu_img_create(*args: str) -> None:
+    subprocess.run(["qemu-img", "create", "-q", *args], check=True)
+
+
 def test_a_qcow2_disk_naming_files_outside_the_roots_is_refused(tmp_path: Path) -> None:
     """A qcow2 image names other files itself: with a backing file or an external data file
     outside the allowed root, QEMU opened them and the guest wrote one. Refused; a plain qcow2
@@ -215,10 +219,7 @@ def test_a_qcow2_disk_naming_files_outside_the_roots_is_refused(tmp_path: Path) 
     root, outside = tmp_path / "disks", tmp_path / "outside"
     root.mkdir()
     outside.mkdir()
-
-    def img(*args: str) -> None:
-        subprocess.run(["qemu-img", "create", "-q", *args], check=True)
-
+    img = _qemu_img_create
     img("-f", "raw", str(outside / "secret.raw"), "1M")
     img("-f", "qcow2", "-b", str(outside / "secret.raw"), "-F", "raw", str(root / "b.qcow2"))
     img("-f", "qcow2", "-o", f"data_file={outside / 'victim.raw'}", str(root / "d.qcow2"), "1M")
@@ -239,6 +240,27 @@ def test_a_qcow2_disk_naming_files_outside_the_roots_is_refused(tmp_path: Path) 
         guard.spec(qcow2("raw.img"))
 
 
+def test_a_qcow2_image_swapped_after_the_check_is_judged_again_where_opened(
+    tmp_path: Path,
+) -> None:
+    """The header was read by path at the check and the disk opened later: an image renamed
+    into its place in between (one naming a backing file outside the root) reached QEMU
+    unjudged. The header is now read through the descriptor QEMU reopens."""
+    root, outside = tmp_path / "disks", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    img = _qemu_img_create
+    img("-f", "raw", str(outside / "secret.raw"), "1M")
+    img("-f", "qcow2", str(root / "disk.qcow2"), "1M")
+    img("-f", "qcow2", "-b", str(outside / "secret.raw"), "-F", "raw", str(root / "evil.qcow2"))
+    guard = Guard.of([str(root)], [])
+    disk = common_pb2.Disk(path=str(root / "disk.qcow2"), format="qcow2")
+    resolved = guard.spec(common_pb2.VmSpec(name="vm-1", memory_mib=64, vcpus=1, disks=[disk]))
+    (root / "evil.qcow2").rename(root / "disk.qcow2")  # the swap, between check and open
+    with pytest.raises(CommandRejected, match="names a backing file"):
+        guard.open_disk(resolved.disks[0].path, "vm-1", "qcow2")
+
+
 def test_a_disk_directory_swapped_for_a_symlink_after_the_check_is_refused(
     tmp_path: Path,
 ) -> None:
@@ -253,7 +275,7 @@ def test_a_disk_directory_swapped_for_a_symlink_after_the_check_is_refused(
     (outside / "disk.img").write_bytes(b"precious")
     guard = Guard.of([str(root)], [])
     resolved = guard.spec(spec(disk=str(root / "vm-1" / "disk.img")))
-    fd = guard.open_disk(resolved.disks[0].path, "vm-1")
+    fd = guard.open_disk(resolved.disks[0].path, "vm-1", "raw")
     try:
         assert os.read(fd, 10) == b"guest disk"
     finally:
@@ -261,7 +283,7 @@ def test_a_disk_directory_swapped_for_a_symlink_after_the_check_is_refused(
     (root / "vm-1").rename(root / "vm-1.old")
     (root / "vm-1").symlink_to(outside)  # the swap, between the check and the open
     with pytest.raises(CommandRejected, match="a symlink on the way"):
-        guard.open_disk(resolved.disks[0].path, "vm-1")
+        guard.open_disk(resolved.disks[0].path, "vm-1", "raw")
     args = qemu.command_line(resolved, qemu.VmPaths(tmp_path / "state"), "host-a", incoming=False,
                         disk_fds=[7])  # fmt: skip
     assert "file=/proc/self/fd/7,format=raw,if=ide" in args
