@@ -303,11 +303,9 @@ def test_a_rollback_left_paused_by_the_destinations_lease_runs_once_it_is_free()
     assert InvariantChecker().check(driver.log) == []
 
 
-def test_a_migration_of_a_vm_owed_a_resume_keeps_it_running() -> None:
-    """A VM a rollback left paused only for want of its lease is meant to run: a migration
-    asked for while its resume is in flight is refused, naming it (its answer changes what
-    the migration starts from; sim seed 14176 took the VM as paused, and the next rollback
-    left it paused); one asked for before the resume is issued counts it as running."""
+def _stray_destroyed_after_a_paused_rollback() -> tuple[Driver, SimHosts]:
+    """The rollback left the source paused (its destination held the lease, then missed
+    recovery); the destination is back and its stray copy destroyed: the lease is free."""
     driver, hosts = fresh()
     unheard = _destination_takes_the_lease_unheard(driver, hosts)
     restart(driver, missing=("host-b",))
@@ -315,6 +313,15 @@ def test_a_migration_of_a_vm_owed_a_resume_keeps_it_running() -> None:
     driver.connect("host-b")
     driver.observe(*unheard)
     answer(driver, hosts, driver.request(I.ReconcileVm("vm-1", driver.now_us)))  # the stray
+    return driver, hosts
+
+
+def test_a_migration_of_a_vm_owed_a_resume_keeps_it_running() -> None:
+    """A VM a rollback left paused only for want of its lease is meant to run: a migration
+    asked for while its resume is in flight is refused, naming it (its answer changes what
+    the migration starts from; sim seed 14176 took the VM as paused, and the next rollback
+    left it paused); one asked for before the resume is issued counts it as running."""
+    driver, hosts = _stray_destroyed_after_a_paused_rollback()
     answer(driver, hosts, driver.request(I.ReconcileVm("vm-1", driver.now_us)))  # the lease
     vm = driver.world.vms["vm-1"]
     assert (vm.status.name, vm.lease_holder, vm.resume_owed) == ("PAUSED", "host-a", True)
@@ -332,13 +339,7 @@ def test_a_migration_of_a_vm_owed_a_resume_keeps_it_running() -> None:
 def test_an_owed_resume_is_tried_once() -> None:
     """The source's acquire fails even after the lease came free (another fault): the VM stays
     paused with the failure in the log, not retried on every event."""
-    driver, hosts = fresh()
-    unheard = _destination_takes_the_lease_unheard(driver, hosts)
-    restart(driver, missing=("host-b",))
-    _roll_back_without(driver, hosts, "host-b")
-    driver.connect("host-b")
-    driver.observe(*unheard)
-    answer(driver, hosts, driver.request(I.ReconcileVm("vm-1", driver.now_us)))  # the stray
+    driver, hosts = _stray_destroyed_after_a_paused_rollback()
     hosts.fail_kinds.add(Kind.ACQUIRE_LEASE)
     decided = driver.request(I.ReconcileVm("vm-1", driver.now_us))
     assert decisions(decided) == ["acquire-lease@host-a"]
