@@ -747,6 +747,11 @@ def _rolling_back(world: World, m: MigrationState, issue: Issuer, now_us: int) -
     ):
         out.append(issue(Kind.CANCEL_MIGRATION, src.host, reason="rollback"))
     cancelling = bool(out) or (cancel is not None and cancel.state == ISSUED)
+    # A start still unanswered may yet run: with the switch it carries, post-copy begins at
+    # once, and against a destination destroyed first it pauses for good (as above).
+    start = m.cmd(Kind.START_MIGRATION, src.host)
+    if start is not None and start.state == ISSUED and src.alive:
+        cancelling = cancelling or start.issued.args.start_postcopy
     prepared = m.cmd(Kind.PREPARE_INCOMING, dst.host) is not None
     destroy = m.cmd(Kind.DESTROY_VM, dst.host, this_attempt=True)
     # A destination that never ran and cannot be destroyed stays paused (-S) and without the

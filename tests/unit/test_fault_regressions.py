@@ -669,6 +669,44 @@ def test_a_post_copy_rollback_cancels_the_source_before_it_destroys_the_destinat
     assert "destroy-vm@host-b" in decisions(driver.advance("m-1"))
 
 
+def test_a_rollback_waits_for_a_start_that_may_switch_to_post_copy():
+    """Aborted while the source's start (carrying the post-copy switch) was still unanswered
+    (sim seed 16228): the rollback destroyed the destination, then the start ran, post-copy
+    began and paused against the dead destination, and the cancel left the source
+    `cancelling` for good: fenced, a healthy VM lost. The destination now goes only once the
+    start is answered, and then after the source's cancel."""
+    driver, hosts = fresh()
+    start(driver, POSTCOPY)
+    start_cmd = until_issued(driver, hosts, Kind.START_MIGRATION)
+    assert start_cmd.args.start_postcopy
+    issued = driver.request(I.AbortMigration("m-1", "test", driver.now_us, "spiffe://t"))
+    for _ in range(10):
+        new = [e for e in driver.advance("m-1") if e.type == "CommandIssued"]
+        issued += new
+        answer(driver, hosts, new)
+        if not new:
+            break
+    assert "destroy-vm@host-b" not in decisions(issued)
+    driver.answered.add(start_cmd.command_id)
+    driver.observe(*hosts.answer(start_cmd))  # it ran late: post-copy began
+    assert driver.world.migrations["m-1"].src.status == "postcopy-active"
+    later = []
+    for _ in range(10):
+        new = [e for e in driver.advance("m-1") if e.type == "CommandIssued"]
+        later += new
+        answer(driver, hosts, [e for e in new if Kind(e.payload.kind) != Kind.CANCEL_MIGRATION])
+        if not new:
+            break
+    assert "cancel-migration@host-a" in decisions(later)
+    assert "destroy-vm@host-b" not in decisions(later)
+    answer(driver, hosts, [_issued(driver, Kind.CANCEL_MIGRATION)])
+    driver.run("m-1", hosts)
+    m = driver.world.migrations["m-1"]
+    assert m.phase == Phase.ROLLED_BACK, m.reason
+    assert driver.world.vms["vm-1"].running_hosts() == ["host-a"]
+    clean(driver)
+
+
 def test_a_source_left_cancelling_after_its_post_copy_paused_is_fenced():
     """The destination died anyway (a crash, not the rollback) before the cancel arrived: the
     source paused its post-copy, then took the cancel and stays `cancelling`. It will never run
