@@ -23,6 +23,7 @@ from google.protobuf.message import Message
 
 from hostd import qemu
 from hostd.errors import HostdError, QmpError, QmpUnavailable
+from hostd.event_budget import DROPPED_EVENT, REPORT_EVERY_S, RecordBudget
 from hostd.qmp import QmpSession
 from whimbrel import failpoints, files, protocol
 from whimbrel.v1 import common_pb2, events_pb2
@@ -92,6 +93,9 @@ class VmRuntime:
         # have died unreported with the previous one).
         self.network_phase_reported = ""
         self.log = log.getChild(self.name)
+        # Record-only QMP events a guest could send at will go up at a bounded rate.
+        self._record_budget = RecordBudget()
+        self._drop_report: asyncio.Task[None] | None = None
 
     def save(self) -> None:
         """Keep the spec and role beside the QEMU files, for a restarted hostd."""
@@ -272,6 +276,10 @@ class VmRuntime:
         await self._until(lambda: self.running, "the guest runs", limit)
 
     async def _on_event(self, name: str, data: dict[str, Any], time_us: int) -> None:
+        if not self._record_budget.admit(name):
+            if self._drop_report is None:
+                self._drop_report = asyncio.create_task(self._report_dropped())
+            return
         if name == "MIGRATION" and data.get("status") == "failed":
             # Why, in QEMU's words, reaches the log before the failure it explains, so the
             # coordinator's decision on it can say so (a TLS certificate refused, a peer gone).
@@ -353,6 +361,18 @@ class VmRuntime:
             return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._sample(self._last_pass), limit)
+
+    async def _report_dropped(self) -> None:
+        """After a period, the counts of record-only events dropped in it, as one event."""
+        await asyncio.sleep(REPORT_EVERY_S)
+        self._drop_report = None
+        dropped = self._record_budget.take_dropped()
+        self.log.warning("QMP events beyond the record budget dropped: %s", dropped)
+        data = {"dropped": dropped, "period_s": REPORT_EVERY_S}
+        payload = events_pb2.QmpEventReceived(
+            vm=self.name, event=DROPPED_EVENT, data_json=json.dumps(data, sort_keys=True)
+        )
+        await self.emit(payload, time.time_ns() // 1000)
 
     def _sample_soon(self, pass_: int) -> None:
         # Sampled beside the event stream, so the next events are not held up by it.
@@ -445,6 +465,8 @@ class VmRuntime:
 
     async def close(self) -> None:
         """Stop watching without touching QEMU (hostd shutting down)."""
+        if self._drop_report is not None:
+            self._drop_report.cancel()
         if self._qmp_watch is not None:
             self._qmp_watch.cancel()
         if self._watch is not None:

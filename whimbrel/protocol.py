@@ -24,6 +24,7 @@ __all__ = [
     "MAX_QMP_EVENT_DATA",
     "PAYLOAD_CLASSES",
     "PAYLOAD_FIELDS",
+    "QMP_EVENTS_ACTED_ON",
     "VERSION",
     "host_stream",
     "kind_label",
@@ -35,6 +36,11 @@ __all__ = [
 ]
 
 VERSION = "0.1.0"
+
+# The QMP events hostd and the coordinator act on: always forwarded, in order. Any other
+# (RESET, RTC_CHANGE, ...) is kept for the record only, and a guest can have QEMU send some at
+# will, so hostd forwards those at a bounded rate (hostd.event_budget).
+QMP_EVENTS_ACTED_ON = frozenset({"MIGRATION", "MIGRATION_PASS", "STOP", "RESUME", "SHUTDOWN"})
 
 # A QMP event's data as hostd forwards it: QEMU's own are a few hundred bytes; hostd replaces
 # larger ones with {"whimbrel_dropped_bytes": N}, and the coordinator refuses them.

@@ -16,6 +16,7 @@ from google.protobuf.message import Message
 
 from hostd import vm as vm_module
 from hostd.errors import HostdError, QmpError, QmpUnavailable
+from hostd.event_budget import BURST, DROPPED_EVENT
 from hostd.vm import VmRuntime
 from whimbrel.v1 import common_pb2, events_pb2
 
@@ -115,18 +116,44 @@ async def _odd_events(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
         await writer.drain()
 
 
-_POLITE = {"arrays": _answers_arrays, "silent": _never_answers, "odd-events": _odd_events}
+FLOOD = 300
+
+
+async def _reset_flood(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answers commands; after the first, a guest resetting itself in a loop (FLOOD RESETs at
+    once), then a STOP."""
+    sent = False
+    while True:
+        command = await request(reader)
+        writer.write(line({"return": {}, "id": command.get("id")}))
+        if not sent:
+            for _ in range(FLOOD):
+                writer.write(_event("RESET", {"guest": True, "reason": "guest-reset"}))
+            writer.write(_event("STOP", {}))
+            sent = True
+        await writer.drain()
+
+
+_POLITE = {
+    "arrays": _answers_arrays,
+    "silent": _never_answers,
+    "odd-events": _odd_events,
+    "reset-flood": _reset_flood,
+}
 
 
 class Reported:
     def __init__(self) -> None:
         self.payloads: list[Message] = []
         self.broken = asyncio.Event()
+        self.drops_reported = asyncio.Event()
 
     async def emit(self, payload: Message, time_us: int) -> None:
         self.payloads.append(payload)
         if isinstance(payload, events_pb2.VmObserved) and payload.reason == "qmp-broken":
             self.broken.set()
+        if isinstance(payload, events_pb2.QmpEventReceived) and payload.event == DROPPED_EVENT:
+            self.drops_reported.set()
 
     def observed(self) -> list[tuple[str, bool, bool]]:
         return [
@@ -287,3 +314,22 @@ async def test_an_event_the_handler_fails_on_leaves_later_events_flowing(
         assert json.loads(huge.data_json) == {
             "whimbrel_dropped_bytes": len(json.dumps({"device": "d" * 100_000}))
         }
+
+
+async def test_a_guest_resetting_in_a_loop_is_kept_off_the_log_beyond_a_budget(
+    tmp_path: Path, process: asyncio.subprocess.Process
+) -> None:
+    """A guest can have QEMU send a RESET every few tens of milliseconds (48 in 3 s under TCG
+    from a boot sector that resets at once), each one appended to the coordinator's durable
+    log, forever. A burst of them goes up, the rest are counted and reported as one event;
+    the events hostd and the coordinator act on (the STOP after them) always go up."""
+    reported = Reported()
+    async with attached(tmp_path, process, "reset-flood", reported):
+        await asyncio.wait_for(reported.drops_reported.wait(), 10)
+    events = [p for p in reported.payloads if isinstance(p, events_pb2.QmpEventReceived)]
+    names = [e.event for e in events]
+    resets = names.count("RESET")
+    assert BURST <= resets < BURST + 5, resets
+    assert "STOP" in names
+    (report,) = [e for e in events if e.event == DROPPED_EVENT]
+    assert json.loads(report.data_json)["dropped"] == {"RESET": FLOOD - resets}
