@@ -96,13 +96,19 @@ def start_migration(world: World, req: I.StartMigration) -> list[NewEvent]:
         raise IllegalTransition(
             f"VM {vm.name}", "migrate", vm.status.name.lower(), ["running", "paused"]
         )
-    if vm.commands:
-        # Its answer would change what the migration starts from: a resume in flight makes
-        # a "paused" source one that runs, so a rollback would leave it paused for good.
-        pending = ", ".join(sorted(f"{c.kind_name} on {c.host}" for c in vm.commands.values()))
+    pending = sorted(
+        f"{c.kind_name} on {c.host}"
+        for c in vm.commands.values()
+        if c.host in (vm.host, req.destination)
+    )
+    if pending:
+        # Their answers change what the migration starts from (a resume in flight makes a
+        # "paused" source one that runs, so a rollback would leave it paused for good) or
+        # where it goes. A stray's destroy on a third host changes neither.
         raise IllegalTransition(
-            f"VM {vm.name}", "migrate", f"{pending} in flight", ["no VM command in flight"]
-        )
+            f"VM {vm.name}", "migrate", f"{', '.join(pending)} in flight",
+            [f"no VM command in flight on {vm.host} or {req.destination}"],
+        )  # fmt: skip
     if req.destination == vm.host:
         raise InvalidRequest(
             f"VM {vm.name} already runs on {vm.host}: source and destination are the same"

@@ -336,6 +336,23 @@ def test_a_migration_of_a_vm_owed_a_resume_keeps_it_running() -> None:
     assert requested.payload.source_was_running
 
 
+def test_a_strays_destroy_on_a_third_host_does_not_hold_a_migration() -> None:
+    """A stray copy's destroy in flight to a host that went away changes neither what a
+    migration starts from nor where it goes: the migration (and a drain) may go on. One in
+    flight to the requested destination is refused (review of 2e12811)."""
+    driver, _ = fresh()
+    driver.connect("host-c")
+    driver.observe(migration("host-c", "vm-1", "setup"))  # a stray QEMU of vm-1 on host-c
+    assert reconcile(driver) == ["destroy-vm@host-c"]
+    driver.observe(Observation("host-c", E.HostDisconnected(host_id="host-c", generation=1)))
+    to_b = I.StartMigration("m-2", "vm-1", "host-b", 1, E.MigrationPolicy(), driver.now_us)
+    assert [e.type for e in decide(driver.world.copy(), to_b)] == ["MigrationRequested"]
+    driver.connect("host-c")
+    to_c = I.StartMigration("m-2", "vm-1", "host-c", 1, E.MigrationPolicy(), driver.now_us)
+    with pytest.raises(IllegalTransition, match="destroy-vm on host-c in flight"):
+        decide(driver.world, to_c)
+
+
 def test_an_owed_resume_is_tried_once() -> None:
     """The source's acquire fails even after the lease came free (another fault): the VM stays
     paused with the failure in the log, not retried on every event."""
