@@ -29,7 +29,10 @@ unacknowledged event on each reconnect. So are the claims of a host that is no l
 involved with a VM but was a side of one of its migrations: what it recorded then (QMP events,
 samples, networking) reaches the coordinator only after a newer migration of the VM began
 elsewhere, when it can no longer be placed. Its snapshot of a live QEMU is logged (a stray to
-destroy), and a lease it claims is still judged.
+destroy), and a lease it claims is still judged. And so are the QMP events nothing acts on
+(`protocol.QMP_EVENTS_ACTED_ON`) from a host no longer involved with the VM: hostd reports the
+ones a guest flooded it with a period late (`hostd.event_budget`), after a stop may have ended
+the host's part.
 
 A Hello may raise its host's generation by at most `MAX_GENERATION_JUMP`: a forged huge
 generation would otherwise lock the real hostd out (lower generations are refused).
@@ -50,7 +53,7 @@ from typing import Any
 from google.protobuf.message import Message
 
 from coordinator.core.state import World
-from whimbrel.protocol import MAX_QMP_EVENT_DATA, qmp_event_data
+from whimbrel.protocol import MAX_QMP_EVENT_DATA, QMP_EVENTS_ACTED_ON, qmp_event_data
 from whimbrel.v1 import events_pb2, host_pb2
 
 __all__ = [
@@ -275,10 +278,20 @@ def moot(world: World, host_id: str, payload: Message) -> bool:
     vm_name = _vm_name(payload)
     if vm_name not in world.vms:
         return True
+    if _record_only(payload) and not _involved(world, host_id, vm_name):
+        return True
     return (
         _late_claim(payload)
         and not _involved(world, host_id, vm_name)
         and _former_side(world, host_id, vm_name)
+    )
+
+
+def _record_only(payload: Message) -> bool:
+    """A QMP event nothing acts on (hostd's count of the ones it dropped included)."""
+    return (
+        isinstance(payload, events_pb2.QmpEventReceived)
+        and payload.event not in QMP_EVENTS_ACTED_ON
     )
 
 

@@ -278,7 +278,7 @@ class VmRuntime:
     async def _on_event(self, name: str, data: dict[str, Any], time_us: int) -> None:
         if not self._record_budget.admit(name):
             if self._drop_report is None:
-                self._drop_report = asyncio.create_task(self._report_dropped())
+                self._drop_report = asyncio.create_task(self._report_dropped_later())
             return
         if name == "MIGRATION" and data.get("status") == "failed":
             # Why, in QEMU's words, reaches the log before the failure it explains, so the
@@ -362,11 +362,16 @@ class VmRuntime:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._sample(self._last_pass), limit)
 
-    async def _report_dropped(self) -> None:
-        """After a period, the counts of record-only events dropped in it, as one event."""
+    async def _report_dropped_later(self) -> None:
         await asyncio.sleep(REPORT_EVERY_S)
         self._drop_report = None
+        await self._report_dropped()
+
+    async def _report_dropped(self) -> None:
+        """The counts of record-only events dropped since the last report, as one event."""
         dropped = self._record_budget.take_dropped()
+        if not dropped:
+            return
         self.log.warning("QMP events beyond the record budget dropped: %s", dropped)
         data = {"dropped": dropped, "period_s": REPORT_EVERY_S}
         payload = events_pb2.QmpEventReceived(
@@ -421,6 +426,11 @@ class VmRuntime:
         self.log.info("QEMU %d exited: %s", self.pid, reason)
         if self.qmp is not None:
             await self.qmp.close()
+        if self._drop_report is not None:
+            self._drop_report.cancel()
+            self._drop_report = None
+        # What the guest flooded QEMU with goes up before the exit that ends this host's part.
+        await self._report_dropped()
         signum = 9 if self.killed_by_us else 0
         exited = events_pb2.QemuExited(
             vm=self.name, pid=self.pid, exit_code=-1, signal=signum, reason=reason

@@ -147,6 +147,7 @@ class Reported:
         self.payloads: list[Message] = []
         self.broken = asyncio.Event()
         self.drops_reported = asyncio.Event()
+        self.stopped = asyncio.Event()
 
     async def emit(self, payload: Message, time_us: int) -> None:
         self.payloads.append(payload)
@@ -154,6 +155,8 @@ class Reported:
             self.broken.set()
         if isinstance(payload, events_pb2.QmpEventReceived) and payload.event == DROPPED_EVENT:
             self.drops_reported.set()
+        if isinstance(payload, events_pb2.QmpEventReceived) and payload.event == "STOP":
+            self.stopped.set()
 
     def observed(self) -> list[tuple[str, bool, bool]]:
         return [
@@ -333,3 +336,22 @@ async def test_a_guest_resetting_in_a_loop_is_kept_off_the_log_beyond_a_budget(
     assert "STOP" in names
     (report,) = [e for e in events if e.event == DROPPED_EVENT]
     assert json.loads(report.data_json)["dropped"] == {"RESET": FLOOD - resets}
+
+
+async def test_drops_are_reported_before_the_exit_that_ends_the_vm_here(
+    tmp_path: Path, process: asyncio.subprocess.Process
+) -> None:
+    """QEMU ends within the report's period (a stop, a destroy, the guest's power-off): the
+    count goes up before QemuExited, not after it, when this host's part may be over (a
+    report after it was refused and locked the host out; review of 74d7c2a)."""
+    reported = Reported()
+    async with attached(tmp_path, process, "reset-flood", reported) as runtime:
+        await asyncio.wait_for(reported.stopped.wait(), 10)
+        await runtime.kill("destroyed")
+    kinds = [
+        p.event if isinstance(p, events_pb2.QmpEventReceived) else type(p).__name__
+        for p in reported.payloads
+        if isinstance(p, events_pb2.QmpEventReceived | events_pb2.QemuExited)
+    ]
+    assert kinds[-2:] == [DROPPED_EVENT, "QemuExited"], kinds[-3:]
+    assert kinds.count(DROPPED_EVENT) == 1

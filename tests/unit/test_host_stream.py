@@ -14,6 +14,7 @@ from coordinator.host_stream import (
     check_stamps,
     moot,
 )
+from hostd.event_budget import DROPPED_EVENT
 from tools.sim import Driver, Observation, SimHosts, migration, running_vm
 from whimbrel.v1 import common_pb2, events_pb2, host_pb2
 
@@ -74,6 +75,32 @@ def test_payloads_about_what_the_world_does_not_know_are_moot() -> None:
         assert moot(world, "host-c", payload)
         assert check_batch(world, "host-c", [payload]) is None
     assert not moot(world, "host-c", stop())
+
+
+def test_a_record_only_event_from_a_host_no_longer_involved_is_moot() -> None:
+    """hostd reports the record-only QMP events it dropped (a guest resetting in a loop) a
+    period after the drops, so the report can come after the stop that ended the host's
+    involvement with the VM. Refusing it locked the host out for good (hostd re-sends it on
+    every reconnect; review of 74d7c2a): it changes nothing, so it is dropped. An event the
+    coordinator acts on is still refused from a host that does not run the VM."""
+    driver = Driver()
+    driver.connect("host-a", "host-c")
+    running_vm(driver)
+    hosts = SimHosts()
+    hosts.leases["vm-1"] = ("host-a", 1)
+    (_, issued) = driver.request(I.StopVm("vm-1", False, driver.now_us))
+    driver.observe(*hosts.answer(issued.payload))
+    world = driver.world
+    assert (world.vms["vm-1"].host, world.vms["vm-1"].runstates) == ("", {})
+    report = events_pb2.QmpEventReceived(
+        vm="vm-1", event=DROPPED_EVENT, data_json='{"dropped": {"RESET": 31}, "period_s": 1.0}'
+    )
+    reset = events_pb2.QmpEventReceived(vm="vm-1", event="RESET", data_json="{}")
+    for payload in (report, reset):
+        assert moot(world, "host-a", payload)
+        assert check_batch(world, "host-a", [payload]) is None
+    assert not moot(world, "host-a", stop())
+    assert check_batch(world, "host-a", [stop()]) is not None
 
 
 def second_migration_open() -> World:
