@@ -154,11 +154,12 @@ class Executor:
     ) -> VmRuntime:
         """Launch QEMU for `command`'s spec (`resolved`: as `_checked` returned it)."""
         spec = command.args.spec
-        runtime = VmRuntime(spec, self.state_dir / "vms" / spec.name, self.emit, role)
-        runtime.save()
         incoming = role == "destination"
         tls_dir = self.migration_tls.directory if self.migration_tls else None
+        # The disks first: one refused leaves nothing of the VM behind on this host.
         with self._opened_disks(resolved) as disk_fds:
+            runtime = VmRuntime(spec, self.state_dir / "vms" / spec.name, self.emit, role)
+            runtime.save()
             args = qemu.command_line(
                 resolved,
                 runtime.paths,

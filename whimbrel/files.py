@@ -78,11 +78,14 @@ def open_beneath(root: Path, path: Path, flags: int, *, block: bool = False) -> 
         raise
     finally:
         os.close(directory)
-    st = os.fstat(fd)
-    regular = stat.S_ISREG(st.st_mode) and st.st_nlink == 1
-    if not (regular or (block and stat.S_ISBLK(st.st_mode))):
+    try:
+        st = os.fstat(fd)
+        regular = stat.S_ISREG(st.st_mode) and st.st_nlink == 1
+        if not (regular or (block and stat.S_ISBLK(st.st_mode))):
+            raise UnsafeFile(errno.EPERM, f"{path} is no longer the file that was checked, refused")
+    except BaseException:
         os.close(fd)
-        raise UnsafeFile(errno.EPERM, f"{path} is no longer the file that was checked, refused")
+        raise
     return fd
 
 
