@@ -21,7 +21,7 @@ from typing import Any
 
 from google.protobuf.message import Message
 
-from hostd import qemu
+from hostd import migration_socket, qemu
 from hostd.errors import HostdError, QmpError, QmpUnavailable
 from hostd.event_budget import DROPPED_EVENT, REPORT_EVERY_S, RecordBudget
 from hostd.qmp import QmpSession
@@ -95,6 +95,9 @@ class VmRuntime:
         self.log = log.getChild(self.name)
         # Record-only QMP events a guest could send at will go up at a bounded rate.
         self._record_budget = RecordBudget()
+        # Where this source's migration goes (START_MIGRATION's URI), until its connection got
+        # TCP_NODELAY (hostd.migration_socket).
+        self.nodelay_for = ""
         self._drop_report: asyncio.Task[None] | None = None
 
     def save(self) -> None:
@@ -294,6 +297,10 @@ class VmRuntime:
         failpoints.hit(f"hostd.after-qmp-event.{name}.{data.get('status', '')}".rstrip("."))
         if name == "MIGRATION":
             self.migration_status = str(data.get("status", ""))
+            if self.nodelay_for and self.migration_status == "active":
+                # Connected by now; the final flush that Nagle would hold is a pass away.
+                uri, self.nodelay_for = self.nodelay_for, ""
+                self._beside(self._set_nodelay(uri))
         elif name in ("STOP", "RESUME"):
             self.stopped = name == "STOP"
             self.running = name == "RESUME"
@@ -361,6 +368,15 @@ class VmRuntime:
             return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._sample(self._last_pass), limit)
+
+    async def _set_nodelay(self, uri: str) -> None:
+        try:
+            done = await asyncio.to_thread(migration_socket.set_nodelay, self.pid, uri)
+        except OSError as err:
+            self.log.warning("TCP_NODELAY not set on the migration to %s: %s", uri, err)
+            return
+        if not done:
+            self.log.info("no connection to %s found to set TCP_NODELAY on", uri)
 
     async def _report_dropped_later(self) -> None:
         await asyncio.sleep(REPORT_EVERY_S)

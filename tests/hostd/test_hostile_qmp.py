@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -134,7 +136,20 @@ async def _reset_flood(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
         await writer.drain()
 
 
+async def _goes_active(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answers commands; after the first, its migration goes active."""
+    sent = False
+    while True:
+        command = await request(reader)
+        writer.write(line({"return": {}, "id": command.get("id")}))
+        if not sent:
+            writer.write(_event("MIGRATION", {"status": "active"}))
+            sent = True
+        await writer.drain()
+
+
 _POLITE = {
+    "goes-active": _goes_active,
     "arrays": _answers_arrays,
     "silent": _never_answers,
     "odd-events": _odd_events,
@@ -148,6 +163,7 @@ class Reported:
         self.broken = asyncio.Event()
         self.drops_reported = asyncio.Event()
         self.stopped = asyncio.Event()
+        self.active = asyncio.Event()
 
     async def emit(self, payload: Message, time_us: int) -> None:
         self.payloads.append(payload)
@@ -157,6 +173,8 @@ class Reported:
             self.drops_reported.set()
         if isinstance(payload, events_pb2.QmpEventReceived) and payload.event == "STOP":
             self.stopped.set()
+        if isinstance(payload, events_pb2.QmpEventReceived) and '"active"' in payload.data_json:
+            self.active.set()
 
     def observed(self) -> list[tuple[str, bool, bool]]:
         return [
@@ -355,3 +373,44 @@ async def test_drops_are_reported_before_the_exit_that_ends_the_vm_here(
     ]
     assert kinds[-2:] == [DROPPED_EVENT, "QemuExited"], kinds[-3:]
     assert kinds.count(DROPPED_EVENT) == 1
+
+
+async def test_a_pre_copy_source_connection_gets_nodelay_once_active(tmp_path: Path) -> None:
+    """START_MIGRATION names where the source connects (runtime.nodelay_for); when its QEMU
+    reports the migration active, hostd sets TCP_NODELAY on that connection of the QEMU
+    process (hostd.migration_socket). Here the QEMU is a child process connected to a local
+    listener, which reports its socket's setting."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", NODELAY_REPORTER, str(port),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert child.stdin is not None and child.stdout is not None
+    try:
+        assert await child.stdout.readline() == b"connected\n"
+        peer, _ = listener.accept()
+        reported = Reported()
+        async with served(tmp_path, "goes-active", reported) as runtime:
+            runtime.nodelay_for = f"tcp:127.0.0.1:{port}"
+            await runtime.attach(child.pid)
+            await asyncio.wait_for(reported.active.wait(), 10)
+            # The option is set beside the event stream, by the time the event went up.
+            await asyncio.gather(*runtime._beside_tasks)
+            assert runtime.nodelay_for == ""
+        child.stdin.write(b"?\n")
+        assert await child.stdout.readline() == b"1\n"
+        peer.close()
+    finally:
+        listener.close()
+        child.kill()
+        await child.wait()
+
+
+NODELAY_REPORTER = """
+import socket, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+print("connected", flush=True)
+for _ in sys.stdin:
+    print(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), flush=True)
+"""

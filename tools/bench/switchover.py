@@ -49,7 +49,7 @@ import grpc
 
 from coordinator.core.lifecycle import POSTCOPY_MODE_DOWNTIME_LIMIT_MS
 from coordinator.core.validate import effective_policy
-from hostd import qemu
+from hostd import migration_socket, qemu
 from hostd.drivers.lease import FileLeaseDriver
 from hostd.drivers.network import HookNetworkDriver, NetworkDriver
 from hostd.executor import free_port
@@ -360,6 +360,7 @@ class DirectHandoff:
     async def run(self, generation: int) -> Sample:
         """One migration, src to dst; the sample says what QEMU reported, complete or not."""
         self.events, self.seen, self.pids, self.qemu_scheduling = {}, {}, {}, set()
+        self.beside: list[asyncio.Task[int]] = []
         sessions: list[QmpSession] = []
         try:
             src = await self._start("src", False, generation)
@@ -369,6 +370,7 @@ class DirectHandoff:
             await self._handoff(src, dst, generation)
             return self._sample()
         finally:
+            await asyncio.gather(*self.beside)
             for session in sessions:
                 await session.close()
             for pid in self.pids.values():
@@ -404,6 +406,16 @@ class DirectHandoff:
         switched = ("postcopy-active", "completed") if self.postcopy else ("pre-switchover",)
         if self.postcopy:
             await src.execute("migrate-start-postcopy")
+        # As hostd does: TCP_NODELAY on a pre-copy source's connection once active, beside.
+        active = not self.postcopy and await self._until(
+            s, lambda e, data: data.get("status") == "active", EVENT_WAIT_S
+        )
+        if active:
+            self.beside.append(
+                asyncio.create_task(
+                    asyncio.to_thread(migration_socket.set_nodelay, self.pids[s], uri)
+                )
+            )
         switch = await self._until(s, lambda e, data: data.get("status") in switched, EVENT_WAIT_S)
         stop = await self._until(s, lambda e, data: e == "STOP", EVENT_WAIT_S)
         if switch is None or stop is None:
