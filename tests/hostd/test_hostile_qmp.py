@@ -10,7 +10,7 @@ import contextlib
 import json
 import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -102,58 +102,43 @@ def _event(name: str, data: object) -> bytes:
     return line({"event": name, "data": data, "timestamp": {"seconds": 1, "microseconds": 0}})
 
 
-async def _odd_events(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Answers commands; after the first, a pass numbered "x" (the handler cannot take it), a
-    100 kB event, then a plain STOP."""
-    sent = False
-    while True:
-        command = await request(reader)
-        writer.write(line({"return": {}, "id": command.get("id")}))
-        if not sent:
-            writer.write(_event("MIGRATION", {"status": "active"}))
-            writer.write(_event("MIGRATION_PASS", {"pass": "x"}))
-            writer.write(_event("BLOCK_JOB_ERROR", {"device": "d" * 100_000}))
-            writer.write(_event("STOP", {}))
-            sent = True
-        await writer.drain()
+Peer = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
+def _answers_then_sends(*events: bytes) -> Peer:
+    """A QEMU that answers every command and, after the first, sends `events` at once."""
+
+    async def peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sent = False
+        while True:
+            command = await request(reader)
+            writer.write(line({"return": {}, "id": command.get("id")}))
+            if not sent:
+                writer.writelines(events)
+                sent = True
+            await writer.drain()
+
+    return peer
+
+
+# A guest resetting itself in a loop: this many RESETs at once, then a STOP.
 FLOOD = 300
 
-
-async def _reset_flood(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Answers commands; after the first, a guest resetting itself in a loop (FLOOD RESETs at
-    once), then a STOP."""
-    sent = False
-    while True:
-        command = await request(reader)
-        writer.write(line({"return": {}, "id": command.get("id")}))
-        if not sent:
-            for _ in range(FLOOD):
-                writer.write(_event("RESET", {"guest": True, "reason": "guest-reset"}))
-            writer.write(_event("STOP", {}))
-            sent = True
-        await writer.drain()
-
-
-async def _goes_active(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Answers commands; after the first, its migration goes active."""
-    sent = False
-    while True:
-        command = await request(reader)
-        writer.write(line({"return": {}, "id": command.get("id")}))
-        if not sent:
-            writer.write(_event("MIGRATION", {"status": "active"}))
-            sent = True
-        await writer.drain()
-
-
-_POLITE = {
-    "goes-active": _goes_active,
+_POLITE: dict[str, Peer] = {
     "arrays": _answers_arrays,
     "silent": _never_answers,
-    "odd-events": _odd_events,
-    "reset-flood": _reset_flood,
+    # A pass numbered "x" (the handler cannot take it), a 100 kB event, then a plain STOP.
+    "odd-events": _answers_then_sends(
+        _event("MIGRATION", {"status": "active"}),
+        _event("MIGRATION_PASS", {"pass": "x"}),
+        _event("BLOCK_JOB_ERROR", {"device": "d" * 100_000}),
+        _event("STOP", {}),
+    ),
+    "reset-flood": _answers_then_sends(
+        *[_event("RESET", {"guest": True, "reason": "guest-reset"})] * FLOOD,
+        _event("STOP", {}),
+    ),
+    "goes-active": _answers_then_sends(_event("MIGRATION", {"status": "active"})),
 }
 
 

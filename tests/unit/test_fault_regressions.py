@@ -639,6 +639,19 @@ def _issued(driver, kind):
     return issued
 
 
+def _advance_answering(driver, hosts, holding=frozenset()):
+    """Advance m-1 and answer what it issues (but commands of a kind in `holding`) until it
+    issues nothing more; returns the CommandIssued events."""
+    issued = []
+    for _ in range(10):
+        new = [e for e in driver.advance("m-1") if e.type == "CommandIssued"]
+        issued += new
+        answer(driver, hosts, [e for e in new if Kind(e.payload.kind) not in holding])
+        if not new:
+            break
+    return issued
+
+
 def _abort_as_post_copy_begins(driver, hosts):
     """A post-copy migration aborted once its source reported post-copy (found by the seeded
     simulation, seed 2009); returns what the rollback issued, every command but the source's
@@ -648,12 +661,7 @@ def _abort_as_post_copy_begins(driver, hosts):
     answer(driver, hosts, [_issued(driver, Kind.START_MIGRATION)])  # it carries the switch
     assert driver.world.migrations["m-1"].src.status == "postcopy-active"
     issued = driver.request(I.AbortMigration("m-1", "test", driver.now_us, "spiffe://t"))
-    for _ in range(10):
-        new = [e for e in driver.advance("m-1") if e.type == "CommandIssued"]
-        issued += new
-        answer(driver, hosts, [e for e in new if Kind(e.payload.kind) != Kind.CANCEL_MIGRATION])
-        if not new:
-            break
+    issued += _advance_answering(driver, hosts, holding={Kind.CANCEL_MIGRATION})
     return decisions(issued)
 
 
@@ -680,23 +688,12 @@ def test_a_rollback_waits_for_a_start_that_may_switch_to_post_copy():
     start_cmd = until_issued(driver, hosts, Kind.START_MIGRATION)
     assert start_cmd.args.start_postcopy
     issued = driver.request(I.AbortMigration("m-1", "test", driver.now_us, "spiffe://t"))
-    for _ in range(10):
-        new = [e for e in driver.advance("m-1") if e.type == "CommandIssued"]
-        issued += new
-        answer(driver, hosts, new)
-        if not new:
-            break
+    issued += _advance_answering(driver, hosts)
     assert "destroy-vm@host-b" not in decisions(issued)
     driver.answered.add(start_cmd.command_id)
     driver.observe(*hosts.answer(start_cmd))  # it ran late: post-copy began
     assert driver.world.migrations["m-1"].src.status == "postcopy-active"
-    later = []
-    for _ in range(10):
-        new = [e for e in driver.advance("m-1") if e.type == "CommandIssued"]
-        later += new
-        answer(driver, hosts, [e for e in new if Kind(e.payload.kind) != Kind.CANCEL_MIGRATION])
-        if not new:
-            break
+    later = _advance_answering(driver, hosts, holding={Kind.CANCEL_MIGRATION})
     assert "cancel-migration@host-a" in decisions(later)
     assert "destroy-vm@host-b" not in decisions(later)
     answer(driver, hosts, [_issued(driver, Kind.CANCEL_MIGRATION)])
