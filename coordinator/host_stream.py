@@ -278,13 +278,9 @@ def moot(world: World, host_id: str, payload: Message) -> bool:
     vm_name = _vm_name(payload)
     if vm_name not in world.vms:
         return True
-    if _record_only(payload) and not _involved(world, host_id, vm_name):
-        return True
-    return (
-        _late_claim(payload)
-        and not _involved(world, host_id, vm_name)
-        and _former_side(world, host_id, vm_name)
-    )
+    if not _late_claim(payload) or _involved(world, host_id, vm_name):
+        return False
+    return _record_only(payload) or _former_side(world, host_id, vm_name)
 
 
 def _record_only(payload: Message) -> bool:
