@@ -5,12 +5,14 @@ an event or a reply, bounded by a timeout that only a failure reaches."""
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -24,6 +26,7 @@ from tests.qemu.scenario import assert_outcome, qmp_event, start_migration
 from tests.qemu.test_migrations import assert_safe_handoff
 from tools.cluster import Cluster
 from tools.fleet import ForkServer
+from tools.qmpsim import launch as qmpsim_launch
 from tools.qmpsim.wire import GREETING
 from whimbrel.v1 import common_pb2, migration_pb2
 
@@ -365,6 +368,31 @@ def test_a_disk_passed_as_a_descriptor_reaches_the_daemon(
         assert os.readlink(f"/proc/{sim.pid}/fd/{number}") == str(disk)
     finally:
         kill(sim)
+
+
+def test_the_fork_server_drops_a_request_whose_descriptors_do_not_add_up(
+    tmp_path: Path, forks: ForkServer
+) -> None:
+    """Anyone who can reach its socket may send it anything: a request naming one number
+    twice for two descriptors is dropped, and the server keeps neither (its own descriptors
+    stay as they were), then serves the next launch."""
+    before = sorted(os.listdir(f"/proc/{forks.pid}/fd"))
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(4096))
+    fds = [os.open(disk, os.O_RDONLY), os.open(disk, os.O_RDONLY)]
+    try:
+        with socket.socket(socket.AF_UNIX) as conn:
+            conn.connect(str(forks.socket))
+            data = qmpsim_launch.encode(["-daemonize"], {}, str(tmp_path), [7, 7])
+            conn.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+            conn.shutdown(socket.SHUT_WR)
+            assert conn.recv(1) == b""  # dropped: closed without a word
+    finally:
+        for fd in fds:
+            os.close(fd)
+    sim = launch(tmp_path, "vm", env=sim_env(forkserver=str(forks.socket)))
+    kill(sim)
+    assert sorted(os.listdir(f"/proc/{forks.pid}/fd")) == before
 
 
 @pytest.mark.parametrize(

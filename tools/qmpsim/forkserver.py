@@ -77,7 +77,8 @@ def _receive(conn: socket.socket) -> Request:
         fields = [os.fsdecode(f) for f in b"".join(chunks).split(b"\0")]
         argc = int(fields[1])
         numbers = [int(n) for n in fields[2 + argc].split(",") if n]
-        if flags & socket.MSG_CTRUNC or len(numbers) != len(received):
+        duplicates = len(set(numbers)) != len(numbers)
+        if flags & socket.MSG_CTRUNC or len(numbers) != len(received) or duplicates:
             raise ValueError("the descriptors do not match their numbers")
         env = dict(item.split("=", 1) for item in fields[3 + argc :] if "=" in item)
     except BaseException:
