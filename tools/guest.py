@@ -3,9 +3,8 @@
 `boot_disk` writes a 512-byte boot sector that loops writing memory forever, so RAM stays
 dirty and pre-copy with a low bandwidth and a tiny downtime limit never converges.
 `reset_disk` writes one that resets the machine at once: a guest sending QEMU's RESET event in a
-loop. `random_ram`
-writes a file of random bytes to back the source's RAM, so a migration has real weight (zero
-pages migrate almost for free).
+loop. `random_ram` writes a file of random bytes to back the source's RAM, so a migration has
+real weight (zero pages migrate almost for free).
 """
 
 from __future__ import annotations
