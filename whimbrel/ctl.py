@@ -674,7 +674,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = mig.add_parser(name, help=help_)
         p.add_argument("id")
         p.set_defaults(run=fn)
-    abort = mig.add_parser("abort", help="abort (only before the point of no return)")
+    abort = mig.add_parser(
+        "abort",
+        help="roll back (refused once post-copy was asked of the source or the destination runs)",
+    )
     abort.add_argument("id")
     abort.add_argument("--reason")
     abort.set_defaults(run=Ctl.migration_abort)

@@ -164,17 +164,21 @@ async def test_finding_3_a_destination_killed_before_its_cont_falls_back_to_the_
     assert not [e for e in run.events if e.type in ("FencingDecided", "VmLost")]
 
 
-async def test_an_abort_as_post_copy_begins_cancels_the_source_before_the_destination_goes() -> (
-    None
-):
-    """The operator aborts while post-copy is starting (the source's hostd frozen just after
-    its STOP). The rollback cancels the source and destroys the destination: were the
-    destination destroyed first, the source would pause its post-copy, the cancel would leave it
-    in `cancelling` for good, and the migration would never end. It rolls back, the VM running
-    on host-a."""
-    strike = Strike(SOURCE, "hostd.after-qmp-event.STOP", "operator aborts")
-    run = await simulate_script([strike], POSTCOPY, "abort-at-postcopy")
-    assert run.outcome == "rolled_back", run.story()
+async def test_an_abort_in_post_copy_is_refused_and_a_broken_link_is_recovered() -> None:
+    """Shell simulation seed 18120: the operator aborted while the source was postcopy-active
+    and the destination was about to take the lease; the link broke as the rollback's cancel
+    went out, the source paused its post-copy, then took the cancel and stayed `cancelling` for
+    good: fenced, a healthy VM lost. Now the abort is refused (it appends nothing), the break
+    is met by post-copy recovery, and the VM completes its move."""
+    strikes = [
+        Strike(DESTINATION, "hostd.before-execute.acquire-lease", "operator aborts"),
+        Strike(DESTINATION, "hostd.after-execute.acquire-lease", "migration link cut"),
+    ]
+    run = await simulate_script(strikes, POSTCOPY, "abort-in-postcopy")
+    assert run.outcome == "completed", run.story()
+    assert any("abort refused" in a and "in post-copy" in a for a in run.actions), run.story()
+    assert [e for e in run.events if e.type == "PostcopyRecoveryDecided"], run.story()
+    assert not [e for e in run.events if e.type in ("RollbackDecided", "FencingDecided")]
 
 
 async def test_a_resume_lost_to_a_source_restart_is_recovered_by_a_second_migrate_recover() -> None:
