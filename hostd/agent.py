@@ -201,9 +201,13 @@ class Agent:
                 try:
                     await runtime.attach(pid)
                     log.info("re-attached to QEMU %d of %s", pid, runtime.name)
+                    if runtime.continue_was_armed:
+                        # What START_MIGRATION asked for holds across restarts; the source
+                        # may have stopped in pre-switchover while no hostd watched.
+                        runtime.arm_continue_at_pre_switchover()
+                        runtime.maybe_continuing_switchover()
                     if runtime.switchover_was_armed:
-                        # What START_MIGRATION asked for holds across restarts; the switch may
-                        # even have begun while no hostd watched.
+                        # The same; the switch may even have begun while no hostd watched.
                         self.executor.arm_release_at_switchover(runtime)
                         await runtime.maybe_switching_over()
                 except HostdError as err:

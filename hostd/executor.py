@@ -326,6 +326,8 @@ class Executor:
         runtime.disarm_switchover()
         if c.args.release_lease_at_switchover:
             self.arm_release_at_switchover(runtime)
+        if c.args.continue_at_pre_switchover and c.args.pause_before_switchover:
+            runtime.arm_continue_at_pre_switchover()
         # Not for a start that switches to post-copy at once: it never ends in the pre-copy
         # flush Nagle holds, and its switch measured ~2 ms slower with TCP_NODELAY.
         runtime.nodelay_for = "" if c.args.start_postcopy else c.args.uri

@@ -83,6 +83,9 @@ class VmRuntime:
         self._changed: asyncio.Event | None = None
         # Run once when this source has stopped to switch over (set by START_MIGRATION).
         self.at_switchover: Callable[[], Awaitable[None]] | None = None
+        # Send migrate-continue once this source has stopped in pre-switchover (set by
+        # START_MIGRATION).
+        self.continue_at_pre_switchover = False
         # Run once (beside the event stream) when this destination's QEMU reports
         # postcopy-active (set by PREPARE_INCOMING).
         self.at_incoming_postcopy: Callable[[], Coroutine[Any, Any, None]] | None = None
@@ -305,6 +308,8 @@ class VmRuntime:
             self.stopped = name == "STOP"
             self.running = name == "RESUME"
         self._signal_change()
+        if self.continue_at_pre_switchover and name in ("MIGRATION", "STOP"):
+            self.maybe_continuing_switchover()
         if self.at_switchover is not None and name in ("MIGRATION", "STOP"):
             await self.maybe_switching_over()
         if (
@@ -335,14 +340,52 @@ class VmRuntime:
     def disarm_switchover(self) -> None:
         self.at_switchover = None
         self._armed_marker.unlink(missing_ok=True)
+        self.disarm_continue()
+
+    def arm_continue_at_pre_switchover(self) -> None:
+        """Send migrate-continue once this source has stopped in pre-switchover; kept in a
+        marker file for a restarted hostd, as the switchover action is."""
+        self.continue_at_pre_switchover = True
+        self._continue_marker.touch()
+
+    def disarm_continue(self) -> None:
+        self.continue_at_pre_switchover = False
+        self._continue_marker.unlink(missing_ok=True)
 
     @property
     def switchover_was_armed(self) -> bool:
         return self._armed_marker.exists()
 
     @property
+    def continue_was_armed(self) -> bool:
+        return self._continue_marker.exists()
+
+    @property
     def _armed_marker(self) -> Path:
         return self.paths.root / "armed-at-switchover"
+
+    @property
+    def _continue_marker(self) -> Path:
+        return self.paths.root / "armed-continue-at-pre-switchover"
+
+    def maybe_continuing_switchover(self) -> None:
+        """Continue the switchover once this source has stopped in pre-switchover. Beside the
+        event stream: the answer to migrate-continue comes in on the same QMP connection."""
+        if self.migration_status in ("failed", "cancelling", "cancelled"):
+            self.disarm_continue()
+            return
+        if not (self.stopped and self.migration_status == "pre-switchover"):
+            return
+        self.disarm_continue()
+        self._beside(self._continue_switchover())
+
+    async def _continue_switchover(self) -> None:
+        failpoints.hit("hostd.before-continue-at-pre-switchover")
+        try:
+            await self.execute("migrate-continue", {"state": "pre-switchover"})
+        except HostdError as err:
+            self.log.error("switchover not continued at pre-switchover (the coordinator's "
+                           "continue follows): %s", err)  # fmt: skip
 
     async def maybe_switching_over(self) -> None:
         """Run the switchover action once the source has stopped to switch over. QEMU's order

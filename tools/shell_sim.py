@@ -143,6 +143,7 @@ FAILPOINTS = (
     "hostd.after-qmp-event.MIGRATION.postcopy-active",
     "hostd.after-qmp-event.MIGRATION.completed",
     "hostd.after-qmp-event.MIGRATION.failed",
+    "hostd.before-continue-at-pre-switchover",
 )
 _FROZEN = re.compile(r"failpoint (\S+) hit: stopping")
 
@@ -856,8 +857,9 @@ def judge_log(run: Run, db: Path) -> None:
 _FREEZE_AT_STAGE = {
     # The destination has not prepared yet: nothing is sent.
     table.Stage.BEFORE_SWITCH: (PRECOPY, DESTINATION, "hostd.before-execute.prepare-incoming"),
-    # The source stopped in pre-switchover, its migrate-continue not yet sent.
-    table.Stage.SWITCHING: (PRECOPY, SOURCE, "hostd.before-execute.continue-switchover"),
+    # The source stopped in pre-switchover (its hostd continues the switch by itself); the
+    # destination's networking, asked for at that stop, not yet enabled.
+    table.Stage.SWITCHING: (PRECOPY, DESTINATION, "hostd.before-execute.enable-network"),
     # Post-copy started; the destination waits to take the lease before it may run.
     table.Stage.POSTCOPY: (POSTCOPY, DESTINATION, "hostd.before-execute.acquire-lease"),
     # The destination's cont is logged, not yet sent; post-copy pages still flow.

@@ -73,6 +73,10 @@ class SimHosts:
     # (False: a hostd that restarted and forgot, so the coordinator's command does it).
     release_at_switchover: bool = True
     armed: set[tuple[str, str]] = field(default_factory=set)
+    # hostd continues a source stopped in pre-switchover when START_MIGRATION asks it to
+    # (False: a hostd that restarted and forgot, so the coordinator's command does it).
+    continue_at_pre_switchover: bool = True
+    armed_continue: set[tuple[str, str]] = field(default_factory=set)
     # hostd enables a destination's networking at its postcopy-active when PREPARE_INCOMING
     # asks it to (False: a hostd that restarted and forgot); (vm, host) armed, and enabled.
     enable_at_postcopy: bool = True
@@ -90,8 +94,12 @@ class SimHosts:
         return out + self._on_destination(vm, "postcopy-active")
 
     def switchover(self, host: str, vm: str, status: str) -> list[Observation]:
-        """What hostd does by itself once the stopped source reports `status`: it releases
-        the lease where QEMU can no longer resume the source by itself."""
+        """What hostd does by itself once the stopped source reports `status`: it continues
+        from pre-switchover, and releases the lease where QEMU can no longer resume the source
+        by itself."""
+        if status == "pre-switchover" and (vm, host) in self.armed_continue:
+            self.armed_continue.discard((vm, host))
+            return self._continued(host, vm)
         if (vm, host) not in self.armed or status not in SWITCHOVER_STATUSES:
             return []
         self.armed.discard((vm, host))
@@ -101,6 +109,7 @@ class SimHosts:
         h, vm, kind = cmd.host_id, cmd.vm, Kind(cmd.kind)
         if kind in _DISARMING:
             self.armed.discard((vm, h))
+            self.armed_continue.discard((vm, h))
         if kind in _DISARMING_INCOMING:
             self.armed_incoming.discard((vm, h))
         if kind in self.fail_kinds:
@@ -132,6 +141,8 @@ class SimHosts:
         elif kind == Kind.START_MIGRATION:
             if cmd.args.release_lease_at_switchover and self.release_at_switchover:
                 self.armed.add((vm, h))
+            if cmd.args.continue_at_pre_switchover and self.continue_at_pre_switchover:
+                self.armed_continue.add((vm, h))
             out += [
                 migration(h, vm, "setup"),
                 self._ok(cmd),
@@ -151,9 +162,7 @@ class SimHosts:
                 return [self._failed(cmd, f"lease held by {holder[0]}")]
             out += self._acquire(h, vm, cmd.args.lease_generation)
         elif kind == Kind.CONTINUE_SWITCHOVER:
-            out += [migration(h, vm, "device"), migration(h, vm, "completed")]
-            out += self.switchover(h, vm, "completed")
-            out += self._on_destination(vm, "completed")
+            out += self._continued(h, vm)
         elif kind == Kind.ENABLE_NETWORK:
             out += self._enable_network(h, vm)
         elif kind == Kind.RESUME_VM:
@@ -182,6 +191,12 @@ class SimHosts:
             out += [migration(h, vm, "postcopy-recover"), migration(h, vm, "postcopy-active")]
             out += self._on_destination(vm, "postcopy-active")
         return [*out, self._ok(cmd)]
+
+    def _continued(self, host: str, vm: str) -> list[Observation]:
+        """migrate-continue from pre-switchover: the switch completes on both ends."""
+        out = [migration(host, vm, "device"), migration(host, vm, "completed")]
+        out += self.switchover(host, vm, "completed")
+        return out + self._on_destination(vm, "completed")
 
     def _on_destination(self, vm: str, *statuses: str) -> list[Observation]:
         host = self.incoming.get(vm)

@@ -34,7 +34,13 @@ from coordinator.core.lookup import (
     refuse_cordoned,
     require_connected,
 )
-from coordinator.core.migration_commands import Issuer, releases_at_switchover, retries, to_issue
+from coordinator.core.migration_commands import (
+    Issuer,
+    continues_at_pre_switchover,
+    releases_at_switchover,
+    retries,
+    to_issue,
+)
 from coordinator.core.state import (
     Command,
     CommandState,
@@ -301,6 +307,9 @@ def _preparing(world: World, m: MigrationState, issue: Issuer, now_us: int) -> l
                 # source lease can move at postcopy-active; the pre-switchover stop would only
                 # add a round trip to the guest's pause.
                 pause_before_switchover=m.mode != common_pb2.MIGRATION_MODE_POSTCOPY,
+                # ...and its hostd continues it at once: the stop in pre-switchover only tells a
+                # switchover's STOP from any other, for the destination's networking.
+                continue_at_pre_switchover=m.mode != common_pb2.MIGRATION_MODE_POSTCOPY,
                 # Post-copy asked for before the start switches with it: hostd writes
                 # migrate-start-postcopy together with migrate, before any pass can converge.
                 start_postcopy=m.postcopy_requested,
@@ -361,8 +370,9 @@ def _switchover(
     not. Destination networking is enabled from the stop on: no traffic can reach two copies,
     and the destination stays paused until cont. A post-copy destination's hostd also begins by
     itself at its own postcopy-active (PREPARE_INCOMING asked it to): the hook starts at
-    whichever comes first, this command or that status. Over once the destination was asked to
-    take the lease."""
+    whichever comes first, this command or that status. A pre-copy source's hostd continues
+    from pre-switchover by itself too; CONTINUE_SWITCHOVER covers it as RELEASE_LEASE does.
+    Over once the destination was asked to take the lease."""
     src, dst = m.src, m.dst
     out: list[Message] = []
     # A source QEMU that died after the destination loaded everything cannot resume either;
@@ -394,6 +404,7 @@ def _switchover(
         not m.postcopy_started
         and src.status == "pre-switchover"
         and to_issue(m, Kind.CONTINUE_SWITCHOVER, src.host)
+        and not (hostd_may_still_report and continues_at_pre_switchover(m))
     ):
         out.append(issue(Kind.CONTINUE_SWITCHOVER, src.host))
     if not m.src_lease_released or m.src_lease_reacquired:

@@ -53,6 +53,13 @@ def retries(m: MigrationState, kind: int, host: str, *, this_attempt: bool = Fal
     )
 
 
+def continues_at_pre_switchover(m: MigrationState) -> bool:
+    """START_MIGRATION asked the source's hostd to continue the switchover itself once its
+    source stopped in pre-switchover."""
+    start = m.cmd(Kind.START_MIGRATION, m.src.host)
+    return start is not None and start.args.continue_at_pre_switchover
+
+
 def releases_at_switchover(m: MigrationState) -> bool:
     """START_MIGRATION asked the source's hostd to release the lease at its switchover stop."""
     start = m.cmd(Kind.START_MIGRATION, m.src.host)

@@ -115,24 +115,25 @@ async def test_a_prepare_still_running_when_recovery_rolls_back_leaves_no_destin
 
 
 async def test_an_answer_lost_with_both_hosts_missing_rolls_back_with_the_lease() -> None:
-    """The source's hostd has executed continue-switchover and not yet recorded it when the
+    """The source's hostd is about to continue the switchover it stopped for when the
     coordinator restarts with both hosts missing: whatever recovery decides, the lease ends
     where the VM runs (the run's judgement) and the migration ends."""
     strike = Strike(
         SOURCE,
-        "hostd.after-execute.continue-switchover",
+        "hostd.before-continue-at-pre-switchover",
         f"coordinator restarts, {SOURCE}, {DESTINATION} missing",
     )
     run = await simulate_script([strike], PRECOPY, "lost-answer-both-missing")
     assert run.outcome in ("rolled_back", "completed"), run.story()
 
 
-async def test_finding_1_a_hostd_restart_after_continue_switchover_completes() -> None:
-    """The source's hostd executes migrate-continue and is killed before recording the answer;
-    it comes back under a new generation reporting the command interrupted. Both QEMUs
-    completed: the migration completes on host-b, nothing fenced, nothing lost."""
+async def test_finding_1_a_hostd_restart_at_the_switchover_stop_completes() -> None:
+    """The source's hostd is killed as it is about to continue the switchover its source
+    stopped for; it comes back under a new generation, finds the continue still armed and the
+    source in pre-switchover, and continues it: the migration completes on host-b, nothing
+    fenced, nothing lost."""
     strike = Strike(
-        SOURCE, "hostd.after-execute.continue-switchover", f"hostd on {SOURCE} killed and restarted"
+        SOURCE, "hostd.before-continue-at-pre-switchover", f"hostd on {SOURCE} killed and restarted"
     )
     run = await simulate_script([strike], PRECOPY, "finding-1")
     assert (run.outcome, run.killed) == ("completed", False), run.story()
@@ -146,7 +147,7 @@ async def test_finding_2_a_source_failing_at_its_switchover_stop_rolls_back_with
     migration link breaks: QEMU fails the migration and resumes the source by itself. It still
     holds its lease (every run checks invariant 4), and the migration rolls back with the VM
     on host-a."""
-    strike = Strike(SOURCE, "hostd.before-execute.continue-switchover", "migration link cut")
+    strike = Strike(SOURCE, "hostd.before-continue-at-pre-switchover", "migration link cut")
     run = await simulate_script([strike], PRECOPY, "finding-2")
     assert run.outcome == "rolled_back", run.story()
     assert not [e for e in run.events if e.type == "LeaseReleased" and e.origin_host == SOURCE]

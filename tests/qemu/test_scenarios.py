@@ -62,9 +62,11 @@ HOSTD_CRASHES = {
                                             PHASE.MIGRATION_PHASE_COMPLETED, "host-b"),
     "destination-before-enable-network": ("host-b", "hostd.before-execute.enable-network",
                                           PHASE.MIGRATION_PHASE_ROLLED_BACK, "host-a"),
-    "source-before-continue-switchover": ("host-a",
-                                          "hostd.before-execute.continue-switchover",
-                                          PHASE.MIGRATION_PHASE_ROLLED_BACK, "host-a"),
+    # The source stopped in pre-switchover; its hostd dies before it continues the switch by
+    # itself. The restarted one finds the continue still armed and sends it.
+    "source-before-continue-at-pre-switchover": ("host-a",
+                                                 "hostd.before-continue-at-pre-switchover",
+                                                 PHASE.MIGRATION_PHASE_COMPLETED, "host-b"),
     "destination-before-acquire": ("host-b", "hostd.before-execute.acquire-lease",
                                    PHASE.MIGRATION_PHASE_ROLLED_BACK, "host-a"),
     "destination-before-cont": ("host-b", "hostd.before-execute.resume-vm",

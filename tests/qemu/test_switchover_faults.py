@@ -5,6 +5,7 @@ on, so the fault lands exactly at that instant whatever the machine's load."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -43,25 +44,29 @@ def of_type(cluster: Cluster, payload_type: type) -> list[Event]:
     return [e for e in cluster.events() if isinstance(e.payload, payload_type)]
 
 
-def test_source_hostd_killed_after_migrate_continue_completes(cluster: Cluster) -> None:
-    """Finding 1: the source's hostd is SIGKILLed right after QEMU accepted migrate-continue,
-    before it recorded the result, and is restarted. The interrupted command comes back failed
-    ("interrupted by a hostd restart"), but both QEMUs report completed: the migration must end
-    COMPLETED with the VM running on host-b, and nothing is fenced or lost."""
+def test_source_hostd_killed_as_it_continues_the_switchover_completes(cluster: Cluster) -> None:
+    """Finding 1, now that hostd continues a pre-copy switchover by itself: the source's hostd
+    is SIGKILLed as it is about to send migrate-continue to its source, stopped in
+    pre-switchover, and is restarted. The restarted hostd finds the continue still armed and
+    sends it (or the coordinator's CONTINUE_SWITCHOVER does, once hostd's is overdue): the
+    migration ends COMPLETED with the VM running on host-b, nothing fenced or lost."""
     cluster.define_and_start("vm-1", "host-a")
-    arm(cluster, "host-a", "hostd.after-execute.continue-switchover=stop")
+    arm(cluster, "host-a", "hostd.before-continue-at-pre-switchover=stop")
+    head = cluster.head()
     start_migration(cluster, PRECOPY)
     cluster.wait_frozen("host-a")
     cluster.kill_process("host-a")
     cluster.start_hostd("host-a")
     assert_outcome(cluster, PHASE.MIGRATION_PHASE_COMPLETED, runs_on="host-b")
-    continues = [
-        e.payload
-        for e in of_type(cluster, events_pb2.CommandFailed)
-        if e.payload.kind == events_pb2.COMMAND_KIND_CONTINUE_SWITCHOVER
+    statuses = [
+        json.loads(e.payload.data_json).get("status")
+        for e in cluster.events()[head:]
+        if isinstance(e.payload, events_pb2.QmpEventReceived)
+        and e.origin_host == "host-a"
+        and e.payload.event == "MIGRATION"
     ]
-    # The window was hit: the command's own answer is the restart's, not QEMU's.
-    assert [c.error for c in continues] == ["interrupted by a hostd restart; not executed again"]
+    # The window was hit: the source waited in pre-switchover across the restart.
+    assert statuses[-3:] == ["pre-switchover", "device", "completed"], statuses
     assert of_type(cluster, events_pb2.FencingDecided) == []
     assert of_type(cluster, events_pb2.VmLost) == []
 

@@ -12,7 +12,7 @@ from coordinator.core.invariants import InvariantChecker
 from coordinator.core.lifecycle import MAX_COMMAND_RETRIES, POSTCOPY_SWITCH_PRECOPY_BANDWIDTH
 from coordinator.core.state import Kind, VmStatus
 from tests.unit.helpers import answer, decisions, fresh
-from tools.sim import Observation, migration, qmp
+from tools.sim import TICK_US, Observation, migration, qmp
 from whimbrel.v1 import common_pb2 as C
 from whimbrel.v1 import events_pb2 as E
 
@@ -30,6 +30,8 @@ def until_issued(driver, hosts, kind, migration_id="m-1"):
     unanswered."""
     for _ in range(20):
         issued = [e for e in driver.advance(migration_id) if e.type == "CommandIssued"]
+        if not issued:
+            driver.now_us += TICK_US  # the coordinator's tick: a report is overdue
         wanted = [e.payload for e in issued if Kind(e.payload.kind) == kind]
         for e in issued:
             if Kind(e.payload.kind) != kind:
@@ -143,6 +145,7 @@ def test_a_precopy_source_keeps_its_lease_until_qemu_can_no_longer_resume_it():
     pre-switchover: hostd releases the source's lease only at completed (postmigrate), so a
     destination dying in the switchover leaves a source that runs with its lease."""
     driver, hosts = fresh()
+    hosts.continue_at_pre_switchover = False  # the coordinator's continue
     start(driver)
     until_issued(driver, hosts, Kind.START_MIGRATION)
     answer(driver, hosts, [driver.log[-1]])
@@ -169,6 +172,7 @@ def test_continue_switchover_interrupted_by_a_restart_after_it_took_effect_compl
     "interrupted by a hostd restart" on its return; both QEMUs report completed. The hosts'
     own reports decide: the migration completes, the destination is not fenced."""
     driver, hosts = fresh()
+    hosts.continue_at_pre_switchover = False  # the coordinator's continue
     start(driver)
     cmd = until_issued(driver, hosts, Kind.CONTINUE_SWITCHOVER)
     effects = [o for o in hosts.answer(cmd) if not isinstance(o.payload, E.CommandSucceeded)]
@@ -194,6 +198,7 @@ def test_a_source_that_dies_after_the_destination_loaded_everything_completes():
     the lease. A dead source cannot resume, and the destination holds the whole VM: the
     coordinator releases the dead source's lease itself and the handoff goes on."""
     driver, hosts = fresh()
+    hosts.continue_at_pre_switchover = False  # the coordinator's continue
     start(driver)
     cmd = until_issued(driver, hosts, Kind.CONTINUE_SWITCHOVER)
     driver.answered.add(cmd.command_id)
@@ -218,6 +223,7 @@ def test_precopy_cont_waits_for_the_destinations_own_completed():
     source that reports completed (its lease released) while the destination has not does
     not get the destination resumed; the destination's completed then does."""
     driver, hosts = fresh()
+    hosts.continue_at_pre_switchover = False  # the coordinator's continue
     start(driver)
     cmd = until_issued(driver, hosts, Kind.CONTINUE_SWITCHOVER)
     driver.answered.add(cmd.command_id)
@@ -597,6 +603,7 @@ def test_an_interrupted_continue_that_let_post_copy_begin_goes_on(cont_first):
     continue took effect: the migration goes on. Read as a failure, it was rolled back, or,
     once the destination's cont was logged, fenced: a healthy migration's VM lost."""
     driver, hosts = fresh()
+    hosts.continue_at_pre_switchover = False  # the coordinator's continue
     driver.request(I.StartMigration("m-1", "vm-1", "host-b", C.MIGRATION_MODE_AUTO,
                                     E.MigrationPolicy(), driver.now_us))  # fmt: skip
     start_cmd = until_issued(driver, hosts, Kind.START_MIGRATION)
@@ -824,6 +831,7 @@ def test_a_failed_continue_switchover_is_not_hidden_by_a_failed_start_postcopy()
     harmless (pre-copy reached its switchover first), but it was the first failure found and
     its verdict, "nothing to do", hid the failed continue: the migration stalled for good."""
     driver, hosts = fresh()
+    hosts.continue_at_pre_switchover = False  # the coordinator's continue
     policy = E.MigrationPolicy(auto_postcopy_max_passes=2)
     driver.request(
         I.StartMigration("m-1", "vm-1", "host-b", C.MIGRATION_MODE_AUTO, policy, driver.now_us)

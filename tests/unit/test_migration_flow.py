@@ -28,19 +28,26 @@ def start(driver, mode=PRECOPY, policy=None):
     )
 
 
+@pytest.mark.parametrize("hostd_continues", [True, False])
 @pytest.mark.parametrize("hostd_releases", [True, False])
-def test_precopy_completes_with_handoff_in_order(hostd_releases):
-    """Pre-copy issues prepare, migrate, switchover, handoff, cont, cleanup. hostd releases the
-    source's lease at the stop, as START_MIGRATION asked it to; when it did not (it restarted
-    in between), the coordinator's release command does, before the switchover goes on, once
-    hostd had a grace period to report its own (so the command never crowds the pause)."""
+def test_precopy_completes_with_handoff_in_order(hostd_releases, hostd_continues):
+    """Pre-copy issues prepare, migrate, switchover, handoff, cont, cleanup. hostd continues
+    the source's switchover from pre-switchover and releases its lease at completed, as
+    START_MIGRATION asked it to; when it did not (it restarted in between), the coordinator's
+    commands do, once hostd had a grace period to report its own (so a command never crowds
+    the pause)."""
     driver, hosts = fresh()
     hosts.release_at_switchover = hostd_releases
+    hosts.continue_at_pre_switchover = hostd_continues
     events = start(driver) + driver.run("m-1", hosts)
     stop = next(e for e in events if e.type == "QmpEventReceived" and '"STOP"' in str(e.payload))
     for e in events:
-        if e.type == "CommandIssued" and e.payload.kind == Kind.RELEASE_LEASE:
+        if e.type == "CommandIssued" and e.payload.kind in (
+            Kind.RELEASE_LEASE,
+            Kind.CONTINUE_SWITCHOVER,
+        ):
             assert e.time_us - stop.time_us >= HOSTD_SWITCH_GRACE_US
+    continued = [] if hostd_continues else ["continue-switchover@host-a"]
     release = [] if hostd_releases else ["release-lease@host-a"]
     assert decisions(events) == [
         "MigrationRequested",
@@ -48,7 +55,7 @@ def test_precopy_completes_with_handoff_in_order(hostd_releases):
         "prepare-incoming@host-b",
         "start-migration@host-a",
         "enable-network@host-b",
-        "continue-switchover@host-a",
+        *continued,
         *release,
         "acquire-lease@host-b",
         "resume-vm@host-b",
@@ -179,6 +186,7 @@ def test_abort_in_switchover_reacquires_lease_and_resumes_source():
     """Abort after the source stopped for the switchover restores lease and CPUs. The source
     keeps its lease in pre-switchover (QEMU would resume it by itself on a failure)."""
     driver, hosts = fresh()
+    hosts.continue_at_pre_switchover = False  # its hostd restarted: the coordinator continues
     start(driver)
     events = []
     for _ in range(30):
@@ -190,7 +198,9 @@ def test_abort_in_switchover_reacquires_lease_and_resumes_source():
             break
         events += step
         events += answer(driver, hosts, step)
-        if not step:
+        if not step and driver.world.migrations["m-1"].phase == Phase.SWITCHOVER:
+            driver.now_us += HOSTD_SWITCH_GRACE_US  # hostd's own continue is overdue
+        elif not step:
             driver._progress(
                 "m-1",
                 next(
@@ -258,11 +268,13 @@ def test_failed_handoff_command_before_cont_rolls_back():
     events = start(driver) + driver.run("m-1", hosts)
     d = decisions(events)
     assert "resume-vm@host-b" not in d
-    # Networking is enabled while the switchover completes: the failure makes the source take
-    # its lease back first, the destination is destroyed, and the source gets its CPUs back
-    # (QEMU resumes a source whose migration completed).
+    # Here the switch completed (hostd continued it) before networking was asked for, so the
+    # enable went out with the destination's acquire: the rollback gives the destination's
+    # lease back and the source takes it, the destination is destroyed, and the source gets
+    # its CPUs back (QEMU resumes a source whose migration completed).
     assert d[d.index("RollbackDecided") :] == [
         "RollbackDecided",
+        "release-lease@host-b",
         "acquire-lease@host-a",
         "destroy-vm@host-b",
         "resume-vm@host-a",

@@ -1086,6 +1086,7 @@ class CommandArgs(_message.Message):
     ENABLE_NETWORK_AT_POSTCOPY_FIELD_NUMBER: _builtins.int
     PEER_HOST_FIELD_NUMBER: _builtins.int
     START_POSTCOPY_FIELD_NUMBER: _builtins.int
+    CONTINUE_AT_PRE_SWITCHOVER_FIELD_NUMBER: _builtins.int
     uri: _builtins.str
     """START_MIGRATION, RESUME_MIGRATION: where the destination listens."""
     lease_generation: _builtins.int
@@ -1131,6 +1132,15 @@ class CommandArgs(_message.Message):
     Recovery reads the command as post-copy asked for: the source may be in post-copy
     however the command ended.
     """
+    continue_at_pre_switchover: _builtins.bool
+    """START_MIGRATION, with pause_before_switchover: hostd sends migrate-continue itself the
+    moment its stopped source reports "pre-switchover", which saves the guest's pause a round
+    trip through the coordinator. The source still stops there, so the coordinator can tell a
+    switchover's STOP from any other and enable the destination's networking at it. A
+    CONTINUE_SWITCHOVER follows only when the source is still in "pre-switchover" once
+    hostd's report is overdue; the commands that disarm release_lease_at_switchover disarm
+    this too (a rollback's cancel must find the source where it stopped, not completing).
+    """
     @_builtins.property
     def spec(self) -> _common_pb2.VmSpec:
         """START_VM, PREPARE_INCOMING: the VM to launch."""
@@ -1154,10 +1164,11 @@ class CommandArgs(_message.Message):
         enable_network_at_postcopy: _builtins.bool = ...,
         peer_host: _builtins.str = ...,
         start_postcopy: _builtins.bool = ...,
+        continue_at_pre_switchover: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["enable_network_at_postcopy", b"enable_network_at_postcopy", "force", b"force", "lease_generation", b"lease_generation", "parameters", b"parameters", "pause_before_switchover", b"pause_before_switchover", "peer_host", b"peer_host", "postcopy", b"postcopy", "reason", b"reason", "release_lease_at_switchover", b"release_lease_at_switchover", "spec", b"spec", "start_postcopy", b"start_postcopy", "uri", b"uri"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["continue_at_pre_switchover", b"continue_at_pre_switchover", "enable_network_at_postcopy", b"enable_network_at_postcopy", "force", b"force", "lease_generation", b"lease_generation", "parameters", b"parameters", "pause_before_switchover", b"pause_before_switchover", "peer_host", b"peer_host", "postcopy", b"postcopy", "reason", b"reason", "release_lease_at_switchover", b"release_lease_at_switchover", "spec", b"spec", "start_postcopy", b"start_postcopy", "uri", b"uri"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
