@@ -376,7 +376,7 @@ class VmRuntime:
             return
         if not (self.stopped and self.migration_status == "pre-switchover"):
             return
-        self.disarm_continue()
+        self.continue_at_pre_switchover = False
         self._beside(self._continue_switchover())
 
     async def _continue_switchover(self) -> None:
@@ -386,6 +386,9 @@ class VmRuntime:
         except HostdError as err:
             self.log.error("switchover not continued at pre-switchover (the coordinator's "
                            "continue follows): %s", err)  # fmt: skip
+        # Only now: a hostd that dies before QEMU answered finds the marker and sends it again
+        # (QEMU takes it only in pre-switchover, so a second one changes nothing).
+        self._continue_marker.unlink(missing_ok=True)
 
     async def maybe_switching_over(self) -> None:
         """Run the switchover action once the source has stopped to switch over. QEMU's order

@@ -676,7 +676,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(run=fn)
     abort = mig.add_parser(
         "abort",
-        help="roll back (refused once post-copy was asked of the source or the destination runs)",
+        help="roll back (refused once post-copy has begun or the destination was told to run)",
     )
     abort.add_argument("id")
     abort.add_argument("--reason")

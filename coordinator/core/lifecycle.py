@@ -157,13 +157,14 @@ def abort(world: World, req: I.AbortMigration) -> list[NewEvent]:
     if m.phase == Phase.POSTCOPY_PAUSED or "postcopy-paused" in (m.src.status, m.dst.status):
         # QEMU 7.2: migrate_cancel on a paused post-copy source leaves it stuck in "cancelling".
         raise IllegalTransition(subject, "abort", "post-copy paused (recovering)", _ABORTABLE)
-    if m.postcopy_started or m.postcopy_switch_sent:
+    if m.postcopy_started:
         # As libvirt refuses it: the only way back is migrate_cancel, and a link that breaks
         # as it is sent pauses the post-copy first; QEMU (7.2) then leaves the source
         # `cancelling` for good, a healthy VM lost. Forward, a broken link is recovered.
-        raise IllegalTransition(
-            subject, "abort", "in post-copy (the switch was sent to the source)", _ABORTABLE
-        )
+        # A switch sent but not (yet) taken may still be aborted: a start still unanswered
+        # is waited for by the rollback, and a switch that never comes (a wedged stream)
+        # would otherwise hold the migration for good.
+        raise IllegalTransition(subject, "abort", "in post-copy", _ABORTABLE)
     reason = f"aborted by operator: {req.reason}" if req.reason else "aborted by operator"
     decided = events_pb2.RollbackDecided(
         migration_id=m.migration_id, reason=reason, requested_by=req.principal
@@ -174,7 +175,7 @@ def abort(world: World, req: I.AbortMigration) -> list[NewEvent]:
 _ABORTABLE = (
     "queued",
     "preparing",
-    "transferring (before any post-copy switch)",
+    "transferring (until post-copy begins)",
     "pre-copy switchover",
     "pre-copy handoff (before the destination runs)",
 )

@@ -32,6 +32,8 @@ class Source:
         self.root = tmp_path / "vm"
         self.sent: list[tuple[str, dict[str, Any] | None]] = []
         self.refuse = False
+        self.answer = asyncio.Event()  # QEMU answers once set
+        self.answer.set()
         self.executor = Executor("host-a", tmp_path / "state", "127.0.0.1",
                                  FileLeaseDriver(tmp_path / "locks"),
                                  HookNetworkDriver(hook, "host-a"), self.emit)  # fmt: skip
@@ -47,6 +49,7 @@ class Source:
 
     async def execute(self, command: str, arguments: dict[str, Any] | None = None, **_: Any) -> Any:
         self.sent.append((command, arguments))
+        await self.answer.wait()
         if self.refuse:
             error = "Migration not in expected state: failed"
             raise QmpError(error, vm="vm-1", command=command, error_class="GenericError",
@@ -144,3 +147,23 @@ async def test_a_restarted_hostd_finds_the_arming_and_continues(tmp_path: Path) 
     restarted.maybe_continuing_switchover()
     await source.settled()
     assert source.continues() == 1
+
+
+async def test_the_arming_outlives_a_continue_until_qemu_answered_it(tmp_path: Path) -> None:
+    """A hostd that dies between sending migrate-continue and QEMU's answer cannot know
+    whether it took: the marker stays until the answer, so a restarted hostd sends it again
+    (QEMU takes it only in pre-switchover)."""
+    source = Source(tmp_path)
+    source.answer.clear()
+    source.runtime.arm_continue_at_pre_switchover()
+    await source.event("MIGRATION", "active")
+    await source.event("STOP")
+    await source.event("MIGRATION", "pre-switchover")
+    await asyncio.sleep(0)  # the continue is sent; QEMU has not answered
+    assert source.continues() == 1
+    assert source.runtime.continue_was_armed and not source.runtime.continue_at_pre_switchover
+    await source.event("MIGRATION", "device")  # a later event does not send it twice
+    source.answer.set()
+    await source.settled()
+    assert source.continues() == 1
+    assert not source.runtime.continue_was_armed

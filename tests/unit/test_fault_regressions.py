@@ -698,23 +698,55 @@ def _refused_abort(driver) -> None:
     assert len(driver.log) == before
 
 
-def test_an_abort_is_refused_once_the_start_carrying_the_post_copy_switch_is_sent():
-    """Sim seed 16228: the operator aborted while the source's start, carrying the post-copy
-    switch, was held unanswered by its hostd. The rollback then raced the start: post-copy
-    began against a destination being destroyed, and the cancel left the source `cancelling`
-    for good. Once the switch may have been sent, an abort is refused and appends nothing;
-    the start runs late and the migration completes."""
+def test_a_rollback_waits_for_a_start_that_may_switch_to_post_copy():
+    """Aborted while the source's start (carrying the post-copy switch) was still unanswered
+    (sim seed 16228): the rollback destroyed the destination, then the start ran, post-copy
+    began and paused against the dead destination, and the cancel left the source
+    `cancelling` for good: fenced, a healthy VM lost. The destination now goes only once the
+    start is answered, and then after the source's cancel."""
     driver, hosts = fresh()
     start(driver, POSTCOPY)
     start_cmd = until_issued(driver, hosts, Kind.START_MIGRATION)
     assert start_cmd.args.start_postcopy
-    _refused_abort(driver)
+    issued = driver.request(I.AbortMigration("m-1", "test", driver.now_us, "spiffe://t"))
+    issued += _advance_answering(driver, hosts)
+    assert "destroy-vm@host-b" not in decisions(issued)
     driver.answered.add(start_cmd.command_id)
-    driver.observe(*hosts.answer(start_cmd))
+    driver.observe(*hosts.answer(start_cmd))  # it ran late: post-copy began
+    assert driver.world.migrations["m-1"].src.status == "postcopy-active"
+    later = _advance_answering(driver, hosts, holding={Kind.CANCEL_MIGRATION})
+    assert "cancel-migration@host-a" in decisions(later)
+    assert "destroy-vm@host-b" not in decisions(later)
+    answer(driver, hosts, [_issued(driver, Kind.CANCEL_MIGRATION)])
     driver.run("m-1", hosts)
     m = driver.world.migrations["m-1"]
-    assert (m.phase, m.dst_resumed) == (Phase.FINISHING, True), m.reason
-    clean_after_completion(driver, hosts)
+    assert m.phase == Phase.ROLLED_BACK, m.reason
+    assert driver.world.vms["vm-1"].running_hosts() == ["host-a"]
+    clean(driver)
+
+
+def test_a_switch_sent_but_never_taken_can_still_be_aborted():
+    """The start carried the post-copy switch and was answered, but QEMU never switched (a
+    wedged stream: no progress and no error) and the source runs on in pre-copy. Nothing but
+    an operator ends such a migration, so the abort that post-copy refuses is accepted here:
+    rolled back, the VM running on host-a."""
+    driver, hosts = fresh()
+    start(driver, POSTCOPY)
+    start_cmd = until_issued(driver, hosts, Kind.START_MIGRATION)
+    driver.answered.add(start_cmd.command_id)
+    driver.observe(migration("host-a", "vm-1", "active"), succeeded(start_cmd))
+    for _ in range(3):
+        driver.now_us += TICK_US
+        assert decisions(driver.advance("m-1")) == []  # nothing moves by itself
+    m = driver.world.migrations["m-1"]
+    assert (m.postcopy_switch_sent, m.postcopy_started) == (True, False)
+    assert "RollbackDecided" in decisions(
+        driver.request(I.AbortMigration("m-1", "wedged", driver.now_us, "spiffe://t"))
+    )
+    driver.run("m-1", hosts)
+    assert m.phase == Phase.ROLLED_BACK, m.reason
+    assert driver.world.vms["vm-1"].running_hosts() == ["host-a"]
+    clean(driver)
 
 
 def test_an_abort_in_post_copy_is_refused_and_a_broken_link_is_recovered():

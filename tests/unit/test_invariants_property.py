@@ -13,11 +13,11 @@ from coordinator.core import inputs as I
 from coordinator.core.invariants import InvariantChecker
 from coordinator.core.state import Kind
 from tests.unit.helpers import fresh
-from tools.sim import Observation, migration, qmp
+from tools.sim import TICK_US, Observation, migration, qmp
 from whimbrel.v1 import common_pb2 as C
 from whimbrel.v1 import events_pb2 as E
 
-PROGRESS = ["answer"] * 8 + ["answer_any", "converge", "converge", "complete", "complete"]
+PROGRESS = ["answer"] * 8 + ["answer_any", "converge", "converge", "complete", "complete", "tick"]
 FAULTS = [
     "fail",
     "drop",
@@ -82,8 +82,13 @@ def test_random_host_behaviour_never_breaks_invariants_1_to_4(data: st.DataObjec
             driver.observe(hosts.kill("vm-1", "host-b"))
         elif action == "converge" and m.src.status == "active" and not m.postcopy_started:
             driver.observe(
-                qmp("host-a", "vm-1", "STOP"), migration("host-a", "vm-1", "pre-switchover")
+                qmp("host-a", "vm-1", "STOP"),
+                migration("host-a", "vm-1", "pre-switchover"),
+                # what hostd does by itself there (continue; release once completed)
+                *hosts.switchover("host-a", "vm-1", "pre-switchover"),
             )
+        elif action == "tick":
+            driver.now_us += TICK_US  # the coordinator's clock: reports overdue are covered
         elif action == "pause" and m.postcopy_started and m.src.alive and m.dst.alive:
             driver.observe(
                 migration("host-a", "vm-1", "postcopy-paused"),

@@ -140,8 +140,8 @@ class MigrationServiceServicer:
 
     def AbortMigration(self, request, context):
         """Abort and roll back to the source. FAILED_PRECONDITION after the point of no return (the
-        destination has been told to run), once the post-copy switch was sent to the source (a
-        post-copy goes forward, as libvirt's does), or when already terminal.
+        destination has been told to run), once post-copy has begun (the source reported
+        postcopy-active: a post-copy goes forward, as libvirt's does), or when already terminal.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -48,8 +48,8 @@ class MigrationServiceStub:
     """The migration now and after every change, until it is terminal."""
     AbortMigration: _grpc.UnaryUnaryMultiCallable[_migration_pb2.AbortMigrationRequest, _migration_pb2.Migration]
     """Abort and roll back to the source. FAILED_PRECONDITION after the point of no return (the
-    destination has been told to run), once the post-copy switch was sent to the source (a
-    post-copy goes forward, as libvirt's does), or when already terminal.
+    destination has been told to run), once post-copy has begun (the source reported
+    postcopy-active: a post-copy goes forward, as libvirt's does), or when already terminal.
     """
     SwitchToPostcopy: _grpc.UnaryUnaryMultiCallable[_migration_pb2.SwitchToPostcopyRequest, _migration_pb2.Migration]
     """Switch a migration in pre-copy to post-copy. FAILED_PRECONDITION when it cannot switch (mode
@@ -95,8 +95,8 @@ class MigrationServiceAsyncStub(MigrationServiceStub):
     """The migration now and after every change, until it is terminal."""
     AbortMigration: _aio.UnaryUnaryMultiCallable[_migration_pb2.AbortMigrationRequest, _migration_pb2.Migration]  # type: ignore[assignment]
     """Abort and roll back to the source. FAILED_PRECONDITION after the point of no return (the
-    destination has been told to run), once the post-copy switch was sent to the source (a
-    post-copy goes forward, as libvirt's does), or when already terminal.
+    destination has been told to run), once post-copy has begun (the source reported
+    postcopy-active: a post-copy goes forward, as libvirt's does), or when already terminal.
     """
     SwitchToPostcopy: _aio.UnaryUnaryMultiCallable[_migration_pb2.SwitchToPostcopyRequest, _migration_pb2.Migration]  # type: ignore[assignment]
     """Switch a migration in pre-copy to post-copy. FAILED_PRECONDITION when it cannot switch (mode
@@ -169,8 +169,8 @@ class MigrationServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_migration_pb2.Migration, _abc.Awaitable[_migration_pb2.Migration]]:
         """Abort and roll back to the source. FAILED_PRECONDITION after the point of no return (the
-        destination has been told to run), once the post-copy switch was sent to the source (a
-        post-copy goes forward, as libvirt's does), or when already terminal.
+        destination has been told to run), once post-copy has begun (the source reported
+        postcopy-active: a post-copy goes forward, as libvirt's does), or when already terminal.
         """
 
     @_abc_1.abstractmethod
