@@ -35,6 +35,7 @@ from pathlib import Path
 from hostd import capacity, tracing
 from hostd.agent import Agent
 from hostd.drivers.network import (
+    DEFAULT_PHASE_TIMEOUT_S,
     BridgeNetworkDriver,
     HookNetworkDriver,
     NetworkDriver,
@@ -83,9 +84,9 @@ def network_driver(ns: argparse.Namespace) -> NetworkDriver:
     if ns.network == "hook":
         if not ns.network_hook:
             raise SystemExit("--network hook needs --network-hook PATH")
-        return HookNetworkDriver(Path(ns.network_hook), ns.host_id)
+        return HookNetworkDriver(Path(ns.network_hook), ns.host_id, ns.network_timeout)
     if ns.network == "bridge":
-        return BridgeNetworkDriver(ns.host_id, ns.netns or "")
+        return BridgeNetworkDriver(ns.host_id, ns.netns or "", ns.network_timeout)
     return NullNetworkDriver()
 
 
@@ -174,6 +175,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--network", choices=["none", "hook", "bridge"], default="none")
     parser.add_argument("--network-hook", help="executable run with the phase (hook driver)")
+    parser.add_argument(
+        "--network-timeout",
+        type=validate.positive_seconds,
+        default=DEFAULT_PHASE_TIMEOUT_S,
+        metavar="SECONDS",
+        help="a network phase (hook or ip) still running after this is killed and fails "
+        f"(default {DEFAULT_PHASE_TIMEOUT_S:g})",
+    )
     parser.add_argument(
         "--netns",
         help="network namespace the VMs live in: QEMU runs there, with its taps, their "

@@ -23,7 +23,7 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from whimbrel import tls
+from whimbrel import tls, validate
 from whimbrel.v1 import (
     common_pb2,
     eventlog_pb2,
@@ -566,16 +566,6 @@ def _count(text: str) -> int:
     return _u32(text)
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="whimbrelctl", description="Operate a Whimbrel coordinator."
@@ -588,7 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--timeout",
-        type=_seconds,
+        type=validate.positive_seconds,
         default=5.0,
         help="give up after SECONDS without an answer, exit 3 (default %(default)g); streams "
         "(watch, --wait, --follow) apply it to connecting only",

@@ -12,6 +12,7 @@ Invalid        root (a ValueError); its message names the field and the value re
 
 from __future__ import annotations
 
+import argparse
 import re
 
 from whimbrel.v1 import common_pb2
@@ -146,3 +147,14 @@ def check_kernel_boot(spec: common_pb2.VmSpec) -> None:
         check_path("initrd", spec.initrd)
     if len(spec.append) > 1024 or not all(" " <= c <= "~" for c in spec.append):
         raise Invalid("append must be at most 1024 characters of printable ASCII")
+
+
+def positive_seconds(text: str) -> float:
+    """A command-line flag's number of seconds (an argparse type: usage error, exit 2)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value

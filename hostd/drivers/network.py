@@ -10,8 +10,10 @@ released. Three drivers:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import signal
 from pathlib import Path
 from typing import Protocol
 
@@ -20,6 +22,10 @@ from hostd.qemu import tap_name
 from whimbrel.v1 import common_pb2
 
 PHASES = ("prepare", "enable", "disable", "release")
+# A phase's process (a hook, `ip`) that hangs would hold its command, and with it a migration,
+# often in the guest's pause, for good: past this its process group is killed and the phase
+# fails, which the coordinator decides on (a retry, then a rollback).
+DEFAULT_PHASE_TIMEOUT_S = 30.0
 
 
 class NetworkDriver(Protocol):
@@ -33,11 +39,14 @@ class NullNetworkDriver:
         return None
 
 
-async def _run(args: list[str], env: dict[str, str] | None = None, what: str = "") -> None:
+async def _run(
+    args: list[str], limit_s: float, env: dict[str, str] | None = None, what: str = ""
+) -> None:
     proc = await asyncio.create_subprocess_exec(
-        *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env
-    )
-    await _finish(proc, None, what or args[0])
+        *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env,
+        start_new_session=True,  # its own process group: a timeout kills what it started too
+    )  # fmt: skip
+    await _finish(proc, None, what or args[0], limit_s)
 
 
 # Waits for one line on stdin: "go" runs the hook (exec, so it is the hook that exits),
@@ -45,10 +54,21 @@ async def _run(args: list[str], env: dict[str, str] | None = None, what: str = "
 _ARMED = 'read -r go || exit 0; [ "$go" = go ] || exit 0; exec "$0" "$@"'
 
 
-async def _finish(proc: asyncio.subprocess.Process, line: bytes | None, what: str) -> None:
-    """Wait for a process, raising NetworkError (naming `what`, if given) when it fails. An
-    armed hook gets its answer first: b"go\n" runs it, b"" dismisses it."""
-    output, _ = await proc.communicate(line)
+async def _finish(
+    proc: asyncio.subprocess.Process, line: bytes | None, what: str, limit_s: float
+) -> None:
+    """Wait for a process, at most `limit_s` seconds, raising NetworkError (naming `what`, if
+    given) when it fails or is killed for taking longer. An armed hook gets its answer first:
+    b"go\n" runs it, b"" dismisses it."""
+    try:
+        output, _ = await asyncio.wait_for(proc.communicate(line), limit_s)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
+        raise NetworkError(
+            f"{what or 'network phase'} did not finish in {limit_s:g} s: killed"
+        ) from None
     if what and proc.returncode != 0:
         text = output.decode(errors="replace").strip()
         raise NetworkError(f"{what} failed ({proc.returncode}): {text}")
@@ -60,9 +80,10 @@ class HookNetworkDriver:
     succeeded, the "enable" hook is started ahead of time, waiting on its stdin; enabling
     only tells it to go. The hook sees the same arguments and environment either way."""
 
-    def __init__(self, hook: Path, host_id: str) -> None:
+    def __init__(self, hook: Path, host_id: str, timeout: float = DEFAULT_PHASE_TIMEOUT_S) -> None:
         self.hook = hook
         self.host_id = host_id
+        self.timeout = timeout
         self._armed: dict[str, asyncio.subprocess.Process] = {}
 
     def _env(self, phase: str, spec: common_pb2.VmSpec) -> dict[str, str]:
@@ -81,17 +102,18 @@ class HookNetworkDriver:
     async def apply(self, phase: str, spec: common_pb2.VmSpec) -> None:
         armed = self._armed.pop(spec.name, None)
         if phase == "enable" and armed is not None:
-            await _finish(armed, b"go\n", f"network hook {phase}")
+            await _finish(armed, b"go\n", f"network hook {phase}", self.timeout)
             return
         if armed is not None:
-            await _finish(armed, b"", "")  # not needed any more
+            await _finish(armed, b"", "", self.timeout)  # not needed any more
         args = [str(self.hook), phase, spec.name]
-        await _run(args, self._env(phase, spec), f"network hook {phase}")
+        await _run(args, self.timeout, self._env(phase, spec), f"network hook {phase}")
         if phase == "prepare":
             self._armed[spec.name] = await asyncio.create_subprocess_exec(
                 "/bin/sh", "-c", _ARMED, str(self.hook), "enable", spec.name,
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT, env=self._env("enable", spec),
+                start_new_session=True,
             )  # fmt: skip
 
 
@@ -99,9 +121,12 @@ class BridgeNetworkDriver:
     """Tap devices are created by QEMU at launch, detached and down: the VM is reachable only
     once enable attaches them to their bridge; disable detaches them again (a rollback)."""
 
-    def __init__(self, host_id: str, netns: str = "") -> None:
+    def __init__(
+        self, host_id: str, netns: str = "", timeout: float = DEFAULT_PHASE_TIMEOUT_S
+    ) -> None:
         self.host_id = host_id
         self.prefix = ["ip", "-n", netns] if netns else ["ip"]
+        self.timeout = timeout
 
     async def apply(self, phase: str, spec: common_pb2.VmSpec) -> None:
         for i, nic in enumerate(spec.nics):
@@ -109,6 +134,8 @@ class BridgeNetworkDriver:
             if phase == "enable":
                 if not nic.bridge:
                     raise NetworkError(f"NIC {nic.mac} of {spec.name} names no bridge")
-                await _run([*self.prefix, "link", "set", tap, "master", nic.bridge, "up"])
+                await _run(
+                    [*self.prefix, "link", "set", tap, "master", nic.bridge, "up"], self.timeout
+                )
             elif phase == "disable":
-                await _run([*self.prefix, "link", "set", tap, "nomaster", "down"])
+                await _run([*self.prefix, "link", "set", tap, "nomaster", "down"], self.timeout)

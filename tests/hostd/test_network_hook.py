@@ -4,6 +4,7 @@ VM's details; "enable", armed ahead of time by "prepare", runs only when asked."
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,45 @@ async def test_a_failing_armed_hook_is_an_error(
     await driver.apply("prepare", SPEC)
     with pytest.raises(NetworkError, match="network hook enable failed"):
         await driver.apply("enable", SPEC)
+
+
+HANGING_HOOK = """#!/bin/sh
+[ "$1" = "$HANG_PHASE" ] || exit 0
+sleep 600 &
+echo $$ $! > "{pids}"
+wait
+"""
+
+
+@pytest.mark.parametrize("phase", ["enable", "release"])
+async def test_a_hook_that_hangs_is_killed_and_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, phase: str
+) -> None:
+    """A hook that never returns would hold its command, and a migration with it, for good:
+    past the driver's limit it is killed with what it started, and the phase fails, naming
+    why. (enable: the hook armed by prepare; release: one started for the phase.)"""
+    monkeypatch.setenv("HANG_PHASE", phase)
+    pids = tmp_path / "pids"
+    path = tmp_path / "hook.sh"
+    path.write_text(HANGING_HOOK.format(pids=pids))
+    path.chmod(0o755)
+    driver = HookNetworkDriver(path, "host-b", timeout=0.5)
+    await driver.apply("prepare", SPEC)
+    started = time.monotonic()
+    with pytest.raises(NetworkError, match=f"network hook {phase} did not finish in 0.5 s"):
+        await driver.apply(phase, SPEC)
+    assert time.monotonic() - started < 5
+    for pid in map(int, pids.read_text().split()):  # the hook, and the sleep it started
+        assert _dead(pid), pid
+
+
+def _dead(pid: int) -> bool:
+    """Gone, or a zombie (killed, not yet reaped by whoever inherited it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
 
 
 def _vm_state(state_dir: Path, network_phase: str) -> Path:

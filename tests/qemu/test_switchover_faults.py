@@ -154,3 +154,30 @@ def test_source_qemu_killed_after_the_destination_loaded_everything_completes(
     assert completed_a == []  # the window was hit: host-a never reported completed
     assert of_type(cluster, events_pb2.FencingDecided) == []
     assert of_type(cluster, events_pb2.VmLost) == []
+
+
+HANGING_ENABLE = """#!/bin/sh
+echo "$1 $2 $WHIMBREL_HOST $(date +%s%N)" >> "{log}"
+if [ "$1" = enable ] && [ "$WHIMBREL_HOST" = host-b ]; then sleep 600; fi
+"""
+
+
+def test_a_destination_network_hook_that_hangs_rolls_back(cluster: Cluster) -> None:
+    """The destination's enable hook never returns, with the source stopped for the
+    switchover. Unbounded, the command and the guest's pause would last for good; hostd kills
+    the hook past --network-timeout and the enable fails, so the migration rolls back with the
+    VM running on host-a again, its pause bounded."""
+    cluster.define_and_start("vm-1", "host-a")
+    (cluster.root / "hook.sh").write_text(HANGING_ENABLE.format(log=cluster.hook_log))
+    cluster.hostd_args["host-b"] = ["--network-timeout", "1"]
+    head = cluster.head()
+    cluster.processes["host-b"].stop()
+    cluster.start_hostd("host-b")
+    cluster.wait_hosts("host-b", from_seq=head + 1)
+    start_migration(cluster, PRECOPY)
+    final = assert_outcome(cluster, PHASE.MIGRATION_PHASE_ROLLED_BACK, runs_on="host-a")
+    assert "did not finish in 1 s: killed" in final.reason, final.reason
+    events = cluster.events()[head:]
+    stop = next(e for e in events if qmp_event("host-a", "STOP")(e))
+    resume = next(e for e in events if qmp_event("host-a", "RESUME")(e) and e.seq > stop.seq)
+    assert resume.time_us - stop.time_us < 10_000_000  # the hook's second, not 600
