@@ -201,6 +201,7 @@ class Agent:
                 try:
                     await runtime.attach(pid)
                     log.info("re-attached to QEMU %d of %s", pid, runtime.name)
+                    runtime.watch_progress()
                     if runtime.continue_was_armed:
                         # What START_MIGRATION asked for holds across restarts; the source
                         # may have stopped in pre-switchover while no hostd watched.

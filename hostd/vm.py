@@ -45,6 +45,10 @@ SOURCE_STATE_HERE_STATUSES = ("postcopy-active", "postcopy-paused", "postcopy-re
 CONT_WAIT_LIMIT_S = 30.0
 # How long attaching waits for QMP's greeting (a QEMU that is stopped or hung never sends it).
 QMP_CONNECT_LIMIT_S = 10.0
+# While a source transfers, its progress is sampled this often besides at each pass: a pass
+# can take minutes, and the coordinator judges a stuck stream (the policy's
+# progress_timeout_s) by samples that show no bytes sent.
+PROGRESS_SAMPLE_EVERY_S = 5.0
 # QEMU's error-desc sent with a failed migration, at most (the coordinator bounds it too).
 MAX_ERROR_TEXT = 256
 # A snapshot of a QEMU whose main thread is stuck (storage, a missing post-copy page) must not
@@ -102,6 +106,7 @@ class VmRuntime:
         # TCP_NODELAY (hostd.migration_socket).
         self.nodelay_for = ""
         self._drop_report: asyncio.Task[None] | None = None
+        self._progress_watch: asyncio.Task[None] | None = None
 
     def save(self) -> None:
         """Keep the spec and role beside the QEMU files, for a restarted hostd."""
@@ -323,6 +328,8 @@ class VmRuntime:
         # compete with the handoff for QMP and CPU.
         if self.role != "source":
             return
+        if name == "MIGRATION" and self.migration_status == "active":
+            self.watch_progress()
         if name == "MIGRATION_PASS" and self.migration_status == "active":
             self._last_pass = int(data.get("pass", 0))
             self._sample_soon(self._last_pass)
@@ -441,6 +448,21 @@ class VmRuntime:
         )
         await self.emit(payload, time.time_ns() // 1000)
 
+    def watch_progress(self) -> None:
+        """Sample this source's progress every few seconds while it transfers (from its
+        "active", or a restarted hostd's snapshot saying so)."""
+        if self.role != "source" or self.migration_status != "active":
+            return
+        if self._progress_watch is None or self._progress_watch.done():
+            self._progress_watch = asyncio.create_task(self._sample_while_transferring())
+
+    async def _sample_while_transferring(self) -> None:
+        while True:
+            await asyncio.sleep(PROGRESS_SAMPLE_EVERY_S)
+            if self.migration_status != "active" or self.exited.is_set():
+                return
+            await self._sample(self._last_pass)
+
     def _sample_soon(self, pass_: int) -> None:
         # Sampled beside the event stream, so the next events are not held up by it.
         self._beside(self._sample(pass_))
@@ -539,6 +561,8 @@ class VmRuntime:
         """Stop watching without touching QEMU (hostd shutting down)."""
         if self._drop_report is not None:
             self._drop_report.cancel()
+        if self._progress_watch is not None:
+            self._progress_watch.cancel()
         if self._qmp_watch is not None:
             self._qmp_watch.cancel()
         if self._watch is not None:

@@ -380,6 +380,7 @@ class Ctl:
             if ns.on_stall == "abort"
             else events_pb2.STALL_ACTION_UNSPECIFIED,
             completion_timeout_s_per_gib=ns.timeout_per_gib or 0,
+            progress_timeout_s=ns.progress_timeout or 0,
             max_downtime_ms=ns.max_downtime_ms or 0,
             auto_postcopy_max_passes=ns.postcopy_after_passes or 0,
         )
@@ -511,6 +512,8 @@ def _policy_text(p: migration_pb2.NamedPolicy) -> str:
         parts.append(f"stall={e.stall_passes}->{action}")
     if e.completion_timeout_s_per_gib:
         parts.append(f"timeout={e.completion_timeout_s_per_gib}s/GiB")
+    if e.progress_timeout_s:
+        parts.append(f"progress-timeout={e.progress_timeout_s}s")
     parts.append(f"max-downtime={e.max_downtime_ms or 2000}ms")
     return f"{p.name}: {' '.join(parts)}"
 
@@ -712,6 +715,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="after a stall or timeout: post-copy where the mode allows (else abort), or abort",
     )  # fmt: skip
     define.add_argument("--timeout-per-gib", type=_u32, help="pre-copy seconds per GiB of RAM")
+    define.add_argument(
+        "--progress-timeout", type=_u32, metavar="S",
+        help="roll back once the source sent nothing for S seconds (default 120)",
+    )  # fmt: skip
     define.add_argument(
         "--postcopy-after-passes", type=_u32, help="mode auto: post-copy after this many passes"
     )

@@ -120,6 +120,31 @@ def _timed_out(m: MigrationState, memory_mib: int, started_us: int, now_us: int)
     )
 
 
+def stuck_reason(m: MigrationState) -> str:
+    """Why the source counts as stuck: before post-copy, its own samples show it sent nothing
+    for the policy's progress_timeout_s (a stream whose peer stopped reading gives QEMU
+    neither progress nor an error), or ""."""
+    limit_s = m.policy.progress_timeout_s
+    start = m.cmd(Kind.START_MIGRATION, m.source)
+    if (
+        not limit_s
+        or start is None
+        or start.state != CommandState.SUCCEEDED
+        or m.postcopy_started
+        or m.point_of_no_return_passed
+        or m.src.status != "active"
+    ):
+        return ""
+    progress = m.progress
+    idle_s = (progress.sampled_at_us - max(progress.moved_at_us, start.issued_at_us)) / 1e6
+    if idle_s <= limit_s:
+        return ""
+    return (
+        f"no progress: the source sent nothing for {idle_s:.0f} s (limit {limit_s} s, "
+        f"{progress.transferred_bytes} bytes sent): its migration stream is stuck"
+    )
+
+
 def downtime_step(m: MigrationState) -> int:
     """The raised downtime limit the current pass calls for, or 0."""
     steps, n = m.policy.downtime_steps_ms, m.progress.pass_

@@ -386,6 +386,9 @@ def _stats(
         progress.start_pass(sample_pass, p.remaining_bytes)
     progress.pass_ = max(progress.pass_, sample_pass)
     progress.total_bytes = p.total_bytes
+    progress.sampled_at_us = max(progress.sampled_at_us, time_us)
+    if p.transferred_bytes > progress.transferred_bytes:
+        progress.moved_at_us = max(progress.moved_at_us, time_us)
     progress.transferred_bytes = p.transferred_bytes
     progress.remaining_bytes = p.remaining_bytes
     progress.mbps = p.mbps

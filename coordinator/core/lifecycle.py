@@ -258,6 +258,9 @@ def _forward(world: World, m: MigrationState, issue: Issuer, now_us: int) -> lis
     problem = _problem(world, m)
     if problem is not None:
         return problem
+    stuck = convergence.stuck_reason(m)
+    if stuck:
+        return _rollback(m, stuck)
     for stage in (_queued, _preparing, _transferring, _switchover, _handoff):
         decided = stage(world, m, issue, now_us)
         if decided is not None:

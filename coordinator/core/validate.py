@@ -17,6 +17,7 @@ DEFAULT_POLICY = events_pb2.MigrationPolicy(
     auto_postcopy_max_passes=10,
     max_recovery_attempts=3,
     recovery_attempt_timeout_ms=30_000,
+    progress_timeout_s=120,
 )
 
 
@@ -72,6 +73,7 @@ _SCALARS = (
     "completion_timeout_s_per_gib",
     "max_downtime_ms",
     "name",
+    "progress_timeout_s",
 )
 _PARAMETERS = (
     "max_bandwidth",
@@ -129,9 +131,14 @@ def check_policy(policy: events_pb2.MigrationPolicy) -> None:
     for name in ("cpu_throttle_initial", "cpu_throttle_increment"):
         if getattr(policy.parameters, name) > 99:
             raise InvalidRequest(f"{name} must be at most 99 (percent)")
-    if policy.stall_passes > MAX_PASSES or policy.completion_timeout_s_per_gib > 86_400:
+    if (
+        policy.stall_passes > MAX_PASSES
+        or policy.completion_timeout_s_per_gib > 86_400
+        or policy.progress_timeout_s > 86_400
+    ):
         raise InvalidRequest(
-            f"stall_passes at most {MAX_PASSES}, completion_timeout_s_per_gib 86400"
+            f"stall_passes at most {MAX_PASSES}, completion_timeout_s_per_gib and "
+            "progress_timeout_s 86400"
         )
     if max(policy.auto_postcopy_min_passes, policy.auto_postcopy_max_passes) > MAX_PASSES:
         raise InvalidRequest(f"auto_postcopy_min/max_passes: at most {MAX_PASSES}")

@@ -5,10 +5,12 @@ on, so the fault lands exactly at that instant whatever the machine's load."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
@@ -16,7 +18,8 @@ from coordinator.core import Event
 from hostd import qemu
 from tests.qemu.scenario import PHASE, assert_outcome, qmp_event, start_migration
 from tools.cluster import Cluster
-from whimbrel.v1 import common_pb2, events_pb2
+from tools.guest import random_ram
+from whimbrel.v1 import common_pb2, events_pb2, migration_pb2
 
 pytestmark = pytest.mark.qemu
 PRECOPY = common_pb2.MIGRATION_MODE_PRECOPY
@@ -181,3 +184,30 @@ def test_a_destination_network_hook_that_hangs_rolls_back(cluster: Cluster) -> N
     stop = next(e for e in events if qmp_event("host-a", "STOP")(e))
     resume = next(e for e in events if qmp_event("host-a", "RESUME")(e) and e.seq > stop.seq)
     assert resume.time_us - stop.time_us < 10_000_000  # the hook's second, not 600
+
+
+def test_a_stream_that_stops_moving_rolls_back(cluster: Cluster, tmp_path: Path) -> None:
+    """The destination's QEMU is frozen (SIGSTOP) during pre-copy: it stops reading, the
+    stream fills and the source's QEMU sends nothing more, with neither progress nor an error
+    to report. hostd's periodic samples show no byte sent for the policy's progress timeout,
+    and the migration rolls back: the source, which never stopped, keeps the VM."""
+    cluster.define_and_start("vm-1", "host-a", ram_file=random_ram(tmp_path / "ram", 64))
+    head = cluster.head()
+    policy = events_pb2.MigrationPolicy(
+        parameters=events_pb2.MigrationParameters(max_bandwidth=8 << 20), progress_timeout_s=3
+    )
+    request = migration_pb2.StartMigrationRequest(
+        vm="vm-1", destination="host-b", mode=PRECOPY, policy=policy, migration_id="m-1"
+    )
+    cluster.migrations.StartMigration(request)
+    cluster.wait_event(qmp_event("host-a", "MIGRATION_PASS"), from_seq=head)
+    frozen = cluster.qemu_pid("host-b")
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        final = assert_outcome(cluster, PHASE.MIGRATION_PHASE_ROLLED_BACK, runs_on="host-a")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(frozen, signal.SIGCONT)
+    assert final.reason.startswith("no progress: the source sent nothing for"), final.reason
+    stops = [e for e in cluster.events()[head:] if qmp_event("host-a", "STOP")(e)]
+    assert stops == []  # the guest ran throughout

@@ -83,6 +83,7 @@ def test_bad_policies_are_refused_and_record_nothing():
         ({"downtime_steps_ms": [0]}, "each above 0 ms"),
         ({"parameters": E.MigrationParameters(cpu_throttle_initial=100)}, "at most 99"),
         ({"on_stall": 7}, "unknown on_stall"),
+        ({"progress_timeout_s": 86_401}, "progress_timeout_s 86400"),
     ):
         with pytest.raises(InvalidRequest, match=match):
             define(driver, "bad", **fields)
@@ -197,3 +198,72 @@ def test_force_complete_raises_the_downtime_in_precopy_and_switches_where_allowe
     assert requested.type == "PostcopyRequested" and requested.payload.by == "operator"
     assert m.postcopy_requested
     assert InvariantChecker().check(driver.log) == []
+
+
+# --- a stuck stream (progress_timeout_s) ---
+
+
+def sampled(driver, sent: int, after_s: float) -> list:  # type: ignore[type-arg]
+    """`after_s` later, hostd's periodic sample says `sent` bytes went so far; then what the
+    coordinator decides."""
+    driver.now_us += int(after_s * 1_000_000)
+    driver.observe(Observation("host-a", E.MigrationStatsSampled(
+        vm="vm-1", status="active", total_bytes=1 << 30, transferred_bytes=sent, **{"pass": 1},
+    )))  # fmt: skip
+    return [e.type for e in driver.advance("m-1")]
+
+
+def test_a_source_that_sends_nothing_for_the_progress_timeout_rolls_back():
+    """A stuck stream (the peer stopped reading) gives QEMU neither progress nor an error:
+    the source's own samples, showing no byte sent for the policy's progress timeout, roll
+    the migration back; the VM runs on host-a."""
+    driver, hosts = fresh()
+    m = transferring(driver, hosts, policy=E.MigrationPolicy(progress_timeout_s=10))
+    assert "RollbackDecided" not in sampled(driver, 5 << 20, 1)
+    assert "RollbackDecided" not in sampled(driver, 5 << 20, 5)
+    assert "RollbackDecided" in sampled(driver, 5 << 20, 6)  # 11 s without a byte
+    assert "no progress: the source sent nothing for 11 s (limit 10 s" in m.reason
+    driver.run("m-1", hosts)
+    assert m.phase == Phase.ROLLED_BACK
+    assert driver.world.vms["vm-1"].running_hosts() == ["host-a"]
+    assert InvariantChecker().check_quiescent(driver.log) == []
+
+
+def test_slow_progress_and_silence_are_not_a_stuck_stream():
+    """Bytes that keep coming, however few, are progress; and no sample at all (a hostd that
+    restarted, a host away) is no evidence: neither rolls back. The built-in policy waits
+    120 s."""
+    driver, hosts = fresh()
+    m = transferring(driver, hosts)
+    assert m.policy.progress_timeout_s == 120
+    for i in range(1, 60):
+        assert "RollbackDecided" not in sampled(driver, i * 4096, 5)
+    driver.now_us += 3600 * 1_000_000
+    assert driver.advance("m-1") == [] and m.phase == Phase.TRANSFERRING
+
+
+def test_a_post_copy_switch_that_is_never_taken_rolls_back_on_its_own():
+    """The switch was sent (mode postcopy's start carries it) and QEMU never took it: the
+    source runs on in pre-copy, stuck. Nothing else ends it (the policy's pre-copy judgements
+    stop once post-copy is asked for): the progress timeout rolls it back."""
+    driver, hosts = fresh()
+    m = start(driver, C.MIGRATION_MODE_POSTCOPY, policy=E.MigrationPolicy(progress_timeout_s=30))
+    started = None
+    for _ in range(3):
+        for e in driver.advance("m-1"):
+            if e.type != "CommandIssued":
+                continue
+            if Kind(e.payload.kind) == Kind.START_MIGRATION:
+                started = e.payload  # answered by a QEMU whose stream then goes nowhere
+                driver.observe(qmp("host-a", "vm-1", "MIGRATION", status="active"))
+                driver.observe(Observation("host-a", E.CommandSucceeded(
+                    command_id=started.command_id, attempt=started.attempt,
+                    kind=started.kind, vm="vm-1")))  # fmt: skip
+            else:
+                driver.observe(*hosts.answer(e.payload))
+    assert started is not None and started.args.start_postcopy and not m.postcopy_started
+    assert "RollbackDecided" not in sampled(driver, 1 << 20, 10)
+    assert "RollbackDecided" in sampled(driver, 1 << 20, 31)
+    driver.run("m-1", hosts)
+    assert m.phase == Phase.ROLLED_BACK, m.reason
+    assert driver.world.vms["vm-1"].running_hosts() == ["host-a"]

@@ -24,6 +24,8 @@ from whimbrel.ctl import main
         (["policy", "define", "p", "--downtime-steps", "100,x"], "milliseconds, comma-separated"),
         (["policy", "define", "p", "--downtime-steps", "100,0"], "each step above 0 ms"),
         (["host", "drain"], "the following arguments are required: HOST"),
+        (["policy", "define", "p", "--progress-timeout", "-1"], "--progress-timeout: -1"),
+        (["--timeout", "0", "hosts"], "'0' is not a positive number of seconds"),
     ],
 )
 def test_bad_flags_exit_2_naming_them(

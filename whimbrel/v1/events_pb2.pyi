@@ -1374,6 +1374,7 @@ class MigrationPolicy(_message.Message):
     COMPLETION_TIMEOUT_S_PER_GIB_FIELD_NUMBER: _builtins.int
     MAX_DOWNTIME_MS_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
+    PROGRESS_TIMEOUT_S_FIELD_NUMBER: _builtins.int
     auto_postcopy_min_passes: _builtins.int
     """Mode AUTO: switch to post-copy once this many passes were made without the remaining bytes
     shrinking by at least min_shrink_percent since the previous pass.
@@ -1402,6 +1403,12 @@ class MigrationPolicy(_message.Message):
     """
     name: _builtins.str
     """The stored policy this was resolved from ("": none)."""
+    progress_timeout_s: _builtins.int
+    """Before post-copy begins, the source may send nothing at all for this many seconds before
+    the migration rolls back: a stuck stream (a peer that stopped reading) gives QEMU neither
+    progress nor an error. Judged on the bytes sent, which hostd samples every few seconds
+    while the source transfers (0: the default, 120).
+    """
     @_builtins.property
     def parameters(self) -> Global___MigrationParameters:
         """Parameters given to QEMU when the migration starts."""
@@ -1427,10 +1434,11 @@ class MigrationPolicy(_message.Message):
         completion_timeout_s_per_gib: _builtins.int = ...,
         max_downtime_ms: _builtins.int = ...,
         name: _builtins.str = ...,
+        progress_timeout_s: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["auto_postcopy_max_passes", b"auto_postcopy_max_passes", "auto_postcopy_min_passes", b"auto_postcopy_min_passes", "completion_timeout_s_per_gib", b"completion_timeout_s_per_gib", "downtime_steps_ms", b"downtime_steps_ms", "max_downtime_ms", b"max_downtime_ms", "max_recovery_attempts", b"max_recovery_attempts", "min_shrink_percent", b"min_shrink_percent", "name", b"name", "on_stall", b"on_stall", "parameters", b"parameters", "recovery_attempt_timeout_ms", b"recovery_attempt_timeout_ms", "stall_passes", b"stall_passes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auto_postcopy_max_passes", b"auto_postcopy_max_passes", "auto_postcopy_min_passes", b"auto_postcopy_min_passes", "completion_timeout_s_per_gib", b"completion_timeout_s_per_gib", "downtime_steps_ms", b"downtime_steps_ms", "max_downtime_ms", b"max_downtime_ms", "max_recovery_attempts", b"max_recovery_attempts", "min_shrink_percent", b"min_shrink_percent", "name", b"name", "on_stall", b"on_stall", "parameters", b"parameters", "progress_timeout_s", b"progress_timeout_s", "recovery_attempt_timeout_ms", b"recovery_attempt_timeout_ms", "stall_passes", b"stall_passes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,79 @@
+"""A transferring source is sampled every few seconds, not only at each pass (a pass can take
+minutes): the coordinator judges a stuck stream by samples that show no byte sent. QEMU's
+answers are fed by hand here; the real-QEMU test is tests/qemu/test_switchover_faults.py."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+from google.protobuf.message import Message
+
+from hostd import vm as vm_module
+from hostd.vm import VmRuntime
+from whimbrel.v1 import common_pb2, events_pb2
+
+SPEC = common_pb2.VmSpec(name="vm-1", memory_mib=64, vcpus=1)
+
+
+class Sampled:
+    def __init__(self, tmp_path: Path, role: str) -> None:
+        self.samples: list[events_pb2.MigrationStatsSampled] = []
+        self.new_sample = asyncio.Event()
+        self.sent = 0
+        self.runtime = VmRuntime(SPEC, tmp_path / "vm", self.emit, role=role)
+        self.runtime.execute = self.execute  # type: ignore[method-assign]
+
+    async def execute(self, command: str, arguments: Any = None, **_: Any) -> Any:
+        assert command == "query-migrate"
+        self.sent += 4096  # a slow stream, but a moving one
+        return {"status": self.runtime.migration_status, "ram": {"transferred": self.sent}}
+
+    async def emit(self, payload: Message, time_us: int) -> None:
+        if isinstance(payload, events_pb2.MigrationStatsSampled):
+            self.samples.append(payload)
+            self.new_sample.set()
+
+    async def status(self, status: str) -> None:
+        await self.runtime._on_event("MIGRATION", {"status": status}, 1)
+
+    async def until(self, samples: int) -> None:
+        while len(self.samples) < samples:
+            self.new_sample.clear()
+            await self.new_sample.wait()
+
+
+@pytest.fixture(autouse=True)
+def often(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(vm_module, "PROGRESS_SAMPLE_EVERY_S", 0.01)
+
+
+async def test_a_transferring_source_is_sampled_until_its_transfer_ends(tmp_path: Path) -> None:
+    source = Sampled(tmp_path, "source")
+    await source.status("active")
+    await asyncio.wait_for(source.until(3), 5)
+    sent = [s.transferred_bytes for s in source.samples]
+    assert sent == sorted(sent) and all(s.status == "active" for s in source.samples)
+    await source.status("pre-switchover")  # the switch: no sampling into the guest's pause
+    await asyncio.sleep(0.05)
+    settled = len(source.samples)
+    await asyncio.sleep(0.05)
+    assert len(source.samples) == settled
+    assert source.runtime._progress_watch is not None and source.runtime._progress_watch.done()
+
+
+async def test_a_destination_is_not_sampled(tmp_path: Path) -> None:
+    destination = Sampled(tmp_path, "destination")
+    await destination.status("active")
+    await asyncio.sleep(0.05)
+    assert destination.samples == []
+
+
+async def test_a_restarted_hostd_samples_a_source_it_finds_transferring(tmp_path: Path) -> None:
+    source = Sampled(tmp_path, "source")
+    source.runtime.migration_status = "active"  # its snapshot at reattach
+    source.runtime.watch_progress()
+    await asyncio.wait_for(source.until(2), 5)
+    await source.runtime.close()
