@@ -328,6 +328,8 @@ class VmRuntime:
         # compete with the handoff for QMP and CPU.
         if self.role != "source":
             return
+        if name == "MIGRATION" and self.migration_status == "setup":
+            self._last_pass = 0  # a new migration (after one rolled back) counts from 1 again
         if name == "MIGRATION" and self.migration_status == "active":
             self.watch_progress()
         if name == "MIGRATION_PASS" and self.migration_status == "active":
@@ -461,7 +463,7 @@ class VmRuntime:
             await asyncio.sleep(PROGRESS_SAMPLE_EVERY_S)
             if self.migration_status != "active" or self.exited.is_set():
                 return
-            await self._sample(self._last_pass)
+            await self._sample(0)  # between passes: bytes sent, no yardstick of convergence
 
     def _sample_soon(self, pass_: int) -> None:
         # Sampled beside the event stream, so the next events are not held up by it.

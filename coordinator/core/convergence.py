@@ -120,28 +120,44 @@ def _timed_out(m: MigrationState, memory_mib: int, started_us: int, now_us: int)
     )
 
 
-def stuck_reason(m: MigrationState) -> str:
-    """Why the source counts as stuck: before post-copy, its own samples show it sent nothing
-    for the policy's progress_timeout_s (a stream whose peer stopped reading gives QEMU
-    neither progress nor an error), or ""."""
+def stuck_reason(world: World, m: MigrationState, now_us: int) -> str:
+    """Why the source counts as stuck, before post-copy begins, or "". A stream whose peer
+    stopped reading gives QEMU neither progress nor an error, wherever it stops: transferring
+    (its own samples show no byte sent for the policy's progress_timeout_s), still setting up
+    (a TLS handshake with a frozen peer), or stopped for the switchover and never completing
+    (the guest paused all along). Judged only while the source's host is connected: a
+    status not heard of is no evidence (the recovery table covers an absent host)."""
     limit_s = m.policy.progress_timeout_s
     start = m.cmd(Kind.START_MIGRATION, m.source)
+    host = world.hosts.get(m.source)
     if (
         not limit_s
         or start is None
         or start.state != CommandState.SUCCEEDED
         or m.postcopy_started
         or m.point_of_no_return_passed
-        or m.src.status != "active"
+        or host is None
+        or not host.connected
     ):
         return ""
-    progress = m.progress
-    idle_s = (progress.sampled_at_us - max(progress.moved_at_us, start.issued_at_us)) / 1e6
+    src, progress = m.src, m.progress
+    if src.status == "active":
+        since_us = max(progress.moved_at_us, progress.watched_since_us)
+        idle_s = (progress.sampled_at_us - since_us) / 1e6
+        what = f"the source sent nothing for {idle_s:.0f} s"
+    elif src.status in ("", "setup"):
+        idle_s = (now_us - start.issued_at_us) / 1e6
+        what = f"the source is still setting up {idle_s:.0f} s after its start"
+    elif src.status in ("pre-switchover", "device") and src.stopped_at_us:
+        idle_s = (now_us - src.stopped_at_us) / 1e6
+        what = f"the source stopped for the switchover {idle_s:.0f} s ago and has not completed"
+    else:
+        return ""
     if idle_s <= limit_s:
         return ""
     return (
-        f"no progress: the source sent nothing for {idle_s:.0f} s (limit {limit_s} s, "
-        f"{progress.transferred_bytes} bytes sent): its migration stream is stuck"
+        f"no progress: {what} (limit {limit_s} s, {progress.transferred_bytes} bytes sent): "
+        "its migration stream is stuck"
     )
 
 

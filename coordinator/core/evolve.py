@@ -381,15 +381,19 @@ def _stats(
     if m is None or origin != m.source:
         return
     progress = m.progress
-    sample_pass = getattr(p, "pass")  # "pass" is a Python keyword
-    if sample_pass > progress.sampled_pass:
-        progress.start_pass(sample_pass, p.remaining_bytes)
-    progress.pass_ = max(progress.pass_, sample_pass)
-    progress.total_bytes = p.total_bytes
+    # Bytes sent, from any sample: what the progress timeout judges.
+    progress.watched_since_us = progress.watched_since_us or time_us
     progress.sampled_at_us = max(progress.sampled_at_us, time_us)
     if p.transferred_bytes > progress.transferred_bytes:
         progress.moved_at_us = max(progress.moved_at_us, time_us)
     progress.transferred_bytes = p.transferred_bytes
+    sample_pass = getattr(p, "pass")  # "pass" is a Python keyword
+    if not sample_pass:
+        return  # a periodic sample between passes: not a yardstick of convergence
+    if sample_pass > progress.sampled_pass:
+        progress.start_pass(sample_pass, p.remaining_bytes)
+    progress.pass_ = max(progress.pass_, sample_pass)
+    progress.total_bytes = p.total_bytes
     progress.remaining_bytes = p.remaining_bytes
     progress.mbps = p.mbps
     progress.dirty_pages_rate = p.dirty_pages_rate

@@ -258,7 +258,7 @@ def _forward(world: World, m: MigrationState, issue: Issuer, now_us: int) -> lis
     problem = _problem(world, m)
     if problem is not None:
         return problem
-    stuck = convergence.stuck_reason(m)
+    stuck = convergence.stuck_reason(world, m, now_us)
     if stuck:
         return _rollback(m, stuck)
     for stage in (_queued, _preparing, _transferring, _switchover, _handoff):

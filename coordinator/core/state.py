@@ -243,9 +243,11 @@ class Progress:
     # finds no new minimum for some passes is not converging (the policy's stall_passes).
     min_remaining_bytes: int = 0
     min_at_pass: int = 0
-    # When a sample last showed more bytes sent than the one before, and when the latest was
-    # taken (the host's clock): samples that show nothing sent for the policy's
-    # progress_timeout_s tell of a stuck source (no samples tell nothing).
+    # When the first sample was taken, when one last showed more bytes sent than the one
+    # before, and when the latest was taken (all by the source host's clock): samples that
+    # show nothing sent for the policy's progress_timeout_s tell of a stuck source (no
+    # samples tell nothing).
+    watched_since_us: int = 0
     moved_at_us: int = 0
     sampled_at_us: int = 0
 

@@ -14,14 +14,18 @@ import contextlib
 import json
 import os
 import signal
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 from hostd.errors import NetworkError
 from hostd.qemu import tap_name
 from whimbrel.v1 import common_pb2
 
 PHASES = ("prepare", "enable", "disable", "release")
+# What a failed phase's error quotes of its output, at most.
+MAX_OUTPUT = 4096
 # A phase's process (a hook, `ip`) that hangs would hold its command, and with it a migration,
 # often in the guest's pause, for good: past this its process group is killed and the phase
 # fails, which the coordinator decides on (a retry, then a rollback).
@@ -39,14 +43,35 @@ class NullNetworkDriver:
         return None
 
 
+@dataclass
+class _Phase:
+    """A phase's process and where its output goes: a file, not a pipe, so that a process
+    that escaped its group (setsid, `timeout`) and holds the output open cannot hold up the
+    wait for the one that was started."""
+
+    proc: asyncio.subprocess.Process
+    output: BinaryIO
+
+
+async def _start(
+    args: list[str], env: dict[str, str] | None = None, stdin: int | None = None
+) -> _Phase:
+    output = tempfile.TemporaryFile()  # noqa: SIM115 - closed by _finish, after the wait
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *args, stdin=stdin, stdout=output, stderr=asyncio.subprocess.STDOUT, env=env,
+            start_new_session=True,  # its own process group: a timeout kills what it started
+        )  # fmt: skip
+    except BaseException:
+        output.close()
+        raise
+    return _Phase(proc, output)
+
+
 async def _run(
     args: list[str], limit_s: float, env: dict[str, str] | None = None, what: str = ""
 ) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env,
-        start_new_session=True,  # its own process group: a timeout kills what it started too
-    )  # fmt: skip
-    await _finish(proc, None, what or args[0], limit_s)
+    await _finish(await _start(args, env), None, what or args[0], limit_s)
 
 
 # Waits for one line on stdin: "go" runs the hook (exec, so it is the hook that exits),
@@ -54,24 +79,32 @@ async def _run(
 _ARMED = 'read -r go || exit 0; [ "$go" = go ] || exit 0; exec "$0" "$@"'
 
 
-async def _finish(
-    proc: asyncio.subprocess.Process, line: bytes | None, what: str, limit_s: float
-) -> None:
-    """Wait for a process, at most `limit_s` seconds, raising NetworkError (naming `what`, if
-    given) when it fails or is killed for taking longer. An armed hook gets its answer first:
-    b"go\n" runs it, b"" dismisses it."""
+async def _finish(phase: _Phase, line: bytes | None, what: str, limit_s: float) -> None:
+    """Wait for a phase's process, at most `limit_s` seconds, raising NetworkError (naming
+    `what`, if given) when it fails or is killed for taking longer. An armed hook gets its
+    answer first: b"go\n" runs it, b"" dismisses it."""
+    proc = phase.proc
     try:
-        output, _ = await asyncio.wait_for(proc.communicate(line), limit_s)
-    except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        await proc.wait()
-        raise NetworkError(
-            f"{what or 'network phase'} did not finish in {limit_s:g} s: killed"
-        ) from None
-    if what and proc.returncode != 0:
-        text = output.decode(errors="replace").strip()
-        raise NetworkError(f"{what} failed ({proc.returncode}): {text}")
+        if proc.stdin is not None:
+            with contextlib.suppress(ConnectionError):  # (it may have exited already)
+                proc.stdin.write(line or b"")
+                await proc.stdin.drain()
+            proc.stdin.close()
+        try:
+            await asyncio.wait_for(proc.wait(), limit_s)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+            raise NetworkError(
+                f"{what or 'network phase'} did not finish in {limit_s:g} s: killed"
+            ) from None
+        if what and proc.returncode != 0:
+            phase.output.seek(0)
+            text = phase.output.read(MAX_OUTPUT).decode(errors="replace").strip()
+            raise NetworkError(f"{what} failed ({proc.returncode}): {text}")
+    finally:
+        phase.output.close()
 
 
 class HookNetworkDriver:
@@ -84,7 +117,7 @@ class HookNetworkDriver:
         self.hook = hook
         self.host_id = host_id
         self.timeout = timeout
-        self._armed: dict[str, asyncio.subprocess.Process] = {}
+        self._armed: dict[str, _Phase] = {}
 
     def _env(self, phase: str, spec: common_pb2.VmSpec) -> dict[str, str]:
         nics = [
@@ -109,12 +142,10 @@ class HookNetworkDriver:
         args = [str(self.hook), phase, spec.name]
         await _run(args, self.timeout, self._env(phase, spec), f"network hook {phase}")
         if phase == "prepare":
-            self._armed[spec.name] = await asyncio.create_subprocess_exec(
-                "/bin/sh", "-c", _ARMED, str(self.hook), "enable", spec.name,
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT, env=self._env("enable", spec),
-                start_new_session=True,
-            )  # fmt: skip
+            args = ["/bin/sh", "-c", _ARMED, str(self.hook), "enable", spec.name]
+            self._armed[spec.name] = await _start(
+                args, self._env("enable", spec), asyncio.subprocess.PIPE
+            )
 
 
 class BridgeNetworkDriver:

@@ -3,7 +3,10 @@ VM's details; "enable", armed ahead of time by "prepare", runs only when asked."
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -176,3 +179,30 @@ async def test_a_reattached_qemu_that_exits_gets_its_network_released(tmp_path: 
             process.kill()
             await process.wait()
         await agent.close()
+
+
+ESCAPING_HOOK = """#!/bin/sh
+setsid sleep 600 &
+echo $! > "{pids}"
+sleep 600
+"""
+
+
+async def test_a_hook_whose_child_escaped_its_group_still_fails_on_time(tmp_path: Path) -> None:
+    """A child in a session of its own outlives the kill of the hook's group, and once held
+    the hook's output pipe open, and with it the wait, as long as it ran: the output goes to
+    a file, so the phase fails on time all the same."""
+    pids = tmp_path / "pids"
+    path = tmp_path / "hook.sh"
+    path.write_text(ESCAPING_HOOK.format(pids=pids))
+    path.chmod(0o755)
+    driver = HookNetworkDriver(path, "host-b", timeout=0.5)
+    started = time.monotonic()
+    try:
+        with pytest.raises(NetworkError, match=r"did not finish in 0\.5 s"):
+            await driver.apply("release", SPEC)
+        assert time.monotonic() - started < 5
+    finally:
+        escaped = int(pids.read_text())
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(escaped, signal.SIGKILL)

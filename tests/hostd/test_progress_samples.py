@@ -56,6 +56,7 @@ async def test_a_transferring_source_is_sampled_until_its_transfer_ends(tmp_path
     await asyncio.wait_for(source.until(3), 5)
     sent = [s.transferred_bytes for s in source.samples]
     assert sent == sorted(sent) and all(s.status == "active" for s in source.samples)
+    assert {getattr(s, "pass") for s in source.samples} == {0}  # between passes
     await source.status("pre-switchover")  # the switch: no sampling into the guest's pause
     await asyncio.sleep(0.05)
     settled = len(source.samples)
@@ -76,4 +77,17 @@ async def test_a_restarted_hostd_samples_a_source_it_finds_transferring(tmp_path
     source.runtime.migration_status = "active"  # its snapshot at reattach
     source.runtime.watch_progress()
     await asyncio.wait_for(source.until(2), 5)
+    await source.runtime.close()
+
+
+async def test_a_new_migration_counts_its_passes_from_one(tmp_path: Path) -> None:
+    """After a migration rolled back at pass 12, the next one from the same QEMU must not
+    report pass 12 until its own pass 2 (mode auto would switch to post-copy at once)."""
+    source = Sampled(tmp_path, "source")
+    await source.status("active")
+    await source.runtime._on_event("MIGRATION_PASS", {"pass": 12}, 1)
+    assert source.runtime._last_pass == 12
+    await source.status("cancelled")
+    await source.status("setup")  # the next migration
+    assert source.runtime._last_pass == 0
     await source.runtime.close()

@@ -211,3 +211,32 @@ def test_a_stream_that_stops_moving_rolls_back(cluster: Cluster, tmp_path: Path)
     assert final.reason.startswith("no progress: the source sent nothing for"), final.reason
     stops = [e for e in cluster.events()[head:] if qmp_event("host-a", "STOP")(e)]
     assert stops == []  # the guest ran throughout
+
+
+def test_a_switchover_that_never_completes_rolls_back(cluster: Cluster) -> None:
+    """The destination's QEMU is frozen (SIGSTOP) just as the source stops for the switchover:
+    the source sends its last state into a peer that never reads nor answers on the return
+    path, and stays in "device", the guest paused, with no sample to tell (QEMU may not even
+    answer QMP then). By the coordinator's clock the stop outlasts the policy's progress
+    timeout: the migration rolls back, and the source, which never gave up its lease, runs
+    the VM again."""
+    cluster.define_and_start("vm-1", "host-a")
+    arm(cluster, "host-a", "hostd.after-qmp-event.MIGRATION.pre-switchover=stop")
+    head = cluster.head()
+    policy = events_pb2.MigrationPolicy(progress_timeout_s=3)
+    request = migration_pb2.StartMigrationRequest(
+        vm="vm-1", destination="host-b", mode=PRECOPY, policy=policy, migration_id="m-1"
+    )
+    cluster.migrations.StartMigration(request)
+    cluster.wait_frozen("host-a")
+    frozen = cluster.qemu_pid("host-b")
+    os.kill(frozen, signal.SIGSTOP)
+    cluster.processes["host-a"].popen.send_signal(signal.SIGCONT)  # it continues the switch
+    try:
+        final = assert_outcome(cluster, PHASE.MIGRATION_PHASE_ROLLED_BACK, runs_on="host-a")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(frozen, signal.SIGCONT)
+    assert "stopped for the switchover" in final.reason, final.reason
+    released = [e for e in of_type(cluster, events_pb2.LeaseReleased) if e.seq > head]
+    assert [e.payload.holder for e in released] == []

@@ -208,7 +208,8 @@ def sampled(driver, sent: int, after_s: float) -> list:  # type: ignore[type-arg
     coordinator decides."""
     driver.now_us += int(after_s * 1_000_000)
     driver.observe(Observation("host-a", E.MigrationStatsSampled(
-        vm="vm-1", status="active", total_bytes=1 << 30, transferred_bytes=sent, **{"pass": 1},
+        vm="vm-1", status="active", total_bytes=1 << 30, transferred_bytes=sent,
+        remaining_bytes=100 << 20,  # (mid-pass: no yardstick of convergence)
     )))  # fmt: skip
     return [e.type for e in driver.advance("m-1")]
 
@@ -267,3 +268,46 @@ def test_a_post_copy_switch_that_is_never_taken_rolls_back_on_its_own():
     driver.run("m-1", hosts)
     assert m.phase == Phase.ROLLED_BACK, m.reason
     assert driver.world.vms["vm-1"].running_hosts() == ["host-a"]
+
+
+def test_samples_between_passes_are_no_yardstick_of_convergence():
+    """hostd's periodic samples (pass 0) come mid-pass, when QEMU has sent most of that pass:
+    taken for where the pass ended, they made a well converging guest (1 GiB, 400 MiB,
+    150 MiB left at its pass starts) look stuck at pass 3, and mode auto switched to
+    post-copy. They count only as bytes sent."""
+    mib = 1 << 20
+    driver, hosts = fresh()
+    m = transferring(driver, hosts, mode=AUTO)
+    decided = pass_(driver, 1, 1024 * mib)
+    for n, remaining in ((2, 400 * mib), (3, 150 * mib)):
+        decided += sampled(driver, n * 700 * mib, 5)  # mid-pass: 100 MiB left, say
+        decided += pass_(driver, n, remaining)
+    assert [e.type for e in decided if e.type == "PostcopyRequested"] == []
+    assert (m.progress.previous_remaining_bytes, m.progress.remaining_bytes) == (
+        400 * mib,
+        150 * mib,
+    )
+
+
+def test_a_source_stuck_setting_up_or_in_its_switchover_stop_rolls_back():
+    """Where no sample comes, the source's status says it: still setting up (a TLS
+    handshake with a frozen peer) or stopped for the switchover and never completing (the
+    guest paused all along), for the progress timeout by the coordinator's clock. Not while
+    its host is away: a status not heard of is no evidence."""
+    for status in ("setup", "device"):
+        driver, hosts = fresh()
+        m = transferring(driver, hosts, policy=E.MigrationPolicy(progress_timeout_s=30))
+        if status == "device":
+            driver.observe(qmp("host-a", "vm-1", "STOP"))
+        driver.observe(qmp("host-a", "vm-1", "MIGRATION", status=status))
+        driver.now_us += 20 * 1_000_000
+        assert "RollbackDecided" not in [e.type for e in driver.advance("m-1")]
+        driver.observe(Observation("host-a", E.HostDisconnected(host_id="host-a", generation=1)))
+        driver.now_us += 20 * 1_000_000
+        assert "RollbackDecided" not in [e.type for e in driver.advance("m-1")], status
+        driver.connect("host-a")
+        assert "RollbackDecided" in [e.type for e in driver.advance("m-1")], status
+        assert m.reason.startswith("no progress: the source "), m.reason
+        driver.run("m-1", hosts)
+        assert m.phase == Phase.ROLLED_BACK, (status, m.reason)
+        assert driver.world.vms["vm-1"].running_hosts() == ["host-a"]

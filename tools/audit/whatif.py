@@ -111,7 +111,7 @@ def recorded(events: list[Event], migration_id: str) -> tuple[Recorded, Migratio
                 ended_us = event.time_us
         elif isinstance(p, events_pb2.MigrationStatsSampled):
             sent = max(sent, p.transferred_bytes)
-            if p.status in _TRANSFERRING:
+            if p.status in _TRANSFERRING and getattr(p, "pass"):  # (0: between passes)
                 rates[getattr(p, "pass")] = p.dirty_pages_rate * model.PAGE
                 peak = max(peak, p.mbps * 1e6 / 8)
     m = world.migrations.get(migration_id)
