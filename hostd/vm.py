@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import time
@@ -49,6 +50,8 @@ QMP_CONNECT_LIMIT_S = 10.0
 # can take minutes, and the coordinator judges a stuck stream (the policy's
 # progress_timeout_s) by samples that show no bytes sent.
 PROGRESS_SAMPLE_EVERY_S = 5.0
+# A query-migrate status longer than this is none of QEMU's (short words: "postcopy-recover").
+MAX_STATUS = 32
 # QEMU's error-desc sent with a failed migration, at most (the coordinator bounds it too).
 MAX_ERROR_TEXT = 256
 # A snapshot of a QEMU whose main thread is stuck (storage, a missing post-copy page) must not
@@ -479,16 +482,18 @@ class VmRuntime:
             info = await self.query("query-migrate")
         except HostdError:
             return
-        ram = info.get("ram", {})
+        ram = info.get("ram")
+        ram = ram if isinstance(ram, dict) else {}
+        status = info.get("status")
         stats = events_pb2.MigrationStatsSampled(
             vm=self.name,
-            status=str(info.get("status", "")),
-            total_bytes=int(ram.get("total", 0)),
-            transferred_bytes=int(ram.get("transferred", 0)),
-            remaining_bytes=int(ram.get("remaining", 0)),
-            dirty_pages_rate=int(ram.get("dirty-pages-rate", 0)),
-            mbps=float(ram.get("mbps", 0.0)),
-            expected_downtime_ms=int(info.get("expected-downtime", 0)),
+            status=status if isinstance(status, str) and len(status) <= MAX_STATUS else "",
+            total_bytes=_count(ram.get("total")),
+            transferred_bytes=_count(ram.get("transferred")),
+            remaining_bytes=_count(ram.get("remaining")),
+            dirty_pages_rate=_count(ram.get("dirty-pages-rate")),
+            mbps=_rate(ram.get("mbps")),
+            expected_downtime_ms=_count(info.get("expected-downtime")),
         )
         setattr(stats, "pass", pass_)
         await self.emit(stats, 0)
@@ -576,6 +581,26 @@ class VmRuntime:
         if self._pidfd >= 0:
             os.close(self._pidfd)
             self._pidfd = -1
+
+
+def _count(value: object) -> int:
+    """A count from QEMU's query-migrate (bytes, pages, ms): a whole number that fits the
+    event's field, else 0. A broken or hostile QEMU can then neither end the sampling with an
+    exception nor put nonsense in the log."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 64:
+        return 0
+    return value
+
+
+def _rate(value: object) -> float:
+    """A rate from query-migrate: a finite number from 0 up, else 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return 0.0
+    try:
+        rate = float(value)
+    except OverflowError:  # a whole number beyond any float
+        return 0.0
+    return rate if math.isfinite(rate) and rate >= 0 else 0.0
 
 
 def _read_optional(dir_fd: int, name: str) -> str:

@@ -91,3 +91,33 @@ async def test_a_new_migration_counts_its_passes_from_one(tmp_path: Path) -> Non
     await source.status("setup")  # the next migration
     assert source.runtime._last_pass == 0
     await source.runtime.close()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {"status": "active", "ram": [1, 2]},
+        {"status": ["active"], "ram": {"transferred": "lots", "total": -5, "mbps": "fast"}},
+        {"status": "x" * 4096, "ram": {"remaining": 1 << 70, "mbps": 10**400,
+                                      "dirty-pages-rate": True}, "expected-downtime": 1.5},
+        {"status": "active", "ram": {"transferred": 4096, "mbps": float("nan")}},
+    ],
+)  # fmt: skip
+async def test_a_hostile_query_migrate_answer_gives_a_sample_of_zeros(
+    tmp_path: Path, answer: dict[str, Any]
+) -> None:
+    """What QEMU answers is checked field by field: nonsense becomes 0 (or no status), never
+    an exception that would end the sampling, nor a value the log's field cannot hold."""
+    source = Sampled(tmp_path, "source")
+
+    async def hostile(command: str, arguments: Any = None, **_: Any) -> Any:
+        return answer
+
+    source.runtime.execute = hostile  # type: ignore[method-assign]
+    await source.runtime._sample(0)
+    (sample,) = source.samples
+    ram = answer["ram"] if isinstance(answer["ram"], dict) else {}
+    assert sample.status == ("active" if answer["status"] == "active" else "")
+    assert sample.transferred_bytes == (4096 if ram.get("transferred") == 4096 else 0)
+    assert (sample.total_bytes, sample.remaining_bytes, sample.dirty_pages_rate) == (0, 0, 0)
+    assert (sample.mbps, sample.expected_downtime_ms) == (0.0, 0)
