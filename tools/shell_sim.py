@@ -546,11 +546,16 @@ class Scheduler:
 
     def _kill_qemu(self, frozen: Hostd, host: str) -> Callable[[], Awaitable[None]]:
         async def do() -> None:
-            self.run.killed = True
             pid = self.cluster.hosts[host].qemu_pid()
-            self.note(f"  kill -9 {pid}")
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+            if pid:
+                self.run.killed = True
+                self.note(f"  kill -9 {pid}")
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            else:
+                # It exited since the move was chosen. (Pid 0 would be os.kill's "my process
+                # group": the simulation itself, or the test run around it.)
+                self.note(f"  no QEMU alive on {host} any more: nothing to kill")
             frozen.cont()
 
         return do

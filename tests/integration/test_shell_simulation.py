@@ -9,7 +9,10 @@ be replayed with `python -m tools.shell_sim --seed N`."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -27,6 +30,8 @@ from tools.shell_sim import (
     simulate_script,
 )
 from whimbrel.v1 import common_pb2
+
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.slow
 
@@ -203,3 +208,40 @@ async def test_a_resume_lost_to_a_source_restart_is_recovered_by_a_second_migrat
     run = await simulate_script(strikes, POSTCOPY, "resume-lost-to-restart")
     assert run.outcome == "completed", run.story()
     assert not [e for e in run.events if e.type in ("FencingDecided", "VmLost")]
+
+
+_KILL_A_GONE_QEMU = """
+import asyncio, sys
+from pathlib import Path
+from tools.shell_sim import Scheduler
+
+class Gone:  # a host whose QEMU exited since the move was chosen
+    def qemu_pid(self):
+        return 0
+
+class Frozen:
+    def cont(self):
+        pass
+
+async def main():
+    scheduler = Scheduler(0, Path(sys.argv[1]))
+    scheduler.cluster.hosts = {"host-a": Gone()}
+    await scheduler._kill_qemu(Frozen(), "host-a")()
+    print(scheduler.run.actions[-1], scheduler.run.killed)
+
+asyncio.run(main())
+"""
+
+
+def test_killing_a_qemu_that_already_exited_kills_nothing_else(tmp_path: Path) -> None:
+    """A batch of fresh seeds died without a word at seed 38449: the QEMU a move was to kill
+    had exited since the move was chosen, its pid read as 0, and os.kill(0, SIGKILL) killed
+    the simulation's own process group (in CI, the test run). Run in a session of its own,
+    so the old behaviour kills only that."""
+    done = subprocess.run(
+        [sys.executable, "-c", _KILL_A_GONE_QEMU, str(tmp_path)],
+        check=False, capture_output=True, text=True, timeout=120, start_new_session=True,
+        cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert done.stdout.strip() == "no QEMU alive on host-a any more: nothing to kill False"
