@@ -184,10 +184,13 @@ async def launch(args: list[str], paths: VmPaths, vm: str, pass_fds: Sequence[in
 
 
 def read_pid(paths: VmPaths) -> int | None:
+    """The pid QEMU wrote, or None. Only a pid that can be a QEMU's is taken: 0, -1 or 1
+    handed to kill() would signal hostd's own process group, every process, or init."""
     try:
-        return int(paths.pidfile.read_text().strip())
+        pid = int(paths.pidfile.read_text().strip())
     except (FileNotFoundError, ValueError):
         return None
+    return pid if pid > 1 else None
 
 
 def started_with(pid: int, paths: VmPaths) -> bool:

@@ -36,3 +36,15 @@ def test_a_process_exiting_while_proc_is_read_is_gone(monkeypatch: pytest.Monkey
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.mark.parametrize(
+    ("written", "read"),
+    [("0", None), ("-1", None), ("1", None), ("", None), ("12x", None), ("4242\n", 4242)],
+)
+def test_a_pidfile_names_a_qemu_or_nothing(tmp_path: Path, written: str, read: int | None) -> None:
+    """A pidfile saying 0, -1 or 1 would have kill() signal hostd's own process group, every
+    process, or init: it names no QEMU."""
+    paths = qemu.VmPaths(tmp_path)
+    paths.pidfile.write_text(written)
+    assert qemu.read_pid(paths) == read
