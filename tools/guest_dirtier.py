@@ -1,11 +1,15 @@
 """`dirty-pages MIB`: the Linux guest's heavy memory load, a static x86-64 program of 185 bytes.
 
-It maps MIB MiB of anonymous memory and then writes one byte to every page of it, over and over,
-each sweep a new non-zero value; once the first sweep is done (every page is real memory), it
-writes `swept` to its standard output. One store dirties a whole page, so it dirties pages as
+It maps MIB MiB of anonymous memory and then writes a 32-bit word to every page of it, over and
+over, each sweep a new non-zero value; once the first sweep is done (every page is real memory),
+it writes `swept` to its standard output. One store dirties a whole page, so it dirties pages as
 fast as the vCPU can store, far faster than copying them, and every dirty page holds data, never
 a page QEMU could send as zero. It exits 1 on a missing or zero size, or when the memory cannot
 be mapped.
+
+The value is the whole sweep counter, not its low byte: QEMU's dirty-rate sampling compares
+hashes of pages a second apart, and a byte repeats every 128 sweeps (odd values only), so a
+guest sweeping a multiple of 128 times a second looked idle.
 
 The guest has no compiler and the build machine needs none: the machine code below is
 assembled from this source (GNU as, AT&T syntax), and `elf` wraps it in a minimal ELF header.
@@ -47,7 +51,7 @@ assembled from this source (GNU as, AT&T syntax), and `elf` wraps it in a minima
         or $1, %cl                  # never zero
         xor %edx, %edx
     page:
-        mov %cl, (%rbx,%rdx)
+        mov %ecx, (%rbx,%rdx)
         add $4096, %rdx
         cmp %r12, %rdx
         jb page
@@ -79,7 +83,7 @@ __all__ = ["elf"]
 CODE = bytes.fromhex(
     "488b0c244883f9020f8299000000488b74241031c00fb61683ea3083fa09770c486bc00a4801d048"
     "ffc6ebe948c1e0144885c074724989c431ff4c89e6ba0300000041ba2200000049c7c0ffffffff45"
-    "31c9b8090000000f05483d01f0ffff73464889c331c94531edffc180c90131d2880c134881c20010"
+    "31c9b8090000000f05483d01f0ffff73464889c331c94531edffc180c90131d2890c134881c20010"
     "00004c39e272f14585ed75e541ffc54189ceb801000000bf01000000488d3518000000ba06000000"
     "0f054489f1ebc2b83c000000bf010000000f0573776570740a"
 )
