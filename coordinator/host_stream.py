@@ -53,7 +53,12 @@ from typing import Any
 from google.protobuf.message import Message
 
 from coordinator.core.state import World
-from whimbrel.protocol import MAX_QMP_EVENT_DATA, QMP_EVENTS_ACTED_ON, qmp_event_data
+from whimbrel.protocol import (
+    HOST_OBSERVATIONS,
+    MAX_QMP_EVENT_DATA,
+    QMP_EVENTS_ACTED_ON,
+    qmp_event_data,
+)
 from whimbrel.v1 import events_pb2, host_pb2
 
 __all__ = [
@@ -240,7 +245,9 @@ _CHECKS: dict[type[Message], Check] = {
     events_pb2.HostCapacityChanged: _capacity_changed,
 }
 _NOT_AN_OBSERVATION = "not an observation: only the coordinator makes this event"
-ALLOWED = frozenset(cls.DESCRIPTOR.name for cls in _CHECKS)
+ALLOWED = HOST_OBSERVATIONS
+if {cls.DESCRIPTOR.name for cls in _CHECKS} != ALLOWED:
+    raise ImportError("host_stream judges other payloads than protocol.HOST_OBSERVATIONS names")
 _BY_NAME: dict[str, Check] = {cls.DESCRIPTOR.name: check for cls, check in _CHECKS.items()}
 
 

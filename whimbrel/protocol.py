@@ -100,6 +100,25 @@ PAYLOAD_FIELDS: dict[str, str] = {
 }
 
 
+# What a host's stream may carry (invariant 9): observations of its own VMs and answers to its
+# own commands. Everything else (commands, migration ends, VM definitions, epochs) is the
+# coordinator's own.
+HOST_OBSERVATIONS = frozenset(
+    {
+        "VmObserved",
+        "QmpEventReceived",
+        "MigrationStatsSampled",
+        "QemuExited",
+        "LeaseAcquired",
+        "LeaseReleased",
+        "NetworkChanged",
+        "CommandSucceeded",
+        "CommandFailed",
+        "HostCapacityChanged",
+    }
+)
+
+
 def wrap(payload: Message) -> events_pb2.EventPayload:
     """`payload` in an EventPayload, as hosts send observations."""
     wrapped = events_pb2.EventPayload()

@@ -1,13 +1,19 @@
 """Safety invariants of DESIGN.md, checked over a sequence of stored events.
 
 Invariants 1-4 (one running copy, the handoff order, no source after cont, leases), 6
-(commands answered or superseded), 10 (no healthy VM fenced: a fence never names a
+(commands answered or superseded), 9 (a host's stream carries only its own observations and
+answers to its own commands; anything else is reported and otherwise ignored, so a forged
+decision changes nothing the checker believes), 10 (no healthy VM fenced: a fence never names a
 destination that runs and holds the whole VM) and 11 (the migration limits: no migration starts
 while as many as a limit allows already run) are judged event by event; 8 (every migration
 terminal) and the rest of 6 only make sense once the log is quiescent, so
 `finish(quiescent=True)` judges them.
 Invariants 5 and 7 are properties of the stored envelopes (epochs, chain, seqs, host order):
-the audit tool checks those, because they are not visible in decoded events.
+the audit tool checks those, because they are not visible in decoded events. What the events
+do show of 5 is judged here: a host that had seen an epoch newer than any of the log.
+
+A copy is seen running by its RESUME or by a snapshot saying so (QMP events are lost while no
+hostd listens), and its first run on a destination is judged as the cont is (invariant 2).
 
 The checker derives what it needs on its own, from observations and intents, without trusting
 `MigrationState`: it is the independent witness that tests and the audit tool consult. It reads
@@ -23,7 +29,7 @@ from typing import Any
 from coordinator.core.events import Event
 from coordinator.core.scheduling import DEFAULT_LIMITS, counted
 from coordinator.core.state import Kind
-from whimbrel.protocol import qmp_event_data
+from whimbrel.protocol import HOST_OBSERVATIONS, parse_stream, qmp_event_data
 from whimbrel.v1 import common_pb2
 from whimbrel.v1 import events_pb2 as E
 
@@ -39,6 +45,19 @@ class UncheckableEvent(ValueError):
 def qmp_data(data_json: str) -> dict[str, Any]:
     """A QMP event's data: a JSON object, or nothing (hosts send what QEMU sent)."""
     return qmp_event_data(data_json) or {}
+
+
+# What an event under a host's origin may be: its observations, and the records of its stream
+# beginning and ending (the coordinator writes HostConnected with the hello's origin).
+_HOST_ORIGINATED = HOST_OBSERVATIONS | {"HostConnected", "HostDisconnected"}
+_PHASES = frozenset(common_pb2.MigrationPhase.values())
+_TERMINAL = frozenset(
+    {
+        common_pb2.MIGRATION_PHASE_COMPLETED,
+        common_pb2.MIGRATION_PHASE_ROLLED_BACK,
+        common_pb2.MIGRATION_PHASE_FENCED,
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +125,10 @@ class InvariantChecker:
     # Invariant 11: the limits in force, and the migrations started and not finished.
     limits: common_pb2.MigrationLimits = field(default_factory=lambda: DEFAULT_LIMITS)
     started: set[str] = field(default_factory=set)
+    # Invariant 9: the host each command was issued to, to judge who answers it.
+    issued_to: dict[str, str] = field(default_factory=dict)
+    # Invariant 5: the newest epoch this log was written under so far.
+    top_epoch: int = 0
 
     def check(self, events: list[Event]) -> list[Violation]:
         for event in events:
@@ -152,12 +175,18 @@ class InvariantChecker:
 
     def feed(self, ev: Event) -> None:
         p = ev.payload
+        self.top_epoch = max(self.top_epoch, ev.epoch)
+        if ev.origin_host and not self._host_may_say(ev):
+            return  # a host's word on what only the coordinator decides changes nothing
         if isinstance(p, E.MigrationRequested):
             self.migrations[p.migration_id] = _Migration(
                 p.vm, p.source, p.destination, p.source_lease_generation, requested_seq=ev.seq
             )
             self.open_by_vm[p.vm] = p.migration_id
         elif isinstance(p, E.MigrationFinished):
+            if p.phase not in _TERMINAL:
+                phase = common_pb2.MigrationPhase.Name(p.phase) if p.phase in _PHASES else p.phase
+                self._flag(ev, 8, f"migration {p.migration_id} finished in phase {phase}")
             m = self.migrations.get(p.migration_id)
             if m is not None and self.open_by_vm.get(m.vm) == p.migration_id:
                 del self.open_by_vm[m.vm]
@@ -169,11 +198,11 @@ class InvariantChecker:
         elif isinstance(p, E.MigrationAdmitted):
             self._starts(ev, p.migration_id)
         elif isinstance(p, (E.CommandSucceeded, E.CommandFailed)):
-            pending = self.unanswered.pop(p.command_id, None)
-            owner = self.migrations.get(pending.owner) if pending is not None else None
-            if owner is not None and isinstance(p, E.CommandFailed) and p.rejected:
-                owner.conts.discard(p.command_id)  # refused before it reached QEMU
+            self._result(ev, p)
         elif isinstance(p, E.HostConnected):
+            if p.highest_epoch_seen > self.top_epoch:
+                self._flag(ev, 5, f"host {p.host_id} had seen epoch {p.highest_epoch_seen}, "
+                                  f"newer than any of this log ({self.top_epoch})")  # fmt: skip
             self.connected_hosts.add(p.host_id)
         elif isinstance(p, E.HostDisconnected):
             self.connected_hosts.discard(p.host_id)
@@ -186,16 +215,16 @@ class InvariantChecker:
                 m.source_stopped = True
         elif isinstance(p, E.VmObserved):
             obs = p.observation
-            hosts = self.running.setdefault(obs.vm, set())
             running = obs.process_alive and obs.runstate == "running"
+            known = obs.runstate or not obs.process_alive  # alive with QMP unreachable: unknown
             if running:
-                self._runs(ev, obs.vm, ev.origin_host)
-            else:
-                hosts.discard(ev.origin_host)
+                # The RESUME may have come while no hostd listened: this is then its only word.
+                self._ran(ev, obs.vm, ev.origin_host, "its snapshot")
+            elif known:
+                self.running.setdefault(obs.vm, set()).discard(ev.origin_host)
             # A hostd that restarted reports its VMs as they are: the source's STOP may have
             # come while no hostd listened, and this observation is then the only word of it.
             m = self._open(obs.vm)
-            known = obs.runstate or not obs.process_alive  # alive with QMP unreachable: unknown
             if m is not None and ev.origin_host == m.source and known:
                 m.source_stopped = not running
         elif isinstance(p, E.LeaseAcquired):
@@ -205,6 +234,10 @@ class InvariantChecker:
                 self.acquired_over[held] = (ev.seq, p.holder)
             if p.generation <= self.observed_generation.get(p.vm, 0):
                 self._flag(ev, 4, f"lease generation of {p.vm} did not grow: {p.generation}")
+            issued = self.issued_generation.get(p.vm, 0)
+            if p.generation > issued:
+                self._flag(ev, 4, f"{p.holder} took the lease of {p.vm} at generation "
+                                  f"{p.generation}, above any handed out ({issued})")  # fmt: skip
             self.lease_holder[p.vm] = p.holder
             self.holder_generation[p.vm] = p.generation
             self.lease_changed_at[p.vm] = ev.seq
@@ -222,6 +255,8 @@ class InvariantChecker:
             m = self._open(p.vm)
             if m is not None and p.holder == m.source:
                 m.source_lease_released = True
+            elif m is not None and p.holder == m.destination:
+                m.destination_generation = 0
         elif isinstance(p, E.NetworkChanged):
             m = self._open(p.vm)
             if m is not None and ev.origin_host == m.destination:
@@ -230,6 +265,50 @@ class InvariantChecker:
             self._command(ev, p)
         elif isinstance(p, E.FencingDecided):
             self._fenced(ev, p)
+        elif isinstance(p, E.RollbackDecided):
+            m = self.migrations.get(p.migration_id)
+            if m is not None and m.past_cont:
+                self._flag(ev, 3, f"rollback of {p.migration_id} after the destination's cont")
+
+    def _host_may_say(self, ev: Event) -> bool:
+        """Invariant 9: a host's stream carries only its observations, about itself, and answers
+        only the commands sent to it (`_result`)."""
+        p, host = ev.payload, ev.origin_host
+        kind = type(p).__name__
+        if kind not in _HOST_ORIGINATED:
+            self._flag(ev, 9, f"host {host} sent a {kind}: only the coordinator makes those")
+            return False
+        stream = parse_stream(ev.stream)
+        if stream is not None and stream[0] == "host" and stream[1] != host:
+            self._flag(ev, 9, f"host {host} spoke on the stream of host {stream[1]}")
+            return False
+        if isinstance(p, (E.LeaseAcquired, E.LeaseReleased)) and p.holder != host:
+            self._flag(ev, 9, f"host {host} reported the lease of {p.vm} for {p.holder}")
+            return False
+        return True
+
+    def _result(self, ev: Event, p: E.CommandSucceeded | E.CommandFailed) -> None:
+        if ev.origin_host:
+            issued_to = self.issued_to.get(p.command_id)
+            if issued_to is None:
+                self._flag(ev, 9, f"host {ev.origin_host} answered command {p.command_id}, "
+                                  "never issued")  # fmt: skip
+                return
+            if issued_to != ev.origin_host:
+                self._flag(ev, 9, f"host {ev.origin_host} answered command {p.command_id}, "
+                                  f"issued to {issued_to}")  # fmt: skip
+                return
+        pending = self.unanswered.pop(p.command_id, None)
+        if pending is None:
+            return
+        owner = self.migrations.get(pending.owner)
+        if owner is not None and isinstance(p, E.CommandFailed) and p.rejected:
+            owner.conts.discard(p.command_id)  # refused before it reached QEMU
+        m = owner if owner is not None else self._open(pending.owner.removeprefix("vm/"))
+        resumed = isinstance(p, E.CommandSucceeded) and pending.kind == Kind.RESUME_VM
+        if m is not None and resumed and pending.host == m.source and m.past_cont:
+            self._flag(ev, 3, f"source {m.source} resumed (its cont succeeded) after the "
+                              "destination's cont")  # fmt: skip
 
     def _fenced(self, ev: Event, p: E.FencingDecided) -> None:
         """Invariant 10: a fence kills copies that cannot be the VM, never a destination that
@@ -289,23 +368,56 @@ class InvariantChecker:
             self._flag(ev, 1, f"{vm} runs on {host} while it runs on {', '.join(sorted(others))}")
         hosts.add(host)
 
+    def _ran(self, ev: Event, vm: str, host: str, seen: str) -> None:
+        """`vm` was seen running on `host` (`seen`: how): one copy (1), the destination only
+        after the whole handoff (2), never the source after the destination's cont (3), and
+        only where the lease is held (4)."""
+        self._runs(ev, vm, host)
+        m = self._open(vm)
+        if m is not None and host == m.destination:
+            if not m.destination_resumed and (missing := self._handoff_missing(m)):
+                self._flag(ev, 2, f"destination {host} ran ({seen}) before: {', '.join(missing)}")
+            m.destination_resumed = True
+        elif m is not None and host == m.source:
+            if m.past_cont:
+                self._flag(ev, 3, f"source {m.source} ran ({seen}) after the destination's cont")
+            m.source_stopped = False
+        holder = self.lease_holder.get(vm, "")
+        if vm in self.lease_holder and holder != host:
+            # What the lease is for: the VM's disks are only written where it is held.
+            state = f"held by {holder}" if holder else "released"
+            since = self.lease_changed_at.get(vm, 0)
+            self._flag(ev, 4, f"{vm} ran ({seen}) on {host} while the lease is {state} "
+                              f"(since seq {since})")  # fmt: skip
+
+    def _handoff_missing(self, m: _Migration) -> list[str]:
+        """What of the handoff (invariant 2) is not done yet; the destination may run only once
+        nothing is, and only then be sent its cont."""
+        in_flight = [
+            pending
+            for pending in self.unanswered.values()
+            if pending.host == m.source
+            and pending.kind in (Kind.RESUME_VM, Kind.CANCEL_MIGRATION)
+            and pending.owner in (self.open_by_vm.get(m.vm), f"vm/{m.vm}")
+        ]
+        return [
+            what
+            for what, ok in (
+                ("source stopped", m.source_stopped and not in_flight),
+                ("source lease released", m.source_lease_released),
+                (
+                    "destination lease with a higher generation",
+                    m.destination_generation > m.source_generation,
+                ),
+                ("destination networking enabled", m.destination_network),
+            )
+            if not ok
+        ]
+
     def _qmp(self, ev: Event, p: E.QmpEventReceived) -> None:
         m = self._open(p.vm)
         if p.event == "RESUME":
-            self._runs(ev, p.vm, ev.origin_host)
-            if m is not None and ev.origin_host == m.destination:
-                m.destination_resumed = True
-            elif m is not None and ev.origin_host == m.source:
-                if m.past_cont:
-                    self._flag(ev, 3, f"source {m.source} ran after the destination's cont")
-                m.source_stopped = False
-            holder = self.lease_holder.get(p.vm, "")
-            if p.vm in self.lease_holder and holder != ev.origin_host:
-                # What the lease is for: the VM's disks are only written where it is held.
-                state = f"held by {holder}" if holder else "released"
-                since = self.lease_changed_at.get(p.vm, 0)
-                self._flag(ev, 4, f"{p.vm} resumed on {ev.origin_host} while the lease is "
-                                  f"{state} (since seq {since})")  # fmt: skip
+            self._ran(ev, p.vm, ev.origin_host, "RESUME")
         elif p.event in ("STOP", "SHUTDOWN"):
             self.running.setdefault(p.vm, set()).discard(ev.origin_host)
             if m is not None and ev.origin_host == m.source and p.event == "STOP":
@@ -319,6 +431,7 @@ class InvariantChecker:
 
     def _command(self, ev: Event, p: E.CommandIssued) -> None:
         host, vm = p.host_id, p.vm
+        self.issued_to[p.command_id] = host
         owner = p.migration_id or f"vm/{vm}"
         # A new command of the same kind for the same owner and host supersedes an unanswered one.
         for command_id, pending in list(self.unanswered.items()):
@@ -348,25 +461,23 @@ class InvariantChecker:
                     1,
                     f"{kind.label} of {vm} on {host} while it runs on {', '.join(sorted(others))}",
                 )
-        m = self.migrations.get(p.migration_id) if p.migration_id else None
+        holder = self.lease_holder.get(vm, "")
+        if kind == Kind.RESUME_VM and vm in self.lease_holder and holder != host:
+            state = f"held by {holder}" if holder else "released"
+            self._flag(ev, 4, f"resume-vm of {vm} on {host} while the lease is {state}")
+        if (
+            p.migration_id
+            and p.migration_id not in self.started
+            and p.migration_id not in self.finished
+        ):
+            self._starts(ev, p.migration_id)  # a command without admission starts it too
+        # A command of the VM's own (no migration id) while a migration is open is judged as
+        # that migration's: it can resume or cancel a side just the same.
+        m = self.migrations.get(p.migration_id) if p.migration_id else self._open(vm)
         if m is None:
             return
-        if p.migration_id not in self.started and p.migration_id not in self.finished:
-            self._starts(ev, p.migration_id)  # a command without admission starts it too
         if kind == Kind.RESUME_VM and host == m.destination:
-            missing = [
-                what
-                for what, ok in (
-                    ("source stopped", m.source_stopped),
-                    ("source lease released", m.source_lease_released),
-                    (
-                        "destination lease with a higher generation",
-                        m.destination_generation > m.source_generation,
-                    ),
-                    ("destination networking enabled", m.destination_network),
-                )
-                if not ok
-            ]
+            missing = self._handoff_missing(m)
             if missing:
                 self._flag(ev, 2, f"cont on destination {host} before: {', '.join(missing)}")
             m.conts.add(p.command_id)

@@ -232,7 +232,12 @@ def test_invariant_6_commands_answered_or_superseded() -> None:
     )
     connected = [ev(1, events_pb2.HostConnected(host_id="host-a", generation=1)),
                  ev(2, events_pb2.HostConnected(host_id="host-b", generation=1))]  # fmt: skip
-    finished = ev(9, events_pb2.MigrationFinished(migration_id="m-1"))
+    finished = ev(
+        9,
+        events_pb2.MigrationFinished(
+            migration_id="m-1", phase=common_pb2.MIGRATION_PHASE_ROLLED_BACK
+        ),
+    )
     unanswered = [*connected, ev(3, requested), _issued(4, "m-1/1/1-x", "host-b"), finished]
     violations = InvariantChecker().check(unanswered)  # type: ignore[arg-type]
     assert [(v.seq, v.invariant) for v in violations] == [(9, 6)]

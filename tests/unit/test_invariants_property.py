@@ -120,7 +120,8 @@ def test_random_host_behaviour_never_breaks_invariants_1_to_4(data: st.DataObjec
 
 
 def test_checker_flags_an_early_cont() -> None:
-    """The checker is a real witness: an early cont is reported as invariants 1 and 2."""
+    """The checker is a real witness: an early cont is reported as invariants 1, 2 and 4 (sent
+    to a host without the lease)."""
     driver, _hosts = fresh()
     driver.request(I.StartMigration("m-1", "vm-1", "host-b", 1, E.MigrationPolicy(), driver.now_us))
     early = E.CommandIssued(
@@ -136,8 +137,9 @@ def test_checker_flags_an_early_cont() -> None:
     driver.append([NewEvent("migration/m-1", early, driver.now_us)])
     violations = InvariantChecker().check(driver.log)
     by_invariant = {v.invariant: v.message for v in violations}
-    assert set(by_invariant) == {1, 2}
+    assert set(by_invariant) == {1, 2, 4}
     assert "source stopped" in by_invariant[2] and "runs on host-a" in by_invariant[1]
+    assert "lease is held by host-a" in by_invariant[4]
 
 
 def test_checker_flags_a_fence_of_a_healthy_destination() -> None:
@@ -200,7 +202,17 @@ def test_an_acquire_logged_before_the_holders_release_is_settled_by_it() -> None
     held = E.LeaseReleased(vm="vm-1", holder="host-a", generation=1)
     c_acquired = E.LeaseAcquired(vm="vm-1", holder="host-c", generation=4)
     a_acquired = E.LeaseAcquired(vm="vm-1", holder="host-a", generation=5)
-    driver.observe(Observation("host-a", held), Observation("host-c", c_acquired))
+    from coordinator.core import NewEvent
+
+    # Both acquires handed out once host-a let go (what the race needs: two issued generations).
+    driver.observe(Observation("host-a", held))
+    for host, generation in (("host-c", 4), ("host-a", 5)):
+        acquire = E.CommandIssued(
+            command_id=f"vm/vm-1/acquire-{host}", host_id=host, vm="vm-1",
+            kind=Kind.ACQUIRE_LEASE, args=E.CommandArgs(lease_generation=generation),
+        )  # fmt: skip
+        driver.append([NewEvent("vm/vm-1", acquire, driver.now_us)])
+    driver.observe(Observation("host-c", c_acquired))
     driver.observe(Observation("host-a", a_acquired))
     acquire_seq = driver.log[-1].seq
     unsettled = InvariantChecker()
@@ -208,7 +220,8 @@ def test_an_acquire_logged_before_the_holders_release_is_settled_by_it() -> None
     assert [(v.seq, v.invariant) for v in unsettled.finish(quiescent=True) if v.invariant == 4] == [
         (acquire_seq, 4)
     ]
-    assert "host-a acquired the lease of vm-1 held by host-c" in unsettled.violations[0].message
+    (lease,) = [v for v in unsettled.violations if v.invariant == 4]
+    assert "host-a acquired the lease of vm-1 held by host-c" in lease.message
     c_released = E.LeaseReleased(vm="vm-1", holder="host-c", generation=4)
     driver.observe(Observation("host-c", c_released))
     settled = InvariantChecker()
