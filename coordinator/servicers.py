@@ -46,6 +46,7 @@ from coordinator.host_stream import StreamRefused
 from coordinator.limits import Limits
 from coordinator.log import StoredEvent, StoreError, verify_chain
 from coordinator.views import Views
+from whimbrel import protocol
 from whimbrel.tls import host_principal, peer_principal
 from whimbrel.v1 import (
     common_pb2,
@@ -100,7 +101,9 @@ def mapped(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
         try:
             return await fn(self, request, context)
         except (CoreError, StoreError) as err:
-            await context.abort(status_for(err), str(err))
+            await context.abort(
+                status_for(err), str(err), trailing_metadata=protocol.ANSWERED_BY_COORDINATOR
+            )
             raise  # unreachable: abort raises
 
     return wrapper

@@ -23,7 +23,7 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from whimbrel import tls, validate
+from whimbrel import protocol, tls, validate
 from whimbrel.v1 import (
     common_pb2,
     eventlog_pb2,
@@ -769,7 +769,9 @@ def main(argv: list[str] | None = None) -> int:
     except grpc.RpcError as err:
         code = err.code()
         details = err.details()
-        if code == grpc.StatusCode.UNAVAILABLE and "connect" in (details or "").lower():
+        answered = any(m.key == protocol.ANSWERED_KEY for m in err.trailing_metadata() or ())
+        transport = not answered and "connect" in (details or "").lower()
+        if code == grpc.StatusCode.UNAVAILABLE and transport:
             message = f"cannot reach the coordinator at {ns.coordinator}: {details}"
             return _failed(ns, code, message, EXIT_UNREACHABLE)
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:

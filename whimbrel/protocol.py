@@ -100,6 +100,13 @@ PAYLOAD_FIELDS: dict[str, str] = {
 }
 
 
+# Trailing metadata on every refusal the coordinator itself answers: a client tells "the
+# coordinator said no" from "the coordinator could not be reached" by it, not by the status
+# code (UNAVAILABLE is both a host that is not connected and a refused connection).
+ANSWERED_KEY = "whimbrel-answered"
+ANSWERED_BY_COORDINATOR = ((ANSWERED_KEY, "coordinator"),)
+
+
 # What a host's stream may carry (invariant 9): observations of its own VMs and answers to its
 # own commands. Everything else (commands, migration ends, VM definitions, epochs) is the
 # coordinator's own.
