@@ -70,6 +70,14 @@ def _bytes(n: int) -> str:
     return str(n)
 
 
+class Refused(Exception):
+    """whimbrelctl's own refusal, before it asked the coordinator to change anything: exit 1."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 class Unreachable(Exception):
     """The coordinator did not answer in time: exit 3."""
 
@@ -175,22 +183,55 @@ class Ctl:
     def host_drain(self, ns: argparse.Namespace) -> int:
         hosts: list[str] = list(dict.fromkeys(ns.hosts))
         reason = f"drain: {ns.reason}" if ns.reason else "drain"
-        if len(hosts) > 1:
-            # All out of placement before any is planned: a drain never sends a VM to a host
-            # that is about to be drained as well.
+        cordoned: list[str] = []
+        plans: list[host_pb2.DrainHostResponse] = []
+        try:
+            if len(hosts) > 1:
+                self._check_drainable(hosts)
+                # All out of placement before any is planned: a drain never sends a VM to a
+                # host that is about to be drained as well.
+                for host in hosts:
+                    self.hosts.CordonHost(host_pb2.CordonHostRequest(host_id=host, reason=reason))
+                    cordoned.append(host)
             for host in hosts:
-                self.hosts.CordonHost(host_pb2.CordonHostRequest(host_id=host, reason=reason))
-        plans = []
-        for host in hosts:
-            request = host_pb2.DrainHostRequest(
-                host_id=host, reason=ns.reason or "", mode=MODES[ns.mode]
-            )
-            plan = self.hosts.DrainHost(request)
-            self.emit(plan, _drain_plan)
-            plans.append(plan)
+                request = host_pb2.DrainHostRequest(
+                    host_id=host, reason=ns.reason or "", mode=MODES[ns.mode]
+                )
+                plan = self.hosts.DrainHost(request)
+                self.emit(plan, _drain_plan)
+                plans.append(plan)
+        except grpc.RpcError:
+            # Checked first, so only a race gets here: what was already done stays done.
+            if cordoned:
+                started = [plan.host.host_id for plan in plans]
+                print(f"whimbrelctl: done before the refusal below: cordoned {', '.join(cordoned)}"
+                      f"; drains started on {', '.join(started) or 'none'} (`host uncordon HOST`"
+                      " puts a host back)", file=sys.stderr)  # fmt: skip
+            raise
         if not ns.wait:
             return 0
         return self._drain_wait(plans)
+
+    def _check_drainable(self, hosts: list[str]) -> None:
+        """A drain of several hosts cordons them all first: each is checked as the coordinator
+        will check it before any is changed, so a typo or a drain still open refuses it all."""
+        known = {h.host_id: h for h in self.hosts.ListHosts(host_pb2.ListHostsRequest()).hosts}
+        nothing_done = "no host was cordoned or drained"
+        for host in hosts:
+            if host not in known:
+                raise Refused(grpc.StatusCode.NOT_FOUND, f"host {host!r} not found: {nothing_done}")
+        listed = self.migrations.ListMigrations(migration_pb2.ListMigrationsRequest()).migrations
+        open_ids = {
+            m.migration_id
+            for m in listed
+            if common_pb2.MigrationPhase.Name(m.phase) not in _TERMINAL
+        }
+        for host in hosts:
+            still_open = [mid for mid in known[host].drain_migrations if mid in open_ids]
+            if still_open:
+                message = (f"cannot drain host {host}: it is draining ({', '.join(still_open)} "
+                           f"open): {nothing_done}")  # fmt: skip
+                raise Refused(grpc.StatusCode.FAILED_PRECONDITION, message)
 
     def _drain_wait(self, plans: list[host_pb2.DrainHostResponse]) -> int:
         """Progress once a second until every migration of the drains ended, then what is
@@ -766,6 +807,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(ns.run(ctl, ns))
     except Unreachable as err:
         return _failed(ns, err.code, str(err), EXIT_UNREACHABLE)
+    except Refused as err:
+        return _failed(ns, err.code, f"{err.code.name}: {err}", EXIT_REFUSED, str(err))
     except grpc.RpcError as err:
         code = err.code()
         details = err.details()

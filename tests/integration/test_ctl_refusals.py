@@ -7,9 +7,10 @@ import asyncio
 import json
 
 from coordinator.core import inputs as I
-from tests.integration.conftest import SPEC, Running, SimHostd
+from tests.integration.conftest import SPEC, Running, SimHostd, wait_until
 from tools.cluster import BIN
 from tools.sim import SimHosts
+from whimbrel.v1 import common_pb2
 
 
 async def ctl(running: Running, *args: str) -> tuple[int, str, str]:
@@ -37,3 +38,37 @@ async def test_a_host_that_is_not_connected_is_a_refusal_not_an_unreachable_coor
         "code": "UNAVAILABLE",
         "message": "host 'host-a' is not connected",
     }
+
+
+CAPACITY = common_pb2.HostCapacity(memory_mib=4096, vcpus=4)
+
+
+async def test_a_drain_of_several_hosts_refused_for_one_changes_none(
+    coordinator: Running, sim_hosts: SimHosts
+) -> None:
+    """`host drain` of several hosts cordons them all before planning any; a typo in one name,
+    or one host still draining, used to refuse the command (exit 1) after the others were
+    cordoned and drained all the same."""
+    app = coordinator.app
+    hosts = {h: SimHostd(h, coordinator.channel, sim_hosts, capacity=CAPACITY)
+             for h in ("host-a", "host-b", "host-c")}  # fmt: skip
+    hosts["host-a"].answer = False  # the drain's migration to it stays open
+    for host in hosts.values():
+        await host.start()
+    await app.request(I.DefineVm(SPEC, app.clock()))
+    await app.request(I.StartVm("vm-1", "host-c", app.clock()))
+    await wait_until(lambda: app.world.vms["vm-1"].status == 3, app, *hosts.values())
+    head = app.store.head()[0]
+    code, out, err = await ctl(coordinator, "--json", "host", "drain", "host-b", "nosuch")
+    assert code == 1, err
+    assert json.loads(out)["error"]["code"] == "NOT_FOUND" and "'nosuch' not found" in err
+    assert app.store.head()[0] == head and not app.world.hosts["host-b"].cordoned
+    # host-c's drain moves vm-1 to host-a, which never answers: the drain stays open.
+    code, _, err = await ctl(coordinator, "host", "drain", "host-c")
+    assert code == 0, err
+    head = app.store.head()[0]
+    code, out, err = await ctl(coordinator, "--json", "host", "drain", "host-b", "host-c")
+    assert code == 1, err
+    assert json.loads(out)["error"]["code"] == "FAILED_PRECONDITION"
+    assert "cannot drain host host-c: it is draining" in err
+    assert app.store.head()[0] == head and not app.world.hosts["host-b"].cordoned
