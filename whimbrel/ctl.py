@@ -715,7 +715,10 @@ def build_parser() -> argparse.ArgumentParser:
     abort.add_argument("id")
     abort.add_argument("--reason")
     abort.set_defaults(run=Ctl.migration_abort)
-    tune = mig.add_parser("set", help="change a running migration's bandwidth")
+    tune = mig.add_parser(
+        "set",
+        help="change a running migration's bandwidth (in post-copy: its post-copy bandwidth)",
+    )
     tune.add_argument("id")
     tune.add_argument("--bandwidth", type=_u64, help="max bandwidth, bytes/s")
     tune.add_argument("--postcopy-bandwidth", type=_u64, help="max post-copy bandwidth, bytes/s")

@@ -209,12 +209,32 @@ def _before_the_switch(m: MigrationState, action: str) -> None:
         raise IllegalTransition(f"migration {m.migration_id}", action, found, _TUNABLE)
 
 
+_POSTCOPY_PHASES = (Phase.SWITCHOVER, Phase.HANDOFF, Phase.FINISHING, Phase.POSTCOPY_PAUSED)
+
+
+def _sending_postcopy(m: MigrationState) -> bool:
+    """Post-copy begun and its source still there to send pages: QEMU applies a new post-copy
+    bandwidth at once, so a limit set too low is never a guest crawling with no way out."""
+    return (
+        m.postcopy_started
+        and m.phase in _POSTCOPY_PHASES
+        and m.src.alive
+        and m.src.status != "completed"
+    )
+
+
 def tune(world: World, req: I.TuneMigration) -> list[NewEvent]:
     check_reason(req.reason)
     m = find_migration(world, req.migration_id)
     if not req.max_bandwidth and not req.max_postcopy_bandwidth:
         raise InvalidRequest("nothing to change: give a bandwidth or a post-copy bandwidth")
-    _before_the_switch(m, "change the bandwidth of")
+    if not _sending_postcopy(m):
+        _before_the_switch(m, "change the bandwidth of")
+    elif req.max_bandwidth:
+        raise IllegalTransition(
+            f"migration {m.migration_id}", "change the pre-copy bandwidth of", "in post-copy",
+            [*_TUNABLE, "in post-copy: its post-copy bandwidth only"],
+        )  # fmt: skip
     parameters = events_pb2.MigrationParameters()
     parameters.CopyFrom(m.parameters)
     if req.max_bandwidth:

@@ -93,3 +93,28 @@ def test_a_policy_completion_timeout_rolls_back_with_its_reason(
     final = assert_outcome(cluster, PHASE.MIGRATION_PHASE_ROLLED_BACK, "host-a")
     assert final.reason.startswith("policy: completion timeout: pre-copy ran "), final.reason
     assert final.policy.name == "tight"
+
+
+def test_a_postcopy_bandwidth_raised_in_post_copy_lets_the_guest_catch_up(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """A post-copy bandwidth set far too low (64 MiB of random RAM at 64 KiB/s: 17 minutes of
+    a guest waiting on its pages) cannot be aborted out of once the destination runs; the
+    operator raises it and the migration completes. The pre-copy bandwidth is refused then:
+    it no longer applies."""
+    from tools.guest import random_ram
+
+    ram = random_ram(tmp_path / "ram.bin", 64)
+    cluster.define_and_start("vm-1", "host-a", ram_file=ram)
+    head = cluster.head()
+    start_migration(cluster, common_pb2.MIGRATION_MODE_POSTCOPY, max_postcopy_bandwidth=64 << 10)
+    cluster.wait_event(qmp_event("host-b", "RESUME"), from_seq=head)
+    refused = ctl(cluster, "migration", "set", "m-1", "--bandwidth", str(1 << 30))
+    assert refused.returncode == 1 and "in post-copy" in refused.stderr, refused.stderr
+    raised = ctl(cluster, "migration", "set", "m-1", "--postcopy-bandwidth", str(1 << 30),
+                 "--reason", "typo in the policy")  # fmt: skip
+    assert raised.returncode == 0, raised.stderr
+    assert_outcome(cluster, PHASE.MIGRATION_PHASE_COMPLETED, "host-b")
+    (tuned,) = tunings(cluster)
+    assert tuned.parameters.max_postcopy_bandwidth == 1 << 30
+    assert tuned.reason == "typo in the policy"

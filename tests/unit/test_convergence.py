@@ -11,7 +11,7 @@ from coordinator.core import inputs as I
 from coordinator.core.invariants import InvariantChecker
 from coordinator.core.state import Kind
 from tests.unit.helpers import fresh
-from tools.sim import Observation, qmp
+from tools.sim import Observation, migration, qmp
 from whimbrel.v1 import common_pb2 as C
 from whimbrel.v1 import events_pb2 as E
 
@@ -311,3 +311,39 @@ def test_a_source_stuck_setting_up_or_in_its_switchover_stop_rolls_back():
         driver.run("m-1", hosts)
         assert m.phase == Phase.ROLLED_BACK, (status, m.reason)
         assert driver.world.vms["vm-1"].running_hosts() == ["host-a"]
+
+
+def test_the_postcopy_bandwidth_can_be_changed_while_post_copy_sends_pages():
+    """A post-copy bandwidth set too low leaves the guest crawling on the destination, and a
+    post-copy can no longer be aborted: it can be raised while the source still sends (and,
+    as any command, is answered before the migration ends)."""
+    driver, hosts = fresh()
+    policy = E.MigrationPolicy(parameters=E.MigrationParameters(max_postcopy_bandwidth=1000))
+    m = start(driver, C.MIGRATION_MODE_POSTCOPY, policy=policy)
+    for _ in range(30):
+        for e in driver.advance("m-1"):
+            if e.type == "CommandIssued":
+                driver.observe(*hosts.answer(e.payload))
+    assert m.phase == Phase.FINISHING and m.src.status == "postcopy-active"
+    with pytest.raises(IllegalTransition, match="in post-copy"):
+        driver.request(I.TuneMigration("m-1", 50 << 20, 0, "", driver.now_us))
+    _, command = driver.request(I.TuneMigration("m-1", 0, 64 << 20, "typo", driver.now_us))
+    assert (
+        command.payload.host_id == "host-a"
+        and command.payload.kind == Kind.SET_MIGRATION_PARAMETERS
+    )
+    assert command.payload.args.parameters.max_postcopy_bandwidth == 64 << 20
+    driver.observe(
+        migration("host-a", "vm-1", "completed"), migration("host-b", "vm-1", "completed")
+    )
+    for e in driver.advance("m-1"):
+        if e.type == "CommandIssued" and e.payload.kind != Kind.SET_MIGRATION_PARAMETERS:
+            driver.observe(*hosts.answer(e.payload))
+    driver.advance("m-1")
+    assert m.phase == Phase.FINISHING  # the change is not answered yet
+    driver.observe(*hosts.answer(command.payload))
+    driver.advance("m-1")
+    assert m.phase == Phase.COMPLETED
+    with pytest.raises(IllegalTransition):
+        driver.request(I.TuneMigration("m-1", 0, 1 << 30, "", driver.now_us))
+    assert InvariantChecker().check_quiescent(driver.log) == []
