@@ -3,6 +3,10 @@
     max_receive_bytes      largest message accepted (a larger one: RESOURCE_EXHAUSTED)
     max_send_bytes         largest message sent
     max_concurrent_rpcs    calls served at once, streams included (then RESOURCE_EXHAUSTED)
+    max_watch_streams      of those, streams a client keeps open (ReadEvents with follow,
+                           WatchMigration), so watchers never take the hosts' and operators'
+                           room (coordinator.watch_slots) ...
+    max_watch_streams_per_caller   ... and of those, one caller's (a principal's)
     host_queue_events      a host's events read off its stream and not yet folded; when full,
                            the stream is not read, so HTTP/2 flow control holds hostd back
                            (hostd keeps every event until it is acknowledged: nothing is lost)
@@ -27,6 +31,8 @@ class Limits:
     max_receive_bytes: int = 4 * MIB
     max_send_bytes: int = 16 * MIB
     max_concurrent_rpcs: int = 1024
+    max_watch_streams: int = 256
+    max_watch_streams_per_caller: int = 64
     host_queue_events: int = 1024
     read_batch_events: int = 256
     read_batch_bytes: int = 1 * MIB

@@ -37,6 +37,7 @@ from coordinator.limits import MIB, Limits
 from coordinator.log import SqliteEventStore, StoreError
 from coordinator.telemetry.setup import MetricsServer, coordinator_telemetry
 from coordinator.views import Views
+from coordinator.watch_slots import WatchSlots
 from whimbrel import heap, priority
 from whimbrel.otel import add_otlp_flag
 from whimbrel.tls import TlsError, TlsFiles, add_tls_flags, server_credentials, tls_files
@@ -91,17 +92,18 @@ def build_server(
         ],
         maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
     )
-    # Every reader shares one cache of the committed world's views.
+    # Every reader shares one cache of the committed world's views, and one count of watches.
     views = Views(app)
+    watches = WatchSlots(limits.max_watch_streams, limits.max_watch_streams_per_caller)
     migration_pb2_grpc.add_MigrationServiceServicer_to_server(
-        servicers.MigrationServicer(app, views), server
+        servicers.MigrationServicer(app, views, watches), server
     )
     vm_pb2_grpc.add_VmServiceServicer_to_server(servicers.VmServicer(app, views), server)
     host_pb2_grpc.add_HostServiceServicer_to_server(
         servicers.HostServicer(app, views, limits.host_queue_events), server
     )
     eventlog_pb2_grpc.add_EventLogServiceServicer_to_server(
-        servicers.EventLogServicer(app, limits), server
+        servicers.EventLogServicer(app, limits, watches), server
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -285,6 +287,16 @@ def add_limit_flags(parser: argparse.ArgumentParser) -> None:
         "with RESOURCE_EXHAUSTED (default %(default)s)",
     )  # fmt: skip
     group.add_argument(
+        "--max-watch-streams", type=positive, metavar="N", default=default.max_watch_streams,
+        help="of those, watch streams open at once (events --follow, migration watch); more "
+        "are refused with RESOURCE_EXHAUSTED (default %(default)s)",
+    )  # fmt: skip
+    group.add_argument(
+        "--max-watch-streams-per-caller", type=positive, metavar="N",
+        default=default.max_watch_streams_per_caller,
+        help="of those, one caller's (one certificate's) (default %(default)s)",
+    )  # fmt: skip
+    group.add_argument(
         "--host-queue-events", type=positive, metavar="N", default=default.host_queue_events,
         help="a host's events read and not yet folded; when full its stream is not read "
         "until there is room (default %(default)s)",
@@ -302,6 +314,8 @@ def limits_from(args: argparse.Namespace) -> Limits:
         max_receive_bytes=args.max_receive_message_bytes,
         max_send_bytes=args.max_send_message_bytes,
         max_concurrent_rpcs=args.max_concurrent_rpcs,
+        max_watch_streams=args.max_watch_streams,
+        max_watch_streams_per_caller=args.max_watch_streams_per_caller,
         host_queue_events=args.host_queue_events,
         read_batch_bytes=args.read_batch_bytes,
     )

@@ -46,6 +46,7 @@ from coordinator.host_stream import StreamRefused
 from coordinator.limits import Limits
 from coordinator.log import StoredEvent, StoreError, verify_chain
 from coordinator.views import Views
+from coordinator.watch_slots import TooManyWatches, WatchSlots
 from whimbrel import protocol
 from whimbrel.tls import host_principal, peer_principal
 from whimbrel.v1 import (
@@ -93,6 +94,22 @@ def principal(context: Any) -> str:
     return peer_principal(context) or ""
 
 
+def _default_watches() -> WatchSlots:
+    limits = Limits()
+    return WatchSlots(limits.max_watch_streams, limits.max_watch_streams_per_caller)
+
+
+async def _hold_watch_slot(held: contextlib.ExitStack, watches: WatchSlots, context: Any) -> None:
+    """A watch slot of the caller's, held until `held` closes (the stream ends, however)."""
+    try:
+        held.enter_context(watches.taken(principal(context)))
+    except TooManyWatches as err:
+        await context.abort(
+            grpc.StatusCode.RESOURCE_EXHAUSTED, str(err),
+            trailing_metadata=protocol.ANSWERED_BY_COORDINATOR,
+        )  # fmt: skip
+
+
 def mapped(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
     """Turn core and store errors into gRPC statuses with their message."""
 
@@ -110,9 +127,12 @@ def mapped(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
 
 
 class MigrationServicer(migration_pb2_grpc.MigrationServiceServicer):
-    def __init__(self, app: Coordinator, views: Views | None = None) -> None:
+    def __init__(
+        self, app: Coordinator, views: Views | None = None, watches: WatchSlots | None = None
+    ) -> None:
         self.app = app
         self.views = views or Views(app)
+        self.watches = watches or _default_watches()
 
     async def _get(self, migration_id: str) -> migration_pb2.Migration:
         check_migration_id(migration_id)
@@ -164,26 +184,28 @@ class MigrationServicer(migration_pb2_grpc.MigrationServiceServicer):
             current = await self._get(request.migration_id)
         except CoreError as err:
             await context.abort(status_for(err), str(err))
-        gate = self.app.read_gate
-        last = None
-        loop = asyncio.get_running_loop()
-        sent_at = -WATCH_INTERVAL_S
-        while True:
-            # Taken before the read: a change committed while the update is sent still wakes
-            # this watcher.
-            change = gate.next_change()
-            current = await self._get(request.migration_id)
-            if current != last:
-                yield current
-                last, sent_at = current, loop.time()
-            if Phase(current.phase).terminal:
-                return
-            # Woken by changes only while the read gate is open: the commits of a switchover
-            # wake no watcher, and its end wakes each once, for the latest state.
-            await gate.wait(change, max_wait=5)
-            # And at most one update per interval otherwise: a busy migration's commits come
-            # milliseconds apart. The latest state is sent; the end is never skipped.
-            await asyncio.sleep(max(0.0, sent_at + WATCH_INTERVAL_S - loop.time()))
+        with contextlib.ExitStack() as held:
+            await _hold_watch_slot(held, self.watches, context)
+            gate = self.app.read_gate
+            last = None
+            loop = asyncio.get_running_loop()
+            sent_at = -WATCH_INTERVAL_S
+            while True:
+                # Taken before the read: a change committed while the update is sent still
+                # wakes this watcher.
+                change = gate.next_change()
+                current = await self._get(request.migration_id)
+                if current != last:
+                    yield current
+                    last, sent_at = current, loop.time()
+                if Phase(current.phase).terminal:
+                    return
+                # Woken by changes only while the read gate is open: the commits of a
+                # switchover wake no watcher, and its end wakes each once, for the latest state.
+                await gate.wait(change, max_wait=5)
+                # And at most one update per interval otherwise: a busy migration's commits
+                # come milliseconds apart. The latest state is sent; the end is never skipped.
+                await asyncio.sleep(max(0.0, sent_at + WATCH_INTERVAL_S - loop.time()))
 
     @mapped
     async def AbortMigration(
@@ -507,9 +529,12 @@ def check_stream(stream: str) -> None:
 
 
 class EventLogServicer(eventlog_pb2_grpc.EventLogServiceServicer):
-    def __init__(self, app: Coordinator, limits: Limits | None = None) -> None:
+    def __init__(
+        self, app: Coordinator, limits: Limits | None = None, watches: WatchSlots | None = None
+    ) -> None:
         self.app = app
         self.limits = limits or Limits()
+        self.watches = watches or _default_watches()
         # One verification at a time: each reads and hashes the whole log.
         self._verifying = asyncio.Lock()
 
@@ -543,23 +568,26 @@ class EventLogServicer(eventlog_pb2_grpc.EventLogServiceServicer):
                 raise InvalidRequest(f"from_seq {request.from_seq} is beyond any seq ({MAX_SEQ})")
         except InvalidRequest as err:
             await context.abort(status_for(err), str(err))
-        gate = self.app.read_gate
-        next_seq, sent = max(request.from_seq, 1), 0
-        while True:
-            change = gate.next_change()  # before the read: a commit after it is not missed
-            # Every batch waits while a guest is in its switchover (coordinator.read_gate).
-            await gate.opened()
-            batch = await asyncio.to_thread(self._read_batch, next_seq, request.stream)
-            for stored in batch:
-                next_seq = stored.seq + 1
-                yield convert.event_to_proto(stored)
-                sent += 1
-                if request.limit and sent >= request.limit:
-                    return
-            if not batch:
-                if not request.follow:
-                    return
-                await gate.wait(change, max_wait=1)
+        with contextlib.ExitStack() as held:
+            if request.follow:  # a read without it ends with the log
+                await _hold_watch_slot(held, self.watches, context)
+            gate = self.app.read_gate
+            next_seq, sent = max(request.from_seq, 1), 0
+            while True:
+                change = gate.next_change()  # before the read: a commit after it is not missed
+                # Every batch waits while a guest is in its switchover (coordinator.read_gate).
+                await gate.opened()
+                batch = await asyncio.to_thread(self._read_batch, next_seq, request.stream)
+                for stored in batch:
+                    next_seq = stored.seq + 1
+                    yield convert.event_to_proto(stored)
+                    sent += 1
+                    if request.limit and sent >= request.limit:
+                        return
+                if not batch:
+                    if not request.follow:
+                        return
+                    await gate.wait(change, max_wait=1)
 
     @mapped
     async def VerifyLog(
