@@ -151,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--coordinator",
         default="127.0.0.1:7700",
+        type=validate.coordinator_addresses,
         help="HOST:PORT, or several comma-separated (tried in turn: a standby coordinator)",
     )
     parser.add_argument("--state-dir", required=True)

@@ -443,7 +443,7 @@ class Ctl:
 
     def policy_default(self, ns: argparse.Namespace) -> int:
         request = migration_pb2.SetDefaultPolicyRequest(
-            name="" if ns.name == "none" else ns.name, reason=ns.reason or ""
+            name="" if ns.name == protocol.NO_POLICY else ns.name, reason=ns.reason or ""
         )
         self.emit(self.migrations.SetDefaultPolicy(request), _policies_text)
         return 0
@@ -615,7 +615,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="whimbrelctl", description="Operate a Whimbrel coordinator."
     )
     parser.add_argument(
-        "--coordinator", default="127.0.0.1:7700", help="HOST:PORT (default %(default)s)"
+        "--coordinator",
+        default="127.0.0.1:7700",
+        type=validate.coordinator_address,
+        help="HOST:PORT (default %(default)s)",
     )
     parser.add_argument(
         "--json", action="store_true", help="machine-readable output (one JSON object per line)"

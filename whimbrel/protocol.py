@@ -100,6 +100,9 @@ PAYLOAD_FIELDS: dict[str, str] = {
 }
 
 
+# What `whimbrelctl policy default` takes for "no cluster default": no policy may be named so.
+NO_POLICY = "none"
+
 # Trailing metadata on every refusal the coordinator itself answers: a client tells "the
 # coordinator said no" from "the coordinator could not be reached" by it, not by the status
 # code (UNAVAILABLE is both a host that is not connected and a refused connection).

@@ -114,8 +114,13 @@ def check_spec(spec: common_pb2.VmSpec) -> None:
             raise Invalid(f"disk interface {shown(disk.interface)} is not one of ide, virtio")
     macs = set()
     for nic in spec.nics:
-        if not MAC.fullmatch(nic.mac):
-            raise Invalid(f"NIC MAC {shown(nic.mac)} is not of the form 52:54:00:xx:xx:xx")
+        # A multicast address (the first octet odd) or all zeros is no NIC's own.
+        not_unicast = MAC.fullmatch(nic.mac) is None or int(nic.mac[:2], 16) & 1
+        if not_unicast or nic.mac == "00:00:00:00:00:00":
+            raise Invalid(
+                f"NIC MAC {shown(nic.mac)} is not a unicast MAC in lower-case hex "
+                "(52:54:00:xx:xx:xx, say)"
+            )
         if nic.mac in macs:
             raise Invalid(f"NIC MAC {nic.mac} appears twice")
         macs.add(nic.mac)
@@ -158,3 +163,20 @@ def positive_seconds(text: str) -> float:
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
     return value
+
+
+def coordinator_address(text: str) -> str:
+    """HOST:PORT of a coordinator to connect to (an argparse type: usage error, exit 2). gRPC
+    takes a port past 65535 modulo 65536, so 127.0.0.1:99999 would reach some other port."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host.strip("[]") or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT with a port in 1..65535")
+    return text
+
+
+def coordinator_addresses(text: str) -> str:
+    """One or more comma-separated `coordinator_address`es (tried in turn)."""
+    addresses = [a.strip() for a in text.split(",") if a.strip()]
+    if not addresses:
+        raise argparse.ArgumentTypeError(f"{text!r} names no coordinator HOST:PORT")
+    return ",".join(coordinator_address(a) for a in addresses)

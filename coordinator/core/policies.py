@@ -13,7 +13,7 @@ from coordinator.core.errors import InvalidRequest, NotFound
 from coordinator.core.events import NewEvent
 from coordinator.core.state import World
 from coordinator.core.validate import check_name, check_reason, effective_policy, overlay
-from whimbrel.protocol import COORDINATOR_STREAM
+from whimbrel.protocol import COORDINATOR_STREAM, NO_POLICY
 from whimbrel.v1 import events_pb2
 from whimbrel.validate import shown
 
@@ -40,6 +40,11 @@ def resolve(
 
 def define(world: World, req: I.DefinePolicy) -> list[NewEvent]:
     check_name("policy", req.name)
+    if req.name == NO_POLICY:
+        raise InvalidRequest(
+            f"policy name {NO_POLICY!r} is reserved: `policy default {NO_POLICY}` clears the "
+            "cluster default"
+        )
     check_reason(req.reason)
     stored = events_pb2.MigrationPolicy()
     stored.CopyFrom(req.policy)

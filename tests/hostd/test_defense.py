@@ -534,6 +534,8 @@ async def test_release_lease_releases_only_the_generation_it_names(tmp_path: Pat
         (["--host-id", "host-a", "--capacity-memory-mib", "4294967296"], "from 1 up"),
         (["--host-id", "host-a", "--network-timeout", "0"], "not a positive number of seconds"),
         (["--host-id", "host-a", "--network-timeout", "inf"], "not a positive number"),
+        (["--host-id", "host-a", "--coordinator", "127.0.0.1:7700,h:99999"], "in 1..65535"),
+        (["--host-id", "host-a", "--coordinator", ","], "names no coordinator"),
     ],
 )
 def test_hostd_will_not_start_with_settings_it_would_refuse(

@@ -347,3 +347,12 @@ def test_the_postcopy_bandwidth_can_be_changed_while_post_copy_sends_pages():
     with pytest.raises(IllegalTransition):
         driver.request(I.TuneMigration("m-1", 0, 1 << 30, "", driver.now_us))
     assert InvariantChecker().check_quiescent(driver.log) == []
+
+
+def test_no_policy_may_be_named_as_whimbrelctl_names_no_default():
+    """`policy default none` clears the default, so a policy named "none" could never be made
+    the default: the name is refused."""
+    driver, _ = fresh()
+    with pytest.raises(InvalidRequest, match="'none' is reserved"):
+        define(driver, "none", max_downtime_ms=1500)
+    assert "none" not in driver.world.policies

@@ -26,6 +26,10 @@ from whimbrel.ctl import main
         (["host", "drain"], "the following arguments are required: HOST"),
         (["policy", "define", "p", "--progress-timeout", "-1"], "--progress-timeout: -1"),
         (["--timeout", "0", "hosts"], "'0' is not a positive number of seconds"),
+        # gRPC would take 99999 modulo 65536: another port.
+        (["--coordinator", "127.0.0.1:99999", "hosts"], "a port in 1..65535"),
+        (["--coordinator", "", "hosts"], "is not HOST:PORT"),
+        (["--coordinator", "127.0.0.1:abc", "hosts"], "is not HOST:PORT"),
     ],
 )
 def test_bad_flags_exit_2_naming_them(

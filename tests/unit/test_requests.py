@@ -137,6 +137,16 @@ def test_stale_disconnect_does_not_mark_newer_stream_down():
             "absolute",
         ),
         (C.VmSpec(name="vm-2", memory_mib=128, vcpus=1, nics=[C.Nic(mac="zz")]), "MAC"),
+        # A multicast address (the first octet odd) or all zeros is no NIC's own: QEMU takes
+        # it, and the guest's network breaks.
+        (
+            C.VmSpec(name="vm-2", memory_mib=128, vcpus=1, nics=[C.Nic(mac="01:00:5e:00:00:01")]),
+            "not a unicast MAC",
+        ),
+        (
+            C.VmSpec(name="vm-2", memory_mib=128, vcpus=1, nics=[C.Nic(mac="00:00:00:00:00:00")]),
+            "not a unicast MAC",
+        ),
         (C.VmSpec(name="vm-2", memory_mib=128, vcpus=1, kernel="vmlinuz"), "kernel path"),
         (
             C.VmSpec(name="vm-2", memory_mib=128, vcpus=1, kernel="/k", initrd="initrd"),
