@@ -35,6 +35,7 @@ from coordinator.app import Coordinator
 from coordinator.authz import AuthzError, AuthzInterceptor, Roles
 from coordinator.limits import MIB, Limits
 from coordinator.log import SqliteEventStore, StoreError
+from coordinator.malformed import MalformedRequests
 from coordinator.telemetry.setup import MetricsServer, coordinator_telemetry
 from coordinator.views import Views
 from coordinator.watch_slots import WatchSlots
@@ -72,7 +73,7 @@ def build_server(
     """The gRPC server of `app` on `listen`: mutual TLS and per-RPC roles with `tls`, plaintext
     without (raises TlsError when the TLS files are unusable), within `limits`."""
     limits = limits or Limits()
-    interceptors = []
+    interceptors: list[grpc.aio.ServerInterceptor] = []
     if tls is not None:
         interceptors.append(
             AuthzInterceptor(
@@ -80,6 +81,7 @@ def build_server(
                 lambda method, code: app.telemetry.refused(method, code.name),
             )
         )
+    interceptors.append(MalformedRequests())  # inside the role check
     credentials = server_credentials(tls) if tls is not None else None
     server = grpc.aio.server(
         interceptors=interceptors,
