@@ -96,6 +96,7 @@ class _Pending:
     host: str
     kind: int
     owner: str  # migration id, or "vm/<name>"
+    attempt: int
 
 
 @dataclass
@@ -298,9 +299,14 @@ class InvariantChecker:
                 self._flag(ev, 9, f"host {ev.origin_host} answered command {p.command_id}, "
                                   f"issued to {issued_to}")  # fmt: skip
                 return
-        pending = self.unanswered.pop(p.command_id, None)
+        pending = self.unanswered.get(p.command_id)
         if pending is None:
             return
+        if ev.origin_host and p.attempt != pending.attempt:
+            self._flag(ev, 9, f"host {ev.origin_host} answered command {p.command_id} of "
+                              f"attempt {pending.attempt} as attempt {p.attempt}")  # fmt: skip
+            return
+        del self.unanswered[p.command_id]
         owner = self.migrations.get(pending.owner)
         if owner is not None and isinstance(p, E.CommandFailed) and p.rejected:
             owner.conts.discard(p.command_id)  # refused before it reached QEMU
@@ -437,7 +443,9 @@ class InvariantChecker:
         for command_id, pending in list(self.unanswered.items()):
             if (pending.owner, pending.host, pending.kind) == (owner, host, p.kind):
                 del self.unanswered[command_id]
-        self.unanswered[p.command_id] = _Pending(ev.seq, host, p.kind, owner)
+        self.unanswered[p.command_id] = _Pending(ev.seq, host, p.kind, owner, p.attempt)
+        if p.migration_id in self.finished:
+            self._flag(ev, 8, f"{p.command_id} issued after migration {p.migration_id} ended")
         try:
             kind = Kind(p.kind)
         except ValueError:

@@ -117,6 +117,15 @@ def test_tampering_is_found_at_its_seq(log_file, capsys, statements, seq, proble
     assert out.startswith(f"VIOLATION at seq {seq}:")
 
 
+def test_an_unnumbered_host_event_is_found_unless_it_is_a_hellos(log_file, capsys):
+    """The coordinator writes a hello's HostConnected and snapshots without a seq; a host's
+    event without one (re-chained, so the chain verifies) escaped the order check."""
+    seq = forge(log_file, origin_seq=0)
+    code, out = run(capsys, "verify", str(log_file))
+    assert code == 1 and out.startswith(f"VIOLATION at seq {seq}: invariant 7: host ")
+    assert "carries no seq" in out
+
+
 def test_forged_host_event_with_valid_chain_is_found_by_host_order(log_file, capsys):
     """A re-chained forged host event that repeats a host seq breaks per-host order."""
     seq = forge(log_file, origin_seq=1)

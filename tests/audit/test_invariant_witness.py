@@ -231,3 +231,22 @@ def test_a_resume_sent_to_a_host_without_the_lease() -> None:
     log.coordinator(finished(common_pb2.MIGRATION_PHASE_COMPLETED))
     resumed = log.issue("vm/vm-1/3-resume-vm", "host-a", K.COMMAND_KIND_RESUME_VM, "")
     assert (resumed, 4) in log.found()
+
+
+def test_an_answer_of_another_attempt_settles_nothing() -> None:
+    log = handoff()
+    issued = cont(log)
+    other = E.CommandSucceeded(command_id="m-1/1/9-resume-vm", attempt=2,
+                               kind=K.COMMAND_KIND_RESUME_VM, vm="vm-1")  # fmt: skip
+    answered = log.host("host-b", other)
+    found = log.found(final=True)
+    assert (answered, 9) in found and (issued, 6) in found
+
+
+def test_a_command_issued_after_its_migration_ended() -> None:
+    log = handoff()
+    cont(log)
+    log.answer("host-b", "m-1/1/9-resume-vm", K.COMMAND_KIND_RESUME_VM)
+    log.coordinator(finished(common_pb2.MIGRATION_PHASE_COMPLETED))
+    late = log.issue("m-1/1/10-announce", "host-b", K.COMMAND_KIND_ANNOUNCE)
+    assert (late, 8) in log.found()

@@ -122,6 +122,8 @@ class _Walk:
     started: int = 0
     started_at: int = 0
     host_order: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # Each host's newest generation that said hello.
+    host_generation: dict[str, int] = field(default_factory=dict)
     checker: InvariantChecker = field(default_factory=InvariantChecker)
 
     def add(self, seq: int, what: str) -> None:
@@ -232,7 +234,10 @@ class _Walk:
             self.started, self.started_at = p.epoch, event.seq
 
     def _host_order(self, e: StoredEvent) -> None:
-        if not (e.origin_host and e.origin_seq):
+        if not e.origin_host:
+            return
+        if not e.origin_seq:
+            self._from_a_hello(e)
             return
         mark = (e.origin_generation, e.origin_seq)
         last = self.host_order.get(e.origin_host)
@@ -243,6 +248,20 @@ class _Walk:
                 f"{last}",
             )
         self.host_order[e.origin_host] = mark
+
+    def _from_a_hello(self, e: StoredEvent) -> None:
+        """The coordinator writes what a hello says (the host's HostConnected, then a snapshot
+        of each of its QEMUs) under the hello's generation and no seq; nothing else of a host's
+        comes unnumbered, nor from a generation older than the newest that said hello."""
+        host, generation = e.origin_host, e.origin_generation
+        if e.type not in ("HostConnected", "VmObserved"):
+            self.add(e.seq, f"invariant 7: host {host}'s {e.type} carries no seq")
+            return
+        newest = self.host_generation.get(host, 0)
+        if generation < newest:
+            self.add(e.seq, f"invariant 7: host {host}'s {e.type} of generation {generation} "
+                            f"after generation {newest} said hello")  # fmt: skip
+        self.host_generation[host] = max(newest, generation)
 
     def _invariants(self, event: Event) -> None:
         try:
