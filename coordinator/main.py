@@ -36,6 +36,7 @@ from coordinator.authz import AuthzError, AuthzInterceptor, Roles
 from coordinator.limits import MIB, Limits
 from coordinator.log import SqliteEventStore, StoreError
 from coordinator.malformed import MalformedRequests
+from coordinator.paging import PAGE_BYTES
 from coordinator.telemetry.setup import MetricsServer, coordinator_telemetry
 from coordinator.views import Views
 from coordinator.watch_slots import WatchSlots
@@ -97,10 +98,14 @@ def build_server(
     # Every reader shares one cache of the committed world's views, and one count of watches.
     views = Views(app)
     watches = WatchSlots(limits.max_watch_streams, limits.max_watch_streams_per_caller)
+    # A list's page fits in what a response may carry, with room for the rest of it.
+    page_bytes = min(PAGE_BYTES, limits.max_send_bytes // 2)
     migration_pb2_grpc.add_MigrationServiceServicer_to_server(
-        servicers.MigrationServicer(app, views, watches), server
+        servicers.MigrationServicer(app, views, watches, page_bytes), server
     )
-    vm_pb2_grpc.add_VmServiceServicer_to_server(servicers.VmServicer(app, views), server)
+    vm_pb2_grpc.add_VmServiceServicer_to_server(
+        servicers.VmServicer(app, views, page_bytes), server
+    )
     host_pb2_grpc.add_HostServiceServicer_to_server(
         servicers.HostServicer(app, views, limits.host_queue_events), server
     )

@@ -45,6 +45,7 @@ from coordinator.core.validate import check_migration_id, check_name
 from coordinator.host_stream import StreamRefused
 from coordinator.limits import Limits
 from coordinator.log import StoredEvent, StoreError, verify_chain
+from coordinator.paging import PAGE_BYTES, page
 from coordinator.views import Views
 from coordinator.watch_slots import TooManyWatches, WatchSlots
 from whimbrel import protocol
@@ -128,11 +129,16 @@ def mapped(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
 
 class MigrationServicer(migration_pb2_grpc.MigrationServiceServicer):
     def __init__(
-        self, app: Coordinator, views: Views | None = None, watches: WatchSlots | None = None
+        self,
+        app: Coordinator,
+        views: Views | None = None,
+        watches: WatchSlots | None = None,
+        page_bytes: int = PAGE_BYTES,
     ) -> None:
         self.app = app
         self.views = views or Views(app)
         self.watches = watches or _default_watches()
+        self.page_bytes = page_bytes
 
     async def _get(self, migration_id: str) -> migration_pb2.Migration:
         check_migration_id(migration_id)
@@ -175,7 +181,20 @@ class MigrationServicer(migration_pb2_grpc.MigrationServiceServicer):
     ) -> migration_pb2.ListMigrationsResponse:
         if request.vm:
             check_name("VM", request.vm)
-        return await self.views.migration_list(request.vm, request.open_only)
+        if not request.page_size and not request.page_token:
+            whole = await self.views.migration_list(request.vm, request.open_only)
+            if whole.ByteSize() <= self.page_bytes:
+                return whole
+
+        def kept(m: migration_pb2.Migration) -> bool:
+            terminal = Phase(m.phase).terminal
+            return (not request.vm or m.vm == request.vm) and not (request.open_only and terminal)
+
+        migrations, token = page(
+            await self.views.migrations(), lambda m: m.migration_id, kept,
+            request.page_size, request.page_token, self.page_bytes,
+        )  # fmt: skip
+        return migration_pb2.ListMigrationsResponse(migrations=migrations, next_page_token=token)
 
     async def WatchMigration(
         self, request: migration_pb2.WatchMigrationRequest, context: Any
@@ -307,9 +326,12 @@ class MigrationServicer(migration_pb2_grpc.MigrationServiceServicer):
 
 
 class VmServicer(vm_pb2_grpc.VmServiceServicer):
-    def __init__(self, app: Coordinator, views: Views | None = None) -> None:
+    def __init__(
+        self, app: Coordinator, views: Views | None = None, page_bytes: int = PAGE_BYTES
+    ) -> None:
         self.app = app
         self.views = views or Views(app)
+        self.page_bytes = page_bytes
 
     async def _get(self, name: str) -> vm_pb2.Vm:
         check_name("VM", name)
@@ -339,8 +361,17 @@ class VmServicer(vm_pb2_grpc.VmServiceServicer):
         return await self._get(request.name)
 
     @mapped
+    @mapped
     async def ListVms(self, request: vm_pb2.ListVmsRequest, context: Any) -> vm_pb2.ListVmsResponse:
-        return await self.views.vm_list()
+        if not request.page_size and not request.page_token:
+            whole = await self.views.vm_list()
+            if whole.ByteSize() <= self.page_bytes:
+                return whole
+        vms, token = page(
+            await self.views.vms(), lambda v: v.spec.name, lambda v: True,
+            request.page_size, request.page_token, self.page_bytes,
+        )  # fmt: skip
+        return vm_pb2.ListVmsResponse(vms=vms, next_page_token=token)
 
 
 class HostServicer(host_pb2_grpc.HostServiceServicer):

@@ -220,7 +220,7 @@ class Ctl:
         for host in hosts:
             if host not in known:
                 raise Refused(grpc.StatusCode.NOT_FOUND, f"host {host!r} not found: {nothing_done}")
-        listed = self.migrations.ListMigrations(migration_pb2.ListMigrationsRequest()).migrations
+        listed = self._migrations(open_only=True).migrations
         open_ids = {
             m.migration_id
             for m in listed
@@ -240,7 +240,7 @@ class Ctl:
         hosts = ", ".join(plan.host.host_id for plan in plans)
         shown = ""
         while True:
-            ms = self.migrations.ListMigrations(migration_pb2.ListMigrationsRequest()).migrations
+            ms = self._migrations().migrations
             ours = [m for m in ms if m.migration_id in ids]
             line = _drain_progress(hosts, ours)
             if line != shown and not self.as_json:
@@ -304,7 +304,14 @@ class Ctl:
         return 0
 
     def vm_list(self, ns: argparse.Namespace) -> int:
-        reply = self.vms.ListVms(vm_pb2.ListVmsRequest())
+        reply = vm_pb2.ListVmsResponse()
+        request = vm_pb2.ListVmsRequest()
+        while True:  # every page
+            listed = self.vms.ListVms(request)
+            reply.vms.extend(listed.vms)
+            if not listed.next_page_token:
+                break
+            request.page_token = listed.next_page_token
         self.emit(reply, lambda r: "\n".join(self._vm_line(vm) for vm in r.vms) or "no VMs")
         return 0
 
@@ -376,14 +383,25 @@ class Ctl:
         return 0
 
     def migration_list(self, ns: argparse.Namespace) -> int:
-        reply = self.migrations.ListMigrations(
-            migration_pb2.ListMigrationsRequest(vm=ns.vm or "", open_only=ns.open)
-        )
+        reply = self._migrations(vm=ns.vm or "", open_only=ns.open)
         self.emit(
             reply,
             lambda r: "\n".join(self._migration_line(m) for m in r.migrations) or "no migrations",
         )
         return 0
+
+    def _migrations(
+        self, vm: str = "", open_only: bool = False
+    ) -> migration_pb2.ListMigrationsResponse:
+        """ListMigrations, every page of it."""
+        reply = migration_pb2.ListMigrationsResponse()
+        request = migration_pb2.ListMigrationsRequest(vm=vm, open_only=open_only)
+        while True:
+            listed = self.migrations.ListMigrations(request)
+            reply.migrations.extend(listed.migrations)
+            if not listed.next_page_token:
+                return reply
+            request.page_token = listed.next_page_token
 
     def migration_watch(self, ns: argparse.Namespace) -> int:
         return self._watch(ns.id)

@@ -26,7 +26,7 @@ from whimbrel.v1 import common_pb2 as whimbrel_dot_v1_dot_common__pb2
 from whimbrel.v1 import events_pb2 as whimbrel_dot_v1_dot_events__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bwhimbrel/v1/migration.proto\x12\x0bwhimbrel.v1\x1a\x18whimbrel/v1/common.proto\x1a\x18whimbrel/v1/events.proto\"\xbb\x01\n\x15StartMigrationRequest\x12\n\n\x02vm\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x02 \x01(\t\x12(\n\x04mode\x18\x03 \x01(\x0e\x32\x1a.whimbrel.v1.MigrationMode\x12,\n\x06policy\x18\x04 \x01(\x0b\x32\x1c.whimbrel.v1.MigrationPolicy\x12\x14\n\x0cmigration_id\x18\x05 \x01(\t\x12\x13\n\x0bpolicy_name\x18\x06 \x01(\t\"\xa9\x01\n\x11MigrationProgress\x12\x0c\n\x04pass\x18\x01 \x01(\r\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x19\n\x11transferred_bytes\x18\x03 \x01(\x04\x12\x17\n\x0fremaining_bytes\x18\x04 \x01(\x04\x12\x0c\n\x04mbps\x18\x05 \x01(\x01\x12\x18\n\x10\x64irty_pages_rate\x18\x06 \x01(\x04\x12\x15\n\rsource_status\x18\x07 \x01(\t\"\xfb\x03\n\tMigration\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\n\n\x02vm\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x04 \x01(\t\x12(\n\x04mode\x18\x05 \x01(\x0e\x32\x1a.whimbrel.v1.MigrationMode\x12*\n\x05phase\x18\x06 \x01(\x0e\x32\x1b.whimbrel.v1.MigrationPhase\x12\x10\n\x08postcopy\x18\x07 \x01(\x08\x12!\n\x19point_of_no_return_passed\x18\x08 \x01(\x08\x12\x30\n\x08progress\x18\t \x01(\x0b\x32\x1e.whimbrel.v1.MigrationProgress\x12\x0e\n\x06reason\x18\n \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x0b \x01(\r\x12\x19\n\x11recovery_attempts\x18\x0c \x01(\r\x12\x17\n\x0frequested_at_us\x18\r \x01(\x03\x12\x16\n\x0e\x66inished_at_us\x18\x0e \x01(\x03\x12\x10\n\x08pause_us\x18\x0f \x01(\x03\x12\x10\n\x08last_seq\x18\x10 \x01(\x04\x12,\n\x06policy\x18\x11 \x01(\x0b\x32\x1c.whimbrel.v1.MigrationPolicy\x12\x16\n\x0equeue_position\x18\x12 \x01(\r\x12\x13\n\x0bwaiting_for\x18\x13 \x01(\t\"+\n\x13GetMigrationRequest\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\"6\n\x15ListMigrationsRequest\x12\n\n\x02vm\x18\x01 \x01(\t\x12\x11\n\topen_only\x18\x02 \x01(\x08\"D\n\x16ListMigrationsResponse\x12*\n\nmigrations\x18\x01 \x03(\x0b\x32\x16.whimbrel.v1.Migration\"-\n\x15WatchMigrationRequest\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\"=\n\x15\x41\x62ortMigrationRequest\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"/\n\x17SwitchToPostcopyRequest\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\"\x1b\n\x19GetMigrationLimitsRequest\"Y\n\x19SetMigrationLimitsRequest\x12,\n\x06limits\x18\x01 \x01(\x0b\x32\x1c.whimbrel.v1.MigrationLimits\x12\x0e\n\x06reason\x18\x02 \x01(\t\"a\n\x13\x44\x65\x66inePolicyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12,\n\x06policy\x18\x02 \x01(\x0b\x32\x1c.whimbrel.v1.MigrationPolicy\x12\x0e\n\x06reason\x18\x03 \x01(\t\"z\n\x0bNamedPolicy\x12\x0c\n\x04name\x18\x01 \x01(\t\x12,\n\x06policy\x18\x02 \x01(\x0b\x32\x1c.whimbrel.v1.MigrationPolicy\x12/\n\teffective\x18\x03 \x01(\x0b\x32\x1c.whimbrel.v1.MigrationPolicy\"\x15\n\x13ListPoliciesRequest\"X\n\x14ListPoliciesResponse\x12*\n\x08policies\x18\x01 \x03(\x0b\x32\x18.whimbrel.v1.NamedPolicy\x12\x14\n\x0c\x64\x65\x66\x61ult_name\x18\x02 \x01(\t\"7\n\x17SetDefaultPolicyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"|\n\x1dSetMigrationParametersRequest\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\x15\n\rmax_bandwidth\x18\x02 \x01(\x04\x12\x1e\n\x16max_postcopy_bandwidth\x18\x03 \x01(\x04\x12\x0e\n\x06reason\x18\x04 \x01(\t\"@\n\x18\x43ompleteMigrationRequest\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t2\xdd\x08\n\x10MigrationService\x12L\n\x0eStartMigration\x12\".whimbrel.v1.StartMigrationRequest\x1a\x16.whimbrel.v1.Migration\x12H\n\x0cGetMigration\x12 .whimbrel.v1.GetMigrationRequest\x1a\x16.whimbrel.v1.Migration\x12Y\n\x0eListMigrations\x12\".whimbrel.v1.ListMigrationsRequest\x1a#.whimbrel.v1.ListMigrationsResponse\x12N\n\x0eWatchMigration\x12\".whimbrel.v1.WatchMigrationRequest\x1a\x16.whimbrel.v1.Migration0\x01\x12L\n\x0e\x41\x62ortMigration\x12\".whimbrel.v1.AbortMigrationRequest\x1a\x16.whimbrel.v1.Migration\x12P\n\x10SwitchToPostcopy\x12$.whimbrel.v1.SwitchToPostcopyRequest\x1a\x16.whimbrel.v1.Migration\x12J\n\x0c\x44\x65\x66inePolicy\x12 .whimbrel.v1.DefinePolicyRequest\x1a\x18.whimbrel.v1.NamedPolicy\x12S\n\x0cListPolicies\x12 .whimbrel.v1.ListPoliciesRequest\x1a!.whimbrel.v1.ListPoliciesResponse\x12[\n\x10SetDefaultPolicy\x12$.whimbrel.v1.SetDefaultPolicyRequest\x1a!.whimbrel.v1.ListPoliciesResponse\x12\\\n\x16SetMigrationParameters\x12*.whimbrel.v1.SetMigrationParametersRequest\x1a\x16.whimbrel.v1.Migration\x12R\n\x11\x43ompleteMigration\x12%.whimbrel.v1.CompleteMigrationRequest\x1a\x16.whimbrel.v1.Migration\x12Z\n\x12GetMigrationLimits\x12&.whimbrel.v1.GetMigrationLimitsRequest\x1a\x1c.whimbrel.v1.MigrationLimits\x12Z\n\x12SetMigrationLimits\x12&.whimbrel.v1.SetMigrationLimitsRequest\x1a\x1c.whimbrel.v1.MigrationLimitsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bwhimbrel/v1/migration.proto\x12\x0bwhimbrel.v1\x1a\x18whimbrel/v1/common.proto\x1a\x18whimbrel/v1/events.proto\"\xbb\x01\n\x15StartMigrationRequest\x12\n\n\x02vm\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x02 \x01(\t\x12(\n\x04mode\x18\x03 \x01(\x0e\x32\x1a.whimbrel.v1.MigrationMode\x12,\n\x06policy\x18\x04 \x01(\x0b\x32\x1c.whimbrel.v1.MigrationPolicy\x12\x14\n\x0cmigration_id\x18\x05 \x01(\t\x12\x13\n\x0bpolicy_name\x18\x06 \x01(\t\"\xa9\x01\n\x11MigrationProgress\x12\x0c\n\x04pass\x18\x01 \x01(\r\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x19\n\x11transferred_bytes\x18\x03 \x01(\x04\x12\x17\n\x0fremaining_bytes\x18\x04 \x01(\x04\x12\x0c\n\x04mbps\x18\x05 \x01(\x01\x12\x18\n\x10\x64irty_pages_rate\x18\x06 \x01(\x04\x12\x15\n\rsource_status\x18\x07 \x01(\t\"\xfb\x03\n\tMigration\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\n\n\x02vm\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x04 \x01(\t\x12(\n\x04mode\x18\x05 \x01(\x0e\x32\x1a.whimbrel.v1.MigrationMode\x12*\n\x05phase\x18\x06 \x01(\x0e\x32\x1b.whimbrel.v1.MigrationPhase\x12\x10\n\x08postcopy\x18\x07 \x01(\x08\x12!\n\x19point_of_no_return_passed\x18\x08 \x01(\x08\x12\x30\n\x08progress\x18\t \x01(\x0b\x32\x1e.whimbrel.v1.MigrationProgress\x12\x0e\n\x06reason\x18\n \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x0b \x01(\r\x12\x19\n\x11recovery_attempts\x18\x0c \x01(\r\x12\x17\n\x0frequested_at_us\x18\r \x01(\x03\x12\x16\n\x0e\x66inished_at_us\x18\x0e \x01(\x03\x12\x10\n\x08pause_us\x18\x0f \x01(\x03\x12\x10\n\x08last_seq\x18\x10 \x01(\x04\x12,\n\x06policy\x18\x11 \x01(\x0b\x32\x1c.whimbrel.v1.MigrationPolicy\x12\x16\n\x0equeue_position\x18\x12 \x01(\r\x12\x13\n\x0bwaiting_for\x18\x13 \x01(\t\"+\n\x13GetMigrationRequest\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\"]\n\x15ListMigrationsRequest\x12\n\n\x02vm\x18\x01 \x01(\t\x12\x11\n\topen_only\x18\x02 \x01(\x08\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"]\n\x16ListMigrationsResponse\x12*\n\nmigrations\x18\x01 \x03(\x0b\x32\x16.whimbrel.v1.Migration\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"-\n\x15WatchMigrationRequest\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\"=\n\x15\x41\x62ortMigrationRequest\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"/\n\x17SwitchToPostcopyRequest\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\"\x1b\n\x19GetMigrationLimitsRequest\"Y\n\x19SetMigrationLimitsRequest\x12,\n\x06limits\x18\x01 \x01(\x0b\x32\x1c.whimbrel.v1.MigrationLimits\x12\x0e\n\x06reason\x18\x02 \x01(\t\"a\n\x13\x44\x65\x66inePolicyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12,\n\x06policy\x18\x02 \x01(\x0b\x32\x1c.whimbrel.v1.MigrationPolicy\x12\x0e\n\x06reason\x18\x03 \x01(\t\"z\n\x0bNamedPolicy\x12\x0c\n\x04name\x18\x01 \x01(\t\x12,\n\x06policy\x18\x02 \x01(\x0b\x32\x1c.whimbrel.v1.MigrationPolicy\x12/\n\teffective\x18\x03 \x01(\x0b\x32\x1c.whimbrel.v1.MigrationPolicy\"\x15\n\x13ListPoliciesRequest\"X\n\x14ListPoliciesResponse\x12*\n\x08policies\x18\x01 \x03(\x0b\x32\x18.whimbrel.v1.NamedPolicy\x12\x14\n\x0c\x64\x65\x66\x61ult_name\x18\x02 \x01(\t\"7\n\x17SetDefaultPolicyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"|\n\x1dSetMigrationParametersRequest\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\x15\n\rmax_bandwidth\x18\x02 \x01(\x04\x12\x1e\n\x16max_postcopy_bandwidth\x18\x03 \x01(\x04\x12\x0e\n\x06reason\x18\x04 \x01(\t\"@\n\x18\x43ompleteMigrationRequest\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t2\xdd\x08\n\x10MigrationService\x12L\n\x0eStartMigration\x12\".whimbrel.v1.StartMigrationRequest\x1a\x16.whimbrel.v1.Migration\x12H\n\x0cGetMigration\x12 .whimbrel.v1.GetMigrationRequest\x1a\x16.whimbrel.v1.Migration\x12Y\n\x0eListMigrations\x12\".whimbrel.v1.ListMigrationsRequest\x1a#.whimbrel.v1.ListMigrationsResponse\x12N\n\x0eWatchMigration\x12\".whimbrel.v1.WatchMigrationRequest\x1a\x16.whimbrel.v1.Migration0\x01\x12L\n\x0e\x41\x62ortMigration\x12\".whimbrel.v1.AbortMigrationRequest\x1a\x16.whimbrel.v1.Migration\x12P\n\x10SwitchToPostcopy\x12$.whimbrel.v1.SwitchToPostcopyRequest\x1a\x16.whimbrel.v1.Migration\x12J\n\x0c\x44\x65\x66inePolicy\x12 .whimbrel.v1.DefinePolicyRequest\x1a\x18.whimbrel.v1.NamedPolicy\x12S\n\x0cListPolicies\x12 .whimbrel.v1.ListPoliciesRequest\x1a!.whimbrel.v1.ListPoliciesResponse\x12[\n\x10SetDefaultPolicy\x12$.whimbrel.v1.SetDefaultPolicyRequest\x1a!.whimbrel.v1.ListPoliciesResponse\x12\\\n\x16SetMigrationParameters\x12*.whimbrel.v1.SetMigrationParametersRequest\x1a\x16.whimbrel.v1.Migration\x12R\n\x11\x43ompleteMigration\x12%.whimbrel.v1.CompleteMigrationRequest\x1a\x16.whimbrel.v1.Migration\x12Z\n\x12GetMigrationLimits\x12&.whimbrel.v1.GetMigrationLimitsRequest\x1a\x1c.whimbrel.v1.MigrationLimits\x12Z\n\x12SetMigrationLimits\x12&.whimbrel.v1.SetMigrationLimitsRequest\x1a\x1c.whimbrel.v1.MigrationLimitsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,33 +42,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETMIGRATIONREQUEST']._serialized_start=968
   _globals['_GETMIGRATIONREQUEST']._serialized_end=1011
   _globals['_LISTMIGRATIONSREQUEST']._serialized_start=1013
-  _globals['_LISTMIGRATIONSREQUEST']._serialized_end=1067
-  _globals['_LISTMIGRATIONSRESPONSE']._serialized_start=1069
-  _globals['_LISTMIGRATIONSRESPONSE']._serialized_end=1137
-  _globals['_WATCHMIGRATIONREQUEST']._serialized_start=1139
-  _globals['_WATCHMIGRATIONREQUEST']._serialized_end=1184
-  _globals['_ABORTMIGRATIONREQUEST']._serialized_start=1186
-  _globals['_ABORTMIGRATIONREQUEST']._serialized_end=1247
-  _globals['_SWITCHTOPOSTCOPYREQUEST']._serialized_start=1249
-  _globals['_SWITCHTOPOSTCOPYREQUEST']._serialized_end=1296
-  _globals['_GETMIGRATIONLIMITSREQUEST']._serialized_start=1298
-  _globals['_GETMIGRATIONLIMITSREQUEST']._serialized_end=1325
-  _globals['_SETMIGRATIONLIMITSREQUEST']._serialized_start=1327
-  _globals['_SETMIGRATIONLIMITSREQUEST']._serialized_end=1416
-  _globals['_DEFINEPOLICYREQUEST']._serialized_start=1418
-  _globals['_DEFINEPOLICYREQUEST']._serialized_end=1515
-  _globals['_NAMEDPOLICY']._serialized_start=1517
-  _globals['_NAMEDPOLICY']._serialized_end=1639
-  _globals['_LISTPOLICIESREQUEST']._serialized_start=1641
-  _globals['_LISTPOLICIESREQUEST']._serialized_end=1662
-  _globals['_LISTPOLICIESRESPONSE']._serialized_start=1664
-  _globals['_LISTPOLICIESRESPONSE']._serialized_end=1752
-  _globals['_SETDEFAULTPOLICYREQUEST']._serialized_start=1754
-  _globals['_SETDEFAULTPOLICYREQUEST']._serialized_end=1809
-  _globals['_SETMIGRATIONPARAMETERSREQUEST']._serialized_start=1811
-  _globals['_SETMIGRATIONPARAMETERSREQUEST']._serialized_end=1935
-  _globals['_COMPLETEMIGRATIONREQUEST']._serialized_start=1937
-  _globals['_COMPLETEMIGRATIONREQUEST']._serialized_end=2001
-  _globals['_MIGRATIONSERVICE']._serialized_start=2004
-  _globals['_MIGRATIONSERVICE']._serialized_end=3121
+  _globals['_LISTMIGRATIONSREQUEST']._serialized_end=1106
+  _globals['_LISTMIGRATIONSRESPONSE']._serialized_start=1108
+  _globals['_LISTMIGRATIONSRESPONSE']._serialized_end=1201
+  _globals['_WATCHMIGRATIONREQUEST']._serialized_start=1203
+  _globals['_WATCHMIGRATIONREQUEST']._serialized_end=1248
+  _globals['_ABORTMIGRATIONREQUEST']._serialized_start=1250
+  _globals['_ABORTMIGRATIONREQUEST']._serialized_end=1311
+  _globals['_SWITCHTOPOSTCOPYREQUEST']._serialized_start=1313
+  _globals['_SWITCHTOPOSTCOPYREQUEST']._serialized_end=1360
+  _globals['_GETMIGRATIONLIMITSREQUEST']._serialized_start=1362
+  _globals['_GETMIGRATIONLIMITSREQUEST']._serialized_end=1389
+  _globals['_SETMIGRATIONLIMITSREQUEST']._serialized_start=1391
+  _globals['_SETMIGRATIONLIMITSREQUEST']._serialized_end=1480
+  _globals['_DEFINEPOLICYREQUEST']._serialized_start=1482
+  _globals['_DEFINEPOLICYREQUEST']._serialized_end=1579
+  _globals['_NAMEDPOLICY']._serialized_start=1581
+  _globals['_NAMEDPOLICY']._serialized_end=1703
+  _globals['_LISTPOLICIESREQUEST']._serialized_start=1705
+  _globals['_LISTPOLICIESREQUEST']._serialized_end=1726
+  _globals['_LISTPOLICIESRESPONSE']._serialized_start=1728
+  _globals['_LISTPOLICIESRESPONSE']._serialized_end=1816
+  _globals['_SETDEFAULTPOLICYREQUEST']._serialized_start=1818
+  _globals['_SETDEFAULTPOLICYREQUEST']._serialized_end=1873
+  _globals['_SETMIGRATIONPARAMETERSREQUEST']._serialized_start=1875
+  _globals['_SETMIGRATIONPARAMETERSREQUEST']._serialized_end=1999
+  _globals['_COMPLETEMIGRATIONREQUEST']._serialized_start=2001
+  _globals['_COMPLETEMIGRATIONREQUEST']._serialized_end=2065
+  _globals['_MIGRATIONSERVICE']._serialized_start=2068
+  _globals['_MIGRATIONSERVICE']._serialized_end=3185
 # @@protoc_insertion_point(module_scope)

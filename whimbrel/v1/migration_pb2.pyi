@@ -237,19 +237,26 @@ class ListMigrationsRequest(_message.Message):
 
     VM_FIELD_NUMBER: _builtins.int
     OPEN_ONLY_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     vm: _builtins.str
     """Only this VM's migrations, when set."""
     open_only: _builtins.bool
     """Only open (non-terminal) migrations."""
+    page_size: _builtins.int
+    """Pages as ListVms pages (ListVmsRequest)."""
+    page_token: _builtins.str
     def __init__(
         self,
         *,
         vm: _builtins.str = ...,
         open_only: _builtins.bool = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["open_only", b"open_only", "vm", b"vm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["open_only", b"open_only", "page_size", b"page_size", "page_token", b"page_token", "vm", b"vm"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -262,6 +269,9 @@ class ListMigrationsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     MIGRATIONS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page; else what the next request passes as page_token."""
     @_builtins.property
     def migrations(self) -> _containers.RepeatedCompositeFieldContainer[Global___Migration]:
         """Migrations, newest first."""
@@ -270,10 +280,11 @@ class ListMigrationsResponse(_message.Message):
         self,
         *,
         migrations: _abc.Iterable[Global___Migration] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["migrations", b"migrations"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["migrations", b"migrations", "next_page_token", b"next_page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from whimbrel.v1 import common_pb2 as whimbrel_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14whimbrel/v1/vm.proto\x12\x0bwhimbrel.v1\x1a\x18whimbrel/v1/common.proto\"\xb7\x01\n\x02Vm\x12!\n\x04spec\x18\x01 \x01(\x0b\x32\x13.whimbrel.v1.VmSpec\x12%\n\x06status\x18\x02 \x01(\x0e\x32\x15.whimbrel.v1.VmStatus\x12\x0c\n\x04host\x18\x03 \x01(\t\x12\x14\n\x0clease_holder\x18\x04 \x01(\t\x12\x18\n\x10lease_generation\x18\x05 \x01(\x04\x12\x14\n\x0cmigration_id\x18\x06 \x01(\t\x12\x13\n\x0blost_reason\x18\x07 \x01(\t\"4\n\x0f\x44\x65\x66ineVmRequest\x12!\n\x04spec\x18\x01 \x01(\x0b\x32\x13.whimbrel.v1.VmSpec\",\n\x0eStartVmRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\",\n\rStopVmRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\"\x1c\n\x0cGetVmRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x10\n\x0eListVmsRequest\"/\n\x0fListVmsResponse\x12\x1c\n\x03vms\x18\x01 \x03(\x0b\x32\x0f.whimbrel.v1.Vm*\xc6\x01\n\x08VmStatus\x12\x19\n\x15VM_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11VM_STATUS_STOPPED\x10\x01\x12\x16\n\x12VM_STATUS_STARTING\x10\x02\x12\x15\n\x11VM_STATUS_RUNNING\x10\x03\x12\x14\n\x10VM_STATUS_PAUSED\x10\x04\x12\x17\n\x13VM_STATUS_MIGRATING\x10\x05\x12\x12\n\x0eVM_STATUS_LOST\x10\x06\x12\x16\n\x12VM_STATUS_STOPPING\x10\x07\x32\xb1\x02\n\tVmService\x12\x39\n\x08\x44\x65\x66ineVm\x12\x1c.whimbrel.v1.DefineVmRequest\x1a\x0f.whimbrel.v1.Vm\x12\x37\n\x07StartVm\x12\x1b.whimbrel.v1.StartVmRequest\x1a\x0f.whimbrel.v1.Vm\x12\x35\n\x06StopVm\x12\x1a.whimbrel.v1.StopVmRequest\x1a\x0f.whimbrel.v1.Vm\x12\x33\n\x05GetVm\x12\x19.whimbrel.v1.GetVmRequest\x1a\x0f.whimbrel.v1.Vm\x12\x44\n\x07ListVms\x12\x1b.whimbrel.v1.ListVmsRequest\x1a\x1c.whimbrel.v1.ListVmsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14whimbrel/v1/vm.proto\x12\x0bwhimbrel.v1\x1a\x18whimbrel/v1/common.proto\"\xb7\x01\n\x02Vm\x12!\n\x04spec\x18\x01 \x01(\x0b\x32\x13.whimbrel.v1.VmSpec\x12%\n\x06status\x18\x02 \x01(\x0e\x32\x15.whimbrel.v1.VmStatus\x12\x0c\n\x04host\x18\x03 \x01(\t\x12\x14\n\x0clease_holder\x18\x04 \x01(\t\x12\x18\n\x10lease_generation\x18\x05 \x01(\x04\x12\x14\n\x0cmigration_id\x18\x06 \x01(\t\x12\x13\n\x0blost_reason\x18\x07 \x01(\t\"4\n\x0f\x44\x65\x66ineVmRequest\x12!\n\x04spec\x18\x01 \x01(\x0b\x32\x13.whimbrel.v1.VmSpec\",\n\x0eStartVmRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\",\n\rStopVmRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\"\x1c\n\x0cGetVmRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"7\n\x0eListVmsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"H\n\x0fListVmsResponse\x12\x1c\n\x03vms\x18\x01 \x03(\x0b\x32\x0f.whimbrel.v1.Vm\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\xc6\x01\n\x08VmStatus\x12\x19\n\x15VM_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11VM_STATUS_STOPPED\x10\x01\x12\x16\n\x12VM_STATUS_STARTING\x10\x02\x12\x15\n\x11VM_STATUS_RUNNING\x10\x03\x12\x14\n\x10VM_STATUS_PAUSED\x10\x04\x12\x17\n\x13VM_STATUS_MIGRATING\x10\x05\x12\x12\n\x0eVM_STATUS_LOST\x10\x06\x12\x16\n\x12VM_STATUS_STOPPING\x10\x07\x32\xb1\x02\n\tVmService\x12\x39\n\x08\x44\x65\x66ineVm\x12\x1c.whimbrel.v1.DefineVmRequest\x1a\x0f.whimbrel.v1.Vm\x12\x37\n\x07StartVm\x12\x1b.whimbrel.v1.StartVmRequest\x1a\x0f.whimbrel.v1.Vm\x12\x35\n\x06StopVm\x12\x1a.whimbrel.v1.StopVmRequest\x1a\x0f.whimbrel.v1.Vm\x12\x33\n\x05GetVm\x12\x19.whimbrel.v1.GetVmRequest\x1a\x0f.whimbrel.v1.Vm\x12\x44\n\x07ListVms\x12\x1b.whimbrel.v1.ListVmsRequest\x1a\x1c.whimbrel.v1.ListVmsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'whimbrel.v1.vm_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_VMSTATUS']._serialized_start=493
-  _globals['_VMSTATUS']._serialized_end=691
+  _globals['_VMSTATUS']._serialized_start=557
+  _globals['_VMSTATUS']._serialized_end=755
   _globals['_VM']._serialized_start=64
   _globals['_VM']._serialized_end=247
   _globals['_DEFINEVMREQUEST']._serialized_start=249
@@ -45,9 +45,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETVMREQUEST']._serialized_start=395
   _globals['_GETVMREQUEST']._serialized_end=423
   _globals['_LISTVMSREQUEST']._serialized_start=425
-  _globals['_LISTVMSREQUEST']._serialized_end=441
-  _globals['_LISTVMSRESPONSE']._serialized_start=443
-  _globals['_LISTVMSRESPONSE']._serialized_end=490
-  _globals['_VMSERVICE']._serialized_start=694
-  _globals['_VMSERVICE']._serialized_end=999
+  _globals['_LISTVMSREQUEST']._serialized_end=480
+  _globals['_LISTVMSRESPONSE']._serialized_start=482
+  _globals['_LISTVMSRESPONSE']._serialized_end=554
+  _globals['_VMSERVICE']._serialized_start=758
+  _globals['_VMSERVICE']._serialized_end=1063
 # @@protoc_insertion_point(module_scope)

@@ -212,16 +212,26 @@ Global___GetVmRequest: _TypeAlias = GetVmRequest  # noqa: Y015
 
 @_typing.final
 class ListVmsRequest(_message.Message):
-    """Request for ListVms."""
+    """Request for ListVms. A page holds at most `page_size` VMs (0: no count bound) and never more
+    bytes than a response may carry; a request without a token starts at the first page.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    page_token: _builtins.str
+    """The next_page_token of the page before."""
     def __init__(
         self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -234,6 +244,9 @@ class ListVmsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     VMS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page; else what the next request passes as page_token."""
     @_builtins.property
     def vms(self) -> _containers.RepeatedCompositeFieldContainer[Global___Vm]:
         """VMs, by name."""
@@ -242,10 +255,11 @@ class ListVmsResponse(_message.Message):
         self,
         *,
         vms: _abc.Iterable[Global___Vm] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["vms", b"vms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "vms", b"vms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
