@@ -18,15 +18,15 @@ Errors:
 from __future__ import annotations
 
 import enum
-import inspect
 import logging
 import tomllib
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import grpc
 
+from coordinator.wrapping import Behavior, WrappingInterceptor, same_kind
 from whimbrel.tls import parse_principal, peer_principal
 
 __all__ = ["HOST", "AuthzError", "AuthzInterceptor", "Role", "Roles", "required_role"]
@@ -167,10 +167,7 @@ def refusal(method: str, principal: str | None, roles: Roles) -> tuple[grpc.Stat
     )
 
 
-Behavior = Callable[..., Any]
-
-
-class AuthzInterceptor(grpc.aio.ServerInterceptor):
+class AuthzInterceptor(WrappingInterceptor):
     """Checks every call before its servicer runs. gRPC gives an interceptor only the method
     name and metadata, so the check is wrapped around the handler, where the call's
     certificate is in reach."""
@@ -182,41 +179,11 @@ class AuthzInterceptor(grpc.aio.ServerInterceptor):
         self.on_refused = on_refused
         self.refused = 0
 
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        method: str = handler_call_details.method
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                self._guard(method, handler.unary_unary),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                self._guard(method, handler.unary_stream),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(
-                self._guard(method, handler.stream_unary),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        assert handler.stream_stream is not None
-        return grpc.stream_stream_rpc_method_handler(
-            self._guard(method, handler.stream_stream),
-            handler.request_deserializer,
-            handler.response_serializer,
-        )
+    def wrap(self, method: str, behavior: Behavior) -> Behavior:
+        async def check(request: Any, context: Any) -> None:
+            await self._check(method, context)
+
+        return same_kind(behavior, check)
 
     async def _check(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         refused = refusal(method, peer_principal(context), self.roles)
@@ -228,22 +195,3 @@ class AuthzInterceptor(grpc.aio.ServerInterceptor):
         if self.on_refused is not None:
             self.on_refused(method, code)
         await context.abort(code, message)
-
-    def _guard(self, method: str, behavior: Behavior) -> Behavior:
-        # The wrapper must be of the same kind as what it wraps: grpc.aio tells an async
-        # generator (yields responses) from a coroutine (returns one, or writes through the
-        # context) by the function itself.
-        if inspect.isasyncgenfunction(behavior):
-
-            async def streaming(request: Any, context: Any) -> AsyncIterator[Any]:
-                await self._check(method, context)
-                async for response in behavior(request, context):
-                    yield response
-
-            return streaming
-
-        async def single(request: Any, context: Any) -> Any:
-            await self._check(method, context)
-            return await behavior(request, context)
-
-        return single

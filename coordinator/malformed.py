@@ -11,17 +11,15 @@ stream) is read by the servicer's own tasks, where a refusal cannot end the call
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
 
-__all__ = ["MalformedRequests"]
+from coordinator.wrapping import Behavior, Decoder, WrappingInterceptor, same_kind
 
-Behavior = Callable[..., Any]
+__all__ = ["MalformedRequests"]
 
 
 @dataclass(frozen=True)
@@ -29,7 +27,7 @@ class _Undecodable:
     error: str
 
 
-def _lenient(decode: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+def _lenient(decode: Decoder) -> Decoder:
     if decode is None:
         return None
 
@@ -42,56 +40,21 @@ def _lenient(decode: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | 
     return lenient
 
 
-async def _refuse(method: str, request: _Undecodable, context: Any) -> None:
-    await context.abort(
-        grpc.StatusCode.INVALID_ARGUMENT, f"a {method} request that is no valid message: "
-        f"{request.error}",
-    )  # fmt: skip
-
-
-class MalformedRequests(grpc.aio.ServerInterceptor):
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        method: str = handler_call_details.method
-        decode = _lenient(handler.request_deserializer)
-        encode = handler.response_serializer
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                _checked(method, handler.unary_unary), decode, encode
-            )
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                _checked(method, handler.unary_stream), decode, encode
-            )
+class MalformedRequests(WrappingInterceptor):
+    def wraps(self, handler: grpc.RpcMethodHandler[Any, Any]) -> bool:
         # A stream of requests (a host's stream) is read by the servicer's own tasks, where
         # a refusal cannot end the call: it keeps gRPC's decoding.
-        return handler
+        return handler.unary_unary is not None or handler.unary_stream is not None
 
+    def decoder(self, method: str, decode: Decoder) -> Decoder:
+        return _lenient(decode)
 
-def _checked(method: str, behavior: Behavior) -> Behavior:
-    """A call with one request: refused before the servicer when it did not decode. The
-    wrapper is of the kind it wraps (grpc.aio tells a generator from a coroutine by it)."""
-    if inspect.isasyncgenfunction(behavior):
-
-        async def streaming(request: Any, context: Any) -> AsyncIterator[Any]:
+    def wrap(self, method: str, behavior: Behavior) -> Behavior:
+        async def decoded(request: Any, context: Any) -> None:
             if isinstance(request, _Undecodable):
-                await _refuse(method, request, context)
-            async for response in behavior(request, context):
-                yield response
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"a {method} request that is no valid message: {request.error}",
+                )
 
-        return streaming
-
-    async def single(request: Any, context: Any) -> Any:
-        if isinstance(request, _Undecodable):
-            await _refuse(method, request, context)
-        return await behavior(request, context)
-
-    return single
+        return same_kind(behavior, decoded)
