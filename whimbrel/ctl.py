@@ -220,12 +220,7 @@ class Ctl:
         for host in hosts:
             if host not in known:
                 raise Refused(grpc.StatusCode.NOT_FOUND, f"host {host!r} not found: {nothing_done}")
-        listed = self._migrations(open_only=True).migrations
-        open_ids = {
-            m.migration_id
-            for m in listed
-            if common_pb2.MigrationPhase.Name(m.phase) not in _TERMINAL
-        }
+        open_ids = {m.migration_id for m in self._migrations(open_only=True).migrations}
         for host in hosts:
             still_open = [mid for mid in known[host].drain_migrations if mid in open_ids]
             if still_open:
