@@ -88,9 +88,18 @@ class TlsFiles:
 
     def read(self) -> tuple[bytes, bytes, bytes]:
         try:
-            return self.cert.read_bytes(), self.key.read_bytes(), self.ca.read_bytes()
+            material = self.cert.read_bytes(), self.key.read_bytes(), self.ca.read_bytes()
         except OSError as err:
             raise TlsError(f"cannot read TLS material: {err}") from err
+        # gRPC would take a key of another certificate and fail each handshake later, read
+        # by a client as "cannot reach" and by a server as peers that never connect.
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(self.cert, self.key)
+        except ssl.SSLError as err:
+            if "KEY_VALUES_MISMATCH" in str(err):
+                raise TlsError(f"{self.key} is not the key of {self.cert}") from err
+            raise TlsError(f"{self.cert} and {self.key} are no certificate and key: {err}") from err
+        return material
 
 
 def add_tls_flags(parser: argparse.ArgumentParser) -> None:

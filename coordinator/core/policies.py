@@ -46,6 +46,11 @@ def define(world: World, req: I.DefinePolicy) -> list[NewEvent]:
             "cluster default"
         )
     check_reason(req.reason)
+    if req.policy.name and req.policy.name != req.name:
+        raise InvalidRequest(
+            f"policy.name {shown(req.policy.name)} is not the name defined ({req.name}): "
+            "leave it empty"
+        )
     stored = events_pb2.MigrationPolicy()
     stored.CopyFrom(req.policy)
     stored.name = ""  # the name is the event's; a migration's resolved policy carries it

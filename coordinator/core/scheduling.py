@@ -140,6 +140,8 @@ def set_limits(world: World, req: I.SetMigrationLimits) -> list[NewEvent]:
             raise InvalidRequest(f"limit {name} {value} is above {MAX_LIMIT} (0: no limit)")
     new = common_pb2.MigrationLimits()
     new.CopyFrom(req.limits)
+    if world.migration_limits is not None and new == world.migration_limits:
+        return []  # as a cordon: nothing is recorded when nothing changes
     changed = events_pb2.MigrationLimitsSet(
         limits=new, requested_by=req.principal, reason=req.reason
     )

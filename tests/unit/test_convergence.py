@@ -356,3 +356,12 @@ def test_no_policy_may_be_named_as_whimbrelctl_names_no_default():
     with pytest.raises(InvalidRequest, match="'none' is reserved"):
         define(driver, "none", max_downtime_ms=1500)
     assert "none" not in driver.world.policies
+
+
+def test_a_policy_whose_own_name_field_differs_is_refused():
+    """The name is the request's; one in the policy that differs was dropped without a word."""
+    driver, _ = fresh()
+    with pytest.raises(InvalidRequest, match="is not the name defined"):
+        driver.request(I.DefinePolicy("fast", E.MigrationPolicy(name="BAD/.."), "", driver.now_us))
+    (defined,) = driver.request(I.DefinePolicy("fast", E.MigrationPolicy(name="fast"), "", 1))
+    assert defined.payload.name == "fast"

@@ -1,11 +1,15 @@
-"""whimbrelctl refuses malformed fleet flags itself (exit 2, naming the flag), before it
-reaches a coordinator."""
+"""whimbrelctl refuses malformed flags itself (exit 2, naming the flag), before it reaches a
+coordinator."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from whimbrel import pki
 from whimbrel.ctl import main
+from whimbrel.tls import TlsError, TlsFiles
 
 
 @pytest.mark.parametrize(
@@ -39,3 +43,19 @@ def test_bad_flags_exit_2_naming_them(
         main(["--coordinator", "127.0.0.1:1", *argv])
     assert exited.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_key_of_another_certificate_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """gRPC takes it and fails each handshake later, which whimbrelctl read as an unreachable
+    coordinator (exit 3): it is refused before any connection (exit 2), naming the files."""
+    alice, bob = pki.ensure(tmp_path, "user", "alice"), pki.ensure(tmp_path, "user", "bob")
+    flags = ["--tls-cert", str(alice.cert), "--tls-key", str(bob.key), "--tls-ca", str(alice.ca)]
+    assert main(["--coordinator", "127.0.0.1:1", *flags, "hosts"]) == 2
+    assert f"{bob.key} is not the key of {alice.cert}" in capsys.readouterr().err
+    garbled = tmp_path / "garbled.pem"
+    garbled.write_text("not a key")
+    with pytest.raises(TlsError, match="are no certificate and key"):
+        TlsFiles(alice.cert, garbled, alice.ca).read()
+    assert len(TlsFiles(alice.cert, alice.key, alice.ca).read()) == 3

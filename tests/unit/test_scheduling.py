@@ -179,3 +179,12 @@ def test_limits_are_never_exceeded_whatever_the_order(out, into, total, plan, fi
             driver.advance(mid)
     assert all(driver.world.migrations[mid].phase == Phase.COMPLETED for mid in ids)
     assert InvariantChecker().check_quiescent(driver.log) == []
+
+
+def test_limits_set_again_unchanged_record_nothing():
+    """As a cordon: a request that changes nothing appends nothing (a script re-applying its
+    limits every minute filled the log)."""
+    driver, _ = cluster(limits(out=2), {})
+    assert driver.request(I.SetMigrationLimits(limits(out=2), "again", driver.now_us)) == []
+    (changed,) = driver.request(I.SetMigrationLimits(limits(out=3), "", driver.now_us))
+    assert changed.payload.limits.per_host_outbound == 3
