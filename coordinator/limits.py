@@ -14,7 +14,9 @@
     read_batch_bytes       ... and payload bytes (at least one event, however large)
 
 The defaults leave a hostd's largest message (a backlog of 256 observations after an outage)
-far below the receive bound, and room for many watchers besides every host's stream.
+far below the receive bound, and room for many watchers besides every host's stream: half the
+server's calls may be watches, and one caller (an orchestrator watching each migration it runs,
+say) may hold 128 of them.
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ class Limits:
     max_receive_bytes: int = 4 * MIB
     max_send_bytes: int = 16 * MIB
     max_concurrent_rpcs: int = 1024
-    max_watch_streams: int = 256
-    max_watch_streams_per_caller: int = 64
+    max_watch_streams: int = 512
+    max_watch_streams_per_caller: int = 128
     host_queue_events: int = 1024
     read_batch_events: int = 256
     read_batch_bytes: int = 1 * MIB
