@@ -28,7 +28,7 @@ from typing import Any
 
 from coordinator.core.events import Event
 from coordinator.core.scheduling import DEFAULT_LIMITS, counted
-from coordinator.core.state import Kind
+from coordinator.core.state import Kind, Phase
 from whimbrel.protocol import HOST_OBSERVATIONS, parse_stream, qmp_event_data
 from whimbrel.v1 import common_pb2
 from whimbrel.v1 import events_pb2 as E
@@ -50,14 +50,14 @@ def qmp_data(data_json: str) -> dict[str, Any]:
 # What an event under a host's origin may be: its observations, and the records of its stream
 # beginning and ending (the coordinator writes HostConnected with the hello's origin).
 _HOST_ORIGINATED = HOST_OBSERVATIONS | {"HostConnected", "HostDisconnected"}
-_PHASES = frozenset(common_pb2.MigrationPhase.values())
-_TERMINAL = frozenset(
-    {
-        common_pb2.MIGRATION_PHASE_COMPLETED,
-        common_pb2.MIGRATION_PHASE_ROLLED_BACK,
-        common_pb2.MIGRATION_PHASE_FENCED,
-    }
-)
+
+
+def _phase(value: int) -> Phase | None:
+    """The phase a stored value names; None for one no coordinator writes."""
+    try:
+        return Phase(value)
+    except ValueError:
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,9 +185,10 @@ class InvariantChecker:
             )
             self.open_by_vm[p.vm] = p.migration_id
         elif isinstance(p, E.MigrationFinished):
-            if p.phase not in _TERMINAL:
-                phase = common_pb2.MigrationPhase.Name(p.phase) if p.phase in _PHASES else p.phase
-                self._flag(ev, 8, f"migration {p.migration_id} finished in phase {phase}")
+            phase = _phase(p.phase)
+            if phase is None or not phase.terminal:
+                named = phase.label if phase is not None else p.phase
+                self._flag(ev, 8, f"migration {p.migration_id} finished in phase {named}")
             m = self.migrations.get(p.migration_id)
             if m is not None and self.open_by_vm.get(m.vm) == p.migration_id:
                 del self.open_by_vm[m.vm]
