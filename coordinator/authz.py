@@ -179,7 +179,7 @@ class AuthzInterceptor(WrappingInterceptor):
         self.on_refused = on_refused
         self.refused = 0
 
-    def wrap(self, method: str, behavior: Behavior) -> Behavior:
+    def wrap(self, method: str, behavior: Behavior, streamed: bool = False) -> Behavior:
         async def check(request: Any, context: Any) -> None:
             await self._check(method, context)
 

@@ -5,6 +5,7 @@ This module alone chooses status codes:
     AlreadyExists -> ALREADY_EXISTS        IllegalTransition -> FAILED_PRECONDITION
     HostUnavailable -> UNAVAILABLE         StaleEpoch / StoreFailure -> UNAVAILABLE
     StreamRefused -> PERMISSION_DENIED (a host sent what it may not: the stream ends)
+    a host message that is no valid message -> INVALID_ARGUMENT (the stream ends)
 gRPC itself answers RESOURCE_EXHAUSTED beyond the server's limits (`coordinator.limits`).
 
 Reads and watches are served from `coordinator.views`, never under the application's lock, and
@@ -45,6 +46,7 @@ from coordinator.core.validate import check_migration_id, check_name
 from coordinator.host_stream import StreamRefused
 from coordinator.limits import Limits
 from coordinator.log import StoredEvent, StoreError, verify_chain
+from coordinator.malformed import Undecodable
 from coordinator.paging import PAGE_BYTES, page
 from coordinator.views import Views
 from coordinator.watch_slots import TooManyWatches, WatchSlots
@@ -384,9 +386,15 @@ class HostServicer(host_pb2_grpc.HostServiceServicer):
         self.queue_events = queue_events
 
     async def Connect(
-        self, request_iterator: AsyncIterator[host_pb2.HostMessage], context: Any
+        self, request_iterator: AsyncIterator[host_pb2.HostMessage | Undecodable], context: Any
     ) -> AsyncIterator[host_pb2.CoordinatorMessage]:
         first = await anext(aiter(request_iterator), None)
+        if isinstance(first, Undecodable):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the first message must be a Hello; it is no valid message: {first.error}",
+            )
+            return
         if first is None or first.WhichOneof("kind") != "hello":
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "the first message must be a Hello"
@@ -410,16 +418,30 @@ class HostServicer(host_pb2_grpc.HostServiceServicer):
         # Bounded: while it is full the stream is not read, HTTP/2 flow control stops hostd's
         # sends, and hostd keeps what it could not send until it is acknowledged.
         received: asyncio.Queue[host_pb2.HostEvent | None] = asyncio.Queue(self.queue_events)
-        refused: list[StreamRefused] = []
+        # Why the coordinator ends the stream: (status, what the host sent that it may not).
+        refused: list[tuple[grpc.StatusCode, str]] = []
 
         async def read_events() -> None:
-            async for message in request_iterator:
-                kind = message.WhichOneof("kind")
-                if kind == "event":
-                    await received.put(message.event)
-                elif kind == "events":
-                    for event in message.events.events:
-                        await received.put(event)
+            try:
+                async for message in request_iterator:
+                    if isinstance(message, Undecodable):
+                        # What was read before it is folded if it was already queued; the
+                        # rest the host sends again, as it does whatever was not acknowledged.
+                        why = f"host {session.host_id} sent no valid message: {message.error}"
+                        log.warning("refused: %s", why)
+                        refused.append((grpc.StatusCode.INVALID_ARGUMENT, why))
+                        session.close()
+                        return
+                    kind = message.WhichOneof("kind")
+                    if kind == "event":
+                        await received.put(message.event)
+                    elif kind == "events":
+                        for event in message.events.events:
+                            await received.put(event)
+            except Exception:
+                # A reader gone alone would leave the host connected, its events unread.
+                session.close()
+                raise
             await received.put(None)
 
         async def process_events() -> None:
@@ -441,7 +463,7 @@ class HostServicer(host_pb2_grpc.HostServiceServicer):
                     try:
                         committing.append(await self.app.queue_host_events(session, batch))
                     except StreamRefused as err:
-                        refused.append(err)
+                        refused.append((grpc.StatusCode.PERMISSION_DENIED, str(err)))
                         break
                     # A failed commit ends the stream (the coordinator stops itself).
                     while committing and committing[0].done():
@@ -460,8 +482,9 @@ class HostServicer(host_pb2_grpc.HostServiceServicer):
                 if task.done() and not task.cancelled() and task.exception() is not None:
                     reason = f"stream failed: {task.exception()}"
             if refused:
-                reason = f"stream refused: {refused[0]}"
-                await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(refused[0]))
+                code, why = refused[0]
+                reason = f"stream refused: {why}"
+                await context.abort(code, why)
         finally:
             reader.cancel()
             processor.cancel()

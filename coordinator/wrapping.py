@@ -39,13 +39,11 @@ def same_kind(behavior: Behavior, before: Callable[[Any, Any], Awaitable[None]])
 
 
 class WrappingInterceptor(grpc.aio.ServerInterceptor):
-    """Rebuilds every handler with `wrap(method, behavior)` and `decoder(method, decode)`;
-    a handler `wraps` says no to is served as it is."""
+    """Rebuilds every handler with `wrap(method, behavior)` and `decoder(method, decode)`."""
 
-    def wraps(self, handler: grpc.RpcMethodHandler[Any, Any]) -> bool:
-        return True
-
-    def wrap(self, method: str, behavior: Behavior) -> Behavior:
+    def wrap(self, method: str, behavior: Behavior, streamed: bool = False) -> Behavior:
+        """`behavior` rebuilt; `streamed`: its requests come as a stream (an async iterator),
+        not one decoded request."""
         raise NotImplementedError
 
     def decoder(self, method: str, decode: Decoder) -> Decoder:
@@ -59,7 +57,7 @@ class WrappingInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
-        if handler is None or not self.wraps(handler):
+        if handler is None:
             return handler
         method: str = handler_call_details.method
         decode = self.decoder(method, handler.request_deserializer)
@@ -74,9 +72,9 @@ class WrappingInterceptor(grpc.aio.ServerInterceptor):
             )
         if handler.stream_unary is not None:
             return grpc.stream_unary_rpc_method_handler(
-                self.wrap(method, handler.stream_unary), decode, encode
+                self.wrap(method, handler.stream_unary, streamed=True), decode, encode
             )
         assert handler.stream_stream is not None
         return grpc.stream_stream_rpc_method_handler(
-            self.wrap(method, handler.stream_stream), decode, encode
+            self.wrap(method, handler.stream_stream, streamed=True), decode, encode
         )
