@@ -8,8 +8,8 @@ refuses the whole batch, so nothing of it reaches the log:
 - a command result answers a command issued to this very host, with its attempt, kind and VM,
   and a URI it returns (where a source will send the guest's memory) is a plain `tcp:HOST:PORT`:
   never `exec:` (a shell on the source), `unix:`, `fd:` or options after a comma;
-- a QMP event's data is a JSON object of bounded size, as hostd forwards it
-  (`whimbrel.protocol.qmp_event_data`);
+- a QMP event is named as QEMU names events, and its data is a JSON object of bounded size,
+  as hostd forwards it (`whimbrel.protocol.is_qmp_event_name`, `qmp_event_data`);
 - a fact that claims something of a VM (its QEMU runs or paused here, a QMP event, a stats
   sample, the lease taken, networking prepared or enabled) is about a VM this host is involved
   with: its home, its lease holder, a host with a QEMU for it, a host with a command for it, or
@@ -57,6 +57,7 @@ from whimbrel.protocol import (
     HOST_OBSERVATIONS,
     MAX_QMP_EVENT_DATA,
     QMP_EVENTS_ACTED_ON,
+    is_qmp_event_name,
     qmp_event_data,
 )
 from whimbrel.v1 import events_pb2, host_pb2
@@ -147,8 +148,11 @@ def _claim(world: World, host_id: str, payload: Any) -> str | None:
 
 
 def _qmp_event(world: World, host_id: str, payload: Any) -> str | None:
-    """A QMP event of a VM this host is involved with, its data a JSON object as hostd
-    forwards it (the fold reads statuses and pass numbers from it)."""
+    """A QMP event of a VM this host is involved with, named as QEMU names events, its data a
+    JSON object as hostd forwards it (the fold reads statuses and pass numbers from it)."""
+    if not is_qmp_event_name(payload.event):
+        shown = f"{payload.event[:64]!r}, {len(payload.event)} characters"
+        return f"its event name is none of QEMU's ({shown})"
     if qmp_event_data(payload.data_json) is None:
         return (
             f"its data is not a JSON object of at most {MAX_QMP_EVENT_DATA} characters "

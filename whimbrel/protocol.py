@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from typing import Any
 
 from google.protobuf.message import Message
@@ -27,6 +28,7 @@ __all__ = [
     "QMP_EVENTS_ACTED_ON",
     "VERSION",
     "host_stream",
+    "is_qmp_event_name",
     "kind_label",
     "migration_stream",
     "parse_stream",
@@ -45,13 +47,33 @@ QMP_EVENTS_ACTED_ON = frozenset({"MIGRATION", "MIGRATION_PASS", "STOP", "RESUME"
 # A QMP event's data as hostd forwards it: QEMU's own are a few hundred bytes; hostd replaces
 # larger ones with {"whimbrel_dropped_bytes": N}, and the coordinator refuses them.
 MAX_QMP_EVENT_DATA = 65536
+# QEMU's event names (and hostd's own report of dropped ones): capitals, digits, underscores.
+# A name like no other is no QEMU's, and one of any length would go into the log as it came.
+_QMP_EVENT_NAME = re.compile(r"[A-Z0-9_]{1,64}")
+# Data this short is cached parsed (statuses, pass numbers: a few distinct strings, each seen
+# often); longer data, rare and possibly a hostile QEMU's, would pin up to 64 KiB an entry.
+_CACHED_DATA = 256
+
+
+def is_qmp_event_name(name: str) -> bool:
+    return _QMP_EVENT_NAME.fullmatch(name) is not None
+
+
+def qmp_event_data(data_json: str) -> dict[str, Any] | None:
+    """A QMP event's data (QmpEventReceived.data_json) as the object hostd forwards, or None
+    when it is not a JSON object within MAX_QMP_EVENT_DATA. Callers must not change it: short
+    data parses once, and every caller gets the same object."""
+    if len(data_json) <= _CACHED_DATA:
+        return _short_event_data(data_json)
+    return _event_data(data_json)
 
 
 @functools.lru_cache(maxsize=4096)
-def qmp_event_data(data_json: str) -> dict[str, Any] | None:
-    """A QMP event's data (QmpEventReceived.data_json) as the object hostd forwards, or None
-    when it is not a JSON object within MAX_QMP_EVENT_DATA. The few distinct strings
-    (statuses, pass numbers) parse once."""
+def _short_event_data(data_json: str) -> dict[str, Any] | None:
+    return _event_data(data_json)
+
+
+def _event_data(data_json: str) -> dict[str, Any] | None:
     if len(data_json) > MAX_QMP_EVENT_DATA:
         return None
     try:

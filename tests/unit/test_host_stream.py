@@ -16,6 +16,7 @@ from coordinator.host_stream import (
 )
 from hostd.event_budget import DROPPED_EVENT
 from tools.sim import Driver, Observation, SimHosts, migration, running_vm
+from whimbrel import protocol
 from whimbrel.v1 import common_pb2, events_pb2, host_pb2
 
 
@@ -205,6 +206,28 @@ def test_a_qmp_event_whose_data_is_not_a_bounded_json_object_is_refused() -> Non
         refusal = check_batch(world, "host-b", [payload])
         assert refusal is not None and "not a JSON object" in refusal.reason, data_json[:20]
     assert check_batch(world, "host-b", [stop()]) is None
+
+
+def test_a_qmp_event_named_as_no_qemu_event_is_refused() -> None:
+    """A name of any length went into the log as hostd forwarded it (3 MB in one event)."""
+    world = completed_migration()
+    for name in ("stop", "RE SET", "A" * 65, ""):
+        payload = events_pb2.QmpEventReceived(vm="vm-1", event=name, data_json="{}")
+        refusal = check_batch(world, "host-b", [payload])
+        assert refusal is not None and "event name is none of QEMU's" in refusal.reason, name
+    named = events_pb2.QmpEventReceived(vm="vm-1", event="BLOCK_JOB_ERROR_2", data_json="{}")
+    assert check_batch(world, "host-b", [named]) is None
+
+
+def test_only_short_qmp_data_is_cached() -> None:
+    """Every distinct data string was cached, up to 4096 of up to 64 KiB each: a QEMU sending
+    large distinct data pinned 700 MB of the coordinator's memory in a review."""
+    protocol._short_event_data.cache_clear()
+    for n in range(50):
+        assert protocol.qmp_event_data('{"d": "' + "x" * 1000 + str(n) + '"}') is not None
+    assert protocol._short_event_data.cache_info().currsize == 0
+    assert protocol.qmp_event_data('{"status": "active"}') == {"status": "active"}
+    assert protocol._short_event_data.cache_info().currsize == 1
 
 
 def test_the_fold_takes_odd_qmp_data_without_raising() -> None:
