@@ -166,7 +166,9 @@ class VmRuntime:
             self.track(pid)
         session = QmpSession(self.name, str(self.paths.qmp))
         try:
-            await asyncio.wait_for(session.connect(self._on_event), QMP_CONNECT_LIMIT_S)
+            await asyncio.wait_for(
+                session.connect(self._on_event, self._events_dropped), QMP_CONNECT_LIMIT_S
+            )
         except TimeoutError as err:
             await session.close()
             raise QmpUnavailable(
@@ -210,8 +212,8 @@ class VmRuntime:
             queried_at_us = time.time_ns() // 1000
             try:
                 status, migrate = await asyncio.wait_for(self._state(), SNAPSHOT_LIMIT_S)
-                observation.runstate = str(status.get("status", ""))
-                observation.migration_status = str(migrate.get("status", ""))
+                observation.runstate = _status(status.get("status"))
+                observation.migration_status = _status(migrate.get("status"))
                 # What QEMU says now, for a hostd that restarted (events lost meanwhile); any
                 # event still queued behind these answers updates them again, in order.
                 self.running = observation.runstate == "running"
@@ -452,6 +454,20 @@ class VmRuntime:
             vm=self.name, event=DROPPED_EVENT, data_json=json.dumps(data, sort_keys=True)
         )
         await self.emit(payload, time.time_ns() // 1000)
+        if self._record_budget.take_acted_on_dropped():
+            await self._read_afresh("events acted on were dropped beyond their budget")
+
+    def _events_dropped(self, count: int) -> None:
+        """QEMU sent events faster than they were handled and `count` were dropped: its state
+        is read afresh instead (the queue is empty now, so nothing older follows it)."""
+        self._beside(self._read_afresh(f"{count} events beyond the queue were dropped"))
+
+    async def _read_afresh(self, why: str) -> None:
+        self.log.warning("QMP events lost (%s): reporting QEMU's state as it is now", why)
+        observation = await self.snapshot()
+        await self.emit(
+            events_pb2.VmObserved(observation=observation, reason="qmp-events-dropped"), 0
+        )
 
     def watch_progress(self) -> None:
         """Sample this source's progress every few seconds while it transfers (from its
@@ -479,15 +495,15 @@ class VmRuntime:
 
     async def _sample(self, pass_: int) -> None:
         try:
-            info = await self.query("query-migrate")
-        except HostdError:
+            info = await asyncio.wait_for(self.query("query-migrate"), SNAPSHOT_LIMIT_S)
+        except (HostdError, TimeoutError):
             return
         ram = info.get("ram")
         ram = ram if isinstance(ram, dict) else {}
         status = info.get("status")
         stats = events_pb2.MigrationStatsSampled(
             vm=self.name,
-            status=status if isinstance(status, str) and len(status) <= MAX_STATUS else "",
+            status=_status(status),
             total_bytes=_count(ram.get("total")),
             transferred_bytes=_count(ram.get("transferred")),
             remaining_bytes=_count(ram.get("remaining")),
@@ -499,9 +515,11 @@ class VmRuntime:
         await self.emit(stats, 0)
 
     async def _report_failure(self) -> None:
+        # Bounded: it runs in line with the VM's events, which a QEMU that never answers
+        # would otherwise hold up for good.
         try:
-            info = await self.query("query-migrate")
-        except HostdError:
+            info = await asyncio.wait_for(self.query("query-migrate"), SNAPSHOT_LIMIT_S)
+        except (HostdError, TimeoutError):
             return
         error = str(info.get("error-desc", ""))[:MAX_ERROR_TEXT]
         if error:
@@ -557,10 +575,12 @@ class VmRuntime:
     async def quit(self, reason: str, limit: float = 10.0) -> None:
         """Ask QEMU to quit; kill it if it does not within `limit` seconds."""
         self.exit_reason = reason
-        with contextlib.suppress(HostdError):
-            await self.execute("quit")
         try:
-            await asyncio.wait_for(self.exited.wait(), limit)
+            # Bounded as a whole: a QEMU that never answers the quit is killed on time too.
+            async with asyncio.timeout(limit):
+                with contextlib.suppress(HostdError):
+                    await self.execute("quit")
+                await self.exited.wait()
         except TimeoutError:
             await self.kill(f"{reason} (quit timed out)")
 
@@ -581,6 +601,12 @@ class VmRuntime:
         if self._pidfd >= 0:
             os.close(self._pidfd)
             self._pidfd = -1
+
+
+def _status(value: object) -> str:
+    """A status word from QEMU's answers (query-status, query-migrate): a short string, else
+    "" (a hello carries every VM's, and one of megabytes would have it refused for good)."""
+    return value if isinstance(value, str) and len(value) <= MAX_STATUS else ""
 
 
 def _count(value: object) -> int:

@@ -10,15 +10,18 @@ import contextlib
 import json
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
 from google.protobuf.message import Message
 
+from hostd import qmp as qmp_module
 from hostd import vm as vm_module
 from hostd.errors import HostdError, QmpError, QmpUnavailable
-from hostd.event_budget import BURST, DROPPED_EVENT
+from hostd.event_budget import ACTED_ON_BURST, BURST, DROPPED_EVENT
+from hostd.qmp import QmpSession, event_time_us
 from hostd.vm import VmRuntime
 from whimbrel.v1 import common_pb2, events_pb2
 
@@ -98,8 +101,9 @@ async def _never_answers(reader: asyncio.StreamReader, writer: asyncio.StreamWri
     await reader.read()
 
 
-def _event(name: str, data: object) -> bytes:
-    return line({"event": name, "data": data, "timestamp": {"seconds": 1, "microseconds": 0}})
+def _event(name: str, data: object, seconds: object = 1) -> bytes:
+    stamp = {"seconds": seconds, "microseconds": 0}
+    return line({"event": name, "data": data, "timestamp": stamp})
 
 
 Peer = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -123,6 +127,20 @@ def _answers_then_sends(*events: bytes) -> Peer:
 
 # A guest resetting itself in a loop: this many RESETs at once, then a STOP.
 FLOOD = 300
+STOP_FLOOD = 1000
+
+
+def _answers_with(answer: object) -> Peer:
+    """A QEMU that answers every command with `answer`."""
+
+    async def peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            command = await request(reader)
+            writer.write(line({"return": answer, "id": command.get("id")}))
+            await writer.drain()
+
+    return peer
+
 
 _POLITE: dict[str, Peer] = {
     "arrays": _answers_arrays,
@@ -139,21 +157,43 @@ _POLITE: dict[str, Peer] = {
         _event("STOP", {}),
     ),
     "goes-active": _answers_then_sends(_event("MIGRATION", {"status": "active"})),
+    # Stamps no QEMU sends: far in the future, before 1970, beyond SQLite's integers, text.
+    "odd-stamps": _answers_then_sends(
+        _event("RESUME", {}, 10**11),
+        _event("RESUME", {}, -5),
+        _event("RESUME", {}, 10**20),
+        _event("RESUME", {}, "soon"),
+        _event("STOP", {}),
+    ),
+    # Names no QEMU event has: lower case, a space, 100 characters, then a plain STOP.
+    "odd-names": _answers_then_sends(
+        _event("stop", {}), _event("RE SET", {}), _event("A" * 100, {}), _event("STOP", {})
+    ),
+    # A QEMU taken over, sending the events hostd acts on without end.
+    "stop-flood": _answers_then_sends(*[_event("STOP", {})] * STOP_FLOOD),
+    "long-statuses": _answers_with({"status": "x" * 100_000}),
 }
 
 
 class Reported:
     def __init__(self) -> None:
         self.payloads: list[Message] = []
+        # QMP events with the time they went up with.
+        self.stamped: list[tuple[int, events_pb2.QmpEventReceived]] = []
         self.broken = asyncio.Event()
         self.drops_reported = asyncio.Event()
         self.stopped = asyncio.Event()
         self.active = asyncio.Event()
+        self.read_afresh = asyncio.Event()
 
     async def emit(self, payload: Message, time_us: int) -> None:
         self.payloads.append(payload)
+        if isinstance(payload, events_pb2.QmpEventReceived):
+            self.stamped.append((time_us, payload))
         if isinstance(payload, events_pb2.VmObserved) and payload.reason == "qmp-broken":
             self.broken.set()
+        if isinstance(payload, events_pb2.VmObserved) and payload.reason == "qmp-events-dropped":
+            self.read_afresh.set()
         if isinstance(payload, events_pb2.QmpEventReceived) and payload.event == DROPPED_EVENT:
             self.drops_reported.set()
         if isinstance(payload, events_pb2.QmpEventReceived) and payload.event == "STOP":
@@ -232,7 +272,6 @@ async def test_a_qemu_that_goes_away_is_no_error_in_hostd_log(
 ) -> None:
     """A killed QEMU's socket resets under qemu.qmp's reader, which logs that as an ERROR;
     hostd reports the exit itself, so the operator's log shows no ERROR for it."""
-    from hostd.qmp import QmpSession
 
     async def dies(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(line(GREETING))
@@ -253,7 +292,7 @@ async def test_a_qemu_that_goes_away_is_no_error_in_hostd_log(
         return None
 
     with caplog.at_level("INFO"):
-        await session.connect(sink)
+        await session.connect(sink, lambda dropped: None)
         with pytest.raises(QmpUnavailable):
             await session.execute("query-status")
         await session.close()
@@ -399,3 +438,137 @@ print("connected", flush=True)
 for _ in sys.stdin:
     print(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), flush=True)
 """
+
+
+def _qmp_events(reported: Reported) -> list[events_pb2.QmpEventReceived]:
+    return [p for p in reported.payloads if isinstance(p, events_pb2.QmpEventReceived)]
+
+
+@pytest.mark.parametrize("seconds", [10**11, -5, 10**20, "soon", True, 1.5])
+def test_a_stamp_no_qemu_sends_gives_way_to_hostds_clock(seconds: object) -> None:
+    now_us = 1_800_000_000_000_000
+    assert event_time_us(seconds, 0, now_us) == now_us
+
+
+def test_a_stamp_of_the_last_minutes_is_kept() -> None:
+    now_us = 1_800_000_000_000_000
+    assert event_time_us(1_800_000_000 - 60, 7, now_us) == now_us - 60_000_000 + 7
+
+
+async def test_events_with_stamps_no_qemu_sends_go_up_stamped_now(
+    tmp_path: Path, process: asyncio.subprocess.Process
+) -> None:
+    """A RESUME stamped far in the future had the coordinator refuse the host's stream, again
+    at every reconnect (hostd sends it again): every VM of the host was out of reach for good;
+    one beyond SQLite's integers could not even be recorded. Such stamps give way to hostd's
+    clock."""
+    reported = Reported()
+    before_us = time.time_ns() // 1000
+    async with attached(tmp_path, process, "odd-stamps", reported):
+        await asyncio.wait_for(reported.stopped.wait(), 10)
+    after_us = time.time_ns() // 1000
+    stamps = [time_us for time_us, payload in reported.stamped if payload.event == "RESUME"]
+    assert len(stamps) == 4
+    assert all(before_us <= t <= after_us for t in stamps), stamps
+
+
+async def test_events_named_as_no_qemu_event_is_named_are_skipped(
+    tmp_path: Path, process: asyncio.subprocess.Process
+) -> None:
+    """A name of any length went into the log as it came (3 MB in one event, in a review)."""
+    reported = Reported()
+    async with attached(tmp_path, process, "odd-names", reported):
+        await asyncio.wait_for(reported.stopped.wait(), 10)
+    assert [e.event for e in _qmp_events(reported)] == ["STOP"]
+
+
+async def test_a_flood_of_events_acted_on_is_bounded_and_qemus_state_read_afresh(
+    tmp_path: Path, process: asyncio.subprocess.Process
+) -> None:
+    """A QEMU taken over sent 500 of 500 STOPs to the log (and any number more). Past their
+    budget they are dropped and counted, and the VM's state is read from QEMU and reported
+    instead, so what the coordinator acts on stays true."""
+    reported = Reported()
+    async with attached(tmp_path, process, "stop-flood", reported):
+        await asyncio.wait_for(reported.read_afresh.wait(), 10)
+    events = _qmp_events(reported)
+    stops = [e.event for e in events].count("STOP")
+    assert ACTED_ON_BURST <= stops < ACTED_ON_BURST + 20, stops
+    (report,) = [e for e in events if e.event == DROPPED_EVENT]
+    assert json.loads(report.data_json)["dropped"] == {"STOP": STOP_FLOOD - stops}
+    # Read afresh after the report: the state as QEMU gives it now.
+    afresh = [p for p in reported.payloads if isinstance(p, events_pb2.VmObserved)]
+    assert afresh[-1].reason == "qmp-events-dropped" and afresh[-1].observation.qmp_reachable
+    assert reported.payloads.index(report) < reported.payloads.index(afresh[-1])
+
+
+async def test_events_beyond_the_queue_are_dropped_not_kept_and_then_made_up_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """qemu.qmp kept every event in its listeners' queues and histories, a default listener
+    no one reads included: 200,000 events grew hostd from 45 to 320 MB in a review, and a guest
+    resetting in a loop grows it slowly all the same. Events now wait in one bounded queue;
+    those beyond it while the handler is held up are dropped, and the handler is told how many
+    once the queue has drained."""
+    monkeypatch.setattr(qmp_module, "MAX_QUEUED_EVENTS", 50)
+    sent = 400
+    events = [_event("RESET", {"n": n}) for n in range(sent)]
+    path = tmp_path / "qmp.sock"
+    server = await asyncio.start_unix_server(
+        lambda r, w: hostile_peer("flood", r, w), path=str(path)
+    )
+    _POLITE["flood"] = _answers_then_sends(*events)
+    release, told = asyncio.Event(), asyncio.Event()
+    handled: list[int] = []
+    dropped: list[int] = []
+
+    async def sink(name: str, data: dict[str, object], time_us: int) -> None:
+        await release.wait()
+        handled.append(int(str(data["n"])))
+
+    def overflow(count: int) -> None:
+        dropped.append(count)
+        told.set()
+
+    session = QmpSession("vm-1", str(path))
+    try:
+        await session.connect(sink, overflow)
+        await session.execute("query-status")  # after its answer, the peer floods
+        # Answered after every event of the flood was read (QMP keeps the order).
+        await session.execute("query-status")
+        assert not told.is_set()  # not while events are still queued
+        release.set()
+        await asyncio.wait_for(told.wait(), 10)
+        # The queue's 50, and one more if the handler took it before the queue filled up;
+        # the newest are the ones dropped, and the handler is told of them all, once.
+        assert handled == list(range(len(handled))) and len(handled) in (50, 51)
+        assert dropped == [sent - len(handled)]
+        # Nothing kept elsewhere: qemu.qmp's default listener saw none of them.
+        assert session._client.events.history == () and session._client.events.empty()
+    finally:
+        del _POLITE["flood"]
+        await session.close()
+        server.close()
+
+
+async def test_statuses_longer_than_any_of_qemus_are_reported_empty(
+    tmp_path: Path, process: asyncio.subprocess.Process
+) -> None:
+    """Statuses went into the snapshot, and with it into every hello, whatever their length:
+    5 MB made the hello too large for the coordinator, and the host never connected again."""
+    reported = Reported()
+    async with attached(tmp_path, process, "long-statuses", reported) as runtime:
+        observation = await runtime.snapshot()
+    assert observation.qmp_reachable
+    assert observation.runstate == "" and observation.migration_status == ""
+
+
+async def test_a_quit_qemu_never_answers_is_killed_on_time(
+    tmp_path: Path, process: asyncio.subprocess.Process
+) -> None:
+    """The limit began only after QEMU answered the quit: one that never answered held the
+    stop (or destroy) for good, its QEMU alive."""
+    reported = Reported()
+    async with attached(tmp_path, process, "silent", reported) as runtime:
+        await asyncio.wait_for(runtime.quit("stopped", limit=0.3), 5)
+        assert await asyncio.wait_for(process.wait(), 5) == -9

@@ -324,8 +324,11 @@ class DirectHandoff:
         async def sink(event: str, data: dict[str, Any], time_us: int) -> None:
             queue.put_nowait((event, data, time_us))
 
+        def overflow(count: int) -> None:
+            print(f"  direct {name}: {count} QMP events dropped", file=sys.stderr)
+
         session = QmpSession(name, str(paths.qmp))
-        await session.connect(sink)
+        await session.connect(sink, overflow)
         if not incoming:
             await self.lease.acquire(self.spec.name, name, generation)
         return session
