@@ -13,8 +13,9 @@
     read_batch_events      events one ReadEvents read takes from the log at most ...
     read_batch_bytes       ... and payload bytes (at least one event, however large)
 
-The defaults leave a hostd's largest message (a backlog of 256 observations after an outage)
-far below the receive bound, and room for many watchers besides every host's stream: half the
+The defaults leave a hostd's largest message (a backlog after an outage goes up in messages of
+at most 256 observations and 1 MiB, `hostd.agent.MAX_BATCH_BYTES`) well below the receive
+bound, and room for many watchers besides every host's stream: half the
 server's calls may be watches, and one caller (an orchestrator watching each migration it runs,
 say) may hold 128 of them.
 """

@@ -15,12 +15,12 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError, Message
+from google.protobuf.message import Message
 
 from hostd import qemu, tracing
 from hostd.drivers.lease import FileLeaseDriver
@@ -75,15 +75,33 @@ def failed(c: host_pb2.Command, error: str, **fields: Any) -> events_pb2.EventPa
     )
 
 
-# Observations per message: a backlog after an outage goes up in bounded messages.
+# Observations per message, and their bytes: a backlog after an outage goes up in messages far
+# below the coordinator's receive limit (4 MiB by default), though one QMP event may carry
+# 64 KiB of QEMU's data. A larger message is refused, and re-sent, on every reconnect.
 MAX_BATCH = 256
+MAX_BATCH_BYTES = 1 << 20
+
+
+def _batches(events: list[host_pb2.HostEvent]) -> Iterator[list[host_pb2.HostEvent]]:
+    """`events` in order, cut into runs of at most MAX_BATCH events and MAX_BATCH_BYTES (an
+    event larger than that alone is a run of its own: it is sent all the same)."""
+    batch: list[host_pb2.HostEvent] = []
+    size = 0
+    for event in events:
+        event_size = event.ByteSize()
+        if batch and (len(batch) == MAX_BATCH or size + event_size > MAX_BATCH_BYTES):
+            yield batch
+            batch, size = [], 0
+        batch.append(event)
+        size += event_size
+    if batch:
+        yield batch
 
 
 def _put_batches(
     up: asyncio.Queue[host_pb2.HostMessage | None], events: list[host_pb2.HostEvent]
 ) -> None:
-    for i in range(0, len(events), MAX_BATCH):
-        chunk = events[i : i + MAX_BATCH]
+    for chunk in _batches(events):
         if len(chunk) == 1:
             up.put_nowait(host_pb2.HostMessage(event=chunk[0]))
         else:
@@ -179,62 +197,71 @@ class Agent:
     # --- VMs found on disk --------------------------------------------------------------------
 
     async def reattach(self) -> None:
-        """Find the QEMU processes of an earlier hostd and watch them again."""
+        """Find the QEMU processes of an earlier hostd and watch them again. A VM whose state
+        cannot be read or understood is logged and left as it is, unwatched: it keeps no other
+        VM from being re-attached, and it is never reported gone (its QEMU may still run)."""
         vms_dir = self.state_dir / "vms"
         for root in sorted(vms_dir.iterdir()) if vms_dir.exists() else []:
-            if not (root / "spec.pb").exists():
-                continue
             try:
-                runtime = VmRuntime.load(root, self.emit)
-            except (OSError, DecodeError) as err:
-                log.error("%s: unreadable VM state, skipped: %s", root, err)
-                continue
-            if runtime.name != root.name:
-                log.error("%s: holds the spec of VM %r, skipped", root, runtime.name)
-                continue
-            pid = qemu.read_pid(runtime.paths)
-            if pid is not None and qemu.alive(pid) and qemu.started_with(pid, runtime.paths):
-                # Tracked either way, until it is gone: a QEMU whose QMP is unreachable still
-                # runs the VM's disks, is reported, and is killed by a destroy.
-                self.executor.vms[runtime.name] = runtime
-                self.executor.release_network_at_exit(runtime)
-                try:
-                    await runtime.attach(pid)
-                    log.info("re-attached to QEMU %d of %s", pid, runtime.name)
-                    runtime.watch_progress()
-                    if runtime.continue_was_armed:
-                        # What START_MIGRATION asked for holds across restarts; the source
-                        # may have stopped in pre-switchover while no hostd watched.
-                        runtime.arm_continue_at_pre_switchover()
-                        runtime.maybe_continuing_switchover()
-                    if runtime.switchover_was_armed:
-                        # The same; the switch may even have begun while no hostd watched.
-                        self.executor.arm_release_at_switchover(runtime)
-                        await runtime.maybe_switching_over()
-                except HostdError as err:
-                    log.error("QEMU %d of %s runs but QMP is unreachable (tracked, reported as "
-                              "such): %s", pid, runtime.name, err)  # fmt: skip
-                    observation = await runtime.snapshot()
-                    await self.emit(
-                        events_pb2.VmObserved(observation=observation, reason="qmp-unreachable"), 0
-                    )
-                continue
-            # Gone while no hostd watched (QEMU removes its pidfile when it exits by itself,
-            # e.g. a destination whose incoming migration failed). Report it once, and forget
-            # the VM here (its qemu.log stays for forensics).
-            runtime.paths.pidfile.unlink(missing_ok=True)
-            (root / "spec.pb").unlink()
+                await self._reattach_vm(root)
+            except Exception as err:
+                log.error("%s: VM state not understood, left as it is: %r", root, err)
+                log.debug("%s: reattach failure", root, exc_info=True)
+
+    async def _reattach_vm(self, root: Path) -> None:
+        if not (root / "spec.pb").exists():
+            return
+        runtime = VmRuntime.load(root, self.emit)
+        if runtime.name != root.name:
+            log.error("%s: holds the spec of VM %r, skipped", root, runtime.name)
+            return
+        found = qemu.find(runtime.paths)
+        if found.runs:
+            await self._watch_again(runtime, found.pid)
+        else:
+            await self._forget_gone(runtime, found.pid)
+
+    async def _watch_again(self, runtime: VmRuntime, pid: int) -> None:
+        # Tracked either way, until it is gone: a QEMU whose QMP is unreachable still runs the
+        # VM's disks, is reported, and is killed by a destroy.
+        self.executor.vms[runtime.name] = runtime
+        self.executor.release_network_at_exit(runtime)
+        try:
+            await runtime.attach(pid)
+            log.info("re-attached to QEMU %d of %s", pid, runtime.name)
+            runtime.watch_progress()
+            if runtime.continue_was_armed:
+                # What START_MIGRATION asked for holds across restarts; the source may have
+                # stopped in pre-switchover while no hostd watched.
+                runtime.arm_continue_at_pre_switchover()
+                runtime.maybe_continuing_switchover()
+            if runtime.switchover_was_armed:
+                # The same; the switch may even have begun while no hostd watched.
+                self.executor.arm_release_at_switchover(runtime)
+                await runtime.maybe_switching_over()
+        except HostdError as err:
+            log.error("QEMU %d of %s runs but QMP is unreachable (tracked, reported as such): "
+                      "%s", pid, runtime.name, err)  # fmt: skip
+            observation = await runtime.snapshot()
             await self.emit(
-                events_pb2.QemuExited(
-                    vm=runtime.name,
-                    pid=pid or 0,
-                    exit_code=-1,
-                    reason="found gone after a hostd restart",
-                ),
-                0,
+                events_pb2.VmObserved(observation=observation, reason="qmp-unreachable"), 0
             )
-            # Its networking may still be set up for a VM that now runs elsewhere.
-            await self.executor.release_network_of_dead(runtime)
+
+    async def _forget_gone(self, runtime: VmRuntime, pid: int) -> None:
+        """A QEMU gone while no hostd watched (QEMU removes its pidfile when it exits by itself,
+        e.g. a destination whose incoming migration failed): reported once, and the VM
+        forgotten here (its qemu.log stays for forensics)."""
+        runtime.paths.identity.unlink(missing_ok=True)
+        runtime.paths.pidfile.unlink(missing_ok=True)
+        (runtime.paths.root / "spec.pb").unlink()
+        await self.emit(
+            events_pb2.QemuExited(
+                vm=runtime.name, pid=pid, exit_code=-1, reason="found gone after a hostd restart"
+            ),
+            0,
+        )
+        # Its networking may still be set up for a VM that now runs elsewhere.
+        await self.executor.release_network_of_dead(runtime)
 
     async def hello(self) -> host_pb2.Hello:
         # Concurrently: each is bounded (SNAPSHOT_LIMIT_S), and the hello waits for them all.

@@ -11,7 +11,7 @@
                    [--tls-cert FILE --tls-key FILE --tls-ca FILE] [--no-migration-tls]
 
 QEMU processes outlive hostd; a restarted hostd re-attaches to them. SIGTERM stops hostd
-(exit 0) and leaves the VMs running.
+(exit 0) and leaves the VMs running. An agent that fails ends hostd (exit 1), to be restarted.
 
 With TLS material, migration streams are TLS too (hostd/migration_tls.py): QEMU gets this
 host's certificate (copied into STATE-DIR/migration-tls/), verifies the peer's, and a source
@@ -49,6 +49,7 @@ from whimbrel.otel import add_otlp_flag, otlp_endpoint
 from whimbrel.tls import TlsError, TlsFiles, add_tls_flags, tls_files
 from whimbrel.v1 import common_pb2
 
+log = logging.getLogger("whimbrel.hostd")
 MIGRATION_TLS_HELP = (
     "Migration TLS: with --tls-cert/--tls-key/--tls-ca, migrations (pre-copy, post-copy and "
     "post-copy recovery) run over TLS. hostd copies the material into "
@@ -134,13 +135,26 @@ async def _serve(
     capacity_watch = asyncio.create_task(
         capacity.watch(read_capacity, agent.report_capacity, agent.stopping), name="capacity"
     )
-    await agent.stopping.wait()
-    runner.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await runner
+    failure = await _until_stopped(agent, runner)
     await capacity_watch
     await agent.close()
-    return 0
+    return 0 if failure is None else 1
+
+
+async def _until_stopped(agent: Agent, runner: asyncio.Task[None]) -> BaseException | None:
+    """Wait for a stop (a signal) or for the agent's task to end; then stop it, and return
+    the error it ended with, if any. A hostd whose agent died would otherwise stay up without
+    ever connecting, and its supervisor would see nothing to restart."""
+    stopped = asyncio.create_task(agent.stopping.wait(), name="hostd-stopping")
+    await asyncio.wait((runner, stopped), return_when=asyncio.FIRST_COMPLETED)
+    agent.stopping.set()
+    await stopped
+    runner.cancel()
+    await asyncio.wait((runner,))
+    failure = None if runner.cancelled() else runner.exception()
+    if failure is not None:
+        log.error("the agent failed, hostd exits: %r", failure, exc_info=failure)
+    return failure
 
 
 def main(argv: list[str] | None = None) -> int:

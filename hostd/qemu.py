@@ -1,26 +1,41 @@
 """Launching and killing QEMU processes.
 
 QEMU runs daemonized (-daemonize, -pidfile) so it outlives hostd; a restarted hostd finds it by
-its pidfile and QMP socket under the VM's directory in the state dir.
+the files under the VM's directory in the state dir: the identity hostd recorded at launch
+(`qemu.identity`) and the QMP socket. The identity is the process's pid, start time and boot,
+none of which the process can change; its command line and its pidfile it can rewrite, so
+they identify it only in a directory an older hostd wrote, which has no record.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
+import json
 import os
 import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple, TypeGuard
 
 from hostd import migration_tls
 from hostd.errors import LaunchFailed
-from whimbrel import priority
+from whimbrel import files, priority
 from whimbrel.v1 import common_pb2
 
 QEMU = os.environ.get("WHIMBREL_QEMU", "qemu-system-x86_64")
+# Linux's largest pid_max: a larger number in a file names no process (and overflows kill()).
+PID_MAX_LIMIT = 1 << 22
+# What hostd reads of the pidfile and of its own record, which are far smaller: a file of
+# megabytes there is not one they wrote.
+MAX_PIDFILE_BYTES = 32
+MAX_IDENTITY_BYTES = 1024
+# /proc/PID/stat: the start time is field 22, counted here from field 3, the first after the
+# command name (which may hold spaces and parentheses).
+_STAT_START_TIME = 22 - 3
 
 
 def opt(value: object) -> str:
@@ -44,6 +59,28 @@ class VmPaths:
     @property
     def log(self) -> Path:
         return self.root / "qemu.log"
+
+    @property
+    def identity(self) -> Path:
+        return self.root / "qemu.identity"
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A process as no other process is, before or after it: its pid, its start time (clock
+    ticks after boot) and the boot. A pid reused by another process has another start time."""
+
+    pid: int
+    start_time: int
+    boot_id: str
+
+
+class Found(NamedTuple):
+    """The VM's QEMU as its files name it: its pid (0: none named), and whether that process
+    still runs as the one hostd launched."""
+
+    pid: int
+    runs: bool
 
 
 def tap_name(host_id: str, vm: str, index: int) -> str:
@@ -149,18 +186,10 @@ def command_line(
 
 async def launch(args: list[str], paths: VmPaths, vm: str, pass_fds: Sequence[int] = ()) -> int:
     """Start QEMU daemonized, with the descriptors `pass_fds` open at the same numbers; returns
-    its pid once the pidfile exists."""
+    its pid once the pidfile exists, with the process's identity recorded."""
     paths.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-    running = read_pid(paths)
-    if running is not None and alive(running) and started_with(running, paths):
-        # An orphan (its QMP unreachable, or a hostd that lost track of it): its files are
-        # all there is to find it by, and a second QEMU would run the same disks.
-        raise LaunchFailed(
-            f"QEMU {running} of {vm} still runs; refusing to start a second one", vm=vm
-        )
-    for stale in (paths.pidfile, paths.qmp, paths.log):
-        with contextlib.suppress(FileNotFoundError):
-            stale.unlink()
+    _refuse_a_second(paths, vm)
+    _remove_stale(paths, vm)
     # At nice 0 in a session of its own: the VM does not inherit hostd's priority.
     proc = await asyncio.create_subprocess_exec(
         *priority.at_normal_priority(args),
@@ -177,25 +206,153 @@ async def launch(args: list[str], paths: VmPaths, vm: str, pass_fds: Sequence[in
         with contextlib.suppress(FileNotFoundError):
             text = (text + "\n" + paths.log.read_text(errors="replace")).strip()
         raise LaunchFailed(f"QEMU exited with {proc.returncode}: {text}", vm=vm)
-    pid = read_pid(paths)
+    try:
+        pid = read_pid(paths)
+    except OSError as err:
+        raise LaunchFailed(f"QEMU started but its pidfile is unreadable: {err}", vm=vm) from err
     if pid is None:
         raise LaunchFailed("QEMU started but wrote no pidfile", vm=vm)
+    await _record_launched(pid, paths, vm)
     return pid
 
 
-def read_pid(paths: VmPaths) -> int | None:
-    """The pid QEMU wrote, or None. Only a pid that can be a QEMU's is taken: 0, -1 or 1
-    handed to kill() would signal hostd's own process group, every process, or init."""
+def _refuse_a_second(paths: VmPaths, vm: str) -> None:
+    """Refuse a launch while the VM's last QEMU may still run: an orphan (its QMP unreachable,
+    or a hostd that lost track of it) is found only by its files, and a second QEMU would run
+    the same disks."""
     try:
-        pid = int(paths.pidfile.read_text().strip())
-    except (FileNotFoundError, ValueError):
+        found = find(paths)
+    except (OSError, ValueError) as err:
+        raise LaunchFailed(
+            f"cannot tell whether a QEMU of {vm} still runs ({err}); refusing to start one", vm=vm
+        ) from err
+    if found.runs:
+        raise LaunchFailed(
+            f"QEMU {found.pid} of {vm} still runs; refusing to start a second one", vm=vm
+        )
+
+
+def _remove_stale(paths: VmPaths, vm: str) -> None:
+    """Remove the files of the VM's last QEMU, the record first: a hostd that dies before it
+    records the new QEMU then finds it by its pidfile, not as gone by the old record."""
+    for stale in (paths.identity, paths.pidfile, paths.qmp, paths.log):
+        try:
+            stale.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as err:
+            raise LaunchFailed(f"cannot remove the stale {stale}: {err}", vm=vm) from err
+
+
+async def _record_launched(pid: int, paths: VmPaths, vm: str) -> None:
+    """Record the identity of QEMU `pid`, just launched. A QEMU hostd could not record would
+    be taken for gone by a restarted hostd while it runs the VM's disks: it is killed."""
+    identity = identify(pid)
+    if identity is None:
+        return  # already gone: the exit watch reports it
+    try:
+        record_identity(paths, identity)
+    except OSError as err:
+        await kill(pid)
+        raise LaunchFailed(
+            f"QEMU {pid} killed: its identity could not be recorded: {err}", vm=vm
+        ) from err
+
+
+def find(paths: VmPaths) -> Found:
+    """The VM's QEMU, by the identity hostd recorded at launch; in a directory an older hostd
+    wrote (no record), by the pidfile and its path on the process's command line. A file
+    there that cannot be read or understood raises OSError or ValueError: it says nothing
+    about whether QEMU still runs."""
+    recorded = read_identity(paths)
+    if recorded is not None:
+        runs = alive(recorded.pid) and identify(recorded.pid) == recorded
+        return Found(recorded.pid, runs)
+    pid = read_pid(paths)
+    if pid is None:
+        return Found(0, runs=False)
+    return Found(pid, alive(pid) and started_with(pid, paths))
+
+
+def identify(pid: int) -> Identity | None:
+    """Process `pid`'s identity, None once it is gone."""
+    stat = _proc_text(pid, "stat")
+    if stat is None:
         return None
-    return pid if pid > 1 else None
+    start_time = int(stat.rsplit(")", 1)[1].split()[_STAT_START_TIME])
+    return Identity(pid, start_time, _boot_id())
+
+
+def _boot_id() -> str:
+    return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+
+
+def record_identity(paths: VmPaths, identity: Identity) -> None:
+    """Keep `identity` as the VM's QEMU, whole or not at all (a crash leaves the old record)."""
+    data = json.dumps(dataclasses.asdict(identity)).encode()
+    files.write_atomically(paths.identity, data)
+
+
+def read_identity(paths: VmPaths) -> Identity | None:
+    """The identity hostd recorded, None when there is no record; ValueError for a record
+    hostd did not write."""
+    data = _read_small(paths, paths.identity.name, MAX_IDENTITY_BYTES)
+    if data is None:
+        return None
+    fields = json.loads(data)
+    if not isinstance(fields, dict) or set(fields) != {"pid", "start_time", "boot_id"}:
+        raise ValueError(f"{paths.identity}: not a QEMU identity")
+    pid, start_time, boot_id = fields["pid"], fields["start_time"], fields["boot_id"]
+    if not (_is_pid(pid) and _is_whole(start_time) and isinstance(boot_id, str)):
+        raise ValueError(f"{paths.identity}: not a QEMU identity")
+    return Identity(pid, start_time, boot_id)
+
+
+def read_pid(paths: VmPaths) -> int | None:
+    """The pid QEMU wrote, or None (no pidfile, or no pid in it). Only a pid that can be a
+    QEMU's is taken: 0, -1 or 1 handed to kill() would signal hostd's own process group,
+    every process, or init. A pidfile that cannot be read raises OSError."""
+    try:
+        data = _read_small(paths, paths.pidfile.name, MAX_PIDFILE_BYTES)
+        pid = int(data.decode("ascii").strip()) if data is not None else None
+    except ValueError:
+        return None
+    return pid if _is_pid(pid) else None
+
+
+def _read_small(paths: VmPaths, name: str, limit: int) -> bytes | None:
+    """File `name` in the VM's directory, None when there is none. Opened by files.open_in:
+    never through a symlink, and no FIFO (which would block hostd's event loop for good) or
+    other file that is not a regular one. More than `limit` bytes raise ValueError."""
+    try:
+        dir_fd = files.open_dir(paths.root)
+    except FileNotFoundError:
+        return None
+    try:
+        fd = files.open_in(dir_fd, name, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    finally:
+        os.close(dir_fd)
+    with open(fd, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{paths.root / name} holds more than {limit} bytes")
+    return data
+
+
+def _is_whole(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_pid(value: object) -> TypeGuard[int]:
+    return _is_whole(value) and 1 < value <= PID_MAX_LIMIT
 
 
 def started_with(pid: int, paths: VmPaths) -> bool:
     """Whether process `pid` is a QEMU started with these paths (a pid in a stale pidfile may
-    have been reused by another process)."""
+    have been reused by another process). Only for a VM directory without hostd's record: a
+    QEMU can change its own command line."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
