@@ -274,6 +274,17 @@ def find(paths: VmPaths) -> Found:
     return Found(pid, alive(pid) and started_with(pid, paths))
 
 
+def still_recorded(paths: VmPaths, pid: int) -> bool:
+    """Whether process `pid` is still the QEMU recorded at launch, as far as the record tells
+    (without a record of `pid`, there is nothing to tell it by). Asked once a pidfd holds the
+    process: between an earlier check and the pidfd, the QEMU may have died and its pid gone
+    to another process, which a kill through that pidfd would then hit."""
+    recorded = read_identity(paths)
+    if recorded is None or recorded.pid != pid:
+        return True
+    return identify(pid) == recorded
+
+
 def identify(pid: int) -> Identity | None:
     """Process `pid`'s identity, None once it is gone."""
     stat = _proc_text(pid, "stat")

@@ -157,6 +157,11 @@ class VmRuntime:
             self._pidfd = os.pidfd_open(pid)
         except ProcessLookupError:
             self._pidfd = -1  # already gone: the watch reports it at once
+        else:
+            if not qemu.still_recorded(self.paths, pid):
+                # The QEMU died and another process took its pid: not ours to watch or kill.
+                os.close(self._pidfd)
+                self._pidfd = -1
         self._watch = asyncio.create_task(self._watch_exit(), name=f"exit-watch-{self.name}")
 
     async def attach(self, pid: int) -> None:
@@ -568,8 +573,8 @@ class VmRuntime:
                     f"QEMU {self.pid} did not die after SIGKILL", vm=self.name
                 ) from None
             return
-        if not await qemu.kill(self.pid):
-            raise HostdError(f"QEMU {self.pid} did not die after SIGKILL", vm=self.name)
+        # No pidfd: the QEMU was gone when it was to be held, and the watch reports that at
+        # once. Its pid may be another process's by now: never signalled.
         await self.exited.wait()
 
     async def quit(self, reason: str, limit: float = 10.0) -> None:

@@ -229,3 +229,22 @@ def test_identify_reads_start_time_and_boot_of_a_live_process() -> None:
         os.kill(process.pid, signal.SIGKILL)
         process.wait()
     assert qemu.identify(process.pid) is None
+
+
+async def test_a_pid_reused_before_it_is_held_is_never_watched_nor_killed(tmp_path: Path) -> None:
+    """Between the check that found the QEMU running and the pidfd that holds it, the QEMU may
+    die and its pid go to another process. Checked again once the pidfd is held: the other
+    process is not watched as the VM's QEMU, and a destroy does not kill it."""
+    runtime = _vm_dir(tmp_path / "state")
+    with decoy(runtime.paths) as other:
+        identity = qemu.identify(other.pid)
+        assert identity is not None
+        # The record of a QEMU that had this pid before `other` did.
+        qemu.record_identity(
+            runtime.paths, qemu.Identity(other.pid, identity.start_time - 1, identity.boot_id)
+        )
+        runtime.track(other.pid)
+        await asyncio.wait_for(runtime.exited.wait(), 5)  # reported gone at once
+        await runtime.kill("destroyed")
+        assert other.poll() is None  # still running
+        await runtime.close()
