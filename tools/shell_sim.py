@@ -264,11 +264,8 @@ class Hostd:
 
     def qemu_pid(self) -> int:
         """The pid of the VM's QEMU alive on this host, else 0."""
-        paths = qemu.VmPaths(self.state_dir / "vms" / VM)
-        pid = qemu.read_pid(paths)
-        if pid is not None and qemu.alive(pid) and qemu.started_with(pid, paths):
-            return pid
-        return 0
+        found = qemu.find(qemu.VmPaths(self.state_dir / "vms" / VM))
+        return found.pid if found.runs else 0
 
     async def close(self) -> None:
         self.cont()

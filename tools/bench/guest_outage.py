@@ -207,14 +207,9 @@ class GuestDirectSide(DirectSide):
         super().__init__(root, postcopy, None, make)
 
     def qemus(self) -> list[int]:
-        """The baseline's live QEMUs, by their pidfiles."""
-        pids = []
-        for host in HOSTS:
-            paths = qemu.VmPaths(self.root / host / VM)
-            pid = qemu.read_pid(paths)
-            if pid is not None and qemu.alive(pid) and qemu.started_with(pid, paths):
-                pids.append(pid)
-        return pids
+        """The baseline's live QEMUs, as hostd would find them."""
+        found = [qemu.find(qemu.VmPaths(self.root / host / VM)) for host in HOSTS]
+        return [f.pid for f in found if f.runs]
 
     def close(self) -> None:
         try:
