@@ -30,7 +30,7 @@ from hostd.executor import Executor
 from hostd.guard import Guard
 from hostd.store import HostStore
 from hostd.vm import VmRuntime
-from whimbrel import failpoints
+from whimbrel import failpoints, validate
 from whimbrel.protocol import VERSION, kind_label, wrap
 from whimbrel.tls import TlsError, TlsFiles, aio_channel, check_server_principal
 from whimbrel.v1 import common_pb2, events_pb2, host_pb2, host_pb2_grpc
@@ -96,6 +96,14 @@ def _batches(events: list[host_pb2.HostEvent]) -> Iterator[list[host_pb2.HostEve
         size += event_size
     if batch:
         yield batch
+
+
+def _vm_name(name: str) -> bool:
+    try:
+        validate.check_name("VM", name)
+    except validate.Invalid:
+        return False
+    return True
 
 
 def _put_batches(
@@ -207,14 +215,15 @@ class Agent:
             except Exception as err:
                 log.error("%s: VM state not understood, left as it is: %r", root, err)
                 log.debug("%s: reattach failure", root, exc_info=True)
+                if _vm_name(root.name):  # no VM has another name; none could run as one
+                    self.executor.unreadable[root.name] = repr(err)
 
     async def _reattach_vm(self, root: Path) -> None:
         if not (root / "spec.pb").exists():
             return
         runtime = VmRuntime.load(root, self.emit)
         if runtime.name != root.name:
-            log.error("%s: holds the spec of VM %r, skipped", root, runtime.name)
-            return
+            raise ValueError(f"holds the spec of VM {runtime.name!r}")
         found = qemu.find(runtime.paths)
         if found.runs:
             await self._watch_again(runtime, found.pid)
@@ -267,6 +276,13 @@ class Agent:
         # Concurrently: each is bounded (SNAPSHOT_LIMIT_S), and the hello waits for them all.
         runtimes = list(self.executor.vms.values())
         snapshots = await asyncio.gather(*(runtime.snapshot() for runtime in runtimes))
+        # A VM whose state could not be read may have a QEMU here: said to, never left out (a
+        # VM missing from a hello is read as gone, and then started elsewhere).
+        snapshots += [
+            common_pb2.VmObservation(vm=name, process_alive=True, qmp_reachable=False)
+            for name in sorted(self.executor.unreadable)
+            if name not in self.executor.vms
+        ]
         last_acked = (
             max((e.seq for e in self.pending if e.generation == self.generation), default=0) - 1
         )

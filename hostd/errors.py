@@ -38,6 +38,10 @@ class LaunchFailed(HostdError):
     pass
 
 
+class QemuMayRun(LaunchFailed):
+    """A launch refused because a QEMU of the VM runs here, or cannot be ruled out."""
+
+
 class LeaseError(HostdError):
     pass
 

@@ -20,7 +20,7 @@ from typing import Any
 from hostd import migration_tls, qemu
 from hostd.drivers.lease import LeaseDriver
 from hostd.drivers.network import NetworkDriver
-from hostd.errors import CommandRejected, HostdError, LeaseError
+from hostd.errors import CommandRejected, HostdError, LeaseError, QemuMayRun
 from hostd.guard import Guard, check_migration_uri, check_names
 from hostd.migration_tls import MigrationTls
 from hostd.vm import Emit, VmRuntime
@@ -75,6 +75,10 @@ class Executor:
     network: NetworkDriver
     emit: Emit
     vms: dict[str, VmRuntime] = field(default_factory=dict)
+    # VMs whose state this hostd could not read at its start (name -> why): a QEMU of theirs
+    # may run, so no command touches them (a destroy that found "nothing here" would give up
+    # the lease while it runs) until an operator repairs the state and restarts hostd.
+    unreadable: dict[str, str] = field(default_factory=dict)
     # A fixed incoming port (0: a free one per migration), and the HOST[:PORT] sources are told
     # to connect to when it differs from where QEMU listens (NAT, a relay).
     migration_port: int = 0
@@ -108,6 +112,13 @@ class Executor:
             raise CommandRejected(f"unknown command kind {command.kind}", vm=command.vm)
         # Before anything acts: names become file names here and in the shared lockspace.
         check_names(command)
+        if command.vm in self.unreadable:
+            raise CommandRejected(
+                f"the state of {command.vm} on {self.host_id} could not be read at hostd's start "
+                f"({self.unreadable[command.vm]}); its QEMU may run: repair or remove "
+                f"{self.state_dir / 'vms' / command.vm} and restart hostd",
+                vm=command.vm,
+            )
         runtime = self.vms.get(command.vm)
         if runtime is not None and command.kind in DISARMING:
             # The coordinator has changed course (a rollback takes the lease back before it
@@ -227,6 +238,8 @@ class Executor:
             runtime = await self._launch(c, role="", resolved=resolved)
             await self._network("prepare", runtime, K.NETWORK_STATE_PREPARED)
             await self._network("enable", runtime, K.NETWORK_STATE_ENABLED)
+        except QemuMayRun:
+            raise  # the lease stays here, where a QEMU of the VM may run: no host starts another
         except BaseException:
             await self._release_lease(vm)
             raise

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import NamedTuple, TypeGuard
 
 from hostd import migration_tls
-from hostd.errors import LaunchFailed
+from hostd.errors import LaunchFailed, QemuMayRun
 from whimbrel import files, priority
 from whimbrel.v1 import common_pb2
 
@@ -223,11 +223,11 @@ def _refuse_a_second(paths: VmPaths, vm: str) -> None:
     try:
         found = find(paths)
     except (OSError, ValueError) as err:
-        raise LaunchFailed(
+        raise QemuMayRun(
             f"cannot tell whether a QEMU of {vm} still runs ({err}); refusing to start one", vm=vm
         ) from err
     if found.runs:
-        raise LaunchFailed(
+        raise QemuMayRun(
             f"QEMU {found.pid} of {vm} still runs; refusing to start a second one", vm=vm
         )
 

@@ -21,7 +21,7 @@ from hostd.agent import Agent
 from hostd.drivers.network import NullNetworkDriver
 from hostd.errors import LaunchFailed
 from hostd.vm import VmRuntime
-from whimbrel.v1 import common_pb2
+from whimbrel.v1 import common_pb2, events_pb2, host_pb2
 
 # Stands in for a QEMU that a guest took over: it daemonizes as QEMU does (the launcher exits
 # once the pidfile is written) and the daemon then execs another program under its pid, so
@@ -248,3 +248,28 @@ async def test_a_pid_reused_before_it_is_held_is_never_watched_nor_killed(tmp_pa
         await runtime.kill("destroyed")
         assert other.poll() is None  # still running
         await runtime.close()
+
+
+async def test_a_start_refused_beside_a_running_qemu_keeps_the_lease(tmp_path: Path) -> None:
+    """START_VM took the lease, then the launch was refused because a QEMU of the VM still
+    ran here, untracked: the refusal gave the lease up, and nothing then kept another host from
+    starting a second QEMU on the same disks. The lease stays where a QEMU may run."""
+    state = tmp_path / "state"
+    paths = _vm_dir(state).paths
+    async with hiding_qemu(tmp_path, paths) as pid:
+        agent = Agent("h1", "127.0.0.1:1", state, tmp_path / "locks", "127.0.0.1",
+                      NullNetworkDriver())  # fmt: skip
+        try:
+            start = host_pb2.Command(
+                command_id="c-1", vm="vm-1", kind=events_pb2.COMMAND_KIND_START_VM,
+                args=events_pb2.CommandArgs(
+                    spec=common_pb2.VmSpec(name="vm-1", memory_mib=64, vcpus=1),
+                    lease_generation=1,
+                ),
+            )  # fmt: skip
+            with pytest.raises(LaunchFailed, match=f"QEMU {pid} of vm-1 still runs"):
+                await agent.executor.run(start)
+            held = agent.executor.lease.read("vm-1")
+            assert (held.holder, held.generation) == ("h1", 1)
+        finally:
+            await agent.close()

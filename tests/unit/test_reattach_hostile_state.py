@@ -17,8 +17,9 @@ import pytest
 from hostd import qemu
 from hostd.agent import Agent
 from hostd.drivers.network import NullNetworkDriver
+from hostd.errors import CommandRejected
 from hostd.vm import VmRuntime
-from whimbrel.v1 import common_pb2
+from whimbrel.v1 import common_pb2, events_pb2, host_pb2
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -113,6 +114,34 @@ async def test_a_bad_file_skips_its_own_vm_only_and_forgets_nothing(
         for paths in bad.values():
             assert (paths.root / "spec.pb").exists()
             assert str(paths.root) in logged
+    finally:
+        await agent.close()
+
+
+async def test_a_vm_whose_state_cannot_be_read_is_said_present_and_never_touched(
+    tmp_path: Path,
+) -> None:
+    """Left out of the hello, such a VM was read as gone by the coordinator, which then
+    started it again: the START_VM here was refused (its QEMU still ran), but the refusal gave
+    the lease up, and nothing kept a start elsewhere from running a second QEMU on its disks.
+    It is now in the hello as a QEMU that runs (QMP unreachable), and every command for it is
+    refused, a destroy included (which gave up the lease of a VM it found no QEMU for)."""
+    bad = _vm_dir(tmp_path / "state", "bad")
+    _spoil(bad, "role-not-utf8")
+    agent = _agent(tmp_path)
+    lease = agent.executor.lease
+    await lease.acquire("bad", "h1", 1)
+    try:
+        await agent.reattach()
+        hello = await agent.hello()
+        observed = {o.vm: (o.process_alive, o.qmp_reachable) for o in hello.vms}
+        assert observed == {"bad": (True, False)}
+        for kind in (events_pb2.COMMAND_KIND_DESTROY_VM, events_pb2.COMMAND_KIND_START_VM):
+            command = host_pb2.Command(command_id=f"c-{kind}", vm="bad", kind=kind)
+            with pytest.raises(CommandRejected, match="could not be read at hostd's start"):
+                await agent.executor.run(command)
+        held = lease.read("bad")
+        assert (held.holder, held.generation) == ("h1", 1)
     finally:
         await agent.close()
 
