@@ -25,7 +25,7 @@ from google.protobuf.message import Message
 from hostd import qemu, tracing
 from hostd.drivers.lease import FileLeaseDriver
 from hostd.drivers.network import NetworkDriver
-from hostd.errors import CommandRejected, HostdError, QmpError
+from hostd.errors import CommandRejected, HostdError, QmpError, sendable
 from hostd.executor import Executor
 from hostd.guard import Guard
 from hostd.store import HostStore
@@ -70,7 +70,12 @@ def failed(c: host_pb2.Command, error: str, **fields: Any) -> events_pb2.EventPa
     """The CommandFailed answer to `c`."""
     return wrap(
         events_pb2.CommandFailed(
-            command_id=c.command_id, attempt=c.attempt, kind=c.kind, vm=c.vm, error=error, **fields
+            command_id=c.command_id,
+            attempt=c.attempt,
+            kind=c.kind,
+            vm=c.vm,
+            error=sendable(error),
+            **fields,
         )
     )
 

@@ -52,3 +52,10 @@ class NetworkError(HostdError):
 
 class CommandRejected(HostdError):
     pass
+
+
+def sendable(text: str) -> str:
+    """`text` as a protobuf string can carry it. JSON can carry lone surrogates (a QEMU's
+    error text, say), which protobuf refuses: a message with one could not be built, and the
+    event or answer carrying it would never be sent. They become "?"."""
+    return text.encode("utf-8", "replace").decode("utf-8")

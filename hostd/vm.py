@@ -23,7 +23,7 @@ from typing import Any
 from google.protobuf.message import Message
 
 from hostd import migration_socket, qemu
-from hostd.errors import HostdError, QmpError, QmpUnavailable
+from hostd.errors import HostdError, QmpError, QmpUnavailable, sendable
 from hostd.event_budget import DROPPED_EVENT, REPORT_EVERY_S, RecordBudget
 from hostd.qmp import QmpSession
 from whimbrel import failpoints, files, protocol
@@ -526,7 +526,7 @@ class VmRuntime:
             info = await asyncio.wait_for(self.query("query-migrate"), SNAPSHOT_LIMIT_S)
         except (HostdError, TimeoutError):
             return
-        error = str(info.get("error-desc", ""))[:MAX_ERROR_TEXT]
+        error = sendable(str(info.get("error-desc", ""))[:MAX_ERROR_TEXT])
         if error:
             failed = events_pb2.MigrationStatsSampled(
                 vm=self.name, status="failed", error_desc=error
@@ -609,9 +609,12 @@ class VmRuntime:
 
 
 def _status(value: object) -> str:
-    """A status word from QEMU's answers (query-status, query-migrate): a short string, else
-    "" (a hello carries every VM's, and one of megabytes would have it refused for good)."""
-    return value if isinstance(value, str) and len(value) <= MAX_STATUS else ""
+    """A status word from QEMU's answers (query-status, query-migrate): a short ASCII string,
+    else "". A hello carries every VM's: one of megabytes had it refused for good, and one
+    protobuf cannot carry (a lone surrogate) had it never built."""
+    if isinstance(value, str) and len(value) <= MAX_STATUS and value.isascii():
+        return value
+    return ""
 
 
 def _count(value: object) -> int:

@@ -11,6 +11,7 @@ import json
 import socket
 import sys
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -33,17 +34,23 @@ def line(message: object) -> bytes:
     return json.dumps(message).encode() + b"\n"
 
 
+# What a client sent beyond the command last read, per connection: two commands can come in
+# one read.
+_unread: weakref.WeakKeyDictionary[asyncio.StreamReader, str] = weakref.WeakKeyDictionary()
+
+
 async def request(reader: asyncio.StreamReader) -> dict[str, object]:
     """The next command the client sent (QMP clients need not end one with a newline)."""
-    buffer = b""
+    buffer = _unread.pop(reader, "")
     while True:
+        with contextlib.suppress(ValueError):
+            message, end = json.JSONDecoder().raw_decode(buffer.lstrip())
+            _unread[reader] = buffer.lstrip()[end:]
+            return dict(message)
         chunk = await reader.read(65536)
         if not chunk:
             raise ConnectionError("client went away")
-        buffer += chunk
-        with contextlib.suppress(ValueError):
-            message, _ = json.JSONDecoder().raw_decode(buffer.decode())
-            return dict(message)
+        buffer += chunk.decode()
 
 
 async def hostile_peer(
@@ -109,14 +116,15 @@ def _event(name: str, data: object, seconds: object = 1) -> bytes:
 Peer = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
-def _answers_then_sends(*events: bytes) -> Peer:
-    """A QEMU that answers every command and, after the first, sends `events` at once."""
+def _answers_then_sends(*events: bytes, answer: object = None) -> Peer:
+    """A QEMU that answers every command (with `answer`, default {}) and, after the first,
+    sends `events` at once."""
 
     async def peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         sent = False
         while True:
             command = await request(reader)
-            writer.write(line({"return": {}, "id": command.get("id")}))
+            writer.write(line({"return": answer or {}, "id": command.get("id")}))
             if not sent:
                 writer.writelines(events)
                 sent = True
@@ -172,6 +180,12 @@ _POLITE: dict[str, Peer] = {
     # A QEMU taken over, sending the events hostd acts on without end.
     "stop-flood": _answers_then_sends(*[_event("STOP", {})] * STOP_FLOOD),
     "long-statuses": _answers_with({"status": "x" * 100_000}),
+    # A lone surrogate, which JSON carries and protobuf refuses, in a status and an error text.
+    "surrogates": _answers_then_sends(
+        _event("MIGRATION", {"status": "failed"}),
+        _event("STOP", {}),
+        answer={"status": "\ud800", "error-desc": "bad \ud800 peer"},
+    ),
 }
 
 
@@ -572,3 +586,34 @@ async def test_a_quit_qemu_never_answers_is_killed_on_time(
     async with attached(tmp_path, process, "silent", reported) as runtime:
         await asyncio.wait_for(runtime.quit("stopped", limit=0.3), 5)
         assert await asyncio.wait_for(process.wait(), 5) == -9
+
+
+async def test_text_protobuf_cannot_carry_is_no_reason_to_lose_a_hello_or_an_event(
+    tmp_path: Path, process: asyncio.subprocess.Process
+) -> None:
+    """A lone surrogate (JSON carries it, protobuf refuses it) in a status broke the snapshot,
+    and with it every hello: the host out of reach for good. In a failure's error text it lost
+    the MIGRATION failed event itself."""
+    reported = Reported()
+    async with attached(tmp_path, process, "surrogates", reported) as runtime:
+        await asyncio.wait_for(reported.stopped.wait(), 10)
+        observation = await runtime.snapshot()
+    assert observation.qmp_reachable and observation.runstate == ""
+    statuses = [
+        p.status for p in reported.payloads if isinstance(p, events_pb2.MigrationStatsSampled)
+    ]
+    assert "failed" in statuses
+    failed = [p for p in reported.payloads if isinstance(p, events_pb2.MigrationStatsSampled)]
+    assert failed[-1].error_desc == "bad ? peer"
+    assert [e.event for e in _qmp_events(reported)] == ["MIGRATION", "STOP"]
+
+
+def test_a_command_failing_with_such_text_is_still_answered() -> None:
+    """QEMU's error text goes into the command's answer: with a lone surrogate it could not be
+    built, and the command was never answered."""
+    from hostd.agent import failed
+    from whimbrel.v1 import host_pb2
+
+    command = host_pb2.Command(command_id="c-1", vm="vm-1", kind=events_pb2.COMMAND_KIND_STOP_VM)
+    answer = failed(command, "QEMU said: bad \ud800 peer")
+    assert answer.command_failed.error == "QEMU said: bad ? peer"
