@@ -7,8 +7,8 @@ for as long as it likes. Those go up at a bounded rate (a token bucket).
 The events hostd and the coordinator act on come a few per migration or power change from a
 QEMU that behaves; a guest that took QEMU over can send any number. Those have a bucket of
 their own, far larger: past it they are dropped as well, and hostd then reads the VM's state
-from QEMU afresh and reports that instead (`take_acted_on_dropped`), so what was acted on
-stays true without every event of a flood in the log.
+from QEMU afresh and reports that instead (`VmRuntime`), so what was acted on stays true
+without every event of a flood in the log.
 
 Dropped events are counted, and hostd reports the counts once per period as one DROPPED_EVENT
 (`VmRuntime`).
@@ -29,8 +29,8 @@ BURST = 20
 RATE_PER_S = 5.0
 # Events acted on: a migration's whole life (setup, passes, statuses, STOP, RESUME) within the
 # burst many times over, then this many a second.
-ACTED_ON_BURST = 200
-ACTED_ON_RATE_PER_S = 20.0
+ACTED_ON_BURST = 500
+ACTED_ON_RATE_PER_S = 50.0
 # How often the counts of dropped events are reported (while any are dropped).
 REPORT_EVERY_S = 1.0
 # Not QEMU's: hostd's report of what it dropped, {"dropped": {EVENT: count}, "period_s": ...}.
@@ -73,7 +73,6 @@ class RecordBudget:
         self._record_only = _Bucket(rate_per_s, burst, clock)
         self._acted_on = _Bucket(acted_on_rate_per_s, acted_on_burst, clock)
         self._dropped: Counter[str] = Counter()
-        self._acted_on_dropped = False
 
     def admit(self, event: str) -> bool:
         """Whether QMP event `event` goes up now; one that does not is counted."""
@@ -81,13 +80,7 @@ class RecordBudget:
         if (self._acted_on if acted_on else self._record_only).take():
             return True
         self._dropped[event] += 1
-        self._acted_on_dropped |= acted_on
         return False
-
-    def take_acted_on_dropped(self) -> bool:
-        """Whether an event acted on was dropped since the last call."""
-        dropped, self._acted_on_dropped = self._acted_on_dropped, False
-        return dropped
 
     def take_dropped(self) -> dict[str, int]:
         """The counts dropped since the last call, by event name: the most dropped ones, the

@@ -46,7 +46,8 @@ _QEMU_GONE = _QemuGoneFilter()
 
 # (event name, data, QEMU timestamp in microseconds since the Unix epoch)
 EventSink = Callable[[str, dict[str, Any], int], Awaitable[None]]
-# Told how many events were dropped since it was last told (the queue was full).
+# Told how many events were dropped since it was last told (the queue was full, or the
+# consumer dropped them itself: `QmpSession.dropped`).
 OverflowSink = Callable[[int], None]
 
 # Events read from QEMU and not yet handled, at most. Handling keeps up with any QEMU that
@@ -166,6 +167,11 @@ class QmpSession:
             raise
         except Exception:
             log.getChild(self.vm).exception("event forwarding failed")
+
+    def dropped(self) -> None:
+        """The consumer dropped an event it was handed: it is told, as of events dropped
+        beyond the queue, once the events queued now are handled."""
+        self._client.dropped += 1
 
     async def execute(
         self, command: str, arguments: Mapping[str, object] | None = None, *, oob: bool = False

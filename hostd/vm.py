@@ -109,6 +109,9 @@ class VmRuntime:
         # TCP_NODELAY (hostd.migration_socket).
         self.nodelay_for = ""
         self._drop_report: asyncio.Task[None] | None = None
+        # Reading QEMU's state afresh after dropped events, and whether another read is due.
+        self._afresh: asyncio.Task[None] | None = None
+        self._afresh_wanted = False
         self._progress_watch: asyncio.Task[None] | None = None
 
     def save(self) -> None:
@@ -300,6 +303,8 @@ class VmRuntime:
         if not self._record_budget.admit(name):
             if self._drop_report is None:
                 self._drop_report = asyncio.create_task(self._report_dropped_later())
+            if name in protocol.QMP_EVENTS_ACTED_ON and self.qmp is not None:
+                self.qmp.dropped()  # QEMU's state is read afresh instead (_events_dropped)
             return
         if name == "MIGRATION" and data.get("status") == "failed":
             # Why, in QEMU's words, reaches the log before the failure it explains, so the
@@ -322,18 +327,10 @@ class VmRuntime:
         elif name in ("STOP", "RESUME"):
             self.stopped = name == "STOP"
             self.running = name == "RESUME"
-        self._signal_change()
-        if self.continue_at_pre_switchover and name in ("MIGRATION", "STOP"):
-            self.maybe_continuing_switchover()
-        if self.at_switchover is not None and name in ("MIGRATION", "STOP"):
-            await self.maybe_switching_over()
-        if (
-            self.at_incoming_postcopy is not None
-            and name == "MIGRATION"
-            and self.migration_status == "postcopy-active"
-        ):
-            action, self.at_incoming_postcopy = self.at_incoming_postcopy, None
-            self._beside(action())
+        if name in ("MIGRATION", "STOP"):
+            await self._act_on_state()
+        else:
+            self._signal_change()
         # Progress samples serve the pre-copy policy; during the switch they would only
         # compete with the handoff for QMP and CPU.
         if self.role != "source":
@@ -459,20 +456,39 @@ class VmRuntime:
             vm=self.name, event=DROPPED_EVENT, data_json=json.dumps(data, sort_keys=True)
         )
         await self.emit(payload, time.time_ns() // 1000)
-        if self._record_budget.take_acted_on_dropped():
-            await self._read_afresh("events acted on were dropped beyond their budget")
+
+    async def _act_on_state(self) -> None:
+        """What this hostd was asked to do by itself at a point of the migration (continue at
+        pre-switchover, release at the switchover, enable networking at a destination's
+        postcopy-active), once the state says it is there; and wake whoever waits on it."""
+        self._signal_change()
+        if self.continue_at_pre_switchover:
+            self.maybe_continuing_switchover()
+        if self.at_switchover is not None:
+            await self.maybe_switching_over()
+        if self.at_incoming_postcopy is not None and self.migration_status == "postcopy-active":
+            action, self.at_incoming_postcopy = self.at_incoming_postcopy, None
+            self._beside(action())
 
     def _events_dropped(self, count: int) -> None:
-        """QEMU sent events faster than they were handled and `count` were dropped: its state
-        is read afresh instead (the queue is empty now, so nothing older follows it)."""
-        self._beside(self._read_afresh(f"{count} events beyond the queue were dropped"))
+        """`count` events were dropped (beyond the event queue, or events acted on beyond
+        their budget): QEMU's state is read afresh instead, now that the events queued before
+        are handled; while drops go on, at most once a period."""
+        self.log.warning("%d QMP events dropped: reading QEMU's state afresh", count)
+        self._afresh_wanted = True
+        if self._afresh is None or self._afresh.done():
+            self._afresh = asyncio.create_task(self._read_afresh())
 
-    async def _read_afresh(self, why: str) -> None:
-        self.log.warning("QMP events lost (%s): reporting QEMU's state as it is now", why)
-        observation = await self.snapshot()
-        await self.emit(
-            events_pb2.VmObserved(observation=observation, reason="qmp-events-dropped"), 0
-        )
+    async def _read_afresh(self) -> None:
+        while self._afresh_wanted:
+            self._afresh_wanted = False
+            observation = await self.snapshot()
+            await self.emit(
+                events_pb2.VmObserved(observation=observation, reason="qmp-events-dropped"), 0
+            )
+            # What the dropped events would have set off (a switchover's release, say).
+            await self._act_on_state()
+            await asyncio.sleep(REPORT_EVERY_S)
 
     def watch_progress(self) -> None:
         """Sample this source's progress every few seconds while it transfers (from its
@@ -593,6 +609,8 @@ class VmRuntime:
         """Stop watching without touching QEMU (hostd shutting down)."""
         if self._drop_report is not None:
             self._drop_report.cancel()
+        if self._afresh is not None:
+            self._afresh.cancel()
         if self._progress_watch is not None:
             self._progress_watch.cancel()
         if self._qmp_watch is not None:

@@ -116,6 +116,21 @@ def _event(name: str, data: object, seconds: object = 1) -> bytes:
 Peer = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
+def _sends_when_asked(command_name: str, events: list[bytes], answer: object) -> Peer:
+    """A QEMU that answers every command with `answer` and sends `events` right after its
+    answer to `command_name`."""
+
+    async def peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            command = await request(reader)
+            writer.write(line({"return": answer, "id": command.get("id")}))
+            if command.get("execute") == command_name:
+                writer.writelines(events)
+            await writer.drain()
+
+    return peer
+
+
 def _answers_then_sends(*events: bytes, answer: object = None) -> Peer:
     """A QEMU that answers every command (with `answer`, default {}) and, after the first,
     sends `events` at once."""
@@ -136,6 +151,7 @@ def _answers_then_sends(*events: bytes, answer: object = None) -> Peer:
 # A guest resetting itself in a loop: this many RESETs at once, then a STOP.
 FLOOD = 300
 STOP_FLOOD = 1000
+PASS_FLOOD = 600
 
 
 def _answers_with(answer: object) -> Peer:
@@ -180,6 +196,14 @@ _POLITE: dict[str, Peer] = {
     # A QEMU taken over, sending the events hostd acts on without end.
     "stop-flood": _answers_then_sends(*[_event("STOP", {})] * STOP_FLOOD),
     "long-statuses": _answers_with({"status": "x" * 100_000}),
+    # A source whose passes use up the budget of events acted on right before its switchover
+    # (its STOP and completed are dropped); asked, QEMU says how it is: stopped, completed.
+    "switch-dropped": _sends_when_asked(
+        "query-name",
+        [_event("MIGRATION_PASS", {"pass": n}) for n in range(PASS_FLOOD)]
+        + [_event("STOP", {}), _event("MIGRATION", {"status": "completed"})],
+        {"status": "completed"},
+    ),
     # A lone surrogate, which JSON carries and protobuf refuses, in a status and an error text.
     "surrogates": _answers_then_sends(
         _event("MIGRATION", {"status": "failed"}),
@@ -505,15 +529,15 @@ async def test_a_flood_of_events_acted_on_is_bounded_and_qemus_state_read_afresh
     reported = Reported()
     async with attached(tmp_path, process, "stop-flood", reported):
         await asyncio.wait_for(reported.read_afresh.wait(), 10)
+        await asyncio.wait_for(reported.drops_reported.wait(), 10)
     events = _qmp_events(reported)
     stops = [e.event for e in events].count("STOP")
     assert ACTED_ON_BURST <= stops < ACTED_ON_BURST + 20, stops
-    (report,) = [e for e in events if e.event == DROPPED_EVENT]
-    assert json.loads(report.data_json)["dropped"] == {"STOP": STOP_FLOOD - stops}
-    # Read afresh after the report: the state as QEMU gives it now.
+    # Read afresh once the events queued before are handled: the state as QEMU gives it now.
     afresh = [p for p in reported.payloads if isinstance(p, events_pb2.VmObserved)]
     assert afresh[-1].reason == "qmp-events-dropped" and afresh[-1].observation.qmp_reachable
-    assert reported.payloads.index(report) < reported.payloads.index(afresh[-1])
+    (report,) = [e for e in _qmp_events(reported) if e.event == DROPPED_EVENT]
+    assert json.loads(report.data_json)["dropped"] == {"STOP": STOP_FLOOD - stops}
 
 
 async def test_events_beyond_the_queue_are_dropped_not_kept_and_then_made_up_for(
@@ -617,3 +641,26 @@ def test_a_command_failing_with_such_text_is_still_answered() -> None:
     command = host_pb2.Command(command_id="c-1", vm="vm-1", kind=events_pb2.COMMAND_KIND_STOP_VM)
     answer = failed(command, "QEMU said: bad \ud800 peer")
     assert answer.command_failed.error == "QEMU said: bad ? peer"
+
+
+async def test_what_dropped_events_would_have_set_off_follows_the_state_read_afresh(
+    tmp_path: Path, process: asyncio.subprocess.Process
+) -> None:
+    """A source armed to release its lease at the switchover: its passes use up the budget, and
+    the STOP and completed that should set off the release are dropped. The state read afresh
+    says stopped and completed, and the release follows from it (it followed only from the
+    events, and waited for the coordinator's fallback in the guest's pause)."""
+    reported = Reported()
+    released = asyncio.Event()
+
+    async def release() -> None:
+        released.set()
+
+    async with attached(tmp_path, process, "switch-dropped", reported) as runtime:
+        runtime.role = "source"
+        runtime.arm_switchover(release)
+        await runtime.execute("query-name")  # the peer's passes, STOP and completed follow
+        await asyncio.wait_for(released.wait(), 10)
+        assert runtime.stopped and runtime.migration_status == "completed"
+    names = [e.event for e in _qmp_events(reported)]
+    assert "STOP" not in names  # dropped, and made up for by the state read afresh
