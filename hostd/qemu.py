@@ -260,18 +260,20 @@ async def _record_launched(pid: int, paths: VmPaths, vm: str) -> None:
 
 
 def find(paths: VmPaths) -> Found:
-    """The VM's QEMU, by the identity hostd recorded at launch; in a directory an older hostd
-    wrote (no record), by the pidfile and its path on the process's command line. A file
+    """The VM's QEMU, by the identity hostd recorded at launch; failing that (a directory an
+    older hostd wrote), by the pidfile and its path on the process's command line. A file
     there that cannot be read or understood raises OSError or ValueError: it says nothing
     about whether QEMU still runs."""
     recorded = read_identity(paths)
-    if recorded is not None:
-        runs = alive(recorded.pid) and identify(recorded.pid) == recorded
-        return Found(recorded.pid, runs)
+    if recorded is not None and alive(recorded.pid) and identify(recorded.pid) == recorded:
+        return Found(recorded.pid, runs=True)
+    # No record, or the one recorded is gone. A QEMU an older hostd started since (a
+    # downgrade, then an upgrade: the older one leaves the record in place) is found the way
+    # that hostd found it; when in doubt, a QEMU runs, which refuses a second one.
     pid = read_pid(paths)
-    if pid is None:
-        return Found(0, runs=False)
-    return Found(pid, alive(pid) and started_with(pid, paths))
+    if pid is not None and alive(pid) and started_with(pid, paths):
+        return Found(pid, runs=True)
+    return Found(recorded.pid if recorded is not None else pid or 0, runs=False)
 
 
 def still_recorded(paths: VmPaths, pid: int) -> bool:

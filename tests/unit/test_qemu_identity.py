@@ -273,3 +273,20 @@ async def test_a_start_refused_beside_a_running_qemu_keeps_the_lease(tmp_path: P
             assert (held.holder, held.generation) == ("h1", 1)
         finally:
             await agent.close()
+
+
+def test_a_qemu_an_older_hostd_started_beside_a_stale_record_is_found(tmp_path: Path) -> None:
+    """After a downgrade, an older hostd launched the VM's QEMU and left the newer one's record
+    of a QEMU since gone; upgraded again, hostd took the VM's QEMU for gone by that record and
+    forgot it while it ran. The pidfile and command line still find it."""
+    paths = qemu.VmPaths(tmp_path)
+    gone = subprocess.Popen(["/bin/sleep", "300"])
+    stale = qemu.identify(gone.pid)
+    gone.kill()
+    gone.wait()
+    assert stale is not None
+    qemu.record_identity(paths, stale)
+    with decoy(paths) as older:
+        paths.pidfile.write_text(f"{older.pid}\n")
+        assert qemu.find(paths) == qemu.Found(older.pid, runs=True)
+    assert qemu.find(paths).runs is False
