@@ -57,6 +57,10 @@ def _vm_dir(state: Path, name: str = "vm-1") -> VmRuntime:
     return runtime
 
 
+def _agent(state: Path, locks: Path) -> Agent:
+    return Agent("h1", "127.0.0.1:1", state, locks, "127.0.0.1", NullNetworkDriver())
+
+
 @contextlib.asynccontextmanager
 async def hiding_qemu(tmp_path: Path, paths: qemu.VmPaths) -> AsyncIterator[int]:
     """Launch the hiding QEMU through hostd's own launch; killed (by its pid) at the end."""
@@ -113,8 +117,7 @@ async def test_reattach_keeps_a_qemu_that_changed_its_command_line(tmp_path: Pat
     state = tmp_path / "state"
     paths = _vm_dir(state).paths
     async with hiding_qemu(tmp_path, paths) as pid:
-        agent = Agent("h1", "127.0.0.1:1", state, tmp_path / "locks", "127.0.0.1",
-                      NullNetworkDriver())  # fmt: skip
+        agent = _agent(state, tmp_path / "locks")
         try:
             await agent.reattach()  # its QMP never answers: tracked all the same
             assert agent.executor.vms["vm-1"].pid == pid
@@ -257,8 +260,7 @@ async def test_a_start_refused_beside_a_running_qemu_keeps_the_lease(tmp_path: P
     state = tmp_path / "state"
     paths = _vm_dir(state).paths
     async with hiding_qemu(tmp_path, paths) as pid:
-        agent = Agent("h1", "127.0.0.1:1", state, tmp_path / "locks", "127.0.0.1",
-                      NullNetworkDriver())  # fmt: skip
+        agent = _agent(state, tmp_path / "locks")
         try:
             start = host_pb2.Command(
                 command_id="c-1", vm="vm-1", kind=events_pb2.COMMAND_KIND_START_VM,
