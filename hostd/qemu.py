@@ -265,7 +265,7 @@ def find(paths: VmPaths) -> Found:
     there that cannot be read or understood raises OSError or ValueError: it says nothing
     about whether QEMU still runs."""
     recorded = read_identity(paths)
-    if recorded is not None and alive(recorded.pid) and identify(recorded.pid) == recorded:
+    if recorded is not None and _runs(recorded):
         return Found(recorded.pid, runs=True)
     # No record, or the one recorded is gone. A QEMU an older hostd started since (a
     # downgrade, then an upgrade: the older one leaves the record in place) is found the way
@@ -284,7 +284,12 @@ def still_recorded(paths: VmPaths, pid: int) -> bool:
     recorded = read_identity(paths)
     if recorded is None or recorded.pid != pid:
         return True
-    return identify(pid) == recorded
+    return _runs(recorded)
+
+
+def _runs(recorded: Identity) -> bool:
+    """Whether the process recorded still runs: its pid alive (no zombie) and still its own."""
+    return alive(recorded.pid) and identify(recorded.pid) == recorded
 
 
 def identify(pid: int) -> Identity | None:
