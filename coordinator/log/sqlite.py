@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -60,6 +61,36 @@ STORE_INSERT = (
     "origin_generation, origin_seq, migration_id, vm, host, payload) "
     f"VALUES ({', '.join('?' * 14)})"
 )
+
+# Rows per insert statement, largest first. sqlite3 releases the GIL around each statement
+# step and takes it back after, so executemany hands the GIL over once per row: with the event
+# loop busy each handover waits, and the writer and the loop convoy. A statement of many rows
+# steps once. The largest size is cut to what the SQLite linked in takes (999 parameters
+# before 3.32, 32766 since).
+_ROWS_PER_INSERT = (256, 64, 16, 4, 1)
+_COLUMNS_PER_ROW = 14
+_ROW_PLACEHOLDERS = f", ({', '.join('?' * _COLUMNS_PER_ROW)})"
+
+
+def insert_rows(conn: sqlite3.Connection, values: list[Any]) -> None:
+    """Insert rows given as one flat list of values, STORE_INSERT's columns row after row, in
+    few statement steps (the statements, one per size, stay in sqlite3's cache)."""
+    most = conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // _COLUMNS_PER_ROW
+    rows, at = len(values) // _COLUMNS_PER_ROW, 0
+    for size in _ROWS_PER_INSERT:
+        if size > most:
+            continue
+        statement, width = _insert(size), size * _COLUMNS_PER_ROW
+        while rows >= size:
+            conn.execute(statement, values[at : at + width])
+            at += width
+            rows -= size
+
+
+@functools.cache
+def _insert(rows: int) -> str:
+    return STORE_INSERT + _ROW_PLACEHOLDERS * (rows - 1)
+
 
 # Stream prefix -> the indexed column that holds the stream's name for every event in it.
 _STREAM_TAGS = {"migration": "migration_id", "vm": "vm", "host": "host"}
@@ -369,13 +400,13 @@ class SqliteEventStore:
                 batches = [_Batch([new_epoch.first(epoch)])]
             elif current != epoch:
                 raise StaleEpoch(epoch, current)
-            rows: list[tuple[Any, ...]] = []
+            values: list[Any] = []  # the rows' values, row after row (see insert_rows)
             results: list[list[Mark]] = []
             high_water = dict(self._high_water)
             # Hot loop: only what needs the chain's order happens here; body and row were
             # computed by the submitter, StoredEvents are built by whoever waits.
             # The digest is chain.link's, spelled out: one call per event less.
-            sha256, seq_epoch, add_row = hashlib.sha256, SEQ_EPOCH.pack, rows.append
+            sha256, seq_epoch, add_values = hashlib.sha256, SEQ_EPOCH.pack, values.extend
             for batch in batches:
                 marks: list[Mark] = []
                 add_mark = marks.append
@@ -392,11 +423,12 @@ class SqliteEventStore:
                         high_water[key] = e.origin_seq
                     seq += 1
                     digest = sha256(b"".join((prev, seq_epoch(seq, epoch), e.body))).digest()
-                    add_row((seq, epoch, prev, digest, *e.row))
+                    add_values((seq, epoch, prev, digest))
+                    add_values(e.row)
                     add_mark((seq, prev, digest))
                     prev = digest
                 results.append(marks)
-            self._conn.executemany(STORE_INSERT, rows)
+            insert_rows(self._conn, values)
             self._conn.execute("COMMIT")
         except StaleEpoch as err:
             self._rollback()
@@ -421,7 +453,7 @@ class SqliteEventStore:
             self._head_seq, self._head_hash = seq, prev
             self._high_water = high_water
             self.batches_committed += 1
-            self.events_committed += len(rows)
+            self.events_committed += len(values) // _COLUMNS_PER_ROW
             self._committed.notify_all()
         _settle(batches, results, epoch)
 

@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import sqlite_utils
 
@@ -30,7 +31,7 @@ from coordinator.core import NewEvent
 from coordinator.core import inputs as I
 from coordinator.log import PendingEvent, SqliteEventStore
 from coordinator.log.chain import ZERO_HASH, canonical, chain_hash, link
-from coordinator.log.sqlite import INSERT, STORE_INSERT, connect, create_schema
+from coordinator.log.sqlite import INSERT, connect, create_schema, insert_rows
 from coordinator.replay import replay
 from tools.sim import Driver, SimHosts, running_vm
 from whimbrel.v1 import events_pb2
@@ -120,23 +121,28 @@ def _commit_order(events: list[list[PendingEvent]]) -> list[PendingEvent]:
 
 def _raw_append(path: Path, events: list[PendingEvent], batch_size: int) -> float:
     """Raw sqlite3: the rows the store writes (its column values, tags and hash chain, computed
-    before the clock starts), same schema, one transaction per batch."""
+    before the clock starts), same schema, one transaction per batch, inserted as the store
+    inserts them (`insert_rows`, many rows per statement)."""
     conn = connect(path)
     create_schema(sqlite_utils.Database(conn))
-    rows = []
+    values: list[Any] = []
     prev = ZERO_HASH
     for seq, e in enumerate(events, start=1):
         digest = link(prev, seq, 1, e.body)
-        rows.append((seq, 1, prev, digest, *e.row))
+        values += (seq, 1, prev, digest, *e.row)
         prev = digest
+    width = len(values) // len(events)
+    batches = [
+        values[i : i + batch_size * width] for i in range(0, len(values), batch_size * width)
+    ]
     start = time.perf_counter()
-    for i in range(0, len(rows), batch_size):
+    for batch in batches:
         conn.execute("BEGIN IMMEDIATE")
-        conn.executemany(STORE_INSERT, rows[i : i + batch_size])
+        insert_rows(conn, batch)
         conn.execute("COMMIT")
     elapsed = time.perf_counter() - start
     conn.close()
-    return len(rows) / elapsed
+    return len(events) / elapsed
 
 
 # --- replay -----------------------------------------------------------------------------------
