@@ -454,12 +454,11 @@ class Coordinator:
     ) -> asyncio.Future[None]:
         """Fold a host's observations and what they lead to and queue their commit; returns
         a future that resolves once they are committed, their commands sent and the host's
-        events acknowledged. The next batch may be folded meanwhile."""
-        return await self._whole(self._host_events(session, events))
+        events acknowledged. The next batch may be folded meanwhile.
 
-    async def _host_events(
-        self, session: HostSession, events: Sequence[host_pb2.HostEvent]
-    ) -> asyncio.Future[None]:
+        Unlike other units of work this one needs no `_whole`: a caller cancelled while it
+        waits for the lock has had nothing done, nothing under the lock is awaited, and what
+        follows the commit runs in its own shielded task."""
         async with self._lock:
             if self.sessions.get(session.host_id) is not session:
                 raise IllegalTransition(
@@ -515,7 +514,12 @@ class Coordinator:
             staged = self.pipeline.stage(new)
             self._advance_touched(staged)
             commit = self.pipeline.queue()
-        finished = asyncio.ensure_future(self._acknowledge(session, events, commit))
+        ack = None
+        if events:
+            last = events[-1]
+            generation = min(last.generation or session.generation, session.generation)
+            ack = host_pb2.Ack(generation=generation, seq=last.seq)
+        finished = asyncio.ensure_future(self._acknowledge(session, ack, commit))
         self._background.add(finished)
         finished.add_done_callback(self._background.discard)
         # A caller cancelled while it waits (its stream ended) must not cancel the unit's end:
@@ -523,13 +527,11 @@ class Coordinator:
         return asyncio.shield(finished)
 
     async def _acknowledge(
-        self, session: HostSession, events: Sequence[host_pb2.HostEvent], commit: Commit | None
+        self, session: HostSession, ack: host_pb2.Ack | None, commit: Commit | None
     ) -> None:
         await self.pipeline.land(commit)
-        if events:
-            last = events[-1]
-            generation = min(last.generation or session.generation, session.generation)
-            session.acknowledge(host_pb2.Ack(generation=generation, seq=last.seq))
+        if ack is not None:
+            session.acknowledge(ack)
 
     async def host_disconnected(self, session: HostSession, reason: str) -> None:
         return await self._whole(self._host_disconnected(session, reason))

@@ -43,6 +43,7 @@ from coordinator.core import (
 )
 from coordinator.core import inputs as I
 from coordinator.core.validate import check_migration_id, check_name
+from coordinator.host_inbox import HostInbox
 from coordinator.host_stream import StreamRefused
 from coordinator.limits import Limits
 from coordinator.log import StoredEvent, StoreError, verify_chain
@@ -415,9 +416,7 @@ class HostServicer(host_pb2_grpc.HostServiceServicer):
             await context.abort(status_for(err), str(err))
             return
 
-        # Bounded: while it is full the stream is not read, HTTP/2 flow control stops hostd's
-        # sends, and hostd keeps what it could not send until it is acknowledged.
-        received: asyncio.Queue[host_pb2.HostEvent | None] = asyncio.Queue(self.queue_events)
+        received = HostInbox(self.queue_events)
         # Why the coordinator ends the stream: (status, what the host sent that it may not).
         refused: list[tuple[grpc.StatusCode, str]] = []
 
@@ -434,40 +433,29 @@ class HostServicer(host_pb2_grpc.HostServiceServicer):
                         return
                     kind = message.WhichOneof("kind")
                     if kind == "event":
-                        await received.put(message.event)
+                        await received.put([message.event])
                     elif kind == "events":
-                        for event in message.events.events:
-                            await received.put(event)
+                        await received.put(message.events.events)
             except Exception:
                 # A reader gone alone would leave the host connected, its events unread.
                 session.close()
                 raise
-            await received.put(None)
+            received.end()
 
         async def process_events() -> None:
             # Everything that arrived while the previous batch was being folded goes into the
             # next one; a batch is folded as soon as the previous one is queued for commit, not
-            # committed (commits land in order). None marks the end of the stream.
-            ended = False
+            # committed (commits land in order).
             committing: list[asyncio.Future[None]] = []
-            while not ended:
-                item = await received.get()
-                batch = []
-                while item is not None:
-                    batch.append(item)
-                    if received.empty():
-                        break
-                    item = received.get_nowait()
-                ended = item is None
-                if batch:
-                    try:
-                        committing.append(await self.app.queue_host_events(session, batch))
-                    except StreamRefused as err:
-                        refused.append((grpc.StatusCode.PERMISSION_DENIED, str(err)))
-                        break
-                    # A failed commit ends the stream (the coordinator stops itself).
-                    while committing and committing[0].done():
-                        committing.pop(0).result()
+            while (batch := await received.take()) is not None:
+                try:
+                    committing.append(await self.app.queue_host_events(session, batch))
+                except StreamRefused as err:
+                    refused.append((grpc.StatusCode.PERMISSION_DENIED, str(err)))
+                    break
+                # A failed commit ends the stream (the coordinator stops itself).
+                while committing and committing[0].done():
+                    committing.pop(0).result()
             for commit in committing:
                 await commit
             session.close()

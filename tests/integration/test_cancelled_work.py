@@ -86,3 +86,30 @@ async def test_a_host_stream_that_ends_mid_commit_still_gets_its_batch_finished(
     assert message is not None and message.ack.seq == 1
     assert not app.fenced.is_set(), app.stop_reason
     await app.close()
+
+
+async def test_a_host_batch_cancelled_while_it_waits_for_the_lock_leaves_nothing() -> None:
+    """A stream that ends while its batch waits for the coordinator's lock has had nothing of
+    the batch folded or logged; the host sends the same events again, and they are taken."""
+    store = SlowCommits()
+    store.gate.set()
+    app = Coordinator(store)
+    await app.start()
+    await app.request(I.DefineVm(common_pb2.VmSpec(name="vm-1", memory_mib=64, vcpus=1), 1))
+    session, _ = await app.host_connected(host_pb2.Hello(host_id="host-a", generation=1))
+    exited = events_pb2.EventPayload(qemu_exited=events_pb2.QemuExited(vm="vm-1", reason="test"))
+    batch = [host_pb2.HostEvent(seq=1, generation=1, time_us=1, payload=exited)]
+    head = store.head()[0]
+    async with app._lock:  # a unit of work holds it
+        waiting = asyncio.create_task(app.queue_host_events(session, batch))
+        await asyncio.sleep(0)
+        waiting.cancel()
+    await asyncio.gather(waiting, return_exceptions=True)
+    assert waiting.cancelled()
+    assert store.head()[0] == head and app.world.last_seq == head
+    assert 1 not in session.stored.values()
+    await (await app.queue_host_events(session, batch))
+    logged = [codec.from_stored(e) for e in store.read()]
+    assert [e.origin_seq for e in logged if e.type == "QemuExited"] == [1]
+    assert not app.fenced.is_set(), app.stop_reason
+    await app.close()
