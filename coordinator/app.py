@@ -337,12 +337,9 @@ class Coordinator:
         touched: dict[str, int] = {}  # migration id -> the newest event touching it
         vm_names: dict[str, int] = {}
         for event in events:
-            payload = event.payload
-            migration_id = getattr(payload, "migration_id", "")
+            migration_id, _, vm_name = protocol.refs(event.payload)
             if migration_id:
                 touched[migration_id] = event.seq
-            observation = getattr(payload, "observation", None)
-            vm_name = getattr(payload, "vm", "") or getattr(observation, "vm", "")
             vm = self.world.vms.get(vm_name) if vm_name else None
             if vm is not None:
                 vm_names[vm_name] = event.seq

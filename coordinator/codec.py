@@ -48,7 +48,8 @@ def _tags(payload: Any) -> tuple[str, str, str]:
     return migration_id, vm, host
 
 
-def to_pending(new: NewEvent) -> PendingEvent:
+def to_pending(new: NewEvent | Event) -> PendingEvent:
+    """The log's record of an event (a staged one's seq and epoch are the writer's to assign)."""
     migration_id, vm, host = _tags(new.payload)
     # Every event of a stream carries the stream's name in its tag column: stream reads use
     # those indexes (the log has no index on stream itself).

@@ -29,7 +29,7 @@ from whimbrel.v1 import events_pb2
 class Commit:
     """A transaction queued at the log: what it holds, and its outcome to await."""
 
-    staged: list[tuple[NewEvent, Event]]
+    staged: list[Event]
     entered: list[str]  # phases entered, for the coordinator.entered-PHASE failpoints
     started: float
     marks: Awaitable[tuple[int, list[Mark]]]
@@ -48,7 +48,7 @@ class CommitPipeline:
         self.world = World()
         self._on_committed = on_committed
         self._on_failure = on_failure
-        self._staged: list[tuple[NewEvent, Event]] = []
+        self._staged: list[Event] = []
         # Phases entered by staged events (for the coordinator.entered-PHASE failpoints).
         self._entered: list[str] = []
         # Commits queued and not yet landed; `settled` is set whenever there are none.
@@ -78,7 +78,7 @@ class CommitPipeline:
             if concerned is not None and concerned.phase != phase_before:
                 self._entered.append(concerned.phase.label)
             self.telemetry.staged(world, event, migration_id)
-            self._staged.append((new, event))
+            self._staged.append(event)
             staged.append(event)
         return staged
 
@@ -89,7 +89,7 @@ class CommitPipeline:
             return None
         entered, self._entered = self._entered, []
         try:
-            marks = self.store.submit_marks([codec.to_pending(new) for new, _ in staged])
+            marks = self.store.submit_marks([codec.to_pending(event) for event in staged])
         except StoreError as err:
             self._on_failure(err)
             raise
@@ -101,10 +101,10 @@ class CommitPipeline:
         """Wait for a queued transaction to be durable, then hand its events on."""
         if commit is None:
             return []
-        staged = commit.staged
+        events = commit.staged
         try:
             _, marks = await commit.marks
-            if [m[0] if m else None for m in marks] != [event.seq for _, event in staged]:
+            if [m[0] if m else None for m in marks] != [event.seq for event in events]:
                 raise StoreFailure("the log assigned other seqs than were folded")
         except StoreError as err:
             self._on_failure(err)
@@ -113,8 +113,7 @@ class CommitPipeline:
             self.in_flight -= 1
             if not self.in_flight:
                 self.settled.set()
-        self.telemetry.committed(len(staged), time.monotonic() - commit.started)
-        events = [event for _, event in staged]
+        self.telemetry.committed(len(events), time.monotonic() - commit.started)
         failpoints.hit("coordinator.after-commit")
         for phase in commit.entered:
             failpoints.hit(f"coordinator.entered-{phase}")

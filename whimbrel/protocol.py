@@ -122,6 +122,31 @@ PAYLOAD_FIELDS: dict[str, str] = {
 }
 
 
+# Per payload class: whether it has a migration_id, whether a command_id, and where its VM's name
+# is ("vm", "observation" or ""). Filled on first use of each class.
+_REF_FIELDS: dict[type[Message], tuple[bool, bool, str]] = {}
+
+
+def refs(payload: Message) -> tuple[str, str, str]:
+    """(migration id, command id, VM name) as `payload` names them, "" for what it has no field
+    for; the VM's name is its `vm` field or its observation's. Every event folded asks this, so
+    the fields are looked up once per class: a getattr that misses costs more than the read."""
+    cls = type(payload)
+    plan = _REF_FIELDS.get(cls)
+    if plan is None:
+        fields = cls.DESCRIPTOR.fields_by_name
+        vm_field = next((name for name in ("vm", "observation") if name in fields), "")
+        plan = _REF_FIELDS[cls] = ("migration_id" in fields, "command_id" in fields, vm_field)
+    has_migration_id, has_command_id, vm_field = plan
+    p: Any = payload
+    vm = p.vm if vm_field == "vm" else p.observation.vm if vm_field else ""
+    return (
+        p.migration_id if has_migration_id else "",
+        p.command_id if has_command_id else "",
+        vm,
+    )
+
+
 # What `whimbrelctl policy default` takes for "no cluster default": no policy may be named so.
 NO_POLICY = "none"
 

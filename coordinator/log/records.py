@@ -41,14 +41,15 @@ class LogLocked(StoreFailure):
     batch was stored. Taking the log over can wait and try again."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PendingEvent:
     """An event to append: canonical payload bytes and the plain columns people query.
 
     `body` (the canonical bytes after seq and epoch) and `row` (the stored columns after what
     the writer assigns: stream, type, time_us, origin_host, origin_generation, origin_seq, then
     the tags migration_id, vm, host, then payload) are computed on creation, in the submitter's
-    thread, so the log's single writer only links seq, epoch and hash.
+    thread, so the log's single writer only links seq, epoch and hash. Not frozen, as
+    `coordinator.core.Event` is not: one is made for every event appended.
     """
 
     stream: str
@@ -65,13 +66,10 @@ class PendingEvent:
     row: tuple[Any, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "body", body_bytes(self))
-        object.__setattr__(
-            self,
-            "row",
-            (self.stream, self.type, self.time_us, self.origin_host, self.origin_generation,
-             self.origin_seq, *_tags_with_stream(self), self.payload),
-        )  # fmt: skip
+        self.body = body_bytes(self)
+        self.row = (self.stream, self.type, self.time_us, self.origin_host,
+                    self.origin_generation, self.origin_seq, *_tags_with_stream(self),
+                    self.payload)  # fmt: skip
 
 
 def _tags_with_stream(e: PendingEvent) -> tuple[str | None, str | None, str | None]:

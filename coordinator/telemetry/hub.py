@@ -7,23 +7,23 @@ visible only then), `committed` once the batch is durable (only then do spans le
 
 from __future__ import annotations
 
+from google.protobuf.message import Message
+
 from coordinator.core import Event
 from coordinator.core.state import Command, World
 from coordinator.telemetry.metrics import CoordinatorMetrics
 from coordinator.telemetry.tracing import MigrationTracer
+from whimbrel import protocol
 
 
-def migration_of(world: World, payload: object) -> str:
+def migration_of(world: World, payload: Message) -> str:
     """The migration an event concerns, if any."""
-    migration_id = getattr(payload, "migration_id", "")
+    migration_id, command_id, vm_name = protocol.refs(payload)
     if migration_id:
-        return str(migration_id)
-    command_id = getattr(payload, "command_id", "")
+        return migration_id
     if command_id:
-        command = world.command(str(command_id), str(getattr(payload, "vm", "")))
+        command = world.command(command_id, vm_name)
         return command.migration_id if command is not None else ""
-    observation = getattr(payload, "observation", None)
-    vm_name = getattr(payload, "vm", "") or getattr(observation, "vm", "")
     vm = world.vms.get(vm_name) if vm_name else None
     return vm.migration_id if vm is not None else ""
 
