@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Sequence
 from coordinator import codec
 from coordinator.app import Coordinator
 from coordinator.core import inputs as I
+from coordinator.host_session import HostSession
 from coordinator.log import MemoryEventStore, PendingEvent
 from coordinator.log.records import Mark
 from whimbrel.v1 import common_pb2, events_pb2, host_pb2
@@ -30,6 +31,17 @@ class SlowCommits(MemoryEventStore):
     async def _after_gate(self, events: Sequence[PendingEvent]) -> tuple[int, list[Mark]]:
         await self.gate.wait()
         return await super().submit_marks(events)
+
+
+async def host_a_with_vm_1() -> tuple[SlowCommits, Coordinator, HostSession]:
+    """A started coordinator with commits let through, VM vm-1 defined, host-a connected."""
+    store = SlowCommits()
+    store.gate.set()
+    app = Coordinator(store)
+    await app.start()
+    await app.request(I.DefineVm(common_pb2.VmSpec(name="vm-1", memory_mib=64, vcpus=1), 1))
+    session, _ = await app.host_connected(host_pb2.Hello(host_id="host-a", generation=1))
+    return store, app, session
 
 
 async def test_a_cancelled_request_still_commits_and_the_next_one_agrees() -> None:
@@ -60,12 +72,7 @@ async def test_a_cancelled_request_still_commits_and_the_next_one_agrees() -> No
 async def test_a_host_stream_that_ends_mid_commit_still_gets_its_batch_finished() -> None:
     """The servicer cancels a stream's event processing when the stream ends; a batch whose
     commit is in flight still commits, sends what it decided and acknowledges."""
-    store = SlowCommits()
-    store.gate.set()
-    app = Coordinator(store)
-    await app.start()
-    await app.request(I.DefineVm(common_pb2.VmSpec(name="vm-1", memory_mib=64, vcpus=1), 1))
-    session, _ = await app.host_connected(host_pb2.Hello(host_id="host-a", generation=1))
+    store, app, session = await host_a_with_vm_1()
     store.gate.clear()
     exited = events_pb2.EventPayload(qemu_exited=events_pb2.QemuExited(vm="vm-1", reason="test"))
     batch = [host_pb2.HostEvent(seq=1, generation=1, time_us=1, payload=exited)]
@@ -91,12 +98,7 @@ async def test_a_host_stream_that_ends_mid_commit_still_gets_its_batch_finished(
 async def test_a_host_batch_cancelled_while_it_waits_for_the_lock_leaves_nothing() -> None:
     """A stream that ends while its batch waits for the coordinator's lock has had nothing of
     the batch folded or logged; the host sends the same events again, and they are taken."""
-    store = SlowCommits()
-    store.gate.set()
-    app = Coordinator(store)
-    await app.start()
-    await app.request(I.DefineVm(common_pb2.VmSpec(name="vm-1", memory_mib=64, vcpus=1), 1))
-    session, _ = await app.host_connected(host_pb2.Hello(host_id="host-a", generation=1))
+    store, app, session = await host_a_with_vm_1()
     exited = events_pb2.EventPayload(qemu_exited=events_pb2.QemuExited(vm="vm-1", reason="test"))
     batch = [host_pb2.HostEvent(seq=1, generation=1, time_us=1, payload=exited)]
     head = store.head()[0]
