@@ -526,7 +526,12 @@ class Coordinator:
     async def _acknowledge(
         self, session: HostSession, ack: host_pb2.Ack | None, commit: Commit | None
     ) -> None:
-        await self.pipeline.land(commit)
+        if commit is not None:
+            await self.pipeline.land(commit)
+        else:
+            # Nothing of this batch to commit, but hostd forgets every event an ack covers:
+            # the batches before it must be durable first.
+            await self.pipeline.queued_so_far()
         if ack is not None:
             session.acknowledge(ack)
 

@@ -51,6 +51,9 @@ class CommitPipeline:
         self._staged: list[Event] = []
         # Phases entered by staged events (for the coordinator.entered-PHASE failpoints).
         self._entered: list[str] = []
+        # The newest queued transaction's outcome: transactions commit in queue order, so once
+        # it is durable, everything queued before it is too (see `queued_so_far`).
+        self._newest: asyncio.Future[tuple[int, list[Mark]]] | None = None
         # Commits queued and not yet landed; `settled` is set whenever there are none.
         self.in_flight = 0
         self.settled = asyncio.Event()
@@ -89,10 +92,14 @@ class CommitPipeline:
             return None
         entered, self._entered = self._entered, []
         try:
-            marks = self.store.submit_marks([codec.to_pending(event) for event in staged])
+            # A future, not any awaitable: `queued_so_far` may await it besides `land`.
+            marks = asyncio.ensure_future(
+                self.store.submit_marks([codec.to_pending(event) for event in staged])
+            )
         except StoreError as err:
             self._on_failure(err)
             raise
+        self._newest = marks
         self.in_flight += 1
         self.settled.clear()
         return Commit(staged, entered, time.monotonic(), marks)
@@ -121,6 +128,14 @@ class CommitPipeline:
             failpoints.hit("coordinator.after-cont-intent")
         self._on_committed(events)
         return events
+
+    async def queued_so_far(self) -> None:
+        """Wait until every transaction queued so far is durable (the log's error if one
+        failed). For a unit that queued nothing but answers for what came before it: an
+        acknowledgement covers every earlier event of its host."""
+        newest = self._newest
+        if newest is not None:
+            await asyncio.shield(newest)
 
     async def flush(self) -> list[Event]:
         """Commit everything staged, and return once nothing is in flight."""

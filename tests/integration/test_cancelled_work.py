@@ -115,3 +115,30 @@ async def test_a_host_batch_cancelled_while_it_waits_for_the_lock_leaves_nothing
     assert [e.origin_seq for e in logged if e.type == "QemuExited"] == [1]
     assert not app.fenced.is_set(), app.stop_reason
     await app.close()
+
+
+async def test_a_batch_with_nothing_to_commit_is_not_acknowledged_ahead_of_the_one_before() -> None:
+    """hostd forgets every event an ack covers. A batch that adds nothing to the log (its
+    events already held, or about what the world no longer tracks) is acknowledged only once
+    the batches before it are durable: acknowledged first, a crash before their commit would
+    lose them."""
+    store, app, session = await host_a_with_vm_1()
+    store.gate.clear()  # the first batch's commit stays in flight
+    exited = events_pb2.EventPayload(qemu_exited=events_pb2.QemuExited(vm="vm-1", reason="test"))
+    first = await app.queue_host_events(
+        session, [host_pb2.HostEvent(seq=1, generation=1, time_us=1, payload=exited)]
+    )
+    unknown = events_pb2.EventPayload(qemu_exited=events_pb2.QemuExited(vm="gone", reason="x"))
+    second = await app.queue_host_events(
+        session, [host_pb2.HostEvent(seq=2, generation=1, time_us=1, payload=unknown)]
+    )
+    for _ in range(20):  # on the parent, the second batch was acknowledged within a few turns
+        await asyncio.sleep(0)
+    assert not first.done() and not second.done()
+    assert session._ack is None
+    store.gate.set()
+    await asyncio.wait_for(asyncio.gather(first, second), 5)
+    assert session._ack is not None and session._ack.seq == 2
+    logged = [codec.from_stored(e) for e in store.read()]
+    assert [e.origin_seq for e in logged if e.type == "QemuExited"] == [1]
+    await app.close()
