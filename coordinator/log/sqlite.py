@@ -78,7 +78,7 @@ def insert_rows(conn: sqlite3.Connection, values: list[Any]) -> None:
     most = conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // _COLUMNS_PER_ROW
     rows, at = len(values) // _COLUMNS_PER_ROW, 0
     for size in _ROWS_PER_INSERT:
-        if size > most:
+        if size > most and size > 1:  # one row per statement always: no row is ever left out
             continue
         statement, width = _insert(size), size * _COLUMNS_PER_ROW
         while rows >= size:

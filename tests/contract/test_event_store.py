@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import sqlite_utils
 
 from coordinator.log import (
     LogLocked,
@@ -19,6 +20,7 @@ from coordinator.log import (
     StaleEpoch,
     verify_chain,
 )
+from coordinator.log.sqlite import connect, create_schema, insert_rows
 from whimbrel.walcheckpoint import BackgroundCheckpointer
 
 
@@ -273,3 +275,27 @@ def test_every_event_of_a_transaction_is_stored_in_order(backend: Backend, count
         (p.payload, p.origin_seq, p.time_us) for p in submitted
     ]
     assert verify_chain(list(store.read())).ok
+
+
+def test_rows_are_all_inserted_whatever_sqlite_takes_per_statement(tmp_path: Path) -> None:
+    """Where the linked SQLite takes fewer parameters than a multi-row insert needs, the rows
+    still go in, one statement each at worst; where it cannot take even one row, the insert
+    fails: no row is ever silently left out of a commit."""
+    conn = connect(tmp_path / "log.db")
+    create_schema(sqlite_utils.Database(conn))
+    columns = ["vm/v", "QmpEventReceived", 1000, "", 0, 0, None, "v", None, b"payload"]
+    values: list[object] = []
+    for seq in range(1, 6):
+        values += [seq, 1, b"prev", b"hash", *columns]
+    conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 20)  # room for one row of 14 values
+    conn.execute("BEGIN")
+    insert_rows(conn, values)
+    conn.execute("COMMIT")
+    assert [r[0] for r in conn.execute("SELECT seq FROM events ORDER BY seq")] == [1, 2, 3, 4, 5]
+    conn.close()
+    tight = connect(tmp_path / "other.db")
+    create_schema(sqlite_utils.Database(tight))
+    tight.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 10)  # not even one row
+    with pytest.raises(sqlite3.OperationalError, match="too many SQL variables"):
+        insert_rows(tight, values)
+    tight.close()
