@@ -526,12 +526,9 @@ class Coordinator:
     async def _acknowledge(
         self, session: HostSession, ack: host_pb2.Ack | None, commit: Commit | None
     ) -> None:
-        if commit is not None:
-            await self.pipeline.land(commit)
-        else:
-            # Nothing of this batch to commit, but hostd forgets every event an ack covers:
-            # the batches before it must be durable first.
-            await self.pipeline.queued_so_far()
+        # With nothing of this batch to commit, land still waits for the batches before it:
+        # hostd forgets every event an ack covers.
+        await self.pipeline.land(commit)
         if ack is not None:
             session.acknowledge(ack)
 

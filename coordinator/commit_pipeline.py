@@ -52,7 +52,7 @@ class CommitPipeline:
         # Phases entered by staged events (for the coordinator.entered-PHASE failpoints).
         self._entered: list[str] = []
         # The newest queued transaction's outcome: transactions commit in queue order, so once
-        # it is durable, everything queued before it is too (see `queued_so_far`).
+        # it is durable, everything queued before it is too (see `land`).
         self._newest: asyncio.Future[tuple[int, list[Mark]]] | None = None
         # Commits queued and not yet landed; `settled` is set whenever there are none.
         self.in_flight = 0
@@ -92,7 +92,7 @@ class CommitPipeline:
             return None
         entered, self._entered = self._entered, []
         try:
-            # A future, not any awaitable: `queued_so_far` may await it besides `land`.
+            # A future, not any awaitable: a `land(None)` may await it too.
             marks = asyncio.ensure_future(
                 self.store.submit_marks([codec.to_pending(event) for event in staged])
             )
@@ -105,8 +105,12 @@ class CommitPipeline:
         return Commit(staged, entered, time.monotonic(), marks)
 
     async def land(self, commit: Commit | None) -> list[Event]:
-        """Wait for a queued transaction to be durable, then hand its events on."""
+        """Wait for a queued transaction to be durable, then hand its events on. A unit that
+        queued nothing (None) still returns only once everything queued before it is durable:
+        what it answers may cover earlier events (a host's ack covers all before it)."""
         if commit is None:
+            if self._newest is not None:
+                await asyncio.shield(self._newest)
             return []
         events = commit.staged
         try:
@@ -128,14 +132,6 @@ class CommitPipeline:
             failpoints.hit("coordinator.after-cont-intent")
         self._on_committed(events)
         return events
-
-    async def queued_so_far(self) -> None:
-        """Wait until every transaction queued so far is durable (the log's error if one
-        failed). For a unit that queued nothing but answers for what came before it: an
-        acknowledgement covers every earlier event of its host."""
-        newest = self._newest
-        if newest is not None:
-            await asyncio.shield(newest)
 
     async def flush(self) -> list[Event]:
         """Commit everything staged, and return once nothing is in flight."""
