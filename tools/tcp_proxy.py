@@ -1,6 +1,7 @@
 """A TCP relay the test controls: it forwards connections to a target and can cut them all
-at once (as a network failure would), or refuse new ones. It keeps the first bytes each client
-sent (`openings`): what the stream speaks, TLS or not."""
+at once (as a network failure would), freeze them (as a black hole would: nothing relayed,
+nothing closed), or refuse new ones. It keeps the first bytes each client sent (`openings`):
+what the stream speaks, TLS or not."""
 
 from __future__ import annotations
 
@@ -23,6 +24,9 @@ class TcpProxy:
         self.accepted = 0
         self.openings: list[bytes] = []
         self.refusing = False
+        # One per relayed connection: set, its pumps stop relaying (and reading) for good.
+        self._frozen: list[threading.Event] = []
+        self._closed = threading.Event()
         self._thread = threading.Thread(target=self._accept, daemon=True)
 
     def __enter__(self) -> TcpProxy:
@@ -31,7 +35,18 @@ class TcpProxy:
 
     def __exit__(self, *exc: object) -> None:
         self._listener.close()
+        self._closed.set()
         self.cut()
+
+    def freeze(self) -> None:
+        """Stop relaying on every connection open now, without closing any: a link that
+        carries nothing and reports nothing (a middlebox that lost its state, a peer that
+        stopped reading). Neither end gets an error; what was in flight is lost. New
+        connections are relayed as before."""
+        with self._lock:
+            frozen = list(self._frozen)
+        for stop in frozen:
+            stop.set()
 
     def cut(self) -> None:
         """Reset every relayed connection (RST, like a failed link)."""
@@ -60,19 +75,32 @@ class TcpProxy:
             except OSError:
                 client.close()
                 continue
+            frozen = threading.Event()
             with self._lock:
                 self._sockets += [client, upstream]
+                self._frozen.append(frozen)
                 self.accepted += 1
             for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b, a is client), daemon=True).start()
+                pump = threading.Thread(
+                    target=self._pump, args=(a, b, a is client, frozen), daemon=True
+                )
+                pump.start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket, outbound: bool) -> None:
+    def _pump(
+        self, src: socket.socket, dst: socket.socket, outbound: bool, frozen: threading.Event
+    ) -> None:
         with contextlib.suppress(OSError):
             while data := src.recv(1 << 16):
+                if frozen.is_set():
+                    # Read no more either, so the sender's buffers fill and it blocks.
+                    self._closed.wait()
+                    return
                 if outbound:
                     with self._lock:
                         self.openings.append(data[:8])
                     outbound = False
                 dst.sendall(data)
+        if frozen.is_set():
+            return  # an end that closed is not told to the other either
         with contextlib.suppress(OSError):
             dst.shutdown(socket.SHUT_WR)
