@@ -408,6 +408,12 @@ class Executor:
         await self._vm(c.vm).execute("migrate_cancel")
         return K.CommandResult()
 
+    async def pause_migration(self, c: host_pb2.Command) -> events_pb2.CommandResult:
+        # Out of band, as migrate-recover: on a destination the command is for exactly the
+        # case where its main thread may be blocked on a page that never comes.
+        await self._vm(c.vm).execute("migrate-pause", oob=True)
+        return K.CommandResult()
+
     async def recover_incoming(self, c: host_pb2.Command) -> events_pb2.CommandResult:
         listen, uri = self._incoming()
         check_migration_uri(uri, c.vm)
@@ -551,4 +557,5 @@ _HANDLERS: dict[int, Handler] = {
     K.COMMAND_KIND_RECOVER_INCOMING: Executor.recover_incoming,
     K.COMMAND_KIND_RESUME_MIGRATION: Executor.resume_migration,
     K.COMMAND_KIND_SET_MIGRATION_PARAMETERS: Executor.set_parameters,
+    K.COMMAND_KIND_PAUSE_MIGRATION: Executor.pause_migration,
 }

@@ -48,8 +48,10 @@ CONT_WAIT_LIMIT_S = 30.0
 QMP_CONNECT_LIMIT_S = 10.0
 # While a source transfers, its progress is sampled this often besides at each pass: a pass
 # can take minutes, and the coordinator judges a stuck stream (the policy's
-# progress_timeout_s) by samples that show no bytes sent.
+# progress_timeout_s) by samples that show no bytes sent, in pre-copy and in post-copy alike.
 PROGRESS_SAMPLE_EVERY_S = 5.0
+# The statuses in which a source sends memory on its own, so that no byte sent means stuck.
+TRANSFERRING = ("active", "postcopy-active")
 # A query-migrate status longer than this is none of QEMU's (short words: "postcopy-recover").
 MAX_STATUS = 32
 # QEMU's error-desc sent with a failed migration, at most (the coordinator bounds it too).
@@ -331,14 +333,14 @@ class VmRuntime:
             await self._act_on_state()
         else:
             self._signal_change()
-        # Progress samples serve the pre-copy policy; during the switch they would only
-        # compete with the handoff for QMP and CPU.
+        # Only a source samples its progress (the policy and the stuck-stream watch read it);
+        # a destination's samples would only compete with the handoff for QMP and CPU.
         if self.role != "source":
             return
         if name == "MIGRATION" and self.migration_status == "setup":
             self._last_pass = 0  # a new migration (after one rolled back) counts from 1 again
-        if name == "MIGRATION" and self.migration_status == "active":
-            self.watch_progress()
+        if name == "MIGRATION" and self.migration_status in TRANSFERRING:
+            self.watch_progress()  # again after a post-copy recovery
         if name == "MIGRATION_PASS" and self.migration_status == "active":
             self._last_pass = int(data.get("pass", 0))
             self._sample_soon(self._last_pass)
@@ -492,8 +494,8 @@ class VmRuntime:
 
     def watch_progress(self) -> None:
         """Sample this source's progress every few seconds while it transfers (from its
-        "active", or a restarted hostd's snapshot saying so)."""
-        if self.role != "source" or self.migration_status != "active":
+        "active" or "postcopy-active", or a restarted hostd's snapshot saying so)."""
+        if self.role != "source" or self.migration_status not in TRANSFERRING:
             return
         if self._progress_watch is None or self._progress_watch.done():
             self._progress_watch = asyncio.create_task(self._sample_while_transferring())
@@ -501,7 +503,7 @@ class VmRuntime:
     async def _sample_while_transferring(self) -> None:
         while True:
             await asyncio.sleep(PROGRESS_SAMPLE_EVERY_S)
-            if self.migration_status != "active" or self.exited.is_set():
+            if self.migration_status not in TRANSFERRING or self.exited.is_set():
                 return
             await self._sample(0)  # between passes: bytes sent, no yardstick of convergence
 

@@ -175,6 +175,8 @@ class SimHosts:
         elif kind == Kind.CANCEL_MIGRATION:
             out += [migration(h, vm, "cancelling"), migration(h, vm, "cancelled")]
             out += self._on_destination(vm, "failed")
+        elif kind == Kind.PAUSE_MIGRATION:
+            out.append(migration(h, vm, "postcopy-paused"))  # sent only to a postcopy-active end
         elif kind == Kind.RECOVER_INCOMING:
             # QEMU 7.2 says setup in an event while the destination stays postcopy-paused
             # until a source connects; a repeat (its resume lost, say) is accepted.

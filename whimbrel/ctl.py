@@ -777,7 +777,8 @@ def build_parser() -> argparse.ArgumentParser:
     define.add_argument("--timeout-per-gib", type=_u32, help="pre-copy seconds per GiB of RAM")
     define.add_argument(
         "--progress-timeout", type=_u32, metavar="S",
-        help="roll back once the source sent nothing for S seconds (default 120)",
+        help="roll back once the source sent nothing for S seconds; in post-copy, pause both "
+        "ends and recover the link (default 120)",
     )  # fmt: skip
     define.add_argument(
         "--postcopy-after-passes", type=_u32, help="mode auto: post-copy after this many passes"

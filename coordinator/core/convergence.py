@@ -12,6 +12,10 @@ While the source sends memory with the guest running, each decision may, by the 
 An operator may change a migration's bandwidth until it switches over, or force it to
 complete: post-copy where allowed, else the policy's largest downtime limit.
 
+A stream that moves nothing gives QEMU no error: before post-copy the migration rolls back
+(`stuck_reason`), during it both ends are paused for the post-copy recovery
+(`postcopy_stall_reason`).
+
 Every change of QEMU's parameters is a MigrationTuned event (who, why, the new parameters),
 followed by the SET_MIGRATION_PARAMETERS command that applies it to the source.
 """
@@ -24,7 +28,7 @@ from coordinator.core import inputs as I
 from coordinator.core.errors import IllegalTransition, InvalidRequest
 from coordinator.core.events import NewEvent
 from coordinator.core.evolve import PRECOPY_SWITCH_STATUSES
-from coordinator.core.lookup import find_migration
+from coordinator.core.lookup import find_migration, is_connected
 from coordinator.core.migration_commands import Issuer
 from coordinator.core.state import CommandState, Kind, MigrationState, Phase, World
 from coordinator.core.validate import check_reason, largest_downtime_ms
@@ -159,6 +163,40 @@ def stuck_reason(world: World, m: MigrationState, now_us: int) -> str:
         f"no progress: {what} (limit {limit_s} s, {progress.transferred_bytes} bytes sent): "
         "its migration stream is stuck"
     )
+
+
+def postcopy_stall_reason(world: World, m: MigrationState, now_us: int) -> str:
+    """Why a post-copy counts as wedged, or "". A link that stops carrying bytes without
+    breaking (a peer or a middlebox that stopped forwarding) gives QEMU no error on either end,
+    and the destination's guest waits for its missing pages for good. Two shapes, each held
+    for the policy's progress_timeout_s:
+    - the source is postcopy-active and its samples show no byte sent since it entered that
+      status or since the last sample that showed bytes move (samples need its host
+      connected; none tell nothing);
+    - one end reports postcopy-paused (it saw the link break) and the other is still
+      postcopy-active: the time since that pause, by the paused end's clock against the
+      decision's (host clocks agree far closer than the limit's seconds)."""
+    limit_s = m.policy.progress_timeout_s
+    if not limit_s or not m.postcopy_started:
+        return ""
+    src, dst, progress = m.src, m.dst, m.progress
+    if src.status == "postcopy-active" and is_connected(world, src.host):
+        since_us = max(progress.moved_at_us, src.status_at_us)
+        idle_s = (progress.sampled_at_us - since_us) / 1e6
+        if idle_s > limit_s:
+            return (
+                f"post-copy wedged: the source sent nothing for {idle_s:.0f} s "
+                f"(limit {limit_s} s, {progress.transferred_bytes} bytes sent)"
+            )
+    for paused, waiting, name in ((src, dst, "source"), (dst, src, "destination")):
+        if paused.status == "postcopy-paused" and waiting.status == "postcopy-active":
+            idle_s = (now_us - paused.status_at_us) / 1e6
+            if idle_s > limit_s:
+                return (
+                    f"post-copy wedged: the {name} paused {idle_s:.0f} s ago and the other "
+                    f"end still waits in postcopy-active (limit {limit_s} s)"
+                )
+    return ""
 
 
 def downtime_step(m: MigrationState) -> int:

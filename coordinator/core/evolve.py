@@ -295,6 +295,8 @@ def _set_migration_status(m: MigrationState, side: Side, status: str, time_us: i
         side.cancel_stuck = True
     if side is m.src and status == "postcopy-recover" and side.status != status:
         m.src_recover_attempt = m.attempt
+    if status != side.status:
+        side.status_at_us = time_us
     side.status = status
     if status in POSTCOPY_STATUSES:
         m.postcopy_started = True

@@ -261,11 +261,50 @@ def _forward(world: World, m: MigrationState, issue: Issuer, now_us: int) -> lis
     stuck = convergence.stuck_reason(world, m, now_us)
     if stuck:
         return _rollback(m, stuck)
+    paused = _pause_wedged_postcopy(world, m, issue, now_us)
+    if paused is not None:
+        return paused
     for stage in (_queued, _preparing, _transferring, _switchover, _handoff):
         decided = stage(world, m, issue, now_us)
         if decided is not None:
             return decided
     return _finishing(world, m, issue)
+
+
+def _pause_wedged_postcopy(
+    world: World, m: MigrationState, issue: Issuer, now_us: int
+) -> list[Message] | None:
+    """A post-copy that moves nothing (`convergence.postcopy_stall_reason`): each end still
+    postcopy-active on a connected host is paused (migrate-pause), so that both report
+    postcopy-paused and the post-copy recovery reconnects them (`_problem`). A pause is sent
+    again once the limit has passed once more, at most MAX_COMMAND_RETRIES times per attempt
+    (each recovery is a new one); an end that still has not paused then is fenced with the
+    other, as an exhausted recovery is: the guest's memory is split between them."""
+    why = convergence.postcopy_stall_reason(world, m, now_us)
+    if not why:
+        return None
+    limit_us = m.policy.progress_timeout_s * 1_000_000
+    out: list[Message] = []
+    for end in (m.src, m.dst):
+        if end.status != "postcopy-active" or not is_connected(world, end.host):
+            continue
+        last = m.cmd(Kind.PAUSE_MIGRATION, end.host)
+        if last is not None and last.attempt == m.attempt:
+            if last.state == ISSUED or now_us - last.issued_at_us <= limit_us:
+                continue
+            sent = sum(
+                1
+                for c in m.commands.values()
+                if c.kind == Kind.PAUSE_MIGRATION and c.host == end.host and c.attempt == m.attempt
+            )
+            if sent >= MAX_COMMAND_RETRIES:
+                return _fence(
+                    m,
+                    [m.source, m.destination],
+                    f"{why}; {end.host} was paused {sent} times and is still postcopy-active",
+                )
+        out.append(issue(Kind.PAUSE_MIGRATION, end.host, reason=why))
+    return out or None
 
 
 def _queued(world: World, m: MigrationState, issue: Issuer, now_us: int) -> list[Message] | None:
@@ -629,6 +668,8 @@ def _failed_forward_command(m: MigrationState) -> Command | None:
 def _harmless_failure(m: MigrationState, command: Command) -> bool:
     if command.kind in (Kind.ANNOUNCE, Kind.SET_MIGRATION_PARAMETERS):
         return True  # advisory: the migration goes on without them
+    if command.kind == Kind.PAUSE_MIGRATION:
+        return True  # the stall is judged again, and the pause sent again (bounded)
     if command.kind == Kind.START_POSTCOPY and m.src.status in PRECOPY_SWITCH_STATUSES:
         return True  # pre-copy reached its switchover first; it simply finishes as pre-copy
     if _handoff_retry_left(m, command):

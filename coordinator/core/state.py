@@ -34,6 +34,7 @@ class Kind(enum.IntEnum):
     RECOVER_INCOMING = events_pb2.COMMAND_KIND_RECOVER_INCOMING
     RESUME_MIGRATION = events_pb2.COMMAND_KIND_RESUME_MIGRATION
     SET_MIGRATION_PARAMETERS = events_pb2.COMMAND_KIND_SET_MIGRATION_PARAMETERS
+    PAUSE_MIGRATION = events_pb2.COMMAND_KIND_PAUSE_MIGRATION
 
     @property
     def label(self) -> str:
@@ -215,6 +216,8 @@ class Side:
     host: str
     # QEMU migration status ("active", "pre-switchover", "postcopy-active", "completed", ...).
     status: str = ""
+    # When it reported that status (its host's clock): how long an end has waited in it.
+    status_at_us: int = 0
     runstate: str = ""
     alive: bool = False
     stopped_at_us: int = 0

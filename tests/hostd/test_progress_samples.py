@@ -65,6 +65,26 @@ async def test_a_transferring_source_is_sampled_until_its_transfer_ends(tmp_path
     assert source.runtime._progress_watch is not None and source.runtime._progress_watch.done()
 
 
+async def test_a_post_copy_source_is_sampled_and_again_after_a_recovery(tmp_path: Path) -> None:
+    """In post-copy the coordinator judges a wedged link by the same samples: they go on from
+    the switch (the watch started in pre-copy carries on), stop while post-copy is paused, and
+    start again once a recovery has it sending."""
+    source = Sampled(tmp_path, "source")
+    await source.status("active")
+    await asyncio.wait_for(source.until(1), 5)
+    await source.status("postcopy-active")
+    await asyncio.wait_for(source.until(len(source.samples) + 2), 5)
+    assert source.samples[-1].status == "postcopy-active"
+    await source.status("postcopy-paused")
+    await asyncio.sleep(0.05)
+    assert source.runtime._progress_watch is not None and source.runtime._progress_watch.done()
+    await source.status("postcopy-recover")
+    await source.status("postcopy-active")  # recovered
+    await asyncio.wait_for(source.until(len(source.samples) + 2), 5)
+    assert source.samples[-1].status == "postcopy-active"
+    await source.runtime.close()
+
+
 async def test_a_destination_is_not_sampled(tmp_path: Path) -> None:
     destination = Sampled(tmp_path, "destination")
     await destination.status("active")

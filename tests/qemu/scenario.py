@@ -21,6 +21,7 @@ def start_migration(
     mode: int,
     recovery_attempt_timeout_ms: int = 0,
     max_recovery_attempts: int = 0,
+    progress_timeout_s: int = 0,
     **parameters: int,
 ) -> None:
     """Migration m-1 of vm-1 to host-b, with these QEMU parameters (bandwidths, ...)."""
@@ -28,6 +29,7 @@ def start_migration(
         parameters=events_pb2.MigrationParameters(**parameters),
         recovery_attempt_timeout_ms=recovery_attempt_timeout_ms,
         max_recovery_attempts=max_recovery_attempts,
+        progress_timeout_s=progress_timeout_s,
     )
     cluster.migrations.StartMigration(migration_pb2.StartMigrationRequest(
         vm="vm-1", destination="host-b", mode=mode, policy=policy, migration_id="m-1"))  # fmt: skip

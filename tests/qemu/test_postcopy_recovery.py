@@ -41,6 +41,7 @@ def postcopy_through_relay(
     recovery_attempt_timeout_ms: int = 0,
     max_recovery_attempts: int = 0,
     migration_tls: bool = True,
+    progress_timeout_s: int = 0,
 ) -> Iterator[tuple[Cluster, TcpProxy, int]]:
     """Two hosts whose migration link goes through a relay (host-b listens on a fixed port and
     tells sources the relay's), and a post-copy migration of a 64 MiB random-RAM guest whose
@@ -62,6 +63,7 @@ def postcopy_through_relay(
             start_migration(cluster, common_pb2.MIGRATION_MODE_POSTCOPY,
                             recovery_attempt_timeout_ms=recovery_attempt_timeout_ms,
                             max_recovery_attempts=max_recovery_attempts,
+                            progress_timeout_s=progress_timeout_s,
                             max_bandwidth=1 << 20, max_postcopy_bandwidth=8 << 20)  # fmt: skip
             wait_destination_running(cluster, head)
             yield cluster, proxy, head
@@ -87,6 +89,31 @@ def test_cut_during_postcopy_is_recovered(tmp_path: Path) -> None:
         # Over TLS (the cluster's default): the first stream and the resumed one opened with a
         # TLS handshake; tls-hostname names the destination, not the relay's address.
         assert all(o.startswith(TLS_HANDSHAKE) for o in proxy.openings), proxy.openings
+
+
+def test_a_link_that_carries_nothing_is_paused_on_both_ends_and_recovered(tmp_path: Path) -> None:
+    """The relay stops relaying without closing anything (a black hole): neither QEMU gets an
+    error, and the destination's guest would wait for its pages for good. The source's samples
+    show no byte sent for the policy's progress timeout (2 s here; hostd samples every 5 s), so
+    the coordinator pauses both ends (migrate-pause), and the post-copy recovery reconnects
+    them through the relay, which relays new connections: the migration completes on host-b."""
+    with postcopy_through_relay(tmp_path, progress_timeout_s=2) as (cluster, proxy, head):
+        assert proxy.accepted == 1
+        proxy.freeze()
+        final = assert_outcome(cluster, PHASE.MIGRATION_PHASE_COMPLETED, runs_on="host-b")
+        assert final.postcopy
+        events = [e for e in cluster.events() if e.seq > head]
+        pauses = [e.payload for e in events if isinstance(e.payload, events_pb2.CommandIssued)
+                  and e.payload.kind == events_pb2.COMMAND_KIND_PAUSE_MIGRATION]  # fmt: skip
+        assert sorted(p.host_id for p in pauses) == ["host-a", "host-b"], pauses
+        assert all(p.args.reason.startswith("post-copy wedged: the source sent nothing")
+                   for p in pauses), pauses  # fmt: skip
+        paused = {h for h in ("host-a", "host-b")
+                  if any(migration_status(h, "postcopy-paused")(e) for e in events)}  # fmt: skip
+        assert paused == {"host-a", "host-b"}
+        recovered = [e for e in events if isinstance(e.payload, events_pb2.CommandSucceeded)
+                     and e.payload.kind == events_pb2.COMMAND_KIND_RESUME_MIGRATION]  # fmt: skip
+        assert recovered and proxy.accepted >= 2  # resumed through the relay
 
 
 def test_link_that_stays_down_times_out_the_recovery_and_fences(tmp_path: Path) -> None:

@@ -102,6 +102,11 @@ class _CommandKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CommandKi
     """Source: migrate {uri: args.uri, resume: true}."""
     COMMAND_KIND_SET_MIGRATION_PARAMETERS: _CommandKind.ValueType  # 16
     """Source: migrate-set-parameters with args.parameters."""
+    COMMAND_KIND_PAUSE_MIGRATION: _CommandKind.ValueType  # 17
+    """Either end of a post-copy that made no progress (a wedged link, which gives QEMU no
+    error): migrate-pause shuts its migration stream down, so the end reports
+    postcopy-paused and the post-copy recovery can take over.
+    """
 
 class CommandKind(_CommandKind, metaclass=_CommandKindEnumTypeWrapper):
     """---------------------------------------------------------------------------------------------
@@ -148,6 +153,11 @@ COMMAND_KIND_RESUME_MIGRATION: CommandKind.ValueType  # 15
 """Source: migrate {uri: args.uri, resume: true}."""
 COMMAND_KIND_SET_MIGRATION_PARAMETERS: CommandKind.ValueType  # 16
 """Source: migrate-set-parameters with args.parameters."""
+COMMAND_KIND_PAUSE_MIGRATION: CommandKind.ValueType  # 17
+"""Either end of a post-copy that made no progress (a wedged link, which gives QEMU no
+error): migrate-pause shuts its migration stream down, so the end reports
+postcopy-paused and the post-copy recovery can take over.
+"""
 Global___CommandKind: _TypeAlias = CommandKind  # noqa: Y015
 
 class _StallAction:
@@ -1407,7 +1417,9 @@ class MigrationPolicy(_message.Message):
     """Before post-copy begins, the source may send nothing at all for this many seconds before
     the migration rolls back: a stuck stream (a peer that stopped reading) gives QEMU neither
     progress nor an error. Judged on the bytes sent, which hostd samples every few seconds
-    while the source transfers (0: the default, 120).
+    while the source transfers (0: the default, 120). During post-copy the same silence
+    (or one end paused while the other still waits that long) has both ends paused, and the
+    post-copy recovery reconnects them.
     """
     @_builtins.property
     def parameters(self) -> Global___MigrationParameters:
