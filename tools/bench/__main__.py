@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from collections.abc import Callable
 
@@ -46,7 +47,14 @@ BENCHES: dict[str, Callable[[], Result | list[Result]]] = {
 }
 
 
+def tear_down_on_sigterm() -> None:
+    """SIGTERM (a timeout, a cancelled job) stops a bench as Ctrl-C does, through its clusters'
+    teardowns: the QEMUs they start run in sessions of their own and would outlive it."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
 def main(argv: list[str]) -> int:
+    tear_down_on_sigterm()
     wanted = [n for n in BENCHES if not argv or any(n == a or n.startswith(a) for a in argv)]
     if not wanted:
         print(f"no benchmark matches {argv}; known: {', '.join(BENCHES)}", file=sys.stderr)

@@ -493,6 +493,8 @@ def boot_sector_handoff(root: Path, postcopy: bool, ram: Path | None) -> DirectH
 def _direct_process(conn: Connection, make: Callable[[], DirectHandoff]) -> None:
     """The baseline's process: scheduled as the daemons schedule themselves, then one handoff
     per generation received, answering (sample, scheduling) or an error message."""
+    # The bench's SIGTERM reaches this process too: its runs kill their QEMUs on the way out.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     # As hostd and the coordinator do at their start, with their defaults, before any thread.
     priority.apply(priority.DEFAULT, priority.DEFAULT_REALTIME)
     handoff = make()
