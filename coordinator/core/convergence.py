@@ -174,8 +174,11 @@ def postcopy_stall_reason(world: World, m: MigrationState, now_us: int) -> str:
       status or since the last sample that showed bytes move (samples need its host
       connected; none tell nothing);
     - one end reports postcopy-paused (it saw the link break) and the other is still
-      postcopy-active: the time since that pause, by the paused end's clock against the
-      decision's (host clocks agree far closer than the limit's seconds)."""
+      postcopy-active: the time since the later of their two reports, by the hosts' clocks
+      against the decision's (they agree far closer than the limit's seconds). The later one:
+      after a recovery, the source's postcopy-active can be folded before the destination's
+      (their streams are apart), and the destination's pause from before the recovery must
+      not make a fresh link look wedged."""
     limit_s = m.policy.progress_timeout_s
     if not limit_s or not m.postcopy_started:
         return ""
@@ -190,7 +193,7 @@ def postcopy_stall_reason(world: World, m: MigrationState, now_us: int) -> str:
             )
     for paused, waiting, name in ((src, dst, "source"), (dst, src, "destination")):
         if paused.status == "postcopy-paused" and waiting.status == "postcopy-active":
-            idle_s = (now_us - paused.status_at_us) / 1e6
+            idle_s = (now_us - max(paused.status_at_us, waiting.status_at_us)) / 1e6
             if idle_s > limit_s:
                 return (
                     f"post-copy wedged: the {name} paused {idle_s:.0f} s ago and the other "

@@ -255,7 +255,7 @@ Stage = Callable[[World, MigrationState, Issuer, int], "list[Message] | None"]
 
 
 def _forward(world: World, m: MigrationState, issue: Issuer, now_us: int) -> list[Message]:
-    problem = _problem(world, m)
+    problem = _problem(world, m, issue, now_us)
     if problem is not None:
         return problem
     stuck = convergence.stuck_reason(world, m, now_us)
@@ -567,7 +567,7 @@ def _transfer_parameters(m: MigrationState) -> events_pb2.MigrationParameters:
 # --- changes of course -----------------------------------------------------------------------
 
 
-def _problem(world: World, m: MigrationState) -> list[Message] | None:
+def _problem(world: World, m: MigrationState, issue: Issuer, now_us: int) -> list[Message] | None:
     """A change of course forced by what was observed; [] to hold the forward path until more
     is known; None when nothing is wrong."""
     src, dst = m.src, m.dst
@@ -626,8 +626,9 @@ def _problem(world: World, m: MigrationState) -> list[Message] | None:
         # will notice too: the recovery then decided on both paused issues again what this
         # failure left undone. A paused source can be neither resumed nor cancelled (a cancel
         # leaves it in `cancelling` for good), so neither a fence nor a rollback racing the
-        # pause is the answer; nothing moves meanwhile.
-        return []
+        # pause is the answer; nothing moves meanwhile. An end that never notices (a link that
+        # carries nothing) is paused by the stall watch once the policy's limit has passed.
+        return _pause_wedged_postcopy(world, m, issue, now_us) or []
     if m.postcopy_started and src.status == "postcopy-paused":
         return _fence(
             m,

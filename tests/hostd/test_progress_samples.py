@@ -92,9 +92,12 @@ async def test_a_destination_is_not_sampled(tmp_path: Path) -> None:
     assert destination.samples == []
 
 
-async def test_a_restarted_hostd_samples_a_source_it_finds_transferring(tmp_path: Path) -> None:
+@pytest.mark.parametrize("status", ["active", "postcopy-active"])
+async def test_a_restarted_hostd_samples_a_source_it_finds_transferring(
+    tmp_path: Path, status: str
+) -> None:
     source = Sampled(tmp_path, "source")
-    source.runtime.migration_status = "active"  # its snapshot at reattach
+    source.runtime.migration_status = status  # its snapshot at reattach
     source.runtime.watch_progress()
     await asyncio.wait_for(source.until(2), 5)
     await source.runtime.close()

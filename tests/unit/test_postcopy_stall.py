@@ -7,10 +7,10 @@ lifecycle._pause_wedged_postcopy)."""
 
 from __future__ import annotations
 
-from coordinator.core import Phase
+from coordinator.core import Event, Phase
 from coordinator.core import inputs as I
 from coordinator.core.invariants import InvariantChecker
-from coordinator.core.state import Kind, MigrationState
+from coordinator.core.state import CommandState, Kind, MigrationState
 from tests.unit.helpers import answer, decisions, fresh
 from tools.sim import Driver, Observation, SimHosts, migration
 from whimbrel.v1 import common_pb2 as C
@@ -136,3 +136,77 @@ def test_an_end_that_never_pauses_is_fenced_with_the_other_after_the_bound() -> 
     assert m.phase == Phase.FENCING
     assert "post-copy wedged: the source sent nothing" in m.reason
     assert "was paused 3 times and is still postcopy-active" in m.reason
+
+
+def test_a_recovered_source_reported_before_the_destination_is_not_paused_again() -> None:
+    """Both ends paused and the recovery took longer than the limit (a host was waited for).
+    The source's postcopy-active is folded before the destination's own reports (their streams
+    are apart): the destination's pause from before the recovery must not make the fresh link
+    look wedged."""
+    driver, hosts, m = in_postcopy()
+    driver.observe(migration("host-b", "vm-1", "postcopy-paused"),
+                   migration("host-a", "vm-1", "postcopy-paused"))  # fmt: skip
+    (recover,) = commands(driver.advance("m-1"), Kind.RECOVER_INCOMING)
+    driver.answered.add(recover.command_id)
+    driver.observe(*hosts.answer(recover))
+    (resume,) = commands(driver.advance("m-1"), Kind.RESUME_MIGRATION)
+    driver.answered.add(resume.command_id)
+    driver.now_us += (LIMIT_S + 5) * 1_000_000
+    driver.observe(migration("host-a", "vm-1", "postcopy-recover"),
+                   migration("host-a", "vm-1", "postcopy-active"), succeeded(resume))  # fmt: skip
+    assert m.phase == Phase.FINISHING and m.dst.status == "postcopy-paused"
+    assert pauses(decisions(driver.advance("m-1"))) == []
+    driver.observe(migration("host-b", "vm-1", "postcopy-recover"),
+                   migration("host-b", "vm-1", "postcopy-active"))  # fmt: skip
+    assert pauses(decisions(driver.advance("m-1"))) == [] and m.recovery_attempts == 1
+
+
+def test_a_failure_held_for_the_other_ends_pause_is_held_no_longer_than_the_limit() -> None:
+    """Before the destination's cont, its network enable fails for good just as it saw the
+    link break. The failure is held while the source can be expected to report the pause too;
+    on a link that carries nothing it never does. Once the limit has passed, the source is
+    paused, the recovery follows, and the enable is sent again under the new attempt."""
+    driver, hosts = fresh()
+    hosts.enable_at_postcopy = False
+    driver.request(I.StartMigration(
+        "m-1", "vm-1", "host-b", C.MIGRATION_MODE_POSTCOPY,
+        E.MigrationPolicy(progress_timeout_s=LIMIT_S), driver.now_us,
+    ))  # fmt: skip
+    m = driver.world.migrations["m-1"]
+    enable = None
+    for _ in range(20):  # every command answered but the destination's network enable
+        for command in commands(driver.advance("m-1")):
+            if command.kind == Kind.ENABLE_NETWORK:
+                enable = command
+            elif command.command_id not in driver.answered:
+                driver.answered.add(command.command_id)
+                driver.observe(*hosts.answer(command))
+        if enable is not None and m.postcopy_started:
+            break
+    assert enable is not None and m.postcopy_started and not m.cont_issued
+    driver.observe(migration("host-b", "vm-1", "postcopy-paused"))
+    hosts.fail_kinds.add(Kind.ENABLE_NETWORK)
+    for _ in range(3):  # the first failures are retried, the third is held
+        assert enable is not None
+        driver.answered.add(enable.command_id)
+        driver.observe(*hosts.answer(enable))
+        enable = next(iter(commands(driver.advance("m-1"), Kind.ENABLE_NETWORK)), None)
+    assert enable is None and m.phase not in (Phase.ROLLING_BACK, Phase.FENCING)
+    assert pauses(sampled(driver, 5 << 20, LIMIT_S / 2)) == []  # held
+    hosts.fail_kinds.clear()
+    assert pauses(sampled(driver, 5 << 20, LIMIT_S / 2 + 1)) == ["pause-migration@host-a"]
+    driver.run("m-1", hosts)
+    assert m.recovery_attempts == 1 and m.cont_issued and m.phase == Phase.FINISHING, m.reason
+    enables = [c for c in m.commands.values() if c.kind == Kind.ENABLE_NETWORK]
+    assert enables[-1].attempt == m.attempt and enables[-1].state == CommandState.SUCCEEDED
+
+
+def commands(events: list[Event], kind: Kind | None = None) -> list[E.CommandIssued]:
+    return [e.payload for e in events if isinstance(e.payload, E.CommandIssued)
+            and (kind is None or e.payload.kind == kind)]  # fmt: skip
+
+
+def succeeded(command: E.CommandIssued) -> Observation:
+    return Observation(command.host_id, E.CommandSucceeded(
+        command_id=command.command_id, attempt=command.attempt, kind=command.kind, vm="vm-1",
+    ))  # fmt: skip
