@@ -116,6 +116,22 @@ def test_a_link_that_carries_nothing_is_paused_on_both_ends_and_recovered(tmp_pa
         assert recovered and proxy.accepted >= 2  # resumed through the relay
 
 
+def test_a_healthy_post_copy_is_not_taken_for_a_wedged_one(tmp_path: Path) -> None:
+    """The same progress timeout of 2 s on a link that works: post-copy sends for seconds (64
+    MiB at 8 MiB/s), sampled every 5 s, and every sample shows bytes moved, so nothing is
+    paused and the migration completes without a recovery."""
+    with postcopy_through_relay(tmp_path, progress_timeout_s=2) as (cluster, proxy, head):
+        final = assert_outcome(cluster, PHASE.MIGRATION_PHASE_COMPLETED, runs_on="host-b")
+        events = [e for e in cluster.events() if e.seq > head]
+        samples = [e.payload for e in events
+                   if isinstance(e.payload, events_pb2.MigrationStatsSampled)
+                   and e.payload.status == "postcopy-active"]  # fmt: skip
+        assert samples, "no sample taken during post-copy"
+        issued = {e.payload.kind for e in events if isinstance(e.payload, events_pb2.CommandIssued)}
+        assert events_pb2.COMMAND_KIND_PAUSE_MIGRATION not in issued
+        assert final.postcopy and proxy.accepted == 1
+
+
 def test_link_that_stays_down_times_out_the_recovery_and_fences(tmp_path: Path) -> None:
     """The relay cuts the link and drops every new connection; migrations in plaintext: QEMU
     7.2's source then sits in postcopy-recover for good. The attempt times out (policy: 2 s
