@@ -576,3 +576,18 @@ async def test_an_unreachable_coordinator_is_one_warning_per_outage(
     warnings = [r for r in caplog.records if r.levelno == 30 and r.name == "whimbrel.hostd"]
     assert len(warnings) == 1 and "retrying" in warnings[0].getMessage()
     await a.close()
+
+
+@pytest.mark.parametrize(("vm", "message"), [("vm-1", "no QEMU for vm-1 on host-a"),
+                                             ("../vm-1", "refused")])  # fmt: skip
+async def test_a_pause_for_no_qemu_here_or_a_bad_name_is_refused(
+    tmp_path: Path, launches: list[list[str]], vm: str, message: str
+) -> None:
+    """PAUSE_MIGRATION reaches QEMU only for a VM whose QEMU this hostd runs: one it does not
+    run, or a name that could leave its directory, is answered with a failure that says so,
+    and nothing is started or written."""
+    a = make_agent(tmp_path)
+    await refused(a, command(K.COMMAND_KIND_PAUSE_MIGRATION, vm=vm), message)
+    assert launches == []
+    assert not (tmp_path / "state" / "vms").exists()
+    await a.close()
