@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +29,12 @@ def guest() -> linux_guest.Guest:
         if os.environ.get("WHIMBREL_REQUIRE_QEMU"):
             pytest.fail(f"{err} (WHIMBREL_REQUIRE_QEMU is set)")
         pytest.skip(str(err))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # SIGTERM (a cancelled job, a timeout) stops the run as Ctrl-C does, through the clusters'
+    # teardowns: the QEMUs they start run in sessions of their own and would outlive it.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
