@@ -88,6 +88,13 @@ def spawn(
     return Process(name, popen, log, [out])
 
 
+def tear_down_on_sigterm() -> None:
+    """SIGTERM (a timeout, a cancelled job) stops this process as Ctrl-C does, through the
+    teardowns of the clusters it runs: the QEMUs they start run in sessions of their own and
+    would outlive it."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
 @dataclass
 class Cluster:
     root: Path

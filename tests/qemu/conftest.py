@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tools import linux_guest
-from tools.cluster import Cluster
+from tools.cluster import Cluster, tear_down_on_sigterm
 
 __all__ = ["Cluster"]
 
@@ -32,9 +31,7 @@ def guest() -> linux_guest.Guest:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    # SIGTERM (a cancelled job, a timeout) stops the run as Ctrl-C does, through the clusters'
-    # teardowns: the QEMUs they start run in sessions of their own and would outlive it.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    tear_down_on_sigterm()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
 import sys
 from collections.abc import Callable
 
@@ -19,6 +18,7 @@ from tools.bench import (
     switchover,
     whatif_error,
 )
+from tools.cluster import tear_down_on_sigterm
 
 Result = dict[str, object]
 # A benchmark returns one result, or several (e.g. p50 and p99 of one run).
@@ -45,12 +45,6 @@ BENCHES: dict[str, Callable[[], Result | list[Result]]] = {
     "scale.drain.1000vms": scale_drain.bench,
     "scale.drain.100vms": lambda: scale_drain.bench(hosts=10, vms_per_host=10, drained=2),
 }
-
-
-def tear_down_on_sigterm() -> None:
-    """SIGTERM (a timeout, a cancelled job) stops a bench as Ctrl-C does, through its clusters'
-    teardowns: the QEMUs they start run in sessions of their own and would outlive it."""
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 def main(argv: list[str]) -> int:

@@ -55,7 +55,7 @@ from hostd.drivers.network import HookNetworkDriver, NetworkDriver
 from hostd.executor import free_port
 from hostd.qmp import QmpSession
 from tools.bench.samples import QmpEvent, Sample, Tally
-from tools.cluster import HOOK, Cluster
+from tools.cluster import HOOK, Cluster, tear_down_on_sigterm
 from tools.guest import boot_disk, random_ram
 from whimbrel import heap, priority, tls
 from whimbrel.v1 import (
@@ -494,7 +494,7 @@ def _direct_process(conn: Connection, make: Callable[[], DirectHandoff]) -> None
     """The baseline's process: scheduled as the daemons schedule themselves, then one handoff
     per generation received, answering (sample, scheduling) or an error message."""
     # The bench's SIGTERM reaches this process too: its runs kill their QEMUs on the way out.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    tear_down_on_sigterm()
     # As hostd and the coordinator do at their start, with their defaults, before any thread.
     priority.apply(priority.DEFAULT, priority.DEFAULT_REALTIME)
     handoff = make()
